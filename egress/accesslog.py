@@ -1,0 +1,77 @@
+"""Access log and operational events: one JSON object per line.
+
+Contract: `AccessLog.write(record)` queues one line; lines are written together once per event-loop
+turn (one syscall for a burst of requests, nothing buffered across turns, so a crash loses nothing
+already answered). Records carry only what the caller put in them; callers never put a token, key
+or query string there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+import time
+from typing import Any
+
+import orjson
+
+
+class AccessLog:
+    __slots__ = ("_fd", "_lines", "_loop", "_owned", "_scheduled")
+
+    def __init__(self, destination: str) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._lines: list[bytes] = []
+        self._scheduled = False
+        self._owned = False
+        if destination == "off":
+            self._fd = -1
+        elif destination == "stdout":
+            self._fd = sys.stdout.fileno()
+        elif destination == "stderr":
+            self._fd = sys.stderr.fileno()
+        else:
+            self._fd = os.open(destination, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+            self._owned = True
+
+    @property
+    def enabled(self) -> bool:
+        return self._fd >= 0
+
+    def write(self, record: dict[str, Any]) -> None:
+        self._lines.append(orjson.dumps(record) + b"\n")
+        if not self._scheduled:
+            self._scheduled = True
+            self._loop.call_soon(self.flush)
+
+    def flush(self) -> None:
+        self._scheduled = False
+        if self._lines:
+            data = b"".join(self._lines)
+            self._lines.clear()
+            _write_all(self._fd, data)
+
+    def close(self) -> None:
+        self.flush()
+        if self._owned:
+            os.close(self._fd)
+            self._fd = -1
+
+
+def log_event(event: str, **fields: Any) -> None:
+    """Operational events (start, stop, unexpected errors) to stderr, as JSON lines."""
+    record = {"ts": round(time.time(), 3), "event": event, **fields}
+    _write_all(sys.stderr.fileno(), orjson.dumps(record) + b"\n")
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        try:
+            written = os.write(fd, view)
+        except BlockingIOError:
+            continue
+        except OSError:
+            return  # a closed log pipe must not take the gateway down
+        view = view[written:]

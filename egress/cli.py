@@ -1,0 +1,58 @@
+"""Command line: `egress serve`, `egress config check`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from egress.config import Config, ConfigError, load_config, parse_listen, render_config
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="egress", description="LLM egress gateway")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="run the gateway")
+    serve.add_argument("--config", metavar="FILE", help="TOML config (default: built-in config)")
+    serve.add_argument("--listen", metavar="HOST:PORT", help="override [server] listen")
+
+    config = commands.add_parser("config", help="configuration tools")
+    config_commands = config.add_subparsers(dest="config_command", required=True)
+    check = config_commands.add_parser("check", help="validate a config file and print the effective config")
+    check.add_argument("file")
+
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "serve":
+            return _serve(args.config, args.listen)
+        return _check(args.file)
+    except ConfigError as exc:
+        print(f"egress: config error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _serve(path: str | None, listen: str | None) -> int:
+    config = load_config(path)
+    if listen is not None:
+        parse_listen(listen)
+        config = _with_listen(config, listen)
+    from egress.serve import serve  # uvloop is imported only when serving
+
+    return serve(config)
+
+
+def _with_listen(config: Config, listen: str) -> Config:
+    import dataclasses
+
+    return dataclasses.replace(config, server=dataclasses.replace(config.server, listen=listen))
+
+
+def _check(path: str) -> int:
+    config = load_config(path)
+    sys.stdout.write(render_config(config))
+    print(f"# {path}: OK", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,201 @@
+"""Configuration: every default in one place, parsed strictly from TOML into frozen dataclasses.
+
+Contract: `load_config(path)` / `parse_config(table)` return a `Config` or raise `ConfigError` whose
+message names the offending key. Unknown keys are errors, never ignored: a typo in an operator's
+file must not silently fall back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
+from urllib.parse import urlsplit
+
+from egress.providers import BUILTIN_PROVIDERS, RESERVED_NAMES, Provider
+
+KiB = 1024
+MiB = 1024 * KiB
+
+
+class ConfigError(ValueError):
+    """The configuration is invalid; the message names the key."""
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    listen: str = "127.0.0.1:8787"
+    # Refuse new connections past this many (503, then close); open streams are never touched.
+    max_connections: int = 10_000
+    # "stdout", "stderr", "off", or a file path.
+    access_log: str = "stdout"
+    drain_timeout: float = 30.0
+    # A slowloris client must not hold a connection: the whole head must arrive within this.
+    header_timeout: float = 10.0
+    keepalive_timeout: float = 75.0
+    body_timeout: float = 30.0
+    # Anthropic's own Messages API cap is 32 MB (docs.claude.com/en/api/errors).
+    max_body_bytes: int = 32 * MiB
+    # Request-target cap; 8 KiB like nginx's large_client_header_buffers and tomcat.
+    max_request_line_bytes: int = 8 * KiB
+    max_header_bytes: int = 32 * KiB
+    max_header_count: int = 100
+    # Set explicitly: uvloop's defaults differ from what asyncio documents.
+    write_buffer_high: int = 256 * KiB
+    write_buffer_low: int = 64 * KiB
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamConfig:
+    ca_file: str | None = None
+    connect_timeout: float = 10.0
+    # Long: a non-streaming completion of a reasoning model can take minutes before its first byte.
+    first_byte_timeout: float = 600.0
+    read_idle_timeout: float = 300.0
+    max_idle_per_origin: int = 64
+    # Below the ~60-90 s after which provider load balancers drop idle connections.
+    pool_idle_timeout: float = 45.0
+    dns_ttl: float = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    server: ServerConfig = field(default_factory=ServerConfig)
+    upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
+    providers: MappingProxyType[str, Provider] = field(
+        default_factory=lambda: MappingProxyType(dict(BUILTIN_PROVIDERS))
+    )
+
+
+def load_config(path: str | None) -> Config:
+    if path is None:
+        return Config()
+    try:
+        with open(path, "rb") as fh:
+            table = tomllib.load(fh)
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path!r}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+    return parse_config(table)
+
+
+def parse_config(table: dict[str, Any]) -> Config:
+    _reject_unknown(table, {"server", "upstream", "providers"}, "")
+    server = _build(ServerConfig, table.get("server", {}), "server")
+    upstream = _build(UpstreamConfig, table.get("upstream", {}), "upstream")
+    parse_listen(server.listen)
+    if server.write_buffer_low > server.write_buffer_high:
+        raise ConfigError("server.write_buffer_low must not exceed server.write_buffer_high")
+    providers = dict(BUILTIN_PROVIDERS)
+    provider_tables = table.get("providers", {})
+    if not isinstance(provider_tables, dict):
+        raise ConfigError("providers must be a table of [providers.<name>] tables")
+    for name, row in provider_tables.items():
+        providers[name] = _build_provider(name, row, providers.get(name))
+    return Config(server=server, upstream=upstream, providers=MappingProxyType(providers))
+
+
+_PROVIDER_KEYS = {"base_url", "auth", "dialect"}
+
+
+def _build_provider(name: str, row: Any, builtin: Provider | None) -> Provider:
+    where = f"providers.{name}"
+    if not isinstance(row, dict):
+        raise ConfigError(f"{where} must be a table")
+    if name in RESERVED_NAMES or not name.replace("-", "").replace("_", "").isalnum() or name != name.lower():
+        raise ConfigError(f"{where}: provider names are lowercase letters, digits, '-' and '_', not {name!r}")
+    _reject_unknown(row, _PROVIDER_KEYS, where)
+    for key in _PROVIDER_KEYS & row.keys():
+        if not isinstance(row[key], str):
+            raise ConfigError(f"{where}.{key} must be a string")
+    if builtin is None and "base_url" not in row:
+        raise ConfigError(f"{where}.base_url is required for a provider egress does not know")
+    base_url = row.get("base_url", builtin.base_url if builtin else "")
+    auth = row.get("auth", builtin.auth if builtin else "bearer")
+    dialect = row.get("dialect", builtin.dialect if builtin else "openai")
+    if auth not in ("bearer", "x-api-key"):
+        raise ConfigError(f"{where}.auth must be 'bearer' or 'x-api-key', not {auth!r}")
+    if dialect not in ("openai", "anthropic"):
+        raise ConfigError(f"{where}.dialect must be 'openai' or 'anthropic', not {dialect!r}")
+    parts = urlsplit(base_url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"{where}.base_url must be an absolute http(s) URL, not {base_url!r}")
+    if parts.query or parts.fragment or parts.username or parts.password:
+        raise ConfigError(f"{where}.base_url must not carry a query, fragment or credentials")
+    return Provider(name=name, base_url=base_url, auth=auth, dialect=dialect)
+
+
+def _reject_unknown(table: dict[str, Any], known: set[str], where: str) -> None:
+    for key in table:
+        if key not in known:
+            name = f"{where}.{key}" if where else key
+            raise ConfigError(f"unknown key {name!r} (known: {', '.join(sorted(known))})")
+
+
+def _build(cls: type, table: Any, where: str) -> Any:
+    if not isinstance(table, dict):
+        raise ConfigError(f"[{where}] must be a table")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    _reject_unknown(table, set(fields), where)
+    values = {}
+    for key, value in table.items():
+        expected = fields[key].type
+        values[key] = _coerce(value, expected, f"{where}.{key}")
+    return cls(**values)
+
+
+def _coerce(value: Any, expected: str, name: str) -> Any:
+    # Field types are strings under `from __future__ import annotations`.
+    if expected == "int":
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ConfigError(f"{name} must be a non-negative integer")
+        return value
+    if expected == "float":
+        if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+            raise ConfigError(f"{name} must be a positive number of seconds")
+        return float(value)
+    if expected in ("str", "str | None"):
+        if not isinstance(value, str):
+            raise ConfigError(f"{name} must be a string")
+        return value
+    raise AssertionError(f"no coercion for {expected}")  # pragma: no cover
+
+
+def parse_listen(listen: str) -> tuple[str, int]:
+    """'127.0.0.1:8787' or '[::1]:8787' -> (host, port)."""
+    host, sep, port_text = listen.rpartition(":")
+    if not sep or not port_text.isdigit() or not host:
+        raise ConfigError(f"server.listen must be HOST:PORT, not {listen!r}")
+    port = int(port_text)
+    if port > 65535:
+        raise ConfigError(f"server.listen port out of range: {port}")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    return host, port
+
+
+def render_config(config: Config) -> str:
+    """The effective configuration as TOML. Secrets, when there are any, print as <redacted>."""
+    lines: list[str] = []
+    for section in ("server", "upstream"):
+        lines.append(f"[{section}]")
+        for f in dataclasses.fields(getattr(config, section)):
+            value = getattr(getattr(config, section), f.name)
+            lines.append(f"# {f.name} is unset" if value is None else f"{f.name} = {_toml_value(value)}")
+        lines.append("")
+    for provider in config.providers.values():
+        lines.append(f"[providers.{provider.name}]")
+        lines.append(f"base_url = {_toml_value(provider.base_url)}")
+        lines.append(f"auth = {_toml_value(provider.auth)}")
+        lines.append(f"dialect = {_toml_value(provider.dialect)}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return repr(value)

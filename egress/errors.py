@@ -1,0 +1,80 @@
+"""Every error egress itself answers with: status, stable code, dialect-aware body, connection fate.
+
+Contract: raise `EgressError(code, message)`; `render_error(error, dialect)` gives the JSON body in
+the caller's dialect; `ERROR_KINDS[code].closes` says whether HTTP requires the connection to close
+afterwards (a request whose framing is unknown or untrusted can't be followed by another).
+An upstream's own 4xx/5xx is never rendered here: it passes through unchanged.
+
+Bodies follow each provider's documented shape:
+  OpenAI     {"error": {"message", "type", "param", "code"}}
+             https://platform.openai.com/docs/guides/error-codes
+  Anthropic  {"type": "error", "error": {"type", "message"}}
+             https://docs.claude.com/en/api/errors
+The stable egress `code` rides inside `error` in both, where the SDKs expose it and ignore extras.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import orjson
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorKind:
+    status: int
+    openai_type: str
+    anthropic_type: str
+    closes: bool  # the connection must close after this response
+
+
+_INVALID = "invalid_request_error"
+
+ERROR_KINDS: dict[str, ErrorKind] = {
+    # Client framing errors: the byte stream can't be trusted past this point (RFC 9112 §11.2).
+    "bad_request": ErrorKind(400, _INVALID, _INVALID, closes=True),
+    "request_timeout": ErrorKind(408, _INVALID, _INVALID, closes=True),
+    "body_too_large": ErrorKind(413, _INVALID, "request_too_large", closes=True),
+    "uri_too_long": ErrorKind(414, _INVALID, _INVALID, closes=True),
+    "expectation_failed": ErrorKind(417, _INVALID, _INVALID, closes=True),
+    "headers_too_large": ErrorKind(431, _INVALID, _INVALID, closes=True),
+    "http_version_not_supported": ErrorKind(505, _INVALID, _INVALID, closes=True),
+    "method_not_allowed": ErrorKind(405, _INVALID, _INVALID, closes=True),
+    # Routing: the request was well framed, so the connection lives on.
+    "unknown_provider": ErrorKind(404, _INVALID, "not_found_error", closes=False),
+    # Upstream and lifecycle.
+    "upstream_connect_error": ErrorKind(502, "server_error", "api_error", closes=False),
+    "upstream_protocol_error": ErrorKind(502, "server_error", "api_error", closes=False),
+    "upstream_timeout": ErrorKind(504, "server_error", "api_error", closes=False),
+    "draining": ErrorKind(503, "server_error", "overloaded_error", closes=True),
+    "too_many_connections": ErrorKind(503, "server_error", "overloaded_error", closes=True),
+    "internal_error": ErrorKind(500, "server_error", "api_error", closes=True),
+}
+
+
+class EgressError(Exception):
+    """An error egress answers itself. The message must never contain a credential."""
+
+    __slots__ = ("code", "kind", "message")
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.kind = ERROR_KINDS[code]
+        self.message = message
+
+    @property
+    def status(self) -> int:
+        return self.kind.status
+
+
+def render_error(error: EgressError, dialect: str) -> bytes:
+    kind = error.kind
+    if dialect == "anthropic":
+        body = {
+            "type": "error",
+            "error": {"type": kind.anthropic_type, "message": error.message, "code": error.code},
+        }
+    else:
+        body = {"error": {"message": error.message, "type": kind.openai_type, "param": None, "code": error.code}}
+    return orjson.dumps(body)

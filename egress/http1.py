@@ -1,0 +1,223 @@
+"""HTTP/1.1 framing decisions and header blocks (sans-IO: bytes and values in, bytes and values out).
+
+Contract:
+  inspect_request(...)   -> RequestFacts, or raises EgressError for what llhttp lets through but
+                            RFC 9112 forbids (it accepts `Transfer-Encoding: ,chunked`, TE on
+                            HTTP/1.0, HTTP/0.9 and 2.0 version strings, a missing Host).
+  inspect_response(...)  -> ResponseFacts, or raises EgressError("upstream_protocol_error").
+  response_head(...) / simple_response(...) -> the bytes of one header block, written in one call.
+Hop-by-hop headers (RFC 9110 §7.6.1) never cross egress in either direction.
+"""
+
+from __future__ import annotations
+
+import time
+from email.utils import formatdate
+from http import HTTPStatus
+
+from egress.errors import EgressError
+
+# Framing of the response egress writes to its client.
+NO_BODY, CONTENT_LENGTH, CHUNKED, UNTIL_CLOSE = range(4)
+
+STATUS_LINE: dict[int, bytes] = {
+    status.value: f"HTTP/1.1 {status.value} {status.phrase}\r\n".encode("ascii") for status in HTTPStatus
+}
+
+# RFC 9110 §7.6.1, plus the de-facto ones (Keep-Alive, Proxy-Connection) and the headers a proxy
+# consumes itself (Proxy-Authorization, Expect) or regenerates (Host, Content-Length).
+_HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"http2-settings",
+    }
+)
+_NOT_FORWARDED_UPSTREAM = _HOP_BY_HOP | {b"host", b"content-length", b"expect"}
+_NOT_RELAYED_DOWNSTREAM = _HOP_BY_HOP | {b"content-length"}
+
+Headers = list[tuple[bytes, bytes]]
+
+
+class RequestFacts:
+    __slots__ = (
+        "chunked",
+        "close_requested",
+        "content_length",
+        "expect_continue",
+        "forward_headers",
+        "has_anthropic_headers",
+    )
+
+    def __init__(self) -> None:
+        self.content_length: int | None = None
+        self.chunked = False
+        self.expect_continue = False
+        self.close_requested = False
+        self.has_anthropic_headers = False
+        self.forward_headers: Headers = []
+
+
+def inspect_request(headers: Headers, http_version: str) -> RequestFacts:
+    if http_version not in ("1.1", "1.0"):
+        raise EgressError("http_version_not_supported", f"HTTP/{http_version} is not supported")
+    facts = RequestFacts()
+    lowered = [(name.lower(), value) for name, value in headers]
+    connection_tokens = _connection_tokens(lowered)
+    host_count = 0
+    for lower, value in lowered:
+        if lower == b"host":
+            host_count += 1
+        elif lower == b"transfer-encoding":
+            # Only "chunked" is valid for a request body egress reads (RFC 9112 §6.1); anything else
+            # ("gzip, chunked", ",chunked", repeated headers) is a smuggling vector, not a feature.
+            if facts.chunked or value.strip().lower() != b"chunked":
+                raise EgressError("bad_request", "Transfer-Encoding must be exactly 'chunked'")
+            if http_version == "1.0":
+                raise EgressError("bad_request", "Transfer-Encoding is not allowed in HTTP/1.0")
+            facts.chunked = True
+        elif lower == b"content-length":
+            facts.content_length = int(value)  # llhttp already refused malformed and duplicate values
+        elif lower == b"expect":
+            if value.strip().lower() != b"100-continue":
+                raise EgressError("expectation_failed", "only 'Expect: 100-continue' is supported")
+            facts.expect_continue = http_version == "1.1"
+        elif lower == b"anthropic-version" or lower == b"x-api-key":
+            facts.has_anthropic_headers = True
+        if lower not in _NOT_FORWARDED_UPSTREAM and lower not in connection_tokens:
+            facts.forward_headers.append((lower, value))
+    if host_count > 1 or (host_count == 0 and http_version == "1.1"):
+        # RFC 9112 §3.2: a server MUST answer 400 to a 1.1 request with no Host or more than one.
+        raise EgressError("bad_request", "exactly one Host header is required")
+    if b"close" in connection_tokens:
+        facts.close_requested = True
+    return facts
+
+
+class ResponseFacts:
+    __slots__ = ("content_length", "headers")
+
+    def __init__(self, headers: Headers, content_length: int | None) -> None:
+        self.headers = headers
+        self.content_length = content_length
+
+
+def inspect_response(headers: Headers) -> ResponseFacts:
+    """Filter an upstream response head for relay; refuse anything that could split a response."""
+    lowered_names = [name.lower() for name, _ in headers]
+    connection_tokens = _connection_tokens(list(zip(lowered_names, (v for _, v in headers), strict=True)))
+    relayed: Headers = []
+    content_length = None
+    for lower, (name, value) in zip(lowered_names, headers, strict=True):
+        if b"\r" in value or b"\n" in value or b"\x00" in value:
+            raise EgressError("upstream_protocol_error", "upstream sent a header value with CR, LF or NUL")
+        if lower == b"content-length":
+            content_length = int(value)
+        elif lower not in _NOT_RELAYED_DOWNSTREAM and lower not in connection_tokens:
+            relayed.append((name, value))
+    return ResponseFacts(relayed, content_length)
+
+
+def _connection_tokens(lowered: Headers) -> frozenset[bytes]:
+    tokens: set[bytes] = set()
+    for lower, value in lowered:
+        if lower == b"connection":
+            tokens.update(token.strip().lower() for token in value.split(b","))
+    return frozenset(tokens)
+
+
+def response_framing(status: int, head_request: bool, content_length: int | None, client_http11: bool) -> int:
+    if head_request or status in (204, 304) or status < 200:
+        return NO_BODY
+    if content_length is not None:
+        return CONTENT_LENGTH
+    return CHUNKED if client_http11 else UNTIL_CLOSE
+
+
+def upstream_request_head(
+    method: bytes, target: bytes, host: bytes, headers: Headers, body_length: int | None
+) -> bytes:
+    parts = [method, b" ", target, b" HTTP/1.1\r\nhost: ", host, b"\r\n"]
+    for name, value in headers:
+        parts += (name, b": ", value, b"\r\n")
+    if body_length is not None:
+        parts += (b"content-length: ", b"%d" % body_length, b"\r\n")
+    parts.append(b"\r\n")
+    return b"".join(parts)
+
+
+def response_head(
+    status: int,
+    headers: Headers,
+    framing: int,
+    content_length: int | None,
+    request_id: bytes,
+    keep_alive: bool,
+    client_http11: bool,
+) -> bytes:
+    parts = [STATUS_LINE.get(status) or b"HTTP/1.1 %d \r\n" % status]
+    for name, value in headers:
+        parts += (name, b": ", value, b"\r\n")
+    if framing == CHUNKED:
+        parts.append(b"transfer-encoding: chunked\r\n")
+    elif content_length is not None:
+        parts += (b"content-length: ", b"%d" % content_length, b"\r\n")
+    parts += (b"x-egress-request-id: ", request_id, b"\r\n")
+    parts.append(_connection_header(keep_alive, client_http11))
+    parts.append(b"\r\n")
+    return b"".join(parts)
+
+
+def simple_response(
+    status: int,
+    body: bytes,
+    request_id: bytes,
+    keep_alive: bool,
+    client_http11: bool = True,
+    content_type: bytes = b"application/json",
+    head_request: bool = False,
+) -> bytes:
+    """A whole response egress answers itself (errors, health), header block and body in one buffer."""
+    head = b"".join(
+        (
+            STATUS_LINE.get(status) or b"HTTP/1.1 %d \r\n" % status,
+            b"date: ",
+            http_date(),
+            b"\r\ncontent-type: ",
+            content_type,
+            b"\r\ncontent-length: %d\r\nx-egress-request-id: " % len(body),
+            request_id,
+            b"\r\n",
+            _connection_header(keep_alive, client_http11),
+            b"\r\n",
+        )
+    )
+    return head if head_request else head + body
+
+
+def _connection_header(keep_alive: bool, client_http11: bool) -> bytes:
+    if not keep_alive:
+        return b"connection: close\r\n"
+    return b"" if client_http11 else b"connection: keep-alive\r\n"
+
+
+_date_cache: list = [0, b""]
+
+
+def http_date() -> bytes:
+    now = int(time.time())
+    if _date_cache[0] != now:
+        _date_cache[0] = now
+        _date_cache[1] = formatdate(now, usegmt=True).encode("ascii")
+    return _date_cache[1]
+
+
+def chunk_header(size: int) -> bytes:
+    return b"%x\r\n" % size

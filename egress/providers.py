@@ -1,0 +1,145 @@
+"""Providers as data rows, and route resolution (sans-IO).
+
+Contract: `Router.resolve(target)` maps a raw request-target (bytes, origin-form, query included) to a
+`Route` (provider + the exact upstream request-target) or raises `EgressError("unknown_provider")`.
+The path after the provider segment goes upstream verbatim: no decoding, no normalisation, no
+per-provider rewriting, so any endpoint a provider adds tomorrow works today.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit
+
+from egress.errors import EgressError
+
+
+@dataclass(frozen=True, slots=True)
+class Provider:
+    name: str
+    # Origin plus an optional path prefix; the SDK's own path ("/v1/...", "/openai/v1/...") follows it.
+    base_url: str
+    auth: str = "bearer"  # "bearer" (Authorization: Bearer) or "x-api-key"
+    dialect: str = "openai"  # wire format of requests, responses and error bodies
+    origin: Origin = field(init=False, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "origin", Origin.from_url(self.base_url))
+
+
+@dataclass(frozen=True, slots=True)
+class Origin:
+    """Where upstream connections go; the connection pool is keyed by this."""
+
+    scheme: str
+    host: str
+    port: int
+    base_path: bytes  # "" or "/prefix" without a trailing slash
+    host_header: bytes  # the Host value to send: host, plus the port when it is not the default
+
+    @property
+    def tls(self) -> bool:
+        return self.scheme == "https"
+
+    @classmethod
+    def from_url(cls, url: str) -> Origin:
+        parts = urlsplit(url)
+        default_port = 443 if parts.scheme == "https" else 80
+        port = parts.port or default_port
+        host = parts.hostname or ""
+        shown_host = f"[{host}]" if ":" in host else host
+        host_header = shown_host if port == default_port else f"{shown_host}:{port}"
+        return cls(
+            scheme=parts.scheme,
+            host=host,
+            port=port,
+            base_path=parts.path.rstrip("/").encode("ascii"),
+            host_header=host_header.encode("ascii"),
+        )
+
+
+# The built-in rows. Hosts and API roots checked against each provider's own documentation:
+#   openai      https://platform.openai.com/docs/api-reference/introduction  (https://api.openai.com/v1)
+#   anthropic   https://docs.anthropic.com/en/api/overview                   (https://api.anthropic.com/v1, x-api-key)
+#   openrouter  https://openrouter.ai/docs/quickstart                        (https://openrouter.ai/api/v1)
+#   fireworks   https://docs.fireworks.ai/tools-sdks/openai-compatibility    (https://api.fireworks.ai/inference/v1)
+#   groq        https://console.groq.com/docs/openai                         (https://api.groq.com/openai/v1)
+#   deepseek    https://api-docs.deepseek.com/                               (https://api.deepseek.com, /v1 alias)
+#   together    https://docs.together.ai/docs/openai-api-compatibility       (https://api.together.xyz/v1)
+#   cerebras    https://inference-docs.cerebras.ai                           (https://api.cerebras.ai/v1)
+#   mistral     https://docs.mistral.ai/api/                                 (https://api.mistral.ai/v1)
+#   xai         https://docs.x.ai/docs/api-reference                         (https://api.x.ai/v1)
+# base_url is the origin: the caller keeps the provider's own path in its SDK base URL, e.g.
+# http://egress:8787/groq/openai/v1, so egress never rewrites a path.
+BUILTIN_PROVIDERS: dict[str, Provider] = {
+    row.name: row
+    for row in (
+        Provider("openai", "https://api.openai.com"),
+        Provider("anthropic", "https://api.anthropic.com", auth="x-api-key", dialect="anthropic"),
+        Provider("openrouter", "https://openrouter.ai"),
+        Provider("fireworks", "https://api.fireworks.ai"),
+        Provider("groq", "https://api.groq.com"),
+        Provider("deepseek", "https://api.deepseek.com"),
+        Provider("together", "https://api.together.xyz"),
+        Provider("cerebras", "https://api.cerebras.ai"),
+        Provider("mistral", "https://api.mistral.ai"),
+        Provider("xai", "https://api.x.ai"),
+    )
+}
+
+HEALTH_PATH = b"/healthz"
+# First path segments egress keeps for itself: "/v1/..." is the drop-in default route.
+RESERVED_NAMES = frozenset({"healthz", "readyz", "metrics", "v1"})
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    provider: Provider
+    upstream_target: bytes  # request-target to send upstream, query included
+
+
+class Router:
+    __slots__ = ("_by_segment", "_drop_in_anthropic", "_drop_in_openai", "_known")
+
+    def __init__(self, providers: dict[str, Provider] | object) -> None:
+        rows = dict(providers)  # type: ignore[call-overload]
+        self._by_segment = {name.encode("ascii"): row for name, row in rows.items()}
+        self._known = ", ".join(sorted(rows))
+        self._drop_in_anthropic = rows.get("anthropic")
+        self._drop_in_openai = rows.get("openai")
+
+    def resolve(self, target: bytes) -> Route:
+        if not target.startswith(b"/"):
+            raise EgressError("bad_request", "the request target must be a path starting with '/'")
+        end = len(target)
+        for stop in (b"/", b"?"):
+            index = target.find(stop, 1)
+            if index != -1 and index < end:
+                end = index
+        segment = target[1:end]
+        provider = self._by_segment.get(segment)
+        if provider is not None:
+            rest = target[end:]
+            if not rest.startswith(b"/"):
+                rest = b"/" + rest  # "/openai" or "/openai?x" -> "/" or "/?x"
+            return Route(provider, provider.origin.base_path + rest)
+        if segment == b"v1":
+            # Drop-in default for SDKs pointed at egress with no provider prefix.
+            provider = self._drop_in_anthropic if _is_messages(target) else self._drop_in_openai
+            if provider is not None:
+                return Route(provider, provider.origin.base_path + target)
+        raise EgressError(
+            "unknown_provider",
+            f"unknown provider {segment.decode('latin-1')!r}; known providers: {self._known}",
+        )
+
+
+def _is_messages(target: bytes) -> bool:
+    return target.startswith(b"/v1/messages") and target[12:13] in (b"", b"/", b"?")
+
+
+def guess_dialect(target: bytes, has_anthropic_headers: bool) -> str:
+    """The caller's dialect when no provider matched, so even a 404 reads right to its SDK."""
+    if has_anthropic_headers or _is_messages(target) or target.startswith(b"/anthropic"):
+        return "anthropic"
+    return "openai"

@@ -1,0 +1,269 @@
+"""The request phases, in their fixed order, over one per-request context (`Exchange`).
+
+    authenticate      BYO: the caller's credential passes through untouched (virtual keys plug in here)
+    select upstream   done while parsing: `Router.resolve` fills `exchange.route` (providers.py)
+    upstream request  `forward`: acquire a pooled connection, write head + body (upstream.py)
+    upstream response `Exchange.upstream_head`: filter hop-by-hop, choose framing, write one header block
+    response chunk    `Exchange.upstream_body`: the same bytes object goes to the client; chunked
+                      framing is regenerated around it, never parsed or copied
+    end of stream     `Exchange.upstream_end` / `upstream_failed`: a cut upstream cuts the client too
+    log               `finish` always runs, once, after the response is written, with the error if any
+
+A phase that returns a response ends the request early (errors, /healthz).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import TYPE_CHECKING
+
+from egress import http1
+from egress.errors import EgressError, render_error
+from egress.http1 import CHUNKED, NO_BODY, UNTIL_CLOSE
+
+if TYPE_CHECKING:
+    from egress.providers import Route
+    from egress.server import ClientConnection
+    from egress.upstream import UpstreamConnection
+
+_HEALTH_OK = b'{"status":"ok"}'
+
+
+class Exchange:
+    """One request and its response: every phase's per-request state lives here."""
+
+    __slots__ = (
+        "body",
+        "body_parts",
+        "body_size",
+        "bytes_out",
+        "client",
+        "client_gone",
+        "continue_owed",
+        "dialect",
+        "done",
+        "error",
+        "facts",
+        "framing",
+        "head_done",
+        "head_request",
+        "head_sent",
+        "health_check",
+        "http11",
+        "keep_alive",
+        "method",
+        "outcome",
+        "raw_headers",
+        "request_id",
+        "route",
+        "started",
+        "status",
+        "target",
+        "ttfb",
+        "upstream",
+        "upstream_until_close",
+    )
+
+    def __init__(self, client: ClientConnection, request_id: bytes, started: float) -> None:
+        self.client = client
+        self.request_id = request_id
+        self.started = started
+        self.target = b""
+        self.method = b""
+        self.http11 = True
+        self.keep_alive = False
+        self.head_done = False
+        self.head_request = False
+        self.health_check = False
+        self.raw_headers: http1.Headers | None = []  # until the head is complete
+        self.facts: http1.RequestFacts | None = None
+        self.body_parts: list[bytes] = []
+        self.body_size = 0
+        self.body = b""
+        self.continue_owed = False
+        self.route: Route | None = None
+        self.dialect = "openai"
+        self.error: EgressError | None = None
+        # response side
+        self.status = 0
+        self.framing = NO_BODY
+        self.head_sent = False
+        self.bytes_out = 0
+        self.ttfb: float | None = None
+        self.upstream: UpstreamConnection | None = None
+        self.upstream_until_close = False
+        self.done: asyncio.Future | None = None
+        self.client_gone = False
+        self.outcome = "complete"
+
+    # -- phases driven by the upstream connection ------------------------------------------
+    def upstream_head(self, status: int, headers: http1.Headers) -> None:
+        facts = http1.inspect_response(headers)  # raises upstream_protocol_error: nothing relayed yet
+        framing = http1.response_framing(status, self.head_request, facts.content_length, self.http11)
+        self.upstream_until_close = framing in (CHUNKED, UNTIL_CLOSE) and not _is_chunked(headers)
+        client = self.client
+        if framing == UNTIL_CLOSE or client.draining:
+            self.keep_alive = False
+        self.status = status
+        self.framing = framing
+        self.head_sent = True
+        self.ttfb = time.monotonic() - self.started
+        client.transport.write(
+            http1.response_head(
+                status, facts.headers, framing, facts.content_length, self.request_id, self.keep_alive, self.http11
+            )
+        )
+
+    def upstream_body(self, data: bytes) -> None:
+        self.bytes_out += len(data)
+        framing = self.framing
+        if framing == CHUNKED:
+            self.client.transport.writelines((b"%x\r\n" % len(data), data, b"\r\n"))
+        elif framing != NO_BODY:
+            self.client.transport.write(data)
+
+    def upstream_end(self) -> None:
+        if self.framing == CHUNKED:
+            self.client.transport.write(b"0\r\n\r\n")
+        done = self.done
+        if done is not None and not done.done():
+            done.set_result(None)
+
+    def upstream_failed(self, error: EgressError, upstream: UpstreamConnection) -> None:
+        if self.head_sent:
+            # Mid-response: the client must see a truncated body, never a clean end.
+            self.outcome = "upstream_cut"
+            self.keep_alive = False
+            self.client.cut()
+        done = self.done
+        if done is not None and not done.done():
+            done.set_result(error)
+
+    def client_left(self) -> None:
+        done = self.done
+        if done is not None and done.done():
+            return  # the response was complete; only its bookkeeping was still running
+        self.client_gone = True
+        self.outcome = "client_gone"
+        if self.upstream is not None:
+            self.upstream.abort()  # the provider stops generating for nobody
+        if done is not None:
+            done.set_result(None)
+
+
+def _is_chunked(headers: http1.Headers) -> bool:
+    for name, value in headers:
+        if name.lower() == b"transfer-encoding":
+            return value.rstrip().lower().endswith(b"chunked")
+    return False
+
+
+async def forward(exchange: Exchange) -> None:
+    """Upstream request and response phases for one routed request; `finish` always runs."""
+    client = exchange.client
+    pool = client.state.pool
+    route = exchange.route
+    facts = exchange.facts
+    body = exchange.body
+    send_length = len(body) if (body or exchange.method in (b"POST", b"PUT", b"PATCH")) else None
+    head = http1.upstream_request_head(
+        exchange.method, route.upstream_target, route.provider.origin.host_header, facts.forward_headers, send_length
+    )
+    request = [head, body] if body else [head]
+    loop = asyncio.get_running_loop()
+    failure: EgressError | None = None
+    try:
+        for attempt in (1, 2):
+            try:
+                upstream = await pool.acquire(route.provider.origin)
+            except EgressError as error:
+                failure = error
+                break
+            if exchange.client_gone:
+                upstream.close()
+                break
+            exchange.upstream = upstream
+            exchange.done = loop.create_future()
+            client.backpressure.attach(upstream.transport)
+            upstream.send(exchange, request)
+            failure = await exchange.done
+            client.backpressure.detach()
+            exchange.upstream = None
+            if failure is None:
+                if not exchange.client_gone:
+                    pool.release(upstream)
+                break
+            # A pooled connection the provider closed while idle fails before any byte: the request
+            # never reached it, so one retry on a fresh connection is safe (what browsers do too).
+            if not (attempt == 1 and upstream.reused and not upstream.received_any and not exchange.head_sent):
+                break
+    except Exception as exc:  # a bug must cost one request, not the process
+        failure = EgressError("internal_error", f"internal error ({type(exc).__name__})")
+        client.log_internal_error(exc)
+    if failure is not None and not exchange.head_sent and not exchange.client_gone:
+        respond_error(exchange, failure)
+        return
+    finish(exchange)
+
+
+def respond_error(exchange: Exchange, error: EgressError) -> None:
+    exchange.error = error
+    if error.kind.closes:
+        exchange.keep_alive = False
+    respond(exchange, error.status, render_error(error, exchange.dialect))
+
+
+def respond_health(exchange: Exchange) -> None:
+    if exchange.client.draining:
+        respond_error(exchange, EgressError("draining", "egress is shutting down"))
+    else:
+        respond(exchange, 200, _HEALTH_OK)
+
+
+def respond(exchange: Exchange, status: int, body: bytes) -> None:
+    exchange.status = status
+    exchange.head_sent = True
+    exchange.bytes_out = len(body)
+    exchange.client.transport.write(
+        http1.simple_response(
+            status,
+            body,
+            exchange.request_id,
+            exchange.keep_alive,
+            exchange.http11,
+            head_request=exchange.head_request,
+        )
+    )
+    finish(exchange)
+
+
+def finish(exchange: Exchange) -> None:
+    """The log phase: runs exactly once per request, after its response is written or abandoned."""
+    client = exchange.client
+    access_log = client.state.access_log
+    if access_log.enabled:
+        target = exchange.target
+        query_at = target.find(b"?")
+        route = exchange.route
+        now = time.monotonic()
+        error = exchange.error
+        access_log.write(
+            {
+                "ts": round(time.time(), 3),
+                "request_id": exchange.request_id.decode("ascii"),
+                "client": client.peer,
+                "method": exchange.method.decode("latin-1"),
+                "provider": route.provider.name if route is not None else None,
+                # The path only: a query string may carry a credential (?key=...) and never reaches logs.
+                "path": (target if query_at < 0 else target[:query_at]).decode("latin-1"),
+                "status": exchange.status,
+                "code": error.code if error is not None else None,
+                "outcome": exchange.outcome,
+                "bytes_in": exchange.body_size,
+                "bytes_out": exchange.bytes_out,
+                "ttfb_ms": round(exchange.ttfb * 1000, 3) if exchange.ttfb is not None else None,
+                "total_ms": round((now - exchange.started) * 1000, 3),
+            }
+        )
+    client.exchange_finished(exchange)

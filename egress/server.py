@@ -1,0 +1,371 @@
+"""The client side: one asyncio.Protocol per connection, requests parsed by httptools (llhttp, strict).
+
+Contract: every request parsed becomes an `Exchange` queued in arrival order; exchanges run one at a
+time, so pipelined requests are answered in order. A framing error queues a final error exchange,
+stops parsing and closes after answering. httptools callbacks only record state.
+
+Deadlines, one timer per connection (deadline.py):
+  fresh connection / head in progress   header_timeout   -> 408, close (slowloris)
+  body in progress                      body_timeout     -> 408, close (idle between body reads)
+  idle between requests                 keepalive_timeout -> close quietly
+  a request running                     none here: the upstream's own deadlines apply
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import time
+from collections import deque
+from typing import TYPE_CHECKING
+
+import httptools
+
+from egress import http1, proxy
+from egress.deadline import Deadline
+from egress.errors import EgressError, render_error
+from egress.flow import Backpressure
+from egress.providers import HEALTH_PATH, guess_dialect
+
+if TYPE_CHECKING:
+    from egress.accesslog import AccessLog
+    from egress.config import Config
+    from egress.providers import Router
+    from egress.upstream import UpstreamPool
+
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+
+
+class ServerState:
+    """What every connection of one listener shares."""
+
+    __slots__ = ("access_log", "config", "connections", "draining", "new_request_id", "pool", "router")
+
+    def __init__(self, config: Config, router: Router, pool: UpstreamPool, access_log: AccessLog) -> None:
+        self.config = config
+        self.router = router
+        self.pool = pool
+        self.access_log = access_log
+        self.connections: set[ClientConnection] = set()
+        self.draining = False
+        # Unique across processes and restarts without a syscall per request: random prefix + counter.
+        prefix = os.urandom(6).hex().encode("ascii")
+        counter = itertools.count(1)
+        self.new_request_id = lambda: b"%s%08x" % (prefix, next(counter))
+
+
+class _StopParsing(Exception):
+    """Raised from a parser callback after it queued an error: the rest of the bytes are not parsed."""
+
+
+class ClientConnection(asyncio.Protocol):
+    __slots__ = (
+        "_completed",
+        "_deadline",
+        "_head_bytes",
+        "_header_bytes",
+        "_loop",
+        "_parse_failed",
+        "_parser",
+        "_pending",
+        "_reading_paused",
+        "active",
+        "backpressure",
+        "closed",
+        "incoming",
+        "peer",
+        "state",
+        "transport",
+    )
+
+    def __init__(self, state: ServerState) -> None:
+        self.state = state
+        self._loop = asyncio.get_running_loop()
+        self.transport: asyncio.Transport | None = None
+        self.peer: str | None = None
+        self._parser = httptools.HttpRequestParser(self)
+        self._deadline = Deadline(self._loop, self._on_deadline)
+        self.backpressure = Backpressure()
+        self.incoming: proxy.Exchange | None = None  # being parsed
+        self._pending: deque[proxy.Exchange] = deque()  # parsed, waiting their turn
+        self.active: proxy.Exchange | None = None  # being answered
+        self._parse_failed = False
+        self._reading_paused = False
+        self._head_bytes = 0
+        self._header_bytes = 0
+        self._completed = 0  # messages parsed so far
+        self.closed = False
+
+    @property
+    def draining(self) -> bool:
+        return self.state.draining
+
+    # -- asyncio.Protocol -------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.Transport) -> None:
+        self.transport = transport
+        peer = transport.get_extra_info("peername")
+        self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else None
+        state = self.state
+        server = state.config.server
+        state.connections.add(self)
+        transport.set_write_buffer_limits(high=server.write_buffer_high, low=server.write_buffer_low)
+        if state.draining or len(state.connections) > server.max_connections:
+            # Refuse the newcomer gracefully; connections already open are left untouched.
+            code = "draining" if state.draining else "too_many_connections"
+            error = EgressError(code, "egress is shutting down" if state.draining else "too many open connections")
+            transport.write(
+                http1.simple_response(error.status, render_error(error, "openai"), state.new_request_id(), False)
+            )
+            self._close()
+            return
+        self._deadline.set(self._loop.time() + server.header_timeout)
+
+    def data_received(self, data: bytes) -> None:
+        if self._parse_failed or self.closed:
+            return
+        completed_before = self._completed
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade as upgrade:
+            # The upgrade request itself was accepted as a plain request (Upgrade is hop-by-hop and
+            # never tunnelled); llhttp stops at it, so a fresh parser takes the bytes after it.
+            self._parser = httptools.HttpRequestParser(self)
+            self.data_received(data[upgrade.args[0] :])
+            return
+        except _StopParsing:
+            return
+        except httptools.HttpParserError as exc:
+            if not self._parse_failed:
+                self._fail(_parser_error(exc))
+            return
+        incoming = self.incoming
+        if incoming is not None:
+            if not incoming.head_done:
+                if completed_before == self._completed:
+                    # All of this read belongs to a head still incomplete (no message ended inside
+                    # it): bound what llhttp buffers for us before it reaches our callbacks.
+                    self._head_bytes += len(data)
+                    server = self.state.config.server
+                    if self._head_bytes > server.max_header_bytes + server.max_request_line_bytes:
+                        self._fail(EgressError("headers_too_large", "request head too large"))
+            else:
+                self._deadline.set(self._loop.time() + self.state.config.server.body_timeout)
+
+    def eof_received(self) -> bool:
+        return False  # a client that half-closes is treated as gone, as nginx does by default
+
+    def pause_writing(self) -> None:
+        self.backpressure.pause()
+
+    def resume_writing(self) -> None:
+        self.backpressure.resume()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self._deadline.cancel()
+        self.state.connections.discard(self)
+        if self.active is not None:
+            self.active.client_left()
+
+    # -- httptools callbacks: record state only --------------------------------------------
+    def on_message_begin(self) -> None:
+        exchange = proxy.Exchange(self, self.state.new_request_id(), time.monotonic())
+        self.incoming = exchange
+        self._header_bytes = 0
+        if self.active is None and not self._pending:
+            self._deadline.set(self._loop.time() + self.state.config.server.header_timeout)
+
+    def on_url(self, url: bytes) -> None:
+        incoming = self.incoming
+        incoming.target += url
+        if len(incoming.target) > self.state.config.server.max_request_line_bytes:
+            self._fail(EgressError("uri_too_long", "request target too long"))
+            raise _StopParsing
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        raw_headers = self.incoming.raw_headers
+        raw_headers.append((name, value))
+        self._header_bytes += len(name) + len(value) + 4
+        server = self.state.config.server
+        if len(raw_headers) > server.max_header_count:
+            self._fail(EgressError("headers_too_large", f"more than {server.max_header_count} header fields"))
+            raise _StopParsing
+        if self._header_bytes > server.max_header_bytes:
+            self._fail(EgressError("headers_too_large", "request header fields too large"))
+            raise _StopParsing
+
+    def on_headers_complete(self) -> None:
+        exchange = self.incoming
+        exchange.head_done = True
+        self._head_bytes = 0
+        parser = self._parser
+        state = self.state
+        server = state.config.server
+        raw_headers = exchange.raw_headers
+        exchange.raw_headers = None
+        method = parser.get_method()
+        exchange.method = method
+        exchange.head_request = method == b"HEAD"
+        version = parser.get_http_version()
+        exchange.http11 = version == "1.1"
+        try:
+            facts = http1.inspect_request(raw_headers, version)
+        except EgressError as error:
+            exchange.dialect = guess_dialect(exchange.target, False)
+            self._fail(error)
+            raise _StopParsing from None
+        exchange.facts = facts
+        exchange.keep_alive = parser.should_keep_alive() and not facts.close_requested
+        target = exchange.target
+        if method == b"CONNECT":
+            self._fail(EgressError("method_not_allowed", "CONNECT is not supported"))
+            raise _StopParsing
+        if parser.should_upgrade() and (facts.chunked or facts.content_length):
+            # llhttp would skip the body of an upgrade request; refuse rather than misframe it.
+            self._fail(EgressError("bad_request", "Upgrade is not supported on requests with a body"))
+            raise _StopParsing
+        if facts.content_length is not None and facts.content_length > server.max_body_bytes:
+            self._fail(EgressError("body_too_large", f"request body exceeds {server.max_body_bytes} bytes"))
+            raise _StopParsing
+        if target == HEALTH_PATH:
+            exchange.health_check = True
+        else:
+            try:
+                exchange.route = state.router.resolve(target)
+                exchange.dialect = exchange.route.provider.dialect
+            except EgressError as error:
+                exchange.dialect = guess_dialect(target, facts.has_anthropic_headers)
+                exchange.error = error  # answered in turn, after the body is read and discarded
+            if state.draining:
+                exchange.error = EgressError("draining", "egress is shutting down")
+        if facts.expect_continue:
+            if exchange.error is not None:
+                # Answer now instead of inviting a body we would discard (RFC 9110 §10.1.1).
+                self._fail(exchange.error)
+                raise _StopParsing
+            if self.active is None and not self._pending:
+                self.transport.write(_CONTINUE)
+            else:
+                exchange.continue_owed = True
+        self._deadline.set(self._loop.time() + server.body_timeout)
+
+    def on_body(self, body: bytes) -> None:
+        exchange = self.incoming
+        exchange.body_size += len(body)
+        if exchange.body_size > self.state.config.server.max_body_bytes:
+            self._fail(EgressError("body_too_large", "request body too large"))
+            raise _StopParsing
+        if exchange.error is None:
+            exchange.body_parts.append(body)
+
+    def on_message_complete(self) -> None:
+        exchange = self.incoming
+        self.incoming = None
+        self._completed += 1
+        parts = exchange.body_parts
+        exchange.body = b"".join(parts) if parts else b""
+        exchange.body_parts = parts = []
+        self._pending.append(exchange)
+        if self.active is None:
+            self._run_pending()
+        elif not self._reading_paused:
+            # Pipelined: one request waits; stop reading more until its turn comes.
+            self._reading_paused = True
+            self.transport.pause_reading()
+
+    # -- running exchanges -----------------------------------------------------------------
+    def _run_pending(self) -> None:
+        while self.active is None and self._pending and not self.closed:
+            exchange = self._pending.popleft()
+            self.active = exchange
+            self._deadline.clear()
+            if exchange.error is not None:
+                proxy.respond_error(exchange, exchange.error)
+            elif exchange.health_check:
+                proxy.respond_health(exchange)
+            else:
+                self._loop.create_task(proxy.forward(exchange))
+        if not self._pending and self._reading_paused and not self._parse_failed and not self.closed:
+            self._reading_paused = False
+            self.transport.resume_reading()
+
+    def exchange_finished(self, exchange: proxy.Exchange) -> None:
+        """Called by the log phase once the exchange's response is fully written or abandoned."""
+        self.active = None
+        if self.closed:
+            return
+        if not exchange.keep_alive or (self.state.draining and not self._pending):
+            self._close()
+            return
+        self._run_pending()
+        if self.active is None and not self.closed:
+            server = self.state.config.server
+            incoming = self.incoming
+            if incoming is None:
+                self._deadline.set(self._loop.time() + server.keepalive_timeout)
+            elif not incoming.head_done:
+                self._deadline.set(self._loop.time() + server.header_timeout)
+            else:
+                self._deadline.set(self._loop.time() + server.body_timeout)
+                if incoming.continue_owed:
+                    incoming.continue_owed = False
+                    self.transport.write(_CONTINUE)
+
+    def cut(self) -> None:
+        """End the connection after what is buffered, without completing the response."""
+        self._close()
+
+    def close_if_idle(self) -> bool:
+        if self.active is None and not self._pending and self.incoming is None:
+            self._close()
+            return True
+        return False
+
+    def log_internal_error(self, exc: BaseException) -> None:
+        from egress.accesslog import log_event
+
+        log_event("internal_error", error=type(exc).__name__, detail=str(exc)[:200])
+
+    # -- internals -------------------------------------------------------------------------
+    def _fail(self, error: EgressError) -> None:
+        """Queue a final error response for the request being parsed; parse nothing after it."""
+        self._parse_failed = True
+        exchange = self.incoming
+        if exchange is None:
+            exchange = proxy.Exchange(self, self.state.new_request_id(), time.monotonic())
+            exchange.dialect = "openai"
+        self.incoming = None
+        exchange.error = error
+        exchange.keep_alive = False
+        exchange.body_parts = []
+        self._pending.append(exchange)
+        if not self._reading_paused and self.transport is not None:
+            self._reading_paused = True
+            self.transport.pause_reading()
+        if self.active is None:
+            self._run_pending()
+
+    def _close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self._deadline.cancel()
+            self.transport.close()
+
+    def _on_deadline(self) -> None:
+        if self.closed or self.active is not None:
+            return
+        incoming = self.incoming
+        if incoming is None:
+            self._close()  # idle keep-alive, or a fresh connection that never spoke
+            return
+        what = "request body" if incoming is not None and incoming.head_done else "request head"
+        self._fail(EgressError("request_timeout", f"timed out reading the {what}"))
+
+
+def _parser_error(exc: Exception) -> EgressError:
+    reason = str(exc) or type(exc).__name__
+    if "HTTP version" in reason:
+        return EgressError("http_version_not_supported", "unsupported HTTP version")
+    # llhttp's reasons name the rule that broke ("Invalid header value char"), never the bytes.
+    return EgressError("bad_request", f"malformed HTTP request: {reason}")

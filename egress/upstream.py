@@ -1,0 +1,268 @@
+"""Upstream client: per-origin keep-alive pool of HTTP/1.1 connections over TCP or TLS.
+
+Contract:
+  `await pool.acquire(origin)` -> an `UpstreamConnection` ready for one request, or raises
+      EgressError (upstream_connect_error / upstream_timeout).
+  `conn.send(exchange, data)` writes one request; the connection then calls, in order,
+      exchange.upstream_head(status, headers) once, exchange.upstream_body(bytes) per read,
+      and exactly one of exchange.upstream_end() or exchange.upstream_failed(error).
+  `pool.release(conn)` returns it; it is kept only after a complete, well-framed response that
+      the provider did not ask to close, and closed when idle past `pool_idle_timeout`.
+Deadlines: connect (DNS + TCP + TLS), first byte after the request is written, then idle between reads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+
+import httptools
+
+from egress.config import UpstreamConfig
+from egress.deadline import Deadline
+from egress.dns import Resolver
+from egress.errors import EgressError
+from egress.providers import Origin
+
+
+def make_tls_context(ca_file: str | None) -> ssl.SSLContext:
+    # Verification on, hostname checked, system CAs; an extra bundle only adds trust.
+    context = ssl.create_default_context()
+    if ca_file:
+        context.load_verify_locations(cafile=ca_file)
+    context.set_alpn_protocols(["http/1.1"])
+    return context
+
+
+class UpstreamPool:
+    __slots__ = ("_config", "_idle", "_loop", "_resolver", "_tls")
+
+    def __init__(self, config: UpstreamConfig) -> None:
+        self._config = config
+        self._loop = asyncio.get_running_loop()
+        self._resolver = Resolver(config.dns_ttl)
+        self._tls = make_tls_context(config.ca_file)
+        self._idle: dict[Origin, list[UpstreamConnection]] = {}
+
+    @property
+    def config(self) -> UpstreamConfig:
+        return self._config
+
+    async def acquire(self, origin: Origin) -> UpstreamConnection:
+        idle = self._idle.get(origin)
+        while idle:
+            conn = idle.pop()  # most recently used first: the likeliest to still be open
+            if conn.transport is not None and not conn.transport.is_closing():
+                conn.reused = True
+                return conn
+        return await self._connect(origin)
+
+    def release(self, conn: UpstreamConnection) -> None:
+        transport = conn.transport
+        if not conn.reusable or transport is None or transport.is_closing():
+            conn.close()
+            return
+        idle = self._idle.setdefault(conn.origin, [])
+        if len(idle) >= self._config.max_idle_per_origin:
+            conn.close()
+            return
+        conn.park(self._loop.time() + self._config.pool_idle_timeout)
+        idle.append(conn)
+
+    def forget(self, conn: UpstreamConnection) -> None:
+        idle = self._idle.get(conn.origin)
+        if idle and conn in idle:
+            idle.remove(conn)
+
+    def close_idle(self) -> None:
+        for idle in self._idle.values():
+            for conn in idle:
+                conn.close()
+            idle.clear()
+
+    async def _connect(self, origin: Origin) -> UpstreamConnection:
+        loop = self._loop
+        give_up_at = loop.time() + self._config.connect_timeout
+        try:
+            async with asyncio.timeout_at(give_up_at):
+                addresses = await self._resolver.resolve(origin.host, origin.port)
+        except TimeoutError:
+            raise EgressError("upstream_timeout", f"resolving {origin.host} timed out") from None
+        except OSError:
+            raise EgressError("upstream_connect_error", f"cannot resolve {origin.host}") from None
+        failure = "no address"
+        for family, sockaddr in addresses:
+            try:
+                async with asyncio.timeout_at(give_up_at):
+                    _, conn = await loop.create_connection(
+                        lambda: UpstreamConnection(self, origin),
+                        host=sockaddr[0],
+                        port=sockaddr[1],
+                        family=family,
+                        ssl=self._tls if origin.tls else None,
+                        server_hostname=origin.host if origin.tls else None,
+                    )
+                return conn
+            except TimeoutError:
+                raise EgressError("upstream_timeout", f"connecting to {origin.host} timed out") from None
+            except ssl.SSLCertVerificationError as exc:
+                raise EgressError(
+                    "upstream_connect_error",
+                    f"TLS certificate of {origin.host} failed verification: {exc.verify_message}",
+                ) from None
+            except (OSError, ssl.SSLError) as exc:
+                failure = exc.strerror or type(exc).__name__
+        raise EgressError("upstream_connect_error", f"cannot connect to {origin.host}:{origin.port}: {failure}")
+
+
+class UpstreamConnection(asyncio.Protocol):
+    __slots__ = (
+        "_deadline",
+        "_headers",
+        "_loop",
+        "_parser",
+        "_skipping_interim",
+        "exchange",
+        "origin",
+        "pool",
+        "received_any",
+        "reusable",
+        "reused",
+        "timed_out",
+        "transport",
+    )
+
+    def __init__(self, pool: UpstreamPool, origin: Origin) -> None:
+        self.pool = pool
+        self.origin = origin
+        self._loop = asyncio.get_running_loop()
+        self.transport: asyncio.Transport | None = None
+        self.exchange = None  # the Exchange this connection serves, None while idle
+        self.reused = False
+        self.reusable = False
+        self.received_any = False
+        self.timed_out = False
+        self._headers: list[tuple[bytes, bytes]] = []
+        self._skipping_interim = False
+        self._parser = httptools.HttpResponseParser(self)
+        self._deadline = Deadline(self._loop, self._on_deadline)
+
+    # -- driven by the exchange --------------------------------------------------------------
+    def send(self, exchange, data: list[bytes]) -> None:
+        self.exchange = exchange
+        self.reusable = False
+        self.received_any = False
+        self._headers = []
+        self._deadline.set(self._loop.time() + self.pool.config.first_byte_timeout)
+        self.transport.writelines(data)
+
+    def park(self, idle_until: float) -> None:
+        self.exchange = None
+        self._deadline.set(idle_until)
+
+    def close(self) -> None:
+        self._deadline.cancel()
+        if self.transport is not None:
+            self.transport.close()
+
+    def abort(self) -> None:
+        """Close at once, unflushed: the provider must stop generating for a client that left."""
+        self.reusable = False
+        self._deadline.cancel()
+        if self.transport is not None:
+            self.transport.abort()
+
+    # -- asyncio.Protocol -------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.Transport) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        if self.exchange is None:
+            # Bytes on an idle connection: the provider broke framing; never reuse it.
+            self.close()
+            return
+        self.received_any = True
+        self._deadline.set(self._loop.time() + self.pool.config.read_idle_timeout)
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserError:
+            self._fail(EgressError("upstream_protocol_error", "the upstream response is not valid HTTP/1.1"))
+            self.abort()
+
+    def eof_received(self) -> bool:
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._deadline.cancel()
+        self.reusable = False
+        self.pool.forget(self)
+        if self.exchange is None:
+            return
+        if self._parser_awaits_eof():
+            # A response framed by the connection's close (no length, not chunked) ends here cleanly.
+            self._finish()
+            return
+        if self.timed_out:
+            self._fail(EgressError("upstream_timeout", f"{self.origin.host} stopped answering"))
+        else:
+            self._fail(EgressError("upstream_protocol_error", f"{self.origin.host} closed the connection early"))
+
+    # -- httptools callbacks: record state only --------------------------------------------
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        status = self._parser.get_status_code()
+        if status < 200:
+            # Interim responses (103 Early Hints) are not relayed, as nginx does not relay them.
+            self._skipping_interim = True
+            self._headers = []
+            return
+        exchange = self.exchange
+        try:
+            exchange.upstream_head(status, self._headers)
+        except EgressError as error:
+            self._fail(error)
+            raise
+        if exchange.head_request:
+            # llhttp can't be told a HEAD response has no body: end here, and never reuse.
+            self._finish()
+            self.close()
+
+    def on_body(self, body: bytes) -> None:
+        exchange = self.exchange
+        if exchange is not None:
+            exchange.upstream_body(body)
+
+    def on_message_complete(self) -> None:
+        if self._skipping_interim:
+            self._skipping_interim = False
+            return
+        self.reusable = self._parser.should_keep_alive()
+        self._finish()
+
+    # -- internals -------------------------------------------------------------------------
+    def _finish(self) -> None:
+        exchange = self.exchange
+        self.exchange = None
+        self._deadline.clear()
+        if exchange is not None:
+            exchange.upstream_end()
+
+    def _fail(self, error: EgressError) -> None:
+        exchange = self.exchange
+        self.exchange = None
+        self.reusable = False
+        if exchange is not None:
+            exchange.upstream_failed(error, self)
+
+    def _parser_awaits_eof(self) -> bool:
+        exchange = self.exchange
+        return exchange is not None and exchange.upstream_until_close
+
+    def _on_deadline(self) -> None:
+        if self.exchange is None:
+            self.close()  # idle past pool_idle_timeout
+            return
+        self.timed_out = True
+        self.abort()

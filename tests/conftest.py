@@ -1,0 +1,84 @@
+"""Shared fixtures: a trustme CA, TLS fake providers, and the real egress process."""
+
+from __future__ import annotations
+
+import ssl
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import trustme
+
+from tests.fake_provider import FakeProvider
+from tests.support import EgressProcess
+
+
+@pytest.fixture(scope="session")
+def certificate_authority() -> trustme.CA:
+    return trustme.CA()
+
+
+@pytest.fixture(scope="session")
+def ca_file(certificate_authority: trustme.CA, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("ca") / "ca.pem"
+    certificate_authority.cert_pem.write_to_path(str(path))
+    return path
+
+
+@pytest.fixture
+def fake_provider(certificate_authority: trustme.CA) -> Iterator[FakeProvider]:
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    certificate_authority.issue_cert("localhost", "127.0.0.1").configure_cert(context)
+    provider = FakeProvider(context).start()
+    yield provider
+    provider.stop()
+
+
+def provider_config(fake: FakeProvider, ca_file: Path, extra: str = "") -> str:
+    """A config routing the openai and anthropic rows (and the drop-in /v1 route) to the fake."""
+    return f"""
+[upstream]
+ca_file = "{ca_file}"
+
+[providers.openai]
+base_url = "{fake.base_url}"
+
+[providers.anthropic]
+base_url = "{fake.base_url}"
+
+[providers.local-vllm]
+base_url = "{fake.base_url}/vllm-prefix"
+auth = "bearer"
+dialect = "openai"
+{extra}
+"""
+
+
+@pytest.fixture
+def start_egress(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Callable[..., EgressProcess]]:
+    started: list[EgressProcess] = []
+
+    def start(config_text: str, name: str = "egress") -> EgressProcess:
+        process = EgressProcess(tmp_path, config_text, name=name)
+        started.append(process)
+        return process.start()
+
+    yield start
+    for process in started:
+        process.stop()
+    failed = getattr(request.node, "rep_call", None)
+    if failed is not None and failed.failed:
+        for process in started:
+            print(process.logs())
+
+
+@pytest.fixture
+def egress(start_egress, fake_provider: FakeProvider, ca_file: Path) -> EgressProcess:
+    return start_egress(provider_config(fake_provider, ca_file))
+
+
+@pytest.hookimpl(tryfirst=True, hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    setattr(item, f"rep_{report.when}", report)

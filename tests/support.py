@@ -1,0 +1,208 @@
+"""Test support: start the real `egress` process as an operator would, and talk raw HTTP to it.
+
+Every response read here goes through h11, an HTTP parser independent of egress's own, so each
+raw-socket test also proves egress's output is well-formed HTTP/1.1 (status line, framing,
+keep-alive).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import h11
+import orjson
+
+
+def egress_command() -> list[str]:
+    """The installed console script, as an operator runs it; the module if it isn't on PATH."""
+    script = Path(sys.executable).with_name("egress")
+    if script.exists():
+        return [str(script)]
+    found = shutil.which("egress")
+    return [found] if found else [sys.executable, "-m", "egress"]
+
+
+class EgressProcess:
+    def __init__(self, workdir: Path, config_text: str, name: str = "egress") -> None:
+        self.workdir = workdir
+        self.config_path = workdir / f"{name}.toml"
+        self.config_path.write_text(config_text)
+        self.stdout_path = workdir / f"{name}.stdout.log"
+        self.stderr_path = workdir / f"{name}.stderr.log"
+        self.port = 0
+        self.process: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 15.0) -> EgressProcess:
+        with open(self.stdout_path, "wb") as out, open(self.stderr_path, "wb") as err:
+            self.process = subprocess.Popen(
+                [*egress_command(), "serve", "--config", str(self.config_path), "--listen", "127.0.0.1:0"],
+                stdout=out,
+                stderr=err,
+                stdin=subprocess.DEVNULL,
+                cwd=self.workdir,
+            )
+        give_up_at = time.monotonic() + timeout
+        while time.monotonic() < give_up_at:
+            match = re.search(rb'"event":"listening","address":"127\.0\.0\.1:(\d+)"', self.stderr_path.read_bytes())
+            if match:
+                self.port = int(match.group(1))
+                return self
+            if self.process.poll() is not None:
+                raise RuntimeError(f"egress exited with {self.process.returncode}:\n{self.logs()}")
+            time.sleep(0.02)
+        raise RuntimeError(f"egress did not start within {timeout}s:\n{self.logs()}")
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def logs(self) -> str:
+        out = self.stdout_path.read_text(errors="replace") if self.stdout_path.exists() else ""
+        err = self.stderr_path.read_text(errors="replace") if self.stderr_path.exists() else ""
+        return f"--- stdout ---\n{out}\n--- stderr ---\n{err}"
+
+    def access_records(self) -> list[dict]:
+        return [orjson.loads(line) for line in self.stdout_path.read_bytes().splitlines() if line.strip()]
+
+    def rss_kib(self) -> int:
+        status = Path(f"/proc/{self.pid}/status").read_text()
+        return int(re.search(r"VmRSS:\s+(\d+) kB", status).group(1))
+
+    def signal(self, signum: int = signal.SIGTERM) -> None:
+        self.process.send_signal(signum)
+
+    def wait(self, timeout: float) -> int:
+        return self.process.wait(timeout=timeout)
+
+    def stop(self) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(timeout=10)
+
+
+@dataclass
+class RawResponse:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+    complete: bool
+    informational: list[int] = field(default_factory=list)
+
+    def json(self) -> dict:
+        return orjson.loads(self.body)
+
+    @property
+    def error_code(self) -> str | None:
+        document = self.json()
+        return document["error"].get("code")
+
+
+class RawClient:
+    """A socket that sends whatever bytes a test likes and parses the answers with h11."""
+
+    def __init__(self, port: int, timeout: float = 5.0) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+        self.parser = h11.Connection(h11.CLIENT)
+        self.eof = False
+
+    def __enter__(self) -> RawClient:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def read_response(self, method: str = "GET") -> RawResponse:
+        """Parse the next response; `method` tells h11 how the request it answers was framed."""
+        parser = self.parser
+        if parser.our_state is h11.DONE and parser.their_state is h11.DONE:
+            parser.start_next_cycle()
+        # h11 only parses a response to a request it saw sent; the real bytes went out raw.
+        parser.send(h11.Request(method=method, target="/", headers=[("host", "egress")]))
+        parser.send(h11.EndOfMessage())
+        informational: list[int] = []
+        response = None
+        body = bytearray()
+        while True:
+            event = parser.next_event()
+            if event is h11.NEED_DATA:
+                data = b"" if self.eof else self.sock.recv(65536)
+                self.eof = not data
+                parser.receive_data(data)
+                continue
+            if isinstance(event, h11.InformationalResponse):
+                informational.append(event.status_code)
+            elif isinstance(event, h11.Response):
+                response = event
+            elif isinstance(event, h11.Data):
+                body += event.data
+            elif isinstance(event, h11.EndOfMessage):
+                return _raw(response, body, True, informational)
+            elif isinstance(event, h11.ConnectionClosed):
+                return _raw(response, body, False, informational)
+
+    def server_closed(self, timeout: float = 3.0) -> bool:
+        """True when the server closes the connection (EOF or reset) within `timeout`."""
+        if self.eof:
+            return True
+        self.sock.settimeout(timeout)
+        try:
+            return self.sock.recv(65536) == b""
+        except (ConnectionResetError, BrokenPipeError):
+            return True
+        except TimeoutError:
+            return False
+
+    def keeps_alive(self) -> bool:
+        return self.parser.our_state is h11.DONE and self.parser.their_state is h11.DONE
+
+
+def _raw(response, body: bytearray, complete: bool, informational: list[int]) -> RawResponse:
+    assert response is not None, "the connection closed before a response"
+    headers = {name.decode().lower(): value.decode("latin-1") for name, value in response.headers}
+    return RawResponse(response.status_code, headers, bytes(body), complete, informational)
+
+
+def request_bytes(method: str, target: str, headers: dict[str, str] | None = None, body: bytes = b"") -> bytes:
+    lines = [f"{method} {target} HTTP/1.1", "Host: egress.test"]
+    for name, value in (headers or {}).items():
+        lines.append(f"{name}: {value}")
+    if body and not any(name.lower() in ("content-length", "transfer-encoding") for name in (headers or {})):
+        lines.append(f"Content-Length: {len(body)}")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+
+
+def wait_until(predicate, timeout: float, interval: float = 0.01) -> bool:
+    give_up_at = time.monotonic() + timeout
+    while time.monotonic() < give_up_at:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return predicate()
+
+
+def free_environment() -> dict[str, str]:
+    return dict(os.environ)
