@@ -25,20 +25,31 @@ def ca_file(certificate_authority: trustme.CA, tmp_path_factory: pytest.TempPath
     return path
 
 
-@pytest.fixture
-def fake_provider(certificate_authority: trustme.CA) -> Iterator[FakeProvider]:
+def start_fake_provider(certificate_authority: trustme.CA) -> FakeProvider:
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     certificate_authority.issue_cert("localhost", "127.0.0.1").configure_cert(context)
-    provider = FakeProvider(context).start()
+    return FakeProvider(context).start()
+
+
+@pytest.fixture
+def fake_provider(certificate_authority: trustme.CA) -> Iterator[FakeProvider]:
+    provider = start_fake_provider(certificate_authority)
     yield provider
     provider.stop()
 
 
-def provider_config(fake: FakeProvider, ca_file: Path, extra: str = "") -> str:
-    """A config routing the openai and anthropic rows (and the drop-in /v1 route) to the fake."""
+def provider_config(fake: FakeProvider, ca_file: Path, server: str = "", upstream: str = "", extra: str = "") -> str:
+    """A config routing the openai and anthropic rows (and the drop-in /v1 route) to the fake.
+
+    `server` and `upstream` are extra lines for those tables; `extra` is appended as is.
+    """
     return f"""
+[server]
+{server}
+
 [upstream]
 ca_file = "{ca_file}"
+{upstream}
 
 [providers.openai]
 base_url = "{fake.base_url}"
