@@ -237,8 +237,9 @@ class FakeProvider:
                     record.chunks.append(event)
                 await writer.drain()
                 record.bytes_sent += len(event)
-                if interval:
-                    await asyncio.sleep(interval)
+                # drain() doesn't yield while the transport accepts writes; without a yield the loop
+                # never runs the callbacks that report a peer gone, and writes vanish into a dead socket.
+                await asyncio.sleep(interval)
             writer.write(conn.send(h11.EndOfMessage()))
             await writer.drain()
             record.finished = True
@@ -250,6 +251,10 @@ class FakeProvider:
             return False
         finally:
             watcher.cancel()
+            try:
+                await watcher
+            except asyncio.CancelledError:
+                pass
 
 
 async def _read_request(conn: h11.Connection, reader: asyncio.StreamReader):

@@ -147,7 +147,12 @@ class RawClient:
         response = None
         body = bytearray()
         while True:
-            event = parser.next_event()
+            try:
+                event = parser.next_event()
+            except h11.RemoteProtocolError:
+                if self.eof and response is not None:
+                    return _raw(response, body, False, informational)  # cut mid-body: incomplete
+                raise
             if event is h11.NEED_DATA:
                 data = b"" if self.eof else self.sock.recv(65536)
                 self.eof = not data

@@ -1,0 +1,105 @@
+"""Streams through the real egress process: back-pressure, disconnects, cuts and graceful stop."""
+
+from __future__ import annotations
+
+import socket
+import time
+
+import pytest
+
+from tests.support import RawClient, request_bytes, wait_until
+
+STREAM_BODY = b'{"model":"gpt-fake","messages":[{"role":"user","content":"hi"}],"stream":true}'
+
+
+def stream_request(scenario: str, **fake_headers: str) -> bytes:
+    headers = {"Content-Type": "application/json", "x-fake-scenario": scenario}
+    headers.update({f"x-fake-{name.replace('_', '-')}": value for name, value in fake_headers.items()})
+    return request_bytes("POST", "/openai/v1/chat/completions", headers, STREAM_BODY)
+
+
+def test_slow_reader_pauses_the_upstream_and_memory_stays_bounded(egress, fake_provider):
+    total = 256 * 1024 * 1024
+    sock = socket.create_connection(("127.0.0.1", egress.port), timeout=10)
+    # A small receive window, so what egress can park in the kernel on our side stays small too.
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+    try:
+        rss_before = egress.rss_kib()
+        sock.sendall(stream_request("big-stream", bytes=str(total)))
+        assert wait_until(lambda: fake_provider.streams, timeout=5)
+        record = next(iter(fake_provider.streams.values()))
+        sock.recv(65536)
+        time.sleep(2.0)  # the reader stalls; egress must stop reading from the provider
+        sent_while_stalled = record.bytes_sent
+        rss_stalled = egress.rss_kib()
+        time.sleep(1.0)
+        assert record.bytes_sent == sent_while_stalled, "the provider kept sending while the client was stalled"
+        # What left the provider is bounded by socket buffers and egress's write-buffer mark.
+        assert sent_while_stalled < 32 * 1024 * 1024
+        assert rss_stalled - rss_before < 24 * 1024, f"RSS grew {rss_stalled - rss_before} KiB"
+        # Reading again resumes the stream.
+        received = 0
+        sock.settimeout(5)
+        while received < 8 * 1024 * 1024:
+            received += len(sock.recv(1 << 20))
+        assert record.bytes_sent > sent_while_stalled
+    finally:
+        sock.close()
+    assert wait_until(lambda: record.peer_closed_at is not None, timeout=3)
+
+
+def test_client_disconnect_closes_the_upstream_within_a_second(egress, fake_provider):
+    with RawClient(egress.port) as client:
+        client.send(stream_request("long-stream", events="400", interval="0.02"))
+        assert wait_until(lambda: fake_provider.streams, timeout=5)
+        record = next(iter(fake_provider.streams.values()))
+        assert wait_until(lambda: record.bytes_sent > 0, timeout=5)
+        client.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+    closed_at = time.monotonic()
+    assert wait_until(lambda: record.peer_closed_at is not None, timeout=1.0), "the provider kept generating"
+    assert record.peer_closed_at - closed_at < 1.0
+    assert not record.finished
+    assert wait_until(lambda: any(r.get("outcome") == "client_gone" for r in egress.access_records()), timeout=3)
+    with RawClient(egress.port) as client:  # and egress carries on
+        client.send(request_bytes("GET", "/openai/v1/models"))
+        assert client.read_response().status == 200
+
+
+def test_upstream_cut_mid_stream_never_looks_complete(egress, fake_provider):
+    with RawClient(egress.port) as client:
+        client.send(stream_request("cut-stream"))
+        response = client.read_response("POST")
+        assert response.status == 200
+        assert not response.complete, "a cut stream must not end with the terminating chunk"
+        assert response.body == fake_provider.sent_bodies[response.headers["x-request-id"]]
+        assert response.body.count(b"data: ") == 2
+    assert wait_until(lambda: any(r.get("outcome") == "upstream_cut" for r in egress.access_records()), timeout=3)
+
+
+def test_upstream_cut_is_an_error_for_the_official_sdk(egress, fake_provider):
+    import httpx2 as httpx
+    import openai
+
+    client = openai.OpenAI(base_url=egress.url + "/openai/v1", api_key="sk-byo", max_retries=0)
+    stream = client.chat.completions.create(
+        model="gpt-fake",
+        messages=[{"role": "user", "content": "hi"}],
+        stream=True,
+        extra_headers={"x-fake-scenario": "cut-stream"},
+    )
+    with pytest.raises((httpx.RemoteProtocolError, openai.APIConnectionError)):
+        for _ in stream:
+            pass
+
+
+def test_sigterm_during_a_long_stream_lets_it_finish_then_exits_zero(egress, fake_provider):
+    with RawClient(egress.port, timeout=10) as client:
+        client.send(stream_request("long-stream", events="40", interval="0.05"))
+        assert wait_until(lambda: fake_provider.streams, timeout=5)
+        egress.signal()
+        response = client.read_response("POST")
+        assert response.complete and response.status == 200
+        assert response.body.count(b"data: ") == 41 and response.body.endswith(b"data: [DONE]\n\n")
+        assert response.headers.get("connection") != "close" or client.server_closed()
+    assert egress.wait(timeout=10) == 0
+    assert '"event":"stopped","forced_closed":0' in egress.logs()
