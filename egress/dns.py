@@ -15,14 +15,16 @@ import socket
 
 
 class Resolver:
-    __slots__ = ("_cache", "_inflight", "_loop", "retry_after", "ttl")
+    __slots__ = ("_cache", "_getaddrinfo", "_inflight", "_loop", "retry_after", "ttl")
 
-    def __init__(self, ttl: float, retry_after: float = 5.0) -> None:
+    def __init__(self, ttl: float, retry_after: float = 5.0, getaddrinfo=None) -> None:
         self.ttl = ttl
         self.retry_after = retry_after
         self._cache: dict[tuple[str, int], tuple[float, list]] = {}
         self._inflight: dict[tuple[str, int], asyncio.Future] = {}
         self._loop = asyncio.get_running_loop()
+        # The system resolver (uvloop runs it off-thread); tests hand in a scripted one.
+        self._getaddrinfo = getaddrinfo or self._loop.getaddrinfo
 
     async def resolve(self, host: str, port: int) -> list[tuple[int, tuple]]:
         literal = _literal(host, port)
@@ -48,7 +50,7 @@ class Resolver:
             return cached[1]
 
     async def _lookup(self, host: str, port: int) -> list[tuple[int, tuple]]:
-        infos = await self._loop.getaddrinfo(host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP)
+        infos = await self._getaddrinfo(host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP)
         if not infos:
             raise OSError(f"no addresses for {host}")
         # Interleave families (RFC 8305 §4) so a dead IPv6 path costs one attempt, not all of them.

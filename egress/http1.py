@@ -84,7 +84,9 @@ def inspect_request(headers: Headers, http_version: str) -> RequestFacts:
                 raise EgressError("bad_request", "Transfer-Encoding is not allowed in HTTP/1.0")
             facts.chunked = True
         elif lower == b"content-length":
-            facts.content_length = int(value)  # llhttp already refused malformed and duplicate values
+            if facts.content_length is not None or not value.strip().isdigit():
+                raise EgressError("bad_request", "invalid Content-Length")  # llhttp refuses these first
+            facts.content_length = int(value)
         elif lower == b"expect":
             if value.strip().lower() != b"100-continue":
                 raise EgressError("expectation_failed", "only 'Expect: 100-continue' is supported")
@@ -119,6 +121,8 @@ def inspect_response(headers: Headers) -> ResponseFacts:
         if b"\r" in value or b"\n" in value or b"\x00" in value:
             raise EgressError("upstream_protocol_error", "upstream sent a header value with CR, LF or NUL")
         if lower == b"content-length":
+            if not value.strip().isdigit():
+                raise EgressError("upstream_protocol_error", "upstream sent an invalid Content-Length")
             content_length = int(value)
         elif lower not in _NOT_RELAYED_DOWNSTREAM and lower not in connection_tokens:
             relayed.append((name, value))

@@ -75,6 +75,7 @@ class FakeProvider:
         self.sent_bodies: dict[str, bytes] = {}
         self.streams: dict[str, StreamRecord] = {}
         self.connections_opened = 0
+        self.connections_closed = 0
 
     @property
     def base_url(self) -> str:
@@ -122,6 +123,7 @@ class FakeProvider:
         except (ConnectionError, h11.ProtocolError, asyncio.IncompleteReadError, ssl.SSLError, asyncio.CancelledError):
             return
         finally:
+            self.connections_closed += 1
             writer.close()
 
     async def _respond(self, conn, request: h11.Request, body: bytes, reader, writer) -> bool:

@@ -1,0 +1,60 @@
+"""The upstream client inside the real process: TLS verification and the keep-alive pool."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.conftest import provider_config
+from tests.support import RawClient, request_bytes, wait_until
+
+
+def test_untrusted_upstream_certificate_is_refused(start_egress, fake_provider, tmp_path):
+    # No ca_file: the fake's trustme certificate is not trusted by the system store.
+    config = f'[providers.openai]\nbase_url = "{fake_provider.base_url}"\n'
+    egress = start_egress(config)
+    with RawClient(egress.port) as client:
+        client.send(request_bytes("GET", "/openai/v1/models"))
+        response = client.read_response()
+    assert response.status == 502 and response.error_code == "upstream_connect_error"
+    assert "certificate" in response.json()["error"]["message"]
+    assert fake_provider.requests == []
+
+
+def test_certificate_for_another_name_is_refused(start_egress, fake_provider, ca_file):
+    # The certificate names localhost and 127.0.0.1; the same listener reached as 127.0.0.2 must fail.
+    config = provider_config(fake_provider, ca_file).replace("https://localhost:", "https://127.0.0.2:")
+    egress = start_egress(config)
+    with RawClient(egress.port) as client:
+        client.send(request_bytes("GET", "/openai/v1/models"))
+        response = client.read_response()
+    assert response.status == 502 and response.error_code == "upstream_connect_error"
+
+
+@pytest.mark.parametrize("path", ["/openai/v1/models", "/anthropic/v1/models"])
+def test_idle_upstream_connections_close_after_pool_idle_timeout(start_egress, fake_provider, ca_file, path):
+    egress = start_egress(provider_config(fake_provider, ca_file, upstream="pool_idle_timeout = 0.5"))
+    with RawClient(egress.port) as client:
+        client.send(request_bytes("GET", path))
+        assert client.read_response().status == 200
+        assert fake_provider.connections_closed == 0
+        assert wait_until(lambda: fake_provider.connections_closed == 1, timeout=3)
+        client.send(request_bytes("GET", path))
+        assert client.read_response().status == 200
+    assert fake_provider.connections_opened == 2
+
+
+def test_pool_keeps_at_most_max_idle_per_origin(start_egress, fake_provider, ca_file):
+    egress = start_egress(provider_config(fake_provider, ca_file, upstream="max_idle_per_origin = 1"))
+    clients = [RawClient(egress.port) for _ in range(3)]
+    try:
+        stream = b'{"model":"m","messages":[],"stream":true}'
+        headers = {"Content-Type": "application/json", "x-fake-scenario": "long-stream", "x-fake-events": "5"}
+        for client in clients:  # three concurrent requests need three upstream connections
+            client.send(request_bytes("POST", "/openai/v1/chat/completions", headers, stream))
+        for client in clients:
+            assert client.read_response("POST").status == 200
+    finally:
+        for client in clients:
+            client.close()
+    assert fake_provider.connections_opened == 3
+    assert wait_until(lambda: fake_provider.connections_closed == 2, timeout=3)
