@@ -11,6 +11,7 @@ Hop-by-hop headers (RFC 9110 §7.6.1) never cross egress in either direction.
 
 from __future__ import annotations
 
+import re
 import time
 from email.utils import formatdate
 from http import HTTPStatus
@@ -44,6 +45,10 @@ _NOT_FORWARDED_UPSTREAM = _HOP_BY_HOP | {b"host", b"content-length", b"expect"}
 _NOT_RELAYED_DOWNSTREAM = _HOP_BY_HOP | {b"content-length"}
 
 Headers = list[tuple[bytes, bytes]]
+
+# llhttp already refuses these in strict mode; checked again because relaying one would let an
+# upstream split the client's response.
+_UNSAFE_IN_VALUE = re.compile(rb"[\r\n\x00]")
 
 
 class RequestFacts:
@@ -113,19 +118,24 @@ class ResponseFacts:
 
 def inspect_response(headers: Headers) -> ResponseFacts:
     """Filter an upstream response head for relay; refuse anything that could split a response."""
-    lowered_names = [name.lower() for name, _ in headers]
-    connection_tokens = _connection_tokens(list(zip(lowered_names, (v for _, v in headers), strict=True)))
     relayed: Headers = []
     content_length = None
-    for lower, (name, value) in zip(lowered_names, headers, strict=True):
-        if b"\r" in value or b"\n" in value or b"\x00" in value:
+    connection_tokens = None
+    for name, value in headers:
+        if _UNSAFE_IN_VALUE.search(value) is not None:
             raise EgressError("upstream_protocol_error", "upstream sent a header value with CR, LF or NUL")
-        if lower == b"content-length":
-            if not value.strip().isdigit():
-                raise EgressError("upstream_protocol_error", "upstream sent an invalid Content-Length")
-            content_length = int(value)
-        elif lower not in _NOT_RELAYED_DOWNSTREAM and lower not in connection_tokens:
-            relayed.append((name, value))
+        lower = name.lower()
+        if lower in _NOT_RELAYED_DOWNSTREAM:
+            if lower == b"content-length":
+                if not value.strip().isdigit():
+                    raise EgressError("upstream_protocol_error", "upstream sent an invalid Content-Length")
+                content_length = int(value)
+            elif lower == b"connection":
+                connection_tokens = _connection_tokens([(lower, value)]) | (connection_tokens or frozenset())
+            continue
+        relayed.append((name, value))
+    if connection_tokens:
+        relayed = [(name, value) for name, value in relayed if name.lower() not in connection_tokens]
     return ResponseFacts(relayed, content_length)
 
 

@@ -53,6 +53,7 @@ class Exchange:
         "http11",
         "keep_alive",
         "method",
+        "out",
         "outcome",
         "raw_headers",
         "request_id",
@@ -86,6 +87,7 @@ class Exchange:
         self.dialect = "openai"
         self.error: EgressError | None = None
         # response side
+        self.out: list[bytes] = []  # bytes for the client, written once per upstream read
         self.status = 0
         self.framing = NO_BODY
         self.head_sent = False
@@ -109,7 +111,7 @@ class Exchange:
         self.framing = framing
         self.head_sent = True
         self.ttfb = time.monotonic() - self.started
-        client.transport.write(
+        self.out.append(
             http1.response_head(
                 status, facts.headers, framing, facts.content_length, self.request_id, self.keep_alive, self.http11
             )
@@ -119,13 +121,24 @@ class Exchange:
         self.bytes_out += len(data)
         framing = self.framing
         if framing == CHUNKED:
-            self.client.transport.writelines((b"%x\r\n" % len(data), data, b"\r\n"))
+            self.out += (b"%x\r\n" % len(data), data, b"\r\n")
         elif framing != NO_BODY:
-            self.client.transport.write(data)
+            self.out.append(data)
+
+    def flush(self) -> None:
+        """One vectored write for everything one upstream read produced: head, chunks, terminator.
+
+        Halves the send syscalls of a small response (head and body in one writev) with no copy.
+        """
+        out = self.out
+        if out:
+            self.client.transport.writelines(out)
+            out.clear()
 
     def upstream_end(self) -> None:
         if self.framing == CHUNKED:
-            self.client.transport.write(b"0\r\n\r\n")
+            self.out.append(b"0\r\n\r\n")
+        self.flush()
         done = self.done
         if done is not None and not done.done():
             done.set_result(None)
@@ -133,6 +146,7 @@ class Exchange:
     def upstream_failed(self, error: EgressError, upstream: UpstreamConnection) -> None:
         if self.head_sent:
             # Mid-response: the client must see a truncated body, never a clean end.
+            self.flush()
             self.outcome = "upstream_cut"
             self.keep_alive = False
             self.client.cut()

@@ -181,6 +181,7 @@ class UpstreamConnection(asyncio.Protocol):
             # Bytes on an idle connection: the provider broke framing; never reuse it.
             self.close()
             return
+        exchange = self.exchange
         self.received_any = True
         self._deadline.set(self._loop.time() + self.pool.config.read_idle_timeout)
         try:
@@ -188,6 +189,7 @@ class UpstreamConnection(asyncio.Protocol):
         except httptools.HttpParserError:
             self._fail(EgressError("upstream_protocol_error", "the upstream response is not valid HTTP/1.1"))
             self.abort()
+        exchange.flush()
 
     def eof_received(self) -> bool:
         return False

@@ -25,9 +25,9 @@ def ca_file(certificate_authority: trustme.CA, tmp_path_factory: pytest.TempPath
     return path
 
 
-def start_fake_provider(certificate_authority: trustme.CA) -> FakeProvider:
+def start_fake_provider(certificate_authority: trustme.CA, names: tuple[str, ...] = ("localhost", "127.0.0.1")):
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    certificate_authority.issue_cert("localhost", "127.0.0.1").configure_cert(context)
+    certificate_authority.issue_cert(*names).configure_cert(context)
     return FakeProvider(context).start()
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.conftest import provider_config
+from tests.conftest import provider_config, start_fake_provider
 from tests.support import RawClient, request_bytes, wait_until
 
 
@@ -20,14 +20,19 @@ def test_untrusted_upstream_certificate_is_refused(start_egress, fake_provider, 
     assert fake_provider.requests == []
 
 
-def test_certificate_for_another_name_is_refused(start_egress, fake_provider, ca_file):
-    # The certificate names localhost and 127.0.0.1; the same listener reached as 127.0.0.2 must fail.
-    config = provider_config(fake_provider, ca_file).replace("https://localhost:", "https://127.0.0.2:")
-    egress = start_egress(config)
-    with RawClient(egress.port) as client:
-        client.send(request_bytes("GET", "/openai/v1/models"))
-        response = client.read_response()
-    assert response.status == 502 and response.error_code == "upstream_connect_error"
+def test_certificate_for_another_name_is_refused(start_egress, certificate_authority, ca_file):
+    # Signed by the trusted CA, but for another host name than the one egress dials.
+    impostor = start_fake_provider(certificate_authority, names=("api.other.test",))
+    try:
+        egress = start_egress(provider_config(impostor, ca_file))
+        with RawClient(egress.port) as client:
+            client.send(request_bytes("GET", "/openai/v1/models"))
+            response = client.read_response()
+        assert response.status == 502 and response.error_code == "upstream_connect_error"
+        assert "certificate" in response.json()["error"]["message"]
+        assert impostor.requests == []
+    finally:
+        impostor.stop()
 
 
 @pytest.mark.parametrize("path", ["/openai/v1/models", "/anthropic/v1/models"])

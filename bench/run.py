@@ -1,0 +1,273 @@
+"""Side-by-side throughput and latency on loopback: direct upstream vs nginx as a proxy vs egress.
+
+One run starts a fast real upstream (nginx, one worker, serving an OpenAI-shaped JSON body and a
+500-event SSE body), nginx configured as a plain keep-alive reverse proxy in front of it, and egress
+(one process) in front of it too; then wrk drives each target in turn, round after round, so drift
+on the machine hits all three alike. Reported: medians over the rounds, and the ratios
+egress/nginx-proxy and egress/direct.
+
+Usage: bench/run [--rounds 3] [--duration 5] [--connections 50]
+Needs nginx and wrk (Debian packages `nginx`, `wrk`); installs nothing itself.
+Everything listens on 127.0.0.1 only; every load run is bounded by --duration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+
+COMPLETION = json.dumps(
+    {
+        "id": "chatcmpl-bench",
+        "object": "chat.completion",
+        "created": 1795400000,
+        "model": "gpt-bench",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "Hello!"}, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 9, "completion_tokens": 2, "total_tokens": 11},
+    },
+    separators=(",", ":"),
+)
+SSE_EVENTS = 500
+POST_LUA = """
+wrk.method = "POST"
+wrk.body = '{"model":"gpt-bench","messages":[{"role":"user","content":"hi"}]}'
+wrk.headers["Content-Type"] = "application/json"
+wrk.headers["Authorization"] = "Bearer sk-bench-byo"
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for_port(port: int, timeout: float = 10.0) -> None:
+    give_up_at = time.monotonic() + timeout
+    while time.monotonic() < give_up_at:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing listening on 127.0.0.1:{port}")
+
+
+def sse_body() -> str:
+    chunk = {"id": "chatcmpl-bench", "object": "chat.completion.chunk", "choices": [{"index": 0, "delta": {}}]}
+    events = []
+    for index in range(SSE_EVENTS):
+        chunk["choices"][0]["delta"] = {"content": f"token{index} "}
+        events.append("data: " + json.dumps(chunk, separators=(",", ":")) + "\n\n")
+    return "".join(events) + "data: [DONE]\n\n"
+
+
+def nginx_config(workdir: Path, name: str, server_block: str) -> Path:
+    path = workdir / f"{name}.conf"
+    path.write_text(
+        f"""
+worker_processes 1;
+pid {workdir}/{name}.pid;
+error_log {workdir}/{name}.error.log warn;
+events {{ worker_connections 20000; }}
+http {{
+    access_log off;
+    keepalive_requests 10000000;
+    keepalive_timeout 75s;
+    client_body_temp_path {workdir}/{name}-body;
+    proxy_temp_path {workdir}/{name}-proxy;
+    {server_block}
+}}
+"""
+    )
+    return path
+
+
+def start_nginx(config: Path) -> subprocess.Popen:
+    return subprocess.Popen(
+        ["nginx", "-c", str(config), "-g", "daemon off;"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+
+
+def run_wrk(url: str, lua: Path, duration: int, connections: int) -> dict:
+    output = subprocess.run(
+        ["wrk", "-t1", f"-c{connections}", f"-d{duration}s", "--latency", "-s", str(lua), url],
+        capture_output=True,
+        text=True,
+        timeout=duration + 30,
+        check=True,
+    ).stdout
+    rate = float(re.search(r"Requests/sec:\s+([\d.]+)", output).group(1))
+    transfer = re.search(r"Transfer/sec:\s+([\d.]+)(\w+)", output)
+    scale = {"B": 1, "KB": 1024, "MB": 1024**2, "GB": 1024**3}[transfer.group(2)]
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", output)
+    return {
+        "rps": rate,
+        "p50_ms": _latency(output, "50%"),
+        "p99_ms": _latency(output, "99%"),
+        "bytes_per_s": float(transfer.group(1)) * scale,
+        "non_2xx": int(errors.group(1)) if errors else 0,
+    }
+
+
+def _latency(output: str, percentile: str) -> float:
+    match = re.search(rf"^\s+{re.escape(percentile)}\s+([\d.]+)(us|ms|s)\s*$", output, re.MULTILINE)
+    value, unit = float(match.group(1)), match.group(2)
+    return value * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--duration", type=int, default=5)
+    parser.add_argument("--connections", type=int, default=50)
+    args = parser.parse_args()
+    for tool in ("nginx", "wrk"):
+        if shutil.which(tool) is None:
+            print(f"bench: {tool} is not installed (apt-get install -y nginx wrk)", file=sys.stderr)
+            return 2
+
+    workdir = Path(tempfile.mkdtemp(prefix="egress-bench-"))
+    workdir.chmod(0o755)  # nginx workers run unprivileged and must read the SSE body
+    (workdir / "stream.txt").write_text(sse_body())
+    (workdir / "post.lua").write_text(POST_LUA)
+    upstream_port, proxy_port, egress_port = free_port(), free_port(), free_port()
+    upstream_conf = nginx_config(
+        workdir,
+        "upstream",
+        f"""server {{
+        listen 127.0.0.1:{upstream_port};
+        location = /v1/chat/completions {{ default_type application/json; return 200 '{COMPLETION}'; }}
+        location = /v1/stream {{ default_type text/event-stream; alias {workdir}/stream.txt; }}
+    }}""",
+    )
+    proxy_conf = nginx_config(
+        workdir,
+        "proxy",
+        f"""upstream provider {{ server 127.0.0.1:{upstream_port}; keepalive 128; }}
+    server {{
+        listen 127.0.0.1:{proxy_port};
+        location / {{
+            proxy_pass http://provider;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_buffering off;
+        }}
+    }}""",
+    )
+    egress_conf = workdir / "egress.toml"
+    egress_conf.write_text(
+        f'[server]\nlisten = "127.0.0.1:{egress_port}"\naccess_log = "off"\n\n'
+        f'[providers.bench]\nbase_url = "http://127.0.0.1:{upstream_port}"\n'
+    )
+    processes = [start_nginx(upstream_conf), start_nginx(proxy_conf)]
+    egress = subprocess.Popen(
+        [sys.executable, "-m", "egress", "serve", "--config", str(egress_conf)],
+        stdout=subprocess.DEVNULL,
+        stderr=(workdir / "egress.log").open("wb"),
+    )
+    processes.append(egress)
+    try:
+        for port in (upstream_port, proxy_port, egress_port):
+            wait_for_port(port)
+        scenarios = {
+            "small JSON": {
+                "direct": f"http://127.0.0.1:{upstream_port}/v1/chat/completions",
+                "nginx-proxy": f"http://127.0.0.1:{proxy_port}/v1/chat/completions",
+                "egress": f"http://127.0.0.1:{egress_port}/bench/v1/chat/completions",
+            },
+            f"SSE {SSE_EVENTS} events": {
+                "direct": f"http://127.0.0.1:{upstream_port}/v1/stream",
+                "nginx-proxy": f"http://127.0.0.1:{proxy_port}/v1/stream",
+                "egress": f"http://127.0.0.1:{egress_port}/bench/v1/stream",
+            },
+        }
+        results: dict[str, dict[str, list[dict]]] = {name: {t: [] for t in urls} for name, urls in scenarios.items()}
+        egress_cpu: dict[str, list[float]] = {name: [] for name in scenarios}
+        for scenario, urls in scenarios.items():
+            lua = workdir / "post.lua" if scenario == "small JSON" else workdir / "get.lua"
+            if not lua.exists():
+                lua.write_text("")
+            for url in urls.values():  # warm-up: pools, caches
+                run_wrk(url, lua, 1, args.connections)
+            for round_index in range(args.rounds):
+                for target, url in urls.items():
+                    before = cpu_seconds(egress.pid)
+                    result = run_wrk(url, lua, args.duration, args.connections)
+                    if target == "egress":
+                        requests = result["rps"] * args.duration
+                        egress_cpu[scenario].append((cpu_seconds(egress.pid) - before) / requests * 1000)
+                    results[scenario][target].append(result)
+                    print(
+                        f"  {scenario:14} round {round_index + 1} {target:12} {result['rps']:>10.0f} req/s "
+                        f"p50 {result['p50_ms']:.3f} ms  p99 {result['p99_ms']:.3f} ms",
+                        file=sys.stderr,
+                    )
+        report = render(results, egress_cpu, args)
+        print(report)
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        (RESULTS / "latest.md").write_text(report)
+    finally:
+        for process in processes:
+            process.send_signal(signal.SIGTERM)
+        for process in processes:
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+        shutil.rmtree(workdir, ignore_errors=True)
+    return 0
+
+
+def render(results: dict, egress_cpu: dict, args: argparse.Namespace) -> str:
+    lines = [
+        f"# egress bench: {args.rounds} rounds x {args.duration}s, {args.connections} connections, wrk -t1, "
+        f"loopback, {os.cpu_count()} cores",
+        "",
+        "Medians over rounds. Every process shares the same cores: with wrk, the upstream and the proxy",
+        "on two cores, the proxied rows are partly limited by the load generator and the upstream.",
+        "",
+        "| scenario | target | req/s | p50 ms | p99 ms | MB/s | egress CPU-s per 1k req |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for scenario, targets in results.items():
+        medians = {}
+        for target, runs in targets.items():
+            median = {key: statistics.median(run[key] for run in runs) for key in runs[0]}
+            medians[target] = median
+            cpu = f"{statistics.median(egress_cpu[scenario]):.3f}" if target == "egress" else ""
+            lines.append(
+                f"| {scenario} | {target} | {median['rps']:.0f} | {median['p50_ms']:.3f} | {median['p99_ms']:.3f} "
+                f"| {median['bytes_per_s'] / 1024**2:.1f} | {cpu} |"
+            )
+            if median["non_2xx"]:
+                lines.append(f"| | ({target}: {median['non_2xx']:.0f} non-2xx responses) | | | | | |")
+        egress_rps = medians["egress"]["rps"]
+        lines.append(
+            f"| {scenario} | **ratio** | egress/nginx-proxy **{egress_rps / medians['nginx-proxy']['rps']:.2f}**, "
+            f"egress/direct **{egress_rps / medians['direct']['rps']:.2f}** | | | | |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
