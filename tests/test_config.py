@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import tomllib
+from pathlib import Path
 
 import pytest
 
@@ -105,3 +107,10 @@ def test_serve_refuses_a_bad_config(tmp_path):
         [*egress_command(), "serve", "--config", str(bad)], capture_output=True, text=True, timeout=30
     )
     assert result.returncode == 2 and "upstream.ca_file must be a string" in result.stderr
+
+
+def test_deploy_example_states_the_real_defaults():
+    with open(Path(__file__).parent.parent / "deploy" / "egress.toml", "rb") as fh:
+        example = parse_config(tomllib.load(fh))
+    assert example.server == dataclasses.replace(Config().server, listen="0.0.0.0:8787")
+    assert example.upstream == Config().upstream
