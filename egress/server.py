@@ -137,7 +137,11 @@ class ClientConnection(asyncio.Protocol):
             return
         except httptools.HttpParserError as exc:
             if not self._parse_failed:
-                self._fail(_parser_error(exc))
+                if isinstance(exc, httptools.HttpParserCallbackError) and exc.__context__ is not None:
+                    self.log_internal_error(exc.__context__)  # a bug in a callback, not the client's fault
+                    self._fail(EgressError("internal_error", "internal error while reading the request"))
+                else:
+                    self._fail(_parser_error(exc))
             return
         incoming = self.incoming
         if incoming is not None:

@@ -24,6 +24,10 @@ from egress.dns import Resolver
 from egress.errors import EgressError
 from egress.providers import Origin
 
+# Only request bodies (at most max_body_bytes, already in memory) are written upstream.
+_WRITE_BUFFER_HIGH = 256 * 1024
+_WRITE_BUFFER_LOW = 64 * 1024
+
 
 def make_tls_context(ca_file: str | None) -> ssl.SSLContext:
     # Verification on, hostname checked, system CAs; an extra bundle only adds trust.
@@ -175,6 +179,8 @@ class UpstreamConnection(asyncio.Protocol):
     # -- asyncio.Protocol -------------------------------------------------------------------
     def connection_made(self, transport: asyncio.Transport) -> None:
         self.transport = transport
+        # Explicit, as on the client side: uvloop's defaults are not asyncio's documented ones.
+        transport.set_write_buffer_limits(high=_WRITE_BUFFER_HIGH, low=_WRITE_BUFFER_LOW)
 
     def data_received(self, data: bytes) -> None:
         if self.exchange is None:
