@@ -36,7 +36,8 @@ def test_slow_reader_pauses_the_upstream_and_memory_stays_bounded(egress, fake_p
         assert record.bytes_sent == sent_while_stalled, "the provider kept sending while the client was stalled"
         # What left the provider is bounded by socket buffers and egress's write-buffer mark.
         assert sent_while_stalled < 32 * 1024 * 1024
-        assert rss_stalled - rss_before < 24 * 1024, f"RSS grew {rss_stalled - rss_before} KiB"
+        # Measured at about 1.4 MiB; the bound leaves room for allocator noise, not for buffering.
+        assert rss_stalled - rss_before < 8 * 1024, f"RSS grew {rss_stalled - rss_before} KiB"
         # Reading again resumes the stream.
         received = 0
         sock.settimeout(5)
