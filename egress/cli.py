@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 
+from egress import keys_cli
 from egress.config import Config, ConfigError, load_config, parse_listen, render_config
+from egress.secrets import SecretSourceError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -21,13 +23,20 @@ def main(argv: list[str] | None = None) -> int:
     check = config_commands.add_parser("check", help="validate a config file and print the effective config")
     check.add_argument("file")
 
+    keys_cli.add_parsers(commands)
+
     args = parser.parse_args(argv)
     try:
         if args.command == "serve":
             return _serve(args.config, args.listen)
+        if args.command == "keys":
+            return keys_cli.run(args)
         return _check(args.file)
-    except ConfigError as exc:
+    except (ConfigError, SecretSourceError) as exc:
         print(f"egress: config error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"egress: {exc.filename or ''}: {exc.strerror}", file=sys.stderr)
         return 2
 
 

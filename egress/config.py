@@ -15,6 +15,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from egress.providers import BUILTIN_PROVIDERS, RESERVED_NAMES, Provider
+from egress.vkeys import parse_public_key
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -61,9 +62,36 @@ class UpstreamConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class KeysConfig:
+    # Ed25519 public keys (base64url, as `egress keys issuer-new` prints them) whose virtual keys
+    # are accepted. Several at once, so an issuer can be rotated without a flag day.
+    trusted_issuers: tuple[str, ...] = ()
+    # Revoked key ids, one per line; reloaded on SIGHUP and when its mtime changes.
+    deny_file: str | None = None
+    deny_poll_interval: float = 1.0
+    # Verified keys kept (by hash) so the steady state costs a dict look-up, not a signature check.
+    verify_cache_size: int = 65_536
+
+
+@dataclass(frozen=True, slots=True)
+class NatsConfig:
+    # Unset: no broker; the deny file alone is the deny-set.
+    url: str | None = None
+    stream: str = "EGRESS_REVOCATIONS"
+    subject: str = "egress.revocations"
+    # The deny-set and the last stream sequence applied, so a restart enforces revocations at once
+    # and resumes the stream where it stopped. Required with `url`.
+    snapshot: str | None = None
+    connect_timeout: float = 2.0
+    max_reconnect_wait: float = 5.0
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
+    keys: KeysConfig = field(default_factory=KeysConfig)
+    nats: NatsConfig = field(default_factory=NatsConfig)
     providers: MappingProxyType[str, Provider] = field(
         default_factory=lambda: MappingProxyType(dict(BUILTIN_PROVIDERS))
     )
@@ -83,9 +111,18 @@ def load_config(path: str | None) -> Config:
 
 
 def parse_config(table: dict[str, Any]) -> Config:
-    _reject_unknown(table, {"server", "upstream", "providers"}, "")
+    _reject_unknown(table, {"server", "upstream", "keys", "nats", "providers"}, "")
     server = _build(ServerConfig, table.get("server", {}), "server")
     upstream = _build(UpstreamConfig, table.get("upstream", {}), "upstream")
+    keys = _build(KeysConfig, table.get("keys", {}), "keys")
+    nats = _build(NatsConfig, table.get("nats", {}), "nats")
+    for index, text in enumerate(keys.trusted_issuers):
+        try:
+            parse_public_key(text)
+        except ValueError as exc:
+            raise ConfigError(f"keys.trusted_issuers[{index}]: {exc}") from None
+    if nats.url is not None and nats.snapshot is None:
+        raise ConfigError("nats.snapshot is required when nats.url is set")
     parse_listen(server.listen)
     if server.write_buffer_low > server.write_buffer_high:
         raise ConfigError("server.write_buffer_low must not exceed server.write_buffer_high")
@@ -95,10 +132,10 @@ def parse_config(table: dict[str, Any]) -> Config:
         raise ConfigError("providers must be a table of [providers.<name>] tables")
     for name, row in provider_tables.items():
         providers[name] = _build_provider(name, row, providers.get(name))
-    return Config(server=server, upstream=upstream, providers=MappingProxyType(providers))
+    return Config(server=server, upstream=upstream, keys=keys, nats=nats, providers=MappingProxyType(providers))
 
 
-_PROVIDER_KEYS = {"base_url", "auth", "dialect"}
+_PROVIDER_KEYS = {"base_url", "auth", "dialect", "pool_keys", "allow_anonymous"}
 
 
 def _build_provider(name: str, row: Any, builtin: Provider | None) -> Provider:
@@ -108,9 +145,16 @@ def _build_provider(name: str, row: Any, builtin: Provider | None) -> Provider:
     if name in RESERVED_NAMES or not name.replace("-", "").replace("_", "").isalnum() or name != name.lower():
         raise ConfigError(f"{where}: provider names are lowercase letters, digits, '-' and '_', not {name!r}")
     _reject_unknown(row, _PROVIDER_KEYS, where)
-    for key in _PROVIDER_KEYS & row.keys():
-        if not isinstance(row[key], str):
+    for key in ("base_url", "auth", "dialect"):
+        if key in row and not isinstance(row[key], str):
             raise ConfigError(f"{where}.{key} must be a string")
+    pool_keys = _coerce(
+        row.get("pool_keys", list(builtin.pool_keys) if builtin else []), "tuple[str, ...]", f"{where}.pool_keys"
+    )
+    for source in pool_keys:
+        if not source.startswith(("env:", "file:")) or len(source) < 5:
+            raise ConfigError(f"{where}.pool_keys entries are 'env:NAME' or 'file:PATH', not {source!r}")
+    allow_anonymous = _coerce(row.get("allow_anonymous", False), "bool", f"{where}.allow_anonymous")
     if builtin is None and "base_url" not in row:
         raise ConfigError(f"{where}.base_url is required for a provider egress does not know")
     base_url = row.get("base_url", builtin.base_url if builtin else "")
@@ -125,7 +169,7 @@ def _build_provider(name: str, row: Any, builtin: Provider | None) -> Provider:
         raise ConfigError(f"{where}.base_url must be an absolute http(s) URL, not {base_url!r}")
     if parts.query or parts.fragment or parts.username or parts.password:
         raise ConfigError(f"{where}.base_url must not carry a query, fragment or credentials")
-    return Provider(name=name, base_url=base_url, auth=auth, dialect=dialect)
+    return Provider(name, base_url, auth, dialect, pool_keys=pool_keys, allow_anonymous=allow_anonymous)
 
 
 def _reject_unknown(table: dict[str, Any], known: set[str], where: str) -> None:
@@ -161,6 +205,14 @@ def _coerce(value: Any, expected: str, name: str) -> Any:
         if not isinstance(value, str):
             raise ConfigError(f"{name} must be a string")
         return value
+    if expected == "bool":
+        if not isinstance(value, bool):
+            raise ConfigError(f"{name} must be true or false")
+        return value
+    if expected == "tuple[str, ...]":
+        if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+            raise ConfigError(f"{name} must be a list of strings")
+        return tuple(value)
     raise AssertionError(f"no coercion for {expected}")  # pragma: no cover
 
 
@@ -180,7 +232,7 @@ def parse_listen(listen: str) -> tuple[str, int]:
 def render_config(config: Config) -> str:
     """The effective configuration as TOML. Secrets, when there are any, print as <redacted>."""
     lines: list[str] = []
-    for section in ("server", "upstream"):
+    for section in ("server", "upstream", "keys", "nats"):
         lines.append(f"[{section}]")
         for f in dataclasses.fields(getattr(config, section)):
             value = getattr(getattr(config, section), f.name)
@@ -191,11 +243,18 @@ def render_config(config: Config) -> str:
         lines.append(f"base_url = {_toml_value(provider.base_url)}")
         lines.append(f"auth = {_toml_value(provider.auth)}")
         lines.append(f"dialect = {_toml_value(provider.dialect)}")
+        # Only where keys come from: the values themselves are never in the config.
+        lines.append(f"pool_keys = {_toml_value(provider.pool_keys)}")
+        lines.append(f"allow_anonymous = {_toml_value(provider.allow_anonymous)}")
         lines.append("")
     return "\n".join(lines)
 
 
 def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, tuple):
+        return "[" + ", ".join(_toml_value(item) for item in value) + "]"
     if isinstance(value, str):
         return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
     return repr(value)

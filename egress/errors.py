@@ -40,8 +40,14 @@ ERROR_KINDS: dict[str, ErrorKind] = {
     "headers_too_large": ErrorKind(431, _INVALID, _INVALID, closes=True),
     "http_version_not_supported": ErrorKind(505, _INVALID, _INVALID, closes=True),
     "method_not_allowed": ErrorKind(405, _INVALID, _INVALID, closes=True),
-    # Routing: the request was well framed, so the connection lives on.
+    # Routing and authentication: the request was well framed, so the connection lives on.
     "unknown_provider": ErrorKind(404, _INVALID, "not_found_error", closes=False),
+    "missing_key": ErrorKind(401, "authentication_error", "authentication_error", closes=False),
+    "invalid_key": ErrorKind(401, "authentication_error", "authentication_error", closes=False),
+    "key_expired": ErrorKind(401, "authentication_error", "authentication_error", closes=False),
+    "key_revoked": ErrorKind(401, "authentication_error", "authentication_error", closes=False),
+    "provider_not_permitted": ErrorKind(403, "permission_error", "permission_error", closes=False),
+    "no_pool_key": ErrorKind(403, "permission_error", "permission_error", closes=False),
     # Upstream and lifecycle.
     "upstream_connect_error": ErrorKind(502, "server_error", "api_error", closes=False),
     "upstream_protocol_error": ErrorKind(502, "server_error", "api_error", closes=False),

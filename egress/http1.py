@@ -53,6 +53,8 @@ _UNSAFE_IN_VALUE = re.compile(rb"[\r\n\x00]")
 
 class RequestFacts:
     __slots__ = (
+        "api_key",
+        "authorization",
         "chunked",
         "close_requested",
         "content_length",
@@ -67,6 +69,8 @@ class RequestFacts:
         self.expect_continue = False
         self.close_requested = False
         self.has_anthropic_headers = False
+        self.authorization: bytes | None = None
+        self.api_key: bytes | None = None
         self.forward_headers: Headers = []
 
 
@@ -96,7 +100,12 @@ def inspect_request(headers: Headers, http_version: str) -> RequestFacts:
             if value.strip().lower() != b"100-continue":
                 raise EgressError("expectation_failed", "only 'Expect: 100-continue' is supported")
             facts.expect_continue = http_version == "1.1"
-        elif lower == b"anthropic-version" or lower == b"x-api-key":
+        elif lower == b"authorization":
+            facts.authorization = value
+        elif lower == b"x-api-key":
+            facts.api_key = value
+            facts.has_anthropic_headers = True
+        elif lower == b"anthropic-version":
             facts.has_anthropic_headers = True
         if lower not in _NOT_FORWARDED_UPSTREAM and lower not in connection_tokens:
             facts.forward_headers.append((lower, value))

@@ -21,6 +21,10 @@ class Provider:
     base_url: str
     auth: str = "bearer"  # "bearer" (Authorization: Bearer) or "x-api-key"
     dialect: str = "openai"  # wire format of requests, responses and error bodies
+    # Where the provider keys that replace a virtual key come from: "env:NAME" or "file:PATH".
+    pool_keys: tuple[str, ...] = ()
+    # Requests with no credential at all pass (a local model server); otherwise 401 missing_key.
+    allow_anonymous: bool = False
     origin: Origin = field(init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:

@@ -18,6 +18,8 @@ import asyncio
 import time
 from typing import TYPE_CHECKING
 
+import orjson
+
 from egress import http1
 from egress.errors import EgressError, render_error
 from egress.http1 import CHUNKED, NO_BODY, UNTIL_CLOSE
@@ -26,8 +28,7 @@ if TYPE_CHECKING:
     from egress.providers import Route
     from egress.server import ClientConnection
     from egress.upstream import UpstreamConnection
-
-_HEALTH_OK = b'{"status":"ok"}'
+    from egress.vkeys import Claims
 
 
 class Exchange:
@@ -38,6 +39,7 @@ class Exchange:
         "body_parts",
         "body_size",
         "bytes_out",
+        "claims",
         "client",
         "client_gone",
         "continue_owed",
@@ -84,6 +86,7 @@ class Exchange:
         self.body = b""
         self.continue_owed = False
         self.route: Route | None = None
+        self.claims: Claims | None = None  # set when a virtual key verified
         self.dialect = "openai"
         self.error: EgressError | None = None
         # response side
@@ -231,8 +234,18 @@ def respond_error(exchange: Exchange, error: EgressError) -> None:
 def respond_health(exchange: Exchange) -> None:
     if exchange.client.draining:
         respond_error(exchange, EgressError("draining", "egress is shutting down"))
-    else:
-        respond(exchange, 200, _HEALTH_OK)
+        return
+    denyset = exchange.client.state.auth.denyset
+    age = denyset.age_seconds()
+    document = {
+        "status": "ok",
+        "deny_set": {
+            "size": len(denyset),
+            "stream_connected": denyset.connected,
+            "age_seconds": round(age, 3) if age is not None else None,
+        },
+    }
+    respond(exchange, 200, orjson.dumps(document))
 
 
 def respond(exchange: Exchange, status: int, body: bytes) -> None:
@@ -269,6 +282,9 @@ def finish(exchange: Exchange) -> None:
                 "client": client.peer,
                 "method": exchange.method.decode("latin-1"),
                 "provider": route.provider.name if route is not None else None,
+                # The key id and subject of a virtual key: who to bill, never the key itself.
+                "kid": exchange.claims.kid if exchange.claims is not None else None,
+                "sub": exchange.claims.sub if exchange.claims is not None else None,
                 # The path only: a query string may carry a credential (?key=...) and never reaches logs.
                 "path": (target if query_at < 0 else target[:query_at]).decode("latin-1"),
                 "status": exchange.status,

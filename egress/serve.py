@@ -1,20 +1,26 @@
-"""Process lifecycle: listen, serve, drain on SIGTERM/SIGINT, exit 0.
+"""Process lifecycle: listen, serve, drain on SIGTERM/SIGINT, exit 0; SIGHUP reloads the deny file.
 
 Contract: `serve(config)` blocks until a stop signal has been handled and returns the exit code.
+Start: the revocation snapshot and the deny file are loaded before the first connection is
+accepted, so a revoked key is refused from the very first request, broker or not.
 Drain: stop accepting, close idle keep-alive connections, let in-flight exchanges finish (their
 connections close after the response), and after `drain_timeout` abort what is left. A second
-signal during the drain aborts at once.
+signal during the drain aborts at once. Pool keys are overwritten before exit.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import signal
 
 import uvloop
 
 from egress.accesslog import AccessLog, log_event
+from egress.auth import Authenticator, load_pools
 from egress.config import Config, parse_listen
+from egress.denyset import DenySet, read_deny_file
 from egress.providers import Router
 from egress.server import ClientConnection, ServerState
 from egress.upstream import UpstreamPool
@@ -25,16 +31,75 @@ def serve(config: Config) -> int:
         return runner.run(_serve(config))
 
 
+def load_denyset(config: Config) -> DenySet:
+    denyset = DenySet()
+    snapshot = config.nats.snapshot
+    if config.nats.url is not None and snapshot is not None and os.path.exists(snapshot):
+        try:
+            with open(snapshot, "rb") as fh:
+                denyset.load_snapshot(fh.read())
+        except (OSError, ValueError, KeyError) as exc:
+            # Replaying the whole stream rebuilds it; until then only the deny file applies.
+            log_event("snapshot_unreadable", path=snapshot, error=type(exc).__name__)
+    if config.keys.deny_file is not None:
+        denyset.replace_file_kids(read_deny_file(config.keys.deny_file))
+    return denyset
+
+
+async def _watch_deny_file(path: str, interval: float, denyset: DenySet, reload_now: asyncio.Event) -> None:
+    def signature() -> tuple | None:
+        try:
+            stat = os.stat(path)
+        except FileNotFoundError:
+            return None
+        return (stat.st_ino, stat.st_mtime_ns, stat.st_size)
+
+    seen = signature()
+    while True:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(reload_now.wait(), interval)
+        forced = reload_now.is_set()
+        reload_now.clear()
+        current = signature()
+        if forced or current != seen:
+            seen = current
+            denyset.replace_file_kids(read_deny_file(path))
+            log_event("deny_file_reloaded", size=len(denyset), forced=forced)
+
+
 async def _serve(config: Config) -> int:
     loop = asyncio.get_running_loop()
+    denyset = load_denyset(config)
+    auth = Authenticator(config, denyset, load_pools(config))
     state = ServerState(
-        config, Router(config.providers), UpstreamPool(config.upstream), AccessLog(config.server.access_log)
+        config, Router(config.providers), UpstreamPool(config.upstream), AccessLog(config.server.access_log), auth
     )
     host, port = parse_listen(config.server.listen)
     server = await loop.create_server(lambda: ClientConnection(state), host, port, backlog=4096, reuse_address=True)
     bound = server.sockets[0].getsockname()
     shown_host = f"[{host}]" if ":" in host else host
-    log_event("listening", address=f"{shown_host}:{bound[1]}", providers=sorted(config.providers))
+    log_event(
+        "listening",
+        address=f"{shown_host}:{bound[1]}",
+        providers=sorted(config.providers),
+        deny_set_size=len(denyset),
+        pooled_providers=sorted(auth.pools),
+    )
+
+    background: list[asyncio.Task] = []
+    reload_deny_file = asyncio.Event()
+    if config.keys.deny_file is not None:
+        background.append(
+            loop.create_task(
+                _watch_deny_file(config.keys.deny_file, config.keys.deny_poll_interval, denyset, reload_deny_file)
+            )
+        )
+    feed = None
+    if config.nats.url is not None:
+        from egress.revocations import RevocationFeed  # nats-py is imported only when configured
+
+        feed = RevocationFeed(config.nats, denyset)
+        background.append(loop.create_task(feed.run()))
 
     stop_requested = asyncio.Event()
     abort_requested = asyncio.Event()
@@ -44,6 +109,7 @@ async def _serve(config: Config) -> int:
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, on_signal)
+    loop.add_signal_handler(signal.SIGHUP, reload_deny_file.set)
 
     await stop_requested.wait()
     state.draining = True
@@ -58,7 +124,16 @@ async def _serve(config: Config) -> int:
     forced = len(state.connections)
     for conn in list(state.connections):
         conn.transport.abort()
+    for task in background:
+        task.cancel()
+    await asyncio.gather(*background, return_exceptions=True)
+    if feed is not None:
+        try:
+            await feed.flush()
+        except OSError as exc:
+            log_event("snapshot_write_failed", error=exc.strerror)
     state.pool.close_idle()
     state.access_log.close()
+    auth.wipe()
     log_event("stopped", forced_closed=forced)
     return 0

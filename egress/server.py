@@ -30,6 +30,7 @@ from egress.providers import HEALTH_PATH, guess_dialect
 
 if TYPE_CHECKING:
     from egress.accesslog import AccessLog
+    from egress.auth import Authenticator
     from egress.config import Config
     from egress.providers import Router
     from egress.upstream import UpstreamPool
@@ -40,13 +41,16 @@ _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 class ServerState:
     """What every connection of one listener shares."""
 
-    __slots__ = ("access_log", "config", "connections", "draining", "new_request_id", "pool", "router")
+    __slots__ = ("access_log", "auth", "config", "connections", "draining", "new_request_id", "pool", "router")
 
-    def __init__(self, config: Config, router: Router, pool: UpstreamPool, access_log: AccessLog) -> None:
+    def __init__(
+        self, config: Config, router: Router, pool: UpstreamPool, access_log: AccessLog, auth: Authenticator
+    ) -> None:
         self.config = config
         self.router = router
         self.pool = pool
         self.access_log = access_log
+        self.auth = auth
         self.connections: set[ClientConnection] = set()
         self.draining = False
         # Unique across processes and restarts without a syscall per request: random prefix + counter.
@@ -236,10 +240,12 @@ class ClientConnection(asyncio.Protocol):
             exchange.health_check = True
         else:
             try:
-                exchange.route = state.router.resolve(target)
-                exchange.dialect = exchange.route.provider.dialect
+                exchange.route = route = state.router.resolve(target)
+                exchange.dialect = route.provider.dialect
+                state.auth.authenticate(exchange, route.provider)
             except EgressError as error:
-                exchange.dialect = guess_dialect(target, facts.has_anthropic_headers)
+                if exchange.route is None:
+                    exchange.dialect = guess_dialect(target, facts.has_anthropic_headers)
                 exchange.error = error  # answered in turn, after the body is read and discarded
             if state.draining:
                 exchange.error = EgressError("draining", "egress is shutting down")

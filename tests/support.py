@@ -191,11 +191,20 @@ def _raw(response, body: bytearray, complete: bool, informational: list[int]) ->
     return RawResponse(response.status_code, headers, bytes(body), complete, informational)
 
 
-def request_bytes(method: str, target: str, headers: dict[str, str] | None = None, body: bytes = b"") -> bytes:
+BYO_TEST_KEY = "sk-byo-raw-test-key"
+
+
+def request_bytes(
+    method: str, target: str, headers: dict[str, str] | None = None, body: bytes = b"", credential: bool = True
+) -> bytes:
+    """One HTTP/1.1 request; carries a BYO key unless `credential` is false or the caller sets one."""
+    headers = dict(headers or {})
+    if credential and not any(name.lower() in ("authorization", "x-api-key") for name in headers):
+        headers["Authorization"] = f"Bearer {BYO_TEST_KEY}"
     lines = [f"{method} {target} HTTP/1.1", "Host: egress.test"]
-    for name, value in (headers or {}).items():
+    for name, value in headers.items():
         lines.append(f"{name}: {value}")
-    if body and not any(name.lower() in ("content-length", "transfer-encoding") for name in (headers or {})):
+    if body and not any(name.lower() in ("content-length", "transfer-encoding") for name in headers):
         lines.append(f"Content-Length: {len(body)}")
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
 

@@ -458,12 +458,12 @@ def test_pipelined_requests_are_answered_in_order(egress_proc, fake):
 
 def test_http10_closes_unless_keep_alive_asked(egress_proc):
     with RawClient(egress_proc.port) as client:
-        client.send(b"GET /openai/v1/models HTTP/1.0\r\n\r\n")
+        client.send(b"GET /openai/v1/models HTTP/1.0\r\nAuthorization: Bearer sk-byo\r\n\r\n")
         response = client.read_response()
         assert response.status == 200 and response.headers.get("connection") == "close"
         assert client.server_closed()
     with RawClient(egress_proc.port) as client:
-        client.send(b"GET /openai/v1/models HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+        client.send(b"GET /openai/v1/models HTTP/1.0\r\nConnection: keep-alive\r\nAuthorization: Bearer sk-byo\r\n\r\n")
         response = client.read_response()
         assert response.status == 200 and response.headers["connection"] == "keep-alive"
         assert "content-length" in response.headers
@@ -475,7 +475,7 @@ def test_http10_client_gets_stream_delimited_by_close(egress_proc):
         body = chat_body(stream=True)
         client.send(
             b"POST /openai/v1/chat/completions HTTP/1.0\r\nContent-Type: application/json\r\n"
-            b"Connection: keep-alive\r\nContent-Length: %d\r\n\r\n" % len(body) + body
+            b"Connection: keep-alive\r\nAuthorization: Bearer sk-byo\r\nContent-Length: %d\r\n\r\n" % len(body) + body
         )
         response = client.read_response("POST")
         assert response.status == 200 and "transfer-encoding" not in response.headers
@@ -487,7 +487,7 @@ def test_expect_100_continue(egress_proc, fake):
     with RawClient(egress_proc.port) as client:
         client.send(
             b"POST /openai/v1/chat/completions HTTP/1.1\r\nHost: a\r\nContent-Type: application/json\r\n"
-            b"Expect: 100-continue\r\nContent-Length: %d\r\n\r\n" % len(body)
+            b"Authorization: Bearer sk-byo\r\nExpect: 100-continue\r\nContent-Length: %d\r\n\r\n" % len(body)
         )
         client.sock.settimeout(2)
         assert client.sock.recv(100) == b"HTTP/1.1 100 Continue\r\n\r\n"
@@ -511,7 +511,7 @@ def test_chunked_request_body_goes_upstream_with_content_length(egress_proc, fak
     with RawClient(egress_proc.port) as client:
         client.send(
             b"POST /openai/v1/chat/completions HTTP/1.1\r\nHost: a\r\nContent-Type: application/json\r\n"
-            b"Transfer-Encoding: chunked\r\n\r\n" + chunked
+            b"Authorization: Bearer sk-byo\r\nTransfer-Encoding: chunked\r\n\r\n" + chunked
         )
         assert client.read_response("POST").status == 200
     seen = fake.requests[-1]
@@ -553,7 +553,8 @@ def test_healthz(egress_proc):
     with RawClient(egress_proc.port) as client:
         client.send(request_bytes("GET", "/healthz"))
         response = client.read_response()
-    assert response.status == 200 and response.json() == {"status": "ok"}
+    assert response.status == 200 and response.json()["status"] == "ok"
+    assert response.json()["deny_set"] == {"size": 0, "stream_connected": False, "age_seconds": None}
 
 
 def test_garbage_then_nothing_crashes(egress_proc):

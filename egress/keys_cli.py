@@ -1,0 +1,157 @@
+"""`egress keys …`: issuer keys, minting, inspection and revocation of virtual keys.
+
+issuer-new  writes an Ed25519 private key (PEM, 0600, never overwritten) and prints its public key
+            for `[keys] trusted_issuers`.
+mint        prints one `bai_` key (stdout, alone, for scripts); its kid goes to stderr.
+inspect     decodes a key and says valid / expired / revoked / bad signature / untrusted issuer,
+            using the config's trusted issuers and deny-set; never needs a private key.
+revoke      adds a kid to the deny file and, when NATS is configured, publishes it to the stream.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import re
+import sys
+import time
+
+import orjson
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from egress.config import ConfigError, load_config
+from egress.denyset import append_deny_file, is_kid
+from egress.errors import EgressError
+from egress.vkeys import Verifier, decode_unverified, issuer_id, mint, parse_public_key, public_key_text
+
+_TTL = re.compile(r"^(\d+)([smhd])$")
+_TTL_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def add_parsers(commands: argparse._SubParsersAction) -> None:
+    keys = commands.add_parser("keys", help="virtual keys")
+    sub = keys.add_subparsers(dest="keys_command", required=True)
+
+    issuer = sub.add_parser("issuer-new", help="create an issuer (Ed25519) key")
+    issuer.add_argument("--out", required=True, metavar="FILE", help="where to write the private key (PEM)")
+
+    minting = sub.add_parser("mint", help="mint a bai_ virtual key")
+    minting.add_argument("--issuer-key", required=True, metavar="FILE", help="issuer private key (PEM)")
+    minting.add_argument("--sub", required=True, help="the app or team the key is for")
+    minting.add_argument("--providers", help="comma-separated allowlist, e.g. openai,anthropic")
+    minting.add_argument("--ttl", help="lifetime: 90s, 30m, 12h, 30d")
+    minting.add_argument("--tier", help="rate-limit tier")
+
+    inspect = sub.add_parser("inspect", help="decode a key and say whether it is valid")
+    inspect.add_argument("key")
+    inspect.add_argument("--config", metavar="FILE", help="for trusted issuers and the deny file")
+
+    revoke = sub.add_parser("revoke", help="revoke a key by its kid")
+    revoke.add_argument("kid")
+    revoke.add_argument("--config", metavar="FILE", required=True, help="names the deny file and NATS")
+
+
+def run(args: argparse.Namespace) -> int:
+    return {
+        "issuer-new": _issuer_new,
+        "mint": _mint,
+        "inspect": _inspect,
+        "revoke": _revoke,
+    }[args.keys_command](args)
+
+
+def _issuer_new(args: argparse.Namespace) -> int:
+    private_key = Ed25519PrivateKey.generate()
+    pem = private_key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    try:
+        fd = os.open(args.out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        print(f"egress: {args.out} exists; an issuer key is never overwritten", file=sys.stderr)
+        return 1
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(pem)
+    public_key = private_key.public_key()
+    print(f"public key: {public_key_text(public_key)}")
+    print(f"issuer id:  {issuer_id(public_key)}")
+    print(f'add to the config: [keys] trusted_issuers = ["{public_key_text(public_key)}"]', file=sys.stderr)
+    return 0
+
+
+def _mint(args: argparse.Namespace) -> int:
+    with open(args.issuer_key, "rb") as fh:
+        private_key = serialization.load_pem_private_key(fh.read(), password=None)
+    if not isinstance(private_key, Ed25519PrivateKey):
+        raise ConfigError(f"{args.issuer_key} is not an Ed25519 private key")
+    ttl = None
+    if args.ttl:
+        match = _TTL.match(args.ttl)
+        if match is None:
+            raise ConfigError(f"--ttl takes a number and one of s, m, h, d (like 30d), not {args.ttl!r}")
+        ttl = int(match.group(1)) * _TTL_SECONDS[match.group(2)]
+    providers = [name.strip() for name in args.providers.split(",") if name.strip()] if args.providers else None
+    token, claims = mint(private_key, args.sub, providers=providers, ttl_seconds=ttl, tier=args.tier)
+    print(token)
+    print(f"kid {claims.kid} for {claims.sub}", file=sys.stderr)
+    return 0
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    token = args.key.strip().encode()
+    try:
+        _, _, claims = decode_unverified(token)
+    except EgressError as error:
+        print(f"status: invalid ({error.message})")
+        return 1
+    document = {
+        "kid": claims.kid,
+        "iss": claims.iss,
+        "sub": claims.sub,
+        "issued_at": claims.iat,
+        "expires_at": claims.exp,
+        "providers": sorted(claims.providers) if claims.providers is not None else None,
+        "tier": claims.tier,
+    }
+    print(orjson.dumps(document, option=orjson.OPT_INDENT_2).decode())
+    if args.config is None:
+        print("status: decoded only (pass --config to check the signature and revocation)")
+        return 0
+    config = load_config(args.config)
+    verifier = Verifier([parse_public_key(text) for text in config.keys.trusted_issuers])
+    try:
+        verifier.verify(token)
+    except EgressError as error:
+        reason = "untrusted issuer" if "untrusted" in error.message else "bad signature"
+        print(f"status: {reason}")
+        return 1
+    from egress.serve import load_denyset
+
+    if claims.kid in load_denyset(config):
+        print("status: revoked")
+        return 1
+    if claims.exp is not None and claims.exp <= time.time():
+        print("status: expired")
+        return 1
+    print("status: valid")
+    return 0
+
+
+def _revoke(args: argparse.Namespace) -> int:
+    kid = args.kid.strip()
+    if not is_kid(kid):
+        raise ConfigError(f"a kid is 16 lowercase hex digits, not {kid!r}")
+    config = load_config(args.config)
+    if config.keys.deny_file is None and config.nats.url is None:
+        raise ConfigError("the config names neither keys.deny_file nor nats.url: nowhere to revoke to")
+    if config.keys.deny_file is not None:
+        append_deny_file(config.keys.deny_file, kid)
+        print(f"revoked {kid} in {config.keys.deny_file}")
+    if config.nats.url is not None:
+        from egress.revocations import publish_revocation
+
+        sequence = asyncio.run(publish_revocation(config.nats, kid))
+        print(f"revoked {kid} on {config.nats.stream} (sequence {sequence})")
+    return 0

@@ -1,0 +1,281 @@
+"""Virtual keys against the real process: the provider sees a pool key, never the virtual one."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+from pathlib import Path
+
+import anthropic
+import openai
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from egress.vkeys import mint, public_key_text
+from tests.conftest import provider_config
+from tests.support import RawClient, egress_command, request_bytes, wait_until
+
+ISSUER = Ed25519PrivateKey.generate()
+UNTRUSTED = Ed25519PrivateKey.generate()
+OPENAI_POOL = ["sk-pool-openai-aaaaaaaaaaaaaaaa", "sk-pool-openai-bbbbbbbbbbbbbbbb"]
+ANTHROPIC_POOL = "sk-ant-pool-cccccccccccccccc"
+
+
+@pytest.fixture
+def pool_files(tmp_path: Path) -> dict[str, Path]:
+    openai_keys = tmp_path / "openai.keys"
+    openai_keys.write_text("# two keys, used in turn\n" + "\n".join(OPENAI_POOL) + "\n")
+    anthropic_keys = tmp_path / "anthropic.keys"
+    anthropic_keys.write_text(ANTHROPIC_POOL + "\n")
+    for path in (openai_keys, anthropic_keys):
+        path.chmod(0o600)
+    return {"openai": openai_keys, "anthropic": anthropic_keys}
+
+
+def keyed_config(fake, ca_file, pool_files, deny_file: Path | None = None) -> str:
+    keys = f'[keys]\ntrusted_issuers = ["{public_key_text(ISSUER.public_key())}"]\n'
+    if deny_file is not None:
+        keys += f'deny_file = "{deny_file}"\ndeny_poll_interval = 0.2\n'
+    config = provider_config(fake, ca_file, extra=keys)
+    config = config.replace(
+        f'[providers.openai]\nbase_url = "{fake.base_url}"',
+        f'[providers.openai]\nbase_url = "{fake.base_url}"\npool_keys = ["file:{pool_files["openai"]}"]',
+    )
+    config = config.replace(
+        f'[providers.anthropic]\nbase_url = "{fake.base_url}"',
+        f'[providers.anthropic]\nbase_url = "{fake.base_url}"\npool_keys = ["file:{pool_files["anthropic"]}"]',
+    )
+    config += f'\n[providers.groq]\nbase_url = "{fake.base_url}"\n'  # no pool key
+    config += f'\n[providers.local-model]\nbase_url = "{fake.base_url}"\nallow_anonymous = true\n'
+    return config
+
+
+@pytest.fixture
+def keyed(start_egress, fake_provider, ca_file, pool_files, tmp_path):
+    deny_file = tmp_path / "denied-kids"
+    egress = start_egress(keyed_config(fake_provider, ca_file, pool_files, deny_file))
+    egress.deny_file = deny_file
+    return egress
+
+
+def openai_client(egress, key: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=egress.url + "/openai/v1", api_key=key, max_retries=0)
+
+
+def chat(client: openai.OpenAI):
+    return client.chat.completions.create(model="gpt-fake", messages=[{"role": "user", "content": "hi"}])
+
+
+def assert_secrets_absent(egress, *tokens: str) -> None:
+    logs = egress.logs()
+    for secret in (*OPENAI_POOL, ANTHROPIC_POOL, *tokens):
+        assert secret not in logs
+
+
+def test_openai_sdk_virtual_key_is_swapped_for_pool_keys_in_turn(keyed, fake_provider):
+    token, claims = mint(ISSUER, "billing-app", providers=["openai"], ttl_seconds=3600)
+    client = openai_client(keyed, token)
+    assert chat(client).choices[0].message.content == "Hello from the fake provider."
+    stream = client.chat.completions.create(model="gpt-fake", messages=[{"role": "user", "content": "hi"}], stream=True)
+    assert "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
+    seen = [request.header("authorization") for request in fake_provider.requests]
+    assert seen == [f"Bearer {OPENAI_POOL[0]}", f"Bearer {OPENAI_POOL[1]}"]
+    for request in fake_provider.requests:
+        assert token not in str(request.headers) and request.header("x-api-key") is None
+    records = [r for r in keyed.access_records() if r["status"] == 200]
+    assert {(r["kid"], r["sub"]) for r in records} == {(claims.kid, "billing-app")}
+    assert_secrets_absent(keyed, token)
+
+
+def test_anthropic_sdk_x_api_key_path(keyed, fake_provider):
+    token, _ = mint(ISSUER, "support-bot", providers=["anthropic"])
+    # The SDK's own x-api-key header, as older SDKs and most tools send it.
+    client = anthropic.Anthropic(
+        base_url=keyed.url + "/anthropic", api_key=None, default_headers={"x-api-key": token}, max_retries=0
+    )
+    message = client.messages.create(model="claude-fake", max_tokens=16, messages=[{"role": "user", "content": "hi"}])
+    assert message.content[0].text == "Hello from the fake provider."
+    seen = fake_provider.requests[-1]
+    assert seen.header("x-api-key") == ANTHROPIC_POOL
+    assert seen.header("authorization") is None
+    # And the bearer path of newer SDKs lands in the provider's own scheme too.
+    bearer = anthropic.Anthropic(base_url=keyed.url + "/anthropic", api_key=token, max_retries=0)
+    bearer.messages.create(model="claude-fake", max_tokens=16, messages=[{"role": "user", "content": "hi"}])
+    assert fake_provider.requests[-1].header("x-api-key") == ANTHROPIC_POOL
+    assert fake_provider.requests[-1].header("authorization") is None
+    assert_secrets_absent(keyed, token)
+
+
+def test_byo_key_passes_unchanged_next_to_virtual_keys(keyed, fake_provider):
+    chat(openai_client(keyed, "sk-caller-own-key"))
+    assert fake_provider.requests[-1].header("authorization") == "Bearer sk-caller-own-key"
+
+
+def _error(egress, key: str, provider: str = "openai") -> openai.APIStatusError:
+    client = openai.OpenAI(base_url=f"{egress.url}/{provider}/v1", api_key=key, max_retries=0)
+    with pytest.raises(openai.APIStatusError) as raised:
+        chat(client)
+    return raised.value
+
+
+def test_refusals_with_stable_codes(keyed, fake_provider):
+    valid, _ = mint(ISSUER, "app", providers=["openai", "groq"])
+    expired, _ = mint(ISSUER, "app", ttl_seconds=60, now=1_700_000_000)
+    anthropic_only, _ = mint(ISSUER, "app", providers=["anthropic"])
+    untrusted, _ = mint(UNTRUSTED, "app")
+    flipped = valid[:40] + ("A" if valid[40] != "A" else "B") + valid[41:]
+    cases = [
+        (expired, "openai", 401, "key_expired"),
+        (anthropic_only, "openai", 403, "provider_not_permitted"),
+        (untrusted, "openai", 401, "invalid_key"),
+        (flipped, "openai", 401, "invalid_key"),
+        ("bai_not-a-key", "openai", 401, "invalid_key"),
+        (valid, "groq", 403, "no_pool_key"),
+    ]
+    for key, provider, status, code in cases:
+        error = _error(keyed, key, provider)
+        assert (error.status_code, error.code) == (status, code), key
+        assert key not in error.message
+    assert fake_provider.requests == []
+    assert_secrets_absent(keyed, valid, expired, anthropic_only, untrusted)
+
+
+def test_missing_key_and_anonymous_providers(keyed, fake_provider):
+    with RawClient(keyed.port) as client:
+        client.send(request_bytes("GET", "/openai/v1/models", credential=False))
+        response = client.read_response()
+        assert response.status == 401 and response.error_code == "missing_key"
+        client.send(request_bytes("GET", "/local-model/v1/models", credential=False))
+        assert client.read_response().status == 200
+    assert fake_provider.requests[-1].header("authorization") is None
+
+
+def test_anthropic_dialect_refusal(keyed):
+    with RawClient(keyed.port) as client:
+        client.send(request_bytes("POST", "/anthropic/v1/messages", {"x-api-key": "bai_garbage"}, b"{}"))
+        response = client.read_response("POST")
+    document = response.json()
+    assert response.status == 401
+    assert document["type"] == "error" and document["error"]["type"] == "authentication_error"
+    assert document["error"]["code"] == "invalid_key"
+
+
+def test_revocation_by_deny_file_takes_effect_on_the_next_request(keyed, fake_provider):
+    token, claims = mint(ISSUER, "app")
+    client = openai_client(keyed, token)
+    chat(client)  # verified and cached
+    config = keyed.config_path
+    result = subprocess.run(
+        [*egress_command(), "keys", "revoke", claims.kid, "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 0, result.stderr
+    assert claims.kid in keyed.deny_file.read_text()
+
+    def refused() -> bool:
+        try:
+            chat(client)
+        except openai.AuthenticationError as error:
+            return error.code == "key_revoked"
+        return False
+
+    assert wait_until(refused, timeout=3, interval=0.1)
+    inspect = subprocess.run(
+        [*egress_command(), "keys", "inspect", token, "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert "status: revoked" in inspect.stdout and inspect.returncode == 1
+
+
+def test_sighup_reloads_the_deny_file_at_once(start_egress, fake_provider, ca_file, pool_files, tmp_path):
+    deny_file = tmp_path / "denied-kids"
+    config = keyed_config(fake_provider, ca_file, pool_files, deny_file).replace(
+        "deny_poll_interval = 0.2", "deny_poll_interval = 3600.0"
+    )
+    egress = start_egress(config)
+    token, claims = mint(ISSUER, "app")
+    client = openai_client(egress, token)
+    chat(client)
+    deny_file.write_text(f"# revoked by the on-call engineer\n{claims.kid}\n")
+    egress.signal(signal.SIGHUP)
+    assert wait_until(lambda: b"deny_file_reloaded" in egress.stderr_path.read_bytes(), timeout=3)
+    assert _error(egress, token).code == "key_revoked"
+    deny_file.write_text("")  # un-revoked by editing the file
+    egress.signal(signal.SIGHUP)
+    assert wait_until(lambda: egress.stderr_path.read_bytes().count(b"deny_file_reloaded") == 2, timeout=3)
+    chat(client)
+
+
+def test_missing_pool_key_source_stops_startup_naming_it(start_egress, fake_provider, ca_file, tmp_path):
+    config = provider_config(fake_provider, ca_file).replace(
+        f'[providers.openai]\nbase_url = "{fake_provider.base_url}"',
+        f'[providers.openai]\nbase_url = "{fake_provider.base_url}"\npool_keys = ["env:EGRESS_TEST_NO_SUCH_VAR"]',
+    )
+    with pytest.raises(RuntimeError, match="EGRESS_TEST_NO_SUCH_VAR"):
+        start_egress(config)
+
+
+def test_keys_cli_round_trip(tmp_path, fake_provider, ca_file, pool_files):
+    issuer = tmp_path / "issuer.pem"
+    created = subprocess.run(
+        [*egress_command(), "keys", "issuer-new", "--out", str(issuer)], capture_output=True, text=True, timeout=30
+    )
+    assert created.returncode == 0 and (issuer.stat().st_mode & 0o777) == 0o600
+    public_key = created.stdout.split("public key: ")[1].split()[0]
+    again = subprocess.run(
+        [*egress_command(), "keys", "issuer-new", "--out", str(issuer)], capture_output=True, text=True, timeout=30
+    )
+    assert again.returncode == 1  # never overwritten
+    minted = subprocess.run(
+        [
+            *egress_command(),
+            "keys",
+            "mint",
+            "--issuer-key",
+            str(issuer),
+            "--sub",
+            "cli-app",
+            "--providers",
+            "openai",
+            "--ttl",
+            "2h",
+            "--tier",
+            "gold",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    token = minted.stdout.strip()
+    assert minted.returncode == 0 and token.startswith("bai_") and token not in minted.stderr
+    config = tmp_path / "inspect.toml"
+    config.write_text(f'[keys]\ntrusted_issuers = ["{public_key}"]\n')
+    inspected = subprocess.run(
+        [*egress_command(), "keys", "inspect", token, "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert inspected.returncode == 0 and "status: valid" in inspected.stdout
+    assert '"sub": "cli-app"' in inspected.stdout and '"tier": "gold"' in inspected.stdout
+    other = tmp_path / "other.toml"
+    other.write_text(f'[keys]\ntrusted_issuers = ["{public_key_text(UNTRUSTED.public_key())}"]\n')
+    inspected = subprocess.run(
+        [*egress_command(), "keys", "inspect", token, "--config", str(other)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert inspected.returncode == 1 and "status: untrusted issuer" in inspected.stdout
+    tampered = token[:-3] + ("AAA" if not token.endswith("AAA") else "BBB")
+    inspected = subprocess.run(
+        [*egress_command(), "keys", "inspect", tampered, "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert inspected.returncode == 1 and "status: bad signature" in inspected.stdout
