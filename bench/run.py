@@ -46,8 +46,29 @@ POST_LUA = """
 wrk.method = "POST"
 wrk.body = '{"model":"gpt-bench","messages":[{"role":"user","content":"hi"}]}'
 wrk.headers["Content-Type"] = "application/json"
-wrk.headers["Authorization"] = "Bearer sk-bench-byo"
+wrk.headers["Authorization"] = "Bearer %s"
 """
+
+
+def verification_costs(samples: int = 2000) -> dict[str, float]:
+    """Microseconds per virtual-key check: cold (signature verified) and warm (cached), in process."""
+    import timeit
+
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from egress.auth import Authenticator
+    from egress.config import parse_config
+    from egress.denyset import DenySet
+    from egress.vkeys import mint, public_key_text
+
+    issuer = Ed25519PrivateKey.generate()
+    config = parse_config({"keys": {"trusted_issuers": [public_key_text(issuer.public_key())]}})
+    tokens = [mint(issuer, f"app-{index}")[0].encode() for index in range(samples)]
+    auth = Authenticator(config, DenySet(), {})
+    cold = iter(tokens)
+    cold_s = timeit.timeit(lambda: auth.claims_for(next(cold)), number=samples) / samples
+    warm_s = timeit.timeit(lambda: auth.claims_for(tokens[0]), number=samples * 10) / (samples * 10)
+    return {"cold_us": cold_s * 1e6, "warm_us": warm_s * 1e6}
 
 
 def free_port() -> int:
@@ -149,7 +170,10 @@ def main() -> int:
     workdir = Path(tempfile.mkdtemp(prefix="egress-bench-"))
     workdir.chmod(0o755)  # nginx workers run unprivileged and must read the SSE body
     (workdir / "stream.txt").write_text(sse_body())
-    (workdir / "post.lua").write_text(POST_LUA)
+    (workdir / "post.lua").write_text(POST_LUA % "sk-bench-byo")
+    issuer, virtual_key = _bench_issuer()
+    (workdir / "post-virtual.lua").write_text(POST_LUA % virtual_key)
+    (workdir / "pool.keys").write_text("sk-bench-pool-key\n")
     upstream_port, proxy_port, egress_port = free_port(), free_port(), free_port()
     upstream_conf = nginx_config(
         workdir,
@@ -177,7 +201,9 @@ def main() -> int:
     egress_conf = workdir / "egress.toml"
     egress_conf.write_text(
         f'[server]\nlisten = "127.0.0.1:{egress_port}"\naccess_log = "off"\n\n'
+        f'[keys]\ntrusted_issuers = ["{issuer}"]\n\n'
         f'[providers.bench]\nbase_url = "http://127.0.0.1:{upstream_port}"\n'
+        f'pool_keys = ["file:{workdir / "pool.keys"}"]\n'
     )
     processes = [start_nginx(upstream_conf), start_nginx(proxy_conf)]
     egress = subprocess.Popen(
@@ -194,6 +220,7 @@ def main() -> int:
                 "direct": f"http://127.0.0.1:{upstream_port}/v1/chat/completions",
                 "nginx-proxy": f"http://127.0.0.1:{proxy_port}/v1/chat/completions",
                 "egress": f"http://127.0.0.1:{egress_port}/bench/v1/chat/completions",
+                "egress, virtual key": f"http://127.0.0.1:{egress_port}/bench/v1/chat/completions",
             },
             f"SSE {SSE_EVENTS} events": {
                 "direct": f"http://127.0.0.1:{upstream_port}/v1/stream",
@@ -206,13 +233,14 @@ def main() -> int:
         for scenario, urls in scenarios.items():
             lua = workdir / "post.lua" if scenario == "small JSON" else workdir / "get.lua"
             if not lua.exists():
-                lua.write_text("")
-            for url in urls.values():  # warm-up: pools, caches
-                run_wrk(url, lua, 1, args.connections)
+                lua.write_text('wrk.headers["Authorization"] = "Bearer sk-bench-byo"\n')
+            scripts = {target: workdir / "post-virtual.lua" if "virtual" in target else lua for target in urls}
+            for target, url in urls.items():  # warm-up: pools, caches
+                run_wrk(url, scripts[target], 1, args.connections)
             for round_index in range(args.rounds):
                 for target, url in urls.items():
                     before = cpu_seconds(egress.pid)
-                    result = run_wrk(url, lua, args.duration, args.connections)
+                    result = run_wrk(url, scripts[target], args.duration, args.connections)
                     if target == "egress":
                         requests = result["rps"] * args.duration
                         egress_cpu[scenario].append((cpu_seconds(egress.pid) - before) / requests * 1000)
@@ -222,7 +250,7 @@ def main() -> int:
                         f"p50 {result['p50_ms']:.3f} ms  p99 {result['p99_ms']:.3f} ms",
                         file=sys.stderr,
                     )
-        report = render(results, egress_cpu, args)
+        report = render(results, egress_cpu, args, verification_costs())
         print(report)
         RESULTS.mkdir(parents=True, exist_ok=True)
         (RESULTS / "latest.md").write_text(report)
@@ -238,7 +266,16 @@ def main() -> int:
     return 0
 
 
-def render(results: dict, egress_cpu: dict, args: argparse.Namespace) -> str:
+def _bench_issuer() -> tuple[str, str]:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from egress.vkeys import mint, public_key_text
+
+    issuer = Ed25519PrivateKey.generate()
+    return public_key_text(issuer.public_key()), mint(issuer, "bench")[0]
+
+
+def render(results: dict, egress_cpu: dict, args: argparse.Namespace, verification: dict[str, float]) -> str:
     lines = [
         f"# egress bench: {args.rounds} rounds x {args.duration}s, {args.connections} connections, wrk -t1, "
         f"loopback, {os.cpu_count()} cores",
@@ -261,11 +298,21 @@ def render(results: dict, egress_cpu: dict, args: argparse.Namespace) -> str:
             )
             if median["non_2xx"]:
                 lines.append(f"| | ({target}: {median['non_2xx']:.0f} non-2xx responses) | | | | | |")
-        egress_rps = medians["egress"]["rps"]
-        lines.append(
-            f"| {scenario} | **ratio** | egress/nginx-proxy **{egress_rps / medians['nginx-proxy']['rps']:.2f}**, "
-            f"egress/direct **{egress_rps / medians['direct']['rps']:.2f}** | | | | |"
-        )
+        for target in (name for name in medians if name.startswith("egress")):
+            rps = medians[target]["rps"]
+            lines.append(
+                f"| {scenario} | **ratio, {target}** | /nginx-proxy **{rps / medians['nginx-proxy']['rps']:.2f}**, "
+                f"/direct **{rps / medians['direct']['rps']:.2f}** | | | | |"
+            )
+    lines += [
+        "",
+        "Virtual-key check, in process (signature verification is skipped once a key is cached):",
+        "",
+        "| verification | µs per request |",
+        "|---|---:|",
+        f"| cold (first use: Ed25519 verify) | {verification['cold_us']:.1f} |",
+        f"| warm (cached) | {verification['warm_us']:.2f} |",
+    ]
     return "\n".join(lines) + "\n"
 
 
