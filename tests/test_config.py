@@ -48,6 +48,11 @@ def test_unknown_keys_are_named(table, named):
         ({"providers": {"mine": {"base_url": "https://x", "dialect": "gemini"}}}, "dialect must be"),
         ({"providers": {"healthz": {"base_url": "https://x"}}}, "provider names"),
         ({"providers": {"Mine": {"base_url": "https://x"}}}, "provider names"),
+        ({"providers": {"openai": {"pool_keys": "env:X"}}}, "pool_keys must be a list of strings"),
+        ({"providers": {"openai": {"pool_keys": ["sk-literal-key"]}}}, "'env:NAME' or 'file:PATH'"),
+        ({"providers": {"openai": {"allow_anonymous": "yes"}}}, "allow_anonymous must be true or false"),
+        ({"keys": {"trusted_issuers": ["not-a-key"]}}, r"keys.trusted_issuers\[0\]"),
+        ({"nats": {"url": "nats://127.0.0.1:4222"}}, "nats.snapshot is required"),
     ],
 )
 def test_invalid_values(table, message):
@@ -71,7 +76,13 @@ def test_add_and_override_providers():
 
 
 def test_rendered_config_parses_back_to_the_same_config():
-    config = parse_config({"server": {"listen": "[::1]:9000"}, "providers": {"x": {"base_url": "http://h:1"}}})
+    config = parse_config(
+        {
+            "server": {"listen": "[::1]:9000"},
+            "nats": {"url": "nats://127.0.0.1:4222", "snapshot": "/tmp/s"},
+            "providers": {"x": {"base_url": "http://h:1", "pool_keys": ["env:X_KEY"], "allow_anonymous": True}},
+        }
+    )
     assert parse_config(tomllib.loads(render_config(config))) == config
 
 
@@ -114,3 +125,5 @@ def test_deploy_example_states_the_real_defaults():
         example = parse_config(tomllib.load(fh))
     assert example.server == dataclasses.replace(Config().server, listen="0.0.0.0:8787")
     assert example.upstream == Config().upstream
+    assert example.keys == Config().keys
+    assert example.nats == Config().nats
