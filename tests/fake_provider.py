@@ -145,8 +145,8 @@ class FakeProvider:
             return False
         if scenario == "until-close":
             body_bytes = b'{"object":"list","data":[]}'
-            writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nconnection: close\r\n\r\n" + body_bytes)
             self.sent_bodies[response_id] = body_bytes
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nconnection: close\r\n\r\n" + body_bytes)
             await writer.drain()
             return False
         if scenario == "rate-limited":
@@ -231,8 +231,8 @@ class FakeProvider:
                 if record.peer_closed_at is not None:
                     return False
                 if scenario == "cut-stream" and index == 2:
-                    writer.transport.abort()  # mid-body, no terminating chunk
                     self.sent_bodies[response_id] = b"".join(record.chunks)
+                    writer.transport.abort()  # mid-body, no terminating chunk
                     return False
                 writer.write(conn.send(h11.Data(data=event)))
                 if scenario != "big-stream":
@@ -242,10 +242,11 @@ class FakeProvider:
                 # drain() doesn't yield while the transport accepts writes; without a yield the loop
                 # never runs the callbacks that report a peer gone, and writes vanish into a dead socket.
                 await asyncio.sleep(interval)
+            # Recorded before the last bytes leave: the client may compare as soon as it has them.
+            self.sent_bodies[response_id] = b"".join(record.chunks)
+            record.finished = True
             writer.write(conn.send(h11.EndOfMessage()))
             await writer.drain()
-            record.finished = True
-            self.sent_bodies[response_id] = b"".join(record.chunks)
             return True
         except ConnectionError:
             if record.peer_closed_at is None:
