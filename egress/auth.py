@@ -68,6 +68,16 @@ def load_pools(config: Config) -> dict[str, PoolRotation]:
     return pools
 
 
+def check_claims(claims: Claims, now: float, revoked: set[str], provider: str) -> None:
+    """The per-request checks of a verified key, never cached: expiry, revocation, allowlist."""
+    if claims.exp is not None and claims.exp <= now:
+        raise EgressError("key_expired", f"virtual key {claims.kid} has expired")
+    if claims.kid in revoked:
+        raise EgressError("key_revoked", f"virtual key {claims.kid} has been revoked")
+    if claims.providers is not None and provider not in claims.providers:
+        raise EgressError("provider_not_permitted", f"virtual key {claims.kid} may not use {provider}")
+
+
 class Authenticator:
     __slots__ = ("_cache", "_cache_size", "_verifier", "denyset", "pools")
 
@@ -96,12 +106,7 @@ class Authenticator:
             raise EgressError("missing_key", "no API key: send a virtual key or your provider key")
         claims = self.claims_for(token)
         exchange.claims = claims
-        if claims.exp is not None and claims.exp <= time.time():
-            raise EgressError("key_expired", f"virtual key {claims.kid} has expired")
-        if claims.kid in self.denyset.kids:
-            raise EgressError("key_revoked", f"virtual key {claims.kid} has been revoked")
-        if claims.providers is not None and provider.name not in claims.providers:
-            raise EgressError("provider_not_permitted", f"virtual key {claims.kid} may not use {provider.name}")
+        check_claims(claims, time.time(), self.denyset.kids, provider.name)
         pool = self.pools.get(provider.name)
         if pool is None:
             raise EgressError("no_pool_key", f"no pool key is configured for {provider.name}")

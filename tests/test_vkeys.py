@@ -10,6 +10,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from egress.auth import check_claims
 from egress.errors import EgressError
 from egress.vkeys import PREFIX, Verifier, decode_unverified, issuer_id, mint, parse_public_key, public_key_text
 
@@ -112,3 +113,26 @@ def test_any_minted_key_verifies_and_an_untrusted_issuer_never_does(sub, provide
     untrusted, _ = mint(OTHER_ISSUER, sub, providers=providers)
     with pytest.raises(EgressError):
         VERIFIER.verify(untrusted.encode())
+
+
+@settings(max_examples=200, deadline=None)
+@given(issued=st.integers(0, 2**40), ttl=st.integers(1, 10**8), elapsed=st.integers(0, 2 * 10**8))
+def test_a_key_is_refused_exactly_from_its_expiry_on(issued, ttl, elapsed):
+    token, _ = mint(ISSUER, "app", ttl_seconds=ttl, now=issued)
+    claims = VERIFIER.verify(token.encode())
+    now = issued + elapsed
+    if elapsed >= ttl:
+        with pytest.raises(EgressError) as raised:
+            check_claims(claims, now, set(), "openai")
+        assert raised.value.code == "key_expired"
+    else:
+        check_claims(claims, now, set(), "openai")
+
+
+def test_revocation_and_allowlist_checks():
+    claims = VERIFIER.verify(TOKEN.encode())
+    check_claims(claims, 2000, {"0000000000000000"}, "openai")
+    for revoked, provider, code in (({claims.kid}, "openai", "key_revoked"), (set(), "groq", "provider_not_permitted")):
+        with pytest.raises(EgressError) as raised:
+            check_claims(claims, 2000, revoked, provider)
+        assert raised.value.code == code
