@@ -87,11 +87,31 @@ class NatsConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class TierConfig:
+    # Per identity (virtual key, or BYO key by hash) and provider, over a sliding minute; 0 = unlimited.
+    requests_per_minute: int = 0
+    tokens_per_minute: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class LimitsConfig:
+    default_tier: TierConfig = field(default_factory=TierConfig)
+    # Keys name their tier in the `tier` claim; a tier not listed here falls back to the default.
+    tiers: MappingProxyType[str, TierConfig] = field(default_factory=lambda: MappingProxyType({}))
+    # Two sliding-window sketches each of requests and tokens; 32768 x 4 x 4 bytes = 512 KiB apiece.
+    sketch_width: int = 32768
+    sketch_depth: int = 4
+    # Keys the hash that stands for a BYO token ("env:NAME" or "file:PATH"); unset: random per process.
+    byo_hash_key: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
     keys: KeysConfig = field(default_factory=KeysConfig)
     nats: NatsConfig = field(default_factory=NatsConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
     providers: MappingProxyType[str, Provider] = field(
         default_factory=lambda: MappingProxyType(dict(BUILTIN_PROVIDERS))
     )
@@ -111,7 +131,7 @@ def load_config(path: str | None) -> Config:
 
 
 def parse_config(table: dict[str, Any]) -> Config:
-    _reject_unknown(table, {"server", "upstream", "keys", "nats", "providers"}, "")
+    _reject_unknown(table, {"server", "upstream", "keys", "nats", "limits", "providers"}, "")
     server = _build(ServerConfig, table.get("server", {}), "server")
     upstream = _build(UpstreamConfig, table.get("upstream", {}), "upstream")
     keys = _build(KeysConfig, table.get("keys", {}), "keys")
@@ -123,6 +143,7 @@ def parse_config(table: dict[str, Any]) -> Config:
             raise ConfigError(f"keys.trusted_issuers[{index}]: {exc}") from None
     if nats.url is not None and nats.snapshot is None:
         raise ConfigError("nats.snapshot is required when nats.url is set")
+    limits = _build_limits(table.get("limits", {}))
     parse_listen(server.listen)
     if server.write_buffer_low > server.write_buffer_high:
         raise ConfigError("server.write_buffer_low must not exceed server.write_buffer_high")
@@ -132,7 +153,29 @@ def parse_config(table: dict[str, Any]) -> Config:
         raise ConfigError("providers must be a table of [providers.<name>] tables")
     for name, row in provider_tables.items():
         providers[name] = _build_provider(name, row, providers.get(name))
-    return Config(server=server, upstream=upstream, keys=keys, nats=nats, providers=MappingProxyType(providers))
+    return Config(
+        server=server, upstream=upstream, keys=keys, nats=nats, limits=limits, providers=MappingProxyType(providers)
+    )
+
+
+def _build_limits(table: Any) -> LimitsConfig:
+    if not isinstance(table, dict):
+        raise ConfigError("[limits] must be a table")
+    tier_keys = {f.name for f in dataclasses.fields(TierConfig)}
+    own = {key: value for key, value in table.items() if key not in tier_keys and key != "tiers"}
+    default_tier = _build(TierConfig, {k: v for k, v in table.items() if k in tier_keys}, "limits")
+    base = _build(LimitsConfig, {k: v for k, v in own.items() if k not in ("default_tier",)}, "limits")
+    if "default_tier" in own:
+        raise ConfigError("unknown key 'limits.default_tier' (set requests_per_minute directly in [limits])")
+    if not 1 <= base.sketch_depth <= 8 or base.sketch_width < 64:
+        raise ConfigError("limits.sketch_depth must be 1..8 and limits.sketch_width at least 64")
+    if base.byo_hash_key is not None and not base.byo_hash_key.startswith(("env:", "file:")):
+        raise ConfigError("limits.byo_hash_key is 'env:NAME' or 'file:PATH'")
+    tiers_table = table.get("tiers", {})
+    if not isinstance(tiers_table, dict):
+        raise ConfigError("limits.tiers must be a table of [limits.tiers.<name>] tables")
+    tiers = {name: _build(TierConfig, row, f"limits.tiers.{name}") for name, row in tiers_table.items()}
+    return dataclasses.replace(base, default_tier=default_tier, tiers=MappingProxyType(tiers))
 
 
 _PROVIDER_KEYS = {"base_url", "auth", "dialect", "pool_keys", "allow_anonymous"}
@@ -237,6 +280,23 @@ def render_config(config: Config) -> str:
         for f in dataclasses.fields(getattr(config, section)):
             value = getattr(getattr(config, section), f.name)
             lines.append(f"# {f.name} is unset" if value is None else f"{f.name} = {_toml_value(value)}")
+        lines.append("")
+    limits = config.limits
+    lines.append("[limits]")
+    lines.append(f"requests_per_minute = {limits.default_tier.requests_per_minute}")
+    lines.append(f"tokens_per_minute = {limits.default_tier.tokens_per_minute}")
+    lines.append(f"sketch_width = {limits.sketch_width}")
+    lines.append(f"sketch_depth = {limits.sketch_depth}")
+    lines.append(
+        "# byo_hash_key is unset"
+        if limits.byo_hash_key is None
+        else f"byo_hash_key = {_toml_value(limits.byo_hash_key)}"
+    )
+    lines.append("")
+    for name, tier in limits.tiers.items():
+        lines.append(f"[limits.tiers.{name}]")
+        lines.append(f"requests_per_minute = {tier.requests_per_minute}")
+        lines.append(f"tokens_per_minute = {tier.tokens_per_minute}")
         lines.append("")
     for provider in config.providers.values():
         lines.append(f"[providers.{provider.name}]")

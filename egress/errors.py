@@ -52,6 +52,7 @@ ERROR_KINDS: dict[str, ErrorKind] = {
     "upstream_connect_error": ErrorKind(502, "server_error", "api_error", closes=False),
     "upstream_protocol_error": ErrorKind(502, "server_error", "api_error", closes=False),
     "upstream_timeout": ErrorKind(504, "server_error", "api_error", closes=False),
+    "rate_limited": ErrorKind(429, "rate_limit_error", "rate_limit_error", closes=False),
     "draining": ErrorKind(503, "server_error", "overloaded_error", closes=True),
     "too_many_connections": ErrorKind(503, "server_error", "overloaded_error", closes=True),
     "internal_error": ErrorKind(500, "server_error", "api_error", closes=True),
@@ -61,13 +62,14 @@ ERROR_KINDS: dict[str, ErrorKind] = {
 class EgressError(Exception):
     """An error egress answers itself. The message must never contain a credential."""
 
-    __slots__ = ("code", "kind", "message")
+    __slots__ = ("code", "headers", "kind", "message")
 
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: str, message: str, headers: tuple[tuple[bytes, bytes], ...] = ()) -> None:
         super().__init__(f"{code}: {message}")
         self.code = code
         self.kind = ERROR_KINDS[code]
         self.message = message
+        self.headers = headers  # extra response headers, e.g. Retry-After on a 429
 
     @property
     def status(self) -> int:

@@ -206,22 +206,23 @@ def simple_response(
     client_http11: bool = True,
     content_type: bytes = b"application/json",
     head_request: bool = False,
+    extra_headers: Headers | tuple = (),
 ) -> bytes:
     """A whole response egress answers itself (errors, health), header block and body in one buffer."""
-    head = b"".join(
-        (
-            STATUS_LINE.get(status) or b"HTTP/1.1 %d \r\n" % status,
-            b"date: ",
-            http_date(),
-            b"\r\ncontent-type: ",
-            content_type,
-            b"\r\ncontent-length: %d\r\nx-egress-request-id: " % len(body),
-            request_id,
-            b"\r\n",
-            _connection_header(keep_alive, client_http11),
-            b"\r\n",
-        )
-    )
+    parts = [
+        STATUS_LINE.get(status) or b"HTTP/1.1 %d \r\n" % status,
+        b"date: ",
+        http_date(),
+        b"\r\ncontent-type: ",
+        content_type,
+        b"\r\ncontent-length: %d\r\nx-egress-request-id: " % len(body),
+        request_id,
+        b"\r\n",
+    ]
+    for name, value in extra_headers:
+        parts += (name, b": ", value, b"\r\n")
+    parts += (_connection_header(keep_alive, client_http11), b"\r\n")
+    head = b"".join(parts)
     return head if head_request else head + body
 
 

@@ -53,7 +53,9 @@ class Exchange:
         "head_sent",
         "health_check",
         "http11",
+        "identity",
         "keep_alive",
+        "limit_slots",
         "method",
         "out",
         "outcome",
@@ -87,6 +89,8 @@ class Exchange:
         self.continue_owed = False
         self.route: Route | None = None
         self.claims: Claims | None = None  # set when a virtual key verified
+        self.identity: bytes | None = None  # who is limited and billed: kid, or BYO key hash
+        self.limit_slots: tuple[int, ...] | None = None
         self.dialect = "openai"
         self.error: EgressError | None = None
         # response side
@@ -228,7 +232,7 @@ def respond_error(exchange: Exchange, error: EgressError) -> None:
     exchange.error = error
     if error.kind.closes:
         exchange.keep_alive = False
-    respond(exchange, error.status, render_error(error, exchange.dialect))
+    respond(exchange, error.status, render_error(error, exchange.dialect), error.headers)
 
 
 def respond_health(exchange: Exchange) -> None:
@@ -248,7 +252,7 @@ def respond_health(exchange: Exchange) -> None:
     respond(exchange, 200, orjson.dumps(document))
 
 
-def respond(exchange: Exchange, status: int, body: bytes) -> None:
+def respond(exchange: Exchange, status: int, body: bytes, extra_headers: tuple = ()) -> None:
     exchange.status = status
     exchange.head_sent = True
     exchange.bytes_out = len(body)
@@ -260,6 +264,7 @@ def respond(exchange: Exchange, status: int, body: bytes) -> None:
             exchange.keep_alive,
             exchange.http11,
             head_request=exchange.head_request,
+            extra_headers=extra_headers,
         )
     )
     finish(exchange)

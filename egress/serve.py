@@ -21,6 +21,7 @@ from egress.accesslog import AccessLog, log_event
 from egress.auth import Authenticator, load_pools
 from egress.config import Config, parse_listen
 from egress.denyset import DenySet, read_deny_file
+from egress.limiter import RateLimiter
 from egress.providers import Router
 from egress.server import ClientConnection, ServerState
 from egress.upstream import UpstreamPool
@@ -72,7 +73,12 @@ async def _serve(config: Config) -> int:
     denyset = load_denyset(config)
     auth = Authenticator(config, denyset, load_pools(config))
     state = ServerState(
-        config, Router(config.providers), UpstreamPool(config.upstream), AccessLog(config.server.access_log), auth
+        config,
+        Router(config.providers),
+        UpstreamPool(config.upstream),
+        AccessLog(config.server.access_log),
+        auth,
+        RateLimiter(config.limits, loop.time()),
     )
     host, port = parse_listen(config.server.listen)
     server = await loop.create_server(lambda: ClientConnection(state), host, port, backlog=4096, reuse_address=True)

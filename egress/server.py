@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     from egress.accesslog import AccessLog
     from egress.auth import Authenticator
     from egress.config import Config
+    from egress.limiter import RateLimiter
     from egress.providers import Router
     from egress.upstream import UpstreamPool
 
@@ -41,16 +42,33 @@ _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 class ServerState:
     """What every connection of one listener shares."""
 
-    __slots__ = ("access_log", "auth", "config", "connections", "draining", "new_request_id", "pool", "router")
+    __slots__ = (
+        "access_log",
+        "auth",
+        "config",
+        "connections",
+        "draining",
+        "limiter",
+        "new_request_id",
+        "pool",
+        "router",
+    )
 
     def __init__(
-        self, config: Config, router: Router, pool: UpstreamPool, access_log: AccessLog, auth: Authenticator
+        self,
+        config: Config,
+        router: Router,
+        pool: UpstreamPool,
+        access_log: AccessLog,
+        auth: Authenticator,
+        limiter: RateLimiter,
     ) -> None:
         self.config = config
         self.router = router
         self.pool = pool
         self.access_log = access_log
         self.auth = auth
+        self.limiter = limiter
         self.connections: set[ClientConnection] = set()
         self.draining = False
         # Unique across processes and restarts without a syscall per request: random prefix + counter.
@@ -243,6 +261,7 @@ class ClientConnection(asyncio.Protocol):
                 exchange.route = route = state.router.resolve(target)
                 exchange.dialect = route.provider.dialect
                 state.auth.authenticate(exchange, route.provider)
+                state.limiter.admit(exchange, route.provider.name, self._loop.time())
             except EgressError as error:
                 if exchange.route is None:
                     exchange.dialect = guess_dialect(target, facts.has_anthropic_headers)

@@ -1,0 +1,103 @@
+"""The limit phase: requests and tokens per minute, per caller identity and provider.
+
+Contract: `RateLimiter.admit(exchange, provider, now)` runs after authentication. It returns
+normally and counts the request, or raises EgressError("rate_limited") carrying Retry-After and
+x-ratelimit-{limit,remaining,reset}-requests (or -tokens) headers. A refused request is not
+counted, so a client that backs off recovers. `record_tokens(exchange, tokens, now)` feeds the
+token window from the usage meter after a response.
+
+Identity: a virtual key's `kid`; for a BYO key, a BLAKE2b hash keyed with `byo_hash_key`, never
+the token. A limit applies per identity and provider. Limits come from the key's tier, else the
+defaults; 0 means unlimited. Counting uses count-min sketches (sketch.py) in fixed memory: they
+can only over-count, so a key may be limited a little early, never late.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+from typing import TYPE_CHECKING
+
+from egress.errors import EgressError
+from egress.secrets import load_secrets
+from egress.sketch import SlidingWindow
+
+if TYPE_CHECKING:
+    from egress.config import LimitsConfig, TierConfig
+    from egress.proxy import Exchange
+
+WINDOW_SECONDS = 60.0
+
+
+def byo_identity(token: bytes, key: bytes) -> bytes:
+    return b"byo:" + hashlib.blake2b(token, key=key, digest_size=12).hexdigest().encode()
+
+
+class RateLimiter:
+    __slots__ = ("_default", "_hash_key", "_requests", "_tiers", "_tokens", "enabled")
+
+    def __init__(self, config: LimitsConfig, now: float) -> None:
+        self._default = config.default_tier
+        self._tiers = dict(config.tiers)
+        if config.byo_hash_key is not None:
+            self._hash_key = bytes(load_secrets(config.byo_hash_key)[0].reveal())[:64]
+        else:
+            self._hash_key = os.urandom(32)  # attribution of BYO keys then holds for this process only
+        self.enabled = any(
+            tier.requests_per_minute or tier.tokens_per_minute for tier in (self._default, *self._tiers.values())
+        )
+        width, depth = config.sketch_width, config.sketch_depth
+        self._requests = SlidingWindow(width, depth, WINDOW_SECONDS, now)
+        self._tokens = SlidingWindow(width, depth, WINDOW_SECONDS, now)
+
+    def identity(self, exchange: Exchange) -> bytes | None:
+        claims = exchange.claims
+        if claims is not None:
+            return b"kid:" + claims.kid.encode()
+        facts = exchange.facts
+        token = facts.authorization or facts.api_key
+        return byo_identity(token, self._hash_key) if token else None
+
+    def admit(self, exchange: Exchange, provider: str, now: float) -> None:
+        if not self.enabled:
+            return
+        identity = self.identity(exchange)
+        if identity is None:
+            return
+        exchange.identity = identity
+        tier = self._tier_for(exchange)
+        slots = self._requests.slots(identity + b"\x00" + provider.encode())
+        exchange.limit_slots = slots
+        if tier.tokens_per_minute:
+            used = self._tokens.estimate(slots, now)
+            if used >= tier.tokens_per_minute:
+                wait = self._tokens.seconds_until_below(slots, tier.tokens_per_minute - 1, now)
+                raise _limited("tokens", tier.tokens_per_minute, used, wait)
+        if tier.requests_per_minute:
+            used = self._requests.estimate(slots, now)
+            if used + 1 > tier.requests_per_minute:
+                wait = self._requests.seconds_until_below(slots, tier.requests_per_minute - 1, now)
+                raise _limited("requests", tier.requests_per_minute, used, wait)
+        self._requests.add(slots, 1, now)
+
+    def record_tokens(self, exchange: Exchange, tokens: int, now: float) -> None:
+        if self.enabled and exchange.limit_slots is not None and tokens > 0:
+            self._tokens.add(exchange.limit_slots, tokens, now)
+
+    def _tier_for(self, exchange: Exchange) -> TierConfig:
+        claims = exchange.claims
+        if claims is not None and claims.tier is not None:
+            return self._tiers.get(claims.tier, self._default)
+        return self._default
+
+
+def _limited(what: str, limit: int, used: float, wait: float) -> EgressError:
+    retry_after = max(1, math.ceil(wait))
+    headers = (
+        (b"retry-after", b"%d" % retry_after),
+        (b"x-ratelimit-limit-" + what.encode(), b"%d" % limit),
+        (b"x-ratelimit-remaining-" + what.encode(), b"%d" % max(0, limit - math.ceil(used))),
+        (b"x-ratelimit-reset-" + what.encode(), b"%ds" % retry_after),
+    )
+    return EgressError("rate_limited", f"rate limit of {limit} {what} per minute reached", headers)

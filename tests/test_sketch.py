@@ -1,0 +1,90 @@
+"""Count-min sketch and sliding window: never under-count, over-count within the documented bound."""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from egress.sketch import CountMinSketch, SlidingWindow
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.binary(min_size=1, max_size=8), st.integers(1, 50)), max_size=300))
+def test_never_under_counts(events):
+    sketch = CountMinSketch(width=16, depth=3)  # tiny on purpose: collisions everywhere
+    truth: Counter[bytes] = Counter()
+    for key, amount in events:
+        sketch.add(sketch.slots(key), amount)
+        truth[key] += amount
+    for key, count in truth.items():
+        assert sketch.estimate(sketch.slots(key)) >= count
+
+
+def zipf_workload(keys: int, events: int, exponent: float, seed: int) -> list[bytes]:
+    rng = random.Random(seed)
+    weights = [1 / (rank**exponent) for rank in range(1, keys + 1)]
+    names = [f"key-{rank}".encode() for rank in range(keys)]
+    return rng.choices(names, weights=weights, k=events)
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_over_count_stays_within_epsilon_n_on_a_zipf_workload(seed):
+    sketch = CountMinSketch(width=2048, depth=4)
+    stream = zipf_workload(keys=20_000, events=200_000, exponent=1.1, seed=seed)
+    truth = Counter(stream)
+    for key in stream:
+        sketch.add(sketch.slots(key), 1)
+    bound = sketch.epsilon * len(stream)  # e/2048 · 200k ≈ 265
+    errors = [sketch.estimate(sketch.slots(key)) - count for key, count in truth.items()]
+    assert min(errors) >= 0
+    share_beyond = sum(error > bound for error in errors) / len(errors)
+    assert share_beyond <= sketch.delta, f"{share_beyond:.4f} of keys beyond ε·N; δ = {sketch.delta:.4f}"
+    # The conservative update does far better than the worst case on the heavy keys that matter.
+    heavy = [key for key, _ in truth.most_common(100)]
+    assert max(sketch.estimate(sketch.slots(key)) - truth[key] for key in heavy) < bound / 4
+
+
+def test_default_size_is_about_a_mebibyte_for_two_windows():
+    window = SlidingWindow(width=32768, depth=4, window=60, now=0)
+    assert window._current.nbytes + window._previous.nbytes == 1024 * 1024
+    assert window._current.epsilon == pytest.approx(8.3e-5, rel=0.01)
+
+
+def test_sliding_window_weighs_the_previous_window():
+    window = SlidingWindow(width=1024, depth=4, window=60, now=0)
+    slots = window.slots(b"kid-1")
+    window.add(slots, 100, now=10)
+    assert window.estimate(slots, now=59) == 100
+    assert window.estimate(slots, now=60) == pytest.approx(100)  # rotated: all of it still overlaps
+    assert window.estimate(slots, now=90) == pytest.approx(50)
+    window.add(slots, 20, now=90)
+    assert window.estimate(slots, now=90) == pytest.approx(70)
+    assert window.estimate(slots, now=125) == pytest.approx(20 * (1 - 5 / 60))
+    assert window.estimate(slots, now=300) == 0  # idle for two windows
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(1, 500), st.integers(0, 500), st.integers(1, 400), st.floats(0, 59.9))
+def test_seconds_until_below_is_when_the_count_drops(previous, current, limit, offset):
+    window = SlidingWindow(width=1024, depth=4, window=60, now=0)
+    slots = window.slots(b"k")
+    window.add(slots, previous, now=0)
+    window.add(slots, current, now=60)  # rotates: `previous` is now the previous window
+    now = 60 + offset
+    wait = window.seconds_until_below(slots, limit, now)
+    assert wait >= 0
+
+    def estimate_at(moment: float) -> float:
+        probe = SlidingWindow(width=1024, depth=4, window=60, now=0)
+        probe_slots = probe.slots(b"k")
+        probe.add(probe_slots, previous, now=0)
+        probe.add(probe_slots, current, now=60)
+        return probe.estimate(probe_slots, moment)
+
+    assert estimate_at(now + wait + 1e-6) <= limit + 1e-6
+    if wait > 0.01:
+        assert estimate_at(now + wait - 0.01) > limit - 1e-6
