@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from egress import keys_cli
+from egress import keys_cli, report
 from egress.config import Config, ConfigError, load_config, parse_listen, render_config
 from egress.secrets import SecretSourceError
 
@@ -24,6 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     check.add_argument("file")
 
     keys_cli.add_parsers(commands)
+    report.add_parsers(commands)
 
     args = parser.parse_args(argv)
     try:
@@ -31,6 +32,8 @@ def main(argv: list[str] | None = None) -> int:
             return _serve(args.config, args.listen)
         if args.command == "keys":
             return keys_cli.run(args)
+        if args.command == "usage":
+            return report.run(args)
         return _check(args.file)
     except (ConfigError, SecretSourceError) as exc:
         print(f"egress: config error: {exc}", file=sys.stderr)

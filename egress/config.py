@@ -106,12 +106,23 @@ class LimitsConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class UsageConfig:
+    # Where usage facts go as JSON lines; unset: not written (still counted).
+    jsonl: str | None = None
+    rotate_bytes: int = 64 * MiB
+    keep_files: int = 10
+    # Facts waiting to be written; past this they are dropped and counted, never a blocked response.
+    queue_size: int = 10_000
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
     keys: KeysConfig = field(default_factory=KeysConfig)
     nats: NatsConfig = field(default_factory=NatsConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
+    usage: UsageConfig = field(default_factory=UsageConfig)
     providers: MappingProxyType[str, Provider] = field(
         default_factory=lambda: MappingProxyType(dict(BUILTIN_PROVIDERS))
     )
@@ -131,7 +142,7 @@ def load_config(path: str | None) -> Config:
 
 
 def parse_config(table: dict[str, Any]) -> Config:
-    _reject_unknown(table, {"server", "upstream", "keys", "nats", "limits", "providers"}, "")
+    _reject_unknown(table, {"server", "upstream", "keys", "nats", "limits", "usage", "providers"}, "")
     server = _build(ServerConfig, table.get("server", {}), "server")
     upstream = _build(UpstreamConfig, table.get("upstream", {}), "upstream")
     keys = _build(KeysConfig, table.get("keys", {}), "keys")
@@ -144,6 +155,7 @@ def parse_config(table: dict[str, Any]) -> Config:
     if nats.url is not None and nats.snapshot is None:
         raise ConfigError("nats.snapshot is required when nats.url is set")
     limits = _build_limits(table.get("limits", {}))
+    usage = _build(UsageConfig, table.get("usage", {}), "usage")
     parse_listen(server.listen)
     if server.write_buffer_low > server.write_buffer_high:
         raise ConfigError("server.write_buffer_low must not exceed server.write_buffer_high")
@@ -154,7 +166,13 @@ def parse_config(table: dict[str, Any]) -> Config:
     for name, row in provider_tables.items():
         providers[name] = _build_provider(name, row, providers.get(name))
     return Config(
-        server=server, upstream=upstream, keys=keys, nats=nats, limits=limits, providers=MappingProxyType(providers)
+        server=server,
+        upstream=upstream,
+        keys=keys,
+        nats=nats,
+        limits=limits,
+        usage=usage,
+        providers=MappingProxyType(providers),
     )
 
 
@@ -275,7 +293,7 @@ def parse_listen(listen: str) -> tuple[str, int]:
 def render_config(config: Config) -> str:
     """The effective configuration as TOML. Secrets, when there are any, print as <redacted>."""
     lines: list[str] = []
-    for section in ("server", "upstream", "keys", "nats"):
+    for section in ("server", "upstream", "keys", "nats", "usage"):
         lines.append(f"[{section}]")
         for f in dataclasses.fields(getattr(config, section)):
             value = getattr(getattr(config, section), f.name)

@@ -118,17 +118,19 @@ def inspect_request(headers: Headers, http_version: str) -> RequestFacts:
 
 
 class ResponseFacts:
-    __slots__ = ("content_length", "headers")
+    __slots__ = ("content_length", "content_type", "headers")
 
-    def __init__(self, headers: Headers, content_length: int | None) -> None:
+    def __init__(self, headers: Headers, content_length: int | None, content_type: bytes) -> None:
         self.headers = headers
         self.content_length = content_length
+        self.content_type = content_type
 
 
 def inspect_response(headers: Headers) -> ResponseFacts:
     """Filter an upstream response head for relay; refuse anything that could split a response."""
     relayed: Headers = []
     content_length = None
+    content_type = b""
     connection_tokens = None
     for name, value in headers:
         if _UNSAFE_IN_VALUE.search(value) is not None:
@@ -142,10 +144,12 @@ def inspect_response(headers: Headers) -> ResponseFacts:
             elif lower == b"connection":
                 connection_tokens = _connection_tokens([(lower, value)]) | (connection_tokens or frozenset())
             continue
+        if lower == b"content-type":
+            content_type = value
         relayed.append((name, value))
     if connection_tokens:
         relayed = [(name, value) for name, value in relayed if name.lower() not in connection_tokens]
-    return ResponseFacts(relayed, content_length)
+    return ResponseFacts(relayed, content_length, content_type)
 
 
 def _connection_tokens(lowered: Headers) -> frozenset[bytes]:

@@ -15,6 +15,7 @@ A phase that returns a response ends the request early (errors, /healthz).
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from typing import TYPE_CHECKING
 
@@ -23,6 +24,7 @@ import orjson
 from egress import http1
 from egress.errors import EgressError, render_error
 from egress.http1 import CHUNKED, NO_BODY, UNTIL_CLOSE
+from egress.usage import Usage, UsageMeter
 
 if TYPE_CHECKING:
     from egress.providers import Route
@@ -56,6 +58,7 @@ class Exchange:
         "identity",
         "keep_alive",
         "limit_slots",
+        "meter",
         "method",
         "out",
         "outcome",
@@ -95,6 +98,7 @@ class Exchange:
         self.error: EgressError | None = None
         # response side
         self.out: list[bytes] = []  # bytes for the client, written once per upstream read
+        self.meter: UsageMeter | None = None  # watches a 2xx JSON or SSE body go by
         self.status = 0
         self.framing = NO_BODY
         self.head_sent = False
@@ -114,6 +118,11 @@ class Exchange:
         client = self.client
         if framing == UNTIL_CLOSE or client.draining:
             self.keep_alive = False
+        if 200 <= status < 300:
+            meter = UsageMeter()
+            meter.start(self.dialect, facts.content_type)
+            if meter.active:
+                self.meter = meter
         self.status = status
         self.framing = framing
         self.head_sent = True
@@ -126,6 +135,9 @@ class Exchange:
 
     def upstream_body(self, data: bytes) -> None:
         self.bytes_out += len(data)
+        meter = self.meter
+        if meter is not None:
+            meter.feed(data)
         framing = self.framing
         if framing == CHUNKED:
             self.out += (b"%x\r\n" % len(data), data, b"\r\n")
@@ -301,4 +313,46 @@ def finish(exchange: Exchange) -> None:
                 "total_ms": round((now - exchange.started) * 1000, 3),
             }
         )
+    if exchange.ttfb is not None:  # the provider answered: this is billable
+        emit_usage(exchange, client.state)
     client.exchange_finished(exchange)
+
+
+_REQUESTED_MODEL = re.compile(rb'"model"\s*:\s*"((?:[^"\\]|\\.){1,200})"')
+
+
+def emit_usage(exchange: Exchange, state) -> None:
+    """The meter's reading becomes one usage fact and feeds the token limit; after the response."""
+    meter = exchange.meter
+    usage = meter.result(exchange.outcome == "complete") if meter is not None else Usage()
+    route = exchange.route
+    claims = exchange.claims
+    identity = exchange.identity or state.limiter.identity(exchange)
+    requested = _REQUESTED_MODEL.search(exchange.body, 0, 65536) if exchange.body else None
+    now = time.monotonic()
+    state.limiter.record_tokens(exchange, usage.total_tokens, state.loop_time())
+    state.facts.emit(
+        {
+            "ts": round(time.time(), 3),
+            "request_id": exchange.request_id.decode("ascii"),
+            "identity": identity.decode("ascii") if identity is not None else None,
+            "kid": claims.kid if claims is not None else None,
+            "subject": claims.sub if claims is not None else None,
+            "provider": route.provider.name,
+            "path": exchange.target.split(b"?", 1)[0].decode("latin-1"),
+            "requested_model": requested.group(1).decode("utf-8", "replace") if requested else None,
+            "model": usage.model,
+            "usage": usage.state,
+            "input_tokens": usage.input_tokens,
+            "output_tokens": usage.output_tokens,
+            "cache_read_tokens": usage.cache_read_tokens,
+            "cache_creation_tokens": usage.cache_creation_tokens,
+            "reasoning_tokens": usage.reasoning_tokens,
+            "estimated_output_tokens": usage.estimated_output_tokens,
+            "status": exchange.status,
+            "stream": meter is not None and meter.streaming,
+            "outcome": exchange.outcome,
+            "ttfb_ms": round(exchange.ttfb * 1000, 3),
+            "total_ms": round((now - exchange.started) * 1000, 3),
+        }
+    )

@@ -21,6 +21,7 @@ from egress.accesslog import AccessLog, log_event
 from egress.auth import Authenticator, load_pools
 from egress.config import Config, parse_listen
 from egress.denyset import DenySet, read_deny_file
+from egress.facts import FactSink
 from egress.limiter import RateLimiter
 from egress.providers import Router
 from egress.server import ClientConnection, ServerState
@@ -79,6 +80,7 @@ async def _serve(config: Config) -> int:
         AccessLog(config.server.access_log),
         auth,
         RateLimiter(config.limits, loop.time()),
+        FactSink(config.usage.jsonl, config.usage.rotate_bytes, config.usage.keep_files, config.usage.queue_size),
     )
     host, port = parse_listen(config.server.listen)
     server = await loop.create_server(lambda: ClientConnection(state), host, port, backlog=4096, reuse_address=True)
@@ -140,6 +142,7 @@ async def _serve(config: Config) -> int:
             log_event("snapshot_write_failed", error=exc.strerror)
     state.pool.close_idle()
     state.access_log.close()
+    state.facts.close()
     auth.wipe()
     log_event("stopped", forced_closed=forced)
     return 0

@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     from egress.accesslog import AccessLog
     from egress.auth import Authenticator
     from egress.config import Config
+    from egress.facts import FactSink
     from egress.limiter import RateLimiter
     from egress.providers import Router
     from egress.upstream import UpstreamPool
@@ -48,7 +49,9 @@ class ServerState:
         "config",
         "connections",
         "draining",
+        "facts",
         "limiter",
+        "loop_time",
         "new_request_id",
         "pool",
         "router",
@@ -62,6 +65,7 @@ class ServerState:
         access_log: AccessLog,
         auth: Authenticator,
         limiter: RateLimiter,
+        facts: FactSink,
     ) -> None:
         self.config = config
         self.router = router
@@ -69,6 +73,8 @@ class ServerState:
         self.access_log = access_log
         self.auth = auth
         self.limiter = limiter
+        self.facts = facts
+        self.loop_time = asyncio.get_running_loop().time
         self.connections: set[ClientConnection] = set()
         self.draining = False
         # Unique across processes and restarts without a syscall per request: random prefix + counter.
