@@ -200,7 +200,7 @@ def main() -> int:
     )
     egress_conf = workdir / "egress.toml"
     egress_conf.write_text(
-        f'[server]\nlisten = "127.0.0.1:{egress_port}"\naccess_log = "off"\n\n'
+        f'[server]\nlisten = "127.0.0.1:{egress_port}"\naccess_log = "off"\nadmin_listen = "off"\n\n'
         f'[keys]\ntrusted_issuers = ["{issuer}"]\n\n'
         f'[providers.bench]\nbase_url = "http://127.0.0.1:{upstream_port}"\n'
         f'pool_keys = ["file:{workdir / "pool.keys"}"]\n'

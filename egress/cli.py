@@ -17,6 +17,7 @@ def main(argv: list[str] | None = None) -> int:
     serve = commands.add_parser("serve", help="run the gateway")
     serve.add_argument("--config", metavar="FILE", help="TOML config (default: built-in config)")
     serve.add_argument("--listen", metavar="HOST:PORT", help="override [server] listen")
+    serve.add_argument("--admin-listen", metavar="HOST:PORT", help='override [server] admin_listen ("off" disables)')
 
     config = commands.add_parser("config", help="configuration tools")
     config_commands = config.add_subparsers(dest="config_command", required=True)
@@ -29,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.command == "serve":
-            return _serve(args.config, args.listen)
+            return _serve(args.config, args.listen, args.admin_listen)
         if args.command == "keys":
             return keys_cli.run(args)
         if args.command == "usage":
@@ -43,20 +44,24 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
-def _serve(path: str | None, listen: str | None) -> int:
+def _serve(path: str | None, listen: str | None, admin_listen: str | None) -> int:
     config = load_config(path)
     if listen is not None:
         parse_listen(listen)
-        config = _with_listen(config, listen)
+        config = _with_server(config, listen=listen)
+    if admin_listen is not None:
+        if admin_listen != "off":
+            parse_listen(admin_listen)
+        config = _with_server(config, admin_listen=admin_listen)
     from egress.serve import serve  # uvloop is imported only when serving
 
     return serve(config)
 
 
-def _with_listen(config: Config, listen: str) -> Config:
+def _with_server(config: Config, **changes: str) -> Config:
     import dataclasses
 
-    return dataclasses.replace(config, server=dataclasses.replace(config.server, listen=listen))
+    return dataclasses.replace(config, server=dataclasses.replace(config.server, **changes))
 
 
 def _check(path: str) -> int:

@@ -43,6 +43,8 @@ class ServerConfig:
     max_request_line_bytes: int = 8 * KiB
     max_header_bytes: int = 32 * KiB
     max_header_count: int = 100
+    # Metrics, health and readiness, apart from the traffic; "off" disables it.
+    admin_listen: str = "127.0.0.1:9464"
     # Set explicitly: uvloop's defaults differ from what asyncio documents.
     write_buffer_high: int = 256 * KiB
     write_buffer_low: int = 64 * KiB
@@ -157,6 +159,8 @@ def parse_config(table: dict[str, Any]) -> Config:
     limits = _build_limits(table.get("limits", {}))
     usage = _build(UsageConfig, table.get("usage", {}), "usage")
     parse_listen(server.listen)
+    if server.admin_listen != "off":
+        parse_listen(server.admin_listen)
     if server.write_buffer_low > server.write_buffer_high:
         raise ConfigError("server.write_buffer_low must not exceed server.write_buffer_high")
     providers = dict(BUILTIN_PROVIDERS)

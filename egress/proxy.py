@@ -285,12 +285,14 @@ def respond(exchange: Exchange, status: int, body: bytes, extra_headers: tuple =
 def finish(exchange: Exchange) -> None:
     """The log phase: runs exactly once per request, after its response is written or abandoned."""
     client = exchange.client
-    access_log = client.state.access_log
+    state = client.state
+    now = time.monotonic()
+    state.metrics.observe(exchange, now - exchange.started)
+    access_log = state.access_log
     if access_log.enabled:
         target = exchange.target
         query_at = target.find(b"?")
         route = exchange.route
-        now = time.monotonic()
         error = exchange.error
         access_log.write(
             {
@@ -314,7 +316,7 @@ def finish(exchange: Exchange) -> None:
             }
         )
     if exchange.ttfb is not None:  # the provider answered: this is billable
-        emit_usage(exchange, client.state)
+        emit_usage(exchange, state)
     client.exchange_finished(exchange)
 
 
@@ -331,6 +333,7 @@ def emit_usage(exchange: Exchange, state) -> None:
     requested = _REQUESTED_MODEL.search(exchange.body, 0, 65536) if exchange.body else None
     now = time.monotonic()
     state.limiter.record_tokens(exchange, usage.total_tokens, state.loop_time())
+    state.metrics.observe_usage(route.provider.name, usage)
     state.facts.emit(
         {
             "ts": round(time.time(), 3),

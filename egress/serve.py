@@ -18,6 +18,7 @@ import signal
 import uvloop
 
 from egress.accesslog import AccessLog, log_event
+from egress.admin import start_admin
 from egress.auth import Authenticator, load_pools
 from egress.config import Config, parse_listen
 from egress.denyset import DenySet, read_deny_file
@@ -82,6 +83,12 @@ async def _serve(config: Config) -> int:
         RateLimiter(config.limits, loop.time()),
         FactSink(config.usage.jsonl, config.usage.rotate_bytes, config.usage.keep_files, config.usage.queue_size),
     )
+    admin = None
+    if config.server.admin_listen != "off":
+        admin_host, admin_port = parse_listen(config.server.admin_listen)
+        admin = await start_admin(state, admin_host, admin_port)
+        admin_bound = admin.sockets[0].getsockname()
+        log_event("admin_listening", address=f"{admin_host}:{admin_bound[1]}")
     host, port = parse_listen(config.server.listen)
     server = await loop.create_server(lambda: ClientConnection(state), host, port, backlog=4096, reuse_address=True)
     bound = server.sockets[0].getsockname()
@@ -140,6 +147,8 @@ async def _serve(config: Config) -> int:
             await feed.flush()
         except OSError as exc:
             log_event("snapshot_write_failed", error=exc.strerror)
+    if admin is not None:
+        admin.close()
     state.pool.close_idle()
     state.access_log.close()
     state.facts.close()

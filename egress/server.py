@@ -26,6 +26,7 @@ from egress import http1, proxy
 from egress.deadline import Deadline
 from egress.errors import EgressError, render_error
 from egress.flow import Backpressure
+from egress.metrics import Metrics
 from egress.providers import HEALTH_PATH, guess_dialect
 
 if TYPE_CHECKING:
@@ -52,6 +53,7 @@ class ServerState:
         "facts",
         "limiter",
         "loop_time",
+        "metrics",
         "new_request_id",
         "pool",
         "router",
@@ -74,6 +76,7 @@ class ServerState:
         self.auth = auth
         self.limiter = limiter
         self.facts = facts
+        self.metrics = Metrics()
         self.loop_time = asyncio.get_running_loop().time
         self.connections: set[ClientConnection] = set()
         self.draining = False

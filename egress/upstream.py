@@ -73,6 +73,12 @@ class UpstreamPool:
         conn.park(self._loop.time() + self._config.pool_idle_timeout)
         idle.append(conn)
 
+    def idle_counts(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for origin, idle in self._idle.items():
+            counts[origin.host] = counts.get(origin.host, 0) + len(idle)
+        return counts
+
     def forget(self, conn: UpstreamConnection) -> None:
         idle = self._idle.get(conn.origin)
         if idle and conn in idle:

@@ -39,12 +39,22 @@ class EgressProcess:
         self.stdout_path = workdir / f"{name}.stdout.log"
         self.stderr_path = workdir / f"{name}.stderr.log"
         self.port = 0
+        self.admin_port = 0
         self.process: subprocess.Popen | None = None
 
     def start(self, timeout: float = 15.0) -> EgressProcess:
         with open(self.stdout_path, "wb") as out, open(self.stderr_path, "wb") as err:
             self.process = subprocess.Popen(
-                [*egress_command(), "serve", "--config", str(self.config_path), "--listen", "127.0.0.1:0"],
+                [
+                    *egress_command(),
+                    "serve",
+                    "--config",
+                    str(self.config_path),
+                    "--listen",
+                    "127.0.0.1:0",
+                    "--admin-listen",
+                    "127.0.0.1:0",
+                ],
                 stdout=out,
                 stderr=err,
                 stdin=subprocess.DEVNULL,
@@ -52,9 +62,12 @@ class EgressProcess:
             )
         give_up_at = time.monotonic() + timeout
         while time.monotonic() < give_up_at:
-            match = re.search(rb'"event":"listening","address":"127\.0\.0\.1:(\d+)"', self.stderr_path.read_bytes())
+            logged = self.stderr_path.read_bytes()
+            match = re.search(rb'"event":"listening","address":"127\.0\.0\.1:(\d+)"', logged)
             if match:
                 self.port = int(match.group(1))
+                admin = re.search(rb'"event":"admin_listening","address":"127\.0\.0\.1:(\d+)"', logged)
+                self.admin_port = int(admin.group(1))
                 return self
             if self.process.poll() is not None:
                 raise RuntimeError(f"egress exited with {self.process.returncode}:\n{self.logs()}")

@@ -1,0 +1,119 @@
+"""/metrics on the admin listener, scraped after a mixed run, matches what was sent."""
+
+from __future__ import annotations
+
+import socket
+
+import openai
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from prometheus_client.parser import text_string_to_metric_families
+
+from egress.vkeys import mint, public_key_text
+from tests.conftest import provider_config
+from tests.support import RawClient, request_bytes, wait_until
+
+ISSUER = Ed25519PrivateKey.generate()
+
+
+def admin_get(port: int, path: str) -> tuple[int, bytes]:
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: admin\r\n\r\n".encode())
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    return int(head.split(b" ")[1]), body
+
+
+def samples(port: int) -> dict[tuple[str, frozenset], float]:
+    status, body = admin_get(port, "/metrics")
+    assert status == 200
+    found = {}
+    for family in text_string_to_metric_families(body.decode()):
+        for sample in family.samples:
+            found[(sample.name, frozenset(sample.labels.items()))] = sample.value
+    return found
+
+
+def value(found, name: str, **labels: str) -> float:
+    return found.get((name, frozenset(labels.items())), 0.0)
+
+
+def test_metrics_after_a_mixed_run(start_egress, fake_provider, ca_file, tmp_path):
+    pool = tmp_path / "pool.keys"
+    pool.write_text("sk-pool-metrics\n")
+    config = provider_config(
+        fake_provider,
+        ca_file,
+        extra=f'[keys]\ntrusted_issuers = ["{public_key_text(ISSUER.public_key())}"]\n\n'
+        "[limits]\nrequests_per_minute = 4\n",
+    ).replace(
+        f'[providers.openai]\nbase_url = "{fake_provider.base_url}"',
+        f'[providers.openai]\nbase_url = "{fake_provider.base_url}"\npool_keys = ["file:{pool}"]',
+    )
+    egress = start_egress(config)
+    key, _ = mint(ISSUER, "metrics-app")
+    client = openai.OpenAI(base_url=egress.url + "/openai/v1", api_key=key, max_retries=0)
+    messages = [{"role": "user", "content": "hi"}]
+    client.chat.completions.create(model="gpt-fake", messages=messages)
+    client.chat.completions.create(model="gpt-fake", messages=messages)
+    list(
+        client.chat.completions.create(
+            model="gpt-fake", messages=messages, stream=True, stream_options={"include_usage": True}
+        )
+    )
+    client.models.list()
+    for _ in range(2):
+        try:
+            client.models.list()
+        except openai.RateLimitError:
+            pass
+    with RawClient(egress.port) as raw:
+        raw.send(request_bytes("GET", "/nosuch/v1/models"))
+        raw.read_response()
+        raw.send(request_bytes("GET", "/openai/v1/models", {"Authorization": "Bearer bai_garbage"}))
+        raw.read_response()
+
+    found = samples(egress.admin_port)
+    assert value(found, "egress_requests_total", provider="openai", status_class="2xx") == 4
+    assert value(found, "egress_requests_total", provider="openai", status_class="4xx") == 3
+    assert value(found, "egress_requests_total", provider="none", status_class="4xx") == 1
+    assert value(found, "egress_rate_limited_total", provider="openai") == 2
+    assert value(found, "egress_key_failures_total", reason="invalid_key") == 1
+    assert value(found, "egress_tokens_total", provider="openai", model="gpt-fake", kind="input") == 36
+    assert value(found, "egress_tokens_total", provider="openai", model="gpt-fake", kind="output") == 20
+    assert value(found, "egress_usage_facts_total", provider="openai", usage="complete") == 3
+    assert value(found, "egress_usage_facts_total", provider="openai", usage="missing") == 1  # /models
+    assert value(found, "egress_request_duration_seconds_count", provider="openai") == 7
+    assert value(found, "egress_upstream_ttfb_seconds_count", provider="openai") == 4
+    assert value(found, "egress_response_bytes_total", provider="openai") > 0
+    assert value(found, "egress_upstream_idle_connections", host="localhost") == 1
+    assert value(found, "egress_deny_set_size") == 0
+    assert value(found, "egress_open_connections") >= 0
+    assert all("kid" not in dict(labels) and "path" not in dict(labels) for _, labels in found)
+
+
+def test_health_and_readiness_on_the_admin_listener(egress, fake_provider):
+    assert admin_get(egress.admin_port, "/healthz")[0] == 200
+    assert admin_get(egress.admin_port, "/readyz")[0] == 200
+    assert admin_get(egress.admin_port, "/nope")[0] == 404
+    with RawClient(egress.port, timeout=10) as client:
+        body = b'{"model":"gpt-fake","messages":[],"stream":true}'
+        client.send(
+            request_bytes(
+                "POST",
+                "/openai/v1/chat/completions",
+                {
+                    "Content-Type": "application/json",
+                    "x-fake-scenario": "long-stream",
+                    "x-fake-events": "30",
+                    "x-fake-interval": "0.05",
+                },
+                body,
+            )
+        )
+        assert wait_until(lambda: fake_provider.streams, timeout=5)
+        egress.signal()
+        assert wait_until(lambda: admin_get(egress.admin_port, "/readyz")[0] == 503, timeout=2)
+        assert client.read_response("POST").complete
+    assert egress.wait(timeout=10) == 0
