@@ -115,6 +115,11 @@ class UsageConfig:
     keep_files: int = 10
     # Facts waiting to be written; past this they are dropped and counted, never a blocked response.
     queue_size: int = 10_000
+    # Also publish each fact to NATS ([nats] url), on `<prefix>.<provider>`.
+    nats_publish: bool = False
+    nats_subject_prefix: str = "egress.usage"
+    # Publish through this JetStream stream (made if missing), deduplicated by request id.
+    nats_stream: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,6 +163,8 @@ def parse_config(table: dict[str, Any]) -> Config:
         raise ConfigError("nats.snapshot is required when nats.url is set")
     limits = _build_limits(table.get("limits", {}))
     usage = _build(UsageConfig, table.get("usage", {}), "usage")
+    if usage.nats_publish and nats.url is None:
+        raise ConfigError("usage.nats_publish needs nats.url")
     parse_listen(server.listen)
     if server.admin_listen != "off":
         parse_listen(server.admin_listen)

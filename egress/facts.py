@@ -34,6 +34,7 @@ class FactSink:
         "counts",
         "dropped",
         "listeners",
+        "publisher",
     )
 
     def __init__(self, path: str | None, rotate_bytes: int, keep_files: int, queue_size: int) -> None:
@@ -48,6 +49,7 @@ class FactSink:
         self.counts: Counter[tuple[str, str]] = Counter()
         # Other consumers of every fact (the NATS publisher): called with the batch, must not block.
         self.listeners: list = []
+        self.publisher = None  # the NATS publisher, when configured (for its dropped count)
         self._fd = -1
         self._size = 0
         if path is not None:

@@ -161,7 +161,11 @@ class MetricsCollector:
         for (provider, usage), count in sorted(state.facts.counts.items()):
             facts.add_metric([provider, usage], count)
         yield facts
-        yield CounterMetricFamily("egress_usage_facts_dropped", "Usage facts dropped", value=state.facts.dropped)
+        dropped = CounterMetricFamily("egress_usage_facts_dropped", "Usage facts dropped", labels=["sink"])
+        dropped.add_metric(["jsonl"], state.facts.dropped)
+        if state.facts.publisher is not None:
+            dropped.add_metric(["nats"], state.facts.publisher.dropped)
+        yield dropped
         yield GaugeMetricFamily("egress_open_connections", "Open client connections", value=len(state.connections))
         idle = GaugeMetricFamily(
             "egress_upstream_idle_connections", "Pooled idle upstream connections", labels=["host"]

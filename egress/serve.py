@@ -116,6 +116,15 @@ async def _serve(config: Config) -> int:
         feed = RevocationFeed(config.nats, denyset)
         background.append(loop.create_task(feed.run()))
 
+    publisher = None
+    if config.usage.nats_publish:
+        from egress.usage_nats import UsagePublisher
+
+        publisher = UsagePublisher(config.usage, config.nats)
+        state.facts.listeners.append(publisher.enqueue)
+        state.facts.publisher = publisher
+        background.append(loop.create_task(publisher.run()))
+
     stop_requested = asyncio.Event()
     abort_requested = asyncio.Event()
 
@@ -139,6 +148,9 @@ async def _serve(config: Config) -> int:
     forced = len(state.connections)
     for conn in list(state.connections):
         conn.transport.abort()
+    state.facts.flush()
+    if publisher is not None:
+        await publisher.flush(timeout=2.0)
     for task in background:
         task.cancel()
     await asyncio.gather(*background, return_exceptions=True)

@@ -10,7 +10,7 @@ import pytest
 import trustme
 
 from tests.fake_provider import FakeProvider
-from tests.support import EgressProcess
+from tests.support import EgressProcess, NatsServer
 
 
 @pytest.fixture(scope="session")
@@ -93,3 +93,10 @@ def pytest_runtest_makereport(item, call):
     outcome = yield
     report = outcome.get_result()
     setattr(item, f"rep_{report.when}", report)
+
+
+@pytest.fixture
+def nats_server(tmp_path):
+    server = NatsServer(tmp_path).start()
+    yield server
+    server.kill()

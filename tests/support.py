@@ -233,3 +233,54 @@ def wait_until(predicate, timeout: float, interval: float = 0.01) -> bool:
 
 def free_environment() -> dict[str, str]:
     return dict(os.environ)
+
+
+def nats_server_binary() -> str:
+    found = shutil.which("nats-server") or shutil.which("nats-server", path="/usr/sbin:/usr/bin")
+    if found is None:
+        raise RuntimeError("nats-server is not installed (.ci/run installs it: apt-get install -y nats-server)")
+    return found
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class NatsServer:
+    """A real JetStream server on loopback; its store survives a restart, like a deployed one."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.port = free_port()
+        self.store = workdir / "jetstream"
+        self.log = workdir / "nats-server.log"
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"nats://127.0.0.1:{self.port}"
+
+    def start(self) -> NatsServer:
+        with open(self.log, "ab") as log:
+            self.process = subprocess.Popen(
+                [nats_server_binary(), "-js", "-a", "127.0.0.1", "-p", str(self.port), "-sd", str(self.store)],
+                stdout=log,
+                stderr=log,
+                stdin=subprocess.DEVNULL,
+            )
+        ready = wait_until(self._accepting, timeout=10, interval=0.05)
+        assert ready, self.log.read_text()
+        return self
+
+    def _accepting(self) -> bool:
+        try:
+            socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+            return True
+        except OSError:
+            return False
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(timeout=10)

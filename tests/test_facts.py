@@ -169,3 +169,65 @@ def test_usage_report(metered):
         timeout=30,
     )
     assert table.returncode == 0 and "gpt-fake" in table.stdout and "input_tokens" in table.stdout
+
+
+def test_facts_reach_a_real_nats_server_once_each(start_egress, fake_provider, ca_file, tmp_path, nats_server):
+    import asyncio
+
+    import nats
+
+    config = provider_config(
+        fake_provider,
+        ca_file,
+        extra=f"""
+[nats]
+url = "{nats_server.url}"
+snapshot = "{tmp_path / "revocations.snapshot"}"
+
+[usage]
+nats_publish = true
+nats_stream = "EGRESS_USAGE_TEST"
+""",
+    )
+    egress = start_egress(config)
+    client = openai.OpenAI(base_url=egress.url + "/openai/v1", api_key="sk-byo-nats", max_retries=0)
+    for _ in range(3):
+        client.chat.completions.create(model="gpt-fake", messages=[{"role": "user", "content": "hi"}])
+
+    async def stream_contents() -> list[tuple[str, dict]]:
+        connection = await nats.connect(nats_server.url)
+        try:
+            js = connection.jetstream()
+            subscription = await js.pull_subscribe("egress.usage.>", stream="EGRESS_USAGE_TEST")
+            messages = await subscription.fetch(10, timeout=1)
+            result = [(message.subject, orjson.loads(message.data)) for message in messages]
+            for message in messages:
+                await message.ack()
+            # A republished fact (same request id) is stored once.
+            duplicate = result[0][1]
+            await js.publish(
+                "egress.usage.openai", orjson.dumps(duplicate), headers={"Nats-Msg-Id": duplicate["request_id"]}
+            )
+            info = await js.stream_info("EGRESS_USAGE_TEST")
+            return result, info.state.messages
+        finally:
+            await connection.close()
+
+    def published() -> bool:
+        return egress.stderr_path.read_bytes().count(b"usage_publisher_connected") >= 1
+
+    assert wait_until(published, timeout=5)
+    result: list = []
+    stored = 0
+
+    def three_arrived() -> bool:
+        nonlocal result, stored
+        result, stored = asyncio.run(stream_contents())
+        return len(result) >= 3
+
+    assert wait_until(three_arrived, timeout=5, interval=0.2)
+    assert [subject for subject, _ in result] == ["egress.usage.openai"] * 3
+    assert {fact["usage"] for _, fact in result} == {"complete"}
+    assert [fact["input_tokens"] for _, fact in result] == [12, 12, 12]
+    assert stored == 3
+    assert "sk-byo-nats" not in str(result)

@@ -1,0 +1,107 @@
+"""Usage facts to NATS for billing: subject `<prefix>.<provider>`, JetStream when a stream is named.
+
+Contract: `UsagePublisher.enqueue(batch)` is a FactSink listener: it never blocks. Facts wait in a
+bounded queue; past it they are dropped and counted (`dropped`). `run()` is a task that connects
+(with capped backoff, like the revocation feed), makes sure the stream exists when one is named,
+and publishes each fact with `Nats-Msg-Id: <request id>`. JetStream drops a repeated id within its
+duplicate window, so a fact republished after a reconnect is never billed twice. A fact whose
+publish failed goes back to the head of the queue and is sent again after the reconnect.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from typing import Any
+
+import nats
+import orjson
+from nats.js import api
+from nats.js.errors import NotFoundError
+
+from egress.accesslog import log_event
+from egress.config import NatsConfig, UsageConfig
+
+_FIRST_BACKOFF = 0.2
+
+
+class UsagePublisher:
+    __slots__ = ("_nats", "_queue", "_ready", "_usage", "dropped", "published")
+
+    def __init__(self, usage: UsageConfig, nats_config: NatsConfig) -> None:
+        self._usage = usage
+        self._nats = nats_config
+        self._queue: deque[dict[str, Any]] = deque()
+        self._ready = asyncio.Event()
+        self.dropped = 0
+        self.published = 0
+
+    def enqueue(self, batch: list[dict[str, Any]]) -> None:
+        room = self._usage.queue_size - len(self._queue)
+        if room < len(batch):
+            self.dropped += len(batch) - max(room, 0)
+            batch = batch[: max(room, 0)]
+        self._queue.extend(batch)
+        self._ready.set()
+
+    async def run(self) -> None:
+        backoff = _FIRST_BACKOFF
+        while True:
+            try:
+                await self._publish_while_connected()
+                backoff = _FIRST_BACKOFF
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # broker trouble: facts wait in the bounded queue
+                log_event("usage_publisher_unavailable", error=type(exc).__name__, queued=len(self._queue))
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, self._nats.max_reconnect_wait)
+
+    async def _publish_while_connected(self) -> None:
+        client = await nats.connect(
+            self._nats.url, allow_reconnect=False, connect_timeout=self._nats.connect_timeout, error_cb=_quiet
+        )
+        try:
+            stream = self._usage.nats_stream
+            js = client.jetstream() if stream else None
+            if js is not None:
+                try:
+                    await js.stream_info(stream)
+                except NotFoundError:
+                    await js.add_stream(
+                        api.StreamConfig(
+                            name=stream, subjects=[f"{self._usage.nats_subject_prefix}.>"], storage=api.StorageType.FILE
+                        )
+                    )
+            log_event("usage_publisher_connected", jetstream=js is not None)
+            while True:
+                if not self._queue:
+                    self._ready.clear()
+                    await self._ready.wait()
+                fact = self._queue.popleft()
+                subject = f"{self._usage.nats_subject_prefix}.{fact['provider']}"
+                data = orjson.dumps(fact)
+                headers = {"Nats-Msg-Id": fact["request_id"]}
+                try:
+                    if js is not None:
+                        await js.publish(subject, data, headers=headers)
+                    else:
+                        await client.publish(subject, data, headers=headers)
+                except Exception:
+                    self._queue.appendleft(fact)  # sent again after the reconnect
+                    raise
+                self.published += 1
+        finally:
+            if not client.is_closed:
+                await client.close()
+
+    async def flush(self, timeout: float) -> None:
+        """At shutdown: give queued facts a bounded chance to leave."""
+        loop = asyncio.get_running_loop()
+        give_up_at = loop.time() + timeout
+        while self._queue and loop.time() < give_up_at:
+            await asyncio.sleep(0.02)
+
+
+async def _quiet(_exc: Exception) -> None:
+    """nats-py reports errors here; egress logs its own, once."""
