@@ -207,7 +207,7 @@ def _build_limits(table: Any) -> LimitsConfig:
     return dataclasses.replace(base, default_tier=default_tier, tiers=MappingProxyType(tiers))
 
 
-_PROVIDER_KEYS = {"base_url", "auth", "dialect", "pool_keys", "allow_anonymous"}
+_PROVIDER_KEYS = {"base_url", "auth", "dialect", "pool_keys", "allow_anonymous", "inject_stream_usage"}
 
 
 def _build_provider(name: str, row: Any, builtin: Provider | None) -> Provider:
@@ -227,6 +227,8 @@ def _build_provider(name: str, row: Any, builtin: Provider | None) -> Provider:
         if not source.startswith(("env:", "file:")) or len(source) < 5:
             raise ConfigError(f"{where}.pool_keys entries are 'env:NAME' or 'file:PATH', not {source!r}")
     allow_anonymous = _coerce(row.get("allow_anonymous", False), "bool", f"{where}.allow_anonymous")
+    default_inject = builtin.inject_stream_usage if builtin else True
+    inject = _coerce(row.get("inject_stream_usage", default_inject), "bool", f"{where}.inject_stream_usage")
     if builtin is None and "base_url" not in row:
         raise ConfigError(f"{where}.base_url is required for a provider egress does not know")
     base_url = row.get("base_url", builtin.base_url if builtin else "")
@@ -241,7 +243,15 @@ def _build_provider(name: str, row: Any, builtin: Provider | None) -> Provider:
         raise ConfigError(f"{where}.base_url must be an absolute http(s) URL, not {base_url!r}")
     if parts.query or parts.fragment or parts.username or parts.password:
         raise ConfigError(f"{where}.base_url must not carry a query, fragment or credentials")
-    return Provider(name, base_url, auth, dialect, pool_keys=pool_keys, allow_anonymous=allow_anonymous)
+    return Provider(
+        name,
+        base_url,
+        auth,
+        dialect,
+        pool_keys=pool_keys,
+        allow_anonymous=allow_anonymous,
+        inject_stream_usage=inject,
+    )
 
 
 def _reject_unknown(table: dict[str, Any], known: set[str], where: str) -> None:
@@ -335,6 +345,7 @@ def render_config(config: Config) -> str:
         # Only where keys come from: the values themselves are never in the config.
         lines.append(f"pool_keys = {_toml_value(provider.pool_keys)}")
         lines.append(f"allow_anonymous = {_toml_value(provider.allow_anonymous)}")
+        lines.append(f"inject_stream_usage = {_toml_value(provider.inject_stream_usage)}")
         lines.append("")
     return "\n".join(lines)
 

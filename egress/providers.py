@@ -25,6 +25,9 @@ class Provider:
     pool_keys: tuple[str, ...] = ()
     # Requests with no credential at all pass (a local model server); otherwise 401 missing_key.
     allow_anonymous: bool = False
+    # OpenAI dialect: ask streams for usage (stream_options.include_usage) so they can be metered,
+    # hidden again from callers who didn't ask. Off for an API that rejects the field.
+    inject_stream_usage: bool = True
     origin: Origin = field(init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:

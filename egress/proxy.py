@@ -24,6 +24,7 @@ import orjson
 from egress import http1
 from egress.errors import EgressError, render_error
 from egress.http1 import CHUNKED, NO_BODY, UNTIL_CLOSE
+from egress.stream_usage import InjectedUsageFilter, inject_include_usage
 from egress.usage import Usage, UsageMeter
 
 if TYPE_CHECKING:
@@ -71,6 +72,7 @@ class Exchange:
         "ttfb",
         "upstream",
         "upstream_until_close",
+        "usage_filter",
     )
 
     def __init__(self, client: ClientConnection, request_id: bytes, started: float) -> None:
@@ -99,6 +101,7 @@ class Exchange:
         # response side
         self.out: list[bytes] = []  # bytes for the client, written once per upstream read
         self.meter: UsageMeter | None = None  # watches a 2xx JSON or SSE body go by
+        self.usage_filter: InjectedUsageFilter | None = None  # set when egress asked for stream usage
         self.status = 0
         self.framing = NO_BODY
         self.head_sent = False
@@ -113,7 +116,13 @@ class Exchange:
     # -- phases driven by the upstream connection ------------------------------------------
     def upstream_head(self, status: int, headers: http1.Headers) -> None:
         facts = http1.inspect_response(headers)  # raises upstream_protocol_error: nothing relayed yet
-        framing = http1.response_framing(status, self.head_request, facts.content_length, self.http11)
+        content_length = facts.content_length
+        if self.usage_filter is not None:
+            if 200 <= status < 300 and facts.content_type.startswith(b"text/event-stream"):
+                content_length = None  # the body shrinks by what the caller didn't ask for: reframe
+            else:
+                self.usage_filter = None
+        framing = http1.response_framing(status, self.head_request, content_length, self.http11)
         self.upstream_until_close = framing in (CHUNKED, UNTIL_CLOSE) and not _is_chunked(headers)
         client = self.client
         if framing == UNTIL_CLOSE or client.draining:
@@ -129,15 +138,23 @@ class Exchange:
         self.ttfb = time.monotonic() - self.started
         self.out.append(
             http1.response_head(
-                status, facts.headers, framing, facts.content_length, self.request_id, self.keep_alive, self.http11
+                status, facts.headers, framing, content_length, self.request_id, self.keep_alive, self.http11
             )
         )
 
     def upstream_body(self, data: bytes) -> None:
-        self.bytes_out += len(data)
         meter = self.meter
         if meter is not None:
-            meter.feed(data)
+            meter.feed(data)  # the provider's bytes, usage chunk included
+        usage_filter = self.usage_filter
+        if usage_filter is not None:
+            data = usage_filter.feed(data)
+            if not data:
+                return  # never an empty chunk: in chunked framing it would end the body
+        self._emit(data)
+
+    def _emit(self, data: bytes) -> None:
+        self.bytes_out += len(data)
         framing = self.framing
         if framing == CHUNKED:
             self.out += (b"%x\r\n" % len(data), data, b"\r\n")
@@ -155,6 +172,10 @@ class Exchange:
             out.clear()
 
     def upstream_end(self) -> None:
+        if self.usage_filter is not None:
+            rest = self.usage_filter.finish()
+            if rest:
+                self._emit(rest)
         if self.framing == CHUNKED:
             self.out.append(b"0\r\n\r\n")
         self.flush()
@@ -199,6 +220,17 @@ async def forward(exchange: Exchange) -> None:
     route = exchange.route
     facts = exchange.facts
     body = exchange.body
+    provider = route.provider
+    if (
+        provider.inject_stream_usage
+        and provider.dialect == "openai"
+        and exchange.method == b"POST"
+        and exchange.target.split(b"?", 1)[0].endswith(b"/chat/completions")
+    ):
+        injected = inject_include_usage(body)
+        if injected is not None:
+            body = injected
+            exchange.usage_filter = InjectedUsageFilter()
     send_length = len(body) if (body or exchange.method in (b"POST", b"PUT", b"PATCH")) else None
     head = http1.upstream_request_head(
         exchange.method, route.upstream_target, route.provider.origin.host_header, facts.forward_headers, send_length

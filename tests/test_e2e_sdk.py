@@ -9,6 +9,9 @@ from __future__ import annotations
 import anthropic
 import httpx2 as httpx
 import openai
+import orjson
+
+from tests.fake_provider import _openai_events
 
 BYO_OPENAI_KEY = "sk-byo-openai-0123456789abcdef"
 BYO_ANTHROPIC_KEY = "sk-ant-byo-0123456789abcdef"
@@ -104,6 +107,23 @@ def test_openai_sdk_stream_is_byte_identical(egress, fake_provider):
     assert sent.endswith(b"data: [DONE]\n\n")
     assert transport.bodies[-1] == sent
     _assert_no_secret_logged(egress)
+
+
+def test_openai_stream_without_include_usage_reads_as_a_direct_call(egress, fake_provider):
+    transport = RecordingTransport()
+    client = _openai(egress, transport)
+    stream = client.chat.completions.create(model="gpt-fake", messages=[{"role": "user", "content": "hi"}], stream=True)
+    chunks = list(stream)
+    assert all(chunk.usage is None for chunk in chunks)
+    seen = fake_provider.requests[-1]
+    # egress asked the provider for usage, to meter it...
+    assert orjson.loads(seen.body)["stream_options"] == {"include_usage": True}
+    sent = fake_provider.sent_bodies[transport.responses[-1].headers["x-request-id"]]
+    assert b'"usage":{' in sent and b'"usage":null' in sent
+    # ...and the caller received exactly what the provider sends when nobody asks.
+    direct = b"".join(_openai_events({"model": "gpt-fake"}))
+    assert transport.bodies[-1] == direct
+    assert b'"usage"' not in transport.bodies[-1]
 
 
 def test_anthropic_sdk_message(egress, fake_provider):

@@ -9,7 +9,11 @@ import pytest
 
 from tests.support import RawClient, request_bytes, wait_until
 
-STREAM_BODY = b'{"model":"gpt-fake","messages":[{"role":"user","content":"hi"}],"stream":true}'
+# Usage asked for by the caller: egress injects nothing, so the relay is byte for byte.
+STREAM_BODY = (
+    b'{"model":"gpt-fake","messages":[{"role":"user","content":"hi"}],"stream":true,'
+    b'"stream_options":{"include_usage":true}}'
+)
 
 
 def stream_request(scenario: str, **fake_headers: str) -> bytes:
