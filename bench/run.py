@@ -198,52 +198,71 @@ def main() -> int:
         }}
     }}""",
     )
-    egress_conf = workdir / "egress.toml"
-    egress_conf.write_text(
+    full_port = free_port()
+    bare_conf = workdir / "egress-bare.toml"
+    bare_conf.write_text(
         f'[server]\nlisten = "127.0.0.1:{egress_port}"\naccess_log = "off"\nadmin_listen = "off"\n\n'
-        f'[keys]\ntrusted_issuers = ["{issuer}"]\n\n'
+        f"[usage]\nenabled = false\n\n"
+        f'[providers.bench]\nbase_url = "http://127.0.0.1:{upstream_port}"\n'
+    )
+    # Everything on: virtual key, limiter (high enough never to refuse), meter, usage file, access log.
+    full_conf = workdir / "egress-full.toml"
+    full_conf.write_text(
+        f'[server]\nlisten = "127.0.0.1:{full_port}"\naccess_log = "{workdir / "access.log"}"\n'
+        f'admin_listen = "off"\n\n[keys]\ntrusted_issuers = ["{issuer}"]\n\n'
+        f"[limits]\nrequests_per_minute = 1000000000\ntokens_per_minute = 1000000000\n\n"
+        f'[usage]\njsonl = "{workdir / "usage.jsonl"}"\n\n'
         f'[providers.bench]\nbase_url = "http://127.0.0.1:{upstream_port}"\n'
         f'pool_keys = ["file:{workdir / "pool.keys"}"]\n'
     )
     processes = [start_nginx(upstream_conf), start_nginx(proxy_conf)]
-    egress = subprocess.Popen(
-        [sys.executable, "-m", "egress", "serve", "--config", str(egress_conf)],
-        stdout=subprocess.DEVNULL,
-        stderr=(workdir / "egress.log").open("wb"),
-    )
-    processes.append(egress)
+    egress_pids = {}
+    for name, conf in (("egress", bare_conf), ("egress, full", full_conf)):
+        process = subprocess.Popen(
+            [sys.executable, "-m", "egress", "serve", "--config", str(conf)],
+            stdout=subprocess.DEVNULL,
+            stderr=(workdir / f"{conf.stem}.log").open("wb"),
+        )
+        processes.append(process)
+        egress_pids[name] = process.pid
     try:
-        for port in (upstream_port, proxy_port, egress_port):
+        for port in (upstream_port, proxy_port, egress_port, full_port):
             wait_for_port(port)
         scenarios = {
             "small JSON": {
                 "direct": f"http://127.0.0.1:{upstream_port}/v1/chat/completions",
                 "nginx-proxy": f"http://127.0.0.1:{proxy_port}/v1/chat/completions",
                 "egress": f"http://127.0.0.1:{egress_port}/bench/v1/chat/completions",
-                "egress, virtual key": f"http://127.0.0.1:{egress_port}/bench/v1/chat/completions",
+                "egress, full": f"http://127.0.0.1:{full_port}/bench/v1/chat/completions",
             },
             f"SSE {SSE_EVENTS} events": {
                 "direct": f"http://127.0.0.1:{upstream_port}/v1/stream",
                 "nginx-proxy": f"http://127.0.0.1:{proxy_port}/v1/stream",
                 "egress": f"http://127.0.0.1:{egress_port}/bench/v1/stream",
+                "egress, full": f"http://127.0.0.1:{full_port}/bench/v1/stream",
             },
         }
         results: dict[str, dict[str, list[dict]]] = {name: {t: [] for t in urls} for name, urls in scenarios.items()}
-        egress_cpu: dict[str, list[float]] = {name: [] for name in scenarios}
+        egress_cpu: dict[tuple[str, str], list[float]] = {}
         for scenario, urls in scenarios.items():
             lua = workdir / "post.lua" if scenario == "small JSON" else workdir / "get.lua"
             if not lua.exists():
                 lua.write_text('wrk.headers["Authorization"] = "Bearer sk-bench-byo"\n')
-            scripts = {target: workdir / "post-virtual.lua" if "virtual" in target else lua for target in urls}
+            virtual = workdir / "post-virtual.lua" if scenario == "small JSON" else workdir / "get-virtual.lua"
+            if not virtual.exists():
+                virtual.write_text(f'wrk.headers["Authorization"] = "Bearer {virtual_key}"\n')
+            scripts = {target: virtual if target == "egress, full" else lua for target in urls}
             for target, url in urls.items():  # warm-up: pools, caches
                 run_wrk(url, scripts[target], 1, args.connections)
             for round_index in range(args.rounds):
                 for target, url in urls.items():
-                    before = cpu_seconds(egress.pid)
+                    pid = egress_pids.get(target)
+                    before = cpu_seconds(pid) if pid else 0.0
                     result = run_wrk(url, scripts[target], args.duration, args.connections)
-                    if target == "egress":
+                    if pid:
                         requests = result["rps"] * args.duration
-                        egress_cpu[scenario].append((cpu_seconds(egress.pid) - before) / requests * 1000)
+                        spent = (cpu_seconds(pid) - before) / requests * 1000
+                        egress_cpu.setdefault((scenario, target), []).append(spent)
                     results[scenario][target].append(result)
                     print(
                         f"  {scenario:14} round {round_index + 1} {target:12} {result['rps']:>10.0f} req/s "
@@ -275,13 +294,17 @@ def _bench_issuer() -> tuple[str, str]:
     return public_key_text(issuer.public_key()), mint(issuer, "bench")[0]
 
 
-def render(results: dict, egress_cpu: dict, args: argparse.Namespace, verification: dict[str, float]) -> str:
+def render(
+    results: dict, egress_cpu: dict[tuple[str, str], list[float]], args: argparse.Namespace, verification: dict
+) -> str:
     lines = [
         f"# egress bench: {args.rounds} rounds x {args.duration}s, {args.connections} connections, wrk -t1, "
         f"loopback, {os.cpu_count()} cores",
         "",
-        "Medians over rounds. Every process shares the same cores: with wrk, the upstream and the proxy",
-        "on two cores, the proxied rows are partly limited by the load generator and the upstream.",
+        "Medians over rounds. `egress`: BYO key, limiter and meter off, no access log. `egress, full`:",
+        "virtual key, limiter, usage meter and JSONL facts, access log to a file. Every process shares",
+        "the same cores: with wrk, the upstream and the proxy on two cores, the proxied rows are partly",
+        "limited by the load generator and the upstream.",
         "",
         "| scenario | target | req/s | p50 ms | p99 ms | MB/s | egress CPU-s per 1k req |",
         "|---|---|---:|---:|---:|---:|---:|",
@@ -291,7 +314,8 @@ def render(results: dict, egress_cpu: dict, args: argparse.Namespace, verificati
         for target, runs in targets.items():
             median = {key: statistics.median(run[key] for run in runs) for key in runs[0]}
             medians[target] = median
-            cpu = f"{statistics.median(egress_cpu[scenario]):.3f}" if target == "egress" else ""
+            spent = egress_cpu.get((scenario, target))
+            cpu = f"{statistics.median(spent):.3f}" if spent else ""
             lines.append(
                 f"| {scenario} | {target} | {median['rps']:.0f} | {median['p50_ms']:.3f} | {median['p99_ms']:.3f} "
                 f"| {median['bytes_per_s'] / 1024**2:.1f} | {cpu} |"

@@ -109,6 +109,8 @@ class LimitsConfig:
 
 @dataclass(frozen=True, slots=True)
 class UsageConfig:
+    # Meter responses at all (usage facts, token limits, token metrics).
+    enabled: bool = True
     # Where usage facts go as JSON lines; unset: not written (still counted).
     jsonl: str | None = None
     rotate_bytes: int = 64 * MiB

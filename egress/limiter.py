@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from egress.proxy import Exchange
 
 WINDOW_SECONDS = 60.0
+_SLOT_CACHE_SIZE = 100_000
 
 
 def byo_identity(token: bytes, key: bytes) -> bytes:
@@ -35,7 +36,7 @@ def byo_identity(token: bytes, key: bytes) -> bytes:
 
 
 class RateLimiter:
-    __slots__ = ("_default", "_hash_key", "_requests", "_tiers", "_tokens", "enabled")
+    __slots__ = ("_default", "_hash_key", "_requests", "_slots", "_tiers", "_tokens", "enabled")
 
     def __init__(self, config: LimitsConfig, now: float) -> None:
         self._default = config.default_tier
@@ -50,6 +51,8 @@ class RateLimiter:
         width, depth = config.sketch_width, config.sketch_depth
         self._requests = SlidingWindow(width, depth, WINDOW_SECONDS, now)
         self._tokens = SlidingWindow(width, depth, WINDOW_SECONDS, now)
+        # Counter positions per (identity, provider): a hash per new caller, a dict hit afterwards.
+        self._slots: dict[bytes, tuple[int, ...]] = {}
 
     def identity(self, exchange: Exchange) -> bytes | None:
         claims = exchange.claims
@@ -67,7 +70,12 @@ class RateLimiter:
             return
         exchange.identity = identity
         tier = self._tier_for(exchange)
-        slots = self._requests.slots(identity + b"\x00" + provider.encode())
+        key = identity + b"\x00" + provider.encode()
+        slots = self._slots.get(key)
+        if slots is None:
+            if len(self._slots) >= _SLOT_CACHE_SIZE:
+                self._slots.clear()  # rare and cheap to rebuild: a hash per caller
+            slots = self._slots[key] = self._requests.slots(key)
         exchange.limit_slots = slots
         if tier.tokens_per_minute:
             used = self._tokens.estimate(slots, now)

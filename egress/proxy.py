@@ -127,7 +127,7 @@ class Exchange:
         client = self.client
         if framing == UNTIL_CLOSE or client.draining:
             self.keep_alive = False
-        if 200 <= status < 300:
+        if 200 <= status < 300 and client.state.metering:
             meter = UsageMeter()
             meter.start(self.dialect, facts.content_type)
             if meter.active:
@@ -222,7 +222,8 @@ async def forward(exchange: Exchange) -> None:
     body = exchange.body
     provider = route.provider
     if (
-        provider.inject_stream_usage
+        client.state.metering
+        and provider.inject_stream_usage
         and provider.dialect == "openai"
         and exchange.method == b"POST"
         and exchange.target.split(b"?", 1)[0].endswith(b"/chat/completions")
@@ -347,7 +348,7 @@ def finish(exchange: Exchange) -> None:
                 "total_ms": round((now - exchange.started) * 1000, 3),
             }
         )
-    if exchange.ttfb is not None:  # the provider answered: this is billable
+    if exchange.ttfb is not None and state.metering:  # the provider answered: this is billable
         emit_usage(exchange, state)
     client.exchange_finished(exchange)
 

@@ -53,6 +53,7 @@ class ServerState:
         "facts",
         "limiter",
         "loop_time",
+        "metering",
         "metrics",
         "new_request_id",
         "pool",
@@ -77,6 +78,7 @@ class ServerState:
         self.limiter = limiter
         self.facts = facts
         self.metrics = Metrics()
+        self.metering = config.usage.enabled
         self.loop_time = asyncio.get_running_loop().time
         self.connections: set[ClientConnection] = set()
         self.draining = False
