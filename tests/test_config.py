@@ -127,3 +127,5 @@ def test_deploy_example_states_the_real_defaults():
     assert example.upstream == Config().upstream
     assert example.keys == Config().keys
     assert example.nats == Config().nats
+    assert example.limits == Config().limits
+    assert example.usage == Config().usage
