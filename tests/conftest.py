@@ -38,11 +38,20 @@ def fake_provider(certificate_authority: trustme.CA) -> Iterator[FakeProvider]:
     provider.stop()
 
 
-def provider_config(fake: FakeProvider, ca_file: Path, server: str = "", upstream: str = "", extra: str = "") -> str:
+def provider_config(
+    fake: FakeProvider,
+    ca_file: Path,
+    server: str = "",
+    upstream: str = "",
+    extra: str = "",
+    pool_keys: dict[str, Path] | None = None,
+) -> str:
     """A config routing the openai and anthropic rows (and the drop-in /v1 route) to the fake.
 
-    `server` and `upstream` are extra lines for those tables; `extra` is appended as is.
+    `server` and `upstream` are extra lines for those tables; `extra` is appended as is;
+    `pool_keys` maps "openai" / "anthropic" to a key file for that row.
     """
+    pools = {name: f'pool_keys = ["file:{path}"]' for name, path in (pool_keys or {}).items()}
     return f"""
 [server]
 {server}
@@ -53,9 +62,11 @@ ca_file = "{ca_file}"
 
 [providers.openai]
 base_url = "{fake.base_url}"
+{pools.get("openai", "")}
 
 [providers.anthropic]
 base_url = "{fake.base_url}"
+{pools.get("anthropic", "")}
 
 [providers.local-vllm]
 base_url = "{fake.base_url}/vllm-prefix"

@@ -7,7 +7,6 @@ keep-alive).
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import signal
@@ -29,6 +28,11 @@ def egress_command() -> list[str]:
         return [str(script)]
     found = shutil.which("egress")
     return [found] if found else [sys.executable, "-m", "egress"]
+
+
+def run_egress_cli(*args: str) -> subprocess.CompletedProcess:
+    """One `egress …` command, as an operator types it, with its output captured."""
+    return subprocess.run([*egress_command(), *args], capture_output=True, text=True, timeout=30)
 
 
 class EgressProcess:
@@ -229,10 +233,6 @@ def wait_until(predicate, timeout: float, interval: float = 0.01) -> bool:
             return True
         time.sleep(interval)
     return predicate()
-
-
-def free_environment() -> dict[str, str]:
-    return dict(os.environ)
 
 
 def nats_server_binary() -> str:

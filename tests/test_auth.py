@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import signal
-import subprocess
 from pathlib import Path
 
 import anthropic
@@ -13,7 +12,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from egress.vkeys import mint, public_key_text
 from tests.conftest import provider_config
-from tests.support import RawClient, egress_command, request_bytes, wait_until
+from tests.support import RawClient, request_bytes, run_egress_cli, wait_until
 
 ISSUER = Ed25519PrivateKey.generate()
 UNTRUSTED = Ed25519PrivateKey.generate()
@@ -36,15 +35,7 @@ def keyed_config(fake, ca_file, pool_files, deny_file: Path | None = None) -> st
     keys = f'[keys]\ntrusted_issuers = ["{public_key_text(ISSUER.public_key())}"]\n'
     if deny_file is not None:
         keys += f'deny_file = "{deny_file}"\ndeny_poll_interval = 0.2\n'
-    config = provider_config(fake, ca_file, extra=keys)
-    config = config.replace(
-        f'[providers.openai]\nbase_url = "{fake.base_url}"',
-        f'[providers.openai]\nbase_url = "{fake.base_url}"\npool_keys = ["file:{pool_files["openai"]}"]',
-    )
-    config = config.replace(
-        f'[providers.anthropic]\nbase_url = "{fake.base_url}"',
-        f'[providers.anthropic]\nbase_url = "{fake.base_url}"\npool_keys = ["file:{pool_files["anthropic"]}"]',
-    )
+    config = provider_config(fake, ca_file, extra=keys, pool_keys=pool_files)
     config += f'\n[providers.groq]\nbase_url = "{fake.base_url}"\n'  # no pool key
     config += f'\n[providers.local-model]\nbase_url = "{fake.base_url}"\nallow_anonymous = true\n'
     return config
@@ -165,12 +156,7 @@ def test_revocation_by_deny_file_takes_effect_on_the_next_request(keyed, fake_pr
     client = openai_client(keyed, token)
     chat(client)  # verified and cached
     config = keyed.config_path
-    result = subprocess.run(
-        [*egress_command(), "keys", "revoke", claims.kid, "--config", str(config)],
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    result = run_egress_cli("keys", "revoke", claims.kid, "--config", str(config))
     assert result.returncode == 0, result.stderr
     assert claims.kid in keyed.deny_file.read_text()
 
@@ -182,12 +168,7 @@ def test_revocation_by_deny_file_takes_effect_on_the_next_request(keyed, fake_pr
         return False
 
     assert wait_until(refused, timeout=3, interval=0.1)
-    inspect = subprocess.run(
-        [*egress_command(), "keys", "inspect", token, "--config", str(config)],
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    inspect = run_egress_cli("keys", "inspect", token, "--config", str(config))
     assert "status: revoked" in inspect.stdout and inspect.returncode == 1
 
 
@@ -221,61 +202,36 @@ def test_missing_pool_key_source_stops_startup_naming_it(start_egress, fake_prov
 
 def test_keys_cli_round_trip(tmp_path, fake_provider, ca_file, pool_files):
     issuer = tmp_path / "issuer.pem"
-    created = subprocess.run(
-        [*egress_command(), "keys", "issuer-new", "--out", str(issuer)], capture_output=True, text=True, timeout=30
-    )
+    created = run_egress_cli("keys", "issuer-new", "--out", str(issuer))
     assert created.returncode == 0 and (issuer.stat().st_mode & 0o777) == 0o600
     public_key = created.stdout.split("public key: ")[1].split()[0]
-    again = subprocess.run(
-        [*egress_command(), "keys", "issuer-new", "--out", str(issuer)], capture_output=True, text=True, timeout=30
-    )
+    again = run_egress_cli("keys", "issuer-new", "--out", str(issuer))
     assert again.returncode == 1  # never overwritten
-    minted = subprocess.run(
-        [
-            *egress_command(),
-            "keys",
-            "mint",
-            "--issuer-key",
-            str(issuer),
-            "--sub",
-            "cli-app",
-            "--providers",
-            "openai",
-            "--ttl",
-            "2h",
-            "--tier",
-            "gold",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=30,
+    minted = run_egress_cli(
+        "keys",
+        "mint",
+        "--issuer-key",
+        str(issuer),
+        "--sub",
+        "cli-app",
+        "--providers",
+        "openai",
+        "--ttl",
+        "2h",
+        "--tier",
+        "gold",
     )
     token = minted.stdout.strip()
     assert minted.returncode == 0 and token.startswith("bai_") and token not in minted.stderr
     config = tmp_path / "inspect.toml"
     config.write_text(f'[keys]\ntrusted_issuers = ["{public_key}"]\n')
-    inspected = subprocess.run(
-        [*egress_command(), "keys", "inspect", token, "--config", str(config)],
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    inspected = run_egress_cli("keys", "inspect", token, "--config", str(config))
     assert inspected.returncode == 0 and "status: valid" in inspected.stdout
     assert '"sub": "cli-app"' in inspected.stdout and '"tier": "gold"' in inspected.stdout
     other = tmp_path / "other.toml"
     other.write_text(f'[keys]\ntrusted_issuers = ["{public_key_text(UNTRUSTED.public_key())}"]\n')
-    inspected = subprocess.run(
-        [*egress_command(), "keys", "inspect", token, "--config", str(other)],
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    inspected = run_egress_cli("keys", "inspect", token, "--config", str(other))
     assert inspected.returncode == 1 and "status: untrusted issuer" in inspected.stdout
     tampered = token[:-3] + ("AAA" if not token.endswith("AAA") else "BBB")
-    inspected = subprocess.run(
-        [*egress_command(), "keys", "inspect", tampered, "--config", str(config)],
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    inspected = run_egress_cli("keys", "inspect", tampered, "--config", str(config))
     assert inspected.returncode == 1 and "status: bad signature" in inspected.stdout

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
-import subprocess
 import tomllib
 from pathlib import Path
 
 import pytest
 
 from egress.config import Config, ConfigError, parse_config, parse_listen, render_config
-from tests.support import egress_command
+from tests.support import run_egress_cli
 
 
 def test_empty_config_is_the_builtin_default():
@@ -96,17 +95,13 @@ def test_parse_listen():
 def test_config_check_command(tmp_path):
     good = tmp_path / "good.toml"
     good.write_text('[server]\nlisten = "127.0.0.1:9999"\n[providers.vllm]\nbase_url = "http://127.0.0.1:8000"\n')
-    result = subprocess.run(
-        [*egress_command(), "config", "check", str(good)], capture_output=True, text=True, timeout=30
-    )
+    result = run_egress_cli("config", "check", str(good))
     assert result.returncode == 0, result.stderr
     assert 'listen = "127.0.0.1:9999"' in result.stdout and "[providers.vllm]" in result.stdout
 
     bad = tmp_path / "bad.toml"
     bad.write_text('[server]\nlisten = "127.0.0.1:1"\nmax_conections = 5\n')
-    result = subprocess.run(
-        [*egress_command(), "config", "check", str(bad)], capture_output=True, text=True, timeout=30
-    )
+    result = run_egress_cli("config", "check", str(bad))
     assert result.returncode == 2
     assert "unknown key 'server.max_conections'" in result.stderr
 
@@ -114,9 +109,7 @@ def test_config_check_command(tmp_path):
 def test_serve_refuses_a_bad_config(tmp_path):
     bad = tmp_path / "bad.toml"
     bad.write_text("[upstream]\nca_file = 5\n")
-    result = subprocess.run(
-        [*egress_command(), "serve", "--config", str(bad)], capture_output=True, text=True, timeout=30
-    )
+    result = run_egress_cli("serve", "--config", str(bad))
     assert result.returncode == 2 and "upstream.ca_file must be a string" in result.stderr
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
 import time
 
 import anthropic
@@ -13,7 +12,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from egress.vkeys import mint, public_key_text
 from tests.conftest import provider_config
-from tests.support import RawClient, egress_command, request_bytes, wait_until
+from tests.support import RawClient, request_bytes, run_egress_cli, wait_until
 
 ISSUER = Ed25519PrivateKey.generate()
 
@@ -26,6 +25,7 @@ def metered(start_egress, fake_provider, ca_file, tmp_path):
     config = provider_config(
         fake_provider,
         ca_file,
+        pool_keys={"openai": pool, "anthropic": pool},
         extra=f"""
 [keys]
 trusted_issuers = ["{public_key_text(ISSUER.public_key())}"]
@@ -37,11 +37,6 @@ tokens_per_minute = 30
 jsonl = "{usage_file}"
 """,
     )
-    for name in ("openai", "anthropic"):
-        config = config.replace(
-            f'[providers.{name}]\nbase_url = "{fake_provider.base_url}"',
-            f'[providers.{name}]\nbase_url = "{fake_provider.base_url}"\npool_keys = ["file:{pool}"]',
-        )
     egress = start_egress(config)
     egress.usage_file = usage_file
     return egress
@@ -152,22 +147,12 @@ def test_usage_report(metered):
     duplicate = metered.usage_file.read_bytes().splitlines()[0]
     with open(metered.usage_file, "ab") as fh:  # a republished fact is billed once
         fh.write(duplicate + b"\n" + b'{"half a line')
-    result = subprocess.run(
-        [*egress_command(), "usage", "report", "--config", str(metered.config_path), "--by", "subject", "--json"],
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    result = run_egress_cli("usage", "report", "--config", str(metered.config_path), "--by", "subject", "--json")
     assert result.returncode == 0, result.stderr
     totals = orjson.loads(result.stdout)
     assert totals["report-app"]["requests"] == 3
     assert totals["report-app"]["input_tokens"] == 36 and totals["report-app"]["output_tokens"] == 21
-    table = subprocess.run(
-        [*egress_command(), "usage", "report", "--file", str(metered.usage_file), "--by", "model", "--since", "1h"],
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    table = run_egress_cli("usage", "report", "--file", str(metered.usage_file), "--by", "model", "--since", "1h")
     assert table.returncode == 0 and "gpt-fake" in table.stdout and "input_tokens" in table.stdout
 
 

@@ -19,6 +19,7 @@ def limited(start_egress, fake_provider, ca_file, tmp_path):
     config = provider_config(
         fake_provider,
         ca_file,
+        pool_keys={"openai": pool, "anthropic": pool},
         extra=f"""
 [keys]
 trusted_issuers = ["{public_key_text(ISSUER.public_key())}"]
@@ -30,11 +31,6 @@ requests_per_minute = 3
 requests_per_minute = 50
 """,
     )
-    for name in ("openai", "anthropic"):
-        config = config.replace(
-            f'[providers.{name}]\nbase_url = "{fake_provider.base_url}"',
-            f'[providers.{name}]\nbase_url = "{fake_provider.base_url}"\npool_keys = ["file:{pool}"]',
-        )
     return start_egress(config)
 
 

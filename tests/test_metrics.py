@@ -45,11 +45,9 @@ def test_metrics_after_a_mixed_run(start_egress, fake_provider, ca_file, tmp_pat
     config = provider_config(
         fake_provider,
         ca_file,
+        pool_keys={"openai": pool},
         extra=f'[keys]\ntrusted_issuers = ["{public_key_text(ISSUER.public_key())}"]\n\n'
         "[limits]\nrequests_per_minute = 4\n",
-    ).replace(
-        f'[providers.openai]\nbase_url = "{fake_provider.base_url}"',
-        f'[providers.openai]\nbase_url = "{fake_provider.base_url}"\npool_keys = ["file:{pool}"]',
     )
     egress = start_egress(config)
     key, _ = mint(ISSUER, "metrics-app")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
 import time
 from pathlib import Path
 
@@ -13,7 +12,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from egress.vkeys import mint, public_key_text
 from tests.conftest import provider_config
-from tests.support import EgressProcess, NatsServer, RawClient, egress_command, request_bytes, wait_until
+from tests.support import EgressProcess, NatsServer, RawClient, request_bytes, run_egress_cli, wait_until
 
 ISSUER = Ed25519PrivateKey.generate()
 POOL_KEY = "sk-pool-nats-dddddddddddddddd"
@@ -22,9 +21,10 @@ POOL_KEY = "sk-pool-nats-dddddddddddddddd"
 def nats_config(fake, ca_file, workdir: Path, nats: NatsServer, name: str) -> str:
     pool = workdir / "pool.keys"
     pool.write_text(POOL_KEY + "\n")
-    config = provider_config(
+    return provider_config(
         fake,
         ca_file,
+        pool_keys={"openai": pool},
         extra=f"""
 [keys]
 trusted_issuers = ["{public_key_text(ISSUER.public_key())}"]
@@ -34,10 +34,6 @@ url = "{nats.url}"
 snapshot = "{workdir / f"{name}.snapshot"}"
 max_reconnect_wait = 0.5
 """,
-    )
-    return config.replace(
-        f'[providers.openai]\nbase_url = "{fake.base_url}"',
-        f'[providers.openai]\nbase_url = "{fake.base_url}"\npool_keys = ["file:{pool}"]',
     )
 
 
@@ -60,9 +56,7 @@ def status_for(process: EgressProcess, token: str) -> int:
 
 
 def revoke(config: Path, kid: str) -> None:
-    result = subprocess.run(
-        [*egress_command(), "keys", "revoke", kid, "--config", str(config)], capture_output=True, text=True, timeout=30
-    )
+    result = run_egress_cli("keys", "revoke", kid, "--config", str(config))
     assert result.returncode == 0, result.stderr
 
 
