@@ -31,6 +31,11 @@ WINDOW_SECONDS = 60.0
 _SLOT_CACHE_SIZE = 100_000
 
 
+def shared_bytes_needed(config: LimitsConfig) -> int:
+    """The size of the buffer a RateLimiter keeps its two windows in (one mmap for all workers)."""
+    return 2 * SlidingWindow.bytes_needed(config.sketch_width, config.sketch_depth)
+
+
 def byo_identity(token: bytes, key: bytes) -> bytes:
     return b"byo:" + hashlib.blake2b(token, key=key, digest_size=12).hexdigest().encode()
 
@@ -38,7 +43,7 @@ def byo_identity(token: bytes, key: bytes) -> bytes:
 class RateLimiter:
     __slots__ = ("_default", "_hash_key", "_requests", "_slots", "_tiers", "_tokens", "enabled")
 
-    def __init__(self, config: LimitsConfig, now: float) -> None:
+    def __init__(self, config: LimitsConfig, shared: memoryview | None = None) -> None:
         self._default = config.default_tier
         self._tiers = dict(config.tiers)
         if config.byo_hash_key is not None:
@@ -49,8 +54,11 @@ class RateLimiter:
             tier.requests_per_minute or tier.tokens_per_minute for tier in (self._default, *self._tiers.values())
         )
         width, depth = config.sketch_width, config.sketch_depth
-        self._requests = SlidingWindow(width, depth, WINDOW_SECONDS, now)
-        self._tokens = SlidingWindow(width, depth, WINDOW_SECONDS, now)
+        size = SlidingWindow.bytes_needed(width, depth)
+        if shared is None:
+            shared = memoryview(bytearray(2 * size))
+        self._requests = SlidingWindow(width, depth, WINDOW_SECONDS, shared[:size])
+        self._tokens = SlidingWindow(width, depth, WINDOW_SECONDS, shared[size : 2 * size])
         # Counter positions per (identity, provider): a hash per new caller, a dict hit afterwards.
         self._slots: dict[bytes, tuple[int, ...]] = {}
 

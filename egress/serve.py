@@ -80,7 +80,7 @@ async def _serve(config: Config) -> int:
         UpstreamPool(config.upstream),
         AccessLog(config.server.access_log),
         auth,
-        RateLimiter(config.limits, loop.time()),
+        RateLimiter(config.limits),
         FactSink(config.usage.jsonl, config.usage.rotate_bytes, config.usage.keep_files, config.usage.queue_size),
     )
     admin = None

@@ -10,25 +10,34 @@ Contract:
   over-estimate. Defaults: width 32768, depth 4 → ε ≈ 8.3e-5, δ ≈ 1.8 %.
   `SlidingWindow` keeps two sketches, the current and the previous window, and weighs the
   previous one by how much of it still overlaps the sliding window, like pingora-limits' Rate
-  and Cloudflare's sliding-window limiter.
+  and Cloudflare's sliding-window limiter. Both can live in a shared buffer (an mmap made before
+  the workers fork), so a key's limit holds across the worker processes of one host.
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
-from array import array
+import struct
 
 
 class CountMinSketch:
-    __slots__ = ("_counters", "depth", "width")
+    __slots__ = ("_counters", "_raw", "depth", "width")
 
-    def __init__(self, width: int, depth: int) -> None:
+    def __init__(self, width: int, depth: int, buffer: memoryview | None = None) -> None:
         if width < 1 or depth < 1 or depth > 8:
             raise ValueError("width must be positive and depth 1..8")
         self.width = width
         self.depth = depth
-        self._counters = array("I", bytes(4 * width * depth))
+        # Counters live in `buffer` when given (shared memory between worker processes).
+        self._raw = memoryview(bytearray(4 * width * depth)) if buffer is None else buffer.cast("B")
+        self._counters = self._raw.cast("I")
+        if len(self._counters) != width * depth:
+            raise ValueError("buffer size does not match width x depth")
+
+    @staticmethod
+    def bytes_needed(width: int, depth: int) -> int:
+        return 4 * width * depth
 
     @property
     def epsilon(self) -> float:
@@ -40,7 +49,7 @@ class CountMinSketch:
 
     @property
     def nbytes(self) -> int:
-        return self._counters.itemsize * len(self._counters)
+        return self._counters.nbytes
 
     def slots(self, key: bytes) -> tuple[int, ...]:
         # One BLAKE2b digest gives `depth` independent 64-bit hashes; stable across processes, so
@@ -65,58 +74,92 @@ class CountMinSketch:
         return target
 
     def clear(self) -> None:
-        self._counters = array("I", bytes(self._counters.itemsize * len(self._counters)))
+        self._raw[:] = bytes(self._raw.nbytes)
+
+
+_HEADER = struct.Struct("<2q")  # the window number each of the two sketches holds
 
 
 class SlidingWindow:
-    """Events per key over the last `window` seconds, from two rotating sketches."""
+    """Events per key over the last `window` seconds, from two sketches that take turns.
 
-    __slots__ = ("_current", "_previous", "started", "window")
+    Windows are aligned on the monotonic clock (window n covers [n·W, (n+1)·W)), which is one clock
+    for every process on the host, so workers sharing the buffer agree on which sketch is current
+    without talking to each other. Sketch n % 2 holds window n; a sketch found holding an older
+    window is cleared before use. Two workers may race on that clear or on one counter: at most an
+    increment is lost, which the over-counting of the sketch usually hides.
+    """
 
-    def __init__(self, width: int, depth: int, window: float, now: float) -> None:
+    __slots__ = ("_header", "_sketches", "window")
+
+    def __init__(self, width: int, depth: int, window: float, buffer: memoryview | None = None) -> None:
         self.window = window
-        self._current = CountMinSketch(width, depth)
-        self._previous = CountMinSketch(width, depth)
-        self.started = now  # start of the current window
+        size = CountMinSketch.bytes_needed(width, depth)
+        if buffer is None:
+            buffer = memoryview(bytearray(self.bytes_needed(width, depth)))
+        buffer = buffer.cast("B")
+        self._header = buffer[: _HEADER.size]
+        if not any(self._header):  # a fresh buffer: neither sketch holds a window yet
+            _HEADER.pack_into(self._header, 0, -2, -2)
+        body = buffer[_HEADER.size :]
+        self._sketches = (
+            CountMinSketch(width, depth, body[:size]),
+            CountMinSketch(width, depth, body[size : 2 * size]),
+        )
+
+    @staticmethod
+    def bytes_needed(width: int, depth: int) -> int:
+        return _HEADER.size + 2 * CountMinSketch.bytes_needed(width, depth)
 
     def slots(self, key: bytes) -> tuple[int, ...]:
-        return self._current.slots(key)
+        return self._sketches[0].slots(key)
 
-    def _rotate(self, now: float) -> None:
-        elapsed = now - self.started
-        if elapsed < self.window:
-            return
-        if elapsed < 2 * self.window:
-            self._previous, self._current = self._current, self._previous
-            self._current.clear()
-            self.started += self.window
-        else:  # idle for two windows or more: nothing recent is left
-            self._previous.clear()
-            self._current.clear()
-            self.started = now
+    def _sketch_for(self, number: int, create: bool) -> CountMinSketch | None:
+        index = number % 2
+        held = _HEADER.unpack_from(self._header, 0)[index]
+        sketch = self._sketches[index]
+        if held == number:
+            return sketch
+        if not create:
+            return None
+        sketch.clear()
+        struct.pack_into("<q", self._header, 8 * index, number)
+        return sketch
+
+    def _current(self, now: float) -> tuple[int, float]:
+        number = math.floor(now / self.window)
+        return number, number * self.window
 
     def weight_of_previous(self, now: float) -> float:
-        return max(0.0, 1.0 - (now - self.started) / self.window)
+        _, started = self._current(now)
+        return max(0.0, 1.0 - (now - started) / self.window)
+
+    def _counts(self, slots: tuple[int, ...], now: float) -> tuple[int, int, float]:
+        number, started = self._current(now)
+        current = self._sketch_for(number, create=False)
+        previous = self._sketch_for(number - 1, create=False)
+        return (
+            current.estimate(slots) if current is not None else 0,
+            previous.estimate(slots) if previous is not None else 0,
+            started,
+        )
 
     def estimate(self, slots: tuple[int, ...], now: float) -> float:
-        self._rotate(now)
-        return self._current.estimate(slots) + self._previous.estimate(slots) * self.weight_of_previous(now)
+        current, previous, started = self._counts(slots, now)
+        return current + previous * max(0.0, 1.0 - (now - started) / self.window)
 
     def add(self, slots: tuple[int, ...], amount: int, now: float) -> None:
-        self._rotate(now)
-        self._current.add(slots, amount)
+        number, _ = self._current(now)
+        self._sketch_for(number, create=True).add(slots, amount)
 
     def seconds_until_below(self, slots: tuple[int, ...], limit: float, now: float) -> float:
         """How long until the windowed count drops to `limit` or below, if nothing more is added."""
-        self._rotate(now)
-        current = self._current.estimate(slots)
-        previous = self._previous.estimate(slots)
+        current, previous, started = self._counts(slots, now)
         window = self.window
-        left_in_window = self.started + window - now
         if current <= limit:
-            if previous == 0 or current + previous * self.weight_of_previous(now) <= limit:
+            if previous == 0 or current + previous * max(0.0, 1.0 - (now - started) / window) <= limit:
                 return 0.0
-            # current + previous·(1 - (t - started)/W) ≤ limit, solved for t within this window.
-            return max(0.0, self.started + window * (1 - (limit - current) / previous) - now)
-        # After the next rotation `current` becomes the previous window and decays in its turn.
-        return left_in_window + window * (1 - limit / current)
+            # current + previous·(1 - (t - started)/W) <= limit, solved for t within this window.
+            return max(0.0, started + window * (1 - (limit - current) / previous) - now)
+        # After the next window starts, `current` becomes the previous window and decays in its turn.
+        return started + window - now + window * (1 - limit / current)

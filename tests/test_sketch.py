@@ -49,13 +49,26 @@ def test_over_count_stays_within_epsilon_n_on_a_zipf_workload(seed):
 
 
 def test_default_size_is_about_a_mebibyte_for_two_windows():
-    window = SlidingWindow(width=32768, depth=4, window=60, now=0)
-    assert window._current.nbytes + window._previous.nbytes == 1024 * 1024
-    assert window._current.epsilon == pytest.approx(8.3e-5, rel=0.01)
+    assert SlidingWindow.bytes_needed(32768, 4) == 1024 * 1024 + 16
+    assert CountMinSketch(32768, 4).epsilon == pytest.approx(8.3e-5, rel=0.01)
+
+
+def test_two_windows_over_one_shared_buffer_agree():
+    import mmap
+
+    shared = mmap.mmap(-1, SlidingWindow.bytes_needed(1024, 4))
+    first = SlidingWindow(width=1024, depth=4, window=60, buffer=memoryview(shared))
+    second = SlidingWindow(width=1024, depth=4, window=60, buffer=memoryview(shared))
+    slots = first.slots(b"kid-1")
+    first.add(slots, 5, now=10)
+    second.add(slots, 7, now=20)
+    assert first.estimate(slots, now=30) == second.estimate(slots, now=30) == 12
+    second.add(slots, 1, now=61)  # a new window, started by the other one
+    assert first.estimate(slots, now=61) == pytest.approx(1 + 12 * (59 / 60))
 
 
 def test_sliding_window_weighs_the_previous_window():
-    window = SlidingWindow(width=1024, depth=4, window=60, now=0)
+    window = SlidingWindow(width=1024, depth=4, window=60)
     slots = window.slots(b"kid-1")
     window.add(slots, 100, now=10)
     assert window.estimate(slots, now=59) == 100
@@ -70,7 +83,7 @@ def test_sliding_window_weighs_the_previous_window():
 @settings(max_examples=200, deadline=None)
 @given(st.integers(1, 500), st.integers(0, 500), st.integers(1, 400), st.floats(0, 59.9))
 def test_seconds_until_below_is_when_the_count_drops(previous, current, limit, offset):
-    window = SlidingWindow(width=1024, depth=4, window=60, now=0)
+    window = SlidingWindow(width=1024, depth=4, window=60)
     slots = window.slots(b"k")
     window.add(slots, previous, now=0)
     window.add(slots, current, now=60)  # rotates: `previous` is now the previous window
@@ -79,7 +92,7 @@ def test_seconds_until_below_is_when_the_count_drops(previous, current, limit, o
     assert wait >= 0
 
     def estimate_at(moment: float) -> float:
-        probe = SlidingWindow(width=1024, depth=4, window=60, now=0)
+        probe = SlidingWindow(width=1024, depth=4, window=60)
         probe_slots = probe.slots(b"k")
         probe.add(probe_slots, previous, now=0)
         probe.add(probe_slots, current, now=60)
