@@ -16,6 +16,8 @@ from typing import Any
 
 import orjson
 
+_PIPE_BUF = 4096
+
 
 class AccessLog:
     __slots__ = ("_fd", "_lines", "_loop", "_owned", "_scheduled")
@@ -47,10 +49,20 @@ class AccessLog:
 
     def flush(self) -> None:
         self._scheduled = False
-        if self._lines:
-            data = b"".join(self._lines)
-            self._lines.clear()
-            _write_all(self._fd, data)
+        if not self._lines:
+            return
+        # Writes of at most PIPE_BUF bytes are atomic on a pipe: workers sharing stdout never
+        # interleave inside a line.
+        batch: list[bytes] = []
+        size = 0
+        for line in self._lines:
+            if batch and size + len(line) > _PIPE_BUF:
+                _write_all(self._fd, b"".join(batch))
+                batch, size = [], 0
+            batch.append(line)
+            size += len(line)
+        _write_all(self._fd, b"".join(batch))
+        self._lines.clear()
 
     def close(self) -> None:
         self.flush()
@@ -59,9 +71,14 @@ class AccessLog:
             self._fd = -1
 
 
+WORKER: int | None = None  # this process's worker index under the supervisor
+
+
 def log_event(event: str, **fields: Any) -> None:
     """Operational events (start, stop, unexpected errors) to stderr, as JSON lines."""
     record = {"ts": round(time.time(), 3), "event": event, **fields}
+    if WORKER is not None:
+        record["worker"] = WORKER
     _write_all(sys.stderr.fileno(), orjson.dumps(record) + b"\n")
 
 

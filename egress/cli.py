@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from egress import keys_cli, report
@@ -18,6 +19,9 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--config", metavar="FILE", help="TOML config (default: built-in config)")
     serve.add_argument("--listen", metavar="HOST:PORT", help="override [server] listen")
     serve.add_argument("--admin-listen", metavar="HOST:PORT", help='override [server] admin_listen ("off" disables)')
+    serve.add_argument(
+        "--workers", type=int, metavar="N", help="worker processes (default: [server] workers, else CPUs)"
+    )
 
     config = commands.add_parser("config", help="configuration tools")
     config_commands = config.add_subparsers(dest="config_command", required=True)
@@ -30,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.command == "serve":
-            return _serve(args.config, args.listen, args.admin_listen)
+            return _serve(args.config, args.listen, args.admin_listen, args.workers)
         if args.command == "keys":
             return keys_cli.run(args)
         if args.command == "usage":
@@ -44,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
-def _serve(path: str | None, listen: str | None, admin_listen: str | None) -> int:
+def _serve(path: str | None, listen: str | None, admin_listen: str | None, workers: int | None) -> int:
     config = load_config(path)
     if listen is not None:
         parse_listen(listen)
@@ -53,9 +57,16 @@ def _serve(path: str | None, listen: str | None, admin_listen: str | None) -> in
         if admin_listen != "off":
             parse_listen(admin_listen)
         config = _with_server(config, admin_listen=admin_listen)
-    from egress.serve import serve  # uvloop is imported only when serving
+    workers = workers or config.server.workers or os.cpu_count() or 1
+    if workers < 1:
+        raise ConfigError("--workers must be at least 1")
+    if workers == 1:
+        from egress.serve import serve  # uvloop is imported only when serving
 
-    return serve(config)
+        return serve(config, path)
+    from egress.workers import supervise
+
+    return supervise(config, path, workers)
 
 
 def _with_server(config: Config, **changes: str) -> Config:

@@ -28,6 +28,8 @@ class ConfigError(ValueError):
 @dataclass(frozen=True, slots=True)
 class ServerConfig:
     listen: str = "127.0.0.1:8787"
+    # Worker processes sharing the port (SO_REUSEPORT); 0: one per CPU.
+    workers: int = 0
     # Refuse new connections past this many (503, then close); open streams are never touched.
     max_connections: int = 10_000
     # "stdout", "stderr", "off", or a file path.

@@ -43,16 +43,15 @@ def byo_identity(token: bytes, key: bytes) -> bytes:
 class RateLimiter:
     __slots__ = ("_default", "_hash_key", "_requests", "_slots", "_tiers", "_tokens", "enabled")
 
-    def __init__(self, config: LimitsConfig, shared: memoryview | None = None) -> None:
-        self._default = config.default_tier
-        self._tiers = dict(config.tiers)
+    def __init__(
+        self, config: LimitsConfig, shared: memoryview | None = None, default_hash_key: bytes | None = None
+    ) -> None:
+        self.set_tiers(config)
         if config.byo_hash_key is not None:
             self._hash_key = bytes(load_secrets(config.byo_hash_key)[0].reveal())[:64]
         else:
-            self._hash_key = os.urandom(32)  # attribution of BYO keys then holds for this process only
-        self.enabled = any(
-            tier.requests_per_minute or tier.tokens_per_minute for tier in (self._default, *self._tiers.values())
-        )
+            # Shared by the workers of one supervisor; BYO attribution then holds until a restart.
+            self._hash_key = default_hash_key or os.urandom(32)
         width, depth = config.sketch_width, config.sketch_depth
         size = SlidingWindow.bytes_needed(width, depth)
         if shared is None:
@@ -61,6 +60,14 @@ class RateLimiter:
         self._tokens = SlidingWindow(width, depth, WINDOW_SECONDS, shared[size : 2 * size])
         # Counter positions per (identity, provider): a hash per new caller, a dict hit afterwards.
         self._slots: dict[bytes, tuple[int, ...]] = {}
+
+    def set_tiers(self, config: LimitsConfig) -> None:
+        """New limits (on reload); the counts so far stay."""
+        self._default = config.default_tier
+        self._tiers = dict(config.tiers)
+        self.enabled = any(
+            tier.requests_per_minute or tier.tokens_per_minute for tier in (self._default, *self._tiers.values())
+        )
 
     def identity(self, exchange: Exchange) -> bytes | None:
         claims = exchange.claims

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 import orjson
 
-from egress import http1
+from egress import accesslog, http1
 from egress.errors import EgressError, render_error
 from egress.http1 import CHUNKED, NO_BODY, UNTIL_CLOSE
 from egress.stream_usage import InjectedUsageFilter, inject_include_usage
@@ -331,6 +331,7 @@ def finish(exchange: Exchange) -> None:
             {
                 "ts": round(time.time(), 3),
                 "request_id": exchange.request_id.decode("ascii"),
+                "worker": accesslog.WORKER,
                 "client": client.peer,
                 "method": exchange.method.decode("latin-1"),
                 "provider": route.provider.name if route is not None else None,

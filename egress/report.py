@@ -64,8 +64,14 @@ def run(args: argparse.Namespace) -> int:
 
 
 def files_of(path: str) -> list[str]:
-    rotated = sorted(glob.glob(glob.escape(path) + ".[0-9]*"), key=lambda name: -int(name.rsplit(".", 1)[1]))
-    return [*rotated, path] if os.path.exists(path) else rotated
+    """The file, its rotations, and the same for each worker's own file (usage-w0.jsonl, …)."""
+    from egress.serve import worker_path
+
+    found = []
+    for base in [path, *sorted(glob.glob(glob.escape(worker_path(path, 0)).replace("-w0", "-w[0-9]*")))]:
+        rotated = sorted(glob.glob(glob.escape(base) + ".[0-9]*"), key=lambda name: -int(name.rsplit(".", 1)[1]))
+        found += [*rotated, base] if os.path.exists(base) else rotated
+    return found
 
 
 def aggregate(paths: list[str], cutoff: float, field: str) -> dict[str, dict[str, int]]:

@@ -12,26 +12,83 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import os
 import signal
 
 import uvloop
 
+from egress import accesslog
 from egress.accesslog import AccessLog, log_event
 from egress.admin import start_admin
 from egress.auth import Authenticator, load_pools
-from egress.config import Config, parse_listen
+from egress.config import Config, ConfigError, load_config, parse_listen
 from egress.denyset import DenySet, read_deny_file
 from egress.facts import FactSink
 from egress.limiter import RateLimiter
 from egress.providers import Router
+from egress.sdnotify import notify
+from egress.secrets import SecretSourceError
 from egress.server import ClientConnection, ServerState
 from egress.upstream import UpstreamPool
+from egress.workers import WorkerContext
 
 
-def serve(config: Config) -> int:
+def serve(config: Config, config_path: str | None = None, worker: WorkerContext | None = None) -> int:
+    """Run one serving process: the only one, or worker `worker.index` under the supervisor."""
+    if worker is not None:
+        accesslog.WORKER = worker.index
+        if worker.count > 1:
+            config = _per_worker_files(config, worker.index)
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        return runner.run(_serve(config))
+        return runner.run(_serve(config, config_path, worker))
+
+
+def _per_worker_files(config: Config, index: int) -> Config:
+    """Each worker writes its own usage file (`usage-w0.jsonl`, …), so rotation needs no lock."""
+    if config.usage.jsonl is None:
+        return config
+    return dataclasses.replace(
+        config, usage=dataclasses.replace(config.usage, jsonl=worker_path(config.usage.jsonl, index))
+    )
+
+
+def worker_path(path: str, index: int) -> str:
+    stem, dot, suffix = path.rpartition(".")
+    return f"{stem}-w{index}.{suffix}" if dot and "/" not in suffix else f"{path}-w{index}"
+
+
+def reload_config(state: ServerState, config_path: str | None) -> None:
+    """SIGHUP: providers, pool keys, trusted issuers, limits and upstream settings, no connection dropped."""
+    if config_path is None:
+        return
+    try:
+        new = load_config(config_path)
+        pools = load_pools(new)
+    except (ConfigError, SecretSourceError) as exc:
+        log_event("reload_failed", error=str(exc))  # the running configuration stays
+        return
+    old = state.config
+    if (new.server.listen, new.server.admin_listen) != (old.server.listen, old.server.admin_listen):
+        log_event("reload_ignored", reason="listen addresses change only on restart")
+    new = dataclasses.replace(
+        new,
+        server=dataclasses.replace(new.server, listen=old.server.listen, admin_listen=old.server.admin_listen),
+        usage=old.usage,
+        nats=old.nats,
+    )
+    retired_auth = state.auth
+    state.auth = Authenticator(new, retired_auth.denyset, pools)
+    state.router = Router(new.providers)
+    state.limiter.set_tiers(new.limits)
+    if new.upstream != old.upstream:
+        retired_pool = state.pool
+        state.pool = UpstreamPool(new.upstream)
+        retired_pool.close_idle()
+    state.config = new
+    # Requests already authenticated may still hold the old pool-key headers: wipe them later.
+    asyncio.get_running_loop().call_later(new.server.body_timeout + 60, retired_auth.wipe)
+    log_event("reloaded", providers=len(new.providers), pooled_providers=sorted(state.auth.pools))
 
 
 def load_denyset(config: Config) -> DenySet:
@@ -70,7 +127,7 @@ async def _watch_deny_file(path: str, interval: float, denyset: DenySet, reload_
             log_event("deny_file_reloaded", size=len(denyset), forced=forced)
 
 
-async def _serve(config: Config) -> int:
+async def _serve(config: Config, config_path: str | None, worker: WorkerContext | None) -> int:
     loop = asyncio.get_running_loop()
     denyset = load_denyset(config)
     auth = Authenticator(config, denyset, load_pools(config))
@@ -80,22 +137,36 @@ async def _serve(config: Config) -> int:
         UpstreamPool(config.upstream),
         AccessLog(config.server.access_log),
         auth,
-        RateLimiter(config.limits),
+        RateLimiter(
+            config.limits,
+            worker.shared if worker is not None else None,
+            worker.byo_hash_key if worker is not None else None,
+        ),
         FactSink(config.usage.jsonl, config.usage.rotate_bytes, config.usage.keep_files, config.usage.queue_size),
     )
     admin = None
     if config.server.admin_listen != "off":
         admin_host, admin_port = parse_listen(config.server.admin_listen)
+        if worker is not None and admin_port:
+            admin_port += worker.index  # one metrics target per worker: 9464, 9465, …
         admin = await start_admin(state, admin_host, admin_port)
         admin_bound = admin.sockets[0].getsockname()
         log_event("admin_listening", address=f"{admin_host}:{admin_bound[1]}")
     host, port = parse_listen(config.server.listen)
-    server = await loop.create_server(lambda: ClientConnection(state), host, port, backlog=4096, reuse_address=True)
+    server = await loop.create_server(
+        lambda: ClientConnection(state),
+        host,
+        port,
+        backlog=4096,
+        reuse_address=True,
+        reuse_port=worker is not None,  # the workers share the port; the kernel balances
+    )
     bound = server.sockets[0].getsockname()
     shown_host = f"[{host}]" if ":" in host else host
     log_event(
         "listening",
         address=f"{shown_host}:{bound[1]}",
+        pid=os.getpid(),
         providers=sorted(config.providers),
         deny_set_size=len(denyset),
         pooled_providers=sorted(auth.pools),
@@ -133,9 +204,20 @@ async def _serve(config: Config) -> int:
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, on_signal)
-    loop.add_signal_handler(signal.SIGHUP, reload_deny_file.set)
+
+    def on_hangup() -> None:
+        reload_config(state, config_path)
+        reload_deny_file.set()
+
+    loop.add_signal_handler(signal.SIGHUP, on_hangup)
+    if worker is not None:
+        os.write(worker.ready_fd, b"1")
+    else:
+        notify(b"READY=1\nSTATUS=serving")
 
     await stop_requested.wait()
+    if worker is None:
+        notify(b"STOPPING=1")
     state.draining = True
     server.close()
     in_flight = [conn for conn in list(state.connections) if not conn.close_if_idle()]

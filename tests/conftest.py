@@ -80,8 +80,8 @@ dialect = "openai"
 def start_egress(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Callable[..., EgressProcess]]:
     started: list[EgressProcess] = []
 
-    def start(config_text: str, name: str = "egress") -> EgressProcess:
-        process = EgressProcess(tmp_path, config_text, name=name)
+    def start(config_text: str, name: str = "egress", workers: int = 1) -> EgressProcess:
+        process = EgressProcess(tmp_path, config_text, name=name, workers=workers)
         started.append(process)
         return process.start()
 

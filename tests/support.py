@@ -36,7 +36,8 @@ def run_egress_cli(*args: str) -> subprocess.CompletedProcess:
 
 
 class EgressProcess:
-    def __init__(self, workdir: Path, config_text: str, name: str = "egress") -> None:
+    def __init__(self, workdir: Path, config_text: str, name: str = "egress", workers: int = 1) -> None:
+        self.workers = workers
         self.workdir = workdir
         self.config_path = workdir / f"{name}.toml"
         self.config_path.write_text(config_text)
@@ -58,6 +59,8 @@ class EgressProcess:
                     "127.0.0.1:0",
                     "--admin-listen",
                     "127.0.0.1:0",
+                    "--workers",
+                    str(self.workers),
                 ],
                 stdout=out,
                 stderr=err,
@@ -68,7 +71,8 @@ class EgressProcess:
         while time.monotonic() < give_up_at:
             logged = self.stderr_path.read_bytes()
             match = re.search(rb'"event":"listening","address":"127\.0\.0\.1:(\d+)"', logged)
-            if match:
+            ready = self.workers == 1 or b'"event":"supervisor_ready"' in logged
+            if match and ready:
                 self.port = int(match.group(1))
                 admin = re.search(rb'"event":"admin_listening","address":"127\.0\.0\.1:(\d+)"', logged)
                 self.admin_port = int(admin.group(1))

@@ -1,0 +1,161 @@
+"""The process model: a small supervisor and N workers, each its own uvloop and listener.
+
+Contract: `supervise(config, config_path, workers)` forks the workers and returns the exit code
+once they have all stopped.
+- Every worker binds the same port with SO_REUSEPORT, so the kernel spreads connections over them;
+  a port of 0 is resolved once, here, so that they all share it.
+- The rate limiter's sketches live in one anonymous shared mmap made before the fork, so a key's
+  limit holds across the workers of the host.
+- The supervisor tells systemd READY=1 once every worker listens, and STOPPING=1 on the way out.
+- It forwards SIGTERM/SIGINT (drain; a second one aborts) and SIGHUP (reload), and restarts a
+  worker that dies unexpectedly, waiting at least a second between restarts of the same worker.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import select
+import signal
+import socket
+import time
+from dataclasses import dataclass
+
+from egress.accesslog import log_event
+from egress.config import Config, parse_listen
+from egress.limiter import shared_bytes_needed
+from egress.sdnotify import notify
+
+
+@dataclass(frozen=True)
+class WorkerContext:
+    index: int
+    count: int
+    shared: memoryview  # the limiter's counters, shared by every worker
+    ready_fd: int  # one byte written here once listening
+    byo_hash_key: bytes  # one key for all workers, so a BYO caller is one identity everywhere
+
+
+def supervise(config: Config, config_path: str | None, workers: int) -> int:
+    host, port = parse_listen(config.server.listen)
+    placeholder = None
+    if port == 0:
+        # Bound, never listening: it fixes the port for the workers and receives no connection.
+        placeholder = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+        placeholder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        placeholder.bind((host, 0))
+        port = placeholder.getsockname()[1]
+        shown = f"[{host}]" if ":" in host else host
+        import dataclasses
+
+        config = dataclasses.replace(config, server=dataclasses.replace(config.server, listen=f"{shown}:{port}"))
+    shared = mmap.mmap(-1, shared_bytes_needed(config.limits))  # MAP_SHARED | MAP_ANONYMOUS
+    byo_hash_key = os.urandom(32)
+    ready_read, ready_write = os.pipe()
+    children: dict[int, int] = {}
+    last_start: dict[int, float] = {}
+    received: list[int] = []
+
+    def on_signal(signum, _frame) -> None:
+        received.append(signum)
+
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, on_signal)
+
+    def spawn(index: int) -> None:
+        last_start[index] = time.monotonic()
+        pid = os.fork()
+        if pid == 0:
+            for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                signal.signal(signum, signal.SIG_DFL)
+            os.close(ready_read)
+            code = 1
+            try:
+                from egress.serve import serve
+
+                context = WorkerContext(index, workers, memoryview(shared), ready_write, byo_hash_key)
+                code = serve(config, config_path, context)
+            finally:
+                os._exit(code)
+        children[pid] = index
+
+    for index in range(workers):
+        spawn(index)
+    ready = 0
+    give_up_at = time.monotonic() + 30
+    while ready < workers and time.monotonic() < give_up_at and not received:
+        readable, _, _ = select.select([ready_read], [], [], 0.2)
+        if readable:
+            ready += len(os.read(ready_read, 64))
+        _reap(children, stopping=True)
+        if not children:
+            break
+    if placeholder is not None:
+        placeholder.close()
+    if ready < workers:
+        log_event("workers_failed_to_start", ready=ready, wanted=workers)
+        _stop_all(children, signal.SIGTERM)
+        _wait_all(children, 10)
+        return 1
+    log_event("supervisor_ready", workers=workers, pid=os.getpid())
+    notify(b"READY=1\nSTATUS=serving")
+
+    stopping = False
+    while children:
+        while received:
+            signum = received.pop(0)
+            if signum == signal.SIGHUP:
+                _stop_all(children, signal.SIGHUP)
+                log_event("supervisor_reload", workers=len(children))
+            else:
+                if not stopping:
+                    notify(b"STOPPING=1")
+                    log_event("supervisor_stopping", workers=len(children))
+                stopping = True
+                _stop_all(children, signal.SIGTERM)  # a second one makes workers abort their drain
+        for index in _reap(children, stopping):
+            wait = last_start[index] + 1.0 - time.monotonic()
+            if wait > 0:
+                time.sleep(wait)
+            spawn(index)
+            log_event("worker_restarted", worker=index)
+        # Drain readiness bytes from restarted workers, and sleep until something happens.
+        readable, _, _ = select.select([ready_read], [], [], 0.1)
+        if readable:
+            os.read(ready_read, 64)
+    log_event("supervisor_stopped")
+    return 0
+
+
+def _reap(children: dict[int, int], stopping: bool) -> list[int]:
+    """Collect exited workers; returns the indexes to restart."""
+    restart = []
+    while children:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            break
+        if pid == 0:
+            break
+        index = children.pop(pid, None)
+        if index is None:
+            continue
+        if not stopping:
+            log_event("worker_exited", worker=index, pid=pid, status=os.waitstatus_to_exitcode(status))
+            restart.append(index)
+    return restart
+
+
+def _stop_all(children: dict[int, int], signum: int) -> None:
+    for pid in list(children):
+        try:
+            os.kill(pid, signum)
+        except ProcessLookupError:
+            pass
+
+
+def _wait_all(children: dict[int, int], timeout: float) -> None:
+    give_up_at = time.monotonic() + timeout
+    while children and time.monotonic() < give_up_at:
+        _reap(children, stopping=True)
+        time.sleep(0.05)
