@@ -37,12 +37,12 @@ def test_certificate_for_another_name_is_refused(start_egress, certificate_autho
 
 @pytest.mark.parametrize("path", ["/openai/v1/models", "/anthropic/v1/models"])
 def test_idle_upstream_connections_close_after_pool_idle_timeout(start_egress, fake_provider, ca_file, path):
-    egress = start_egress(provider_config(fake_provider, ca_file, upstream="pool_idle_timeout = 0.5"))
+    egress = start_egress(provider_config(fake_provider, ca_file, upstream="pool_idle_timeout = 1.5"))
     with RawClient(egress.port) as client:
         client.send(request_bytes("GET", path))
         assert client.read_response().status == 200
         assert fake_provider.connections_closed == 0
-        assert wait_until(lambda: fake_provider.connections_closed == 1, timeout=3)
+        assert wait_until(lambda: fake_provider.connections_closed == 1, timeout=4)
         client.send(request_bytes("GET", path))
         assert client.read_response().status == 200
     assert fake_provider.connections_opened == 2
