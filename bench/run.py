@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import re
+import resource
 import shutil
 import signal
 import socket
@@ -124,14 +125,20 @@ def start_nginx(config: Path) -> subprocess.Popen:
     )
 
 
-def run_wrk(url: str, lua: Path, duration: int, connections: int) -> dict:
-    output = subprocess.run(
+def run_wrk(url: str, lua: Path, duration: int, connections: int, watch: dict[str, int] | None = None) -> dict:
+    """One closed-loop wrk run; also how busy wrk itself and each `watch`ed process were (cores)."""
+    before = {name: cpu_seconds(pid) for name, pid in (watch or {}).items()}
+    reaped_before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    process = subprocess.Popen(
         ["wrk", "-t1", f"-c{connections}", f"-d{duration}s", "--latency", "-s", str(lua), url],
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
         text=True,
-        timeout=duration + 30,
-        check=True,
-    ).stdout
+    )
+    output, _ = process.communicate(timeout=duration + 30)
+    reaped = resource.getrusage(resource.RUSAGE_CHILDREN)  # wrk is the only child reaped meanwhile
+    busy = {name: (cpu_seconds(pid) - before[name]) / duration for name, pid in (watch or {}).items()}
+    busy["wrk"] = (reaped.ru_utime + reaped.ru_stime - reaped_before.ru_utime - reaped_before.ru_stime) / duration
     rate = float(re.search(r"Requests/sec:\s+([\d.]+)", output).group(1))
     transfer = re.search(r"Transfer/sec:\s+([\d.]+)(\w+)", output)
     scale = {"B": 1, "KB": 1024, "MB": 1024**2, "GB": 1024**3}[transfer.group(2)]
@@ -142,6 +149,7 @@ def run_wrk(url: str, lua: Path, duration: int, connections: int) -> dict:
         "p99_ms": _latency(output, "99%"),
         "bytes_per_s": float(transfer.group(1)) * scale,
         "non_2xx": int(errors.group(1)) if errors else 0,
+        **{f"busy_{name}": value for name, value in busy.items()},
     }
 
 
@@ -156,11 +164,55 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def children_of(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                found.append(int(entry.name))
+    return sorted(found)
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """A process and its children (the supervisor's workers)."""
+    return cpu_seconds(pid) + sum(cpu_seconds(child) for child in children_of(pid))
+
+
+def rss_kib(pid: int) -> int:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(re.search(r"VmRSS:\s+(\d+) kB", status).group(1))
+
+
+def idle_connection_memory(port: int, pid: int, count: int) -> dict[str, float]:
+    """Resident memory egress needs per idle keep-alive connection, each having served a request."""
+    request = b"GET /healthz HTTP/1.1\r\nHost: bench\r\n\r\n"
+    before = rss_kib(pid)
+    sockets = []
+    try:
+        for _ in range(count):
+            sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+            sock.sendall(request)
+            sockets.append(sock)
+        for sock in sockets:
+            sock.recv(4096)
+        time.sleep(0.5)
+        after = rss_kib(pid)
+    finally:
+        for sock in sockets:
+            sock.close()
+    return {"count": count, "total_mib": (after - before) / 1024, "per_connection_kib": (after - before) / count}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--duration", type=int, default=5)
     parser.add_argument("--connections", type=int, default=50)
+    parser.add_argument("--idle-connections", type=int, default=10_000)
     args = parser.parse_args()
     for tool in ("nginx", "wrk"):
         if shutil.which(tool) is None:
@@ -201,7 +253,8 @@ def main() -> int:
     full_port = free_port()
     bare_conf = workdir / "egress-bare.toml"
     bare_conf.write_text(
-        f'[server]\nlisten = "127.0.0.1:{egress_port}"\naccess_log = "off"\nadmin_listen = "off"\n\n'
+        f'[server]\nlisten = "127.0.0.1:{egress_port}"\naccess_log = "off"\nadmin_listen = "off"\n'
+        f"max_connections = 50000\n\n"
         f"[usage]\nenabled = false\n\n"
         f'[providers.bench]\nbase_url = "http://127.0.0.1:{upstream_port}"\n'
     )
@@ -215,25 +268,33 @@ def main() -> int:
         f'[providers.bench]\nbase_url = "http://127.0.0.1:{upstream_port}"\n'
         f'pool_keys = ["file:{workdir / "pool.keys"}"]\n'
     )
+    two_port = free_port()
     processes = [start_nginx(upstream_conf), start_nginx(proxy_conf)]
     egress_pids = {}
-    for name, conf in (("egress", bare_conf), ("egress, full", full_conf)):
+    for name, conf, workers, listen in (
+        ("egress", bare_conf, 1, None),
+        ("egress, full", full_conf, 1, None),
+        ("egress, 2 workers", bare_conf, 2, f"127.0.0.1:{two_port}"),
+    ):
+        command = [sys.executable, "-m", "egress", "serve", "--config", str(conf), "--workers", str(workers)]
         process = subprocess.Popen(
-            [sys.executable, "-m", "egress", "serve", "--config", str(conf)],
+            command + (["--listen", listen] if listen else []),
             stdout=subprocess.DEVNULL,
-            stderr=(workdir / f"{conf.stem}.log").open("wb"),
+            stderr=(workdir / f"{conf.stem}-{workers}.log").open("wb"),
         )
         processes.append(process)
         egress_pids[name] = process.pid
     try:
-        for port in (upstream_port, proxy_port, egress_port, full_port):
+        for port in (upstream_port, proxy_port, egress_port, full_port, two_port):
             wait_for_port(port)
+        watch = {"upstream": children_of(processes[0].pid)[0]}
         scenarios = {
             "small JSON": {
                 "direct": f"http://127.0.0.1:{upstream_port}/v1/chat/completions",
                 "nginx-proxy": f"http://127.0.0.1:{proxy_port}/v1/chat/completions",
                 "egress": f"http://127.0.0.1:{egress_port}/bench/v1/chat/completions",
                 "egress, full": f"http://127.0.0.1:{full_port}/bench/v1/chat/completions",
+                "egress, 2 workers": f"http://127.0.0.1:{two_port}/bench/v1/chat/completions",
             },
             f"SSE {SSE_EVENTS} events": {
                 "direct": f"http://127.0.0.1:{upstream_port}/v1/stream",
@@ -257,11 +318,11 @@ def main() -> int:
             for round_index in range(args.rounds):
                 for target, url in urls.items():
                     pid = egress_pids.get(target)
-                    before = cpu_seconds(pid) if pid else 0.0
-                    result = run_wrk(url, scripts[target], args.duration, args.connections)
+                    before = tree_cpu_seconds(pid) if pid else 0.0
+                    result = run_wrk(url, scripts[target], args.duration, args.connections, watch)
                     if pid:
                         requests = result["rps"] * args.duration
-                        spent = (cpu_seconds(pid) - before) / requests * 1000
+                        spent = (tree_cpu_seconds(pid) - before) / requests * 1000
                         egress_cpu.setdefault((scenario, target), []).append(spent)
                     results[scenario][target].append(result)
                     print(
@@ -269,7 +330,8 @@ def main() -> int:
                         f"p50 {result['p50_ms']:.3f} ms  p99 {result['p99_ms']:.3f} ms",
                         file=sys.stderr,
                     )
-        report = render(results, egress_cpu, args, verification_costs())
+        idle = idle_connection_memory(egress_port, egress_pids["egress"], args.idle_connections)
+        report = render(results, egress_cpu, args, verification_costs(), idle)
         print(report)
         RESULTS.mkdir(parents=True, exist_ok=True)
         (RESULTS / "latest.md").write_text(report)
@@ -295,7 +357,11 @@ def _bench_issuer() -> tuple[str, str]:
 
 
 def render(
-    results: dict, egress_cpu: dict[tuple[str, str], list[float]], args: argparse.Namespace, verification: dict
+    results: dict,
+    egress_cpu: dict[tuple[str, str], list[float]],
+    args: argparse.Namespace,
+    verification: dict,
+    idle: dict[str, float],
 ) -> str:
     lines = [
         f"# egress bench: {args.rounds} rounds x {args.duration}s, {args.connections} connections, wrk -t1, "
@@ -306,8 +372,8 @@ def render(
         "the same cores: with wrk, the upstream and the proxy on two cores, the proxied rows are partly",
         "limited by the load generator and the upstream.",
         "",
-        "| scenario | target | req/s | p50 ms | p99 ms | MB/s | egress CPU-s per 1k req |",
-        "|---|---|---:|---:|---:|---:|---:|",
+        "| scenario | target | req/s | p50 ms | p99 ms | MB/s | egress CPU-s per 1k req | limited by |",
+        "|---|---|---:|---:|---:|---:|---:|---|",
     ]
     for scenario, targets in results.items():
         medians = {}
@@ -316,9 +382,12 @@ def render(
             medians[target] = median
             spent = egress_cpu.get((scenario, target))
             cpu = f"{statistics.median(spent):.3f}" if spent else ""
+            # A process near one full core (wrk and the upstream nginx run one thread each) is the cap.
+            limits = [name for name in ("wrk", "upstream") if median.get(f"busy_{name}", 0) >= 0.9]
+            limited = ", ".join({"wrk": "load generator", "upstream": "upstream"}[name] for name in limits)
             lines.append(
                 f"| {scenario} | {target} | {median['rps']:.0f} | {median['p50_ms']:.3f} | {median['p99_ms']:.3f} "
-                f"| {median['bytes_per_s'] / 1024**2:.1f} | {cpu} |"
+                f"| {median['bytes_per_s'] / 1024**2:.1f} | {cpu} | {limited} |"
             )
             if median["non_2xx"]:
                 lines.append(f"| | ({target}: {median['non_2xx']:.0f} non-2xx responses) | | | | | |")
@@ -336,6 +405,9 @@ def render(
         "|---|---:|",
         f"| cold (first use: Ed25519 verify) | {verification['cold_us']:.1f} |",
         f"| warm (cached) | {verification['warm_us']:.2f} |",
+        "",
+        f"Idle keep-alive connections (each served one request, then held): {idle['count']:.0f} connections "
+        f"cost egress {idle['total_mib']:.1f} MiB resident, {idle['per_connection_kib']:.1f} KiB each.",
     ]
     return "\n".join(lines) + "\n"
 

@@ -57,6 +57,7 @@ def _serve(path: str | None, listen: str | None, admin_listen: str | None, worke
         if admin_listen != "off":
             parse_listen(admin_listen)
         config = _with_server(config, admin_listen=admin_listen)
+    _raise_open_file_limit()
     workers = workers or config.server.workers or os.cpu_count() or 1
     if workers < 1:
         raise ConfigError("--workers must be at least 1")
@@ -67,6 +68,15 @@ def _serve(path: str | None, listen: str | None, admin_listen: str | None, worke
     from egress.workers import supervise
 
     return supervise(config, path, workers)
+
+
+def _raise_open_file_limit() -> None:
+    """Each connection is a descriptor, two when proxied: take all the kernel allows, as nginx does."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 def _with_server(config: Config, **changes: str) -> Config:
