@@ -7,7 +7,8 @@ on the machine hits all three alike. Reported: medians over the rounds, and the 
 egress/nginx-proxy and egress/direct.
 
 Usage: bench/run [--rounds 3] [--duration 5] [--connections 50]
-Needs nginx and wrk (Debian packages `nginx`, `wrk`); installs nothing itself.
+Needs nginx and wrk (Debian packages `nginx`, `wrk`), and h2load (`nghttp2-client`) for the
+open-loop latency rows; installs nothing itself.
 Everything listens on 127.0.0.1 only; every load run is bounded by --duration.
 """
 
@@ -150,6 +151,26 @@ def run_wrk(url: str, lua: Path, duration: int, connections: int, watch: dict[st
         "bytes_per_s": float(transfer.group(1)) * scale,
         "non_2xx": int(errors.group(1)) if errors else 0,
         **{f"busy_{name}": value for name, value in busy.items()},
+    }
+
+
+def open_loop_latency(url: str, body: Path, headers: dict[str, str], rate: int, seconds: int, log: Path) -> dict:
+    """Latency at a fixed request rate (h2load --rps): a server that stalls can't slow the load down
+    and hide its tail, as a closed loop like wrk's would. Percentiles come from h2load's per-request log."""
+    clients = 10
+    command = ["h2load", "--h1", "-c", str(clients), "--rps", str(max(1, rate // clients)), "-D", str(seconds)]
+    for name, value in headers.items():
+        command += ["-H", f"{name}: {value}"]
+    command += ["-d", str(body), "--log-file", str(log), url]
+    subprocess.run(command, capture_output=True, timeout=seconds + 30, check=True)
+    durations = sorted(int(line.split("\t")[2]) for line in log.read_text().splitlines() if line.count("\t") >= 2)
+    if not durations:
+        return {"rate": rate, "p50_ms": float("nan"), "p99_ms": float("nan"), "requests": 0}
+    return {
+        "rate": rate,
+        "p50_ms": durations[len(durations) // 2] / 1000,
+        "p99_ms": durations[min(len(durations) - 1, int(len(durations) * 0.99))] / 1000,
+        "requests": len(durations),
     }
 
 
@@ -330,8 +351,29 @@ def main() -> int:
                         f"p50 {result['p50_ms']:.3f} ms  p99 {result['p99_ms']:.3f} ms",
                         file=sys.stderr,
                     )
+        latency: dict[str, dict] = {}
+        if shutil.which("h2load") is not None:
+            body = workdir / "body.json"
+            body.write_text('{"model":"gpt-bench","messages":[{"role":"user","content":"hi"}]}')
+            egress_max = statistics.median(run["rps"] for run in results["small JSON"]["egress"])
+            rate = int(egress_max / 2)
+            for target in ("direct", "nginx-proxy", "egress"):
+                rounds = [
+                    open_loop_latency(
+                        scenarios["small JSON"][target],
+                        body,
+                        {"Authorization": "Bearer sk-bench-byo", "Content-Type": "application/json"},
+                        rate,
+                        args.duration,
+                        workdir / f"h2load-{target}-{index}.log",
+                    )
+                    for index in range(args.rounds)
+                ]
+                latency[target] = {
+                    key: statistics.median(run[key] for run in rounds) for key in ("rate", "p50_ms", "p99_ms")
+                }
         idle = idle_connection_memory(egress_port, egress_pids["egress"], args.idle_connections)
-        report = render(results, egress_cpu, args, verification_costs(), idle)
+        report = render(results, egress_cpu, args, verification_costs(), idle, latency)
         print(report)
         RESULTS.mkdir(parents=True, exist_ok=True)
         (RESULTS / "latest.md").write_text(report)
@@ -362,6 +404,7 @@ def render(
     args: argparse.Namespace,
     verification: dict,
     idle: dict[str, float],
+    latency: dict[str, dict],
 ) -> str:
     lines = [
         f"# egress bench: {args.rounds} rounds x {args.duration}s, {args.connections} connections, wrk -t1, "
@@ -406,6 +449,25 @@ def render(
         f"| cold (first use: Ed25519 verify) | {verification['cold_us']:.1f} |",
         f"| warm (cached) | {verification['warm_us']:.2f} |",
         "",
+    ]
+    if latency:
+        direct = latency["direct"]
+        lines += [
+            f"Open-loop latency, small JSON at {direct['rate']:.0f} req/s (half of egress's closed-loop maximum), "
+            "h2load --rps over 10 connections:",
+            "",
+            "| target | p50 ms | p99 ms | added p50 ms | added p99 ms |",
+            "|---|---:|---:|---:|---:|",
+        ]
+        for target, row in latency.items():
+            lines.append(
+                f"| {target} | {row['p50_ms']:.3f} | {row['p99_ms']:.3f} | {row['p50_ms'] - direct['p50_ms']:.3f} "
+                f"| {row['p99_ms'] - direct['p99_ms']:.3f} |"
+            )
+        lines.append("")
+    else:
+        lines += ["Open-loop latency: skipped, h2load is not installed (apt-get install -y nghttp2-client).", ""]
+    lines += [
         f"Idle keep-alive connections (each served one request, then held): {idle['count']:.0f} connections "
         f"cost egress {idle['total_mib']:.1f} MiB resident, {idle['per_connection_kib']:.1f} KiB each.",
     ]
