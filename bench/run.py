@@ -377,6 +377,7 @@ def main() -> int:
         print(report)
         RESULTS.mkdir(parents=True, exist_ok=True)
         (RESULTS / "latest.md").write_text(report)
+        chart(results, latency, RESULTS / "latest.png")
     finally:
         for process in processes:
             process.send_signal(signal.SIGTERM)
@@ -387,6 +388,41 @@ def main() -> int:
                 process.kill()
         shutil.rmtree(workdir, ignore_errors=True)
     return 0
+
+
+def chart(results: dict, latency: dict[str, dict], path: Path) -> None:
+    """Throughput per scenario and target, and open-loop latency, as one PNG (needs `.[bench]`)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("bench: no chart (pip install -e '.[bench]' for matplotlib)", file=sys.stderr)
+        return
+    panels = len(results) + (1 if latency else 0)
+    figure, axes = plt.subplots(1, panels, figsize=(5.5 * panels, 4.2))
+    for axis, (scenario, targets) in zip(axes, results.items(), strict=False):
+        names = list(targets)
+        rates = [statistics.median(run["rps"] for run in targets[name]) for name in names]
+        bars = axis.bar(
+            range(len(names)), rates, color=["#888" if not n.startswith("egress") else "#2a6" for n in names]
+        )
+        axis.bar_label(bars, labels=[f"{rate / 1000:.1f}k" for rate in rates], fontsize=8)
+        axis.set_xticks(range(len(names)), names, rotation=25, ha="right", fontsize=8)
+        axis.set_title(f"{scenario}: requests/s (median)", fontsize=10)
+    if latency:
+        axis = axes[-1]
+        names = list(latency)
+        positions = range(len(names))
+        axis.bar([p - 0.2 for p in positions], [latency[n]["p50_ms"] for n in names], width=0.4, label="p50")
+        axis.bar([p + 0.2 for p in positions], [latency[n]["p99_ms"] for n in names], width=0.4, label="p99")
+        axis.set_xticks(list(positions), names, fontsize=8)
+        axis.set_title(f"latency at {latency['direct']['rate']:.0f} req/s (ms)", fontsize=10)
+        axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
 
 
 def _bench_issuer() -> tuple[str, str]:
