@@ -185,6 +185,38 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+PEER_VENV = Path.home() / ".cache" / "egress-bench" / "litellm-venv"
+
+
+def start_litellm(workdir: Path, upstream_port: int, port: int) -> subprocess.Popen:
+    """LiteLLM's proxy, from its own virtualenv (made once, then reused), in front of the same upstream."""
+    binary = PEER_VENV / "bin" / "litellm"
+    if not binary.exists():
+        print("bench: installing litellm[proxy] into", PEER_VENV, file=sys.stderr)
+        subprocess.run([sys.executable, "-m", "venv", str(PEER_VENV)], check=True)
+        subprocess.run(
+            [str(PEER_VENV / "bin" / "pip"), "install", "--quiet", "litellm[proxy]"], check=True, timeout=900
+        )
+    config = workdir / "litellm.yaml"
+    config.write_text(
+        "model_list:\n"
+        "  - model_name: gpt-bench\n"
+        "    litellm_params:\n"
+        "      model: openai/gpt-bench\n"
+        f"      api_base: http://127.0.0.1:{upstream_port}/v1\n"
+        "      api_key: sk-bench-upstream\n"
+        "litellm_settings:\n"
+        "  telemetry: false\n"
+    )
+    environment = {**os.environ, "LITELLM_LOG": "ERROR", "LITELLM_TELEMETRY": "False"}
+    return subprocess.Popen(
+        [str(binary), "--config", str(config), "--host", "127.0.0.1", "--port", str(port), "--num_workers", "1"],
+        stdout=(workdir / "litellm.log").open("wb"),
+        stderr=subprocess.STDOUT,
+        env=environment,
+    )
+
+
 def children_of(pid: int) -> list[int]:
     found = []
     for entry in Path("/proc").iterdir():
@@ -234,6 +266,7 @@ def main() -> int:
     parser.add_argument("--duration", type=int, default=5)
     parser.add_argument("--connections", type=int, default=50)
     parser.add_argument("--idle-connections", type=int, default=10_000)
+    parser.add_argument("--peers", action="store_true", help="also measure LiteLLM's proxy (installed in its own venv)")
     args = parser.parse_args()
     for tool in ("nginx", "wrk"):
         if shutil.which(tool) is None:
@@ -306,8 +339,14 @@ def main() -> int:
         processes.append(process)
         egress_pids[name] = process.pid
     try:
+        peer_port = None
+        if args.peers:
+            peer_port = free_port()
+            processes.append(start_litellm(workdir, upstream_port, peer_port))
         for port in (upstream_port, proxy_port, egress_port, full_port, two_port):
             wait_for_port(port)
+        if peer_port is not None:
+            wait_for_port(peer_port, timeout=120)  # LiteLLM takes a while to import
         watch = {"upstream": children_of(processes[0].pid)[0]}
         scenarios = {
             "small JSON": {
@@ -316,6 +355,7 @@ def main() -> int:
                 "egress": f"http://127.0.0.1:{egress_port}/bench/v1/chat/completions",
                 "egress, full": f"http://127.0.0.1:{full_port}/bench/v1/chat/completions",
                 "egress, 2 workers": f"http://127.0.0.1:{two_port}/bench/v1/chat/completions",
+                **({"litellm": f"http://127.0.0.1:{peer_port}/v1/chat/completions"} if peer_port else {}),
             },
             f"SSE {SSE_EVENTS} events": {
                 "direct": f"http://127.0.0.1:{upstream_port}/v1/stream",

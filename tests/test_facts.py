@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import anthropic
 import openai
@@ -216,3 +217,23 @@ nats_stream = "EGRESS_USAGE_TEST"
     assert [fact["input_tokens"] for _, fact in result] == [12, 12, 12]
     assert stored == 3
     assert "sk-byo-nats" not in str(result)
+
+
+def test_report_reads_every_workers_file_and_rotation(tmp_path):
+    from egress.report import aggregate, files_of
+    from egress.serve import worker_path
+
+    base = str(tmp_path / "usage.jsonl")
+    assert worker_path(base, 1) == str(tmp_path / "usage-w1.jsonl")
+    written = {
+        worker_path(base, 0): ["a", "b"],
+        worker_path(base, 0) + ".1": ["c"],
+        worker_path(base, 1): ["d", "a"],  # "a" twice: billed once
+    }
+    for path, ids in written.items():
+        lines = [
+            orjson.dumps({"ts": time.time(), "request_id": i, "provider": "openai", "input_tokens": 1}) for i in ids
+        ]
+        Path(path).write_bytes(b"\n".join(lines) + b"\n")
+    assert sorted(files_of(base)) == sorted(written)
+    assert aggregate(files_of(base), 0, "provider")["openai"]["requests"] == 4
