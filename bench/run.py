@@ -186,6 +186,7 @@ def cpu_seconds(pid: int) -> float:
 
 
 PEER_VENV = Path.home() / ".cache" / "egress-bench" / "litellm-venv"
+PEER_MASTER_KEY = "sk-bench-master-0123456789abcdef0123456789abcdef"
 
 
 def start_litellm(workdir: Path, upstream_port: int, port: int) -> subprocess.Popen:
@@ -207,8 +208,16 @@ def start_litellm(workdir: Path, upstream_port: int, port: int) -> subprocess.Po
         "      api_key: sk-bench-upstream\n"
         "litellm_settings:\n"
         "  telemetry: false\n"
+        "general_settings:\n"
+        f"  master_key: {PEER_MASTER_KEY}\n"  # it refuses to start without one
     )
-    environment = {**os.environ, "LITELLM_LOG": "ERROR", "LITELLM_TELEMETRY": "False"}
+    # Local cost map: no request may leave the machine.
+    environment = {
+        **os.environ,
+        "LITELLM_LOG": "ERROR",
+        "LITELLM_TELEMETRY": "False",
+        "LITELLM_LOCAL_MODEL_COST_MAP": "True",
+    }
     return subprocess.Popen(
         [str(binary), "--config", str(config), "--host", "127.0.0.1", "--port", str(port), "--num_workers", "1"],
         stdout=(workdir / "litellm.log").open("wb"),
@@ -373,7 +382,11 @@ def main() -> int:
             virtual = workdir / "post-virtual.lua" if scenario == "small JSON" else workdir / "get-virtual.lua"
             if not virtual.exists():
                 virtual.write_text(f'wrk.headers["Authorization"] = "Bearer {virtual_key}"\n')
-            scripts = {target: virtual if target == "egress, full" else lua for target in urls}
+            peer = workdir / "post-peer.lua"
+            peer.write_text((POST_LUA % PEER_MASTER_KEY) if scenario == "small JSON" else "")
+            scripts = {
+                target: virtual if target == "egress, full" else peer if target == "litellm" else lua for target in urls
+            }
             for target, url in urls.items():  # warm-up: pools, caches
                 run_wrk(url, scripts[target], 1, args.connections)
             for round_index in range(args.rounds):
@@ -512,9 +525,10 @@ def render(
                 lines.append(f"| | ({target}: {median['non_2xx']:.0f} non-2xx responses) | | | | | |")
         for target in (name for name in medians if name.startswith("egress")):
             rps = medians[target]["rps"]
+            peer = f", /litellm **{rps / medians['litellm']['rps']:.0f}**" if "litellm" in medians else ""
             lines.append(
                 f"| {scenario} | **ratio, {target}** | /nginx-proxy **{rps / medians['nginx-proxy']['rps']:.2f}**, "
-                f"/direct **{rps / medians['direct']['rps']:.2f}** | | | | |"
+                f"/direct **{rps / medians['direct']['rps']:.2f}**{peer} | | | | |"
             )
     lines += [
         "",
