@@ -1,6 +1,8 @@
-"""Process lifecycle: listen, serve, drain on SIGTERM/SIGINT, exit 0; SIGHUP reloads the deny file.
+"""Process lifecycle of one serving process: listen, serve, drain on SIGTERM/SIGINT, exit 0.
 
-Contract: `serve(config)` blocks until a stop signal has been handled and returns the exit code.
+Contract: `serve(config, config_path, worker)` blocks until a stop signal has been handled and
+returns the exit code. SIGHUP re-reads the config file (`reload_config`) and the deny file.
+Without a supervisor the process tells systemd READY=1 and STOPPING=1 itself.
 Start: the revocation snapshot and the deny file are loaded before the first connection is
 accepted, so a revoked key is refused from the very first request, broker or not.
 Drain: stop accepting, close idle keep-alive connections, let in-flight exchanges finish (their
