@@ -149,23 +149,16 @@ class UsageMeter:
             position = buffer.find(_USAGE_KEY, line_end, end)
 
     def _apply(self, document: dict) -> None:
-        usage = self._usage
-        if self._anthropic:
-            kind = document.get("type")
-            message = document.get("message") if kind == "message_start" else document
-            if not isinstance(message, dict):
+        if self._anthropic and document.get("type") == "message_start":
+            document = document.get("message")  # the input side sits inside the message
+            if not isinstance(document, dict):
                 return
-            if isinstance(message.get("model"), str):
-                usage.model = message["model"]
-            counts = message.get("usage")
-            if isinstance(counts, dict):
-                _anthropic_counts(usage, counts)
-            return
+        usage = self._usage
         if isinstance(document.get("model"), str):
             usage.model = document["model"]
         counts = document.get("usage")
         if isinstance(counts, dict):
-            _openai_counts(usage, counts)
+            (_anthropic_counts if self._anthropic else _openai_counts)(usage, counts)
 
 
 def _int(value: object) -> int | None:

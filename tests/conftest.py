@@ -76,6 +76,14 @@ dialect = "openai"
 """
 
 
+def virtual_key_config(fake: FakeProvider, ca_file: Path, workdir: Path, issuer_public_key: str, extra: str = ""):
+    """`provider_config` that trusts one issuer and gives openai and anthropic one pool key each."""
+    pool = workdir / "pool.keys"
+    pool.write_text("sk-pool-test-0123456789\n")
+    keys = f'[keys]\ntrusted_issuers = ["{issuer_public_key}"]\n\n'
+    return provider_config(fake, ca_file, pool_keys={"openai": pool, "anthropic": pool}, extra=keys + extra)
+
+
 @pytest.fixture
 def start_egress(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Callable[..., EgressProcess]]:
     started: list[EgressProcess] = []

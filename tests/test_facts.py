@@ -12,7 +12,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from egress.vkeys import mint, public_key_text
-from tests.conftest import provider_config
+from tests.conftest import provider_config, virtual_key_config
 from tests.support import RawClient, request_bytes, run_egress_cli, wait_until
 
 ISSUER = Ed25519PrivateKey.generate()
@@ -21,16 +21,12 @@ ISSUER = Ed25519PrivateKey.generate()
 @pytest.fixture
 def metered(start_egress, fake_provider, ca_file, tmp_path):
     usage_file = tmp_path / "usage.jsonl"
-    pool = tmp_path / "pool.keys"
-    pool.write_text("sk-pool-usage\n")
-    config = provider_config(
+    config = virtual_key_config(
         fake_provider,
         ca_file,
-        pool_keys={"openai": pool, "anthropic": pool},
+        tmp_path,
+        public_key_text(ISSUER.public_key()),
         extra=f"""
-[keys]
-trusted_issuers = ["{public_key_text(ISSUER.public_key())}"]
-
 [limits.tiers.small]
 tokens_per_minute = 30
 

@@ -6,7 +6,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from egress.vkeys import mint, public_key_text
-from tests.conftest import provider_config
+from tests.conftest import virtual_key_config
 from tests.support import RawClient, request_bytes
 
 ISSUER = Ed25519PrivateKey.generate()
@@ -14,16 +14,12 @@ ISSUER = Ed25519PrivateKey.generate()
 
 @pytest.fixture
 def limited(start_egress, fake_provider, ca_file, tmp_path):
-    pool = tmp_path / "pool.keys"
-    pool.write_text("sk-pool-limits\n")
-    config = provider_config(
+    config = virtual_key_config(
         fake_provider,
         ca_file,
-        pool_keys={"openai": pool, "anthropic": pool},
-        extra=f"""
-[keys]
-trusted_issuers = ["{public_key_text(ISSUER.public_key())}"]
-
+        tmp_path,
+        public_key_text(ISSUER.public_key()),
+        extra="""
 [limits]
 requests_per_minute = 3
 

@@ -9,7 +9,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from prometheus_client.parser import text_string_to_metric_families
 
 from egress.vkeys import mint, public_key_text
-from tests.conftest import provider_config
+from tests.conftest import virtual_key_config
 from tests.support import RawClient, request_bytes, wait_until
 
 ISSUER = Ed25519PrivateKey.generate()
@@ -40,14 +40,8 @@ def value(found, name: str, **labels: str) -> float:
 
 
 def test_metrics_after_a_mixed_run(start_egress, fake_provider, ca_file, tmp_path):
-    pool = tmp_path / "pool.keys"
-    pool.write_text("sk-pool-metrics\n")
-    config = provider_config(
-        fake_provider,
-        ca_file,
-        pool_keys={"openai": pool},
-        extra=f'[keys]\ntrusted_issuers = ["{public_key_text(ISSUER.public_key())}"]\n\n'
-        "[limits]\nrequests_per_minute = 4\n",
+    config = virtual_key_config(
+        fake_provider, ca_file, tmp_path, public_key_text(ISSUER.public_key()), "[limits]\nrequests_per_minute = 4\n"
     )
     egress = start_egress(config)
     key, _ = mint(ISSUER, "metrics-app")
