@@ -144,6 +144,7 @@ def test_systemd_unit_verifies(tmp_path):
         "DynamicUser=yes",
         "LimitNOFILE=",
         "ExecReload=/bin/kill -HUP",
+        "KillMode=mixed",
     ):
         assert directive in unit, directive
     if analyze is None:
