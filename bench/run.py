@@ -425,8 +425,9 @@ def main() -> int:
                 latency[target] = {
                     key: statistics.median(run[key] for run in rounds) for key in ("rate", "p50_ms", "p99_ms")
                 }
+        sse_timing = sse_event_timing(workdir)
         idle = idle_connection_memory(egress_port, egress_pids["egress"], args.idle_connections)
-        report = render(results, egress_cpu, args, verification_costs(), idle, latency)
+        report = render(results, egress_cpu, args, verification_costs(), idle, latency, sse_timing)
         print(report)
         RESULTS.mkdir(parents=True, exist_ok=True)
         (RESULTS / "latest.md").write_text(report)
@@ -441,6 +442,33 @@ def main() -> int:
                 process.kill()
         shutil.rmtree(workdir, ignore_errors=True)
     return 0
+
+
+def sse_event_timing(workdir: Path) -> dict[str, float]:
+    """Added time to first event and inter-event jitter, with a chunk-per-event upstream (1 ms pacing)."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    import sse_timing
+
+    upstream_port, egress_port = free_port(), free_port()
+    upstream = subprocess.Popen([sys.executable, "-c", sse_timing.UPSTREAM_CODE, str(upstream_port), "200", "0.001"])
+    config = workdir / "egress-sse.toml"
+    config.write_text(
+        f'[server]\nlisten = "127.0.0.1:{egress_port}"\naccess_log = "off"\nadmin_listen = "off"\n\n'
+        f'[providers.sse]\nbase_url = "http://127.0.0.1:{upstream_port}"\n'
+    )
+    egress = subprocess.Popen(
+        [sys.executable, "-m", "egress", "serve", "--config", str(config), "--workers", "1"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_for_port(upstream_port)
+        wait_for_port(egress_port)
+        return sse_timing.compare(egress_port, upstream_port)
+    finally:
+        for process in (upstream, egress):
+            process.terminate()
+            process.wait(timeout=10)
 
 
 def chart(results: dict, latency: dict[str, dict], path: Path) -> None:
@@ -494,6 +522,7 @@ def render(
     verification: dict,
     idle: dict[str, float],
     latency: dict[str, dict],
+    sse: dict[str, float],
 ) -> str:
     lines = [
         f"# egress bench: {args.rounds} rounds x {args.duration}s, {args.connections} connections, wrk -t1, "
@@ -558,6 +587,12 @@ def render(
     else:
         lines += ["Open-loop latency: skipped, h2load is not installed (apt-get install -y nghttp2-client).", ""]
     lines += [
+        f"SSE timing, chunk-per-event upstream pacing 1 ms, {sse['events']:.0f} events over one keep-alive "
+        f"connection (meter on): egress adds {sse['ttft_p50_added_ms']:.3f} ms p50 / "
+        f"{sse['ttft_p99_added_ms']:.3f} ms p99 to the first event, and {sse['gap_p99_added_ms']:.3f} ms to the "
+        f"p99 gap between events ({sse['gap_p99_direct_ms']:.3f} ms direct, {sse['gap_p99_egress_ms']:.3f} ms "
+        "through egress).",
+        "",
         f"Idle keep-alive connections (each served one request, then held): {idle['count']:.0f} connections "
         f"cost egress {idle['total_mib']:.1f} MiB resident, {idle['per_connection_kib']:.1f} KiB each.",
     ]
