@@ -194,12 +194,12 @@ def parse_config(table: dict[str, Any]) -> Config:
 def _build_limits(table: Any) -> LimitsConfig:
     if not isinstance(table, dict):
         raise ConfigError("[limits] must be a table")
-    tier_keys = {f.name for f in dataclasses.fields(TierConfig)}
-    own = {key: value for key, value in table.items() if key not in tier_keys and key != "tiers"}
-    default_tier = _build(TierConfig, {k: v for k, v in table.items() if k in tier_keys}, "limits")
-    base = _build(LimitsConfig, {k: v for k, v in own.items() if k not in ("default_tier",)}, "limits")
-    if "default_tier" in own:
+    if "default_tier" in table:
         raise ConfigError("unknown key 'limits.default_tier' (set requests_per_minute directly in [limits])")
+    # [limits] holds the default tier's own keys beside the sketch settings and [limits.tiers.*].
+    tier_keys = {f.name for f in dataclasses.fields(TierConfig)}
+    default_tier = _build(TierConfig, {k: v for k, v in table.items() if k in tier_keys}, "limits")
+    base = _build(LimitsConfig, {k: v for k, v in table.items() if k not in tier_keys and k != "tiers"}, "limits")
     if not 1 <= base.sketch_depth <= 8 or base.sketch_width < 64:
         raise ConfigError("limits.sketch_depth must be 1..8 and limits.sketch_width at least 64")
     if base.byo_hash_key is not None and not base.byo_hash_key.startswith(("env:", "file:")):

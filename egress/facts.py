@@ -107,3 +107,9 @@ class FactSink:
         if os.path.exists(stale):
             os.remove(stale)
         self._open()
+
+
+def worker_path(path: str, index: int) -> str:
+    """`usage.jsonl` -> `usage-w1.jsonl`: each worker writes its own file, so rotation needs no lock."""
+    stem, dot, suffix = path.rpartition(".")
+    return f"{stem}-w{index}.{suffix}" if dot and "/" not in suffix else f"{path}-w{index}"

@@ -118,12 +118,13 @@ def inspect_request(headers: Headers, http_version: str) -> RequestFacts:
 
 
 class ResponseFacts:
-    __slots__ = ("content_length", "content_type", "headers")
+    __slots__ = ("chunked", "content_length", "content_type", "headers")
 
-    def __init__(self, headers: Headers, content_length: int | None, content_type: bytes) -> None:
+    def __init__(self, headers: Headers, content_length: int | None, content_type: bytes, chunked: bool) -> None:
         self.headers = headers
         self.content_length = content_length
         self.content_type = content_type
+        self.chunked = chunked  # framed by the upstream's chunked coding (otherwise length or close)
 
 
 def inspect_response(headers: Headers) -> ResponseFacts:
@@ -131,6 +132,7 @@ def inspect_response(headers: Headers) -> ResponseFacts:
     relayed: Headers = []
     content_length = None
     content_type = b""
+    chunked = False
     connection_tokens = None
     for name, value in headers:
         if _UNSAFE_IN_VALUE.search(value) is not None:
@@ -143,13 +145,15 @@ def inspect_response(headers: Headers) -> ResponseFacts:
                 content_length = int(value)
             elif lower == b"connection":
                 connection_tokens = _connection_tokens([(lower, value)]) | (connection_tokens or frozenset())
+            elif lower == b"transfer-encoding":
+                chunked = value.rstrip().lower().endswith(b"chunked")
             continue
         if lower == b"content-type":
             content_type = value
         relayed.append((name, value))
     if connection_tokens:
         relayed = [(name, value) for name, value in relayed if name.lower() not in connection_tokens]
-    return ResponseFacts(relayed, content_length, content_type)
+    return ResponseFacts(relayed, content_length, content_type, chunked)
 
 
 def _connection_tokens(lowered: Headers) -> frozenset[bytes]:

@@ -114,6 +114,11 @@ class Exchange:
         self.outcome = "complete"
 
     # -- phases driven by the upstream connection ------------------------------------------
+    @property
+    def path(self) -> bytes:
+        """The request target without its query string (which may carry a credential)."""
+        return self.target.split(b"?", 1)[0]
+
     def upstream_head(self, status: int, headers: http1.Headers) -> None:
         facts = http1.inspect_response(headers)  # raises upstream_protocol_error: nothing relayed yet
         content_length = facts.content_length
@@ -123,7 +128,7 @@ class Exchange:
             else:
                 self.usage_filter = None
         framing = http1.response_framing(status, self.head_request, content_length, self.http11)
-        self.upstream_until_close = framing in (CHUNKED, UNTIL_CLOSE) and not _is_chunked(headers)
+        self.upstream_until_close = framing in (CHUNKED, UNTIL_CLOSE) and not facts.chunked
         client = self.client
         if framing == UNTIL_CLOSE or client.draining:
             self.keep_alive = False
@@ -206,13 +211,6 @@ class Exchange:
             done.set_result(None)
 
 
-def _is_chunked(headers: http1.Headers) -> bool:
-    for name, value in headers:
-        if name.lower() == b"transfer-encoding":
-            return value.rstrip().lower().endswith(b"chunked")
-    return False
-
-
 async def forward(exchange: Exchange) -> None:
     """Upstream request and response phases for one routed request; `finish` always runs."""
     client = exchange.client
@@ -226,7 +224,7 @@ async def forward(exchange: Exchange) -> None:
         and provider.inject_stream_usage
         and provider.dialect == "openai"
         and exchange.method == b"POST"
-        and exchange.target.split(b"?", 1)[0].endswith(b"/chat/completions")
+        and exchange.path.endswith(b"/chat/completions")
     ):
         injected = inject_include_usage(body)
         if injected is not None:
@@ -323,8 +321,6 @@ def finish(exchange: Exchange) -> None:
     state.metrics.observe(exchange, now - exchange.started)
     access_log = state.access_log
     if access_log.enabled:
-        target = exchange.target
-        query_at = target.find(b"?")
         route = exchange.route
         error = exchange.error
         access_log.write(
@@ -339,7 +335,7 @@ def finish(exchange: Exchange) -> None:
                 "kid": exchange.claims.kid if exchange.claims is not None else None,
                 "sub": exchange.claims.sub if exchange.claims is not None else None,
                 # The path only: a query string may carry a credential (?key=...) and never reaches logs.
-                "path": (target if query_at < 0 else target[:query_at]).decode("latin-1"),
+                "path": exchange.path.decode("latin-1"),
                 "status": exchange.status,
                 "code": error.code if error is not None else None,
                 "outcome": exchange.outcome,
@@ -350,14 +346,14 @@ def finish(exchange: Exchange) -> None:
             }
         )
     if exchange.ttfb is not None and state.metering:  # the provider answered: this is billable
-        emit_usage(exchange, state)
+        emit_usage(exchange, state, now)
     client.exchange_finished(exchange)
 
 
 _REQUESTED_MODEL = re.compile(rb'"model"\s*:\s*"((?:[^"\\]|\\.){1,200})"')
 
 
-def emit_usage(exchange: Exchange, state) -> None:
+def emit_usage(exchange: Exchange, state, now: float) -> None:
     """The meter's reading becomes one usage fact and feeds the token limit; after the response."""
     meter = exchange.meter
     usage = meter.result(exchange.outcome == "complete") if meter is not None else Usage()
@@ -365,7 +361,6 @@ def emit_usage(exchange: Exchange, state) -> None:
     claims = exchange.claims
     identity = exchange.identity or state.limiter.identity(exchange)
     requested = _REQUESTED_MODEL.search(exchange.body, 0, 65536) if exchange.body else None
-    now = time.monotonic()
     state.limiter.record_tokens(exchange, usage.total_tokens, state.loop_time())
     state.metrics.observe_usage(route.provider.name, usage)
     state.facts.emit(
@@ -376,7 +371,7 @@ def emit_usage(exchange: Exchange, state) -> None:
             "kid": claims.kid if claims is not None else None,
             "subject": claims.sub if claims is not None else None,
             "provider": route.provider.name,
-            "path": exchange.target.split(b"?", 1)[0].decode("latin-1"),
+            "path": exchange.path.decode("latin-1"),
             "requested_model": requested.group(1).decode("utf-8", "replace") if requested else None,
             "model": usage.model,
             "usage": usage.state,

@@ -17,6 +17,7 @@ from collections import defaultdict
 import orjson
 
 from egress.config import ConfigError, load_config
+from egress.facts import worker_path
 
 _SINCE = re.compile(r"^(\d+)([smhd])$")
 _SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -65,8 +66,6 @@ def run(args: argparse.Namespace) -> int:
 
 def files_of(path: str) -> list[str]:
     """The file, its rotations, and the same for each worker's own file (usage-w0.jsonl, …)."""
-    from egress.serve import worker_path
-
     found = []
     for base in [path, *sorted(glob.glob(glob.escape(worker_path(path, 0)).replace("-w0", "-w[0-9]*")))]:
         rotated = sorted(glob.glob(glob.escape(base) + ".[0-9]*"), key=lambda name: -int(name.rsplit(".", 1)[1]))

@@ -26,7 +26,7 @@ from egress.admin import start_admin
 from egress.auth import Authenticator, load_pools
 from egress.config import Config, ConfigError, load_config, parse_listen
 from egress.denyset import DenySet, read_deny_file
-from egress.facts import FactSink
+from egress.facts import FactSink, worker_path
 from egress.limiter import RateLimiter
 from egress.providers import Router
 from egress.sdnotify import notify
@@ -53,11 +53,6 @@ def _per_worker_files(config: Config, index: int) -> Config:
     return dataclasses.replace(
         config, usage=dataclasses.replace(config.usage, jsonl=worker_path(config.usage.jsonl, index))
     )
-
-
-def worker_path(path: str, index: int) -> str:
-    stem, dot, suffix = path.rpartition(".")
-    return f"{stem}-w{index}.{suffix}" if dot and "/" not in suffix else f"{path}-w{index}"
 
 
 def reload_config(state: ServerState, config_path: str | None) -> None:

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 import httptools
 
 from egress import http1, proxy
+from egress.accesslog import log_event
 from egress.deadline import Deadline
 from egress.errors import EgressError, render_error
 from egress.flow import Backpressure
@@ -363,8 +364,6 @@ class ClientConnection(asyncio.Protocol):
         return False
 
     def log_internal_error(self, exc: BaseException) -> None:
-        from egress.accesslog import log_event
-
         log_event("internal_error", error=type(exc).__name__, detail=str(exc)[:200])
 
     # -- internals -------------------------------------------------------------------------

@@ -13,6 +13,7 @@ once they have all stopped.
 
 from __future__ import annotations
 
+import dataclasses
 import mmap
 import os
 import select
@@ -46,8 +47,6 @@ def supervise(config: Config, config_path: str | None, workers: int) -> int:
         placeholder.bind((host, 0))
         port = placeholder.getsockname()[1]
         shown = f"[{host}]" if ":" in host else host
-        import dataclasses
-
         config = dataclasses.replace(config, server=dataclasses.replace(config.server, listen=f"{shown}:{port}"))
     shared = mmap.mmap(-1, shared_bytes_needed(config.limits))  # MAP_SHARED | MAP_ANONYMOUS
     byo_hash_key = os.urandom(32)

@@ -216,8 +216,8 @@ nats_stream = "EGRESS_USAGE_TEST"
 
 
 def test_report_reads_every_workers_file_and_rotation(tmp_path):
+    from egress.facts import worker_path
     from egress.report import aggregate, files_of
-    from egress.serve import worker_path
 
     base = str(tmp_path / "usage.jsonl")
     assert worker_path(base, 1) == str(tmp_path / "usage-w1.jsonl")
