@@ -99,7 +99,6 @@ class ClientConnection(asyncio.Protocol):
         "_deadline",
         "_head_bytes",
         "_header_bytes",
-        "_loop",
         "_parse_failed",
         "_parser",
         "_pending",
@@ -108,6 +107,7 @@ class ClientConnection(asyncio.Protocol):
         "backpressure",
         "closed",
         "incoming",
+        "loop",
         "peer",
         "state",
         "transport",
@@ -115,11 +115,11 @@ class ClientConnection(asyncio.Protocol):
 
     def __init__(self, state: ServerState) -> None:
         self.state = state
-        self._loop = asyncio.get_running_loop()
+        self.loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
         self.peer: str | None = None
         self._parser = httptools.HttpRequestParser(self)
-        self._deadline = Deadline(self._loop, self._on_deadline)
+        self._deadline = Deadline(self.loop, self._on_deadline)
         self.backpressure = Backpressure()
         self.incoming: proxy.Exchange | None = None  # being parsed
         self._pending: deque[proxy.Exchange] = deque()  # parsed, waiting their turn
@@ -153,7 +153,7 @@ class ClientConnection(asyncio.Protocol):
             )
             self._close()
             return
-        self._deadline.set(self._loop.time() + server.header_timeout)
+        self._deadline.set(self.loop.time() + server.header_timeout)
 
     def data_received(self, data: bytes) -> None:
         if self._parse_failed or self.closed:
@@ -188,7 +188,7 @@ class ClientConnection(asyncio.Protocol):
                     if self._head_bytes > server.max_header_bytes + server.max_request_line_bytes:
                         self._fail(EgressError("headers_too_large", "request head too large"))
             else:
-                self._deadline.set(self._loop.time() + self.state.config.server.body_timeout)
+                self._deadline.set(self.loop.time() + self.state.config.server.body_timeout)
 
     def eof_received(self) -> bool:
         return False  # a client that half-closes is treated as gone, as nginx does by default
@@ -212,7 +212,7 @@ class ClientConnection(asyncio.Protocol):
         self.incoming = exchange
         self._header_bytes = 0
         if self.active is None and not self._pending:
-            self._deadline.set(self._loop.time() + self.state.config.server.header_timeout)
+            self._deadline.set(self.loop.time() + self.state.config.server.header_timeout)
 
     def on_url(self, url: bytes) -> None:
         incoming = self.incoming
@@ -273,7 +273,7 @@ class ClientConnection(asyncio.Protocol):
                 exchange.route = route = state.router.resolve(target)
                 exchange.dialect = route.provider.dialect
                 state.auth.authenticate(exchange, route.provider)
-                state.limiter.admit(exchange, route.provider.name, self._loop.time())
+                state.limiter.admit(exchange, route.provider.name, self.loop.time())
             except EgressError as error:
                 if exchange.route is None:
                     exchange.dialect = guess_dialect(target, facts.has_anthropic_headers)
@@ -289,7 +289,7 @@ class ClientConnection(asyncio.Protocol):
                 self.transport.write(_CONTINUE)
             else:
                 exchange.continue_owed = True
-        self._deadline.set(self._loop.time() + server.body_timeout)
+        self._deadline.set(self.loop.time() + server.body_timeout)
 
     def on_body(self, body: bytes) -> None:
         exchange = self.incoming
@@ -326,7 +326,7 @@ class ClientConnection(asyncio.Protocol):
             elif exchange.health_check:
                 proxy.respond_health(exchange)
             else:
-                self._loop.create_task(proxy.forward(exchange))
+                self.loop.call_soon(proxy.forward, exchange)
         if not self._pending and self._reading_paused and not self._parse_failed and not self.closed:
             self._reading_paused = False
             self.transport.resume_reading()
@@ -344,11 +344,11 @@ class ClientConnection(asyncio.Protocol):
             server = self.state.config.server
             incoming = self.incoming
             if incoming is None:
-                self._deadline.set(self._loop.time() + server.keepalive_timeout)
+                self._deadline.set(self.loop.time() + server.keepalive_timeout)
             elif not incoming.head_done:
-                self._deadline.set(self._loop.time() + server.header_timeout)
+                self._deadline.set(self.loop.time() + server.header_timeout)
             else:
-                self._deadline.set(self._loop.time() + server.body_timeout)
+                self._deadline.set(self.loop.time() + server.body_timeout)
                 if incoming.continue_owed:
                     incoming.continue_owed = False
                     self.transport.write(_CONTINUE)

@@ -1,11 +1,14 @@
 """Upstream client: per-origin keep-alive pool of HTTP/1.1 connections over TCP or TLS.
 
 Contract:
-  `await pool.acquire(origin)` -> an `UpstreamConnection` ready for one request, or raises
-      EgressError (upstream_connect_error / upstream_timeout).
+  `pool.take_idle(origin)` -> a pooled `UpstreamConnection` ready for one request, or None;
+  `await pool.connect(origin)` -> a new one, or raises EgressError (upstream_connect_error /
+      upstream_timeout).
   `conn.send(exchange, data)` writes one request; the connection then calls, in order,
       exchange.upstream_head(status, headers) once, exchange.upstream_body(bytes) per read,
-      and exactly one of exchange.upstream_end() or exchange.upstream_failed(error).
+      and exactly one of exchange.upstream_end() or exchange.upstream_failed(error). The end is
+      reported after the read that completed the response is parsed, so the exchange may hand
+      the connection to the next request at once.
   `pool.release(conn)` returns it; it is kept only after a complete, well-framed response that
       the provider did not ask to close, and closed when idle past `pool_idle_timeout`.
 Deadlines: connect (DNS + TCP + TLS), first byte after the request is written, then idle between reads.
@@ -52,14 +55,14 @@ class UpstreamPool:
     def config(self) -> UpstreamConfig:
         return self._config
 
-    async def acquire(self, origin: Origin) -> UpstreamConnection:
+    def take_idle(self, origin: Origin) -> UpstreamConnection | None:
         idle = self._idle.get(origin)
         while idle:
             conn = idle.pop()  # most recently used first: the likeliest to still be open
             if conn.transport is not None and not conn.transport.is_closing():
                 conn.reused = True
                 return conn
-        return await self._connect(origin)
+        return None
 
     def release(self, conn: UpstreamConnection) -> None:
         transport = conn.transport
@@ -90,7 +93,7 @@ class UpstreamPool:
                 conn.close()
             idle.clear()
 
-    async def _connect(self, origin: Origin) -> UpstreamConnection:
+    async def connect(self, origin: Origin) -> UpstreamConnection:
         loop = self._loop
         give_up_at = loop.time() + self._config.connect_timeout
         try:
@@ -125,11 +128,16 @@ class UpstreamPool:
         raise EgressError("upstream_connect_error", f"cannot connect to {origin.host}:{origin.port}: {failure}")
 
 
+class _ResponseAfterEnd(Exception):
+    """Stops the parser: nothing after the end of the response belongs to it."""
+
+
 class UpstreamConnection(asyncio.Protocol):
     __slots__ = (
         "_deadline",
         "_headers",
         "_loop",
+        "_message_done",
         "_parser",
         "_skipping_interim",
         "exchange",
@@ -154,6 +162,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.timed_out = False
         self._headers: list[tuple[bytes, bytes]] = []
         self._skipping_interim = False
+        self._message_done = False  # the response ended inside the read being parsed
         self._parser = httptools.HttpResponseParser(self)
         self._deadline = Deadline(self._loop, self._on_deadline)
 
@@ -199,9 +208,18 @@ class UpstreamConnection(asyncio.Protocol):
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserError:
-            self._fail(EgressError("upstream_protocol_error", "the upstream response is not valid HTTP/1.1"))
-            self.abort()
-        exchange.flush()
+            if self._message_done:
+                self.reusable = False  # bytes after a complete response: answered, but never reused
+            else:
+                self._fail(EgressError("upstream_protocol_error", "the upstream response is not valid HTTP/1.1"))
+                self.abort()
+        if self._message_done:
+            # Reported only now that the parser is done with this read: the exchange may hand this
+            # connection to its next request, which must not start inside our own callbacks.
+            self._message_done = False
+            self._finish()
+        else:
+            exchange.upstream_read_done()
 
     def eof_received(self) -> bool:
         return False
@@ -225,6 +243,10 @@ class UpstreamConnection(asyncio.Protocol):
     def on_header(self, name: bytes, value: bytes) -> None:
         self._headers.append((name, value))
 
+    def on_message_begin(self) -> None:
+        if self._message_done:
+            raise _ResponseAfterEnd
+
     def on_headers_complete(self) -> None:
         status = self._parser.get_status_code()
         if status < 200:
@@ -240,8 +262,9 @@ class UpstreamConnection(asyncio.Protocol):
             raise
         if exchange.head_request:
             # llhttp can't be told a HEAD response has no body: end here, and never reuse.
-            self._finish()
-            self.close()
+            self.reusable = False
+            self._message_done = True
+            raise _ResponseAfterEnd
 
     def on_body(self, body: bytes) -> None:
         exchange = self.exchange
@@ -253,7 +276,7 @@ class UpstreamConnection(asyncio.Protocol):
             self._skipping_interim = False
             return
         self.reusable = self._parser.should_keep_alive()
-        self._finish()
+        self._message_done = True
 
     # -- internals -------------------------------------------------------------------------
     def _finish(self) -> None:
@@ -268,7 +291,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.exchange = None
         self.reusable = False
         if exchange is not None:
-            exchange.upstream_failed(error, self)
+            exchange.upstream_failed(error)
 
     def _parser_awaits_eof(self) -> bool:
         exchange = self.exchange
