@@ -41,8 +41,24 @@ _HOP_BY_HOP = frozenset(
         b"http2-settings",
     }
 )
-_NOT_FORWARDED_UPSTREAM = _HOP_BY_HOP | {b"host", b"content-length", b"expect"}
 _NOT_RELAYED_DOWNSTREAM = _HOP_BY_HOP | {b"content-length"}
+# Connection tokens that name nothing else to drop: the common `keep-alive` and `close`.
+_HOP_BY_HOP_TOKENS = _HOP_BY_HOP | {b"close", b""}
+
+# What a request header means to egress; a header not listed is forwarded as it is.
+_HOP, _HOST, _CONTENT_LENGTH, _TRANSFER_ENCODING, _CONNECTION, _EXPECT = range(6)
+_AUTHORIZATION, _API_KEY, _ANTHROPIC_VERSION = range(6, 9)
+_REQUEST_ROLES = {
+    **dict.fromkeys(_HOP_BY_HOP, _HOP),
+    b"host": _HOST,  # regenerated for the upstream
+    b"content-length": _CONTENT_LENGTH,  # regenerated: egress sends the body it read
+    b"transfer-encoding": _TRANSFER_ENCODING,
+    b"connection": _CONNECTION,
+    b"expect": _EXPECT,  # answered by egress itself
+    b"authorization": _AUTHORIZATION,
+    b"x-api-key": _API_KEY,
+    b"anthropic-version": _ANTHROPIC_VERSION,
+}
 
 Headers = list[tuple[bytes, bytes]]
 
@@ -78,13 +94,24 @@ def inspect_request(headers: Headers, http_version: str) -> RequestFacts:
     if http_version not in ("1.1", "1.0"):
         raise EgressError("http_version_not_supported", f"HTTP/{http_version} is not supported")
     facts = RequestFacts()
-    lowered = [(name.lower(), value) for name, value in headers]
-    connection_tokens = _connection_tokens(lowered)
+    forward = facts.forward_headers
     host_count = 0
-    for lower, value in lowered:
-        if lower == b"host":
+    connection_tokens: set[bytes] | None = None
+    for name, value in headers:
+        lower = name.lower()
+        role = _REQUEST_ROLES.get(lower)
+        if role is None:
+            forward.append((lower, value))  # most headers: one dict miss and they are forwarded
+        elif role == _AUTHORIZATION:
+            facts.authorization = value
+            forward.append((lower, value))
+        elif role == _HOST:
             host_count += 1
-        elif lower == b"transfer-encoding":
+        elif role == _CONTENT_LENGTH:
+            if facts.content_length is not None or not value.strip().isdigit():
+                raise EgressError("bad_request", "invalid Content-Length")  # llhttp refuses these first
+            facts.content_length = int(value)
+        elif role == _TRANSFER_ENCODING:
             # Only "chunked" is valid for a request body egress reads (RFC 9112 §6.1); anything else
             # ("gzip, chunked", ",chunked", repeated headers) is a smuggling vector, not a feature.
             if facts.chunked or value.strip().lower() != b"chunked":
@@ -92,28 +119,28 @@ def inspect_request(headers: Headers, http_version: str) -> RequestFacts:
             if http_version == "1.0":
                 raise EgressError("bad_request", "Transfer-Encoding is not allowed in HTTP/1.0")
             facts.chunked = True
-        elif lower == b"content-length":
-            if facts.content_length is not None or not value.strip().isdigit():
-                raise EgressError("bad_request", "invalid Content-Length")  # llhttp refuses these first
-            facts.content_length = int(value)
-        elif lower == b"expect":
+        elif role == _CONNECTION:
+            connection_tokens = _add_connection_tokens(connection_tokens, value)
+        elif role == _EXPECT:
             if value.strip().lower() != b"100-continue":
                 raise EgressError("expectation_failed", "only 'Expect: 100-continue' is supported")
             facts.expect_continue = http_version == "1.1"
-        elif lower == b"authorization":
-            facts.authorization = value
-        elif lower == b"x-api-key":
+        elif role == _API_KEY:
             facts.api_key = value
             facts.has_anthropic_headers = True
-        elif lower == b"anthropic-version":
+            forward.append((lower, value))
+        elif role == _ANTHROPIC_VERSION:
             facts.has_anthropic_headers = True
-        if lower not in _NOT_FORWARDED_UPSTREAM and lower not in connection_tokens:
-            facts.forward_headers.append((lower, value))
+            forward.append((lower, value))
+        # _HOP: consumed here, never forwarded
     if host_count > 1 or (host_count == 0 and http_version == "1.1"):
         # RFC 9112 §3.2: a server MUST answer 400 to a 1.1 request with no Host or more than one.
         raise EgressError("bad_request", "exactly one Host header is required")
-    if b"close" in connection_tokens:
-        facts.close_requested = True
+    if connection_tokens:
+        facts.close_requested = b"close" in connection_tokens
+        if not connection_tokens <= _HOP_BY_HOP_TOKENS:
+            # Headers the client named in Connection are hop-by-hop too (RFC 9110 §7.6.1).
+            facts.forward_headers = [header for header in forward if header[0] not in connection_tokens]
     return facts
 
 
@@ -133,35 +160,33 @@ def inspect_response(headers: Headers) -> ResponseFacts:
     content_length = None
     content_type = b""
     chunked = False
-    connection_tokens = None
+    connection_tokens: set[bytes] | None = None
     for name, value in headers:
-        if _UNSAFE_IN_VALUE.search(value) is not None:
-            raise EgressError("upstream_protocol_error", "upstream sent a header value with CR, LF or NUL")
         lower = name.lower()
-        if lower in _NOT_RELAYED_DOWNSTREAM:
-            if lower == b"content-length":
-                if not value.strip().isdigit():
-                    raise EgressError("upstream_protocol_error", "upstream sent an invalid Content-Length")
-                content_length = int(value)
-            elif lower == b"connection":
-                connection_tokens = _connection_tokens([(lower, value)]) | (connection_tokens or frozenset())
-            elif lower == b"transfer-encoding":
-                chunked = value.rstrip().lower().endswith(b"chunked")
-            continue
-        if lower == b"content-type":
-            content_type = value
-        relayed.append((name, value))
-    if connection_tokens:
+        if lower not in _NOT_RELAYED_DOWNSTREAM:
+            if lower == b"content-type":
+                content_type = value
+            relayed.append((name, value))
+        elif lower == b"content-length":
+            if not value.strip().isdigit():
+                raise EgressError("upstream_protocol_error", "upstream sent an invalid Content-Length")
+            content_length = int(value)
+        elif lower == b"connection":
+            connection_tokens = _add_connection_tokens(connection_tokens, value)
+        elif lower == b"transfer-encoding":
+            chunked = value.rstrip().lower().endswith(b"chunked")
+    # llhttp already refuses these in strict mode; checked again, once over all values, because
+    # relaying one would let an upstream split the client's response.
+    if _UNSAFE_IN_VALUE.search(b"\t".join([value for _, value in headers])) is not None:
+        raise EgressError("upstream_protocol_error", "upstream sent a header value with CR, LF or NUL")
+    if connection_tokens and not connection_tokens <= _HOP_BY_HOP_TOKENS:
         relayed = [(name, value) for name, value in relayed if name.lower() not in connection_tokens]
     return ResponseFacts(relayed, content_length, content_type, chunked)
 
 
-def _connection_tokens(lowered: Headers) -> frozenset[bytes]:
-    tokens: set[bytes] = set()
-    for lower, value in lowered:
-        if lower == b"connection":
-            tokens.update(token.strip().lower() for token in value.split(b","))
-    return frozenset(tokens)
+def _add_connection_tokens(tokens: set[bytes] | None, value: bytes) -> set[bytes]:
+    found = {token.strip().lower() for token in value.split(b",")}
+    return found if tokens is None else tokens | found
 
 
 def response_framing(status: int, head_request: bool, content_length: int | None, client_http11: bool) -> int:

@@ -43,71 +43,72 @@ class Histogram:
         self.total += value
 
 
-class Metrics:
-    __slots__ = (
-        "auth_failures",
-        "bytes_in",
-        "bytes_out",
-        "duration",
-        "models",
-        "rate_limited",
-        "requests",
-        "tokens",
-        "ttfb",
-    )
+class ProviderStats:
+    """One provider's request counters: one dict look-up per request finds them all."""
+
+    __slots__ = ("bytes_in", "bytes_out", "duration", "rate_limited", "status_classes", "ttfb")
 
     def __init__(self) -> None:
-        self.requests: Counter[tuple[str, str]] = Counter()
-        self.bytes_in: Counter[str] = Counter()
-        self.bytes_out: Counter[str] = Counter()
-        self.rate_limited: Counter[str] = Counter()
+        self.status_classes = [0] * 10  # index: status // 100
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.rate_limited = 0
+        self.duration = Histogram()
+        self.ttfb = Histogram()
+
+
+class Metrics:
+    __slots__ = ("auth_failures", "models", "providers", "tokens")
+
+    def __init__(self) -> None:
+        self.providers: dict[str, ProviderStats] = {}
         self.auth_failures: Counter[str] = Counter()
         self.tokens: Counter[tuple[str, str, str]] = Counter()
         self.models: dict[str, set[str]] = {}
-        self.duration: dict[str, Histogram] = {}
-        self.ttfb: dict[str, Histogram] = {}
 
     def observe(self, exchange: Exchange, seconds: float) -> None:
         route = exchange.route
         provider = route.provider.name if route is not None else "none"
-        self.requests[(provider, f"{exchange.status // 100}xx")] += 1
-        self.bytes_in[provider] += exchange.body_size
-        self.bytes_out[provider] += exchange.bytes_out
-        histogram = self.duration.get(provider)
-        if histogram is None:
-            histogram = self.duration[provider] = Histogram()
-        histogram.observe(seconds)
+        stats = self.providers.get(provider)
+        if stats is None:
+            stats = self.providers[provider] = ProviderStats()
+        stats.status_classes[exchange.status // 100] += 1
+        stats.bytes_in += exchange.body_size
+        stats.bytes_out += exchange.bytes_out
+        stats.duration.observe(seconds)
         if exchange.ttfb is not None:
-            histogram = self.ttfb.get(provider)
-            if histogram is None:
-                histogram = self.ttfb[provider] = Histogram()
-            histogram.observe(exchange.ttfb)
+            stats.ttfb.observe(exchange.ttfb)
         error = exchange.error
         if error is not None:
             if error.code == "rate_limited":
-                self.rate_limited[provider] += 1
+                stats.rate_limited += 1
             elif error.code in _AUTH_CODES:
                 self.auth_failures[error.code] += 1
 
     def observe_usage(self, provider: str, usage: Usage) -> None:
         model = self._model_label(provider, usage.model)
         tokens = self.tokens
-        for kind, count in (
-            ("input", usage.input_tokens),
-            ("output", usage.output_tokens),
-            ("cache_read", usage.cache_read_tokens),
-            ("cache_creation", usage.cache_creation_tokens),
-            ("reasoning", usage.reasoning_tokens),
-            ("estimated_output", usage.estimated_output_tokens),
-        ):
-            if count:
-                tokens[(provider, model, kind)] += count
+        # Spelled out rather than looped: this runs once per metered request.
+        if usage.input_tokens:
+            tokens[(provider, model, "input")] += usage.input_tokens
+        if usage.output_tokens:
+            tokens[(provider, model, "output")] += usage.output_tokens
+        if usage.cache_read_tokens:
+            tokens[(provider, model, "cache_read")] += usage.cache_read_tokens
+        if usage.cache_creation_tokens:
+            tokens[(provider, model, "cache_creation")] += usage.cache_creation_tokens
+        if usage.reasoning_tokens:
+            tokens[(provider, model, "reasoning")] += usage.reasoning_tokens
+        if usage.estimated_output_tokens:
+            tokens[(provider, model, "estimated_output")] += usage.estimated_output_tokens
 
     def _model_label(self, provider: str, model: str | None) -> str:
         if model is None:
             return "unknown"
-        seen = self.models.setdefault(provider, set())
-        if model in seen:
+        seen = self.models.get(provider)
+        if seen is None:
+            seen = self.models[provider] = set()
+        elif model in seen:
             return model
         if len(seen) < MODEL_CAP:
             seen.add(model)
@@ -124,30 +125,38 @@ class MetricsCollector:
     def collect(self):
         state = self._state
         metrics: Metrics = state.metrics
+        providers = sorted(metrics.providers.items())
         requests = CounterMetricFamily("egress_requests", "Requests answered", labels=["provider", "status_class"])
-        for (provider, status_class), count in sorted(metrics.requests.items()):
-            requests.add_metric([provider, status_class], count)
+        for provider, stats in providers:
+            for status_class, count in enumerate(stats.status_classes):
+                if count:
+                    requests.add_metric([provider, f"{status_class}xx"], count)
         yield requests
-        for name, help_text, source in (
-            ("egress_request_duration_seconds", "Time from first request byte to last response byte", metrics.duration),
-            ("egress_upstream_ttfb_seconds", "Time to the provider's first response byte", metrics.ttfb),
+        for name, help_text, which in (
+            ("egress_request_duration_seconds", "Time from first request byte to last response byte", "duration"),
+            ("egress_upstream_ttfb_seconds", "Time to the provider's first response byte", "ttfb"),
         ):
             family = HistogramMetricFamily(name, help_text, labels=["provider"])
-            for provider, histogram in sorted(source.items()):
+            for provider, stats in providers:
+                histogram = getattr(stats, which)
+                if not any(histogram.counts):
+                    continue
                 cumulative, buckets = 0, []
                 for bound, count in zip((*BUCKETS, float("inf")), histogram.counts, strict=True):
                     cumulative += count
                     buckets.append(("+Inf" if bound == float("inf") else repr(bound), cumulative))
                 family.add_metric([provider], buckets, histogram.total)
             yield family
-        for name, help_text, source in (
-            ("egress_request_bytes", "Request body bytes received", metrics.bytes_in),
-            ("egress_response_bytes", "Response body bytes relayed", metrics.bytes_out),
-            ("egress_rate_limited", "Requests refused by the rate limiter", metrics.rate_limited),
+        for name, help_text, which in (
+            ("egress_request_bytes", "Request body bytes received", "bytes_in"),
+            ("egress_response_bytes", "Response body bytes relayed", "bytes_out"),
+            ("egress_rate_limited", "Requests refused by the rate limiter", "rate_limited"),
         ):
             family = CounterMetricFamily(name, help_text, labels=["provider"])
-            for provider, count in sorted(source.items()):
-                family.add_metric([provider], count)
+            for provider, stats in providers:
+                count = getattr(stats, which)
+                if count or which != "rate_limited":
+                    family.add_metric([provider], count)
             yield family
         failures = CounterMetricFamily("egress_key_failures", "Refused credentials by reason", labels=["reason"])
         for reason, count in sorted(metrics.auth_failures.items()):

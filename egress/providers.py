@@ -105,8 +105,11 @@ class Route:
     upstream_target: bytes  # request-target to send upstream, query included
 
 
+_ROUTE_CACHE_SIZE = 4096
+
+
 class Router:
-    __slots__ = ("_by_segment", "_drop_in_anthropic", "_drop_in_openai", "_known")
+    __slots__ = ("_by_segment", "_drop_in_anthropic", "_drop_in_openai", "_known", "_routes")
 
     def __init__(self, providers: dict[str, Provider] | object) -> None:
         rows = dict(providers)  # type: ignore[call-overload]
@@ -114,8 +117,21 @@ class Router:
         self._known = ", ".join(sorted(rows))
         self._drop_in_anthropic = rows.get("anthropic")
         self._drop_in_openai = rows.get("openai")
+        # Callers use a handful of paths: remember their routes. Targets with a query are never
+        # kept, as a query may carry a credential.
+        self._routes: dict[bytes, Route] = {}
 
     def resolve(self, target: bytes) -> Route:
+        route = self._routes.get(target)
+        if route is None:
+            route = self._resolve(target)
+            if b"?" not in target:
+                if len(self._routes) >= _ROUTE_CACHE_SIZE:
+                    self._routes.clear()  # rare, and cheap to refill
+                self._routes[target] = route
+        return route
+
+    def _resolve(self, target: bytes) -> Route:
         if not target.startswith(b"/"):
             raise EgressError("bad_request", "the request target must be a path starting with '/'")
         end = len(target)

@@ -18,6 +18,7 @@ import itertools
 import os
 import time
 from collections import deque
+from itertools import chain
 from typing import TYPE_CHECKING
 
 import httptools
@@ -98,7 +99,6 @@ class ClientConnection(asyncio.Protocol):
         "_completed",
         "_deadline",
         "_head_bytes",
-        "_header_bytes",
         "_parse_failed",
         "_parser",
         "_pending",
@@ -127,7 +127,6 @@ class ClientConnection(asyncio.Protocol):
         self._parse_failed = False
         self._reading_paused = False
         self._head_bytes = 0
-        self._header_bytes = 0
         self._completed = 0  # messages parsed so far
         self.closed = False
 
@@ -210,7 +209,6 @@ class ClientConnection(asyncio.Protocol):
     def on_message_begin(self) -> None:
         exchange = proxy.Exchange(self, self.state.new_request_id(), time.monotonic())
         self.incoming = exchange
-        self._header_bytes = 0
         if self.active is None and not self._pending:
             self._deadline.set(self.loop.time() + self.state.config.server.header_timeout)
 
@@ -222,16 +220,9 @@ class ClientConnection(asyncio.Protocol):
             raise _StopParsing
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        raw_headers = self.incoming.raw_headers
-        raw_headers.append((name, value))
-        self._header_bytes += len(name) + len(value) + 4
-        server = self.state.config.server
-        if len(raw_headers) > server.max_header_count:
-            self._fail(EgressError("headers_too_large", f"more than {server.max_header_count} header fields"))
-            raise _StopParsing
-        if self._header_bytes > server.max_header_bytes:
-            self._fail(EgressError("headers_too_large", "request header fields too large"))
-            raise _StopParsing
+        # Limits are checked once the head is complete: until then `data_received` bounds what a
+        # head in progress can hold to the limits plus one read.
+        self.incoming.raw_headers.append((name, value))
 
     def on_headers_complete(self) -> None:
         exchange = self.incoming
@@ -242,6 +233,12 @@ class ClientConnection(asyncio.Protocol):
         server = state.config.server
         raw_headers = exchange.raw_headers
         exchange.raw_headers = None
+        if len(raw_headers) > server.max_header_count:
+            self._fail(EgressError("headers_too_large", f"more than {server.max_header_count} header fields"))
+            raise _StopParsing
+        if sum(map(len, chain.from_iterable(raw_headers))) + 4 * len(raw_headers) > server.max_header_bytes:
+            self._fail(EgressError("headers_too_large", "request header fields too large"))
+            raise _StopParsing
         method = parser.get_method()
         exchange.method = method
         exchange.head_request = method == b"HEAD"
@@ -273,7 +270,8 @@ class ClientConnection(asyncio.Protocol):
                 exchange.route = route = state.router.resolve(target)
                 exchange.dialect = route.provider.dialect
                 state.auth.authenticate(exchange, route.provider)
-                state.limiter.admit(exchange, route.provider.name, self.loop.time())
+                if state.limiter.enabled:
+                    state.limiter.admit(exchange, route.provider.name, self.loop.time())
             except EgressError as error:
                 if exchange.route is None:
                     exchange.dialect = guess_dialect(target, facts.has_anthropic_headers)
@@ -289,7 +287,7 @@ class ClientConnection(asyncio.Protocol):
                 self.transport.write(_CONTINUE)
             else:
                 exchange.continue_owed = True
-        self._deadline.set(self.loop.time() + server.body_timeout)
+        # The body deadline is set by data_received if this read ends before the body does.
 
     def on_body(self, body: bytes) -> None:
         exchange = self.incoming

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import struct
 
 
 class CountMinSketch:
@@ -61,13 +60,11 @@ class CountMinSketch:
         )
 
     def estimate(self, slots: tuple[int, ...]) -> int:
-        counters = self._counters
-        return min(counters[slot] for slot in slots)
+        return min(map(self._counters.__getitem__, slots))  # a third of a generator's cost
 
     def add(self, slots: tuple[int, ...], amount: int = 1) -> int:
         counters = self._counters
-        target = min(counters[slot] for slot in slots) + amount
-        target = min(target, 0xFFFFFFFF)
+        target = min(min(map(counters.__getitem__, slots)) + amount, 0xFFFFFFFF)
         for slot in slots:
             if counters[slot] < target:
                 counters[slot] = target
@@ -77,7 +74,7 @@ class CountMinSketch:
         self._raw[:] = bytes(self._raw.nbytes)
 
 
-_HEADER = struct.Struct("<2q")  # the window number each of the two sketches holds
+_HEADER_BYTES = 16  # two int64: the window number each of the two sketches holds
 
 
 class SlidingWindow:
@@ -90,7 +87,7 @@ class SlidingWindow:
     increment is lost, which the over-counting of the sketch usually hides.
     """
 
-    __slots__ = ("_header", "_sketches", "window")
+    __slots__ = ("_held", "_sketches", "window")
 
     def __init__(self, width: int, depth: int, window: float, buffer: memoryview | None = None) -> None:
         self.window = window
@@ -98,10 +95,10 @@ class SlidingWindow:
         if buffer is None:
             buffer = memoryview(bytearray(self.bytes_needed(width, depth)))
         buffer = buffer.cast("B")
-        self._header = buffer[: _HEADER.size]
-        if not any(self._header):  # a fresh buffer: neither sketch holds a window yet
-            _HEADER.pack_into(self._header, 0, -2, -2)
-        body = buffer[_HEADER.size :]
+        self._held = buffer[:_HEADER_BYTES].cast("q")
+        if not any(self._held):  # a fresh buffer: neither sketch holds a window yet
+            self._held[0] = self._held[1] = -2
+        body = buffer[_HEADER_BYTES:]
         self._sketches = (
             CountMinSketch(width, depth, body[:size]),
             CountMinSketch(width, depth, body[size : 2 * size]),
@@ -109,48 +106,32 @@ class SlidingWindow:
 
     @staticmethod
     def bytes_needed(width: int, depth: int) -> int:
-        return _HEADER.size + 2 * CountMinSketch.bytes_needed(width, depth)
+        return _HEADER_BYTES + 2 * CountMinSketch.bytes_needed(width, depth)
 
     def slots(self, key: bytes) -> tuple[int, ...]:
         return self._sketches[0].slots(key)
 
-    def _sketch_for(self, number: int, create: bool) -> CountMinSketch | None:
-        index = number % 2
-        held = _HEADER.unpack_from(self._header, 0)[index]
-        sketch = self._sketches[index]
-        if held == number:
-            return sketch
-        if not create:
-            return None
-        sketch.clear()
-        struct.pack_into("<q", self._header, 8 * index, number)
-        return sketch
-
-    def _current(self, now: float) -> tuple[int, float]:
-        number = math.floor(now / self.window)
-        return number, number * self.window
-
-    def weight_of_previous(self, now: float) -> float:
-        _, started = self._current(now)
-        return max(0.0, 1.0 - (now - started) / self.window)
-
     def _counts(self, slots: tuple[int, ...], now: float) -> tuple[int, int, float]:
-        number, started = self._current(now)
-        current = self._sketch_for(number, create=False)
-        previous = self._sketch_for(number - 1, create=False)
-        return (
-            current.estimate(slots) if current is not None else 0,
-            previous.estimate(slots) if previous is not None else 0,
-            started,
-        )
+        """The current window's count, the previous window's, and when the current one started."""
+        number = math.floor(now / self.window)
+        held = self._held
+        index = number % 2
+        current = self._sketches[index].estimate(slots) if held[index] == number else 0
+        previous = self._sketches[1 - index].estimate(slots) if held[1 - index] == number - 1 else 0
+        return current, previous, number * self.window
 
     def estimate(self, slots: tuple[int, ...], now: float) -> float:
         current, previous, started = self._counts(slots, now)
         return current + previous * max(0.0, 1.0 - (now - started) / self.window)
 
     def add(self, slots: tuple[int, ...], amount: int, now: float) -> None:
-        number, _ = self._current(now)
-        self._sketch_for(number, create=True).add(slots, amount)
+        number = math.floor(now / self.window)
+        index = number % 2
+        sketch = self._sketches[index]
+        if self._held[index] != number:
+            sketch.clear()
+            self._held[index] = number
+        sketch.add(slots, amount)
 
     def seconds_until_below(self, slots: tuple[int, ...], limit: float, now: float) -> float:
         """How long until the windowed count drops to `limit` or below, if nothing more is added."""

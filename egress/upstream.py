@@ -243,11 +243,9 @@ class UpstreamConnection(asyncio.Protocol):
     def on_header(self, name: bytes, value: bytes) -> None:
         self._headers.append((name, value))
 
-    def on_message_begin(self) -> None:
-        if self._message_done:
-            raise _ResponseAfterEnd
-
     def on_headers_complete(self) -> None:
+        if self._message_done:
+            raise _ResponseAfterEnd  # a second response in the read that ended the first
         status = self._parser.get_status_code()
         if status < 200:
             # Interim responses (103 Early Hints) are not relayed, as nginx does not relay them.

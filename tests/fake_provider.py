@@ -143,6 +143,15 @@ class FakeProvider:
             writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nx-bad: a\rb\r\n\r\n{}")
             await writer.drain()
             return False
+        if scenario == "extra-response":
+            # A provider that breaks framing: a second, unrequested response in the same write.
+            body_bytes = b'{"object":"list","data":[]}'
+            self.sent_bodies[response_id] = body_bytes
+            head = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n"
+            writer.write(head % len(body_bytes) + body_bytes + head % 2 + b"{}")
+            await writer.drain()
+            await reader.read()  # until egress closes the connection
+            return False
         if scenario == "until-close":
             body_bytes = b'{"object":"list","data":[]}'
             self.sent_bodies[response_id] = body_bytes

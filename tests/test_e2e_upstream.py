@@ -63,3 +63,18 @@ def test_pool_keeps_at_most_max_idle_per_origin(start_egress, fake_provider, ca_
             client.close()
     assert fake_provider.connections_opened == 3
     assert wait_until(lambda: fake_provider.connections_closed == 2, timeout=3)
+
+
+def test_bytes_after_a_complete_response_are_never_read_as_the_next_one(start_egress, fake_provider, ca_file):
+    egress = start_egress(provider_config(fake_provider, ca_file))
+    with RawClient(egress.port) as client:
+        client.send(request_bytes("GET", "/openai/v1/models", {"x-fake-scenario": "extra-response"}))
+        first = client.read_response()
+        assert first.status == 200 and first.body == b'{"object":"list","data":[]}'
+        # The connection that carried the stray response is closed, not pooled: the next request
+        # gets the provider's real answer on a new connection.
+        client.send(request_bytes("GET", "/openai/v1/models"))
+        second = client.read_response()
+    assert second.status == 200 and second.json()["data"][0]["id"] == "gpt-fake"
+    assert wait_until(lambda: fake_provider.connections_opened == 2, timeout=3)
+    assert wait_until(lambda: fake_provider.connections_closed >= 1, timeout=3)
