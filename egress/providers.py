@@ -43,6 +43,12 @@ class Origin:
     port: int
     base_path: bytes  # "" or "/prefix" without a trailing slash
     host_header: bytes  # the Host value to send: host, plus the port when it is not the default
+    # What the connection pool is keyed by: a str, whose hash is computed once (a dataclass's
+    # generated __hash__ hashes every field on every look-up).
+    pool_key: str = field(init=False, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "pool_key", f"{self.scheme}://{self.host}:{self.port}")
 
     @property
     def tls(self) -> bool:

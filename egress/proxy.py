@@ -33,7 +33,7 @@ from egress.usage import Usage, UsageMeter
 
 if TYPE_CHECKING:
     from egress.providers import Origin, Route
-    from egress.server import ClientConnection
+    from egress.server import ClientConnection, ServerState
     from egress.upstream import UpstreamConnection, UpstreamPool
     from egress.vkeys import Claims
 
@@ -399,61 +399,81 @@ def finish(exchange: Exchange) -> None:
     """The log phase: runs exactly once per request, after its response is written or abandoned."""
     client = exchange.client
     state = client.state
-    now = time.monotonic()
-    state.metrics.observe(exchange, now - exchange.started)
-    access_log = state.access_log
-    if access_log.enabled:
-        route = exchange.route
-        error = exchange.error
-        access_log.write(
-            {
-                "ts": round(time.time(), 3),
-                "request_id": exchange.request_id.decode("ascii"),
-                "worker": accesslog.WORKER,
-                "client": client.peer,
-                "method": exchange.method.decode("latin-1"),
-                "provider": route.provider.name if route is not None else None,
-                # The key id and subject of a virtual key: who to bill, never the key itself.
-                "kid": exchange.claims.kid if exchange.claims is not None else None,
-                "sub": exchange.claims.sub if exchange.claims is not None else None,
-                # The path only: a query string may carry a credential (?key=...) and never reaches logs.
-                "path": exchange.path.decode("latin-1"),
-                "status": exchange.status,
-                "code": error.code if error is not None else None,
-                "outcome": exchange.outcome,
-                "bytes_in": exchange.body_size,
-                "bytes_out": exchange.bytes_out,
-                "ttfb_ms": round(exchange.ttfb * 1000, 3) if exchange.ttfb is not None else None,
-                "total_ms": round((now - exchange.started) * 1000, 3),
-            }
-        )
-    if exchange.ttfb is not None and state.metering:  # the provider answered: this is billable
-        emit_usage(exchange, state, now)
+    total = time.monotonic() - exchange.started
+    state.metrics.observe(exchange, total)
+    billable = exchange.ttfb is not None and state.metering  # the provider answered
+    if state.access_log.enabled or billable:
+        # Shared by the access-log line and the usage fact. Milliseconds via int(): round() formats
+        # the float to round it, a measurable cost at this rate.
+        ts = int(time.time() * 1000) / 1000
+        request_id = exchange.request_id.decode("ascii")
+        path = exchange.path.decode("latin-1")
+        ttfb_ms = int(exchange.ttfb * 1_000_000) / 1000 if exchange.ttfb is not None else None
+        total_ms = int(total * 1_000_000) / 1000
+        claims = exchange.claims
+        kid, sub = (claims.kid, claims.sub) if claims is not None else (None, None)
+        if state.access_log.enabled:
+            route = exchange.route
+            error = exchange.error
+            state.access_log.write(
+                {
+                    "ts": ts,
+                    "request_id": request_id,
+                    "worker": accesslog.WORKER,
+                    "client": client.peer,
+                    "method": exchange.method.decode("latin-1"),
+                    "provider": route.provider.name if route is not None else None,
+                    # The key id and subject of a virtual key: who to bill, never the key itself.
+                    "kid": kid,
+                    "sub": sub,
+                    # The path only: a query string may carry a credential (?key=...) and never reaches logs.
+                    "path": path,
+                    "status": exchange.status,
+                    "code": error.code if error is not None else None,
+                    "outcome": exchange.outcome,
+                    "bytes_in": exchange.body_size,
+                    "bytes_out": exchange.bytes_out,
+                    "ttfb_ms": ttfb_ms,
+                    "total_ms": total_ms,
+                }
+            )
+        if billable:
+            emit_usage(exchange, state, ts, request_id, path, kid, sub, ttfb_ms, total_ms)
     client.exchange_finished(exchange)
 
 
 _REQUESTED_MODEL = re.compile(rb'"model"\s*:\s*"((?:[^"\\]|\\.){1,200})"')
 
 
-def emit_usage(exchange: Exchange, state, now: float) -> None:
+def emit_usage(
+    exchange: Exchange,
+    state: ServerState,
+    ts: float,
+    request_id: str,
+    path: str,
+    kid: str | None,
+    sub: str | None,
+    ttfb_ms: float,
+    total_ms: float,
+) -> None:
     """The meter's reading becomes one usage fact and feeds the token limit; after the response."""
     meter = exchange.meter
     usage = meter.result(exchange.outcome == "complete") if meter is not None else Usage()
-    route = exchange.route
-    claims = exchange.claims
+    provider = exchange.route.provider.name
     identity = exchange.identity or state.limiter.identity(exchange)
     requested = _REQUESTED_MODEL.search(exchange.body, 0, 65536) if exchange.body else None
-    state.limiter.record_tokens(exchange, usage.total_tokens, state.loop_time())
-    state.metrics.observe_usage(route.provider.name, usage)
+    if exchange.limit_slots is not None:
+        state.limiter.record_tokens(exchange, usage.total_tokens, state.loop_time())
+    state.metrics.observe_usage(provider, usage)
     state.facts.emit(
         {
-            "ts": round(time.time(), 3),
-            "request_id": exchange.request_id.decode("ascii"),
+            "ts": ts,
+            "request_id": request_id,
             "identity": identity.decode("ascii") if identity is not None else None,
-            "kid": claims.kid if claims is not None else None,
-            "subject": claims.sub if claims is not None else None,
-            "provider": route.provider.name,
-            "path": exchange.path.decode("latin-1"),
+            "kid": kid,
+            "subject": sub,
+            "provider": provider,
+            "path": path,
             "requested_model": requested.group(1).decode("utf-8", "replace") if requested else None,
             "model": usage.model,
             "usage": usage.state,
@@ -466,7 +486,7 @@ def emit_usage(exchange: Exchange, state, now: float) -> None:
             "status": exchange.status,
             "stream": meter is not None and meter.streaming,
             "outcome": exchange.outcome,
-            "ttfb_ms": round(exchange.ttfb * 1000, 3),
-            "total_ms": round((now - exchange.started) * 1000, 3),
+            "ttfb_ms": ttfb_ms,
+            "total_ms": total_ms,
         }
     )

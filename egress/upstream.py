@@ -49,14 +49,14 @@ class UpstreamPool:
         self._loop = asyncio.get_running_loop()
         self._resolver = Resolver(config.dns_ttl)
         self._tls = make_tls_context(config.ca_file)
-        self._idle: dict[Origin, list[UpstreamConnection]] = {}
+        self._idle: dict[str, list[UpstreamConnection]] = {}  # by Origin.pool_key
 
     @property
     def config(self) -> UpstreamConfig:
         return self._config
 
     def take_idle(self, origin: Origin) -> UpstreamConnection | None:
-        idle = self._idle.get(origin)
+        idle = self._idle.get(origin.pool_key)
         while idle:
             conn = idle.pop()  # most recently used first: the likeliest to still be open
             if conn.transport is not None and not conn.transport.is_closing():
@@ -69,7 +69,9 @@ class UpstreamPool:
         if not conn.reusable or transport is None or transport.is_closing():
             conn.close()
             return
-        idle = self._idle.setdefault(conn.origin, [])
+        idle = self._idle.get(conn.origin.pool_key)
+        if idle is None:
+            idle = self._idle[conn.origin.pool_key] = []
         if len(idle) >= self._config.max_idle_per_origin:
             conn.close()
             return
@@ -78,12 +80,14 @@ class UpstreamPool:
 
     def idle_counts(self) -> dict[str, int]:
         counts: dict[str, int] = {}
-        for origin, idle in self._idle.items():
-            counts[origin.host] = counts.get(origin.host, 0) + len(idle)
+        for idle in self._idle.values():
+            if idle:
+                host = idle[0].origin.host
+                counts[host] = counts.get(host, 0) + len(idle)
         return counts
 
     def forget(self, conn: UpstreamConnection) -> None:
-        idle = self._idle.get(conn.origin)
+        idle = self._idle.get(conn.origin.pool_key)
         if idle and conn in idle:
             idle.remove(conn)
 
