@@ -51,6 +51,11 @@ class AccessLog:
         self._scheduled = False
         if not self._lines:
             return
+        if self._owned:
+            # A file opened O_APPEND: each write lands whole after the others, whatever its size.
+            _write_all(self._fd, b"".join(self._lines))
+            self._lines.clear()
+            return
         # Writes of at most PIPE_BUF bytes are atomic on a pipe: workers sharing stdout never
         # interleave inside a line.
         batch: list[bytes] = []

@@ -63,15 +63,18 @@ class CountMinSketch:
         return min(map(self._counters.__getitem__, slots))  # a third of a generator's cost
 
     def add(self, slots: tuple[int, ...], amount: int = 1) -> int:
-        counters = self._counters
-        target = min(min(map(counters.__getitem__, slots)) + amount, 0xFFFFFFFF)
-        for slot in slots:
-            if counters[slot] < target:
-                counters[slot] = target
-        return target
+        return _conservative_add(self._counters, slots, amount)
 
     def clear(self) -> None:
         self._raw[:] = bytes(self._raw.nbytes)
+
+
+def _conservative_add(counters: memoryview, slots: tuple[int, ...], amount: int) -> int:
+    target = min(min(map(counters.__getitem__, slots)) + amount, 0xFFFFFFFF)
+    for slot in slots:
+        if counters[slot] < target:
+            counters[slot] = target
+    return target
 
 
 _HEADER_BYTES = 16  # two int64: the window number each of the two sketches holds
@@ -87,7 +90,7 @@ class SlidingWindow:
     increment is lost, which the over-counting of the sketch usually hides.
     """
 
-    __slots__ = ("_held", "_sketches", "window")
+    __slots__ = ("_counters", "_held", "_sketches", "window")
 
     def __init__(self, width: int, depth: int, window: float, buffer: memoryview | None = None) -> None:
         self.window = window
@@ -103,6 +106,8 @@ class SlidingWindow:
             CountMinSketch(width, depth, body[:size]),
             CountMinSketch(width, depth, body[size : 2 * size]),
         )
+        # The hot path reads the counters directly: a method call per sketch costs more than the read.
+        self._counters = (self._sketches[0]._counters, self._sketches[1]._counters)
 
     @staticmethod
     def bytes_needed(width: int, depth: int) -> int:
@@ -121,17 +126,23 @@ class SlidingWindow:
         return current, previous, number * self.window
 
     def estimate(self, slots: tuple[int, ...], now: float) -> float:
-        current, previous, started = self._counts(slots, now)
-        return current + previous * max(0.0, 1.0 - (now - started) / self.window)
+        window = self.window
+        number = math.floor(now / window)
+        held = self._held
+        index = number % 2
+        current = min(map(self._counters[index].__getitem__, slots)) if held[index] == number else 0
+        if held[1 - index] != number - 1:
+            return current
+        previous = min(map(self._counters[1 - index].__getitem__, slots))
+        return current + previous * max(0.0, 1.0 - (now - number * window) / window)
 
     def add(self, slots: tuple[int, ...], amount: int, now: float) -> None:
         number = math.floor(now / self.window)
         index = number % 2
-        sketch = self._sketches[index]
         if self._held[index] != number:
-            sketch.clear()
+            self._sketches[index].clear()
             self._held[index] = number
-        sketch.add(slots, amount)
+        _conservative_add(self._counters[index], slots, amount)
 
     def seconds_until_below(self, slots: tuple[int, ...], limit: float, now: float) -> float:
         """How long until the windowed count drops to `limit` or below, if nothing more is added."""
