@@ -450,7 +450,9 @@ def sse_event_timing(workdir: Path) -> dict[str, float]:
     import sse_timing
 
     upstream_port, egress_port = free_port(), free_port()
-    upstream = subprocess.Popen([sys.executable, "-c", sse_timing.UPSTREAM_CODE, str(upstream_port), "200", "0.001"])
+    upstream = subprocess.Popen(
+        [sys.executable, "-c", sse_timing.UPSTREAM_CODE, str(upstream_port), str(sse_timing.EVENTS), "0.001"]
+    )
     config = workdir / "egress-sse.toml"
     config.write_text(
         f'[server]\nlisten = "127.0.0.1:{egress_port}"\naccess_log = "off"\nadmin_listen = "off"\n\n'
@@ -587,8 +589,8 @@ def render(
     else:
         lines += ["Open-loop latency: skipped, h2load is not installed (apt-get install -y nghttp2-client).", ""]
     lines += [
-        f"SSE timing, chunk-per-event upstream pacing 1 ms, {sse['events']:.0f} events over one keep-alive "
-        f"connection (meter on): egress adds {sse['ttft_p50_added_ms']:.3f} ms p50 / "
+        f"SSE timing, chunk-per-event upstream pacing 1 ms, {sse['streams']:.0f} streams and {sse['events']:.0f} "
+        f"events in all over one keep-alive connection (meter on): egress adds {sse['ttft_p50_added_ms']:.3f} ms p50 / "
         f"{sse['ttft_p99_added_ms']:.3f} ms p99 to the first event, and {sse['gap_p99_added_ms']:.3f} ms to the "
         f"p99 gap between events ({sse['gap_p99_direct_ms']:.3f} ms direct, {sse['gap_p99_egress_ms']:.3f} ms "
         "through egress).",
