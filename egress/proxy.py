@@ -244,7 +244,7 @@ class Exchange:
         self.client_gone = True
         self.outcome = "client_gone"
         upstream = self.upstream
-        if upstream is not None:
+        if upstream is not None and not self.upstream_done:
             upstream.exchange = None  # its close must not report back to an exchange already settled
             upstream.abort()  # the provider stops generating for nobody
         self.settle(None)
@@ -264,8 +264,8 @@ class Exchange:
         self.settled = True
         try:
             if failure is None:
-                if upstream is not None and not self.client_gone:
-                    client.state.pool.release(upstream)
+                if upstream is not None:
+                    client.state.pool.release(upstream)  # kept only if complete and still open
             elif not self.head_sent and not self.client_gone:
                 respond_error(self, failure)
                 return
@@ -458,7 +458,8 @@ def emit_usage(
 ) -> None:
     """The meter's reading becomes one usage fact and feeds the token limit; after the response."""
     meter = exchange.meter
-    usage = meter.result(exchange.outcome == "complete") if meter is not None else Usage()
+    # Complete when the provider's response was, even if the client left before the last write.
+    usage = meter.result(exchange.upstream_done) if meter is not None else Usage()
     provider = exchange.route.provider.name
     identity = exchange.identity or state.limiter.identity(exchange)
     requested = _REQUESTED_MODEL.search(exchange.body, 0, 65536) if exchange.body else None
