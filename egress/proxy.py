@@ -10,9 +10,8 @@
     settle            `Exchange.settle`: return the connection, retry once, or answer the error
     log               `finish` always runs, once, after the response is written, with the error if any
 
-Everything runs in the callbacks of the two connections, with no task per request: a coroutine
-only for a connection that must be opened first. Measured against a task awaiting a future per
-request (bench/run): less CPU per request and one loop turn less before the upstream write.
+Everything runs in the callbacks of the two connections, with no task or future per request: a
+coroutine exists only while a new upstream connection is being opened.
 
 A phase that returns a response ends the request early (errors, /healthz).
 """
@@ -189,8 +188,8 @@ class Exchange:
         """An upstream read was relayed into `out`: write it once this loop turn's reads are done.
 
         Writing at the end of the turn puts the turn's writes to one peer back to back: one wake-up
-        of the reader instead of one per response, which cost more CPU than the Python work saved
-        by writing at once (bench/run, ARCHITECTURE.md "Measured"). A large body is written at once:
+        of the reader instead of one per response (ARCHITECTURE.md, "Writes wait for the end of the
+        loop turn"). A large body is written at once:
         it gains nothing from waiting, and the client's write-buffer mark must see it to pause the
         upstream before the next read (libuv reads a socket up to 32 times per turn).
         """

@@ -18,7 +18,6 @@ import itertools
 import os
 import time
 from collections import deque
-from itertools import chain
 from typing import TYPE_CHECKING
 
 import httptools
@@ -236,7 +235,7 @@ class ClientConnection(asyncio.Protocol):
         if len(raw_headers) > server.max_header_count:
             self._fail(EgressError("headers_too_large", f"more than {server.max_header_count} header fields"))
             raise _StopParsing
-        if sum(map(len, chain.from_iterable(raw_headers))) + 4 * len(raw_headers) > server.max_header_bytes:
+        if sum(map(len, itertools.chain.from_iterable(raw_headers))) + 4 * len(raw_headers) > server.max_header_bytes:
             self._fail(EgressError("headers_too_large", "request header fields too large"))
             raise _StopParsing
         method = parser.get_method()
