@@ -5,13 +5,15 @@ two builds measured in separate runs can't be compared. Here every build runs at
 same nginx upstream, and wrk drives them in rounds whose order alternates; each round records
 req/s and egress's CPU-µs per request (from /proc). Compare the medians.
 
-Usage: bench/ab [--rounds 8] [--duration 2] [--sse] SPEC [SPEC ...]
+Usage: bench/ab [--rounds 8] [--duration 2] [--sse] [--pin] SPEC [SPEC ...]
   SPEC is MODE:SOURCE_TREE, MODE one of
     bare   BYO key, limiter and meter off, no access log (bench/run's `egress` row)
     full   virtual key, limiter, meter, usage file and access log (bench/run's `egress, full`)
   and SOURCE_TREE a directory holding an `egress/` package, such as a `git worktree` of another
   commit. `nginx-proxy` is also a SPEC, for reference.
 --sse relays bench/run's 500-event SSE body instead of the small JSON completion.
+--pin puts the proxies (egress builds, nginx-proxy) on CPU 0 and wrk and the upstream on CPU 1:
+each proxy then has a core to itself, and the figures move far less from run to run.
 Example: git worktree add /tmp/before HEAD~1 && bench/ab bare:/tmp/before bare:.
 Needs nginx and wrk, like bench/run. Loopback only; every load run is bounded by --duration.
 """
@@ -51,6 +53,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--duration", type=int, default=2)
     parser.add_argument("--sse", action="store_true", help="the 500-event SSE body instead of small JSON")
+    parser.add_argument("--pin", action="store_true", help="proxies on CPU 0, wrk and the upstream on CPU 1")
     parser.add_argument("specs", nargs="+")
     args = parser.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="egress-ab-"))
@@ -89,7 +92,8 @@ def main() -> int:
         }}
     }}""",
     )
-    processes = [bench.start_nginx(upstream), bench.start_nginx(proxy)]
+    proxy_cpus, load_cpus = ("0", "1") if args.pin else (None, None)
+    processes = [bench.start_nginx(upstream, load_cpus), bench.start_nginx(proxy, proxy_cpus)]
     urls, scripts, pids, ports = {}, {}, {}, [upstream_port, proxy_port]
     try:
         for index, spec in enumerate(args.specs):
@@ -103,7 +107,9 @@ def main() -> int:
             config = workdir / f"egress-{index}.toml"
             config.write_text(egress_config(mode, port, upstream_port, workdir, issuer, index))
             process = subprocess.Popen(
-                [sys.executable, "-m", "egress", "serve", "--config", str(config), "--workers", "1"],
+                bench.pinned(
+                    [sys.executable, "-m", "egress", "serve", "--config", str(config), "--workers", "1"], proxy_cpus
+                ),
                 env={**os.environ, "PYTHONPATH": str(Path(tree).resolve())},
                 stdout=subprocess.DEVNULL,
                 stderr=(workdir / f"egress-{index}.log").open("wb"),
@@ -118,14 +124,14 @@ def main() -> int:
         if "nginx-proxy" in urls:  # its worker's CPU per request, for scale
             pids["nginx-proxy"] = bench.children_of(processes[1].pid)[0]
         for spec in args.specs:  # warm-up: pools and caches
-            bench.run_wrk(urls[spec], workdir / scripts[spec], 1, 50)
+            bench.run_wrk(urls[spec], workdir / scripts[spec], 1, 50, cpus=load_cpus)
         rates: dict[str, list[float]] = {spec: [] for spec in args.specs}
         cpu: dict[str, list[float]] = {spec: [] for spec in args.specs}
         for round_index in range(args.rounds):
             order = args.specs if round_index % 2 == 0 else args.specs[::-1]
             for spec in order:
                 before = bench.cpu_seconds(pids[spec]) if spec in pids else 0.0
-                result = bench.run_wrk(urls[spec], workdir / scripts[spec], args.duration, 50)
+                result = bench.run_wrk(urls[spec], workdir / scripts[spec], args.duration, 50, cpus=load_cpus)
                 rates[spec].append(result["rps"])
                 if spec in pids:
                     requests = result["rps"] * args.duration

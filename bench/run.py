@@ -120,18 +120,27 @@ http {{
     return path
 
 
-def start_nginx(config: Path) -> subprocess.Popen:
+def pinned(command: list[str], cpus: str | None) -> list[str]:
+    """`command` run on the given CPUs only (taskset), or anywhere when `cpus` is None."""
+    return ["taskset", "-c", cpus, *command] if cpus is not None else command
+
+
+def start_nginx(config: Path, cpus: str | None = None) -> subprocess.Popen:
     return subprocess.Popen(
-        ["nginx", "-c", str(config), "-g", "daemon off;"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        pinned(["nginx", "-c", str(config), "-g", "daemon off;"], cpus),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
     )
 
 
-def run_wrk(url: str, lua: Path, duration: int, connections: int, watch: dict[str, int] | None = None) -> dict:
+def run_wrk(
+    url: str, lua: Path, duration: int, connections: int, watch: dict[str, int] | None = None, cpus: str | None = None
+) -> dict:
     """One closed-loop wrk run; also how busy wrk itself and each `watch`ed process were (cores)."""
     before = {name: cpu_seconds(pid) for name, pid in (watch or {}).items()}
     reaped_before = resource.getrusage(resource.RUSAGE_CHILDREN)
     process = subprocess.Popen(
-        ["wrk", "-t1", f"-c{connections}", f"-d{duration}s", "--latency", "-s", str(lua), url],
+        pinned(["wrk", "-t1", f"-c{connections}", f"-d{duration}s", "--latency", "-s", str(lua), url], cpus),
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,
