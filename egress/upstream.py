@@ -42,7 +42,7 @@ def make_tls_context(ca_file: str | None) -> ssl.SSLContext:
 
 
 class UpstreamPool:
-    __slots__ = ("_config", "_idle", "_loop", "_resolver", "_tls")
+    __slots__ = ("_config", "_hosts", "_idle", "_loop", "_resolver", "_tls")
 
     def __init__(self, config: UpstreamConfig) -> None:
         self._config = config
@@ -50,6 +50,7 @@ class UpstreamPool:
         self._resolver = Resolver(config.dns_ttl)
         self._tls = make_tls_context(config.ca_file)
         self._idle: dict[str, list[UpstreamConnection]] = {}  # by Origin.pool_key
+        self._hosts: dict[str, str] = {}  # Origin.pool_key -> host, for the idle-connection gauge
 
     @property
     def config(self) -> UpstreamConfig:
@@ -72,6 +73,7 @@ class UpstreamPool:
         idle = self._idle.get(conn.origin.pool_key)
         if idle is None:
             idle = self._idle[conn.origin.pool_key] = []
+            self._hosts[conn.origin.pool_key] = conn.origin.host
         if len(idle) >= self._config.max_idle_per_origin:
             conn.close()
             return
@@ -80,10 +82,9 @@ class UpstreamPool:
 
     def idle_counts(self) -> dict[str, int]:
         counts: dict[str, int] = {}
-        for idle in self._idle.values():
-            if idle:
-                host = idle[0].origin.host
-                counts[host] = counts.get(host, 0) + len(idle)
+        for key, idle in self._idle.items():
+            host = self._hosts[key]
+            counts[host] = counts.get(host, 0) + len(idle)
         return counts
 
     def forget(self, conn: UpstreamConnection) -> None:
