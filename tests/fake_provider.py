@@ -143,6 +143,15 @@ class FakeProvider:
             writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nx-bad: a\rb\r\n\r\n{}")
             await writer.drain()
             return False
+        if scenario == "early-hints":
+            # 103 Early Hints before the answer (RFC 8297), in the same write or in a later one.
+            writer.write(conn.send(h11.InformationalResponse(status_code=103, headers=[("link", "</a.css>")])))
+            if recorded.header("x-fake-split"):
+                await writer.drain()
+                await asyncio.sleep(0.05)
+            models = {"object": "list", "data": []}
+            await self._send_json(conn, writer, 200, models, response_id)
+            return True
         if scenario == "extra-response":
             # A provider that breaks framing: a second, unrequested response in the same write.
             body_bytes = b'{"object":"list","data":[]}'

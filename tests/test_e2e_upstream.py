@@ -78,3 +78,19 @@ def test_bytes_after_a_complete_response_are_never_read_as_the_next_one(start_eg
     assert second.status == 200 and second.json()["data"][0]["id"] == "gpt-fake"
     assert wait_until(lambda: fake_provider.connections_opened == 2, timeout=3)
     assert wait_until(lambda: fake_provider.connections_closed >= 1, timeout=3)
+
+
+@pytest.mark.parametrize("split", [False, True])
+def test_early_hints_are_not_relayed_and_the_answer_is(start_egress, fake_provider, ca_file, split):
+    egress = start_egress(provider_config(fake_provider, ca_file))
+    headers = {"x-fake-scenario": "early-hints", **({"x-fake-split": "1"} if split else {})}
+    with RawClient(egress.port) as client:
+        client.send(request_bytes("GET", "/openai/v1/models", headers))
+        response = client.read_response()
+        assert response.status == 200 and response.json() == {"object": "list", "data": []}
+        assert response.headers["x-request-id"].startswith("req_fake")
+        assert "link" not in response.headers
+        # The connection stays in the pool and serves the next request.
+        client.send(request_bytes("GET", "/openai/v1/models"))
+        assert client.read_response().status == 200
+    assert fake_provider.connections_opened == 1
