@@ -4,8 +4,7 @@ Contract:
   inspect_request(...)   -> RequestFacts, or raises EgressError for what llhttp lets through but
                             RFC 9112 forbids (it accepts `Transfer-Encoding: ,chunked`, TE on
                             HTTP/1.0, HTTP/0.9 and 2.0 version strings, a missing Host).
-  inspect_response(...)  -> ResponseFacts (the header lines to relay, and the framing facts), or
-                            raises EgressError("upstream_protocol_error").
+  inspect_response(...)  -> ResponseFacts, or raises EgressError("upstream_protocol_error").
   response_head(...) / simple_response(...) -> the bytes of one header block, written in one call.
 Hop-by-hop headers (RFC 9110 §7.6.1) never cross egress in either direction.
 """
@@ -63,17 +62,9 @@ _REQUEST_ROLES = {
 
 Headers = list[tuple[bytes, bytes]]
 
-# In the raw header lines of a response: NUL, a CR or LF that is not part of a CRLF, a folded
-# (obsolete, RFC 9112 §5.2) continuation line, or a line with no colon (an empty one included,
-# which would end the head early).
-_UNSAFE_IN_FIELDS = re.compile(rb"\x00|\r(?!\n)|(?<!\r)\n|\r\n[ \t]|\r\n[^:\r\n]*(?:\r|\Z)")
-# The response fields egress reads: framing, media type, and the connection's own options.
-_FRAMING_FIELD = re.compile(
-    rb"\r\n(content-length|content-type|transfer-encoding|connection)[ \t]*:([^\r\n]*)", re.IGNORECASE
-)
-_NOT_RELAYED_FIELD = re.compile(
-    rb"\r\n(?:" + b"|".join(sorted(_NOT_RELAYED_DOWNSTREAM)) + rb")[ \t]*:[^\r\n]*", re.IGNORECASE
-)
+# llhttp already refuses these in strict mode; checked again because relaying one would let an
+# upstream split the client's response.
+_UNSAFE_IN_VALUE = re.compile(rb"[\r\n\x00]")
 
 
 class RequestFacts:
@@ -154,49 +145,42 @@ def inspect_request(headers: Headers, http_version: str) -> RequestFacts:
 
 
 class ResponseFacts:
-    __slots__ = ("chunked", "content_length", "content_type", "fields")
+    __slots__ = ("chunked", "content_length", "content_type", "headers")
 
-    def __init__(self, fields: bytes, content_length: int | None, content_type: bytes, chunked: bool) -> None:
-        self.fields = fields  # the header lines to relay, each preceded by CRLF, as the upstream wrote them
+    def __init__(self, headers: Headers, content_length: int | None, content_type: bytes, chunked: bool) -> None:
+        self.headers = headers
         self.content_length = content_length
         self.content_type = content_type
         self.chunked = chunked  # framed by the upstream's chunked coding (otherwise length or close)
 
 
-def inspect_response(fields: bytes) -> ResponseFacts:
-    """Filter an upstream response's header lines for relay; refuse anything that could split a response.
-
-    `fields` is the head after the status line, up to and without the blank line: each header line
-    preceded by CRLF, as the upstream sent it and llhttp (strict) accepted it. The lines to relay
-    are cut out of it with one regular-expression pass rather than parsed and rebuilt one by one:
-    providers send 15 to 25 headers, and this runs once per response.
-    """
-    # llhttp already refuses these in strict mode; checked again because relaying one would let an
-    # upstream split the client's response.
-    if fields and (not fields.startswith(b"\r\n") or _UNSAFE_IN_FIELDS.search(fields) is not None):
-        raise EgressError("upstream_protocol_error", "upstream sent a malformed or unsafe header line")
+def inspect_response(headers: Headers) -> ResponseFacts:
+    """Filter an upstream response head for relay; refuse anything that could split a response."""
+    relayed: Headers = []
     content_length = None
     content_type = b""
     chunked = False
     connection_tokens: set[bytes] | None = None
-    for name, value in _FRAMING_FIELD.findall(fields):
+    for name, value in headers:
         lower = name.lower()
-        value = value.strip(b" \t")
-        if lower == b"content-type":
-            content_type = value
+        if lower not in _NOT_RELAYED_DOWNSTREAM:
+            if lower == b"content-type":
+                content_type = value
+            relayed.append((name, value))
         elif lower == b"content-length":
-            if not value.isdigit():
+            if not value.strip().isdigit():
                 raise EgressError("upstream_protocol_error", "upstream sent an invalid Content-Length")
             content_length = int(value)
-        elif lower == b"transfer-encoding":
-            chunked = value.lower().endswith(b"chunked")
-        else:
+        elif lower == b"connection":
             connection_tokens = _add_connection_tokens(connection_tokens, value)
-    relayed = _NOT_RELAYED_FIELD.sub(b"", fields)
+        elif lower == b"transfer-encoding":
+            chunked = value.rstrip().lower().endswith(b"chunked")
+    # llhttp already refuses these in strict mode; checked again, once over all values, because
+    # relaying one would let an upstream split the client's response.
+    if _UNSAFE_IN_VALUE.search(b"\t".join([value for _, value in headers])) is not None:
+        raise EgressError("upstream_protocol_error", "upstream sent a header value with CR, LF or NUL")
     if connection_tokens and not connection_tokens <= _HOP_BY_HOP_TOKENS:
-        # Fields the upstream named in Connection are hop-by-hop too (RFC 9110 §7.6.1).
-        named = b"|".join(re.escape(token) for token in sorted(connection_tokens - _HOP_BY_HOP_TOKENS))
-        relayed = re.sub(rb"\r\n(?:" + named + rb")[ \t]*:[^\r\n]*", b"", relayed, flags=re.IGNORECASE)
+        relayed = [(name, value) for name, value in relayed if name.lower() not in connection_tokens]
     return ResponseFacts(relayed, content_length, content_type, chunked)
 
 
@@ -227,15 +211,16 @@ def upstream_request_head(
 
 def response_head(
     status: int,
-    fields: bytes,
+    headers: Headers,
     framing: int,
     content_length: int | None,
     request_id: bytes,
     keep_alive: bool,
     client_http11: bool,
 ) -> bytes:
-    # `fields` are lines each preceded by CRLF: the status line goes without its own.
-    parts = [(STATUS_LINE.get(status) or b"HTTP/1.1 %d \r\n" % status)[:-2], fields, b"\r\n"]
+    parts = [STATUS_LINE.get(status) or b"HTTP/1.1 %d \r\n" % status]
+    for name, value in headers:
+        parts += (name, b": ", value, b"\r\n")
     if framing == CHUNKED:
         parts.append(b"transfer-encoding: chunked\r\n")
     elif content_length is not None:

@@ -136,8 +136,8 @@ class Exchange:
         """The request target without its query string (which may carry a credential)."""
         return self.target.split(b"?", 1)[0]
 
-    def upstream_head(self, status: int, fields: bytes) -> None:
-        facts = http1.inspect_response(fields)  # raises upstream_protocol_error: nothing relayed yet
+    def upstream_head(self, status: int, headers: http1.Headers) -> None:
+        facts = http1.inspect_response(headers)  # raises upstream_protocol_error: nothing relayed yet
         content_length = facts.content_length
         if self.usage_filter is not None:
             if 200 <= status < 300 and facts.content_type.startswith(b"text/event-stream"):
@@ -160,7 +160,7 @@ class Exchange:
         self.ttfb = time.monotonic() - self.started
         self.out.append(
             http1.response_head(
-                status, facts.fields, framing, content_length, self.request_id, self.keep_alive, self.http11
+                status, facts.headers, framing, content_length, self.request_id, self.keep_alive, self.http11
             )
         )
 

@@ -27,8 +27,6 @@ from egress.dns import Resolver
 from egress.errors import EgressError
 from egress.providers import Origin
 
-# A response head longer than this is refused (nginx refuses past its 4-8 KiB proxy_buffer_size).
-_MAX_RESPONSE_HEAD = 64 * 1024
 # Only request bodies (at most max_body_bytes, already in memory) are written upstream.
 _WRITE_BUFFER_HIGH = 256 * 1024
 _WRITE_BUFFER_LOW = 64 * 1024
@@ -142,8 +140,7 @@ class _ResponseAfterEnd(Exception):
 class UpstreamConnection(asyncio.Protocol):
     __slots__ = (
         "_deadline",
-        "_head",
-        "_head_start",
+        "_headers",
         "_loop",
         "_message_done",
         "_parser",
@@ -168,10 +165,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.reusable = False
         self.received_any = False
         self.timed_out = False
-        # The bytes of a response head still being parsed (llhttp validates it; egress relays its
-        # header lines as they are), and where in them the current head starts (after any 1xx).
-        self._head = b""
-        self._head_start = -1  # -1: not reading a head
+        self._headers: list[tuple[bytes, bytes]] = []
         self._skipping_interim = False
         self._message_done = False  # the response ended inside the read being parsed
         self._parser = httptools.HttpResponseParser(self)
@@ -182,8 +176,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.exchange = exchange
         self.reusable = False
         self.received_any = False
-        self._head = b""
-        self._head_start = 0
+        self._headers = []
         self._deadline.set(self._loop.time() + self.pool.config.first_byte_timeout)
         self.transport.writelines(data)
 
@@ -217,13 +210,6 @@ class UpstreamConnection(asyncio.Protocol):
         exchange = self.exchange
         self.received_any = True
         self._deadline.set(self._loop.time() + self.pool.config.read_idle_timeout)
-        if self._head_start >= 0:
-            head = self._head + data if self._head else data
-            if len(head) - self._head_start > _MAX_RESPONSE_HEAD and head.find(b"\r\n\r\n", self._head_start) < 0:
-                self._fail(EgressError("upstream_protocol_error", "the upstream response head is too large"))
-                self.abort()
-                return
-            self._head = head
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserError:
@@ -258,24 +244,22 @@ class UpstreamConnection(asyncio.Protocol):
         else:
             self._fail(EgressError("upstream_protocol_error", f"{self.origin.host} closed the connection early"))
 
-    # -- httptools callbacks ------------------------------------------------------------------
+    # -- httptools callbacks: record state only --------------------------------------------
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._headers.append((name, value))
+
     def on_headers_complete(self) -> None:
         if self._message_done:
             raise _ResponseAfterEnd  # a second response in the read that ended the first
-        head, start = self._head, self._head_start
-        # llhttp (strict) completes a head only at its CRLF CRLF, so both are found.
-        fields_start = head.find(b"\r\n", start)
-        end = head.find(b"\r\n\r\n", start)
         status = self._parser.get_status_code()
         if status < 200:
             # Interim responses (103 Early Hints) are not relayed, as nginx does not relay them.
             self._skipping_interim = True
-            self._head_start = end + 4
+            self._headers = []
             return
-        self._head, self._head_start = b"", -1
         exchange = self.exchange
         try:
-            exchange.upstream_head(status, head[fields_start:end])
+            exchange.upstream_head(status, self._headers)
         except EgressError as error:
             self._fail(error)
             raise
