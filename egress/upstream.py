@@ -27,6 +27,9 @@ from egress.dns import Resolver
 from egress.errors import EgressError
 from egress.providers import Origin
 
+# A response head still incomplete past this is refused: httptools keeps a header in memory until
+# it ends. Providers send 1-2 KiB; nginx refuses past its proxy_buffer_size (4-8 KiB).
+_MAX_RESPONSE_HEAD = 64 * 1024
 # Only request bodies (at most max_body_bytes, already in memory) are written upstream.
 _WRITE_BUFFER_HIGH = 256 * 1024
 _WRITE_BUFFER_LOW = 64 * 1024
@@ -140,6 +143,7 @@ class _ResponseAfterEnd(Exception):
 class UpstreamConnection(asyncio.Protocol):
     __slots__ = (
         "_deadline",
+        "_head_size",
         "_headers",
         "_loop",
         "_message_done",
@@ -166,6 +170,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.received_any = False
         self.timed_out = False
         self._headers: list[tuple[bytes, bytes]] = []
+        self._head_size = -1  # bytes read while the response head is incomplete; -1 once it is
         self._skipping_interim = False
         self._message_done = False  # the response ended inside the read being parsed
         self._parser = httptools.HttpResponseParser(self)
@@ -177,6 +182,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.reusable = False
         self.received_any = False
         self._headers = []
+        self._head_size = 0
         self._deadline.set(self._loop.time() + self.pool.config.first_byte_timeout)
         self.transport.writelines(data)
 
@@ -210,6 +216,8 @@ class UpstreamConnection(asyncio.Protocol):
         exchange = self.exchange
         self.received_any = True
         self._deadline.set(self._loop.time() + self.pool.config.read_idle_timeout)
+        if self._head_size >= 0:
+            self._head_size += len(data)
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserError:
@@ -218,6 +226,10 @@ class UpstreamConnection(asyncio.Protocol):
             else:
                 self._fail(EgressError("upstream_protocol_error", "the upstream response is not valid HTTP/1.1"))
                 self.abort()
+        if self._head_size > _MAX_RESPONSE_HEAD:
+            self._fail(EgressError("upstream_protocol_error", "the upstream response head is too large"))
+            self.abort()
+            return
         if self._message_done:
             # Reported only now that the parser is done with this read: the exchange may hand this
             # connection to its next request, which must not start inside our own callbacks.
@@ -257,6 +269,7 @@ class UpstreamConnection(asyncio.Protocol):
             self._skipping_interim = True
             self._headers = []
             return
+        self._head_size = -1
         exchange = self.exchange
         try:
             exchange.upstream_head(status, self._headers)

@@ -152,6 +152,14 @@ class FakeProvider:
             models = {"object": "list", "data": []}
             await self._send_json(conn, writer, 200, models, response_id)
             return True
+        if scenario == "huge-head":
+            # A head that never ends: one header value, 1 MiB and growing.
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nx-huge: ")
+            for _ in range(64):
+                writer.write(b"a" * 16384)
+                await writer.drain()
+            await reader.read()  # until egress gives up on it
+            return False
         if scenario == "extra-response":
             # A provider that breaks framing: a second, unrequested response in the same write.
             body_bytes = b'{"object":"list","data":[]}'

@@ -94,3 +94,14 @@ def test_early_hints_are_not_relayed_and_the_answer_is(start_egress, fake_provid
         client.send(request_bytes("GET", "/openai/v1/models"))
         assert client.read_response().status == 200
     assert fake_provider.connections_opened == 1
+
+
+def test_an_endless_response_head_is_refused_with_bounded_memory(start_egress, fake_provider, ca_file):
+    egress = start_egress(provider_config(fake_provider, ca_file))
+    rss_before = egress.rss_kib()
+    with RawClient(egress.port) as client:
+        client.send(request_bytes("GET", "/openai/v1/models", {"x-fake-scenario": "huge-head"}))
+        response = client.read_response()
+    assert response.status == 502 and response.error_code == "upstream_protocol_error"
+    assert "too large" in response.json()["error"]["message"]
+    assert egress.rss_kib() - rss_before < 4 * 1024  # a 64 KiB bound plus one read, not the 1 MiB sent
