@@ -1,0 +1,205 @@
+"""egress's own per-request cost, in process: the real connection classes, no sockets.
+
+Twenty client connections and twenty pooled upstream connections, with transports that only
+record what is written, take turns: every client sends a small JSON request, the loop turns
+(egress writes the upstream requests), every upstream answers with nginx's head and bench/run's
+completion body, the loop turns again (egress writes the responses and runs the log phase).
+No kernel, no peer and no scheduler are involved, so this measures the Python (and httptools,
+orjson) part alone, and it moves far less than a wrk run on a small shared machine. The best of
+7 repetitions is reported.
+
+Usage: python3 bench/micro.py [--mode bare|full] [--headers N] [--requests N] [--opcodes]
+  bare    BYO key, limiter and meter off, no access log (bench/run's `egress` row)
+  full    virtual key, limiter, meter, usage file and access log (`egress, full`)
+  --headers N   extra response headers (providers send 15-25; nginx sends 5)
+  --opcodes     count the bytecode instructions per request instead, by function: exact and
+                repeatable, but a guide only (C work, such as a regular expression, is not in it)
+Compare builds with PYTHONPATH=TREE, e.g. a `git worktree` of an earlier commit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import uvloop
+
+from egress.accesslog import AccessLog
+from egress.auth import Authenticator, load_pools
+from egress.config import parse_config
+from egress.facts import FactSink
+from egress.limiter import RateLimiter
+from egress.providers import Router
+from egress.serve import load_denyset
+from egress.server import ClientConnection, ServerState
+from egress.upstream import UpstreamConnection, UpstreamPool
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import run as bench  # bench/run.py, beside this file
+
+CONNECTIONS = 20
+BODY = b'{"model":"gpt-bench","messages":[{"role":"user","content":"hi"}]}'
+
+
+class RecordingTransport:
+    """What egress's protocols call on a transport, recording writes and doing nothing else."""
+
+    def __init__(self) -> None:
+        self.writes: list[bytes] = []
+        self.closing = False
+
+    def write(self, data: bytes) -> None:
+        self.writes.append(data)
+
+    def writelines(self, parts: list[bytes]) -> None:
+        self.writes.append(b"".join(parts))
+
+    def get_extra_info(self, name: str, default=None):
+        return ("127.0.0.1", 40000) if name == "peername" else default
+
+    def set_write_buffer_limits(self, high=None, low=None) -> None:
+        pass
+
+    def is_closing(self) -> bool:
+        return self.closing
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+    def close(self) -> None:
+        self.closing = True
+
+    def abort(self) -> None:
+        self.closing = True
+
+
+def make_state(mode: str, workdir: Path) -> tuple[ServerState, bytes]:
+    """The shared state of one egress process, and the credential its clients send."""
+    raw: dict = {"providers": {"bench": {"base_url": "http://127.0.0.1:9"}}}
+    if mode == "bare":
+        raw["server"] = {"access_log": "off"}
+        raw["usage"] = {"enabled": False}
+        token = "sk-bench-byo"
+    else:
+        issuer, token = bench._bench_issuer()
+        (workdir / "pool.keys").write_text("sk-bench-pool-key\n")
+        raw["server"] = {"access_log": str(workdir / "access.log")}
+        raw["keys"] = {"trusted_issuers": [issuer]}
+        raw["limits"] = {"requests_per_minute": 10**9, "tokens_per_minute": 10**9}
+        raw["usage"] = {"jsonl": str(workdir / "usage.jsonl")}
+        raw["providers"]["bench"]["pool_keys"] = [f"file:{workdir / 'pool.keys'}"]
+    config = parse_config(raw)
+    usage = config.usage
+    state = ServerState(
+        config,
+        Router(config.providers),
+        UpstreamPool(config.upstream),
+        AccessLog(config.server.access_log),
+        Authenticator(config, load_denyset(config), load_pools(config)),
+        RateLimiter(config.limits),
+        FactSink(usage.jsonl, usage.rotate_bytes, usage.keep_files, usage.queue_size),
+    )
+    return state, token.encode()
+
+
+async def measure(mode: str, extra_headers: int, requests: int, opcodes: bool) -> None:
+    state, token = make_state(mode, Path(tempfile.mkdtemp(prefix="egress-micro-")))
+    request = (
+        b"POST /bench/v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1:8787\r\nAuthorization: Bearer "
+        + token
+        + b"\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(BODY)
+        + BODY
+    )
+    completion = bench.COMPLETION.encode()
+    response = (
+        b"HTTP/1.1 200 OK\r\nServer: nginx/1.22.1\r\nDate: Mon, 23 Nov 2026 10:00:00 GMT\r\n"
+        b"Content-Type: application/json\r\nContent-Length: %d\r\nConnection: keep-alive\r\n"
+        % len(completion)
+        + b"".join(b"x-provider-header-%d: 1234567890\r\n" % index for index in range(extra_headers))
+        + b"\r\n"
+        + completion
+    )
+    origin = state.router.resolve(b"/bench/v1/chat/completions").provider.origin
+    clients = []
+    for _ in range(CONNECTIONS):
+        client, transport = ClientConnection(state), RecordingTransport()
+        client.connection_made(transport)
+        clients.append((client, transport))
+    for _ in range(CONNECTIONS):
+        upstream = UpstreamConnection(state.pool, origin)
+        upstream.connection_made(RecordingTransport())
+        upstream.reusable = True
+        state.pool.release(upstream)
+
+    async def one_round() -> None:
+        for client, _ in clients:
+            client.data_received(request)
+        await asyncio.sleep(0)  # egress writes the upstream requests
+        for client, _ in clients:
+            client.active.upstream.data_received(response)
+        await asyncio.sleep(0)  # egress writes the responses, then logs
+
+    for _ in range(100):  # warm-up: caches, the verification of a virtual key
+        await one_round()
+    last = clients[0][1].writes[-1]
+    if not (last.startswith(b"HTTP/1.1 200 OK\r\n") and last.endswith(completion)):
+        raise SystemExit(f"micro: unexpected response {last[:200]!r}")
+    rounds = max(1, requests // CONNECTIONS)
+    if opcodes:
+        await count_opcodes(one_round, rounds=10)
+        return
+    best = []
+    for _ in range(7):
+        started = time.perf_counter()
+        for _ in range(rounds):
+            await one_round()
+        best.append((time.perf_counter() - started) / (rounds * CONNECTIONS) * 1e6)
+    best.sort()
+    print(f"{mode}, {5 + extra_headers} response headers: best {best[0]:.1f} µs per request, median {best[3]:.1f}")
+
+
+async def count_opcodes(one_round, rounds: int) -> None:
+    """Bytecode instructions per request, by function, traced through every callback the loop runs."""
+    per_function: collections.Counter[str] = collections.Counter()
+
+    def tracer(frame, event, _):
+        frame.f_trace_opcodes = True
+        if event == "opcode":
+            code = frame.f_code
+            per_function[f"{Path(code.co_filename).name}:{code.co_name}"] += 1
+        return tracer
+
+    sys.settrace(tracer)
+    try:
+        for _ in range(rounds):
+            await one_round()
+    finally:
+        sys.settrace(None)
+    requests = rounds * CONNECTIONS
+    print(f"{sum(per_function.values()) / requests:.0f} opcodes per request")
+    for name, count in per_function.most_common(30):
+        print(f"{count / requests:8.1f}  {name}")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--mode", choices=("bare", "full"), default="bare")
+    parser.add_argument("--headers", type=int, default=0, help="extra upstream response headers")
+    parser.add_argument("--requests", type=int, default=20_000)
+    parser.add_argument("--opcodes", action="store_true", help="bytecode per request, by function")
+    args = parser.parse_args()
+    uvloop.run(measure(args.mode, args.headers, args.requests, args.opcodes))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
