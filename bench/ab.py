@@ -69,29 +69,8 @@ def main() -> int:
     path = "/v1/stream" if args.sse else "/v1/chat/completions"
     (workdir / "pool.keys").write_text("sk-bench-pool-key\n")
     upstream_port, proxy_port = bench.free_port(), bench.free_port()
-    upstream = bench.nginx_config(
-        workdir,
-        "upstream",
-        f"""server {{
-        listen 127.0.0.1:{upstream_port};
-        location = /v1/chat/completions {{ default_type application/json; return 200 '{bench.COMPLETION}'; }}
-        location = /v1/stream {{ default_type text/event-stream; alias {workdir}/stream.txt; }}
-    }}""",
-    )
-    proxy = bench.nginx_config(
-        workdir,
-        "proxy",
-        f"""upstream provider {{ server 127.0.0.1:{upstream_port}; keepalive 128; }}
-    server {{
-        listen 127.0.0.1:{proxy_port};
-        location / {{
-            proxy_pass http://provider;
-            proxy_http_version 1.1;
-            proxy_set_header Connection "";
-            proxy_buffering off;
-        }}
-    }}""",
-    )
+    upstream = bench.upstream_nginx_config(workdir, upstream_port)
+    proxy = bench.proxy_nginx_config(workdir, proxy_port, upstream_port)
     proxy_cpus, load_cpus = ("0", "1") if args.pin else (None, None)
     processes = [bench.start_nginx(upstream, load_cpus), bench.start_nginx(proxy, proxy_cpus)]
     urls, scripts, pids, ports = {}, {}, {}, [upstream_port, proxy_port]

@@ -125,6 +125,37 @@ def pinned(command: list[str], cpus: str | None) -> list[str]:
     return ["taskset", "-c", cpus, *command] if cpus is not None else command
 
 
+def upstream_nginx_config(workdir: Path, port: int) -> Path:
+    """The fast upstream: the small JSON completion, and the SSE body from `workdir/stream.txt`."""
+    return nginx_config(
+        workdir,
+        "upstream",
+        f"""server {{
+        listen 127.0.0.1:{port};
+        location = /v1/chat/completions {{ default_type application/json; return 200 '{COMPLETION}'; }}
+        location = /v1/stream {{ default_type text/event-stream; alias {workdir}/stream.txt; }}
+    }}""",
+    )
+
+
+def proxy_nginx_config(workdir: Path, port: int, upstream_port: int) -> Path:
+    """nginx as a plain keep-alive reverse proxy in front of the upstream, unbuffered like egress."""
+    return nginx_config(
+        workdir,
+        "proxy",
+        f"""upstream provider {{ server 127.0.0.1:{upstream_port}; keepalive 128; }}
+    server {{
+        listen 127.0.0.1:{port};
+        location / {{
+            proxy_pass http://provider;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_buffering off;
+        }}
+    }}""",
+    )
+
+
 def start_nginx(config: Path, cpus: str | None = None) -> subprocess.Popen:
     return subprocess.Popen(
         pinned(["nginx", "-c", str(config), "-g", "daemon off;"], cpus),
@@ -299,29 +330,8 @@ def main() -> int:
     (workdir / "post-virtual.lua").write_text(POST_LUA % virtual_key)
     (workdir / "pool.keys").write_text("sk-bench-pool-key\n")
     upstream_port, proxy_port, egress_port = free_port(), free_port(), free_port()
-    upstream_conf = nginx_config(
-        workdir,
-        "upstream",
-        f"""server {{
-        listen 127.0.0.1:{upstream_port};
-        location = /v1/chat/completions {{ default_type application/json; return 200 '{COMPLETION}'; }}
-        location = /v1/stream {{ default_type text/event-stream; alias {workdir}/stream.txt; }}
-    }}""",
-    )
-    proxy_conf = nginx_config(
-        workdir,
-        "proxy",
-        f"""upstream provider {{ server 127.0.0.1:{upstream_port}; keepalive 128; }}
-    server {{
-        listen 127.0.0.1:{proxy_port};
-        location / {{
-            proxy_pass http://provider;
-            proxy_http_version 1.1;
-            proxy_set_header Connection "";
-            proxy_buffering off;
-        }}
-    }}""",
-    )
+    upstream_conf = upstream_nginx_config(workdir, upstream_port)
+    proxy_conf = proxy_nginx_config(workdir, proxy_port, upstream_port)
     full_port = free_port()
     bare_conf = workdir / "egress-bare.toml"
     bare_conf.write_text(
