@@ -194,16 +194,37 @@ def run_wrk(
     }
 
 
-def open_loop_latency(url: str, body: Path, headers: dict[str, str], rate: int, seconds: int, log: Path) -> dict:
+OPEN_LOOP_CLIENTS = 10
+
+
+def open_loop_latency(
+    url: str, body: Path, headers: dict[str, str], rate: int, seconds: int, log: Path, arrivals: str
+) -> dict:
     """Latency at a fixed request rate (h2load --rps): a server that stalls can't slow the load down
-    and hide its tail, as a closed loop like wrk's would. Percentiles come from h2load's per-request log."""
-    clients = 10
-    command = ["h2load", "--h1", "-c", str(clients), "--rps", str(max(1, rate // clients)), "-D", str(seconds)]
+    and hide its tail, as a closed loop like wrk's would. Percentiles come from h2load's per-request log.
+
+    The clients of one h2load process fire on the same timer tick, so its ten connections deliver
+    ten requests at once (`bursts`). `spread` runs ten h2load processes of one connection each,
+    started one after another, so their timers run out of phase and requests arrive one by one,
+    as independent callers' requests do.
+    """
+    per_connection = max(1, rate // OPEN_LOOP_CLIENTS)
+    processes = 1 if arrivals == "bursts" else OPEN_LOOP_CLIENTS
+    connections = OPEN_LOOP_CLIENTS // processes
+    command = ["h2load", "--h1", "-c", str(connections), "--rps", str(per_connection), "-D", str(seconds)]
     for name, value in headers.items():
         command += ["-H", f"{name}: {value}"]
-    command += ["-d", str(body), "--log-file", str(log), url]
-    subprocess.run(command, capture_output=True, timeout=seconds + 30, check=True)
-    durations = sorted(int(line.split("\t")[2]) for line in log.read_text().splitlines() if line.count("\t") >= 2)
+    logs = [log.with_suffix(f".{index}.log") for index in range(processes)]
+    running = []
+    for path in logs:
+        running.append(subprocess.Popen(command + ["-d", str(body), "--log-file", str(path), url], stdout=subprocess.DEVNULL))
+        time.sleep(1 / per_connection / processes)  # a 1/10 phase step; exec time scatters it further
+    for process in running:
+        if process.wait(timeout=seconds + 30) != 0:
+            raise RuntimeError(f"h2load exited with {process.returncode}")
+    durations = sorted(
+        int(line.split("\t")[2]) for path in logs for line in path.read_text().splitlines() if line.count("\t") >= 2
+    )
     if not durations:
         return {"rate": rate, "p50_ms": float("nan"), "p99_ms": float("nan"), "requests": 0}
     return {
@@ -423,34 +444,37 @@ def main() -> int:
                         f"p50 {result['p50_ms']:.3f} ms  p99 {result['p99_ms']:.3f} ms",
                         file=sys.stderr,
                     )
-        latency: dict[str, dict] = {}
+        latency: dict[str, dict[str, dict]] = {}
         if shutil.which("h2load") is not None:
             body = workdir / "body.json"
             body.write_text('{"model":"gpt-bench","messages":[{"role":"user","content":"hi"}]}')
             egress_max = statistics.median(run["rps"] for run in results["small JSON"]["egress"])
             rate = int(egress_max / 2)
-            for target in ("direct", "nginx-proxy", "egress"):
-                rounds = [
-                    open_loop_latency(
-                        scenarios["small JSON"][target],
-                        body,
-                        {"Authorization": "Bearer sk-bench-byo", "Content-Type": "application/json"},
-                        rate,
-                        args.duration,
-                        workdir / f"h2load-{target}-{index}.log",
-                    )
-                    for index in range(args.rounds)
-                ]
-                latency[target] = {
-                    key: statistics.median(run[key] for run in rounds) for key in ("rate", "p50_ms", "p99_ms")
-                }
+            for arrivals in ("spread", "bursts"):
+                rows = latency[arrivals] = {}
+                for target in ("direct", "nginx-proxy", "egress"):
+                    rounds = [
+                        open_loop_latency(
+                            scenarios["small JSON"][target],
+                            body,
+                            {"Authorization": "Bearer sk-bench-byo", "Content-Type": "application/json"},
+                            rate,
+                            args.duration,
+                            workdir / f"h2load-{arrivals}-{target}-{index}",
+                            arrivals,
+                        )
+                        for index in range(args.rounds)
+                    ]
+                    rows[target] = {
+                        key: statistics.median(run[key] for run in rounds) for key in ("rate", "p50_ms", "p99_ms")
+                    }
         sse_timing = sse_event_timing(workdir)
         idle = idle_connection_memory(egress_port, egress_pids["egress"], args.idle_connections)
         report = render(results, egress_cpu, args, verification_costs(), idle, latency, sse_timing)
         print(report)
         RESULTS.mkdir(parents=True, exist_ok=True)
         (RESULTS / "latest.md").write_text(report)
-        chart(results, latency, RESULTS / "latest.png")
+        chart(results, latency.get("spread", {}), RESULTS / "latest.png")
     finally:
         for process in processes:
             process.send_signal(signal.SIGTERM)
@@ -520,7 +544,7 @@ def chart(results: dict, latency: dict[str, dict], path: Path) -> None:
         axis.bar([p - 0.2 for p in positions], [latency[n]["p50_ms"] for n in names], width=0.4, label="p50")
         axis.bar([p + 0.2 for p in positions], [latency[n]["p99_ms"] for n in names], width=0.4, label="p99")
         axis.set_xticks(list(positions), names, fontsize=8)
-        axis.set_title(f"latency at {latency['direct']['rate']:.0f} req/s (ms)", fontsize=10)
+        axis.set_title(f"latency at {latency['direct']['rate']:.0f} req/s, arrivals spread (ms)", fontsize=10)
         axis.legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
@@ -591,19 +615,22 @@ def render(
         "",
     ]
     if latency:
-        direct = latency["direct"]
+        rate = latency["spread"]["direct"]["rate"]
         lines += [
-            f"Open-loop latency, small JSON at {direct['rate']:.0f} req/s (half of egress's closed-loop maximum), "
-            "h2load --rps over 10 connections:",
+            f"Open-loop latency, small JSON at {rate:.0f} req/s (half of egress's closed-loop maximum), h2load --rps "
+            "over 10 connections. `spread`: ten h2load processes, requests arriving one by one; `bursts`: one "
+            "h2load process, whose ten connections send together on each tick.",
             "",
-            "| target | p50 ms | p99 ms | added p50 ms | added p99 ms |",
-            "|---|---:|---:|---:|---:|",
+            "| arrivals | target | p50 ms | p99 ms | added p50 ms | added p99 ms |",
+            "|---|---|---:|---:|---:|---:|",
         ]
-        for target, row in latency.items():
-            lines.append(
-                f"| {target} | {row['p50_ms']:.3f} | {row['p99_ms']:.3f} | {row['p50_ms'] - direct['p50_ms']:.3f} "
-                f"| {row['p99_ms'] - direct['p99_ms']:.3f} |"
-            )
+        for arrivals, rows in latency.items():
+            direct = rows["direct"]
+            for target, row in rows.items():
+                lines.append(
+                    f"| {arrivals} | {target} | {row['p50_ms']:.3f} | {row['p99_ms']:.3f} "
+                    f"| {row['p50_ms'] - direct['p50_ms']:.3f} | {row['p99_ms'] - direct['p99_ms']:.3f} |"
+                )
         lines.append("")
     else:
         lines += ["Open-loop latency: skipped, h2load is not installed (apt-get install -y nghttp2-client).", ""]
