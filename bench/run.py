@@ -217,7 +217,8 @@ def open_loop_latency(
     logs = [log.with_suffix(f".{index}.log") for index in range(processes)]
     running = []
     for path in logs:
-        running.append(subprocess.Popen(command + ["-d", str(body), "--log-file", str(path), url], stdout=subprocess.DEVNULL))
+        arguments = [*command, "-d", str(body), "--log-file", str(path), url]
+        running.append(subprocess.Popen(arguments, stdout=subprocess.DEVNULL))
         time.sleep(1 / per_connection / processes)  # a 1/10 phase step; exec time scatters it further
     for process in running:
         if process.wait(timeout=seconds + 30) != 0:
