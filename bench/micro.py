@@ -8,9 +8,12 @@ No kernel, no peer and no scheduler are involved, so this measures the Python (a
 orjson) part alone, and it moves far less than a wrk run on a small shared machine. The best of
 7 repetitions is reported.
 
-Usage: python3 bench/micro.py [--mode bare|full] [--headers N] [--requests N] [--opcodes]
+Usage: python3 bench/micro.py [--mode bare|key|limits|meter|full] [--headers N] [--requests N] [--opcodes]
   bare    BYO key, limiter and meter off, no access log (bench/run's `egress` row)
-  full    virtual key, limiter, meter, usage file and access log (`egress, full`)
+  key     bare with a virtual key (verified once, then cached) swapped for a pool key
+  limits  key with the request and token limits on
+  meter   limits with the usage meter and its JSONL usage file on
+  full    meter with the access log to a file: bench/run's `egress, full` row
   --headers N   extra response headers (providers send 15-25; nginx sends 5)
   --opcodes     count the bytecode instructions per request instead, by function: exact and
                 repeatable, but a guide only (C work, such as a regular expression, is not in it)
@@ -82,21 +85,25 @@ class RecordingTransport:
         self.closing = True
 
 
+# Each mode adds one feature to the one before it, so the differences between them split
+# `full`'s extra cost by feature.
+MODES = ("bare", "key", "limits", "meter", "full")
+
+
 def make_state(mode: str, workdir: Path) -> tuple[ServerState, bytes]:
     """The shared state of one egress process, and the credential its clients send."""
+    layers = MODES[: MODES.index(mode) + 1]
     raw: dict = {"providers": {"bench": {"base_url": "http://127.0.0.1:9"}}}
-    if mode == "bare":
-        raw["server"] = {"access_log": "off"}
-        raw["usage"] = {"enabled": False}
-        token = "sk-bench-byo"
-    else:
+    raw["server"] = {"access_log": str(workdir / "access.log") if "full" in layers else "off"}
+    raw["usage"] = {"jsonl": str(workdir / "usage.jsonl")} if "meter" in layers else {"enabled": False}
+    token = "sk-bench-byo"
+    if "key" in layers:
         issuer, token = bench._bench_issuer()
         (workdir / "pool.keys").write_text("sk-bench-pool-key\n")
-        raw["server"] = {"access_log": str(workdir / "access.log")}
         raw["keys"] = {"trusted_issuers": [issuer]}
-        raw["limits"] = {"requests_per_minute": 10**9, "tokens_per_minute": 10**9}
-        raw["usage"] = {"jsonl": str(workdir / "usage.jsonl")}
         raw["providers"]["bench"]["pool_keys"] = [f"file:{workdir / 'pool.keys'}"]
+    if "limits" in layers:
+        raw["limits"] = {"requests_per_minute": 10**9, "tokens_per_minute": 10**9}
     config = parse_config(raw)
     usage = config.usage
     state = ServerState(
@@ -192,7 +199,7 @@ async def count_opcodes(one_round, rounds: int) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--mode", choices=("bare", "full"), default="bare")
+    parser.add_argument("--mode", choices=MODES, default="bare")
     parser.add_argument("--headers", type=int, default=0, help="extra upstream response headers")
     parser.add_argument("--requests", type=int, default=20_000)
     parser.add_argument("--opcodes", action="store_true", help="bytecode per request, by function")
