@@ -215,14 +215,21 @@ def open_loop_latency(
     for name, value in headers.items():
         command += ["-H", f"{name}: {value}"]
     logs = [log.with_suffix(f".{index}.log") for index in range(processes)]
-    running = []
-    for path in logs:
-        arguments = [*command, "-d", str(body), "--log-file", str(path), url]
-        running.append(subprocess.Popen(arguments, stdout=subprocess.DEVNULL))
-        time.sleep(1 / per_connection / processes)  # a 1/10 phase step; exec time scatters it further
-    for process in running:
-        if process.wait(timeout=seconds + 30) != 0:
-            raise RuntimeError(f"h2load exited with {process.returncode}")
+    running: list[subprocess.Popen] = []
+    try:
+        for path in logs:
+            arguments = [*command, "-d", str(body), "--log-file", str(path), url]
+            running.append(subprocess.Popen(arguments, stdout=subprocess.DEVNULL))
+            # A tenth of one connection's interval apart; exec time scatters the phases further.
+            time.sleep(1 / per_connection / processes)
+        for process in running:
+            if process.wait(timeout=seconds + 30) != 0:
+                raise RuntimeError(f"h2load exited with {process.returncode}")
+    finally:
+        for process in running:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
     durations = sorted(
         int(line.split("\t")[2]) for path in logs for line in path.read_text().splitlines() if line.count("\t") >= 2
     )
