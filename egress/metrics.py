@@ -26,6 +26,15 @@ if TYPE_CHECKING:
 MODEL_CAP = 50
 # Seconds; from sub-millisecond errors to multi-minute generations.
 BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+# The `kind` label of egress_tokens, and the Usage field it counts.
+_TOKEN_KINDS = (
+    ("input", "input_tokens"),
+    ("output", "output_tokens"),
+    ("cache_read", "cache_read_tokens"),
+    ("cache_creation", "cache_creation_tokens"),
+    ("reasoning", "reasoning_tokens"),
+    ("estimated_output", "estimated_output_tokens"),
+)
 _AUTH_CODES = frozenset(
     {"missing_key", "invalid_key", "key_expired", "key_revoked", "provider_not_permitted", "no_pool_key"}
 )
@@ -88,19 +97,10 @@ class Metrics:
     def observe_usage(self, provider: str, usage: Usage) -> None:
         model = self._model_label(provider, usage.model)
         tokens = self.tokens
-        # Spelled out rather than looped: this runs once per metered request.
-        if usage.input_tokens:
-            tokens[(provider, model, "input")] += usage.input_tokens
-        if usage.output_tokens:
-            tokens[(provider, model, "output")] += usage.output_tokens
-        if usage.cache_read_tokens:
-            tokens[(provider, model, "cache_read")] += usage.cache_read_tokens
-        if usage.cache_creation_tokens:
-            tokens[(provider, model, "cache_creation")] += usage.cache_creation_tokens
-        if usage.reasoning_tokens:
-            tokens[(provider, model, "reasoning")] += usage.reasoning_tokens
-        if usage.estimated_output_tokens:
-            tokens[(provider, model, "estimated_output")] += usage.estimated_output_tokens
+        for kind, attribute in _TOKEN_KINDS:
+            count = getattr(usage, attribute)
+            if count:
+                tokens[(provider, model, kind)] += count
 
     def _model_label(self, provider: str, model: str | None) -> str:
         if model is None:
