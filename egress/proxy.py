@@ -462,8 +462,7 @@ def emit_usage(
     provider = exchange.route.provider.name
     identity = exchange.identity or state.limiter.identity(exchange)
     requested = _REQUESTED_MODEL.search(exchange.body, 0, 65536) if exchange.body else None
-    if exchange.limit_slots is not None:
-        state.limiter.record_tokens(exchange, usage.total_tokens, state.loop_time())
+    state.limiter.record_tokens(exchange, usage.total_tokens, state.loop_time())
     state.metrics.observe_usage(provider, usage)
     state.facts.emit(
         {
