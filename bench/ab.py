@@ -33,21 +33,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import run as bench  # bench/run.py, beside this file
 
 
-def egress_config(mode: str, port: int, upstream_port: int, workdir: Path, issuer: str, index: int) -> str:
-    listen = f'[server]\nlisten = "127.0.0.1:{port}"\nadmin_listen = "off"\n'
-    provider = f'[providers.bench]\nbase_url = "http://127.0.0.1:{upstream_port}"\n'
-    if mode == "bare":
-        return listen + 'access_log = "off"\n\n[usage]\nenabled = false\n\n' + provider
-    return (
-        listen
-        + f'access_log = "{workdir}/access-{index}.log"\n\n[keys]\ntrusted_issuers = ["{issuer}"]\n\n'
-        + "[limits]\nrequests_per_minute = 1000000000\ntokens_per_minute = 1000000000\n\n"
-        + f'[usage]\njsonl = "{workdir}/usage-{index}.jsonl"\n\n'
-        + provider
-        + f'pool_keys = ["file:{workdir}/pool.keys"]\n'
-    )
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=8)
@@ -84,7 +69,7 @@ def main() -> int:
                 parser.error(f"{spec}: expected bare:TREE or full:TREE, TREE holding an egress/ package")
             port = bench.free_port()
             config = workdir / f"egress-{index}.toml"
-            config.write_text(egress_config(mode, port, upstream_port, workdir, issuer, index))
+            config.write_text(bench.egress_config(mode, port, upstream_port, workdir, issuer, f"-{index}"))
             process = subprocess.Popen(
                 bench.pinned(
                     [sys.executable, "-m", "egress", "serve", "--config", str(config), "--workers", "1"], proxy_cpus

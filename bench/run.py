@@ -156,6 +156,27 @@ def proxy_nginx_config(workdir: Path, port: int, upstream_port: int) -> Path:
     )
 
 
+def egress_config(mode: str, port: int, upstream_port: int, workdir: Path, issuer: str, name: str = "") -> str:
+    """egress in front of the bench upstream, as `bare` or `full`.
+
+    bare: BYO key, limiter and meter off, no access log. full: everything on: virtual key (pool
+    key in workdir/pool.keys), limiter (high enough never to refuse), meter, usage file, access
+    log. `name` tells apart the files of several egress processes sharing one workdir.
+    """
+    server = f'[server]\nlisten = "127.0.0.1:{port}"\nadmin_listen = "off"\nmax_connections = 50000\n'
+    provider = f'[providers.bench]\nbase_url = "http://127.0.0.1:{upstream_port}"\n'
+    if mode == "bare":
+        return server + 'access_log = "off"\n\n[usage]\nenabled = false\n\n' + provider
+    return (
+        server
+        + f'access_log = "{workdir}/access{name}.log"\n\n[keys]\ntrusted_issuers = ["{issuer}"]\n\n'
+        + "[limits]\nrequests_per_minute = 1000000000\ntokens_per_minute = 1000000000\n\n"
+        + f'[usage]\njsonl = "{workdir}/usage{name}.jsonl"\n\n'
+        + provider
+        + f'pool_keys = ["file:{workdir}/pool.keys"]\n'
+    )
+
+
 def start_nginx(config: Path, cpus: str | None = None) -> subprocess.Popen:
     return subprocess.Popen(
         pinned(["nginx", "-c", str(config), "-g", "daemon off;"], cpus),
@@ -363,22 +384,9 @@ def main() -> int:
     proxy_conf = proxy_nginx_config(workdir, proxy_port, upstream_port)
     full_port = free_port()
     bare_conf = workdir / "egress-bare.toml"
-    bare_conf.write_text(
-        f'[server]\nlisten = "127.0.0.1:{egress_port}"\naccess_log = "off"\nadmin_listen = "off"\n'
-        f"max_connections = 50000\n\n"
-        f"[usage]\nenabled = false\n\n"
-        f'[providers.bench]\nbase_url = "http://127.0.0.1:{upstream_port}"\n'
-    )
-    # Everything on: virtual key, limiter (high enough never to refuse), meter, usage file, access log.
+    bare_conf.write_text(egress_config("bare", egress_port, upstream_port, workdir, issuer))
     full_conf = workdir / "egress-full.toml"
-    full_conf.write_text(
-        f'[server]\nlisten = "127.0.0.1:{full_port}"\naccess_log = "{workdir / "access.log"}"\n'
-        f'admin_listen = "off"\n\n[keys]\ntrusted_issuers = ["{issuer}"]\n\n'
-        f"[limits]\nrequests_per_minute = 1000000000\ntokens_per_minute = 1000000000\n\n"
-        f'[usage]\njsonl = "{workdir / "usage.jsonl"}"\n\n'
-        f'[providers.bench]\nbase_url = "http://127.0.0.1:{upstream_port}"\n'
-        f'pool_keys = ["file:{workdir / "pool.keys"}"]\n'
-    )
+    full_conf.write_text(egress_config("full", full_port, upstream_port, workdir, issuer))
     two_port = free_port()
     processes = [start_nginx(upstream_conf), start_nginx(proxy_conf)]
     egress_pids = {}
