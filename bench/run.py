@@ -70,7 +70,41 @@ def verification_costs(samples: int = 2000) -> dict[str, float]:
     cold = iter(tokens)
     cold_s = timeit.timeit(lambda: auth.claims_for(next(cold)), number=samples) / samples
     warm_s = timeit.timeit(lambda: auth.claims_for(tokens[0]), number=samples * 10) / (samples * 10)
-    return {"cold_us": cold_s * 1e6, "warm_us": warm_s * 1e6}
+    # Forged keys: well formed, the trusted issuer's id, another key's signature, each one new, all
+    # from one client address. Past the address's burst they are refused without a verification.
+    impostor = Ed25519PrivateKey.generate()
+    forged = [_forge(impostor, issuer, index) for index in range(samples)]
+    fresh = iter(forged)
+    forged_s = timeit.timeit(lambda: _refused(auth, next(fresh)), number=samples) / samples
+    again_s = timeit.timeit(lambda: _refused(auth, forged[-1]), number=samples) / samples
+    return {
+        "cold_us": cold_s * 1e6,
+        "warm_us": warm_s * 1e6,
+        "forged_us": forged_s * 1e6,
+        "forged_again_us": again_s * 1e6,
+    }
+
+
+def _forge(impostor, issuer, index: int) -> bytes:
+    import base64
+
+    from egress.vkeys import SIGNING_DOMAIN, issuer_id
+
+    document = {"iat": 1, "iss": issuer_id(issuer.public_key()), "kid": f"{index:016x}", "sub": "x", "v": 1}
+    payload = json.dumps(document, sort_keys=True, separators=(",", ":")).encode()
+    signature = impostor.sign(SIGNING_DOMAIN + payload)
+    b64 = base64.urlsafe_b64encode
+    return b"bai_" + b64(payload).rstrip(b"=") + b"." + b64(signature).rstrip(b"=")
+
+
+def _refused(auth, token: bytes) -> None:
+    from egress.errors import EgressError
+
+    try:
+        auth.claims_for(token, "203.0.113.9:4000")
+    except EgressError:
+        return
+    raise AssertionError("a forged key verified")
 
 
 def free_port() -> int:
@@ -628,6 +662,8 @@ def render(
         "|---|---:|",
         f"| cold (first use: Ed25519 verify) | {verification['cold_us']:.1f} |",
         f"| warm (cached) | {verification['warm_us']:.2f} |",
+        f"| forged, a new one each time, one address past its burst | {verification['forged_us']:.2f} |",
+        f"| forged, the same one again | {verification['forged_again_us']:.2f} |",
         "",
     ]
     if latency:

@@ -2,24 +2,36 @@
 
 Contract: `Authenticator.authenticate(exchange, provider)` runs once the request head is parsed and
 routed. It returns normally (the exchange's forward headers now carry the right credential) or
-raises EgressError: 401 missing_key / invalid_key / key_expired / key_revoked, 403
-provider_not_permitted / no_pool_key.
+raises EgressError: 401 missing_key / invalid_key / key_expired / key_not_yet_valid / key_revoked,
+403 provider_not_permitted / no_pool_key, 429 too_many_invalid_keys.
 
 Order for a `bai_` token (in `Authorization: Bearer` or `x-api-key`, where the Anthropic SDK puts
-it): verify the signature (cached) -> expiry -> deny-set -> provider allowlist -> strip the caller's
-credential headers -> add a pool key in the provider's own scheme. Expiry and the deny-set are
-checked on every request, cached or not, so a revocation takes effect on the very next request.
-Any other token is the caller's own provider key and passes through untouched.
+it): verify the signature (cached) -> expiry and not-before -> deny-set -> provider allowlist ->
+strip the caller's credential headers -> add a pool key in the provider's own scheme. Expiry and
+the deny-set are checked on every request, cached or not, so a revocation takes effect on the very
+next request. Any other token is the caller's own provider key and passes through untouched.
+
+The cost of a forged key is bounded: structure, canonical encoding and a trusted issuer id are
+checked before the signature (microseconds); a token that failed is remembered, so repeating it
+costs a dict look-up; and each client address may fail at most `invalid_key_burst` verifications,
+refilled at `invalid_key_rate` per second, after which its unknown keys are refused unverified.
+
+Pool-key lifetime: each exchange that took a pool key holds its `PoolRotation` (`exchange.lease`).
+A rotation retired by a reload is wiped when the last exchange holding it is gone (a finalizer),
+never on a timer: a request that authenticated before a reload sends the key it was given.
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 import time
+import weakref
 from collections import OrderedDict
 from typing import TYPE_CHECKING
 
 from egress.errors import EgressError
+from egress.http1 import bearer_token
 from egress.secrets import Secret, load_secrets
 from egress.vkeys import PREFIX, Claims, Verifier, parse_public_key
 
@@ -30,12 +42,23 @@ if TYPE_CHECKING:
     from egress.proxy import Exchange
 
 _CREDENTIAL_HEADERS = (b"authorization", b"x-api-key")
+# Longer than any key `mint` makes (a payload of a few hundred bytes): refused before decoding.
+_MAX_TOKEN = 4096
+_FAILED_CACHE_SIZE = 4096
+_ADDRESS_BUCKETS = 65_536
+# Every PoolRotation alive, so the exit path can wipe retired ones still held by an exchange.
+_ALL_ROTATIONS: weakref.WeakSet[PoolRotation] = weakref.WeakSet()
+
+
+def _wipe_headers(headers: list[tuple[bytes, Secret]]) -> None:
+    for _, secret in headers:
+        secret.wipe()
 
 
 class PoolRotation:
     """A provider's pool keys as ready header values, handed out round-robin."""
 
-    __slots__ = ("_headers", "_next")
+    __slots__ = ("__weakref__", "_headers", "_next")
 
     def __init__(self, provider: Provider, secrets: list[Secret]) -> None:
         if provider.auth == "x-api-key":
@@ -44,6 +67,9 @@ class PoolRotation:
             name, prefix = b"authorization", b"Bearer "
         self._headers = [(name, Secret(prefix + secret.reveal(), secret.source)) for secret in secrets]
         self._next = 0
+        # Runs when the last reference goes: the live Authenticator's, or the last exchange's lease.
+        weakref.finalize(self, _wipe_headers, self._headers)
+        _ALL_ROTATIONS.add(self)
 
     def take(self) -> tuple[bytes, bytearray]:
         index = self._next
@@ -52,8 +78,13 @@ class PoolRotation:
         return name, secret.reveal()
 
     def wipe(self) -> None:
-        for _, secret in self._headers:
-            secret.wipe()
+        _wipe_headers(self._headers)
+
+
+def wipe_all_pool_keys() -> None:
+    """At exit: every rotation still in memory, the live one and any a lingering exchange holds."""
+    for rotation in list(_ALL_ROTATIONS):
+        rotation.wipe()
 
 
 def load_pools(config: Config) -> dict[str, PoolRotation]:
@@ -68,10 +99,13 @@ def load_pools(config: Config) -> dict[str, PoolRotation]:
     return pools
 
 
-def check_claims(claims: Claims, now: float, revoked: set[str], provider: str) -> None:
-    """The per-request checks of a verified key, never cached: expiry, revocation, allowlist."""
+def check_claims(claims: Claims, now: float, revoked: set[str], provider: str, clock_skew: float = 60.0) -> None:
+    """The per-request checks of a verified key, never cached: validity period, revocation, allowlist."""
     if claims.exp is not None and claims.exp <= now:
         raise EgressError("key_expired", f"virtual key {claims.kid} has expired")
+    if claims.iat > now + clock_skew:
+        # Issued in the future: a wrong clock at the issuer, or a key minted to be held back.
+        raise EgressError("key_not_yet_valid", f"virtual key {claims.kid} is not valid yet")
     if claims.kid in revoked:
         raise EgressError("key_revoked", f"virtual key {claims.kid} has been revoked")
     if claims.providers is not None and provider not in claims.providers:
@@ -79,20 +113,37 @@ def check_claims(claims: Claims, now: float, revoked: set[str], provider: str) -
 
 
 class Authenticator:
-    __slots__ = ("_cache", "_cache_size", "_verifier", "denyset", "pools")
+    __slots__ = (
+        "_buckets",
+        "_burst",
+        "_cache",
+        "_cache_size",
+        "_clock_skew",
+        "_failed",
+        "_rate",
+        "_verifier",
+        "denyset",
+        "pools",
+    )
 
     def __init__(self, config: Config, denyset: DenySet, pools: dict[str, PoolRotation]) -> None:
-        self._verifier = Verifier([parse_public_key(text) for text in config.keys.trusted_issuers])
+        keys = config.keys
+        self._verifier = Verifier([parse_public_key(text) for text in keys.trusted_issuers])
         self._cache: OrderedDict[bytes, Claims] = OrderedDict()
-        self._cache_size = config.keys.verify_cache_size
+        self._cache_size = keys.verify_cache_size
+        self._clock_skew = keys.clock_skew
+        self._failed: dict[bytes, EgressError] = {}  # digest -> why it failed, for repeats
+        self._buckets: dict[str, list[float]] = {}  # client address -> [allowance, updated at]
+        self._rate = keys.invalid_key_rate
+        self._burst = float(keys.invalid_key_burst)
         self.denyset = denyset
         self.pools = pools
 
     def authenticate(self, exchange: Exchange, provider: Provider) -> None:
         facts = exchange.facts
         bearer = facts.authorization
-        if bearer is not None and bearer[:7].lower() == b"bearer ":
-            bearer = bearer[7:].strip()
+        if bearer is not None:
+            bearer = bearer_token(bearer)
         api_key = facts.api_key
         if api_key is not None:
             api_key = api_key.strip()
@@ -104,17 +155,18 @@ class Authenticator:
             return  # BYO: the caller's own provider key, untouched
         else:
             raise EgressError("missing_key", "no API key: send a virtual key or your provider key")
-        claims = self.claims_for(token)
+        claims = self.claims_for(token, exchange.client.peer)
         exchange.claims = claims
-        check_claims(claims, time.time(), self.denyset.kids, provider.name)
+        check_claims(claims, time.time(), self.denyset.kids, provider.name, self._clock_skew)
         pool = self.pools.get(provider.name)
         if pool is None:
             raise EgressError("no_pool_key", f"no pool key is configured for {provider.name}")
         headers = [header for header in facts.forward_headers if header[0] not in _CREDENTIAL_HEADERS]
         headers.append(pool.take())
         facts.forward_headers = headers
+        exchange.lease = pool  # keeps the key's bytes alive (unwiped) as long as this exchange
 
-    def claims_for(self, token: bytes) -> Claims:
+    def claims_for(self, token: bytes, peer: str | None = None) -> Claims:
         """Verified claims, from the cache when this token was verified before."""
         digest = hashlib.blake2b(token, digest_size=16).digest()
         cache = self._cache
@@ -122,11 +174,47 @@ class Authenticator:
         if claims is not None:
             cache.move_to_end(digest)
             return claims
-        claims = self._verifier.verify(token)
+        failed = self._failed.get(digest)
+        if failed is not None:
+            raise failed.with_traceback(None)  # raised again and again: its traceback must not grow
+        if len(token) > _MAX_TOKEN:
+            raise EgressError("invalid_key", "malformed virtual key")
+        address = peer.rpartition(":")[0] if peer else ""
+        bucket = self._bucket(address)
+        if bucket[0] < 1.0:
+            wait = max(1, math.ceil((1.0 - bucket[0]) / self._rate))
+            raise EgressError(
+                "too_many_invalid_keys",
+                "too many invalid virtual keys from this address; retry later",
+                ((b"retry-after", b"%d" % wait),),
+            )
+        try:
+            claims = self._verifier.verify(token)
+        except EgressError as error:
+            bucket[0] -= 1.0
+            failed = self._failed
+            if len(failed) >= _FAILED_CACHE_SIZE:
+                failed.clear()  # rebuilt by the next failures; a bounded dict, not an LRU
+            failed[digest] = error
+            raise
         cache[digest] = claims
         if len(cache) > self._cache_size:
             cache.popitem(last=False)
         return claims
+
+    def _bucket(self, address: str) -> list[float]:
+        """The address's failure allowance, refilled for the time since it was last looked at."""
+        now = time.monotonic()
+        buckets = self._buckets
+        bucket = buckets.get(address)
+        if bucket is None:
+            if len(buckets) >= _ADDRESS_BUCKETS:
+                buckets.clear()  # at worst, an address gets a fresh burst
+            bucket = buckets[address] = [self._burst, now]
+        else:
+            bucket[0] = min(self._burst, bucket[0] + (now - bucket[1]) * self._rate)
+            bucket[1] = now
+        return bucket
 
     def wipe(self) -> None:
         for pool in self.pools.values():

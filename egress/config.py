@@ -3,11 +3,20 @@
 Contract: `load_config(path)` / `parse_config(table)` return a `Config` or raise `ConfigError` whose
 message names the offending key. Unknown keys are errors, never ignored: a typo in an operator's
 file must not silently fall back to a default.
+
+Reload rule: `load_config(path, running=config)` also refuses a file that is empty, or that no
+longer sets a table or key the running file set (`Config.settings`). A file caught half written
+would otherwise reload as defaults: providers back on their public hosts, no trusted issuers. A
+reload changes values and adds settings; dropping one takes a restart.
+
+No message, repr or rendering shows a secret: values that may be one (pool-key sources, URLs) are
+named by their place in the file, and credentials in URLs print as <redacted>.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -75,11 +84,20 @@ class KeysConfig:
     deny_poll_interval: float = 1.0
     # Verified keys kept (by hash) so the steady state costs a dict look-up, not a signature check.
     verify_cache_size: int = 65_536
+    # A key whose `iat` is further in the future than this is refused (key_not_yet_valid), as JWT
+    # validators refuse a future `nbf`; the allowance covers clocks that disagree a little.
+    clock_skew: float = 60.0
+    # Failed signature verifications (about 0.1-0.3 ms of CPU each) allowed per client address: a
+    # token bucket refilled at this rate per second, holding at most `invalid_key_burst`. Past it,
+    # unknown `bai_` keys from that address get 429 too_many_invalid_keys without a verification.
+    invalid_key_rate: float = 2.0
+    invalid_key_burst: int = 20
 
 
 @dataclass(frozen=True, slots=True)
 class NatsConfig:
-    # Unset: no broker; the deny file alone is the deny-set.
+    # Unset: no broker; the deny file alone is the deny-set. May carry a user and password or a
+    # token (nats://user:pass@host:4222): shown only through `redact_url`.
     url: str | None = None
     stream: str = "EGRESS_REVOCATIONS"
     subject: str = "egress.revocations"
@@ -88,6 +106,10 @@ class NatsConfig:
     snapshot: str | None = None
     connect_timeout: float = 2.0
     max_reconnect_wait: float = 5.0
+
+    def __repr__(self) -> str:
+        shown = (f"{f.name}={_redacted(f.name, getattr(self, f.name))!r}" for f in dataclasses.fields(self))
+        return f"NatsConfig({', '.join(shown)})"
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,19 +159,66 @@ class Config:
     providers: MappingProxyType[str, Provider] = field(
         default_factory=lambda: MappingProxyType(dict(BUILTIN_PROVIDERS))
     )
+    # Every table and key the file itself set, as paths ("providers", "openai", "base_url"): what a
+    # reload must not lose. Not part of equality: the same settings spelled differently are equal.
+    settings: frozenset[tuple[str, ...]] = field(default=frozenset(), compare=False, repr=False)
 
 
-def load_config(path: str | None) -> Config:
+_BOM = b"\xef\xbb\xbf"
+
+
+def load_config(path: str | None, running: Config | None = None) -> Config:
+    """The file's config; with `running`, a reload of it, refused when it says less (module doc)."""
     if path is None:
         return Config()
     try:
         with open(path, "rb") as fh:
-            table = tomllib.load(fh)
+            raw = fh.read()
     except OSError as exc:
         raise ConfigError(f"cannot read config file {path!r}: {exc.strerror}") from None
+    # Editors on Windows save a byte order mark that tomllib refuses; it means nothing in UTF-8.
+    raw = raw.removeprefix(_BOM)
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise ConfigError(f"{path}: not UTF-8 (line {line}); TOML files are UTF-8") from None
+    try:
+        table = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
+        # tomllib names a position, a key or one character, never a value.
         raise ConfigError(f"{path}: invalid TOML: {exc}") from None
-    return parse_config(table)
+    except RecursionError:  # tomllib recurses per nested array or inline table
+        raise ConfigError(f"{path}: invalid TOML: nested too deeply") from None
+    config = parse_config(table)
+    if running is not None:
+        _check_reload(running, config, path)
+    return config
+
+
+def _check_reload(running: Config, new: Config, path: str) -> None:
+    hint = "write the new file beside it and mv it into place"
+    if not new.settings:
+        raise ConfigError(f"reload refused: {path} is empty (caught half written? {hint})")
+    gone = running.settings - new.settings
+    # The most specific names (providers.openai.base_url, not providers): they say what changes.
+    lost = sorted(one for one in gone if not any(other[: len(one)] == one != other for other in gone))
+    if lost:
+        names = ", ".join(".".join(one) for one in lost[:8])
+        more = f" and {len(lost) - 8} more" if len(lost) > 8 else ""
+        raise ConfigError(
+            f"reload refused: {path} no longer sets {names}{more}, which the running file sets "
+            f"(caught half written? {hint}; to drop a setting, restart)"
+        )
+
+
+def _settings(table: dict[str, Any], prefix: tuple[str, ...] = ()) -> set[tuple[str, ...]]:
+    found = set()
+    for key, value in table.items():
+        found.add((*prefix, key))
+        if isinstance(value, dict):
+            found |= _settings(value, (*prefix, key))
+    return found
 
 
 def parse_config(table: dict[str, Any]) -> Config:
@@ -188,6 +257,7 @@ def parse_config(table: dict[str, Any]) -> Config:
         limits=limits,
         usage=usage,
         providers=MappingProxyType(providers),
+        settings=frozenset(_settings(table)),
     )
 
 
@@ -202,8 +272,8 @@ def _build_limits(table: Any) -> LimitsConfig:
     base = _build(LimitsConfig, {k: v for k, v in table.items() if k not in tier_keys and k != "tiers"}, "limits")
     if not 1 <= base.sketch_depth <= 8 or base.sketch_width < 64:
         raise ConfigError("limits.sketch_depth must be 1..8 and limits.sketch_width at least 64")
-    if base.byo_hash_key is not None and not base.byo_hash_key.startswith(("env:", "file:")):
-        raise ConfigError("limits.byo_hash_key is 'env:NAME' or 'file:PATH'")
+    if base.byo_hash_key is not None and not _is_source(base.byo_hash_key):
+        raise ConfigError(f"limits.byo_hash_key is not 'env:NAME' or 'file:PATH' ({_LITERAL_HINT})")
     tiers_table = table.get("tiers", {})
     if not isinstance(tiers_table, dict):
         raise ConfigError("limits.tiers must be a table of [limits.tiers.<name>] tables")
@@ -212,6 +282,12 @@ def _build_limits(table: Any) -> LimitsConfig:
 
 
 _PROVIDER_KEYS = {"base_url", "auth", "dialect", "pool_keys", "allow_anonymous", "inject_stream_usage"}
+# What a value that is not a source most likely is; the message never shows the value itself.
+_LITERAL_HINT = "a literal key? keys never go in the config file"
+
+
+def _is_source(text: str) -> bool:
+    return text.startswith(("env:", "file:")) and len(text) > len("file:")
 
 
 def _build_provider(name: str, row: Any, builtin: Provider | None) -> Provider:
@@ -227,9 +303,9 @@ def _build_provider(name: str, row: Any, builtin: Provider | None) -> Provider:
     pool_keys = _coerce(
         row.get("pool_keys", list(builtin.pool_keys) if builtin else []), "tuple[str, ...]", f"{where}.pool_keys"
     )
-    for source in pool_keys:
-        if not source.startswith(("env:", "file:")) or len(source) < 5:
-            raise ConfigError(f"{where}.pool_keys entries are 'env:NAME' or 'file:PATH', not {source!r}")
+    for index, source in enumerate(pool_keys):
+        if not _is_source(source):
+            raise ConfigError(f"{where}.pool_keys[{index}] is not 'env:NAME' or 'file:PATH' ({_LITERAL_HINT})")
     allow_anonymous = _coerce(row.get("allow_anonymous", False), "bool", f"{where}.allow_anonymous")
     default_inject = builtin.inject_stream_usage if builtin else True
     inject = _coerce(row.get("inject_stream_usage", default_inject), "bool", f"{where}.inject_stream_usage")
@@ -238,13 +314,21 @@ def _build_provider(name: str, row: Any, builtin: Provider | None) -> Provider:
     base_url = row.get("base_url", builtin.base_url if builtin else "")
     auth = row.get("auth", builtin.auth if builtin else "bearer")
     dialect = row.get("dialect", builtin.dialect if builtin else "openai")
+    # The values are not echoed: an operator who confuses a field with a header value puts a key there.
     if auth not in ("bearer", "x-api-key"):
-        raise ConfigError(f"{where}.auth must be 'bearer' or 'x-api-key', not {auth!r}")
+        raise ConfigError(f"{where}.auth must be 'bearer' or 'x-api-key' (the scheme's name, never a key)")
     if dialect not in ("openai", "anthropic"):
-        raise ConfigError(f"{where}.dialect must be 'openai' or 'anthropic', not {dialect!r}")
-    parts = urlsplit(base_url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ConfigError(f"{where}.base_url must be an absolute http(s) URL, not {base_url!r}")
+        raise ConfigError(f"{where}.dialect must be 'openai' or 'anthropic'")
+    try:
+        parts = urlsplit(base_url)
+        hostname, _ = parts.hostname, parts.port  # .port raises on a port out of range or not a number
+    except ValueError:
+        hostname = None
+    if not hostname or parts.scheme not in ("http", "https"):
+        raise ConfigError(f"{where}.base_url must be an absolute http(s) URL like https://host[:port][/path]")
+    if not all(33 <= ord(char) < 127 for char in hostname):
+        # It becomes the Host header and the TLS server name as is.
+        raise ConfigError(f"{where}.base_url host is ASCII with no spaces (an IDN in its xn-- form)")
     if parts.query or parts.fragment or parts.username or parts.password:
         raise ConfigError(f"{where}.base_url must not carry a query, fragment or credentials")
     return Provider(
@@ -284,7 +368,8 @@ def _coerce(value: Any, expected: str, name: str) -> Any:
             raise ConfigError(f"{name} must be a non-negative integer")
         return value
     if expected == "float":
-        if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+        # TOML has nan and inf; a nan deadline is never reached, which would switch a timeout off.
+        if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < math.inf:
             raise ConfigError(f"{name} must be a positive number of seconds")
         return float(value)
     if expected in ("str", "str | None"):
@@ -321,7 +406,7 @@ def render_config(config: Config) -> str:
     for section in ("server", "upstream", "keys", "nats", "usage"):
         lines.append(f"[{section}]")
         for f in dataclasses.fields(getattr(config, section)):
-            value = getattr(getattr(config, section), f.name)
+            value = _redacted(f.name, getattr(getattr(config, section), f.name))
             lines.append(f"# {f.name} is unset" if value is None else f"{f.name} = {_toml_value(value)}")
         lines.append("")
     limits = config.limits
@@ -352,6 +437,22 @@ def render_config(config: Config) -> str:
         lines.append(f"inject_stream_usage = {_toml_value(provider.inject_stream_usage)}")
         lines.append("")
     return "\n".join(lines)
+
+
+def redact_url(url: str) -> str:
+    """`nats://user:pass@host:4222` -> `nats://user:<redacted>@host:4222`; a lone user part is a
+    token (`nats://token@host`) and is redacted whole."""
+    scheme, sep, rest = url.partition("://") if "://" in url else ("", "", url)
+    # The last '@': a password with an unescaped '@' in it is still redacted whole.
+    userinfo, at, host = rest.rpartition("@")
+    if not at:
+        return url
+    user, colon, _ = userinfo.partition(":")
+    return f"{scheme}{sep}{user}:<redacted>@{host}" if colon else f"{scheme}{sep}<redacted>@{host}"
+
+
+def _redacted(name: str, value: Any) -> Any:
+    return redact_url(value) if name == "url" and isinstance(value, str) else value
 
 
 def _toml_value(value: Any) -> str:

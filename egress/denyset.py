@@ -4,39 +4,60 @@ Contract:
   `kid in denyset` is the per-request check (one set look-up).
   `replace_file_kids()` installs what the deny file says now (lines may be removed to un-revoke).
   `apply_stream(kid, sequence)` applies one stream message; sequences at or below the last one
-      applied are ignored, so a redelivery changes nothing.
-  `snapshot_bytes()` / `load_snapshot()` persist what came from the stream plus its last sequence;
+      applied are ignored, so a redelivery changes nothing. A message that is no kid (`None`) still
+      moves the sequence on.
+  `adopt_stream(created, last_sequence)` is called on every subscription with the stream's identity:
+      a stream recreated under the same name restarts its sequences, so the sequence held here means
+      nothing there; it says so and rewinds to 0, and the replay merges (no kid is ever forgotten).
+  `snapshot_bytes()` / `load_snapshot()` persist what came from the stream, its last sequence and the
+      stream's identity; `load_snapshot()` raises ValueError for anything else and then changes nothing.
       `write_snapshot()` is atomic (temp file, fsync, rename, fsync dir) and 0600.
+  `parse_deny_file()` never raises: a line that is not UTF-8 or not a kid is skipped and its number
+      returned, never its text (an operator may paste a whole key there).
 No asyncio here: the watchers that feed it live in serve.py and revocations.py.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import time
 
 import orjson
 
-_KID = re.compile(r"^[0-9a-f]{16}$")
+_KID = re.compile(r"[0-9a-f]{16}")
+_BOM = b"\xef\xbb\xbf"
 
 
 def is_kid(text: str) -> bool:
-    return _KID.match(text) is not None
+    return _KID.fullmatch(text) is not None
 
 
 class DenySet:
-    __slots__ = ("_file_kids", "_stream_kids", "connected", "kids", "last_sequence", "synced_at")
+    __slots__ = (
+        "_file_kids",
+        "_stream_kids",
+        "connected",
+        "file_bad_lines",
+        "kids",
+        "last_sequence",
+        "stream_created",
+        "synced_at",
+    )
 
     def __init__(self) -> None:
         self._file_kids: frozenset[str] = frozenset()
         self._stream_kids: set[str] = set()
         self.kids: set[str] = set()
         self.last_sequence = 0
+        # The stream's creation time as the server states it: the identity `last_sequence` counts in.
+        self.stream_created: str | None = None
         # Wall-clock time at which the stream part was last known complete: now while connected,
         # the disconnect time after that. None when no stream is configured.
         self.synced_at: float | None = None
         self.connected = False
+        self.file_bad_lines = 0  # counted on every read of the deny file, for the metrics
 
     def __contains__(self, kid: str) -> bool:
         return kid in self.kids
@@ -44,18 +65,33 @@ class DenySet:
     def __len__(self) -> int:
         return len(self.kids)
 
-    def replace_file_kids(self, kids: frozenset[str]) -> None:
+    def replace_file_kids(self, kids: frozenset[str], bad_lines: tuple[int, ...] = ()) -> None:
         self._file_kids = kids
         self.kids = set(kids) | self._stream_kids
+        self.file_bad_lines += len(bad_lines)
 
-    def apply_stream(self, kid: str, sequence: int) -> bool:
+    def apply_stream(self, kid: str | None, sequence: int) -> bool:
         if sequence <= self.last_sequence:
             return False
         self.last_sequence = sequence
-        if is_kid(kid):
+        if kid is not None and is_kid(kid):
             self._stream_kids.add(kid)
             self.kids.add(kid)
         return True
+
+    def is_other_stream(self, created: str | None, last_sequence: int) -> bool:
+        """True when `last_sequence` held here cannot be a position in the stream described."""
+        if created is not None and self.stream_created is not None and created != self.stream_created:
+            return True
+        return last_sequence < self.last_sequence  # sequences never go back within one stream
+
+    def adopt_stream(self, created: str | None, last_sequence: int) -> bool:
+        other = self.is_other_stream(created, last_sequence)
+        if other:
+            self.last_sequence = 0
+        if created is not None:
+            self.stream_created = created
+        return other
 
     def age_seconds(self) -> float | None:
         if self.synced_at is None:
@@ -66,38 +102,99 @@ class DenySet:
         document = {
             "version": 1,
             "last_sequence": self.last_sequence,
+            "stream_created": self.stream_created,
             "kids": sorted(self._stream_kids),
             "written_at": round(time.time(), 3),
         }
         return orjson.dumps(document)
 
     def load_snapshot(self, data: bytes) -> None:
-        document = orjson.loads(data)
-        if document.get("version") != 1:
-            raise ValueError("unknown snapshot version")
-        kids = {kid for kid in document["kids"] if isinstance(kid, str) and is_kid(kid)}
+        document = orjson.loads(data)  # orjson.JSONDecodeError is a ValueError
+        if not isinstance(document, dict) or document.get("version") != 1:
+            raise ValueError("not a version 1 snapshot")
+        last_sequence = document.get("last_sequence")
+        listed = document.get("kids")
+        created = document.get("stream_created")
+        written_at = document.get("written_at", 0)
+        # `bool` is an `int`: a snapshot saying `true` was not written by egress.
+        if type(last_sequence) is not int or last_sequence < 0:
+            raise ValueError("last_sequence is not a sequence")
+        if not isinstance(listed, list):
+            raise ValueError("kids is not a list")
+        if created is not None and not isinstance(created, str):
+            raise ValueError("stream_created is not a timestamp")
+        if isinstance(written_at, bool) or not isinstance(written_at, int | float):
+            raise ValueError("written_at is not a time")
+        kids = {kid for kid in listed if isinstance(kid, str) and is_kid(kid)}
         self._stream_kids = kids
         self.kids = set(self._file_kids) | kids
-        self.last_sequence = int(document["last_sequence"])
-        self.synced_at = float(document.get("written_at", 0)) or None
+        self.last_sequence = last_sequence
+        self.stream_created = created
+        self.synced_at = float(written_at) or None
 
 
-def read_deny_file(path: str) -> frozenset[str]:
-    """Key ids, one per line; blank lines and '#' comments ignored. A missing file is empty."""
+def normalize_kid(text: str) -> str | None:
+    """Kids are hex: a hand-typed one may come in capitals or with blanks around it."""
+    kid = text.strip().lower()
+    return kid if is_kid(kid) else None
+
+
+def stream_kid(body: bytes) -> str | None:
     try:
-        with open(path, encoding="utf-8") as fh:
-            lines = fh.read().splitlines()
+        return normalize_kid(body.decode("utf-8"))
+    except UnicodeDecodeError:
+        return None
+
+
+def parse_deny_file(data: bytes) -> tuple[frozenset[str], tuple[int, ...]]:
+    """Key ids, one per line; blank lines and '#' comments ignored. Returns (kids, bad line numbers)."""
+    if data.startswith(_BOM):
+        data = data[len(_BOM) :]
+    kids: set[str] = set()
+    bad: list[int] = []
+    # bytes.splitlines splits at \n, \r\n and \r only, so one bad byte spoils one line, not the file.
+    for number, raw in enumerate(data.splitlines(), 1):
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            bad.append(number)
+            continue
+        text = text.split("#", 1)[0]
+        if not text.strip():
+            continue
+        kid = normalize_kid(text)
+        if kid is None:
+            bad.append(number)
+        else:
+            kids.add(kid)
+    return frozenset(kids), tuple(bad)
+
+
+def read_deny_file(path: str) -> tuple[frozenset[str], tuple[int, ...]]:
+    """`parse_deny_file` of the file; a missing file is empty, other OSErrors are the caller's."""
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read()
     except FileNotFoundError:
-        return frozenset()
-    return frozenset(line.strip() for line in lines if is_kid(line.strip()))
+        return frozenset(), ()
+    return parse_deny_file(data)
 
 
 def append_deny_file(path: str, kid: str) -> None:
-    if kid in read_deny_file(path):
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read()
+    except FileNotFoundError:
+        data = b""
+    if kid in parse_deny_file(data)[0]:
         return
+    # A last line typed without its newline would otherwise become `<old kid><new kid>`: neither.
+    line = f"{kid}\n".encode()
+    if data and not data.endswith((b"\n", b"\r")):
+        line = b"\n" + line
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
     try:
-        os.write(fd, f"{kid}\n".encode())
+        os.write(fd, line)
         os.fsync(fd)
     finally:
         os.close(fd)
@@ -108,11 +205,16 @@ def write_snapshot(path: str, data: bytes) -> None:
     temporary = f"{path}.tmp-{os.getpid()}"
     fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(temporary, path)
+        try:
+            os.write(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(temporary, path)
+    except OSError:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)  # a full disk or a directory in the way must not leave one per pid
+        raise
     dir_fd = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(dir_fd)

@@ -46,6 +46,7 @@ ERROR_KINDS: dict[str, ErrorKind] = {
     "invalid_key": ErrorKind(401, "authentication_error", "authentication_error", closes=False),
     "key_expired": ErrorKind(401, "authentication_error", "authentication_error", closes=False),
     "key_revoked": ErrorKind(401, "authentication_error", "authentication_error", closes=False),
+    "key_not_yet_valid": ErrorKind(401, "authentication_error", "authentication_error", closes=False),
     "provider_not_permitted": ErrorKind(403, "permission_error", "permission_error", closes=False),
     "no_pool_key": ErrorKind(403, "permission_error", "permission_error", closes=False),
     # Upstream and lifecycle.
@@ -53,6 +54,7 @@ ERROR_KINDS: dict[str, ErrorKind] = {
     "upstream_protocol_error": ErrorKind(502, "server_error", "api_error", closes=False),
     "upstream_timeout": ErrorKind(504, "server_error", "api_error", closes=False),
     "rate_limited": ErrorKind(429, "rate_limit_error", "rate_limit_error", closes=False),
+    "too_many_invalid_keys": ErrorKind(429, "rate_limit_error", "rate_limit_error", closes=False),
     "draining": ErrorKind(503, "server_error", "overloaded_error", closes=True),
     "too_many_connections": ErrorKind(503, "server_error", "overloaded_error", closes=True),
     "internal_error": ErrorKind(500, "server_error", "api_error", closes=True),

@@ -6,12 +6,20 @@ size (`usage.jsonl`, `.1`, `.2`, …). When the queue is full the fact is droppe
 `counts` also tallies, per provider, the facts whose usage was complete, partial, missing or
 unparseable, so metering gaps are visible. Every fact carries the request id: the idempotency key
 that lets billing drop a fact it has seen before.
+
+Full disk (ENOSPC, or EFBIG past RLIMIT_FSIZE): the kernel writes what fits and returns a short
+count, and the next write fails. Every fact is either in the file as a whole line or counted in
+`dropped`: a short write is continued, and a torn last line is cut back off the file (or, if that
+fails, the next write starts on a fresh line). A failing disk fails every batch, so
+`usage_write_failed` is logged at most once per `FAILURE_LOG_INTERVAL`, with the count held back.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
+import time
 from collections import Counter, deque
 from typing import Any
 
@@ -19,9 +27,33 @@ import orjson
 
 from egress.accesslog import log_event
 
+# Seconds between two failure lines: one line a batch would flood the log when the disk is full.
+FAILURE_LOG_INTERVAL = 10.0
+
+
+class Throttle:
+    """At most one report per `interval` seconds; `due` says how many it held back since the last."""
+
+    __slots__ = ("_interval", "_next", "held")
+
+    def __init__(self, interval: float) -> None:
+        self._interval = interval
+        self._next = float("-inf")
+        self.held = 0
+
+    def due(self, now: float) -> int | None:
+        """None: stay quiet. A number: report now, mentioning that many held back."""
+        if now < self._next:
+            self.held += 1
+            return None
+        self._next = now + self._interval
+        held, self.held = self.held, 0
+        return held
+
 
 class FactSink:
     __slots__ = (
+        "_failures",
         "_fd",
         "_keep",
         "_loop",
@@ -31,6 +63,7 @@ class FactSink:
         "_rotate_bytes",
         "_scheduled",
         "_size",
+        "_torn",
         "counts",
         "dropped",
         "listeners",
@@ -52,6 +85,8 @@ class FactSink:
         self.publisher = None  # the NATS publisher, when configured (for its dropped count)
         self._fd = -1
         self._size = 0
+        self._torn = False  # the file ends inside a line: the next write starts with a newline
+        self._failures = Throttle(FAILURE_LOG_INTERVAL)
         if path is not None:
             self._open()
 
@@ -73,18 +108,24 @@ class FactSink:
         self._queue.clear()
         for listener in self.listeners:
             listener(batch)
-        if self._fd < 0:
+        if self._path is None:
             return
-        data = b"".join(orjson.dumps(fact) + b"\n" for fact in batch)
-        try:
-            os.write(self._fd, data)
-        except OSError as exc:
-            self.dropped += len(batch)
-            log_event("usage_write_failed", error=exc.strerror)
+        lines = [orjson.dumps(fact) + b"\n" for fact in batch]
+        if self._fd < 0:  # a rotation failed half way: try the file again
+            try:
+                self._open()
+            except OSError as exc:
+                self._lost(len(lines), "usage_write_failed", exc)
+                return
+        whole, error = self._append(lines)
+        if error is not None:
+            self._lost(len(lines) - whole, "usage_write_failed", error)
             return
-        self._size += len(data)
         if self._size >= self._rotate_bytes:
-            self._rotate()
+            try:
+                self._rotate()
+            except OSError as exc:
+                self._lost(0, "usage_rotate_failed", exc)
 
     def close(self) -> None:
         self.flush()
@@ -92,12 +133,59 @@ class FactSink:
             os.close(self._fd)
             self._fd = -1
 
+    def _append(self, lines: list[bytes]) -> tuple[int, OSError | None]:
+        """Write the lines; returns how many reached the file whole, and the error that stopped the rest."""
+        prefix = b"\n" if self._torn else b""
+        data = memoryview(prefix + b"".join(lines))
+        done = 0
+        error = None
+        try:
+            while done < len(data):
+                count = os.write(self._fd, data[done:])
+                if count == 0:  # never for a regular file; a loop that can't end is worse than a drop
+                    raise OSError(errno.EIO, "write wrote nothing")
+                done += count
+        except OSError as exc:
+            error = exc
+        self._size += done
+        if done:
+            self._torn = False
+        if error is None:
+            return len(lines), None
+        body = max(done - len(prefix), 0)
+        whole = end = 0
+        for line in lines:
+            if end + len(line) > body:
+                break
+            end += len(line)
+            whole += 1
+        if body > end:
+            self._cut(body - end)
+        return whole, error
+
+    def _cut(self, torn: int) -> None:
+        """Take a torn last line back off the file; failing that, start the next write on a fresh line."""
+        try:
+            os.ftruncate(self._fd, os.fstat(self._fd).st_size - torn)
+            self._size -= torn
+        except OSError:
+            self._torn = True
+
+    def _lost(self, count: int, event: str, error: OSError) -> None:
+        self.dropped += count
+        held = self._failures.due(time.monotonic())
+        if held is not None:
+            log_event(event, error=error.strerror, dropped=count, dropped_total=self.dropped, not_logged=held)
+
     def _open(self) -> None:
-        self._fd = os.open(self._path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
-        self._size = os.fstat(self._fd).st_size
+        fd = os.open(self._path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+        self._fd, self._size = fd, os.fstat(fd).st_size
+        # A crash mid-write (or an older egress on a full disk) can leave half a line at the end.
+        self._torn = self._size > 0 and _last_byte(self._path, self._size) not in (b"\n", None)
 
     def _rotate(self) -> None:
         os.close(self._fd)
+        self._fd = -1  # its number may be reused at once (a socket): never write to it again
         for index in range(self._keep - 1, 0, -1):
             older = f"{self._path}.{index}"
             if os.path.exists(older):
@@ -107,6 +195,15 @@ class FactSink:
         if os.path.exists(stale):
             os.remove(stale)
         self._open()
+
+
+def _last_byte(path: str, size: int) -> bytes | None:
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(size - 1)
+            return fh.read(1)
+    except OSError:  # unreadable (a FIFO, write-only): assume whole lines
+        return None
 
 
 def worker_path(path: str, index: int) -> str:

@@ -41,7 +41,10 @@ _HOP_BY_HOP = frozenset(
         b"http2-settings",
     }
 )
-_NOT_RELAYED_DOWNSTREAM = _HOP_BY_HOP | {b"content-length"}
+# Headers egress writes itself on every response: an upstream's own copy would reach the client
+# beside egress's (a spoofed request id, first, where a log search would find it).
+EGRESS_RESPONSE_HEADERS = frozenset({b"x-egress-request-id"})
+_NOT_RELAYED_DOWNSTREAM = _HOP_BY_HOP | EGRESS_RESPONSE_HEADERS | {b"content-length"}
 # Connection tokens that name nothing else to drop: the common `keep-alive` and `close`.
 _HOP_BY_HOP_TOKENS = _HOP_BY_HOP | {b"close", b""}
 
@@ -103,6 +106,10 @@ def inspect_request(headers: Headers, http_version: str) -> RequestFacts:
         if role is None:
             forward.append((lower, value))  # most headers: one dict miss and they are forwarded
         elif role == _AUTHORIZATION:
+            if facts.authorization is not None:
+                # Which one decides would differ between egress and the provider: a revoked virtual
+                # key first and another key second passed, and both were forwarded.
+                raise EgressError("bad_request", "more than one Authorization header")
             facts.authorization = value
             forward.append((lower, value))
         elif role == _HOST:
@@ -126,6 +133,8 @@ def inspect_request(headers: Headers, http_version: str) -> RequestFacts:
                 raise EgressError("expectation_failed", "only 'Expect: 100-continue' is supported")
             facts.expect_continue = http_version == "1.1"
         elif role == _API_KEY:
+            if facts.api_key is not None:
+                raise EgressError("bad_request", "more than one x-api-key header")
             facts.api_key = value
             facts.has_anthropic_headers = True
             forward.append((lower, value))
@@ -142,6 +151,18 @@ def inspect_request(headers: Headers, http_version: str) -> RequestFacts:
             # Headers the client named in Connection are hop-by-hop too (RFC 9110 §7.6.1).
             facts.forward_headers = [header for header in forward if header[0] not in connection_tokens]
     return facts
+
+
+def bearer_token(authorization: bytes) -> bytes:
+    """An Authorization value without its `Bearer` scheme, in any case, and without spaces or tabs.
+
+    One function for the authenticate phase (is this a virtual key?) and the limiter (who is this
+    BYO caller?): `Bearer\tbai_…` must not pass for a BYO key, nor `bearer  sk-…` for a new caller.
+    """
+    value = authorization.strip(b" \t")
+    if value[:6].lower() == b"bearer" and value[6:7] in (b" ", b"\t"):
+        return value[7:].strip(b" \t")
+    return value
 
 
 class ResponseFacts:
@@ -174,7 +195,7 @@ def inspect_response(headers: Headers) -> ResponseFacts:
         elif lower == b"connection":
             connection_tokens = _add_connection_tokens(connection_tokens, value)
         elif lower == b"transfer-encoding":
-            chunked = value.rstrip().lower().endswith(b"chunked")
+            chunked = _final_coding_is_chunked(value)
     # llhttp already refuses these in strict mode; checked again, once over all values, because
     # relaying one would let an upstream split the client's response.
     if _UNSAFE_IN_VALUE.search(b"\t".join([value for _, value in headers])) is not None:
@@ -182,6 +203,22 @@ def inspect_response(headers: Headers) -> ResponseFacts:
     if connection_tokens and not connection_tokens <= _HOP_BY_HOP_TOKENS:
         relayed = [(name, value) for name, value in relayed if name.lower() not in connection_tokens]
     return ResponseFacts(relayed, content_length, content_type, chunked)
+
+
+def _final_coding_is_chunked(value: bytes) -> bool:
+    """Whether llhttp frames a response by chunks, decided as llhttp does, so the two agree.
+
+    The final coding of the last Transfer-Encoding header decides (RFC 9112 §6.3): `gzip, chunked`
+    is chunked, `xchunked` and `chunked, gzip` are read until close. llhttp ignores trailing spaces
+    but not a trailing tab (`chunked\t` is read until close); such a value is refused rather than
+    guessed at.
+    """
+    token = value.rsplit(b",", 1)[-1]
+    if token.strip(b" \t").lower() != b"chunked":
+        return False
+    if token.rstrip(b" ").endswith(b"\t"):
+        raise EgressError("upstream_protocol_error", "upstream sent an ambiguous Transfer-Encoding")
+    return True
 
 
 def _add_connection_tokens(tokens: set[bytes] | None, value: bytes) -> set[bytes]:

@@ -5,7 +5,8 @@ issuer-new  writes an Ed25519 private key (PEM, 0600, never overwritten) and pri
 mint        prints one `bai_` key (stdout, alone, for scripts); its kid goes to stderr.
 inspect     decodes a key and says valid / expired / revoked / bad signature / untrusted issuer,
             using the config's trusted issuers and deny-set; never needs a private key.
-revoke      adds a kid to the deny file and, when NATS is configured, publishes it to the stream.
+revoke      adds a kid (or a whole key's kid) to the deny file and, when NATS is configured, publishes it
+            to the stream; a broker that cannot be reached within 2 x connect_timeout is one line and exit 1.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from egress.config import ConfigError, load_config
-from egress.denyset import append_deny_file, is_kid
+from egress.denyset import append_deny_file, normalize_kid
 from egress.errors import EgressError
 from egress.vkeys import Verifier, decode_unverified, issuer_id, mint, parse_public_key, public_key_text
 
@@ -49,7 +50,7 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
     inspect.add_argument("--config", metavar="FILE", help="for trusted issuers and the deny file")
 
     revoke = sub.add_parser("revoke", help="revoke a key by its kid")
-    revoke.add_argument("kid")
+    revoke.add_argument("kid", help="the key's kid, or the whole bai_ key (only its kid is used)")
     revoke.add_argument("--config", metavar="FILE", required=True, help="names the deny file and NATS")
 
 
@@ -140,9 +141,7 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _revoke(args: argparse.Namespace) -> int:
-    kid = args.kid.strip()
-    if not is_kid(kid):
-        raise ConfigError(f"a kid is 16 lowercase hex digits, not {kid!r}")
+    kid = _kid_to_revoke(args.kid)
     config = load_config(args.config)
     if config.keys.deny_file is None and config.nats.url is None:
         raise ConfigError("the config names neither keys.deny_file nor nats.url: nowhere to revoke to")
@@ -150,8 +149,31 @@ def _revoke(args: argparse.Namespace) -> int:
         append_deny_file(config.keys.deny_file, kid)
         print(f"revoked {kid} in {config.keys.deny_file}")
     if config.nats.url is not None:
-        from egress.revocations import publish_revocation
+        from egress.revocations import describe_failure, public_url, publish_revocation
 
-        sequence = asyncio.run(publish_revocation(config.nats, kid))
+        try:
+            sequence = asyncio.run(publish_revocation(config.nats, kid))
+        except Exception as exc:  # one line for the operator, whatever the broker did
+            done = "the deny file was updated" if config.keys.deny_file is not None else "nothing was revoked"
+            where = public_url(config.nats.url)
+            print(f"egress: revocation not published to {where}: {describe_failure(exc)} ({done})", file=sys.stderr)
+            return 1
         print(f"revoked {kid} on {config.nats.stream} (sequence {sequence})")
     return 0
+
+
+def _kid_to_revoke(argument: str) -> str:
+    """A kid, or a whole key whose kid it takes. No message repeats the argument: it may be a key."""
+    kid = normalize_kid(argument)
+    if kid is not None:
+        return kid
+    text = argument.strip()
+    if text.startswith("bai_"):
+        try:
+            _, _, claims = decode_unverified(text.encode())
+        except (EgressError, ValueError):
+            raise ConfigError("that looks like a bai_ key but does not decode; give its kid instead") from None
+        # Unverified on purpose: revoking is safe whoever signed the key, and the kid is all we keep.
+        print(f"the key given has kid {claims.kid}", file=sys.stderr)
+        return claims.kid
+    raise ConfigError("revoke takes a kid (16 hex digits, from `egress keys inspect`) or a whole bai_ key")

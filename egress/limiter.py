@@ -20,6 +20,7 @@ import os
 from typing import TYPE_CHECKING
 
 from egress.errors import EgressError
+from egress.http1 import bearer_token
 from egress.secrets import load_secrets
 from egress.sketch import SlidingWindow
 
@@ -38,6 +39,19 @@ def shared_bytes_needed(config: LimitsConfig) -> int:
 
 def byo_identity(token: bytes, key: bytes) -> bytes:
     return b"byo:" + hashlib.blake2b(token, key=key, digest_size=12).hexdigest().encode()
+
+
+def byo_credential(authorization: bytes | None, api_key: bytes | None, scheme: str) -> bytes | None:
+    """The credential itself, however it was spelled: the identity a BYO caller is limited by.
+
+    One key written with `Bearer`, `bearer` or `BEARER`, with extra spaces or tabs, or in
+    `x-api-key` instead of `Authorization` is one caller: each spelling used to get a limit of its
+    own. The header the provider reads first (its auth scheme) names the caller when both are sent.
+    """
+    bearer = bearer_token(authorization) if authorization is not None else None
+    key = api_key.strip() if api_key is not None else None
+    first, second = (key, bearer) if scheme == "x-api-key" else (bearer, key)
+    return first or second or None
 
 
 class RateLimiter:
@@ -74,7 +88,8 @@ class RateLimiter:
         if claims is not None:
             return b"kid:" + claims.kid.encode()
         facts = exchange.facts
-        token = facts.authorization or facts.api_key
+        route = exchange.route
+        token = byo_credential(facts.authorization, facts.api_key, route.provider.auth if route is not None else "")
         return byo_identity(token, self._hash_key) if token else None
 
     def admit(self, exchange: Exchange, provider: str, now: float) -> None:

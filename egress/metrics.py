@@ -184,6 +184,11 @@ class MetricsCollector:
         yield idle
         denyset = state.auth.denyset
         yield GaugeMetricFamily("egress_deny_set_size", "Revoked key ids enforced", value=len(denyset))
+        yield CounterMetricFamily(
+            "egress_deny_file_bad_lines",
+            "Deny-file lines skipped (not UTF-8, not a kid), each read",
+            value=denyset.file_bad_lines,
+        )
         age = denyset.age_seconds()
         if age is not None:
             yield GaugeMetricFamily("egress_deny_set_age_seconds", "Staleness of the revocation stream", value=age)

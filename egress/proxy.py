@@ -47,7 +47,6 @@ class Exchange:
     __slots__ = (
         "attempt",
         "body",
-        "body_parts",
         "body_size",
         "bytes_out",
         "claims",
@@ -66,6 +65,7 @@ class Exchange:
         "http11",
         "identity",
         "keep_alive",
+        "lease",
         "limit_slots",
         "meter",
         "method",
@@ -98,14 +98,14 @@ class Exchange:
         self.head_done = False
         self.head_request = False
         self.health_check = False
-        self.raw_headers: http1.Headers | None = []  # until the head is complete
+        self.raw_headers: http1.Headers = []  # until the head is complete; then a sink for trailers
         self.facts: http1.RequestFacts | None = None
-        self.body_parts: list[bytes] = []
         self.body_size = 0
-        self.body = b""
+        self.body: bytes | bytearray = b""  # a bytearray once it arrived in more than one read
         self.continue_owed = False
         self.route: Route | None = None
         self.claims: Claims | None = None  # set when a virtual key verified
+        self.lease: object | None = None  # the PoolRotation whose key this request sends (auth.py)
         self.identity: bytes | None = None  # who is limited and billed: kid, or BYO key hash
         self.limit_slots: tuple[int, ...] | None = None
         self.dialect = "openai"
@@ -275,12 +275,15 @@ class Exchange:
 
 
 def _safe_to_retry(exchange: Exchange, upstream: UpstreamConnection | None) -> bool:
-    # A pooled connection the provider closed while idle fails before any byte: the request never
-    # reached it, so one retry on a fresh connection is safe (what browsers do too).
+    # A pooled connection the provider closed while idle fails with a reset or EOF before any
+    # byte: the request never reached it, so one retry on a fresh connection is safe (what browsers
+    # do too). A timeout is never retried: the provider may be generating, and a replay would bill
+    # twice and make the caller wait twice.
     return (
         upstream is not None
         and upstream.reused
         and not upstream.received_any
+        and not upstream.timed_out
         and not exchange.head_sent
         and not exchange.client_gone
     )

@@ -1,7 +1,8 @@
 """`egress usage report`: totals from the usage JSONL files, by key, subject, provider or model.
 
-Reads the current file and its rotations, skips lines it can't parse (a crash can leave half a
-line), and counts each request id once, so a fact written twice is billed once.
+Reads the current file and its rotations, skips lines that are not a whole fact (a crash can leave
+half a line; a file edited by hand can hold anything) and says on stderr how many it skipped, and
+counts each request id once, so a fact written twice is billed once.
 """
 
 from __future__ import annotations
@@ -56,7 +57,10 @@ def run(args: argparse.Namespace) -> int:
     if match is None:
         raise ConfigError(f"--since takes a number and one of s, m, h, d (like 24h), not {args.since!r}")
     cutoff = time.time() - int(match.group(1)) * _SECONDS[match.group(2)]
-    totals = aggregate(files_of(path), cutoff, _GROUPS[args.by])
+    skipped: dict[str, int] = {}
+    totals = aggregate(files_of(path), cutoff, _GROUPS[args.by], skipped)
+    for name, count in skipped.items():
+        print(f"egress: skipped {count} unreadable lines in {name}", file=sys.stderr)
     if args.json:
         sys.stdout.write(orjson.dumps(totals, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS).decode() + "\n")
     else:
@@ -67,34 +71,74 @@ def run(args: argparse.Namespace) -> int:
 def files_of(path: str) -> list[str]:
     """The file, its rotations, and the same for each worker's own file (usage-w0.jsonl, …)."""
     found = []
-    for base in [path, *sorted(glob.glob(glob.escape(worker_path(path, 0)).replace("-w0", "-w[0-9]*")))]:
-        rotated = sorted(glob.glob(glob.escape(base) + ".[0-9]*"), key=lambda name: -int(name.rsplit(".", 1)[1]))
+    # Only the file name's own "-w0" becomes a wildcard: a directory may be called "x-w0" too.
+    head, _, tail = glob.escape(worker_path(path, 0)).rpartition("-w0")
+    for base in [path, *sorted(glob.glob(f"{head}-w[0-9]*{tail}"))]:
+        # Only egress's own rotations (.1, .2, …): logrotate's .1.gz beside them is not JSONL.
+        rotated = [name for name in glob.glob(glob.escape(base) + ".[0-9]*") if name.rsplit(".", 1)[1].isdigit()]
+        rotated.sort(key=lambda name: -int(name.rsplit(".", 1)[1]))
         found += [*rotated, base] if os.path.exists(base) else rotated
     return found
 
 
-def aggregate(paths: list[str], cutoff: float, field: str) -> dict[str, dict[str, int]]:
+_TOKEN_COLUMNS = ("input_tokens", "output_tokens", "cache_read_tokens", "estimated_output_tokens")
+
+
+def _is_fact(fact: object, field: str) -> bool:
+    """Shaped as egress writes a fact: anything else would crash the sums or bill the wrong row."""
+    if not isinstance(fact, dict) or not isinstance(fact.get("request_id"), str):
+        return False
+    ts = fact.get("ts")
+    if isinstance(ts, bool) or not isinstance(ts, int | float) or not isinstance(fact.get(field), str | None):
+        return False
+    for column in _TOKEN_COLUMNS:
+        value = fact.get(column)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+            return False
+    return True
+
+
+def aggregate(
+    paths: list[str], cutoff: float, field: str, skipped: dict[str, int] | None = None
+) -> dict[str, dict[str, int]]:
+    """Totals by `field` since `cutoff`; `skipped`, when given, gets the unreadable lines per file."""
     totals: dict[str, dict[str, int]] = defaultdict(lambda: dict.fromkeys(_COLUMNS, 0))
     seen: set[str] = set()
     for path in paths:
-        with open(path, "rb") as fh:
-            for line in fh:
-                try:
-                    fact = orjson.loads(line)
-                except orjson.JSONDecodeError:
-                    continue
-                if not isinstance(fact, dict) or fact.get("ts", 0) < cutoff or fact.get("request_id") in seen:
-                    continue
-                seen.add(fact.get("request_id"))
-                row = totals[str(fact.get(field) or "-")]
-                row["requests"] += 1
-                for column in ("input_tokens", "output_tokens", "cache_read_tokens", "estimated_output_tokens"):
-                    row[column] += fact.get(column) or 0
-                if fact.get("usage") == "partial":
-                    row["partial"] += 1
-                elif fact.get("usage") in ("missing", "unparseable"):
-                    row["missing"] += 1
+        bad = 0
+        for line in _lines(path):
+            if not line.strip():
+                continue
+            try:
+                fact = orjson.loads(line)
+            except orjson.JSONDecodeError:
+                bad += 1
+                continue
+            if not _is_fact(fact, field):
+                bad += 1
+                continue
+            if fact["ts"] < cutoff or fact["request_id"] in seen:
+                continue
+            seen.add(fact["request_id"])
+            row = totals[fact.get(field) or "-"]
+            row["requests"] += 1
+            for column in _TOKEN_COLUMNS:
+                row[column] += fact.get(column) or 0
+            if fact.get("usage") == "partial":
+                row["partial"] += 1
+            elif fact.get("usage") in ("missing", "unparseable"):
+                row["missing"] += 1
+        if bad and skipped is not None:
+            skipped[path] = bad
     return dict(sorted(totals.items()))
+
+
+def _lines(path: str):
+    try:
+        with open(path, "rb") as fh:
+            yield from fh
+    except FileNotFoundError:  # rotated away since it was listed: its facts are in the next name
+        return
 
 
 def render_table(totals: dict[str, dict[str, int]], by: str) -> str:

@@ -64,4 +64,8 @@ def load_secrets(source: str) -> list[Secret]:
         if not secrets:
             raise SecretSourceError(f"key file {where} holds no key")
         return secrets
-    raise SecretSourceError(f"pool key source must be 'env:NAME' or 'file:PATH', not {source!r}")
+    # Not echoed: what stands where a source belongs is most likely the key itself.
+    raise SecretSourceError(
+        "a key source is 'env:NAME' or 'file:PATH', and this one is neither "
+        "(a literal key? keys never go in the config file)"
+    )

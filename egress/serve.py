@@ -17,13 +17,14 @@ import contextlib
 import dataclasses
 import os
 import signal
+import time
 
 import uvloop
 
 from egress import accesslog
 from egress.accesslog import AccessLog, log_event
 from egress.admin import start_admin
-from egress.auth import Authenticator, load_pools
+from egress.auth import Authenticator, load_pools, wipe_all_pool_keys
 from egress.config import Config, ConfigError, load_config, parse_listen
 from egress.denyset import DenySet, read_deny_file
 from egress.facts import FactSink, worker_path
@@ -60,7 +61,7 @@ def reload_config(state: ServerState, config_path: str | None) -> None:
     if config_path is None:
         return
     try:
-        new = load_config(config_path)
+        new = load_config(config_path, running=state.config)  # a half-written file must not reload as defaults
         pools = load_pools(new)
     except (ConfigError, SecretSourceError) as exc:
         log_event("reload_failed", error=str(exc))  # the running configuration stays
@@ -83,8 +84,8 @@ def reload_config(state: ServerState, config_path: str | None) -> None:
         state.pool = UpstreamPool(new.upstream)
         retired_pool.close_idle()
     state.config = new
-    # Requests already authenticated may still hold the old pool-key headers: wipe them later.
-    asyncio.get_running_loop().call_later(new.server.body_timeout + 60, retired_auth.wipe)
+    # Requests already authenticated hold the old pool keys through their lease: the retired
+    # rotations are wiped by a finalizer once the last of those requests is gone (auth.py).
     log_event("reloaded", providers=len(new.providers), pooled_providers=sorted(state.auth.pools))
 
 
@@ -95,12 +96,27 @@ def load_denyset(config: Config) -> DenySet:
         try:
             with open(snapshot, "rb") as fh:
                 denyset.load_snapshot(fh.read())
-        except (OSError, ValueError, KeyError) as exc:
-            # Replaying the whole stream rebuilds it; until then only the deny file applies.
+        except (OSError, ValueError) as exc:
+            # The stream is replayed from its start to rebuild it; until then the deny file applies.
             log_event("snapshot_unreadable", path=snapshot, error=type(exc).__name__)
     if config.keys.deny_file is not None:
-        denyset.replace_file_kids(read_deny_file(config.keys.deny_file))
+        # Unreadable (a directory, no permission) is an OSError: the start stops with one line rather
+        # than serve without the revocations the file holds.
+        kids, bad_lines = read_deny_file(config.keys.deny_file)
+        _report_bad_lines(config.keys.deny_file, bad_lines)
+        denyset.replace_file_kids(kids, bad_lines)
     return denyset
+
+
+def _report_bad_lines(path: str, bad_lines: tuple[int, ...]) -> None:
+    if bad_lines:  # line numbers, never the text: a pasted key must not reach a log
+        log_event("deny_file_bad_lines", path=path, count=len(bad_lines), lines=list(bad_lines[:20]))
+
+
+# A file rewritten within one timestamp tick of our read, its size unchanged, looks unchanged: a
+# file modified this recently is read again at the next poll (git calls such index entries "racily
+# clean"). Two seconds covers the coarsest common mtime, FAT's.
+_RACY_NS = 2_000_000_000
 
 
 async def _watch_deny_file(path: str, interval: float, denyset: DenySet, reload_now: asyncio.Event) -> None:
@@ -111,17 +127,40 @@ async def _watch_deny_file(path: str, interval: float, denyset: DenySet, reload_
             return None
         return (stat.st_ino, stat.st_mtime_ns, stat.st_size)
 
-    seen = signature()
+    try:
+        seen = signature()
+    except OSError:
+        seen = None
+    recheck = True
+    failing: str | None = None  # the error last reported, so a broken file is reported once
     while True:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(reload_now.wait(), interval)
         forced = reload_now.is_set()
         reload_now.clear()
-        current = signature()
-        if forced or current != seen:
-            seen = current
-            denyset.replace_file_kids(read_deny_file(path))
+        # Nothing one read can throw may end this loop: every later revocation through the file
+        # would be ignored without a word. What the file said last stays in force meanwhile.
+        try:
+            current = signature()
+            if not (forced or recheck or failing or current != seen):
+                continue
+            kids, bad_lines = read_deny_file(path)
+        except Exception as exc:
+            error = getattr(exc, "strerror", None) or type(exc).__name__
+            if error != failing:
+                log_event("deny_file_unreadable", path=path, error=error, deny_set_size=len(denyset))
+            failing = error
+            continue
+        fresh = forced or failing is not None or current != seen
+        seen = current
+        failing = None
+        recheck = current is not None and time.time_ns() - current[1] < _RACY_NS
+        if fresh:
+            _report_bad_lines(path, bad_lines)
+            denyset.replace_file_kids(kids, bad_lines)
             log_event("deny_file_reloaded", size=len(denyset), forced=forced)
+        else:
+            denyset.replace_file_kids(kids)
 
 
 async def _serve(config: Config, config_path: str | None, worker: WorkerContext | None) -> int:
@@ -149,6 +188,12 @@ async def _serve(config: Config, config_path: str | None, worker: WorkerContext 
         admin = await start_admin(state, admin_host, admin_port)
         admin_bound = admin.sockets[0].getsockname()
         log_event("admin_listening", address=f"{admin_host}:{admin_bound[1]}")
+    feed = feed_task = None
+    if config.nats.url is not None:
+        from egress.revocations import start_feed  # nats-py is imported only when configured
+
+        # Revocations published while this process was down apply before the first request.
+        feed, feed_task = await start_feed(config.nats, denyset)
     host, port = parse_listen(config.server.listen)
     server = await loop.create_server(
         lambda: ClientConnection(state),
@@ -177,12 +222,8 @@ async def _serve(config: Config, config_path: str | None, worker: WorkerContext 
                 _watch_deny_file(config.keys.deny_file, config.keys.deny_poll_interval, denyset, reload_deny_file)
             )
         )
-    feed = None
-    if config.nats.url is not None:
-        from egress.revocations import RevocationFeed  # nats-py is imported only when configured
-
-        feed = RevocationFeed(config.nats, denyset)
-        background.append(loop.create_task(feed.run()))
+    if feed_task is not None:
+        background.append(feed_task)
 
     publisher = None
     if config.usage.nats_publish:
@@ -243,6 +284,6 @@ async def _serve(config: Config, config_path: str | None, worker: WorkerContext 
     state.pool.close_idle()
     state.access_log.close()
     state.facts.close()
-    auth.wipe()
+    wipe_all_pool_keys()  # the live rotations and any retired one still referenced
     log_event("stopped", forced_closed=forced)
     return 0

@@ -220,6 +220,12 @@ class UpstreamConnection(asyncio.Protocol):
             self._head_size += len(data)
         try:
             self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            # A 101 (or a 2xx to CONNECT): egress asked for no upgrade and tunnels nothing, so the
+            # connection now speaks another protocol. HttpParserUpgrade is not an HttpParserError.
+            self._fail(EgressError("upstream_protocol_error", "the upstream switched protocols unasked"))
+            self.abort()
+            return
         except httptools.HttpParserError:
             if self._message_done:
                 self.reusable = False  # bytes after a complete response: answered, but never reused
@@ -264,6 +270,8 @@ class UpstreamConnection(asyncio.Protocol):
         if self._message_done:
             raise _ResponseAfterEnd  # a second response in the read that ended the first
         status = self._parser.get_status_code()
+        if status == 101:
+            return  # llhttp stops at its end with HttpParserUpgrade: refused in data_received
         if status < 200:
             # Interim responses (103 Early Hints) are not relayed, as nginx does not relay them.
             self._skipping_interim = True

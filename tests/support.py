@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -126,6 +127,7 @@ class RawResponse:
     body: bytes
     complete: bool
     informational: list[int] = field(default_factory=list)
+    header_list: list[tuple[str, str]] = field(default_factory=list)  # in order, repeats kept
 
     def json(self) -> dict:
         return orjson.loads(self.body)
@@ -208,8 +210,8 @@ class RawClient:
 
 def _raw(response, body: bytearray, complete: bool, informational: list[int]) -> RawResponse:
     assert response is not None, "the connection closed before a response"
-    headers = {name.decode().lower(): value.decode("latin-1") for name, value in response.headers}
-    return RawResponse(response.status_code, headers, bytes(body), complete, informational)
+    header_list = [(name.decode().lower(), value.decode("latin-1")) for name, value in response.headers]
+    return RawResponse(response.status_code, dict(header_list), bytes(body), complete, informational, header_list)
 
 
 BYO_TEST_KEY = "sk-byo-raw-test-key"
@@ -288,3 +290,95 @@ class NatsServer:
         if self.process is not None and self.process.poll() is None:
             self.process.kill()
             self.process.wait(timeout=10)
+
+
+class ScriptedUpstream:
+    """A plain-HTTP upstream on loopback that answers the Nth request with the Nth scripted reply.
+
+    For upstream behaviour no real provider shows on purpose (a 101, a spoofed egress header, an
+    odd Transfer-Encoding, no answer at all): each reply is raw bytes written as they are, or
+    `HANG` (read the request, never answer). After a reply that is not keep-alive framed, pass
+    `close_after=True` in the tuple form `(bytes, True)`. Requests are recorded as received.
+    """
+
+    HANG = object()
+
+    def __init__(self, replies: list) -> None:
+        self.replies = list(replies)
+        self.requests: list[bytes] = []
+        self.connections = 0
+        self._sock = socket.socket()
+        self._sock.bind(("127.0.0.1", 0))
+        self._sock.listen(16)
+        self._sock.settimeout(0.2)
+        self.port = self._sock.getsockname()[1]
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._open: list[socket.socket] = []
+        self._accepter = threading.Thread(target=self._accept, daemon=True)
+        self._accepter.start()
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def _accept(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self._sock.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            self.connections += 1
+            self._open.append(conn)
+            thread = threading.Thread(target=self._serve, args=(conn,), daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def _serve(self, conn: socket.socket) -> None:
+        conn.settimeout(0.2)
+        buffer = b""
+        while not self._stop.is_set():
+            head_end = buffer.find(b"\r\n\r\n")
+            total = -1
+            if head_end >= 0:
+                length = re.search(rb"(?im)^content-length:\s*(\d+)", buffer[: head_end + 4])
+                total = head_end + 4 + (int(length.group(1)) if length else 0)
+            if head_end < 0 or len(buffer) < total:
+                try:
+                    data = conn.recv(65536)
+                except TimeoutError:
+                    continue
+                except OSError:
+                    return
+                if not data:
+                    return
+                buffer += data
+                continue
+            self.requests.append(buffer[:total])
+            buffer = buffer[total:]
+            reply = self.replies.pop(0) if self.replies else self.HANG
+            if reply is self.HANG:
+                while not self._stop.is_set():
+                    time.sleep(0.05)
+                return
+            data, close_after = reply if isinstance(reply, tuple) else (reply, False)
+            try:
+                conn.sendall(data)
+            except OSError:
+                return
+            if close_after:
+                conn.close()
+                return
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._sock.close()
+        for conn in self._open:
+            try:
+                conn.close()
+            except OSError:
+                pass
+        for thread in [self._accepter, *self._threads]:
+            thread.join(timeout=2)

@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import signal
+import time
 from pathlib import Path
 
 import anthropic
 import openai
+import orjson
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from egress.vkeys import mint, public_key_text
+from egress.auth import PoolRotation, wipe_all_pool_keys
+from egress.providers import BUILTIN_PROVIDERS
+from egress.secrets import Secret
+from egress.vkeys import SIGNING_DOMAIN, _b64encode, issuer_id, mint, public_key_text
 from tests.conftest import provider_config
 from tests.support import RawClient, request_bytes, run_egress_cli, wait_until
 
@@ -31,11 +36,13 @@ def pool_files(tmp_path: Path) -> dict[str, Path]:
     return {"openai": openai_keys, "anthropic": anthropic_keys}
 
 
-def keyed_config(fake, ca_file, pool_files, deny_file: Path | None = None) -> str:
-    keys = f'[keys]\ntrusted_issuers = ["{public_key_text(ISSUER.public_key())}"]\n'
+def keyed_config(
+    fake, ca_file, pool_files, deny_file: Path | None = None, keys_extra: str = "", server: str = ""
+) -> str:
+    keys = f'[keys]\ntrusted_issuers = ["{public_key_text(ISSUER.public_key())}"]\n{keys_extra}\n'
     if deny_file is not None:
         keys += f'deny_file = "{deny_file}"\ndeny_poll_interval = 0.2\n'
-    config = provider_config(fake, ca_file, extra=keys, pool_keys=pool_files)
+    config = provider_config(fake, ca_file, server=server, extra=keys, pool_keys=pool_files)
     config += f'\n[providers.groq]\nbase_url = "{fake.base_url}"\n'  # no pool key
     config += f'\n[providers.local-model]\nbase_url = "{fake.base_url}"\nallow_anonymous = true\n'
     return config
@@ -235,3 +242,112 @@ def test_keys_cli_round_trip(tmp_path, fake_provider, ca_file, pool_files):
     tampered = token[:-3] + ("AAA" if not token.endswith("AAA") else "BBB")
     inspected = run_egress_cli("keys", "inspect", tampered, "--config", str(config))
     assert inspected.returncode == 1 and "status: bad signature" in inspected.stdout
+
+
+# -- what an adversarial review found ---------------------------------------------------------
+
+
+def test_a_key_issued_in_the_future_is_not_valid_yet(keyed, fake_provider):
+    later, _ = mint(ISSUER, "app", now=int(time.time()) + 3600)
+    error = _error(keyed, later)
+    assert (error.status_code, error.code) == (401, "key_not_yet_valid")
+    within_skew, _ = mint(ISSUER, "app", now=int(time.time()) + 20)  # clocks a little apart
+    assert chat(openai_client(keyed, within_skew)).choices
+    assert len(fake_provider.requests) == 1
+
+
+def forged(kid: str) -> str:
+    """Well formed, from the trusted issuer's id, signed by someone else: costs a verification."""
+    document = {"iat": int(time.time()), "iss": issuer_id(ISSUER.public_key()), "kid": kid, "sub": "x", "v": 1}
+    payload = orjson.dumps(document, option=orjson.OPT_SORT_KEYS)
+    signature = UNTRUSTED.sign(SIGNING_DOMAIN + payload)
+    return (b"bai_" + _b64encode(payload) + b"." + _b64encode(signature)).decode()
+
+
+def test_failed_verifications_per_address_are_capped(start_egress, fake_provider, ca_file, pool_files):
+    egress = start_egress(
+        keyed_config(fake_provider, ca_file, pool_files, keys_extra="invalid_key_burst = 5\ninvalid_key_rate = 0.1")
+    )
+    valid, _ = mint(ISSUER, "app")
+    assert chat(openai_client(egress, valid)).choices  # verified once, then cached
+    keys = [forged(f"{index:016x}") for index in range(8)]
+    codes = []
+    for key in keys:
+        error = _error(egress, key)
+        codes.append((error.status_code, error.code))
+        if error.status_code == 429:
+            assert int(error.response.headers["retry-after"]) >= 1
+    assert codes == [(401, "invalid_key")] * 5 + [(429, "too_many_invalid_keys")] * 3
+    # A key that already failed is answered from memory; one already verified still works.
+    assert _error(egress, keys[0]).code == "invalid_key"
+    assert chat(openai_client(egress, valid)).choices
+    assert len(fake_provider.requests) == 2
+
+
+def test_byo_limit_holds_however_the_key_is_spelled(start_egress, fake_provider, ca_file):
+    egress = start_egress(provider_config(fake_provider, ca_file, extra="[limits]\nrequests_per_minute = 2\n"))
+    spellings = [
+        ("Authorization", "Bearer sk-byo-same"),
+        ("Authorization", "bearer sk-byo-same"),
+        ("Authorization", "BEARER sk-byo-same"),
+        ("Authorization", "Bearer   sk-byo-same"),
+        ("Authorization", "Bearer\tsk-byo-same"),
+        ("Authorization", "Bearer sk-byo-same  "),
+        ("x-api-key", "sk-byo-same"),
+        ("x-api-key", "  sk-byo-same"),
+    ]
+    statuses = []
+    for name, value in spellings:
+        with RawClient(egress.port) as client:
+            client.send(request_bytes("GET", "/openai/v1/models", {name: value}))
+            statuses.append(client.read_response().status)
+    assert statuses.count(429) == len(spellings) - 2, statuses
+
+
+def test_a_retired_pool_key_is_wiped_when_its_last_request_is_gone():
+    provider = BUILTIN_PROVIDERS["openai"]
+    rotation = PoolRotation(provider, [Secret(b"sk-retired", "env:X")])
+    header = rotation.take()
+    held = [rotation]  # what an exchange's lease does
+    del rotation
+    assert bytes(header[1]) == b"Bearer sk-retired"  # still in use: intact
+    held.clear()
+    assert set(header[1]) == {0}  # the last holder gone: wiped at once
+    live = PoolRotation(provider, [Secret(b"sk-live", "env:Y")])
+    value = live.take()[1]
+    wipe_all_pool_keys()  # the exit path reaches every rotation, not only the first Authenticator's
+    assert set(value) == {0}
+
+
+@pytest.mark.timeout(150)
+def test_a_request_authenticated_before_a_reload_sends_its_pool_key_whole(
+    start_egress, fake_provider, ca_file, pool_files
+):
+    # The old rotation used to be wiped on a timer (body_timeout + 60 s) after a reload, while a
+    # request that authenticated before it could still be waiting its turn: the provider then got
+    # NUL bytes for a key. A pipelined request waits behind a 64-second stream.
+    egress = start_egress(keyed_config(fake_provider, ca_file, pool_files, server="body_timeout = 0.5"))
+    key, _ = mint(ISSUER, "app")
+    stream = b'{"model":"gpt-fake","messages":[],"stream":true}'
+    slow = {
+        "Authorization": f"Bearer {key}",
+        "Content-Type": "application/json",
+        "x-fake-scenario": "long-stream",
+        "x-fake-events": "64",
+        "x-fake-interval": "1",
+    }
+    with RawClient(egress.port, timeout=120) as client:
+        client.send(
+            request_bytes(
+                "POST", "/openai/v1/chat/completions", {**slow, "x-fake-events": "64", "x-fake-interval": "1"}, stream
+            )
+            + request_bytes("GET", "/openai/v1/models", {"Authorization": f"Bearer {key}"})
+        )
+        assert wait_until(lambda: len(fake_provider.requests) == 1, timeout=5)
+        pool_files["openai"].write_text("sk-pool-openai-after-reload\n")
+        egress.signal(signal.SIGHUP)
+        assert wait_until(lambda: b'"event":"reloaded"' in egress.stderr_path.read_bytes(), timeout=5)
+        assert client.read_response("POST").status == 200
+        assert client.read_response().status == 200
+    sent = fake_provider.requests[-1].header("authorization")
+    assert sent in {f"Bearer {pool}" for pool in OPENAI_POOL}, repr(sent)

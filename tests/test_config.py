@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 import tomllib
 from pathlib import Path
 
 import pytest
 
-from egress.config import Config, ConfigError, parse_config, parse_listen, render_config
+from egress.config import Config, ConfigError, load_config, parse_config, parse_listen, render_config
 from tests.support import run_egress_cli
 
 
@@ -52,6 +53,17 @@ def test_unknown_keys_are_named(table, named):
         ({"providers": {"openai": {"allow_anonymous": "yes"}}}, "allow_anonymous must be true or false"),
         ({"keys": {"trusted_issuers": ["not-a-key"]}}, r"keys.trusted_issuers\[0\]"),
         ({"nats": {"url": "nats://127.0.0.1:4222"}}, "nats.snapshot is required"),
+        # Whatever urlsplit or the origin would raise on later is a ConfigError here, on reload too.
+        ({"providers": {"mine": {"base_url": "http://[::1"}}}, "providers.mine.base_url must be an absolute"),
+        ({"providers": {"mine": {"base_url": "http://h:99999"}}}, "providers.mine.base_url must be an absolute"),
+        ({"providers": {"mine": {"base_url": "http://h:abc"}}}, "providers.mine.base_url must be an absolute"),
+        ({"providers": {"mine": {"base_url": "http://h:-1"}}}, "providers.mine.base_url must be an absolute"),
+        ({"providers": {"mine": {"base_url": "http://ex\u00e4mple.com"}}}, "host is ASCII"),
+        ({"providers": {"mine": {"base_url": "http://h x"}}}, "host is ASCII"),
+        # TOML has nan and inf: a nan deadline is never reached, so it would switch a timeout off.
+        ({"server": {"header_timeout": float("nan")}}, "server.header_timeout must be a positive number"),
+        ({"server": {"body_timeout": float("inf")}}, "server.body_timeout must be a positive number"),
+        ({"keys": {"invalid_key_rate": float("nan")}}, "keys.invalid_key_rate must be a positive number"),
     ],
 )
 def test_invalid_values(table, message):
@@ -122,3 +134,173 @@ def test_deploy_example_states_the_real_defaults():
     assert example.nats == Config().nats
     assert example.limits == Config().limits
     assert example.usage == Config().usage
+
+
+# Reloads: a file may change values and add settings, never say less than the running file.
+
+
+def _loaded(tmp_path, text: str, name: str = "egress.toml") -> tuple[Config, str]:
+    path = tmp_path / name
+    path.write_text(text)
+    return load_config(str(path)), str(path)
+
+
+RUNNING = """
+[server]
+listen = "127.0.0.1:9000"
+
+[keys]
+trusted_issuers = ["JFW7T2YSO9KvMLmV_JrNVZP4S1Z2303oRzD_YajQKAs"]
+
+[limits.tiers.batch]
+requests_per_minute = 60
+
+[providers.openai]
+base_url = "https://openai-gateway.internal"
+"""
+
+
+@pytest.mark.parametrize("text", ["", "\n\n   \n", "# being written\n", "\ufeff"])
+def test_an_empty_file_is_refused_on_reload(tmp_path, text):
+    running, _ = _loaded(tmp_path, RUNNING, "running.toml")
+    path = tmp_path / "new.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=r"reload refused: .*new\.toml is empty"):
+        load_config(str(path), running=running)
+    # Even when what runs came from an empty file: an empty file is never a deliberate reload.
+    empty, _ = _loaded(tmp_path, "", "empty.toml")
+    with pytest.raises(ConfigError, match="is empty"):
+        load_config(str(path), running=empty)
+
+
+@pytest.mark.parametrize(
+    ("new", "missing"),
+    [
+        (
+            RUNNING.replace('trusted_issuers = ["JFW7T2YSO9KvMLmV_JrNVZP4S1Z2303oRzD_YajQKAs"]', ""),
+            "keys.trusted_issuers",
+        ),
+        (RUNNING.replace('[keys]\ntrusted_issuers = ["JFW7T2YSO9KvMLmV_JrNVZP4S1Z2303oRzD_YajQKAs"]', ""), "keys"),
+        (RUNNING.replace('base_url = "https://openai-gateway.internal"', ""), "providers.openai.base_url"),
+        (RUNNING.split("[providers.openai]")[0], "providers.openai"),
+        (RUNNING.replace("[limits.tiers.batch]\nrequests_per_minute = 60", ""), "limits.tiers.batch"),
+    ],
+)
+def test_a_reload_that_says_less_is_refused_and_names_what_is_missing(tmp_path, new, missing):
+    running, _ = _loaded(tmp_path, RUNNING, "running.toml")
+    path = tmp_path / "new.toml"
+    path.write_text(new)
+    load_config(str(path))  # a valid file on its own: only as a reload is it refused
+    with pytest.raises(ConfigError, match=rf"reload refused: .*no longer sets {re.escape(missing)}\b"):
+        load_config(str(path), running=running)
+
+
+def test_every_line_boundary_prefix_of_a_file_is_refused_on_reload(tmp_path):
+    text = RUNNING.strip() + "\n"
+    running, _ = _loaded(tmp_path, text, "running.toml")
+    cuts = [index + 1 for index, char in enumerate(text[:-1]) if char == "\n"]
+    path = tmp_path / "new.toml"
+    for cut in [0, *cuts]:
+        path.write_text(text[:cut])
+        with pytest.raises(ConfigError, match=r"reload refused|invalid TOML"):
+            load_config(str(path), running=running)
+
+
+def test_a_reload_may_change_values_and_add_settings(tmp_path):
+    running, _ = _loaded(tmp_path, RUNNING, "running.toml")
+    changed = (
+        RUNNING.replace("openai-gateway.internal", "openai-gateway-2.internal")
+        .replace("= 60", "= 0")
+        .replace('["JFW7T2YSO9KvMLmV_JrNVZP4S1Z2303oRzD_YajQKAs"]', "[]")
+    )
+    path = tmp_path / "new.toml"
+    path.write_text(changed + '\n[providers.added]\nbase_url = "http://127.0.0.1:1"\n[usage]\nenabled = true\n')
+    new = load_config(str(path), running=running)
+    assert new.providers["openai"].base_url == "https://openai-gateway-2.internal" and "added" in new.providers
+    # Spelled out differently (a dotted key, an inline table), the same settings are the same.
+    path.write_text(
+        RUNNING.replace(
+            "[limits.tiers.batch]\nrequests_per_minute = 60", "[limits]\ntiers.batch = {requests_per_minute = 60}"
+        )
+    )
+    load_config(str(path), running=running)
+
+
+# Encodings an operator's editor may produce.
+
+
+def test_a_byte_order_mark_and_crlf_line_ends_are_accepted(tmp_path):
+    path = tmp_path / "windows.toml"
+    path.write_bytes(b"\xef\xbb\xbf" + RUNNING.replace("\n", "\r\n").encode())
+    assert load_config(str(path)).providers["openai"].base_url == "https://openai-gateway.internal"
+
+
+def test_a_file_that_is_not_utf8_is_a_config_error(tmp_path):
+    path = tmp_path / "latin1.toml"
+    path.write_bytes('[server]\n# caf\u00e9\nlisten = "127.0.0.1:9000"\n'.encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"not UTF-8 \(line 2\)"):
+        load_config(str(path))
+    result = run_egress_cli("config", "check", str(path))
+    assert result.returncode == 2 and "not UTF-8" in result.stderr and "Traceback" not in result.stderr
+
+
+# Operator paths never echo a secret: they name its place or its source instead.
+
+LITERAL = "sk-live-abcdef0123456789SECRET"
+NATS_PASSWORD = "nats-pw-SECRET-42"
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (f'[providers.openai]\npool_keys = ["env:OK", "{LITERAL}"]\n', r"providers\.openai\.pool_keys\[1\] is not"),
+        (f'[providers.openai]\npool_keys = ["{LITERAL}"]\n', r"a literal key\? keys never go in the config file"),
+        (f'[providers.openai]\nauth = "Bearer {LITERAL}"\n', "providers.openai.auth must be"),
+        (f'[providers.openai]\ndialect = "{LITERAL}"\n', "providers.openai.dialect must be"),
+        (f'[providers.mine]\nbase_url = "{LITERAL}"\n', "providers.mine.base_url must be an absolute"),
+        (f'[providers.mine]\nbase_url = "ftp://u:{LITERAL}@h"\n', "providers.mine.base_url must be an absolute"),
+        (f'[providers.mine]\nbase_url = "https://u:{LITERAL}@h"\n', "must not carry a query, fragment or credentials"),
+        (f'[limits]\nbyo_hash_key = "{LITERAL}"\n', "limits.byo_hash_key is not"),
+        (f'[keys]\ntrusted_issuers = ["{LITERAL}"]\n', r"keys.trusted_issuers\[0\]"),
+    ],
+)
+def test_config_errors_never_echo_a_secret(tmp_path, text, message):
+    path = tmp_path / "leaky.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=message) as raised:
+        load_config(str(path))
+    assert "SECRET" not in str(raised.value)
+    result = run_egress_cli("config", "check", str(path))
+    assert result.returncode == 2, result.stdout
+    assert "SECRET" not in result.stdout + result.stderr, result.stderr
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        (f"nats://egress:{NATS_PASSWORD}@nats.internal:4222", "nats://egress:<redacted>@nats.internal:4222"),
+        (f"nats://{NATS_PASSWORD}@nats.internal:4222", "nats://<redacted>@nats.internal:4222"),  # a token
+        (f"nats://a:{NATS_PASSWORD},@x@n1:4222", "nats://a:<redacted>@n1:4222"),  # unescaped ',' and '@'
+        (f"tls://a:{NATS_PASSWORD}@n1", "tls://a:<redacted>@n1"),
+        ("nats://127.0.0.1:4222", "nats://127.0.0.1:4222"),
+    ],
+)
+def test_a_nats_url_shows_no_credentials(tmp_path, url, shown):
+    path = tmp_path / "nats.toml"
+    path.write_text(f'[nats]\nurl = "{url}"\nsnapshot = "/tmp/s"\n')
+    config = load_config(str(path))
+    assert config.nats.url == url  # the connection still gets them
+    for text in (repr(config), repr(config.nats), str(config.nats), render_config(config)):
+        assert NATS_PASSWORD not in text
+    assert f'url = "{shown}"' in render_config(config)
+    result = run_egress_cli("config", "check", str(path))
+    assert result.returncode == 0, result.stderr
+    assert NATS_PASSWORD not in result.stdout + result.stderr and shown in result.stdout
+
+
+@pytest.mark.parametrize("value", ["[" * 5000 + "]" * 5000, "{a=" * 3000 + "1" + "}" * 3000])
+def test_a_nested_too_deeply_file_is_a_config_error(tmp_path, value):
+    path = tmp_path / "deep.toml"
+    path.write_text(f"x = {value}\n")
+    with pytest.raises(ConfigError, match="invalid TOML: nested too deeply"):
+        load_config(str(path))

@@ -12,7 +12,7 @@ import time
 import pytest
 
 from tests.conftest import provider_config, start_fake_provider
-from tests.support import EgressProcess, RawClient, request_bytes, wait_until
+from tests.support import EgressProcess, RawClient, ScriptedUpstream, request_bytes, wait_until
 
 
 @pytest.fixture(scope="module")
@@ -567,3 +567,96 @@ def test_garbage_then_nothing_crashes(egress_proc):
     with RawClient(egress_proc.port) as client:
         client.send(request_bytes("GET", "/healthz"))
         assert client.read_response().status == 200
+
+
+# -- request bodies and credentials that used to get through --------------------------------
+
+
+def chunked_request(target: str, body: bytes, chunk: int, trailer: bytes = b"", headers: str = "") -> bytes:
+    chunks = b"".join(
+        b"%x\r\n%s\r\n" % (len(body[i : i + chunk]), body[i : i + chunk]) for i in range(0, len(body), chunk)
+    )
+    return (
+        (
+            f"POST {target} HTTP/1.1\r\nHost: a\r\nContent-Type: application/json\r\n"
+            f"Authorization: Bearer sk-byo\r\nTransfer-Encoding: chunked\r\n{headers}\r\n"
+        ).encode()
+        + chunks
+        + b"0\r\n"
+        + trailer
+        + b"\r\n"
+    )
+
+
+def test_a_chunked_trailer_is_accepted_and_dropped(egress_proc, fake):
+    body = chat_body()
+    with RawClient(egress_proc.port) as client:
+        client.send(chunked_request("/openai/v1/chat/completions", body, 7, trailer=b"X-Checksum: abc\r\nX-T: v\r\n"))
+        assert client.read_response("POST").status == 200
+        client.send(request_bytes("GET", "/healthz"))  # the connection is still in step
+        assert client.read_response().status == 200
+    seen = fake.requests[-1]
+    assert seen.body == body and seen.header("x-checksum") is None and seen.header("x-t") is None
+
+
+@pytest.mark.parametrize("where", ["trailer", "chunk-extension"])
+def test_framing_without_body_bytes_is_bounded(egress_proc, where):
+    with RawClient(egress_proc.port) as client:
+        client.send(chunked_request("/openai/v1/chat/completions", chat_body(), 64)[:-5])  # before "0\r\n\r\n"
+        endless = b"0\r\nX-Big: " if where == "trailer" else b"1;ext="
+        client.send(endless)
+        try:
+            for _ in range(64):  # 4 MiB at most; refused after 32 KiB
+                client.send(b"a" * 65536)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        response = client.read_response("POST")
+    assert response.status == 431 and response.error_code == "headers_too_large"
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {"Authorization": "Bearer bai_revoked", "authorization": "Bearer sk-other"},
+        {"x-api-key": "sk-one", "X-Api-Key": "sk-two"},
+    ],
+    ids=["authorization", "x-api-key"],
+)
+def test_duplicate_credential_headers_are_a_400(egress_proc, fake, headers):
+    before = len(fake.requests)
+    lines = "".join(f"{name}: {value}\r\n" for name, value in headers.items())
+    data = f"GET /openai/v1/models HTTP/1.1\r\nHost: a\r\n{lines}\r\n".encode()
+    response = expect_error(egress_proc.port, data, 400, "bad_request", closes=True)
+    assert "more than one" in response.json()["error"]["message"]
+    assert len(fake.requests) == before
+
+
+def peak_rss_kib(process: EgressProcess) -> int:
+    with open(f"/proc/{process.pid}/status") as fh:
+        status = fh.read()
+    return int(status.split("VmHWM:")[1].split()[0])
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("chunk", [1, 2])
+def test_a_chunked_body_in_tiny_chunks_costs_memory_of_its_size(start_egress, chunk):
+    size = 4 * 1024 * 1024 - 4096  # near the cap configured below
+    upstream = ScriptedUpstream([b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}"] * 2)
+    try:
+        egress = start_egress(
+            f'[server]\nmax_body_bytes = {4 * 1024 * 1024}\n[providers.raw]\nbase_url = "{upstream.base_url}"\n'
+        )
+        with RawClient(egress.port, timeout=60) as client:  # warm up: first-request allocations
+            client.send(request_bytes("GET", "/raw/v1/models"))
+            assert client.read_response().status == 200
+        before = peak_rss_kib(egress)
+        wire = chunked_request("/raw/v1/chat/completions", b"x" * size, chunk)
+        with RawClient(egress.port, timeout=60) as client:
+            client.sock.sendall(wire)
+            response = client.read_response("POST")
+        assert response.status == 200
+        assert len(upstream.requests[-1]) > size
+        grown = (peak_rss_kib(egress) - before) * 1024
+        assert grown < 2 * size, f"egress grew by {grown / size:.1f} x the body"
+    finally:
+        upstream.stop()

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from tests.conftest import provider_config, start_fake_provider
-from tests.support import RawClient, request_bytes, wait_until
+from tests.support import RawClient, ScriptedUpstream, request_bytes, wait_until
 
 
 def test_untrusted_upstream_certificate_is_refused(start_egress, fake_provider, tmp_path):
@@ -105,3 +107,94 @@ def test_an_endless_response_head_is_refused_with_bounded_memory(start_egress, f
     assert response.status == 502 and response.error_code == "upstream_protocol_error"
     assert "too large" in response.json()["error"]["message"]
     assert egress.rss_kib() - rss_before < 4 * 1024  # a 64 KiB bound plus one read, not the 1 MiB sent
+
+
+# -- a hostile or broken upstream (ScriptedUpstream answers with raw bytes) -------------------
+
+
+@pytest.fixture
+def scripted(start_egress, request):
+    """A ScriptedUpstream with the test's replies, and an egress routing `/raw/` to it."""
+    started = []
+
+    def start(replies: list, upstream: str = "") -> tuple:
+        raw = ScriptedUpstream(replies)
+        started.append(raw)
+        egress = start_egress(f'[upstream]\n{upstream}\n[providers.raw]\nbase_url = "{raw.base_url}"\n')
+        return egress, raw
+
+    yield start
+    for raw in started:
+        raw.stop()
+
+
+OK_KEEP_ALIVE = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}"
+
+
+def test_a_post_whose_upstream_never_answers_is_not_replayed(scripted):
+    # The first request pools the connection; the POST on it then gets no first byte. Replaying it
+    # on a fresh connection would have the provider generate (and bill) twice.
+    egress, raw = scripted([OK_KEEP_ALIVE, ScriptedUpstream.HANG, OK_KEEP_ALIVE], upstream="first_byte_timeout = 1.0")
+    with RawClient(egress.port, timeout=10) as client:
+        client.send(request_bytes("GET", "/raw/v1/models"))
+        assert client.read_response().status == 200
+        started = time.monotonic()
+        client.send(request_bytes("POST", "/raw/v1/chat/completions", body=b'{"model":"m"}'))
+        response = client.read_response("POST")
+        waited = time.monotonic() - started
+    assert response.status == 504 and response.error_code == "upstream_timeout"
+    assert [request.split(b" ", 1)[0] for request in raw.requests] == [b"GET", b"POST"]
+    assert waited < 1.9, "the caller waited one timeout, not two"
+
+
+def test_an_upstream_switching_protocols_is_a_502(scripted):
+    switch = b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: upgrade\r\n\r\n\x81\x05hello"
+    egress, _ = scripted([switch, OK_KEEP_ALIVE])
+    with RawClient(egress.port) as client:
+        client.send(request_bytes("GET", "/raw/v1/models"))
+        response = client.read_response()
+        assert response.status == 502 and response.error_code == "upstream_protocol_error"
+        client.send(request_bytes("GET", "/raw/v1/models"))
+        assert client.read_response().status == 200
+    assert b"Traceback" not in egress.stderr_path.read_bytes()
+
+
+def test_an_upstream_request_id_never_reaches_the_client(scripted):
+    spoof = b"HTTP/1.1 200 OK\r\nX-Egress-Request-Id: spoofed\r\ncontent-length: 2\r\n\r\n{}"
+    egress, _ = scripted([spoof])
+    with RawClient(egress.port) as client:
+        client.send(request_bytes("GET", "/raw/v1/models"))
+        response = client.read_response()
+    ids = [value for name, value in response.header_list if name == "x-egress-request-id"]
+    assert response.status == 200 and len(ids) == 1 and ids[0] != "spoofed"
+    assert ids[0] == egress.access_records()[-1]["request_id"]
+
+
+@pytest.mark.parametrize(
+    "coding, chunked",
+    [
+        (b"xchunked", False),
+        (b"chunked, gzip", False),
+        (b"gzip, chunked", True),
+        (b"CHUNKED", True),
+    ],
+)
+def test_transfer_coding_is_read_as_the_parser_reads_it(scripted, coding, chunked):
+    body = b"5\r\nhello\r\n0\r\n\r\n"
+    reply = b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ntransfer-encoding: " + coding + b"\r\n\r\n" + body
+    egress, _ = scripted([(reply, True)])
+    with RawClient(egress.port) as client:
+        client.send(request_bytes("GET", "/raw/v1/models"))
+        response = client.read_response()
+    assert response.status == 200 and response.complete
+    # Chunked: the decoded body. Any other final coding: the body runs to the close, as it came.
+    assert response.body == (b"hello" if chunked else body)
+
+
+def test_a_transfer_coding_the_parser_reads_otherwise_is_refused(scripted):
+    reply = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\t\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
+    egress, _ = scripted([(reply, True)])
+    with RawClient(egress.port) as client:
+        client.send(request_bytes("GET", "/raw/v1/models"))
+        response = client.read_response()
+    assert response.status == 502 and response.error_code == "upstream_protocol_error"

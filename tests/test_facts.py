@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+import errno
+import os
+import resource
+import socket
+import threading
 import time
 from pathlib import Path
 
@@ -233,3 +239,244 @@ def test_report_reads_every_workers_file_and_rotation(tmp_path):
         Path(path).write_bytes(b"\n".join(lines) + b"\n")
     assert sorted(files_of(base)) == sorted(written)
     assert aggregate(files_of(base), 0, "provider")["openai"]["requests"] == 4
+
+
+# A full disk: every fact is written whole or counted as dropped, and failures are logged sparingly.
+
+
+class FullDisk:
+    """`os` as facts.py sees it, on a disk with `room` bytes left that takes at most `chunk` a call.
+
+    Like the kernel on ENOSPC or EFBIG: a write that doesn't fit writes what fits and returns the
+    short count; the next one raises."""
+
+    def __init__(self, room: int, chunk: int = 1 << 30) -> None:
+        self.room = room
+        self.chunk = chunk
+
+    def write(self, fd: int, data) -> int:
+        if self.room <= 0:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        written = os.write(fd, bytes(data[: min(len(data), self.chunk, self.room)]))
+        self.room -= written
+        return written
+
+    def __getattr__(self, name: str):
+        return getattr(os, name)
+
+
+def a_fact(index: int) -> dict:
+    return {"provider": "openai", "usage": "complete", "request_id": f"req-{index}", "pad": "x" * (index % 37)}
+
+
+def run_sink(path: Path, disk: FullDisk, batches: list[int], monkeypatch, rooms: list[int] | None = None):
+    """Emit `batches` of facts, one flush each, on `disk`; `rooms[i]` frees that much room before batch i."""
+    from egress import facts
+
+    monkeypatch.setattr(facts, "os", disk)
+    logged: list[dict] = []
+    monkeypatch.setattr(facts, "log_event", lambda event, **fields: logged.append({"event": event, **fields}))
+
+    async def main():
+        sink = facts.FactSink(str(path), rotate_bytes=1 << 30, keep_files=2, queue_size=10_000)
+        index = 0
+        for number, size in enumerate(batches):
+            if rooms is not None:
+                disk.room += rooms[number]
+            for _ in range(size):
+                sink.emit(a_fact(index))
+                index += 1
+            sink.flush()
+        sink.close()
+        return sink, index
+
+    sink, emitted = asyncio.run(main())
+    return sink, emitted, logged
+
+
+def whole_facts(path: Path) -> list[dict]:
+    return [orjson.loads(line) for line in path.read_bytes().splitlines()]  # raises on a torn line
+
+
+def test_short_writes_are_finished(tmp_path, monkeypatch):
+    path = tmp_path / "usage.jsonl"
+    sink, emitted, logged = run_sink(path, FullDisk(room=1 << 30, chunk=7), [1, 5, 40], monkeypatch)
+    assert [fact["request_id"] for fact in whole_facts(path)] == [f"req-{i}" for i in range(emitted)]
+    assert sink.dropped == 0 and logged == []
+
+
+@pytest.mark.parametrize("chunk", [1 << 30, 13])
+def test_every_fact_is_written_whole_or_counted_as_dropped(tmp_path, monkeypatch, chunk):
+    batch = b"".join(orjson.dumps(a_fact(i)) + b"\n" for i in range(8))
+    for room in range(len(batch) + 1):  # the disk fills at every byte of the batch in turn
+        path = tmp_path / f"usage-{chunk}-{room}.jsonl"
+        # Then a little room comes back, twice: the writes after a torn one start on a fresh line.
+        sink, emitted, logged = run_sink(path, FullDisk(room, chunk), [8, 3, 3], monkeypatch, rooms=[0, 150, 400])
+        written = whole_facts(path)
+        ids = [fact["request_id"] for fact in written]
+        assert len(ids) == len(set(ids))
+        assert len(written) + sink.dropped == emitted, (room, len(written), sink.dropped)
+        assert [fact for fact in written if fact != a_fact(int(fact["request_id"][4:]))] == []
+        assert len([entry for entry in logged if entry["event"] == "usage_write_failed"]) <= 1
+
+
+def test_write_failures_are_logged_at_most_once_a_window(tmp_path, monkeypatch):
+    path = tmp_path / "usage.jsonl"
+    sink, emitted, logged = run_sink(path, FullDisk(room=0), [2] * 100, monkeypatch)
+    assert sink.dropped == emitted == 200
+    assert len(logged) == 1
+    assert logged[0]["event"] == "usage_write_failed" and logged[0]["error"] == "No space left on device"
+    assert logged[0]["dropped"] == 2
+
+
+def test_throttle_counts_what_it_held_back():
+    from egress.facts import Throttle
+
+    throttle = Throttle(10.0)
+    assert throttle.due(100.0) == 0
+    assert [throttle.due(now) for now in (100.5, 101.0, 109.9)] == [None, None, None]
+    assert throttle.due(110.0) == 3  # logged again, saying three failures went unlogged
+    assert throttle.due(115.0) is None and throttle.due(120.0) == 1
+
+
+def test_a_torn_tail_left_by_a_crash_is_not_glued_to_the_next_fact(tmp_path, monkeypatch):
+    path = tmp_path / "usage.jsonl"
+    path.write_bytes(orjson.dumps(a_fact(100)) + b'\n{"provider":"ope')
+    run_sink(path, FullDisk(room=1 << 30), [2], monkeypatch)
+    lines = path.read_bytes().splitlines()
+    assert lines[1] == b'{"provider":"ope'
+    assert [orjson.loads(line)["request_id"] for line in lines[:1] + lines[2:]] == ["req-100", "req-0", "req-1"]
+
+
+def test_a_failed_rotation_never_writes_to_a_reused_descriptor(tmp_path, monkeypatch):
+    from egress import facts
+
+    path = tmp_path / "usage.jsonl"
+    elsewhere = tmp_path / "unrelated.txt"
+    logged: list[dict] = []
+    monkeypatch.setattr(facts, "log_event", lambda event, **fields: logged.append({"event": event, **fields}))
+
+    class NoRename(FullDisk):
+        def replace(self, src, dst):
+            raise OSError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(facts, "os", NoRename(room=1 << 30))
+
+    async def main():
+        sink = facts.FactSink(str(path), rotate_bytes=10, keep_files=2, queue_size=100)
+        sink.emit(a_fact(0))
+        sink.flush()  # past rotate_bytes: the rotation fails
+        # The descriptor number the sink closed is the next one handed out: here, another file's.
+        unrelated = os.open(elsewhere, os.O_WRONLY | os.O_CREAT, 0o600)
+        try:
+            sink.emit(a_fact(1))
+            sink.flush()
+        finally:
+            os.close(unrelated)
+        sink.close()
+        return sink
+
+    sink = asyncio.run(main())
+    assert elsewhere.read_bytes() == b""
+    assert len(whole_facts(path)) + sink.dropped == 2
+    assert any(entry["event"] == "usage_rotate_failed" for entry in logged)
+
+
+def scrape(port: int) -> dict[str, float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(b"GET /metrics HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n")
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    totals: dict[str, float] = {}
+    for family in text_string_to_metric_families(data.partition(b"\r\n\r\n")[2].decode()):
+        for sample in family.samples:
+            key = sample.name + "".join(f",{k}={v}" for k, v in sorted(sample.labels.items()) if k == "sink")
+            totals[key] = totals.get(key, 0.0) + sample.value
+    return totals
+
+
+def test_a_real_file_size_limit_loses_no_fact_silently(start_egress, fake_provider, ca_file, tmp_path):
+    """RLIMIT_FSIZE makes the kernel do what a full disk does (a short write, then EFBIG), no root needed."""
+    usage_file = tmp_path / "usage.jsonl"
+    config = provider_config(
+        fake_provider, ca_file, server='access_log = "off"', extra=f'[usage]\njsonl = "{usage_file}"\n'
+    )
+    egress = start_egress(config)
+    resource.prlimit(egress.pid, resource.RLIMIT_FSIZE, (8192, 8192))  # stderr stays well below it
+    sent = 60
+
+    def traffic(count: int) -> None:
+        for _ in range(count):
+            with RawClient(egress.port) as client:
+                client.send(request_bytes("GET", "/openai/v1/models"))
+                assert client.read_response().status == 200
+
+    threads = [threading.Thread(target=traffic, args=(10,)) for _ in range(sent // 10)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert wait_until(lambda: scrape(egress.admin_port).get("egress_usage_facts_total") == sent, timeout=5)
+    metrics = scrape(egress.admin_port)
+    written = whole_facts(usage_file)
+    dropped = metrics["egress_usage_facts_dropped_total,sink=jsonl"]
+    assert dropped > 0 and usage_file.stat().st_size <= 8192
+    assert len(written) + dropped == sent
+    assert len({fact["request_id"] for fact in written}) == len(written)
+    failures = [line for line in egress.stderr_path.read_bytes().splitlines() if b"usage_write_failed" in line]
+    assert len(failures) == 1 and orjson.loads(failures[0])["error"] == "File too large"
+
+
+def test_report_skips_and_counts_lines_it_cannot_read(tmp_path):
+    from egress.report import aggregate
+
+    def fact(index: int, **changes) -> bytes:
+        base = {"ts": time.time(), "request_id": f"r{index}", "provider": "openai", "input_tokens": 1}
+        return orjson.dumps({**base, **changes})
+
+    unreadable = [
+        fact(0)[:20],  # torn
+        fact(1)[:30] + fact(2),  # torn, with the next fact glued on (what egress wrote before)
+        b'{"ts": 1, "x": "\xff"}',  # not UTF-8
+        b"[1, 2]",
+        b"5",
+        b"null",
+        fact(3, ts="yesterday"),
+        fact(4, ts=None),
+        fact(5, request_id=[1]),
+        fact(6, request_id={"a": 1}),
+        fact(7, request_id=None),
+        fact(8, input_tokens="5"),
+        fact(9, input_tokens=[5]),
+        fact(10, input_tokens=True),
+        fact(11, input_tokens=-3),
+        b'{"ts": 1e300, "request_id": "r12", "input_tokens": 123456789012345678901234567890}',
+        fact(13, provider=["openai"]),
+    ]
+    path = tmp_path / "usage.jsonl"
+    path.write_bytes(b"\n".join([fact(100), *unreadable, b"", fact(101) + b"\r", fact(100)]) + b"\n")
+    (tmp_path / "usage.jsonl.1.gz").write_bytes(b"\x1f\x8b compressed by logrotate")
+    skipped: dict[str, int] = {}
+    totals = aggregate([str(path)], 0, "provider", skipped)
+    assert totals == {"openai": {**totals["openai"], "requests": 2, "input_tokens": 2}}
+    assert skipped == {str(path): len(unreadable)}
+    result = run_egress_cli("usage", "report", "--file", str(path), "--json")
+    assert result.returncode == 0, result.stderr
+    assert orjson.loads(result.stdout)["openai"]["requests"] == 2
+    assert f"skipped {len(unreadable)} unreadable lines in {path}" in result.stderr
+
+
+def test_report_files_stay_in_their_own_directory(tmp_path):
+    from egress.facts import worker_path
+    from egress.report import files_of
+
+    ours, other = tmp_path / "state-w0", tmp_path / "state-w1"
+    ours.mkdir()
+    other.mkdir()
+    base = str(ours / "usage.jsonl")
+    for path in (base, worker_path(base, 1), str(other / "usage-w0.jsonl")):
+        Path(path).write_bytes(b"")
+    assert sorted(files_of(base)) == sorted([base, worker_path(base, 1)])

@@ -34,8 +34,16 @@ def test_sources(tmp_path, monkeypatch):
     assert [bytes(s.reveal()) for s in load_secrets(f"file:{keys}")] == [b"sk-one", b"sk-two"]
 
 
-@pytest.mark.parametrize("source", ["env:EGRESS_TEST_UNSET_VARIABLE", "file:/nonexistent/keys", "vault:x"])
+@pytest.mark.parametrize("source", ["env:EGRESS_TEST_UNSET_VARIABLE", "file:/nonexistent/keys"])
 def test_bad_sources_name_the_source_only(source):
     with pytest.raises(SecretSourceError) as raised:
         load_secrets(source)
     assert source.split(":", 1)[1] in str(raised.value)
+
+
+@pytest.mark.parametrize("source", ["sk-live-abcdef0123456789SECRET", "vault:SECRET", "sk:SECRET", "SECRET"])
+def test_a_source_that_is_no_source_is_never_echoed(source):
+    # Whatever is not env:/file: may be the key itself, pasted where its source belongs.
+    with pytest.raises(SecretSourceError, match="a literal key\\? keys never go in the config file") as raised:
+        load_secrets(source)
+    assert "SECRET" not in str(raised.value) and "SECRET" not in repr(raised.value)
