@@ -14,13 +14,13 @@ import asyncio
 from collections import deque
 from typing import Any
 
-import nats
 import orjson
 from nats.js import api
 from nats.js.errors import NotFoundError
 
 from egress.accesslog import log_event
 from egress.config import NatsConfig, UsageConfig
+from egress.revocations import connect
 
 _FIRST_BACKOFF = 0.2
 
@@ -58,9 +58,8 @@ class UsagePublisher:
             backoff = min(backoff * 2, self._nats.max_reconnect_wait)
 
     async def _publish_while_connected(self) -> None:
-        client = await nats.connect(
-            self._nats.url, allow_reconnect=False, connect_timeout=self._nats.connect_timeout, error_cb=_quiet
-        )
+        # Bounded: nats-py's own first connect retries a refused broker for about 120 s.
+        client = await connect(self._nats)
         try:
             stream = self._usage.nats_stream
             js = client.jetstream() if stream else None
@@ -101,7 +100,3 @@ class UsagePublisher:
         give_up_at = loop.time() + timeout
         while self._queue and loop.time() < give_up_at:
             await asyncio.sleep(0.02)
-
-
-async def _quiet(_exc: Exception) -> None:
-    """nats-py reports errors here; egress logs its own, once."""
