@@ -48,6 +48,10 @@ class ServerConfig:
     header_timeout: float = 10.0
     keepalive_timeout: float = 75.0
     body_timeout: float = 30.0
+    # A client whose write buffer stays above the high-water mark this long (it stopped reading)
+    # is cut, as nginx's send_timeout (60 s) does: otherwise it pins its connection, its upstream
+    # and a buffer's worth of memory forever.
+    send_timeout: float = 60.0
     # Anthropic's own Messages API cap is 32 MB (docs.claude.com/en/api/errors).
     max_body_bytes: int = 32 * MiB
     # Request-target cap; 8 KiB like nginx's large_client_header_buffers and tomcat.

@@ -65,6 +65,25 @@ _REQUEST_ROLES = {
 
 Headers = list[tuple[bytes, bytes]]
 
+
+class _Discard:
+    """Where header fields parsed after a head go: the trailer section of a chunked message.
+
+    RFC 9110 §6.5.1 lets a proxy discard trailers. egress sends request bodies with a Content-Length
+    and relays response bodies re-chunked without trailers, so there is nowhere to put them. Their
+    size is bounded by the connections (framing read with no body byte counts like a head).
+    """
+
+    __slots__ = ()
+
+    def append(self, field: tuple[bytes, bytes]) -> None:
+        pass
+
+
+DISCARD_FIELDS = _Discard()
+
+_MAX_CONTENT_LENGTH = 2**63 - 1
+
 # llhttp already refuses these in strict mode; checked again because relaying one would let an
 # upstream split the client's response.
 _UNSAFE_IN_VALUE = re.compile(rb"[\r\n\x00]")
@@ -153,6 +172,23 @@ def inspect_request(headers: Headers, http_version: str) -> RequestFacts:
     return facts
 
 
+def grow(held: bytes | bytearray, piece: bytes) -> bytes | bytearray:
+    """`held` with `piece` appended: one growing buffer for a body that arrives in pieces.
+
+    A body in one piece stays the very bytes object it came in (no copy); from the second piece on
+    it is one bytearray grown in place. A list of pieces cost ~28 x the body in memory when they
+    were 1 or 2 bytes each (an object header per piece), on requests and on metered responses.
+    """
+    if not held:
+        return piece
+    if held.__class__ is bytearray:
+        held += piece
+        return held
+    grown = bytearray(held)
+    grown += piece
+    return grown
+
+
 def bearer_token(authorization: bytes) -> bytes:
     """An Authorization value without its `Bearer` scheme, in any case, and without spaces or tabs.
 
@@ -192,6 +228,9 @@ def inspect_response(headers: Headers) -> ResponseFacts:
             if not value.strip().isdigit():
                 raise EgressError("upstream_protocol_error", "upstream sent an invalid Content-Length")
             content_length = int(value)
+            if content_length > _MAX_CONTENT_LENGTH:
+                # llhttp takes up to 2^64-1; clients parsing a signed 64-bit length refuse the rest.
+                raise EgressError("upstream_protocol_error", "upstream sent a Content-Length out of range")
         elif lower == b"connection":
             connection_tokens = _add_connection_tokens(connection_tokens, value)
         elif lower == b"transfer-encoding":
@@ -206,17 +245,19 @@ def inspect_response(headers: Headers) -> ResponseFacts:
 
 
 def _final_coding_is_chunked(value: bytes) -> bool:
-    """Whether llhttp frames a response by chunks, decided as llhttp does, so the two agree.
+    """A response's Transfer-Encoding, accepted only where egress and llhttp read it alike.
 
-    The final coding of the last Transfer-Encoding header decides (RFC 9112 §6.3): `gzip, chunked`
-    is chunked, `xchunked` and `chunked, gzip` are read until close. llhttp ignores trailing spaces
-    but not a trailing tab (`chunked\t` is read until close); such a value is refused rather than
-    guessed at.
+    `chunked` alone is the one coding egress relays (it re-chunks the decoded bytes). Any other
+    coding (`gzip`, `gzip, chunked`, `xchunked`, `chunked, gzip`) would reach the client as coded
+    bytes with no header to say so: llhttp decodes only the chunking, and a proxy can't re-apply a
+    transfer coding it does not implement, so these are refused. llhttp ignores trailing spaces
+    but not a trailing tab (`chunked\t` is read until close, not by chunks): refused too, so the
+    two parsers never disagree about where the response ends.
     """
-    token = value.rsplit(b",", 1)[-1]
-    if token.strip(b" \t").lower() != b"chunked":
-        return False
-    if token.rstrip(b" ").endswith(b"\t"):
+    for token in value.split(b","):
+        if token.strip(b" \t").lower() != b"chunked":
+            raise EgressError("upstream_protocol_error", "upstream sent a transfer coding other than chunked")
+    if value.rstrip(b" ").endswith(b"\t"):
         raise EgressError("upstream_protocol_error", "upstream sent an ambiguous Transfer-Encoding")
     return True
 

@@ -140,6 +140,7 @@ class Router:
     def _resolve(self, target: bytes) -> Route:
         if not target.startswith(b"/"):
             raise EgressError("bad_request", "the request target must be a path starting with '/'")
+        _refuse_dot_segments(target)
         end = len(target)
         for stop in (b"/", b"?"):
             index = target.find(stop, 1)
@@ -161,6 +162,19 @@ class Router:
             "unknown_provider",
             f"unknown provider {segment.decode('latin-1')!r}; known providers: {self._known}",
         )
+
+
+def _refuse_dot_segments(target: bytes) -> None:
+    """`.` and `..` segments, literal or %2e-encoded, are refused: the target goes upstream
+    verbatim under the provider's base path, and an upstream that resolves them (RFC 3986 §5.2.4,
+    as most servers do) would serve a path outside that base (`/bp/../admin` -> `/admin`). nginx
+    normalises instead; refusing keeps the relay byte for byte. Cached routes skip this."""
+    path = target.split(b"?", 1)[0]
+    if b"/." not in path and b"%2" not in path:
+        return
+    for segment in path.split(b"/"):
+        if segment.replace(b"%2e", b".").replace(b"%2E", b".") in (b".", b".."):
+            raise EgressError("bad_request", "the path must not contain '.' or '..' segments")
 
 
 def _is_messages(target: bytes) -> bool:

@@ -39,6 +39,8 @@ if TYPE_CHECKING:
 
 # Relayed bytes beyond this are written without waiting for the end of the loop turn.
 _WRITE_AT_ONCE = 64 * 1024
+# What one relayed part holds beside its bytes (the bytes object, its chunk header and CRLF).
+_PART_COST = 128
 
 
 class Exchange:
@@ -139,6 +141,8 @@ class Exchange:
     def upstream_head(self, status: int, headers: http1.Headers) -> None:
         facts = http1.inspect_response(headers)  # raises upstream_protocol_error: nothing relayed yet
         content_length = facts.content_length
+        if status == 204:
+            content_length = None  # RFC 9110 §8.6: never in a 204, whatever the upstream sent
         if self.usage_filter is not None:
             if 200 <= status < 300 and facts.content_type.startswith(b"text/event-stream"):
                 content_length = None  # the body shrinks by what the caller didn't ask for: reframe
@@ -177,7 +181,9 @@ class Exchange:
 
     def _emit(self, data: bytes) -> None:
         self.bytes_out += len(data)
-        self.out_size += len(data)
+        # Counted with what each part costs in memory, not only its bytes: an upstream sending
+        # 1-byte chunks would otherwise queue three objects per byte until the end of the turn.
+        self.out_size += len(data) + _PART_COST
         framing = self.framing
         if framing == CHUNKED:
             self.out += (b"%x\r\n" % len(data), data, b"\r\n")
@@ -195,7 +201,12 @@ class Exchange:
         """
         if self.out_size >= _WRITE_AT_ONCE:
             self.flush()
-        elif not self.flush_scheduled:
+            if not self.upstream_done:
+                return
+            # The last read was a large one: the exchange still settles at the end of the turn.
+            # It used to stay unsettled until the client left, so a kept-alive connection never
+            # took its next request and the log said client_gone.
+        if not self.flush_scheduled:
             self.flush_scheduled = True
             self.client.loop.call_soon(self._end_of_turn)
 

@@ -25,6 +25,7 @@ from egress.config import UpstreamConfig
 from egress.deadline import Deadline
 from egress.dns import Resolver
 from egress.errors import EgressError
+from egress.http1 import DISCARD_FIELDS
 from egress.providers import Origin
 
 # A response head still incomplete past this is refused: httptools keeps a header in memory until
@@ -142,7 +143,9 @@ class _ResponseAfterEnd(Exception):
 
 class UpstreamConnection(asyncio.Protocol):
     __slots__ = (
+        "_body_seen",
         "_deadline",
+        "_framing_bytes",
         "_head_size",
         "_headers",
         "_loop",
@@ -171,6 +174,8 @@ class UpstreamConnection(asyncio.Protocol):
         self.timed_out = False
         self._headers: list[tuple[bytes, bytes]] = []
         self._head_size = -1  # bytes read while the response head is incomplete; -1 once it is
+        self._framing_bytes = 0  # bytes read after the head since the last body byte
+        self._body_seen = False
         self._skipping_interim = False
         self._message_done = False  # the response ended inside the read being parsed
         self._parser = httptools.HttpResponseParser(self)
@@ -183,6 +188,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.received_any = False
         self._headers = []
         self._head_size = 0
+        self._framing_bytes = 0
         self._deadline.set(self._loop.time() + self.pool.config.first_byte_timeout)
         self.transport.writelines(data)
 
@@ -216,8 +222,10 @@ class UpstreamConnection(asyncio.Protocol):
         exchange = self.exchange
         self.received_any = True
         self._deadline.set(self._loop.time() + self.pool.config.read_idle_timeout)
-        if self._head_size >= 0:
+        head_pending = self._head_size >= 0
+        if head_pending:
             self._head_size += len(data)
+        self._body_seen = False
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -236,6 +244,16 @@ class UpstreamConnection(asyncio.Protocol):
             self._fail(EgressError("upstream_protocol_error", "the upstream response head is too large"))
             self.abort()
             return
+        if not (head_pending or self._body_seen or self._message_done):
+            # Chunk headers, extensions or trailer fields with no body byte: httptools accumulates a
+            # trailer field until it ends, so the head's bound applies to them too.
+            self._framing_bytes += len(data)
+            if self._framing_bytes > _MAX_RESPONSE_HEAD:
+                self._fail(EgressError("upstream_protocol_error", "the upstream's chunk framing is too large"))
+                self.abort()
+                return
+        else:
+            self._framing_bytes = 0
         if self._message_done:
             # Reported only now that the parser is done with this read: the exchange may hand this
             # connection to its next request, which must not start inside our own callbacks.
@@ -253,8 +271,10 @@ class UpstreamConnection(asyncio.Protocol):
         self.pool.forget(self)
         if self.exchange is None:
             return
-        if self._parser_awaits_eof():
-            # A response framed by the connection's close (no length, not chunked) ends here cleanly.
+        if exc is None and not self.timed_out and self._parser_awaits_eof():
+            # A response framed by the connection's close (no length, not chunked) ends here, on an
+            # orderly close only: a reset or egress's own abort at the idle deadline cuts it short,
+            # and the client must see a cut, never a clean end.
             self._finish()
             return
         if self.timed_out:
@@ -264,12 +284,17 @@ class UpstreamConnection(asyncio.Protocol):
 
     # -- httptools callbacks: record state only --------------------------------------------
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._headers.append((name, value))
+        self._headers.append((name, value))  # after the head: the trailer sink, which keeps nothing
 
     def on_headers_complete(self) -> None:
         if self._message_done:
             raise _ResponseAfterEnd  # a second response in the read that ended the first
         status = self._parser.get_status_code()
+        if not 100 <= status <= 599:
+            # RFC 9110 §15: a three-digit code of classes 1xx-5xx. Below 100 it would pass for an
+            # interim response, and the client would wait for the idle deadline.
+            self._fail(EgressError("upstream_protocol_error", "the upstream sent an invalid status code"))
+            raise _ResponseAfterEnd
         if status == 101:
             return  # llhttp stops at its end with HttpParserUpgrade: refused in data_received
         if status < 200:
@@ -279,8 +304,10 @@ class UpstreamConnection(asyncio.Protocol):
             return
         self._head_size = -1
         exchange = self.exchange
+        headers = self._headers
+        self._headers = DISCARD_FIELDS
         try:
-            exchange.upstream_head(status, self._headers)
+            exchange.upstream_head(status, headers)
         except EgressError as error:
             self._fail(error)
             raise
@@ -291,6 +318,7 @@ class UpstreamConnection(asyncio.Protocol):
             raise _ResponseAfterEnd
 
     def on_body(self, body: bytes) -> None:
+        self._body_seen = True
         exchange = self.exchange
         if exchange is not None:
             exchange.upstream_body(body)
@@ -322,8 +350,14 @@ class UpstreamConnection(asyncio.Protocol):
         return exchange is not None and exchange.upstream_until_close
 
     def _on_deadline(self) -> None:
-        if self.exchange is None:
+        exchange = self.exchange
+        if exchange is None:
             self.close()  # idle past pool_idle_timeout
+            return
+        if exchange.client.backpressure.client_paused:
+            # egress itself stopped reading: the client is slow, not the provider. The client's
+            # send_timeout judges that; the provider gets a fresh idle deadline.
+            self._deadline.set(self._loop.time() + self.pool.config.read_idle_timeout)
             return
         self.timed_out = True
         self.abort()

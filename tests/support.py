@@ -11,6 +11,7 @@ import re
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -297,8 +298,9 @@ class ScriptedUpstream:
 
     For upstream behaviour no real provider shows on purpose (a 101, a spoofed egress header, an
     odd Transfer-Encoding, no answer at all): each reply is raw bytes written as they are, or
-    `HANG` (read the request, never answer). After a reply that is not keep-alive framed, pass
-    `close_after=True` in the tuple form `(bytes, True)`. Requests are recorded as received.
+    `HANG` (read the request, never answer). A tuple `(bytes, after)` says what follows the bytes:
+    `True` or `"close"` an orderly close, `"reset"` a TCP reset, `"hang"` silence with the
+    connection open. Requests are recorded as received.
     """
 
     HANG = object()
@@ -363,12 +365,20 @@ class ScriptedUpstream:
                 while not self._stop.is_set():
                     time.sleep(0.05)
                 return
-            data, close_after = reply if isinstance(reply, tuple) else (reply, False)
+            data, after = reply if isinstance(reply, tuple) else (reply, False)
             try:
                 conn.sendall(data)
             except OSError:
                 return
-            if close_after:
+            if after == "reset":
+                conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                conn.close()
+                return
+            if after == "hang":
+                while not self._stop.is_set():
+                    time.sleep(0.05)
+                return
+            if after:
                 conn.close()
                 return
 

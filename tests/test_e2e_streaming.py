@@ -7,6 +7,7 @@ import time
 
 import pytest
 
+from tests.conftest import provider_config
 from tests.support import RawClient, request_bytes, wait_until
 
 # Usage asked for by the caller: egress injects nothing, so the relay is byte for byte.
@@ -108,3 +109,49 @@ def test_sigterm_during_a_long_stream_lets_it_finish_then_exits_zero(egress, fak
         assert response.headers.get("connection") != "close" or client.server_closed()
     assert egress.wait(timeout=10) == 0
     assert '"event":"stopped","forced_closed":0' in egress.logs()
+
+
+def test_a_client_that_stops_reading_is_cut_after_send_timeout(start_egress, fake_provider, ca_file):
+    egress = start_egress(
+        provider_config(fake_provider, ca_file, server="send_timeout = 1.0", upstream="read_idle_timeout = 30")
+    )
+    sock = socket.create_connection(("127.0.0.1", egress.port), timeout=10)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+    try:
+        sock.sendall(stream_request("big-stream", bytes=str(256 * 1024 * 1024)))
+        assert wait_until(lambda: fake_provider.streams, timeout=5)
+        record = next(iter(fake_provider.streams.values()))
+        sock.recv(65536)
+        # It never reads again: without a send deadline it would hold the connection, the
+        # provider's stream and a write buffer forever.
+        assert wait_until(lambda: record.peer_closed_at is not None, timeout=5), "the provider kept the stream"
+        assert wait_until(lambda: egress.access_records(), timeout=3)
+        assert egress.access_records()[-1]["outcome"] == "client_gone"
+        sock.settimeout(5)
+        received = 0
+        try:
+            while data := sock.recv(1 << 20):  # what the kernel still held, then the end
+                received += len(data)
+        except ConnectionResetError:
+            pass
+        assert received < 64 * 1024 * 1024
+    finally:
+        sock.close()
+
+
+def test_a_slow_client_is_not_mistaken_for_an_idle_provider(start_egress, fake_provider, ca_file):
+    # egress stops reading the provider while the client is slow: that pause is not the provider
+    # going idle, and must not cut the stream at read_idle_timeout.
+    egress = start_egress(
+        provider_config(fake_provider, ca_file, server="send_timeout = 30", upstream="read_idle_timeout = 1.0")
+    )
+    total = 16 * 1024 * 1024
+    with RawClient(egress.port, timeout=10) as client:
+        client.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+        client.send(stream_request("big-stream", bytes=str(total)))
+        assert wait_until(lambda: fake_provider.streams, timeout=5)
+        time.sleep(2.5)  # not reading, longer than read_idle_timeout
+        response = client.read_response("POST")
+    assert response.status == 200 and response.complete
+    assert wait_until(lambda: egress.access_records(), timeout=3)
+    assert egress.access_records()[-1]["outcome"] == "complete"

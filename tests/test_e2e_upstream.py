@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import time
 
 import pytest
@@ -170,31 +171,87 @@ def test_an_upstream_request_id_never_reaches_the_client(scripted):
     assert ids[0] == egress.access_records()[-1]["request_id"]
 
 
-@pytest.mark.parametrize(
-    "coding, chunked",
-    [
-        (b"xchunked", False),
-        (b"chunked, gzip", False),
-        (b"gzip, chunked", True),
-        (b"CHUNKED", True),
-    ],
-)
-def test_transfer_coding_is_read_as_the_parser_reads_it(scripted, coding, chunked):
-    body = b"5\r\nhello\r\n0\r\n\r\n"
-    reply = b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ntransfer-encoding: " + coding + b"\r\n\r\n" + body
-    egress, _ = scripted([(reply, True)])
+def test_a_chunked_response_with_trailers_is_relayed_without_them(scripted):
+    reply = b"HTTP/1.1 200 OK\r\ntransfer-encoding: CHUNKED\r\n\r\n5\r\nhello\r\n0\r\nx-t: v\r\nx-u: w\r\n\r\n"
+    egress, _ = scripted([reply, OK_KEEP_ALIVE])
     with RawClient(egress.port) as client:
         client.send(request_bytes("GET", "/raw/v1/models"))
         response = client.read_response()
-    assert response.status == 200 and response.complete
-    # Chunked: the decoded body. Any other final coding: the body runs to the close, as it came.
-    assert response.body == (b"hello" if chunked else body)
+        assert response.status == 200 and response.complete and response.body == b"hello"
+        assert "x-t" not in response.headers
+        client.send(request_bytes("GET", "/raw/v1/models"))  # the pooled connection is still in step
+        assert client.read_response().body == b"{}"
 
 
-def test_a_transfer_coding_the_parser_reads_otherwise_is_refused(scripted):
-    reply = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\t\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
-    egress, _ = scripted([(reply, True)])
+def test_endless_trailers_cut_the_response_with_bounded_memory(scripted):
+    reply = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n"
+    egress, _ = scripted([(reply + b"a: b\r\n" * 1_500_000 + b"\r\n", "close")])
+    rss_before = egress.rss_kib()
+    with RawClient(egress.port, timeout=10) as client:
+        client.send(request_bytes("GET", "/raw/v1/models"))
+        response = client.read_response()
+    assert response.status == 200 and not response.complete  # cut, never a clean end
+    assert egress.rss_kib() - rss_before < 4 * 1024  # 9 MB of trailer fields were sent
+
+
+@pytest.mark.parametrize("coding", [b"xchunked", b"chunked, gzip", b"gzip, chunked", b"gzip", b"chunked\t"], ids=repr)
+def test_a_transfer_coding_other_than_chunked_is_refused(scripted, coding):
+    # llhttp decodes chunked and nothing else; anything more would reach the client still coded
+    # (or, for xchunked and chunked-with-a-tab, framed otherwise than egress reads it).
+    reply = b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ntransfer-encoding: " + coding + b"\r\n\r\n"
+    egress, _ = scripted([(reply + b"5\r\nhello\r\n0\r\n\r\n", True)])
     with RawClient(egress.port) as client:
         client.send(request_bytes("GET", "/raw/v1/models"))
         response = client.read_response()
     assert response.status == 502 and response.error_code == "upstream_protocol_error"
+
+
+@pytest.mark.parametrize("after", ["reset", "hang"])
+def test_a_close_delimited_response_cut_by_reset_or_silence_is_a_cut(scripted, after):
+    reply = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n\r\ndata: 1\n\n"
+    egress, _ = scripted([(reply, after)], upstream="read_idle_timeout = 1.0")
+    with RawClient(egress.port, timeout=10) as client:
+        client.send(request_bytes("GET", "/raw/v1/models"))
+        response = client.read_response()
+    assert response.status == 200 and response.body == b"data: 1\n\n"
+    assert not response.complete, "an orderly close ends such a body; a reset or a timeout cuts it"
+    assert wait_until(lambda: egress.access_records() and egress.access_records()[-1]["outcome"] == "upstream_cut", 3)
+
+
+@pytest.mark.parametrize("status", [b"099", b"000", b"600"])
+def test_a_status_outside_100_to_599_is_a_502(scripted, status):
+    egress, _ = scripted([(b"HTTP/1.1 " + status + b" X\r\ncontent-length: 2\r\n\r\n{}", "hang")])
+    started = time.monotonic()
+    with RawClient(egress.port) as client:
+        client.send(request_bytes("GET", "/raw/v1/models"))
+        response = client.read_response()
+    assert response.status == 502 and response.error_code == "upstream_protocol_error"
+    assert time.monotonic() - started < 2
+
+
+def test_a_204_never_carries_a_content_length(scripted):
+    egress, _ = scripted([b"HTTP/1.1 204 No Content\r\ncontent-length: 0\r\n\r\n", OK_KEEP_ALIVE])
+    with RawClient(egress.port) as client:
+        client.send(request_bytes("DELETE", "/raw/v1/files/x"))
+        response = client.read_response("DELETE")
+        assert response.status == 204 and "content-length" not in response.headers
+        client.send(request_bytes("GET", "/raw/v1/models"))
+        assert client.read_response().status == 200
+
+
+def test_a_response_ending_in_a_large_read_frees_the_connection_for_the_next_request(scripted):
+    # The client pauses, so egress stops reading the upstream; when it reads again the rest of the
+    # response, end included, comes in one large read. The exchange must still settle, or the
+    # client's kept-alive connection never takes its next request.
+    big = b"x" * (4 * 1024 * 1024)
+    reply = b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: %d\r\n\r\n" % len(big) + big
+    egress, _ = scripted([reply, OK_KEEP_ALIVE])
+    with RawClient(egress.port, timeout=5) as client:
+        client.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+        client.send(request_bytes("GET", "/raw/v1/big"))
+        time.sleep(0.5)
+        assert client.read_response().body == big
+        client.send(request_bytes("GET", "/raw/v1/models"))
+        assert client.read_response().body == b"{}"
+    assert wait_until(lambda: len(egress.access_records()) == 2, timeout=3)
+    assert [record["outcome"] for record in egress.access_records()] == ["complete", "complete"]

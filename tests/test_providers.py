@@ -19,7 +19,8 @@ ROUTES = [
     (b"/openai", "openai", b"/"),
     (b"/openai?x=1", "openai", b"/?x=1"),
     (b"/openai/v1/files/file-abc%20def/content", "openai", b"/v1/files/file-abc%20def/content"),
-    (b"/openai//v1/../x", "openai", b"//v1/../x"),  # verbatim: no normalisation
+    (b"/openai//v1/x", "openai", b"//v1/x"),  # verbatim: no normalisation
+    (b"/openai/v1/a.b/..x/...?q=/../", "openai", b"/v1/a.b/..x/...?q=/../"),  # dots that are no segment
     (b"/vllm/v1/completions", "vllm", b"/base/v1/completions"),
     # drop-in default
     (b"/v1/chat/completions", "openai", b"/v1/chat/completions"),
@@ -44,6 +45,17 @@ def test_unknown_provider(target):
         ROUTER.resolve(target)
     assert raised.value.code == "unknown_provider"
     assert "openai" in raised.value.message and "xai" in raised.value.message
+
+
+@pytest.mark.parametrize(
+    "target",
+    [b"/vllm/../admin", b"/vllm/v1/../../admin", b"/vllm/%2e%2e/admin", b"/vllm/%2E./x", b"/openai/./v1", b"/x/.."],
+)
+def test_dot_segments_are_refused(target):
+    # Relayed verbatim under a base path, `..` would leave it at any upstream that resolves it.
+    with pytest.raises(EgressError) as raised:
+        ROUTER.resolve(target)
+    assert raised.value.code == "bad_request" and "'..'" in raised.value.message
 
 
 def test_target_must_be_origin_form():

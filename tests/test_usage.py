@@ -123,3 +123,38 @@ def test_the_word_usage_inside_content_is_not_a_usage_event():
     chunk = {"model": "m", "choices": [{"index": 0, "delta": {"content": 'say "usage": 5'}}]}
     stream = b"data: " + orjson.dumps(chunk) + b"\n\n"
     assert meter("openai", [stream]).state == MISSING
+
+
+def test_a_json_body_in_one_byte_pieces_is_held_in_memory_of_its_size():
+    import tracemalloc
+
+    document = _openai_completion({"model": "gpt-fake", "messages": []}, "chatcmpl-1")
+    document["choices"][0]["message"]["content"] = "x" * 200_000
+    body = orjson.dumps(document)
+    pieces = [body[index : index + 1] for index in range(len(body))]  # made before measuring
+    tracemalloc.start()
+    try:
+        usage_meter = UsageMeter()
+        usage_meter.start("openai", b"application/json")
+        for piece in pieces:
+            usage_meter.feed(piece)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    # A reference per piece held ~40 bytes per body byte; one buffer holds about one.
+    assert peak < 3 * len(body), f"{peak / len(body):.1f} bytes per body byte"
+    usage = usage_meter.result(True)
+    counts = document["usage"]
+    assert (usage.state, usage.input_tokens, usage.output_tokens) == (
+        COMPLETE,
+        counts["prompt_tokens"],
+        counts["completion_tokens"],
+    )
+
+
+def test_a_long_sse_line_in_one_byte_pieces_is_read():
+    # The usage event arrives a byte at a time after a long line: the carry grows in place.
+    filler = b"data: " + b'{"x":"' + b"a" * 100_000 + b'"}\n\n'
+    stream = filler + OPENAI_STREAM
+    usage = meter("openai", [stream[index : index + 1] for index in range(len(stream))])
+    assert (usage.state, usage.input_tokens, usage.output_tokens) == (COMPLETE, 12, 6)
