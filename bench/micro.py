@@ -193,7 +193,7 @@ async def count_opcodes(one_round, rounds: int) -> None:
         sys.settrace(None)
     requests = rounds * CONNECTIONS
     print(f"{sum(per_function.values()) / requests:.0f} opcodes per request")
-    for name, count in per_function.most_common(30):
+    for name, count in per_function.most_common(60):
         print(f"{count / requests:8.1f}  {name}")
 
 

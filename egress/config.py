@@ -23,7 +23,7 @@ from types import MappingProxyType
 from typing import Any
 from urllib.parse import urlsplit
 
-from egress.providers import BUILTIN_PROVIDERS, RESERVED_NAMES, Provider
+from egress.providers import BUILTIN_PROVIDERS, RESERVED_NAMES, STREAM_USAGE_MODES, Provider
 from egress.vkeys import parse_public_key
 
 KiB = 1024
@@ -285,7 +285,7 @@ def _build_limits(table: Any) -> LimitsConfig:
     return dataclasses.replace(base, default_tier=default_tier, tiers=MappingProxyType(tiers))
 
 
-_PROVIDER_KEYS = {"base_url", "auth", "dialect", "pool_keys", "allow_anonymous", "inject_stream_usage"}
+_PROVIDER_KEYS = {"base_url", "auth", "dialect", "pool_keys", "allow_anonymous", "inject_stream_usage", "stream_usage"}
 # What a value that is not a source most likely is; the message never shows the value itself.
 _LITERAL_HINT = "a literal key? keys never go in the config file"
 
@@ -313,6 +313,10 @@ def _build_provider(name: str, row: Any, builtin: Provider | None) -> Provider:
     allow_anonymous = _coerce(row.get("allow_anonymous", False), "bool", f"{where}.allow_anonymous")
     default_inject = builtin.inject_stream_usage if builtin else True
     inject = _coerce(row.get("inject_stream_usage", default_inject), "bool", f"{where}.inject_stream_usage")
+    # A provider egress does not know: its streams' usage is unknown until the operator says.
+    stream_usage = row.get("stream_usage", builtin.stream_usage if builtin else "unknown")
+    if stream_usage not in STREAM_USAGE_MODES:
+        raise ConfigError(f"{where}.stream_usage must be one of {', '.join(STREAM_USAGE_MODES)}")
     if builtin is None and "base_url" not in row:
         raise ConfigError(f"{where}.base_url is required for a provider egress does not know")
     base_url = row.get("base_url", builtin.base_url if builtin else "")
@@ -343,6 +347,7 @@ def _build_provider(name: str, row: Any, builtin: Provider | None) -> Provider:
         pool_keys=pool_keys,
         allow_anonymous=allow_anonymous,
         inject_stream_usage=inject,
+        stream_usage=stream_usage,
     )
 
 
@@ -438,6 +443,7 @@ def render_config(config: Config) -> str:
         # Only where keys come from: the values themselves are never in the config.
         lines.append(f"pool_keys = {_toml_value(provider.pool_keys)}")
         lines.append(f"allow_anonymous = {_toml_value(provider.allow_anonymous)}")
+        lines.append(f"stream_usage = {_toml_value(provider.stream_usage)}")
         lines.append(f"inject_stream_usage = {_toml_value(provider.inject_stream_usage)}")
         lines.append("")
     return "\n".join(lines)

@@ -50,7 +50,7 @@ _HOP_BY_HOP_TOKENS = _HOP_BY_HOP | {b"close", b""}
 
 # What a request header means to egress; a header not listed is forwarded as it is.
 _HOP, _HOST, _CONTENT_LENGTH, _TRANSFER_ENCODING, _CONNECTION, _EXPECT = range(6)
-_AUTHORIZATION, _API_KEY, _ANTHROPIC_VERSION = range(6, 9)
+_AUTHORIZATION, _API_KEY, _ANTHROPIC_VERSION, _ACCEPT_ENCODING = range(6, 10)
 _REQUEST_ROLES = {
     **dict.fromkeys(_HOP_BY_HOP, _HOP),
     b"host": _HOST,  # regenerated for the upstream
@@ -61,7 +61,14 @@ _REQUEST_ROLES = {
     b"authorization": _AUTHORIZATION,
     b"x-api-key": _API_KEY,
     b"anthropic-version": _ANTHROPIC_VERSION,
+    b"accept-encoding": _ACCEPT_ENCODING,  # narrowed to what the usage meter can decode
 }
+
+# Content codings the usage meter decodes (zlib, standard library). br and zstd are left out: no
+# incremental decoder for them ships with Python, and a provider answers identity when asked for
+# nothing else (RFC 9110 §12.5.3).
+_DECODABLE_CODINGS = frozenset({b"gzip", b"x-gzip", b"deflate", b"identity"})
+_narrowed: dict[bytes, bytes] = {}  # clients send a handful of distinct values
 
 Headers = list[tuple[bytes, bytes]]
 
@@ -160,6 +167,10 @@ def inspect_request(headers: Headers, http_version: str) -> RequestFacts:
         elif role == _ANTHROPIC_VERSION:
             facts.has_anthropic_headers = True
             forward.append((lower, value))
+        elif role == _ACCEPT_ENCODING:
+            narrowed = narrow_accept_encoding(value)
+            if narrowed:
+                forward.append((lower, narrowed))
         # _HOP: consumed here, never forwarded
     if host_count > 1 or (host_count == 0 and http_version == "1.1"):
         # RFC 9112 §3.2: a server MUST answer 400 to a 1.1 request with no Host or more than one.
@@ -189,12 +200,44 @@ def grow(held: bytes | bytearray, piece: bytes) -> bytes | bytearray:
     return grown
 
 
+def narrow_accept_encoding(value: bytes) -> bytes:
+    """The caller's Accept-Encoding with only the codings egress can decode to meter the body.
+
+    `gzip, deflate, br, zstd` -> `gzip, deflate`; `*` stands for gzip and deflate; nothing left ->
+    b"" (the header is dropped, and the provider answers identity). Parameters (q-values) are kept.
+    """
+    narrowed = _narrowed.get(value)
+    if narrowed is None:
+        kept = []
+        for token in value.split(b","):
+            token = token.strip()
+            coding, semicolon, params = token.partition(b";")
+            coding = coding.strip().lower()
+            if coding in _DECODABLE_CODINGS:
+                kept.append(token)
+            elif coding == b"*":
+                kept += (b"gzip" + semicolon + params, b"deflate" + semicolon + params)
+        narrowed = b", ".join(kept)
+        if len(_narrowed) < 256:
+            _narrowed[value] = narrowed
+    return narrowed
+
+
+_OWS_OR_NOTHING = (b" ", b"\t", b"")
+
+
 def bearer_token(authorization: bytes) -> bytes:
     """An Authorization value without its `Bearer` scheme, in any case, and without spaces or tabs.
 
     One function for the authenticate phase (is this a virtual key?) and the limiter (who is this
     BYO caller?): `Bearer\tbai_…` must not pass for a BYO key, nor `bearer  sk-…` for a new caller.
     """
+    if (
+        authorization[:7] == b"Bearer "
+        and authorization[7:8] not in _OWS_OR_NOTHING
+        and authorization[-1:] not in _OWS_OR_NOTHING  # llhttp keeps a value's trailing spaces
+    ):
+        return authorization[7:]  # what every SDK sends: one slice
     value = authorization.strip(b" \t")
     if value[:6].lower() == b"bearer" and value[6:7] in (b" ", b"\t"):
         return value[7:].strip(b" \t")
@@ -202,13 +245,16 @@ def bearer_token(authorization: bytes) -> bytes:
 
 
 class ResponseFacts:
-    __slots__ = ("chunked", "content_length", "content_type", "headers")
+    __slots__ = ("chunked", "content_encoding", "content_length", "content_type", "headers")
 
-    def __init__(self, headers: Headers, content_length: int | None, content_type: bytes, chunked: bool) -> None:
+    def __init__(
+        self, headers: Headers, content_length: int | None, content_type: bytes, chunked: bool, content_encoding: bytes
+    ) -> None:
         self.headers = headers
         self.content_length = content_length
         self.content_type = content_type
         self.chunked = chunked  # framed by the upstream's chunked coding (otherwise length or close)
+        self.content_encoding = content_encoding  # b"" when the body is not content-coded
 
 
 def inspect_response(headers: Headers) -> ResponseFacts:
@@ -216,6 +262,7 @@ def inspect_response(headers: Headers) -> ResponseFacts:
     relayed: Headers = []
     content_length = None
     content_type = b""
+    content_encoding = b""
     chunked = False
     connection_tokens: set[bytes] | None = None
     for name, value in headers:
@@ -223,6 +270,8 @@ def inspect_response(headers: Headers) -> ResponseFacts:
         if lower not in _NOT_RELAYED_DOWNSTREAM:
             if lower == b"content-type":
                 content_type = value
+            elif lower == b"content-encoding":
+                content_encoding = value
             relayed.append((name, value))
         elif lower == b"content-length":
             if not value.strip().isdigit():
@@ -241,7 +290,7 @@ def inspect_response(headers: Headers) -> ResponseFacts:
         raise EgressError("upstream_protocol_error", "upstream sent a header value with CR, LF or NUL")
     if connection_tokens and not connection_tokens <= _HOP_BY_HOP_TOKENS:
         relayed = [(name, value) for name, value in relayed if name.lower() not in connection_tokens]
-    return ResponseFacts(relayed, content_length, content_type, chunked)
+    return ResponseFacts(relayed, content_length, content_type, chunked, content_encoding)
 
 
 def _final_coding_is_chunked(value: bytes) -> bool:

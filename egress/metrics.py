@@ -13,6 +13,7 @@ token kinds, and models. Models are capped per provider (`MODEL_CAP`), and later
 from __future__ import annotations
 
 import bisect
+import operator
 from collections import Counter
 from typing import TYPE_CHECKING
 
@@ -35,6 +36,8 @@ _TOKEN_KINDS = (
     ("reasoning", "reasoning_tokens"),
     ("estimated_output", "estimated_output_tokens"),
 )
+_KIND_NAMES = tuple(kind for kind, _ in _TOKEN_KINDS)
+_token_counts = operator.attrgetter(*(attribute for _, attribute in _TOKEN_KINDS))
 _AUTH_CODES = frozenset(
     {"missing_key", "invalid_key", "key_expired", "key_revoked", "provider_not_permitted", "no_pool_key"}
 )
@@ -97,8 +100,8 @@ class Metrics:
     def observe_usage(self, provider: str, usage: Usage) -> None:
         model = self._model_label(provider, usage.model)
         tokens = self.tokens
-        for kind, attribute in _TOKEN_KINDS:
-            count = getattr(usage, attribute)
+        # attrgetter reads the six fields in one C call: a getattr per kind cost ~40 opcodes more.
+        for kind, count in zip(_KIND_NAMES, _token_counts(usage), strict=True):
             if count:
                 tokens[(provider, model, kind)] += count
 

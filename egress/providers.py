@@ -12,6 +12,9 @@ from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 from egress.errors import EgressError
+from egress.usage import api_of
+
+STREAM_USAGE_MODES = ("include_usage", "always", "unknown")
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,8 +28,13 @@ class Provider:
     pool_keys: tuple[str, ...] = ()
     # Requests with no credential at all pass (a local model server); otherwise 401 missing_key.
     allow_anonymous: bool = False
-    # OpenAI dialect: ask streams for usage (stream_options.include_usage) so they can be metered,
-    # hidden again from callers who didn't ask. Off for an API that rejects the field.
+    # How the provider's OpenAI-style chat streams carry usage (STREAM_USAGE_MODES), from its docs:
+    # "include_usage" only when asked with stream_options.include_usage, as OpenAI documents (egress
+    # asks, and removes from the caller's stream exactly what asking added); "always" on its own
+    # (egress never asks: the field may be refused, and the stream is relayed as sent); "unknown"
+    # (egress doesn't ask, and a stream without usage is a fact whose reason says so).
+    stream_usage: str = "include_usage"
+    # An operator's override: never ask, whatever stream_usage says.
     inject_stream_usage: bool = True
     origin: Origin = field(init=False, compare=False, repr=False)
 
@@ -84,19 +92,41 @@ class Origin:
 #   xai         https://docs.x.ai/docs/api-reference                         (https://api.x.ai/v1)
 # base_url is the origin: the caller keeps the provider's own path in its SDK base URL, e.g.
 # http://egress:8787/groq/openai/v1, so egress never rewrites a path.
+#
+# stream_usage, how a chat stream carries usage (providers.py STREAM_USAGE_MODES), per provider:
+#   openai      include_usage  only when asked; then `"usage": null` on every chunk and one extra
+#                              `choices: []` chunk: https://platform.openai.com/docs/api-reference/chat-streaming
+#   anthropic   always         Messages streams: message_start + cumulative message_delta
+#                              (https://docs.anthropic.com/en/docs/build-with-claude/streaming); its
+#                              OpenAI-compatible endpoint is not asked either
+#   groq        always         top-level `usage` and `x_groq.usage` on the finish chunk
+#                              (https://console.groq.com/docs/api-reference; recorded streams)
+#   deepseek    always         usage on the last chunk (https://api-docs.deepseek.com/api/create-chat-completion)
+#   mistral     always         on the final chunk; `stream_options` is refused with 422 extra_forbidden
+#                              (https://docs.mistral.ai/api; mistralai/client-python has no such field)
+#   openrouter  always         "Full usage details are always included"
+#                              (https://openrouter.ai/docs/use-cases/usage-accounting)
+#   cerebras    always         on the finish chunk, asked or not (https://inference-docs.cerebras.ai/capabilities/streaming
+#                              is silent; the official SDK's chunk type and recorded streams)
+#   together    unknown        some models send none unless asked; what asking adds is not documented
+#   fireworks   unknown        likewise (https://docs.fireworks.ai/faq-new/models-inference/how-to-get-performance-metrics-for-streaming-responses)
+#   xai         unknown        none unless asked, and the asked-for shape is observed, not documented
+#                              (https://docs.x.ai/docs/api-reference)
 BUILTIN_PROVIDERS: dict[str, Provider] = {
     row.name: row
     for row in (
         Provider("openai", "https://api.openai.com"),
-        Provider("anthropic", "https://api.anthropic.com", auth="x-api-key", dialect="anthropic"),
-        Provider("openrouter", "https://openrouter.ai"),
-        Provider("fireworks", "https://api.fireworks.ai"),
-        Provider("groq", "https://api.groq.com"),
-        Provider("deepseek", "https://api.deepseek.com"),
-        Provider("together", "https://api.together.xyz"),
-        Provider("cerebras", "https://api.cerebras.ai"),
-        Provider("mistral", "https://api.mistral.ai"),
-        Provider("xai", "https://api.x.ai"),
+        Provider(
+            "anthropic", "https://api.anthropic.com", auth="x-api-key", dialect="anthropic", stream_usage="always"
+        ),
+        Provider("openrouter", "https://openrouter.ai", stream_usage="always"),
+        Provider("fireworks", "https://api.fireworks.ai", stream_usage="unknown"),
+        Provider("groq", "https://api.groq.com", stream_usage="always"),
+        Provider("deepseek", "https://api.deepseek.com", stream_usage="always"),
+        Provider("together", "https://api.together.xyz", stream_usage="unknown"),
+        Provider("cerebras", "https://api.cerebras.ai", stream_usage="always"),
+        Provider("mistral", "https://api.mistral.ai", stream_usage="always"),
+        Provider("xai", "https://api.x.ai", stream_usage="unknown"),
     )
 }
 
@@ -109,6 +139,7 @@ RESERVED_NAMES = frozenset({"healthz", "readyz", "metrics", "v1"})
 class Route:
     provider: Provider
     upstream_target: bytes  # request-target to send upstream, query included
+    api: str = "openai"  # the API its bodies speak, for the usage meter (usage.api_of)
 
 
 _ROUTE_CACHE_SIZE = 4096
@@ -152,16 +183,21 @@ class Router:
             rest = target[end:]
             if not rest.startswith(b"/"):
                 rest = b"/" + rest  # "/openai" or "/openai?x" -> "/" or "/?x"
-            return Route(provider, provider.origin.base_path + rest)
+            return Route(provider, provider.origin.base_path + rest, _api(rest, provider))
         if segment == b"v1":
             # Drop-in default for SDKs pointed at egress with no provider prefix.
             provider = self._drop_in_anthropic if _is_messages(target) else self._drop_in_openai
             if provider is not None:
-                return Route(provider, provider.origin.base_path + target)
+                return Route(provider, provider.origin.base_path + target, _api(target, provider))
         raise EgressError(
             "unknown_provider",
             f"unknown provider {segment.decode('latin-1')!r}; known providers: {self._known}",
         )
+
+
+def _api(target: bytes, provider: Provider) -> str:
+    # Decided once per route (routes are cached), not per response.
+    return api_of(target.split(b"?", 1)[0], provider.dialect)
 
 
 def _refuse_dot_segments(target: bytes) -> None:

@@ -28,7 +28,7 @@ from egress import accesslog, http1
 from egress.errors import EgressError, render_error
 from egress.http1 import CHUNKED, NO_BODY, UNTIL_CLOSE
 from egress.stream_usage import InjectedUsageFilter, inject_include_usage
-from egress.usage import Usage, UsageMeter
+from egress.usage import MISSING, Usage, UsageMeter
 
 if TYPE_CHECKING:
     from egress.providers import Origin, Route
@@ -155,7 +155,7 @@ class Exchange:
             self.keep_alive = False
         if 200 <= status < 300 and client.state.metering:
             meter = UsageMeter()
-            meter.start(self.dialect, facts.content_type)
+            meter.start(self.route.api, facts.content_type, facts.content_encoding)
             if meter.active:
                 self.meter = meter
         self.status = status
@@ -316,10 +316,11 @@ def _upstream_request(exchange: Exchange) -> list[bytes]:
     route = exchange.route
     body = exchange.body
     provider = route.provider
+    headers = exchange.facts.forward_headers
     if (
         client.state.metering
+        and provider.stream_usage == "include_usage"
         and provider.inject_stream_usage
-        and provider.dialect == "openai"
         and exchange.method == b"POST"
         and exchange.path.endswith(b"/chat/completions")
     ):
@@ -327,9 +328,12 @@ def _upstream_request(exchange: Exchange) -> list[bytes]:
         if injected is not None:
             body = injected
             exchange.usage_filter = InjectedUsageFilter()
+            # The filter edits the stream's bytes, which it can't do inside gzip: ask for identity
+            # (always acceptable, RFC 9110 §12.5.3), so the caller gets the stream it asked for.
+            headers = [header for header in headers if header[0] != b"accept-encoding"]
     send_length = len(body) if (body or exchange.method in (b"POST", b"PUT", b"PATCH")) else None
     head = http1.upstream_request_head(
-        exchange.method, route.upstream_target, provider.origin.host_header, exchange.facts.forward_headers, send_length
+        exchange.method, route.upstream_target, provider.origin.host_header, headers, send_length
     )
     return [head, body] if body else [head]
 
@@ -473,7 +477,16 @@ def emit_usage(
     meter = exchange.meter
     # Complete when the provider's response was, even if the client left before the last write.
     usage = meter.result(exchange.upstream_done) if meter is not None else Usage()
-    provider = exchange.route.provider.name
+    row = exchange.route.provider
+    provider = row.name
+    if (
+        usage.state == MISSING
+        and meter is not None
+        and meter.streaming
+        and exchange.usage_filter is None
+        and row.stream_usage != "always"
+    ):
+        usage.reason = "not_requested"  # this provider's streams carry usage only when asked
     identity = exchange.identity or state.limiter.identity(exchange)
     requested = _REQUESTED_MODEL.search(exchange.body, 0, 65536) if exchange.body else None
     state.limiter.record_tokens(exchange, usage.total_tokens, state.loop_time())
@@ -494,8 +507,12 @@ def emit_usage(
             "output_tokens": usage.output_tokens,
             "cache_read_tokens": usage.cache_read_tokens,
             "cache_creation_tokens": usage.cache_creation_tokens,
+            "cache_creation_5m_tokens": usage.cache_creation_5m_tokens,
+            "cache_creation_1h_tokens": usage.cache_creation_1h_tokens,
             "reasoning_tokens": usage.reasoning_tokens,
             "estimated_output_tokens": usage.estimated_output_tokens,
+            "provider_cost": usage.provider_cost,
+            "usage_reason": usage.reason,
             "status": exchange.status,
             "stream": meter is not None and meter.streaming,
             "outcome": exchange.outcome,

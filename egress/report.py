@@ -28,10 +28,26 @@ _COLUMNS = (
     "input_tokens",
     "output_tokens",
     "cache_read_tokens",
+    "cache_write_tokens",
+    "reasoning_tokens",
     "estimated_output_tokens",
+    "provider_cost",
+    # Facts whose usage is not the provider's whole count, apart: a cut stream (partial), a
+    # response that carried none (missing), one egress could not read (unparseable).
     "partial",
     "missing",
+    "unparseable",
 )
+# Fact field -> report column, for the token sums.
+_TOKEN_COLUMNS = {
+    "input_tokens": "input_tokens",
+    "output_tokens": "output_tokens",
+    "cache_read_tokens": "cache_read_tokens",
+    "cache_creation_tokens": "cache_write_tokens",
+    "reasoning_tokens": "reasoning_tokens",
+    "estimated_output_tokens": "estimated_output_tokens",
+}
+_STATES = ("partial", "missing", "unparseable")
 
 
 def add_parsers(commands: argparse._SubParsersAction) -> None:
@@ -81,9 +97,6 @@ def files_of(path: str) -> list[str]:
     return found
 
 
-_TOKEN_COLUMNS = ("input_tokens", "output_tokens", "cache_read_tokens", "estimated_output_tokens")
-
-
 def _is_fact(fact: object, field: str) -> bool:
     """Shaped as egress writes a fact: anything else would crash the sums or bill the wrong row."""
     if not isinstance(fact, dict) or not isinstance(fact.get("request_id"), str):
@@ -102,7 +115,7 @@ def aggregate(
     paths: list[str], cutoff: float, field: str, skipped: dict[str, int] | None = None
 ) -> dict[str, dict[str, int]]:
     """Totals by `field` since `cutoff`; `skipped`, when given, gets the unreadable lines per file."""
-    totals: dict[str, dict[str, int]] = defaultdict(lambda: dict.fromkeys(_COLUMNS, 0))
+    totals: dict[str, dict[str, int | float]] = defaultdict(lambda: dict.fromkeys(_COLUMNS, 0))
     seen: set[str] = set()
     for path in paths:
         bad = 0
@@ -122,12 +135,14 @@ def aggregate(
             seen.add(fact["request_id"])
             row = totals[fact.get(field) or "-"]
             row["requests"] += 1
-            for column in _TOKEN_COLUMNS:
-                row[column] += fact.get(column) or 0
-            if fact.get("usage") == "partial":
-                row["partial"] += 1
-            elif fact.get("usage") in ("missing", "unparseable"):
-                row["missing"] += 1
+            for field_name, column in _TOKEN_COLUMNS.items():
+                row[column] += fact.get(field_name) or 0
+            cost = fact.get("provider_cost")
+            if isinstance(cost, int | float) and not isinstance(cost, bool):
+                row["provider_cost"] += cost
+            state = fact.get("usage")
+            if state in _STATES:
+                row[state] += 1
         if bad and skipped is not None:
             skipped[path] = bad
     return dict(sorted(totals.items()))
@@ -143,7 +158,11 @@ def _lines(path: str):
 
 def render_table(totals: dict[str, dict[str, int]], by: str) -> str:
     headers = (by, *_COLUMNS)
-    rows = [(name, *(str(values[column]) for column in _COLUMNS)) for name, values in totals.items()]
+    rows = [(name, *(_cell(values[column]) for column in _COLUMNS)) for name, values in totals.items()]
     widths = [max(len(str(cell)) for cell in column) for column in zip(headers, *rows, strict=False)]
     lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)) for row in [headers, *rows]]
     return "\n".join(lines) + "\n"
+
+
+def _cell(value: int | float) -> str:
+    return f"{value:.6f}".rstrip("0").rstrip(".") if isinstance(value, float) else str(value)

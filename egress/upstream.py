@@ -290,14 +290,14 @@ class UpstreamConnection(asyncio.Protocol):
         if self._message_done:
             raise _ResponseAfterEnd  # a second response in the read that ended the first
         status = self._parser.get_status_code()
-        if not 100 <= status <= 599:
-            # RFC 9110 §15: a three-digit code of classes 1xx-5xx. Below 100 it would pass for an
-            # interim response, and the client would wait for the idle deadline.
-            self._fail(EgressError("upstream_protocol_error", "the upstream sent an invalid status code"))
-            raise _ResponseAfterEnd
-        if status == 101:
-            return  # llhttp stops at its end with HttpParserUpgrade: refused in data_received
-        if status < 200:
+        if status < 200 or status > 599:
+            if status < 100 or status > 599:
+                # RFC 9110 §15: a three-digit code of classes 1xx-5xx. Below 100 it would pass for
+                # an interim response, and the client would wait for the idle deadline.
+                self._fail(EgressError("upstream_protocol_error", "the upstream sent an invalid status code"))
+                raise _ResponseAfterEnd
+            if status == 101:
+                return  # llhttp stops at its end with HttpParserUpgrade: refused in data_received
             # Interim responses (103 Early Hints) are not relayed, as nginx does not relay them.
             self._skipping_interim = True
             self._headers = []

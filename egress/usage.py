@@ -1,34 +1,54 @@
 """The usage meter (sans-IO): token counts read off a response as it streams past.
 
-Contract: `UsageMeter.start(dialect, content_type)` after the response head. `feed(chunk)` for
-every body chunk: it looks at the bytes and never copies or changes what the client receives.
+Contract: `UsageMeter.start(api, content_type, content_encoding)` after the response head, with
+`api` from `api_of(path, dialect)`. `feed(chunk)` for every body chunk: it looks at the bytes (or
+at a decoded copy of a compressed body) and never changes what the client receives.
 `result(complete)` once, in the log phase, returns a `Usage`. A missing or unparseable usage is
-recorded as such; it never raises.
+recorded as such, with a reason; it never raises.
 
-Only events that can carry usage are parsed. A chunk is searched for `"usage":`, the way the key
-is spelled in JSON and never inside an escaped string. Only the lines around a match are decoded.
-Bytes after the last newline are carried over, so an event split across reads (at any byte
-boundary) is read whole.
+One reducer for every dialect: `reduce_usage(state, document, api)` folds one provider document
+(a JSON body, or one SSE event) into the running state. Each field takes the latest value the
+provider reported, never a sum, so a cumulative `message_delta`, a usage repeated on several
+chunks, or a `response.completed` after `response.created` all give the provider's own numbers.
 
-Wire formats, and the traps other gateways fell into:
-- OpenAI JSON: `usage.prompt_tokens` (cached ones included, also in
-  `prompt_tokens_details.cached_tokens`), `completion_tokens` (reasoning ones included, also in
-  `completion_tokens_details.reasoning_tokens`).
-  https://platform.openai.com/docs/api-reference/chat/object
-- OpenAI SSE: usage comes in one chunk near the end (with `stream_options.include_usage`), with an
-  empty `choices` on OpenAI but beside a non-empty one on some compatible providers. Every other
-  chunk says `"usage": null`. The last non-null usage wins.
-  https://platform.openai.com/docs/api-reference/chat-streaming
-- Anthropic JSON and SSE: `message_start` carries the input side (`input_tokens` excludes cached
-  tokens; `cache_read_input_tokens` and `cache_creation_input_tokens` are separate), and
-  `message_delta.usage` is cumulative. The last value is taken, never a sum.
-  https://docs.anthropic.com/en/docs/build-with-claude/streaming
+Which API a body speaks is decided by the path (and the content type), not by the provider: a
+provider can serve several (Anthropic serves an OpenAI-compatible /chat/completions too).
+  openai     chat completions, completions, embeddings: `usage.prompt_tokens` (cached included,
+             also in `prompt_tokens_details.cached_tokens`), `completion_tokens` (reasoning
+             included, also in `completion_tokens_details.reasoning_tokens`).
+             https://platform.openai.com/docs/api-reference/chat/object
+             Streams: usage on one chunk near the end when asked (`stream_options.include_usage`),
+             with empty `choices` on OpenAI but beside non-empty ones on some providers; the last
+             non-null usage wins. https://platform.openai.com/docs/api-reference/chat-streaming
+             Groq puts it in `x_groq.usage` (https://console.groq.com/docs/api-reference);
+             DeepSeek counts cache hits in `prompt_cache_hit_tokens`
+             (https://api-docs.deepseek.com/api/create-chat-completion); OpenRouter reports the
+             provider's `cost` (https://openrouter.ai/docs/use-cases/usage-accounting).
+  responses  OpenAI Responses: `usage.input_tokens` (`input_tokens_details.cached_tokens`),
+             `output_tokens` (`output_tokens_details.reasoning_tokens`) on the Response object:
+             top level in JSON, under `response` in the `response.completed`,
+             `response.incomplete` and `response.failed` events of a stream.
+             https://platform.openai.com/docs/api-reference/responses-streaming
+  anthropic  Messages: `message_start` carries the input side (`input_tokens` excludes cached
+             tokens; `cache_read_input_tokens` and `cache_creation_input_tokens` are separate, the
+             latter split by `cache_creation.ephemeral_5m_input_tokens` / `_1h_`), and
+             `message_delta.usage` is cumulative.
+             https://docs.anthropic.com/en/docs/build-with-claude/streaming
 Normalised: `input_tokens` counts every input token once (cached ones included); the cache
 fields say how many of those were read from or written to the cache.
+
+SSE: a chunk is searched for `"usage":`, the way the key is spelled in JSON and never inside an
+escaped string; only the lines around a match are decoded. Bytes after the last newline are carried
+over, so an event split across reads (at any byte boundary) is read whole.
+
+Compressed bodies (`Content-Encoding: gzip` or `deflate`, the codings egress lets upstream): the
+meter decodes a copy incrementally with zlib, bounded (`_MAX_DECODED`); a body it can't decode is
+`unparseable`, and the client's bytes are never touched.
 """
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass
 
 import orjson
@@ -36,13 +56,47 @@ import orjson
 from egress.http1 import grow
 
 _USAGE_KEY = b'"usage":'
-_OPENAI_DELTA = b'"delta":{"content":'
-_ANTHROPIC_DELTA = b'"content_block_delta"'
+# What one output delta looks like, per API: counted as an estimate when a stream is cut short.
+_DELTA = {
+    "openai": b'"delta":{"content":',
+    "anthropic": b'"content_block_delta"',
+    "responses": b'"response.output_text.delta"',
+}
 _MAX_CARRY = 1 << 20  # an "event" longer than this without a newline is not one we can meter
 _MAX_JSON = 8 << 20
+_MAX_DECODED = 64 << 20  # a decoded stream past this is not metered further (a compression bomb)
+
+
+class _Ignore:
+    """Stands in for the decoder once a body can't be metered: every chunk decodes to nothing."""
+
+    __slots__ = ()
+    eof = True
+
+    def decompress(self, data: bytes, max_length: int = 0) -> bytes:
+        return b""
+
+
+_IGNORE = _Ignore()
+
+_NO_RAW: dict[str, int] = {}
 
 # Usage states
 COMPLETE, PARTIAL, MISSING, UNPARSEABLE = "complete", "partial", "missing", "unparseable"
+
+# The APIs a body can speak, as far as usage goes.
+OPENAI, ANTHROPIC, RESPONSES = "openai", "anthropic", "responses"
+
+
+def api_of(path: bytes, dialect: str) -> str:
+    """The API a response body speaks, from the request path; the provider's dialect otherwise."""
+    if b"/messages" in path:
+        return ANTHROPIC
+    if b"/responses" in path:
+        return RESPONSES
+    if b"/chat/completions" in path or b"/embeddings" in path or b"/completions" in path:
+        return OPENAI
+    return ANTHROPIC if dialect == "anthropic" else OPENAI
 
 
 @dataclass(slots=True)
@@ -53,9 +107,15 @@ class Usage:
     output_tokens: int | None = None
     cache_read_tokens: int | None = None
     cache_creation_tokens: int | None = None
+    cache_creation_5m_tokens: int | None = None
+    cache_creation_1h_tokens: int | None = None
     reasoning_tokens: int | None = None
+    # What the provider says the request cost (OpenRouter's `usage.cost`, in its credits/USD).
+    provider_cost: float | None = None
     # For a stream cut short with no usage: content deltas seen, standing in for output tokens.
     estimated_output_tokens: int | None = None
+    # Why usage is missing, partial or unparseable, when egress knows: a stable word.
+    reason: str | None = None
 
     @property
     def total_tokens(self) -> int:
@@ -63,7 +123,21 @@ class Usage:
 
 
 class UsageMeter:
-    __slots__ = ("_anthropic", "_carry", "_deltas", "_json", "_json_size", "_sse", "_usage", "active")
+    __slots__ = (
+        "_api",
+        "_carry",
+        "_coded_head",
+        "_decoded",
+        "_decoder",
+        "_delta",
+        "_deltas",
+        "_json",
+        "_json_size",
+        "_raw",
+        "_sse",
+        "_usage",
+        "active",
+    )
 
     def __init__(self) -> None:
         self.active = False
@@ -72,20 +146,41 @@ class UsageMeter:
     def streaming(self) -> bool:
         return self._sse
 
-    def start(self, dialect: str, content_type: bytes) -> None:
+    def start(self, api: str, content_type: bytes, content_encoding: bytes = b"") -> None:
         media = content_type.split(b";", 1)[0].strip().lower()
         self._sse = media == b"text/event-stream"
         if not self._sse and media != b"application/json":
             return
         self.active = True
-        self._anthropic = dialect == "anthropic"
-        self._carry = bytearray()
-        self._deltas = 0
-        self._json: bytes | bytearray = b""
-        self._json_size = 0
+        self._api = api
+        if self._sse:
+            self._delta = _DELTA[api]
+            self._carry = bytearray()
+            self._deltas = 0
+        else:
+            self._json: bytes | bytearray = b""
+            self._json_size = 0
+        # Anthropic's fields as reported, latest wins; other APIs never write to it.
+        self._raw: dict[str, int] = {} if api == ANTHROPIC else _NO_RAW
         self._usage = Usage()
+        self._decoder = None
+        if content_encoding:
+            self._decoded = 0
+            self._coded_head = b""
+            coding = content_encoding.strip().lower()
+            if coding in (b"gzip", b"x-gzip", b"deflate"):
+                # 32 + 15: zlib or gzip, told apart by the header. A raw deflate stream (what some
+                # servers send for `deflate`) is caught on the first error and retried.
+                self._decoder = zlib.decompressobj(32 + zlib.MAX_WBITS)
+            elif coding != b"identity":
+                self._fail(UNPARSEABLE, "content_encoding")
+                self._decoder = _IGNORE
 
     def feed(self, chunk: bytes) -> None:
+        if self._decoder is not None:
+            chunk = self._decode(chunk)
+            if not chunk:
+                return
         if not self._sse:
             # JSON usage sits anywhere in the document: parse it once, at the end. A reference per
             # piece cost ~40 bytes per byte when an upstream sent 1-byte chunks: one buffer instead.
@@ -93,7 +188,7 @@ class UsageMeter:
             if self._json_size <= _MAX_JSON:
                 self._json = grow(self._json, chunk)
             return
-        self._deltas += chunk.count(_ANTHROPIC_DELTA if self._anthropic else _OPENAI_DELTA)
+        self._deltas += chunk.count(self._delta)
         carry = self._carry
         if carry:
             if chunk.find(b"\n") == -1:
@@ -116,30 +211,73 @@ class UsageMeter:
         if not self.active:
             return Usage(MISSING)
         usage = self._usage
+        if self._decoder is not None:
+            if self._decoder is _IGNORE:
+                return usage  # unparseable, and why, already said
+            if complete and not self._decoder.eof:
+                return self._fail(UNPARSEABLE, "content_encoding")  # a compressed body that never ended
+            self._decoder = None
         if not self._sse:
             if self._json_size > _MAX_JSON:
-                usage.state = UNPARSEABLE
-                return usage
+                return self._fail(UNPARSEABLE, "too_large")
             try:
                 document = orjson.loads(self._json)
             except orjson.JSONDecodeError:
-                usage.state = UNPARSEABLE
-                return usage
+                return self._fail(UNPARSEABLE, "not_json")
             if isinstance(document, dict):
-                self._apply(document)
+                reduce_usage(usage, self._raw, document, self._api)
         elif self._carry and self._carry.find(_USAGE_KEY) != -1:
-            self._scan_lines(self._carry + b"\n")  # a last event without its newline
+            self._scan_lines(bytes(self._carry) + b"\n")  # a last event without its newline
         if usage.output_tokens is not None or usage.input_tokens is not None:
             if not complete:
                 usage.state = PARTIAL
+                usage.reason = "cut"
             elif usage.state == MISSING:
                 usage.state = COMPLETE
         elif not complete and self._sse:
             usage.state = PARTIAL
+            usage.reason = "cut"
             usage.estimated_output_tokens = self._deltas
+        elif usage.state == MISSING:
+            usage.reason = "not_reported"
         return usage
 
     # -- internals -------------------------------------------------------------------------
+    def _decode(self, chunk: bytes) -> bytes:
+        if self._decoded == 0 and len(self._coded_head) < 1024:
+            self._coded_head += chunk  # what to feed again if this turns out to be raw deflate
+        try:
+            data = self._decoder.decompress(chunk, _MAX_DECODED - self._decoded + 1)
+        except zlib.error:
+            return self._retry_raw_deflate()
+        self._decoded += len(data)
+        if self._decoded > _MAX_DECODED:
+            self._fail(UNPARSEABLE, "too_large")
+            self._decoder = _IGNORE
+            return b""
+        return data
+
+    def _retry_raw_deflate(self) -> bytes:
+        """`Content-Encoding: deflate` sent as raw deflate (no zlib header), as some servers do."""
+        if self._decoded == 0 and len(self._coded_head) < 1024:
+            self._decoder = zlib.decompressobj(-zlib.MAX_WBITS)
+            try:
+                data = self._decoder.decompress(self._coded_head, _MAX_DECODED + 1)
+            except zlib.error:
+                pass
+            else:
+                self._decoded += len(data)
+                return data
+        self._fail(UNPARSEABLE, "content_encoding")
+        self._decoder = _IGNORE
+        return b""
+
+    def _fail(self, state: str, reason: str) -> Usage:
+        usage = self._usage
+        usage.state = state
+        usage.reason = reason
+        return usage
+
     def _scan_lines(self, buffer: bytes) -> None:
         position = buffer.find(_USAGE_KEY)
         end = len(buffer)
@@ -153,53 +291,108 @@ class UsageMeter:
                 try:
                     document = orjson.loads(line[5:])
                 except orjson.JSONDecodeError:
-                    self._usage.state = UNPARSEABLE
+                    self._fail(UNPARSEABLE, "not_json")
                 else:
                     if isinstance(document, dict):
-                        self._apply(document)
+                        reduce_usage(self._usage, self._raw, document, self._api)
             position = buffer.find(_USAGE_KEY, line_end, end)
 
-    def _apply(self, document: dict) -> None:
-        if self._anthropic and document.get("type") == "message_start":
+
+def reduce_usage(usage: Usage, raw: dict[str, int], document: dict, api: str) -> None:
+    """Fold one provider document into `usage`: every field takes the latest value, never a sum.
+
+    `raw` keeps Anthropic's fields as reported, because its normalised `input_tokens` is a sum of
+    three fields that may arrive in different events.
+    """
+    if api == ANTHROPIC:
+        if document.get("type") == "message_start":
             document = document.get("message")  # the input side sits inside the message
             if not isinstance(document, dict):
                 return
-        usage = self._usage
-        if isinstance(document.get("model"), str):
-            usage.model = document["model"]
-        counts = document.get("usage")
-        if isinstance(counts, dict):
-            (_anthropic_counts if self._anthropic else _openai_counts)(usage, counts)
+    elif api == RESPONSES:
+        inner = document.get("response")  # the stream's events wrap the Response object
+        if isinstance(inner, dict):
+            document = inner
+    model = document.get("model")
+    if isinstance(model, str):
+        usage.model = model
+    counts = document.get("usage")
+    if not isinstance(counts, dict):
+        x_groq = document.get("x_groq")  # Groq's streams report it here
+        if not isinstance(x_groq, dict):
+            return
+        counts = x_groq.get("usage")
+        if not isinstance(counts, dict):
+            return
+    if api == ANTHROPIC:
+        _anthropic_counts(usage, raw, counts)
+    else:
+        _openai_counts(usage, counts)
 
 
 def _int(value: object) -> int | None:
-    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
+    # `__class__ is int` and not isinstance: a bool is an int too, and one check is cheaper than two.
+    return value if value.__class__ is int and value >= 0 else None
 
 
 def _openai_counts(usage: Usage, counts: dict) -> None:
-    # The last non-null usage wins: providers differ on which chunk carries it.
-    usage.input_tokens = _int(counts.get("prompt_tokens", counts.get("input_tokens")))
-    usage.output_tokens = _int(counts.get("completion_tokens", counts.get("output_tokens")))
-    prompt_details = counts.get("prompt_tokens_details") or counts.get("input_tokens_details")
-    if isinstance(prompt_details, dict):
-        usage.cache_read_tokens = _int(prompt_details.get("cached_tokens"))
-    completion_details = counts.get("completion_tokens_details") or counts.get("output_tokens_details")
-    if isinstance(completion_details, dict):
-        usage.reasoning_tokens = _int(completion_details.get("reasoning_tokens"))
+    # A usage object is whole: the last one replaces what came before. Chat names first, then the
+    # Responses API's; each `get` only when the first is absent (this runs once per response).
+    get = counts.get
+    value = get("prompt_tokens")
+    usage.input_tokens = _int(get("input_tokens") if value is None else value)
+    value = get("completion_tokens")
+    usage.output_tokens = _int(get("output_tokens") if value is None else value)
+    cached = None
+    details = get("prompt_tokens_details") or get("input_tokens_details")
+    if details.__class__ is dict:
+        cached = _int(details.get("cached_tokens"))
+    if cached is None and "prompt_cache_hit_tokens" in counts:
+        cached = _int(counts["prompt_cache_hit_tokens"])  # DeepSeek
+    usage.cache_read_tokens = cached
+    reasoning = None
+    details = get("completion_tokens_details") or get("output_tokens_details")
+    if details.__class__ is dict:
+        reasoning = _int(details.get("reasoning_tokens"))
+    usage.reasoning_tokens = reasoning
+    if (
+        reasoning
+        and usage.input_tokens is not None
+        and usage.output_tokens is not None
+        and _int(counts.get("total_tokens")) == usage.input_tokens + usage.output_tokens + reasoning
+    ):
+        # xAI counts reasoning beside completion_tokens, not inside (its total_tokens is the sum of
+        # all three), and bills it as output: output_tokens includes reasoning for every provider.
+        usage.output_tokens += reasoning
+    if "cost" in counts:  # OpenRouter
+        cost = counts["cost"]
+        if isinstance(cost, int | float) and not isinstance(cost, bool) and cost >= 0:
+            usage.provider_cost = float(cost)
 
 
-def _anthropic_counts(usage: Usage, counts: dict) -> None:
-    # message_delta repeats the running totals: assign, never add.
-    uncached = _int(counts.get("input_tokens"))
-    cache_read = _int(counts.get("cache_read_input_tokens"))
-    cache_creation = _int(counts.get("cache_creation_input_tokens"))
-    if cache_read is not None:
-        usage.cache_read_tokens = cache_read
-    if cache_creation is not None:
-        usage.cache_creation_tokens = cache_creation
+_ANTHROPIC_FIELDS = ("input_tokens", "output_tokens", "cache_read_input_tokens", "cache_creation_input_tokens")
+
+
+def _anthropic_counts(usage: Usage, raw: dict[str, int], counts: dict) -> None:
+    # message_delta repeats the running totals: each field present replaces its last value.
+    for name in _ANTHROPIC_FIELDS:
+        value = _int(counts.get(name))
+        if value is not None:
+            raw[name] = value
+    split = counts.get("cache_creation")
+    if isinstance(split, dict):
+        for name, key in (("5m", "ephemeral_5m_input_tokens"), ("1h", "ephemeral_1h_input_tokens")):
+            value = _int(split.get(key))
+            if value is not None:
+                raw[name] = value
+    cache_read = raw.get("cache_read_input_tokens")
+    cache_creation = raw.get("cache_creation_input_tokens")
+    usage.cache_read_tokens = cache_read
+    usage.cache_creation_tokens = cache_creation
+    usage.cache_creation_5m_tokens = raw.get("5m")
+    usage.cache_creation_1h_tokens = raw.get("1h")
+    uncached = raw.get("input_tokens")
     if uncached is not None:
         # Anthropic's input_tokens leaves the cached ones out: count every input token once.
-        usage.input_tokens = uncached + (usage.cache_read_tokens or 0) + (usage.cache_creation_tokens or 0)
-    output = _int(counts.get("output_tokens"))
-    if output is not None:
-        usage.output_tokens = output
+        usage.input_tokens = uncached + (cache_read or 0) + (cache_creation or 0)
+    usage.output_tokens = raw.get("output_tokens")

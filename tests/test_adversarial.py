@@ -822,7 +822,9 @@ def test_chunk_extensions_count_against_the_body_cap(egress_proc, hostile, name)
         except (BrokenPipeError, ConnectionResetError):
             pass
         answer = read_answer(client, "POST")
-        assert answer.response.status_code in (400, 413)
+        # 413 (framing outweighs the body) or 431 (a read of framing alone past 32 KiB): which bound
+        # is met first depends on how the kernel cut the bytes into reads.
+        assert answer.response.status_code in (400, 413, 431)
         check_closing(answer, client)
     assert len(hostile.requests) == before
     watch.assert_healthy()

@@ -168,6 +168,7 @@ def test_an_upstream_request_id_never_reaches_the_client(scripted):
         response = client.read_response()
     ids = [value for name, value in response.header_list if name == "x-egress-request-id"]
     assert response.status == 200 and len(ids) == 1 and ids[0] != "spoofed"
+    assert wait_until(lambda: egress.access_records(), timeout=3)
     assert ids[0] == egress.access_records()[-1]["request_id"]
 
 

@@ -178,3 +178,23 @@ def test_inspect_response_accepts_or_refuses_never_crashes(headers):
         http1.inspect_response(headers)
     except EgressError as error:
         assert error.code == "upstream_protocol_error"
+
+
+@pytest.mark.parametrize(
+    ("value", "narrowed"),
+    [
+        (b"gzip, deflate", b"gzip, deflate"),
+        (b"gzip, deflate, br, zstd", b"gzip, deflate"),
+        (b"br;q=1.0, gzip;q=0.8, *;q=0.1", b"gzip;q=0.8, gzip;q=0.1, deflate;q=0.1"),
+        (b"br", b""),
+        (b"identity", b"identity"),
+        (b"GZIP , x-gzip", b"GZIP, x-gzip"),
+    ],
+)
+def test_accept_encoding_is_narrowed_to_what_the_meter_decodes(value, narrowed):
+    from egress.http1 import narrow_accept_encoding
+
+    assert narrow_accept_encoding(value) == narrowed
+    facts = http1.inspect_request([(b"Host", b"a"), (b"Accept-Encoding", value)], "1.1")
+    expected = [(b"accept-encoding", narrowed)] if narrowed else []
+    assert [h for h in facts.forward_headers if h[0] == b"accept-encoding"] == expected

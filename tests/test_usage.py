@@ -15,9 +15,9 @@ ANTHROPIC_STREAM = b"".join(_anthropic_events({"model": "claude-fake"}))
 SSE = b"text/event-stream; charset=utf-8"
 
 
-def meter(dialect: str, chunks: list[bytes], content_type: bytes = SSE, complete: bool = True):
+def meter(dialect: str, chunks: list[bytes], content_type: bytes = SSE, complete: bool = True, coding: bytes = b""):
     usage_meter = UsageMeter()
-    usage_meter.start(dialect, content_type)
+    usage_meter.start(dialect, content_type, coding)
     if usage_meter.active:  # as the relay does: an inactive meter is never fed
         for chunk in chunks:
             usage_meter.feed(chunk)
@@ -158,3 +158,182 @@ def test_a_long_sse_line_in_one_byte_pieces_is_read():
     stream = filler + OPENAI_STREAM
     usage = meter("openai", [stream[index : index + 1] for index in range(len(stream))])
     assert (usage.state, usage.input_tokens, usage.output_tokens) == (COMPLETE, 12, 6)
+
+
+# -- one reducer for every dialect ----------------------------------------------------------------
+
+
+def sse(*events: dict, named: bool = False) -> bytes:
+    out = b""
+    for event in events:
+        if named:
+            out += b"event: " + event["type"].encode() + b"\n"
+        out += b"data: " + orjson.dumps(event) + b"\n\n"
+    return out
+
+
+RESPONSE_USAGE = {
+    "input_tokens": 300,
+    "input_tokens_details": {"cached_tokens": 256},
+    "output_tokens": 90,
+    "output_tokens_details": {"reasoning_tokens": 64},
+    "total_tokens": 390,
+}
+RESPONSES_STREAM = sse(
+    {"type": "response.created", "response": {"id": "resp_1", "model": "gpt-5", "usage": None}},
+    {"type": "response.output_text.delta", "delta": "Hi"},
+    {"type": "response.completed", "response": {"id": "resp_1", "model": "gpt-5", "usage": RESPONSE_USAGE}},
+    named=True,
+)
+
+
+@pytest.mark.parametrize("pieces", [1, 7, None])
+def test_responses_stream_usage_sits_under_response(pieces):
+    chunks = (
+        [RESPONSES_STREAM] if pieces is None else [RESPONSES_STREAM[i : i + pieces] for i in range(0, 9999, pieces)]
+    )
+    usage = meter("responses", [c for c in chunks if c])
+    assert (usage.state, usage.model, usage.input_tokens, usage.output_tokens) == (COMPLETE, "gpt-5", 300, 90)
+    assert (usage.cache_read_tokens, usage.reasoning_tokens) == (256, 64)
+
+
+def test_responses_incomplete_and_json():
+    incomplete = sse({"type": "response.incomplete", "response": {"model": "gpt-5", "usage": RESPONSE_USAGE}})
+    assert meter("responses", [incomplete]).output_tokens == 90
+    body = orjson.dumps({"id": "resp_1", "object": "response", "model": "gpt-5", "usage": RESPONSE_USAGE})
+    usage = meter("responses", [body], b"application/json")
+    assert (usage.input_tokens, usage.cache_read_tokens, usage.reasoning_tokens) == (300, 256, 64)
+
+
+def test_groq_usage_in_x_groq_and_deepseek_cache_hits_and_openrouter_cost():
+    groq = sse(
+        {"model": "llama", "choices": [{"index": 0, "delta": {"content": "x"}}]},
+        {
+            "model": "llama",
+            "choices": [],
+            "x_groq": {"id": "r", "usage": {"prompt_tokens": 40, "completion_tokens": 9}},
+        },
+    )
+    assert (meter("openai", [groq]).input_tokens, meter("openai", [groq]).output_tokens) == (40, 9)
+    deepseek = orjson.dumps(
+        {
+            "model": "deepseek-chat",
+            "usage": {
+                "prompt_tokens": 100,
+                "completion_tokens": 5,
+                "prompt_cache_hit_tokens": 64,
+                "prompt_cache_miss_tokens": 36,
+            },
+        }
+    )
+    usage = meter("openai", [deepseek], b"application/json")
+    assert (usage.input_tokens, usage.cache_read_tokens) == (100, 64)
+    routed = orjson.dumps({"model": "m", "usage": {"prompt_tokens": 3, "completion_tokens": 2, "cost": 0.00042}})
+    assert meter("openai", [routed], b"application/json").provider_cost == 0.00042
+
+
+def test_anthropic_cache_creation_split_and_message_delta_with_input_side():
+    start = {
+        "type": "message_start",
+        "message": {
+            "model": "claude",
+            "usage": {
+                "input_tokens": 4,
+                "cache_creation_input_tokens": 3000,
+                "cache_creation": {"ephemeral_5m_input_tokens": 1000, "ephemeral_1h_input_tokens": 2000},
+                "cache_read_input_tokens": 0,
+                "output_tokens": 1,
+            },
+        },
+    }
+    # Newer streams repeat the input side, cumulative, in message_delta: the latest value wins.
+    delta = {"type": "message_delta", "usage": {"input_tokens": 4, "cache_read_input_tokens": 0, "output_tokens": 50}}
+    usage = meter("anthropic", [sse(start, delta, delta, named=True)])
+    assert (usage.input_tokens, usage.output_tokens, usage.cache_creation_tokens) == (3004, 50, 3000)
+    assert (usage.cache_creation_5m_tokens, usage.cache_creation_1h_tokens) == (1000, 2000)
+
+
+def test_api_is_decided_by_the_path():
+    from egress.usage import api_of
+
+    assert api_of(b"/v1/messages", "anthropic") == "anthropic"
+    assert api_of(b"/v1/chat/completions", "anthropic") == "openai"  # Anthropic's OpenAI-compatible API
+    assert api_of(b"/v1/responses", "openai") == "responses"
+    assert api_of(b"/api/v1/chat/completions", "openai") == "openai"
+    assert api_of(b"/v1/embeddings", "openai") == "openai"
+
+
+# -- compressed bodies ----------------------------------------------------------------------------
+
+
+def compressed_meter(body: bytes, coding: bytes, content_type: bytes, pieces: int | None = None):
+    chunks = [body] if pieces is None else [body[i : i + pieces] for i in range(0, len(body), pieces)]
+    return meter("openai", chunks, content_type, coding=coding)
+
+
+@pytest.mark.parametrize("pieces", [None, 1, 5])
+@pytest.mark.parametrize("coding", [b"gzip", b"deflate", b"deflate-raw"])
+def test_a_compressed_body_is_metered_from_a_decoded_copy(coding, pieces):
+    import zlib
+
+    document = _openai_completion({"model": "gpt-fake", "messages": []}, "chatcmpl-z")
+    plain = orjson.dumps(document)
+    if coding == b"gzip":
+        body = gzip_bytes(plain)
+    elif coding == b"deflate":
+        body = zlib.compress(plain)
+    else:
+        squeezer = zlib.compressobj(wbits=-15)
+        body, coding = squeezer.compress(plain) + squeezer.flush(), b"deflate"
+    usage = compressed_meter(body, coding, b"application/json", pieces)
+    counts = document["usage"]
+    assert (usage.state, usage.input_tokens, usage.output_tokens) == (
+        COMPLETE,
+        counts["prompt_tokens"],
+        counts["completion_tokens"],
+    )
+    stream = gzip_bytes(OPENAI_STREAM)
+    assert compressed_meter(stream, b"gzip", SSE, pieces) == meter("openai", [OPENAI_STREAM])
+
+
+def gzip_bytes(data: bytes) -> bytes:
+    import gzip
+
+    return gzip.compress(data)
+
+
+@pytest.mark.parametrize(
+    ("body", "coding", "reason"),
+    [
+        (b"\x1f\x8b\x08\x00garbage-not-gzip" * 4, b"gzip", "content_encoding"),
+        (gzip_bytes(b'{"usage":{"prompt_tokens":1}}')[:-10], b"gzip", "content_encoding"),  # cut short
+        (b"\x28\xb5\x2f\xfd" + b"x" * 30, b"zstd", "content_encoding"),
+        (gzip_bytes(b"not json at all"), b"gzip", "not_json"),
+    ],
+    ids=["corrupt", "truncated", "zstd", "not-json"],
+)
+def test_a_body_the_meter_cannot_read_is_unparseable_with_a_reason(body, coding, reason):
+    usage = compressed_meter(body, coding, b"application/json")
+    assert (usage.state, usage.reason) == (UNPARSEABLE, reason)
+
+
+def test_a_compression_bomb_is_not_metered_past_the_bound():
+    import zlib
+
+    from egress import usage as usage_module
+
+    bomb = zlib.compress(b"0" * (usage_module._MAX_DECODED + 1024), 9)  # ~64 KiB that inflate to 64 MiB
+    usage = compressed_meter(bomb, b"deflate", b"application/json", pieces=4096)
+    assert (usage.state, usage.reason) == (UNPARSEABLE, "too_large")
+
+
+def test_reasoning_counted_beside_completion_is_added_to_output():
+    # xAI: total = prompt + completion + reasoning; OpenAI: reasoning is inside completion already.
+    xai = {"prompt_tokens": 307, "completion_tokens": 26, "total_tokens": 588}
+    xai["completion_tokens_details"] = {"reasoning_tokens": 255}
+    openai_style = {"prompt_tokens": 307, "completion_tokens": 281, "total_tokens": 588}
+    openai_style["completion_tokens_details"] = {"reasoning_tokens": 255}
+    for counts in (xai, openai_style):
+        body = orjson.dumps({"model": "m", "usage": counts})
+        usage = meter("openai", [body], b"application/json")
+        assert (usage.output_tokens, usage.reasoning_tokens) == (281, 255)
