@@ -368,6 +368,10 @@ def _openai_counts(usage: Usage, counts: dict) -> None:
         cost = counts["cost"]
         if isinstance(cost, int | float) and not isinstance(cost, bool) and cost >= 0:
             usage.provider_cost = float(cost)
+    elif "cost_in_usd_ticks" in counts:  # xAI: 1 tick = 1e-10 USD (https://docs.x.ai/docs/api-reference)
+        ticks = _int(counts["cost_in_usd_ticks"])
+        if ticks is not None:
+            usage.provider_cost = ticks / 1e10
 
 
 _ANTHROPIC_FIELDS = ("input_tokens", "output_tokens", "cache_read_input_tokens", "cache_creation_input_tokens")
@@ -375,6 +379,13 @@ _ANTHROPIC_FIELDS = ("input_tokens", "output_tokens", "cache_read_input_tokens",
 
 def _anthropic_counts(usage: Usage, raw: dict[str, int], counts: dict) -> None:
     # message_delta repeats the running totals: each field present replaces its last value.
+    iterations = counts.get("iterations")
+    if iterations.__class__ is list and iterations:
+        # With compaction the top-level fields cover the final pass only: the compaction pass is in
+        # `iterations` alone, and billed, so it is added. Other passes there (an advisor tool's,
+        # run by another model) are left out: the top level already counts the request's model.
+        # https://docs.anthropic.com/en/docs/build-with-claude/compaction
+        counts = _with_compaction(counts, iterations)
     for name in _ANTHROPIC_FIELDS:
         value = _int(counts.get(name))
         if value is not None:
@@ -396,3 +407,29 @@ def _anthropic_counts(usage: Usage, raw: dict[str, int], counts: dict) -> None:
         # Anthropic's input_tokens leaves the cached ones out: count every input token once.
         usage.input_tokens = uncached + (cache_read or 0) + (cache_creation or 0)
     usage.output_tokens = raw.get("output_tokens")
+
+
+def _with_compaction(counts: dict, iterations: list) -> dict:
+    compactions = [it for it in iterations if it.__class__ is dict and it.get("type") == "compaction"]
+    if not compactions:
+        return counts
+    return _sum_iterations([counts, *compactions])
+
+
+def _sum_iterations(iterations: list) -> dict:
+    summed: dict = {}
+    split: dict = {}
+    for iteration in iterations:
+        for name in _ANTHROPIC_FIELDS:
+            value = _int(iteration.get(name))
+            if value is not None:
+                summed[name] = summed.get(name, 0) + value
+        creation = iteration.get("cache_creation")
+        if creation.__class__ is dict:
+            for key in ("ephemeral_5m_input_tokens", "ephemeral_1h_input_tokens"):
+                value = _int(creation.get(key))
+                if value is not None:
+                    split[key] = split.get(key, 0) + value
+    if split:
+        summed["cache_creation"] = split
+    return summed

@@ -337,3 +337,19 @@ def test_reasoning_counted_beside_completion_is_added_to_output():
         body = orjson.dumps({"model": "m", "usage": counts})
         usage = meter("openai", [body], b"application/json")
         assert (usage.output_tokens, usage.reasoning_tokens) == (281, 255)
+
+
+def test_compaction_iterations_are_all_billed():
+    # The top-level usage covers the final pass; the compaction pass is only in `iterations`.
+    usage_counts = {
+        "input_tokens": 181,
+        "output_tokens": 8,
+        "iterations": [
+            {"type": "compaction", "input_tokens": 100, "output_tokens": 83, "cache_read_input_tokens": 55096},
+            {"type": "message", "input_tokens": 181, "output_tokens": 8, "cache_read_input_tokens": 0},
+        ],
+    }
+    delta = {"type": "message_delta", "usage": usage_counts}
+    start = {"type": "message_start", "message": {"model": "claude", "usage": {"input_tokens": 181, "output_tokens": 1}}}
+    usage = meter("anthropic", [sse(start, delta, named=True)])
+    assert (usage.input_tokens, usage.output_tokens, usage.cache_read_tokens) == (55377, 91, 55096)
