@@ -350,6 +350,7 @@ def test_compaction_iterations_are_all_billed():
         ],
     }
     delta = {"type": "message_delta", "usage": usage_counts}
-    start = {"type": "message_start", "message": {"model": "claude", "usage": {"input_tokens": 181, "output_tokens": 1}}}
+    first = {"input_tokens": 181, "output_tokens": 1}
+    start = {"type": "message_start", "message": {"model": "claude", "usage": first}}
     usage = meter("anthropic", [sse(start, delta, named=True)])
     assert (usage.input_tokens, usage.output_tokens, usage.cache_read_tokens) == (55377, 91, 55096)
