@@ -23,6 +23,8 @@ from pathlib import Path
 
 import orjson
 
+from tests.support import LoopbackServer
+
 RECORDINGS = Path(__file__).with_name("recordings")
 
 # Top-level chat-completion fields Mistral documents (https://docs.mistral.ai/api/#tag/chat) plus the
@@ -126,52 +128,14 @@ def mistral_refusal(body: bytes) -> bytes | None:
     )
 
 
-class ReplayUpstream:
+class ReplayUpstream(LoopbackServer):
     """Plain HTTP/1.1 on loopback, one thread per connection, keep-alive, bounded waits."""
 
     def __init__(self, recordings: dict[str, Recording]) -> None:
         self.recordings = recordings
         self.requests: list[ReceivedRequest] = []
         self._lock = threading.Lock()
-        self._sock = socket.socket()
-        self._sock.bind(("127.0.0.1", 0))
-        self._sock.listen(64)
-        self._sock.settimeout(0.2)
-        self.port = self._sock.getsockname()[1]
-        self._stop = threading.Event()
-        self._threads: list[threading.Thread] = []
-        self._open: list[socket.socket] = []
-        self._accepter = threading.Thread(target=self._accept, daemon=True)
-        self._accepter.start()
-
-    @property
-    def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._sock.close()
-        for conn in list(self._open):
-            try:
-                conn.close()
-            except OSError:
-                pass
-        for thread in [self._accepter, *self._threads]:
-            thread.join(timeout=2)
-
-    # -- connections -----------------------------------------------------------------------
-    def _accept(self) -> None:
-        while not self._stop.is_set():
-            try:
-                conn, _ = self._sock.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            self._open.append(conn)
-            thread = threading.Thread(target=self._serve, args=(conn,), daemon=True)
-            thread.start()
-            self._threads.append(thread)
+        super().__init__(backlog=64)
 
     def _serve(self, conn: socket.socket) -> None:
         conn.settimeout(0.2)

@@ -293,25 +293,18 @@ class NatsServer:
             self.process.wait(timeout=10)
 
 
-class ScriptedUpstream:
-    """A plain-HTTP upstream on loopback that answers the Nth request with the Nth scripted reply.
+class LoopbackServer:
+    """A thread-per-connection TCP server on 127.0.0.1 for test upstreams; `_serve(conn)` is theirs.
 
-    For upstream behaviour no real provider shows on purpose (a 101, a spoofed egress header, an
-    odd Transfer-Encoding, no answer at all): each reply is raw bytes written as they are, or
-    `HANG` (read the request, never answer). A tuple `(bytes, after)` says what follows the bytes:
-    `True` or `"close"` an orderly close, `"reset"` a TCP reset, `"hang"` silence with the
-    connection open. Requests are recorded as received.
+    Every wait is bounded (0.2 s socket timeouts, checked against `stopping`), and `stop()` closes
+    every connection and joins every thread, so a test never leaves one behind.
     """
 
-    HANG = object()
-
-    def __init__(self, replies: list) -> None:
-        self.replies = list(replies)
-        self.requests: list[bytes] = []
+    def __init__(self, backlog: int = 16) -> None:
         self.connections = 0
         self._sock = socket.socket()
         self._sock.bind(("127.0.0.1", 0))
-        self._sock.listen(16)
+        self._sock.listen(backlog)
         self._sock.settimeout(0.2)
         self.port = self._sock.getsockname()[1]
         self._stop = threading.Event()
@@ -323,6 +316,9 @@ class ScriptedUpstream:
     @property
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+    def _serve(self, conn: socket.socket) -> None:
+        raise NotImplementedError
 
     def _accept(self) -> None:
         while not self._stop.is_set():
@@ -337,6 +333,35 @@ class ScriptedUpstream:
             thread = threading.Thread(target=self._serve, args=(conn,), daemon=True)
             thread.start()
             self._threads.append(thread)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._sock.close()
+        for conn in list(self._open):
+            try:
+                conn.close()
+            except OSError:
+                pass
+        for thread in [self._accepter, *self._threads]:
+            thread.join(timeout=2)
+
+
+class ScriptedUpstream(LoopbackServer):
+    """A plain-HTTP upstream on loopback that answers the Nth request with the Nth scripted reply.
+
+    For upstream behaviour no real provider shows on purpose (a 101, a spoofed egress header, an
+    odd Transfer-Encoding, no answer at all): each reply is raw bytes written as they are, or
+    `HANG` (read the request, never answer). A tuple `(bytes, after)` says what follows the bytes:
+    `True` or `"close"` an orderly close, `"reset"` a TCP reset, `"hang"` silence with the
+    connection open. Requests are recorded as received.
+    """
+
+    HANG = object()
+
+    def __init__(self, replies: list) -> None:
+        self.replies = list(replies)
+        self.requests: list[bytes] = []
+        super().__init__()
 
     def _serve(self, conn: socket.socket) -> None:
         conn.settimeout(0.2)
@@ -381,14 +406,3 @@ class ScriptedUpstream:
             if after:
                 conn.close()
                 return
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._sock.close()
-        for conn in self._open:
-            try:
-                conn.close()
-            except OSError:
-                pass
-        for thread in [self._accepter, *self._threads]:
-            thread.join(timeout=2)
