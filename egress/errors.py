@@ -49,6 +49,12 @@ ERROR_KINDS: dict[str, ErrorKind] = {
     "key_not_yet_valid": ErrorKind(401, "authentication_error", "authentication_error", closes=False),
     "provider_not_permitted": ErrorKind(403, "permission_error", "permission_error", closes=False),
     "no_pool_key": ErrorKind(403, "permission_error", "permission_error", closes=False),
+    # The unified surface (/v1/chat/completions routed by model): always in the OpenAI dialect.
+    "model_required": ErrorKind(400, _INVALID, _INVALID, closes=False),
+    "model_not_found": ErrorKind(404, _INVALID, "not_found_error", closes=False),
+    "model_not_permitted": ErrorKind(403, "permission_error", "permission_error", closes=False),
+    "unsupported_parameter": ErrorKind(400, _INVALID, _INVALID, closes=False),
+    "invalid_request": ErrorKind(400, _INVALID, _INVALID, closes=False),
     # Upstream and lifecycle.
     "upstream_connect_error": ErrorKind(502, "server_error", "api_error", closes=False),
     "upstream_protocol_error": ErrorKind(502, "server_error", "api_error", closes=False),
