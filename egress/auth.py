@@ -99,7 +99,7 @@ def load_pools(config: Config) -> dict[str, PoolRotation]:
     return pools
 
 
-def check_claims(claims: Claims, now: float, revoked: set[str], provider: str, clock_skew: float = 60.0) -> None:
+def check_claims(claims: Claims, now: float, revoked: set[str], provider: str | None, clock_skew: float = 60.0) -> None:
     """The per-request checks of a verified key, never cached: validity period, revocation, allowlist."""
     if claims.exp is not None and claims.exp <= now:
         raise EgressError("key_expired", f"virtual key {claims.kid} has expired")
@@ -108,7 +108,7 @@ def check_claims(claims: Claims, now: float, revoked: set[str], provider: str, c
         raise EgressError("key_not_yet_valid", f"virtual key {claims.kid} is not valid yet")
     if claims.kid in revoked:
         raise EgressError("key_revoked", f"virtual key {claims.kid} has been revoked")
-    if claims.providers is not None and provider not in claims.providers:
+    if provider is not None and claims.providers is not None and provider not in claims.providers:
         raise EgressError("provider_not_permitted", f"virtual key {claims.kid} may not use {provider}")
 
 
@@ -165,6 +165,13 @@ class Authenticator:
         headers.append(pool.take())
         facts.forward_headers = headers
         exchange.lease = pool  # keeps the key's bytes alive (unwiped) as long as this exchange
+
+    def verified_claims(self, exchange: Exchange, token: bytes) -> Claims:
+        """A virtual key's claims, checked as on every request but for no provider (`/v1/models`)."""
+        claims = self.claims_for(token, exchange.client.peer)
+        exchange.claims = claims
+        check_claims(claims, time.time(), self.denyset.kids, None, self._clock_skew)
+        return claims
 
     def claims_for(self, token: bytes, peer: str | None = None) -> Claims:
         """Verified claims, from the cache when this token was verified before."""

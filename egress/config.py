@@ -24,6 +24,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from egress.providers import BUILTIN_PROVIDERS, RESERVED_NAMES, STREAM_USAGE_MODES, Provider
+from egress.routes import DEFAULT_ROUTES, ModelRoute
 from egress.vkeys import parse_public_key
 
 KiB = 1024
@@ -163,6 +164,8 @@ class Config:
     providers: MappingProxyType[str, Provider] = field(
         default_factory=lambda: MappingProxyType(dict(BUILTIN_PROVIDERS))
     )
+    # [[routes]] of the unified surface, in order; without any, routes.DEFAULT_ROUTES.
+    routes: tuple[ModelRoute, ...] = DEFAULT_ROUTES
     # Every table and key the file itself set, as paths ("providers", "openai", "base_url"): what a
     # reload must not lose. Not part of equality: the same settings spelled differently are equal.
     settings: frozenset[tuple[str, ...]] = field(default=frozenset(), compare=False, repr=False)
@@ -226,7 +229,7 @@ def _settings(table: dict[str, Any], prefix: tuple[str, ...] = ()) -> set[tuple[
 
 
 def parse_config(table: dict[str, Any]) -> Config:
-    _reject_unknown(table, {"server", "upstream", "keys", "nats", "limits", "usage", "providers"}, "")
+    _reject_unknown(table, {"server", "upstream", "keys", "nats", "limits", "usage", "providers", "routes"}, "")
     server = _build(ServerConfig, table.get("server", {}), "server")
     upstream = _build(UpstreamConfig, table.get("upstream", {}), "upstream")
     keys = _build(KeysConfig, table.get("keys", {}), "keys")
@@ -253,6 +256,7 @@ def parse_config(table: dict[str, Any]) -> Config:
         raise ConfigError("providers must be a table of [providers.<name>] tables")
     for name, row in provider_tables.items():
         providers[name] = _build_provider(name, row, providers.get(name))
+    routes = _build_routes(table.get("routes"), providers)
     return Config(
         server=server,
         upstream=upstream,
@@ -261,6 +265,7 @@ def parse_config(table: dict[str, Any]) -> Config:
         limits=limits,
         usage=usage,
         providers=MappingProxyType(providers),
+        routes=routes,
         settings=frozenset(_settings(table)),
     )
 
@@ -285,7 +290,44 @@ def _build_limits(table: Any) -> LimitsConfig:
     return dataclasses.replace(base, default_tier=default_tier, tiers=MappingProxyType(tiers))
 
 
-_PROVIDER_KEYS = {"base_url", "auth", "dialect", "pool_keys", "allow_anonymous", "inject_stream_usage", "stream_usage"}
+_PROVIDER_KEYS = {
+    "base_url",
+    "auth",
+    "dialect",
+    "pool_keys",
+    "allow_anonymous",
+    "inject_stream_usage",
+    "stream_usage",
+    "allow_models",
+    "deny_models",
+    "models",
+    "default_max_tokens",
+    "api_root",
+}
+_ROUTE_KEYS = {"match", "provider", "drop_params"}
+
+
+def _build_routes(rows: Any, providers: dict[str, Provider]) -> tuple[ModelRoute, ...]:
+    if rows is None:
+        return DEFAULT_ROUTES
+    if not isinstance(rows, list):
+        raise ConfigError("routes must be an array of [[routes]] tables")
+    routes = []
+    for index, row in enumerate(rows):
+        where = f"routes[{index}]"
+        if not isinstance(row, dict):
+            raise ConfigError(f"{where} must be a table")
+        _reject_unknown(row, _ROUTE_KEYS, where)
+        match, provider = row.get("match"), row.get("provider")
+        if not isinstance(match, str) or not match:
+            raise ConfigError(f"{where}.match must be a model name or glob (* ? [...])")
+        if not isinstance(provider, str) or provider not in providers:
+            raise ConfigError(f"{where}.provider must name a configured provider")
+        drop = _coerce(row.get("drop_params", False), "bool", f"{where}.drop_params")
+        routes.append(ModelRoute(match, provider, drop))
+    return tuple(routes)
+
+
 # What a value that is not a source most likely is; the message never shows the value itself.
 _LITERAL_HINT = "a literal key? keys never go in the config file"
 
@@ -311,6 +353,23 @@ def _build_provider(name: str, row: Any, builtin: Provider | None) -> Provider:
         if not _is_source(source):
             raise ConfigError(f"{where}.pool_keys[{index}] is not 'env:NAME' or 'file:PATH' ({_LITERAL_HINT})")
     allow_anonymous = _coerce(row.get("allow_anonymous", False), "bool", f"{where}.allow_anonymous")
+    allow_models = (
+        _coerce(row["allow_models"], "tuple[str, ...]", f"{where}.allow_models")
+        if "allow_models" in row
+        else (builtin.allow_models if builtin else None)
+    )
+    deny_models = _coerce(
+        row.get("deny_models", list(builtin.deny_models) if builtin else []), "tuple[str, ...]", f"{where}.deny_models"
+    )
+    models = _coerce(row.get("models", list(builtin.models) if builtin else []), "tuple[str, ...]", f"{where}.models")
+    api_root = row.get("api_root", builtin.api_root if builtin else "/v1")
+    if not isinstance(api_root, str) or not api_root.startswith("/") or api_root.endswith("/"):
+        raise ConfigError(f"{where}.api_root is a path like /v1 (no trailing slash)")
+    default_max_tokens = _coerce(
+        row.get("default_max_tokens", builtin.default_max_tokens if builtin else 4096),
+        "int",
+        f"{where}.default_max_tokens",
+    )
     default_inject = builtin.inject_stream_usage if builtin else True
     inject = _coerce(row.get("inject_stream_usage", default_inject), "bool", f"{where}.inject_stream_usage")
     # A provider egress does not know: its streams' usage is unknown until the operator says.
@@ -348,6 +407,11 @@ def _build_provider(name: str, row: Any, builtin: Provider | None) -> Provider:
         allow_anonymous=allow_anonymous,
         inject_stream_usage=inject,
         stream_usage=stream_usage,
+        allow_models=allow_models,
+        deny_models=deny_models,
+        models=models,
+        default_max_tokens=default_max_tokens,
+        api_root=api_root,
     )
 
 
@@ -445,6 +509,17 @@ def render_config(config: Config) -> str:
         lines.append(f"allow_anonymous = {_toml_value(provider.allow_anonymous)}")
         lines.append(f"stream_usage = {_toml_value(provider.stream_usage)}")
         lines.append(f"inject_stream_usage = {_toml_value(provider.inject_stream_usage)}")
+        if provider.allow_models is not None:
+            lines.append(f"allow_models = {_toml_value(provider.allow_models)}")
+        lines.append(f"deny_models = {_toml_value(provider.deny_models)}")
+        lines.append(f"models = {_toml_value(provider.models)}")
+        lines.append(f"default_max_tokens = {provider.default_max_tokens}")
+        lines.append("")
+    for route in config.routes:
+        lines.append("[[routes]]")
+        lines.append(f"match = {_toml_value(route.match)}")
+        lines.append(f"provider = {_toml_value(route.provider)}")
+        lines.append(f"drop_params = {_toml_value(route.drop_params)}")
         lines.append("")
     return "\n".join(lines)
 

@@ -43,7 +43,7 @@ _HOP_BY_HOP = frozenset(
 )
 # Headers egress writes itself on every response: an upstream's own copy would reach the client
 # beside egress's (a spoofed request id, first, where a log search would find it).
-EGRESS_RESPONSE_HEADERS = frozenset({b"x-egress-request-id"})
+EGRESS_RESPONSE_HEADERS = frozenset({b"x-egress-request-id", b"x-egress-dropped-params"})
 _NOT_RELAYED_DOWNSTREAM = _HOP_BY_HOP | EGRESS_RESPONSE_HEADERS | {b"content-length"}
 # Connection tokens that name nothing else to drop: the common `keep-alive` and `close`.
 _HOP_BY_HOP_TOKENS = _HOP_BY_HOP | {b"close", b""}

@@ -44,6 +44,7 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
     minting.add_argument("--providers", help="comma-separated allowlist, e.g. openai,anthropic")
     minting.add_argument("--ttl", help="lifetime: 90s, 30m, 12h, 30d")
     minting.add_argument("--tier", help="rate-limit tier")
+    minting.add_argument("--models", help="comma-separated model globs the key may use, e.g. 'gpt-4o*,claude-*'")
 
     inspect = sub.add_parser("inspect", help="decode a key and say whether it is valid")
     inspect.add_argument("key")
@@ -94,7 +95,8 @@ def _mint(args: argparse.Namespace) -> int:
             raise ConfigError(f"--ttl takes a number and one of s, m, h, d (like 30d), not {args.ttl!r}")
         ttl = int(match.group(1)) * _TTL_SECONDS[match.group(2)]
     providers = [name.strip() for name in args.providers.split(",") if name.strip()] if args.providers else None
-    token, claims = mint(private_key, args.sub, providers=providers, ttl_seconds=ttl, tier=args.tier)
+    models = [glob.strip() for glob in args.models.split(",") if glob.strip()] if args.models else None
+    token, claims = mint(private_key, args.sub, providers=providers, ttl_seconds=ttl, tier=args.tier, models=models)
     print(token)
     print(f"kid {claims.kid} for {claims.sub}", file=sys.stderr)
     return 0
@@ -114,6 +116,7 @@ def _inspect(args: argparse.Namespace) -> int:
         "issued_at": claims.iat,
         "expires_at": claims.exp,
         "providers": sorted(claims.providers) if claims.providers is not None else None,
+        "models": list(claims.models) if claims.models is not None else None,
         "tier": claims.tier,
     }
     print(orjson.dumps(document, option=orjson.OPT_INDENT_2).decode())

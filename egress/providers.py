@@ -36,10 +36,23 @@ class Provider:
     stream_usage: str = "include_usage"
     # An operator's override: never ask, whatever stream_usage says.
     inject_stream_usage: bool = True
+    # Model policy (routes.model_permitted): globs; deny beats allow; allow None = all, () = none.
+    allow_models: tuple[str, ...] | None = None
+    deny_models: tuple[str, ...] = ()
+    # The model ids `GET /v1/models` lists for this provider (literal ids, never patterns).
+    models: tuple[str, ...] = ()
+    # Anthropic requires max_tokens; a translated request that names none gets this.
+    default_max_tokens: int = 4096
+    # Where its OpenAI-compatible (or Anthropic) API sits under base_url: the unified surface sends
+    # a routed request to base path + api_root + "/chat/completions" (or "/messages").
+    api_root: str = "/v1"
     origin: Origin = field(init=False, compare=False, repr=False)
+    # Whether a passthrough request must be read for its model (routes.model_permitted).
+    model_policy: bool = field(init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "origin", Origin.from_url(self.base_url))
+        object.__setattr__(self, "model_policy", bool(self.deny_models) or self.allow_models is not None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,9 +132,9 @@ BUILTIN_PROVIDERS: dict[str, Provider] = {
         Provider(
             "anthropic", "https://api.anthropic.com", auth="x-api-key", dialect="anthropic", stream_usage="always"
         ),
-        Provider("openrouter", "https://openrouter.ai", stream_usage="always"),
-        Provider("fireworks", "https://api.fireworks.ai", stream_usage="unknown"),
-        Provider("groq", "https://api.groq.com", stream_usage="always"),
+        Provider("openrouter", "https://openrouter.ai", stream_usage="always", api_root="/api/v1"),
+        Provider("fireworks", "https://api.fireworks.ai", stream_usage="unknown", api_root="/inference/v1"),
+        Provider("groq", "https://api.groq.com", stream_usage="always", api_root="/openai/v1"),
         Provider("deepseek", "https://api.deepseek.com", stream_usage="always"),
         Provider("together", "https://api.together.xyz", stream_usage="unknown"),
         Provider("cerebras", "https://api.cerebras.ai", stream_usage="always"),
@@ -140,6 +153,8 @@ class Route:
     provider: Provider
     upstream_target: bytes  # request-target to send upstream, query included
     api: str = "openai"  # the API its bodies speak, for the usage meter (usage.api_of)
+    # The unified surface, routed by model once the body is read: "chat", "embeddings", "models".
+    surface: str | None = None
 
 
 _ROUTE_CACHE_SIZE = 4096
@@ -185,6 +200,11 @@ class Router:
                 rest = b"/" + rest  # "/openai" or "/openai?x" -> "/" or "/?x"
             return Route(provider, provider.origin.base_path + rest, _api(rest, provider))
         if segment == b"v1":
+            surface = _SURFACES.get(target.split(b"?", 1)[0])
+            if surface is not None and self._drop_in_openai is not None:
+                # Routed by the body's model once it is read (surface.py); the OpenAI row stands in
+                # until then, for the dialect of an early error.
+                return Route(self._drop_in_openai, target, "openai", surface)
             # Drop-in default for SDKs pointed at egress with no provider prefix.
             provider = self._drop_in_anthropic if _is_messages(target) else self._drop_in_openai
             if provider is not None:
@@ -211,6 +231,9 @@ def _refuse_dot_segments(target: bytes) -> None:
     for segment in path.split(b"/"):
         if segment.replace(b"%2e", b".").replace(b"%2E", b".") in (b".", b".."):
             raise EgressError("bad_request", "the path must not contain '.' or '..' segments")
+
+
+_SURFACES = {b"/v1/chat/completions": "chat", b"/v1/embeddings": "embeddings", b"/v1/models": "models"}
 
 
 def _is_messages(target: bytes) -> bool:

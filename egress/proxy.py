@@ -24,9 +24,10 @@ from typing import TYPE_CHECKING
 
 import orjson
 
-from egress import accesslog, http1
+from egress import accesslog, http1, surface
 from egress.errors import EgressError, render_error
 from egress.http1 import CHUNKED, NO_BODY, UNTIL_CLOSE
+from egress.routes import check_model
 from egress.stream_usage import InjectedUsageFilter, inject_include_usage
 from egress.usage import MISSING, Usage, UsageMeter
 
@@ -49,6 +50,7 @@ class Exchange:
     __slots__ = (
         "attempt",
         "body",
+        "body_filter",
         "body_size",
         "bytes_out",
         "claims",
@@ -86,7 +88,6 @@ class Exchange:
         "upstream",
         "upstream_done",
         "upstream_until_close",
-        "usage_filter",
     )
 
     def __init__(self, client: ClientConnection, request_id: bytes, started: float) -> None:
@@ -116,7 +117,10 @@ class Exchange:
         self.out: list[bytes] = []  # bytes for the client, written at the end of the loop turn
         self.out_size = 0
         self.meter: UsageMeter | None = None  # watches a 2xx JSON or SSE body go by
-        self.usage_filter: InjectedUsageFilter | None = None  # set when egress asked for stream usage
+        # The response-body filter seam: None on passthrough. `head(status, content_type) -> bool`
+        # (stay on?), `feed(bytes) -> bytes`, `finish() -> bytes`, `extra_headers`. Set when egress
+        # asked for stream usage (InjectedUsageFilter) or translates (surface.TranslatedChat).
+        self.body_filter = None
         self.status = 0
         self.framing = NO_BODY
         self.head_sent = False
@@ -143,11 +147,15 @@ class Exchange:
         content_length = facts.content_length
         if status == 204:
             content_length = None  # RFC 9110 §8.6: never in a 204, whatever the upstream sent
-        if self.usage_filter is not None:
-            if 200 <= status < 300 and facts.content_type.startswith(b"text/event-stream"):
-                content_length = None  # the body shrinks by what the caller didn't ask for: reframe
+        headers = facts.headers
+        body_filter = self.body_filter
+        if body_filter is not None:
+            if body_filter.head(status, facts.content_type):
+                content_length = None  # the filter changes the body's length: reframe
+                if body_filter.extra_headers:
+                    headers = headers + list(body_filter.extra_headers)
             else:
-                self.usage_filter = None
+                self.body_filter = None
         framing = http1.response_framing(status, self.head_request, content_length, self.http11)
         self.upstream_until_close = framing in (CHUNKED, UNTIL_CLOSE) and not facts.chunked
         client = self.client
@@ -163,18 +171,16 @@ class Exchange:
         self.head_sent = True
         self.ttfb = time.monotonic() - self.started
         self.out.append(
-            http1.response_head(
-                status, facts.headers, framing, content_length, self.request_id, self.keep_alive, self.http11
-            )
+            http1.response_head(status, headers, framing, content_length, self.request_id, self.keep_alive, self.http11)
         )
 
     def upstream_body(self, data: bytes) -> None:
         meter = self.meter
         if meter is not None:
             meter.feed(data)  # the provider's bytes, usage chunk included
-        usage_filter = self.usage_filter
-        if usage_filter is not None:
-            data = usage_filter.feed(data)
+        body_filter = self.body_filter
+        if body_filter is not None:
+            data = body_filter.feed(data)
             if not data:
                 return  # never an empty chunk: in chunked framing it would end the body
         self._emit(data)
@@ -230,8 +236,8 @@ class Exchange:
             self.out_size = 0
 
     def upstream_end(self) -> None:
-        if self.usage_filter is not None:
-            rest = self.usage_filter.finish()
+        if self.body_filter is not None:
+            rest = self.body_filter.finish()
             if rest:
                 self._emit(rest)
         if self.framing == CHUNKED:
@@ -303,12 +309,35 @@ def _safe_to_retry(exchange: Exchange, upstream: UpstreamConnection | None) -> b
 def forward(exchange: Exchange) -> None:
     """The upstream request phase for one routed request, when its turn on the connection comes."""
     try:
+        route = exchange.route
+        if route.surface is not None:
+            if not surface.prepare(exchange):
+                return  # answered: the model list, or an error
+        else:
+            claims = exchange.claims
+            if route.provider.model_policy or (claims is not None and claims.models is not None):
+                error = _passthrough_model_refused(exchange)
+                if error is not None:
+                    respond_error(exchange, error)
+                    return
         exchange.request = _upstream_request(exchange)
         exchange.attempt = 1
         _dispatch(exchange)
     except Exception as exc:  # a bug must cost one request, not the process
         exchange.client.log_internal_error(exc)
         respond_error(exchange, EgressError("internal_error", f"internal error ({type(exc).__name__})"))
+
+
+def _passthrough_model_refused(exchange: Exchange) -> EgressError | None:
+    """The same model policy on a provider-prefixed request whose JSON body names a model."""
+    found = _REQUESTED_MODEL.search(exchange.body, 0, 65536) if exchange.body else None
+    if found is None:
+        return None
+    try:
+        check_model(exchange.route.provider, found.group(1).decode("utf-8", "replace"), exchange.claims)
+    except EgressError as error:
+        return error
+    return None
 
 
 def _upstream_request(exchange: Exchange) -> list[bytes]:
@@ -327,7 +356,7 @@ def _upstream_request(exchange: Exchange) -> list[bytes]:
         injected = inject_include_usage(body)
         if injected is not None:
             body = injected
-            exchange.usage_filter = InjectedUsageFilter()
+            exchange.body_filter = InjectedUsageFilter()
             # The filter edits the stream's bytes, which it can't do inside gzip: ask for identity
             # (always acceptable, RFC 9110 §12.5.3), so the caller gets the stream it asked for.
             headers = [header for header in headers if header[0] != b"accept-encoding"]
@@ -483,7 +512,7 @@ def emit_usage(
         usage.state == MISSING
         and meter is not None
         and meter.streaming
-        and exchange.usage_filter is None
+        and exchange.body_filter is None
         and row.stream_usage != "always"
     ):
         usage.reason = "not_requested"  # this provider's streams carry usage only when asked
@@ -499,6 +528,7 @@ def emit_usage(
             "kid": kid,
             "subject": sub,
             "provider": provider,
+            "surface": exchange.route.surface or "passthrough",
             "path": path,
             "requested_model": requested.group(1).decode("utf-8", "replace") if requested else None,
             "model": usage.model,

@@ -30,6 +30,7 @@ from egress.denyset import DenySet, read_deny_file
 from egress.facts import FactSink, worker_path
 from egress.limiter import RateLimiter
 from egress.providers import Router
+from egress.routes import ModelRoutes
 from egress.sdnotify import notify
 from egress.secrets import SecretSourceError
 from egress.server import ClientConnection, ServerState
@@ -78,6 +79,7 @@ def reload_config(state: ServerState, config_path: str | None) -> None:
     retired_auth = state.auth
     state.auth = Authenticator(new, retired_auth.denyset, pools)
     state.router = Router(new.providers)
+    state.model_routes = ModelRoutes(new.routes, dict(new.providers))
     state.limiter.set_tiers(new.limits)
     if new.upstream != old.upstream:
         retired_pool = state.pool

@@ -30,6 +30,7 @@ from egress.errors import EgressError, render_error
 from egress.flow import Backpressure
 from egress.metrics import Metrics
 from egress.providers import HEALTH_PATH, guess_dialect
+from egress.routes import ModelRoutes
 
 if TYPE_CHECKING:
     from egress.accesslog import AccessLog
@@ -57,6 +58,7 @@ class ServerState:
         "loop_time",
         "metering",
         "metrics",
+        "model_routes",
         "new_request_id",
         "pool",
         "router",
@@ -81,6 +83,7 @@ class ServerState:
         self.facts = facts
         self.metrics = Metrics()
         self.metering = config.usage.enabled
+        self.model_routes = ModelRoutes(config.routes, dict(config.providers))
         self.loop_time = asyncio.get_running_loop().time
         self.connections: set[ClientConnection] = set()
         self.draining = False
@@ -308,9 +311,11 @@ class ClientConnection(asyncio.Protocol):
             try:
                 exchange.route = route = state.router.resolve(target)
                 exchange.dialect = route.provider.dialect
-                state.auth.authenticate(exchange, route.provider)
-                if state.limiter.enabled:
-                    state.limiter.admit(exchange, route.provider.name, self.loop.time())
+                if route.surface is None:
+                    state.auth.authenticate(exchange, route.provider)
+                    if state.limiter.enabled:
+                        state.limiter.admit(exchange, route.provider.name, self.loop.time())
+                # The unified surface authenticates once its body names the model (surface.py).
             except EgressError as error:
                 if exchange.route is None:
                     exchange.dialect = guess_dialect(target, facts.has_anthropic_headers)

@@ -48,9 +48,15 @@ def inject_include_usage(body: bytes) -> bytes | None:
 class InjectedUsageFilter:
     __slots__ = ("_carry", "_drop_blank")
 
+    extra_headers: tuple = ()
+
     def __init__(self) -> None:
         self._carry = b""
         self._drop_blank = False
+
+    def head(self, status: int, content_type: bytes) -> bool:
+        """The response-filter seam (proxy.Exchange.upstream_head): stay on a 2xx SSE stream only."""
+        return 200 <= status < 300 and content_type.startswith(b"text/event-stream")
 
     def feed(self, chunk: bytes) -> bytes:
         if self._carry:

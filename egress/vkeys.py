@@ -6,7 +6,8 @@ Format, version 1:
 
     payload   = canonical JSON (sorted keys, no spaces) of
                 {"v": 1, "kid": 16 hex, "iss": 16 hex, "sub": str, "iat": int,
-                 "exp": int (optional), "prv": [provider, ...] (optional), "tier": str (optional)}
+                 "exp": int (optional), "prv": [provider, ...] (optional), "tier": str (optional),
+                 "mdl": [model glob, ...] (optional: the models the key may use, routes.model_permitted)}
     signature = Ed25519(issuer private key, b"bai1." + payload)
 
 `iss` is the first 8 bytes of SHA-256 over the issuer's raw public key, so several issuers can be
@@ -49,6 +50,7 @@ class Claims:
     exp: int | None = None
     providers: frozenset[str] | None = None
     tier: str | None = None
+    models: tuple[str, ...] | None = None
 
 
 def issuer_id(public_key: Ed25519PublicKey) -> str:
@@ -75,6 +77,7 @@ def mint(
     ttl_seconds: int | None = None,
     tier: str | None = None,
     now: int | None = None,
+    models: list[str] | None = None,
 ) -> tuple[str, Claims]:
     issued = int(time.time()) if now is None else now
     document: dict = {"v": 1, "kid": secrets.token_hex(8), "iss": issuer_id(private_key.public_key()), "sub": sub}
@@ -85,6 +88,8 @@ def mint(
         document["prv"] = sorted(set(providers))
     if tier:
         document["tier"] = tier
+    if models:
+        document["mdl"] = sorted(set(models))
     payload = orjson.dumps(document, option=orjson.OPT_SORT_KEYS)
     signature = private_key.sign(SIGNING_DOMAIN + payload)
     token = PREFIX + _b64encode(payload) + b"." + _b64encode(signature)
@@ -137,11 +142,11 @@ class Verifier:
 def _claims(document: dict) -> Claims:
     if document.get("v") != 1:
         raise ValueError("unknown version")
-    known = {"v", "kid", "iss", "sub", "iat", "exp", "prv", "tier"}
+    known = {"v", "kid", "iss", "sub", "iat", "exp", "prv", "tier", "mdl"}
     if not known.issuperset(document):
         raise ValueError("unknown field")
     kid, iss, sub, iat = document["kid"], document["iss"], document["sub"], document["iat"]
-    exp, prv, tier = document.get("exp"), document.get("prv"), document.get("tier")
+    exp, prv, tier, mdl = document.get("exp"), document.get("prv"), document.get("tier"), document.get("mdl")
     if not (_is_hex16(kid) and _is_hex16(iss) and isinstance(sub, str) and sub and _is_int(iat)):
         raise ValueError("bad claims")
     if exp is not None and not _is_int(exp):
@@ -150,7 +155,10 @@ def _claims(document: dict) -> Claims:
         raise ValueError("bad prv")
     if tier is not None and not isinstance(tier, str):
         raise ValueError("bad tier")
-    return Claims(kid, iss, sub, iat, exp, frozenset(prv) if prv is not None else None, tier)
+    if mdl is not None and not (isinstance(mdl, list) and mdl and all(isinstance(m, str) and m for m in mdl)):
+        raise ValueError("bad mdl")
+    models = tuple(mdl) if mdl is not None else None
+    return Claims(kid, iss, sub, iat, exp, frozenset(prv) if prv is not None else None, tier, models)
 
 
 def _is_hex16(value: object) -> bool:

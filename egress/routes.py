@@ -1,0 +1,134 @@
+"""Model routes and the one model policy (sans-IO): which provider serves a model, and who may use it.
+
+Contract:
+  `ModelRoutes(routes, providers).resolve(model)` -> `Target(provider, upstream_model, route)` for
+      the unified surface (`/v1/chat/completions`, `/v1/embeddings`), or raises EgressError:
+      400 model_required, 404 model_not_found. `provider:model` names a configured provider
+      directly, and the provider's own model name goes upstream. Otherwise the first route whose
+      `match` glob matches the WHOLE model name wins (fnmatch: * ? [...], case-sensitive): a prefix
+      is never enough (LiteLLM PR #42090 routed `gpt-4o-mini` by a `gpt-4o` prefix).
+  `model_permitted(provider, model, claims)` is THE policy: the provider's `deny_models` beat its
+      `allow_models` (absent: all; `[]`: none), then the virtual key's `mdl` globs. The call path
+      (`check_model`) and the `/v1/models` listing (`listed_models`) both call it, so what is listed
+      is exactly what is served (LiteLLM #8113, #8688: the two drifted apart).
+A refused model is 403 model_not_permitted and never falls through to a later route: a deny must
+not turn into "another provider serves it".
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from fnmatch import fnmatchcase
+from typing import TYPE_CHECKING
+
+from egress.errors import EgressError
+
+if TYPE_CHECKING:
+    from egress.providers import Provider
+    from egress.vkeys import Claims
+
+
+@dataclass(frozen=True, slots=True)
+class ModelRoute:
+    match: str  # a glob over the caller's model name, matched whole
+    provider: str
+    # Translated requests only: drop parameters the target can't honour instead of refusing them;
+    # the dropped names go back in `x-egress-dropped-params`.
+    drop_params: bool = False
+
+
+# Without [[routes]]: Claude models to Anthropic (translated), everything else to OpenAI, so the
+# drop-in default of bare /v1 keeps working and Claude works through the OpenAI SDK out of the box.
+DEFAULT_ROUTES = (ModelRoute("claude-*", "anthropic"), ModelRoute("*", "openai"))
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    provider: Provider
+    upstream_model: str
+    route: ModelRoute | None  # None when the caller named the provider (`provider:model`)
+
+
+class ModelRoutes:
+    __slots__ = ("_providers", "routes")
+
+    def __init__(self, routes: tuple[ModelRoute, ...], providers: dict[str, Provider]) -> None:
+        self.routes = routes
+        self._providers = providers
+
+    def resolve(self, model: object) -> Target:
+        if not isinstance(model, str) or not model:
+            raise EgressError("model_required", "the request names no model ('model' is required)")
+        name, colon, rest = model.partition(":")
+        if colon and rest and name in self._providers:
+            return Target(self._providers[name], rest, None)
+        for route in self.routes:
+            if fnmatchcase(model, route.match):
+                provider = self._providers.get(route.provider)
+                if provider is not None:
+                    return Target(provider, model, route)
+        raise EgressError("model_not_found", f"no route serves the model {model!r}")
+
+    def routed_providers(self) -> list[Provider]:
+        """The providers the routes name, in route order, each once."""
+        seen: dict[str, Provider] = {}
+        for route in self.routes:
+            provider = self._providers.get(route.provider)
+            if provider is not None:
+                seen.setdefault(provider.name, provider)
+        return list(seen.values())
+
+
+def model_permitted(provider: Provider, model: str, claims: Claims | None) -> bool:
+    """The one model policy: provider deny beats allow, then the virtual key's own model list."""
+    if any(fnmatchcase(model, pattern) for pattern in provider.deny_models):
+        return False
+    allow = provider.allow_models
+    if allow is not None and not any(fnmatchcase(model, pattern) for pattern in allow):
+        return False
+    if claims is not None and claims.models is not None:
+        return any(fnmatchcase(model, pattern) for pattern in claims.models)
+    return True
+
+
+def has_model_policy(provider: Provider, claims: Claims | None) -> bool:
+    """Whether a passthrough request must be read for its model at all (most pay nothing)."""
+    return (
+        bool(provider.deny_models)
+        or provider.allow_models is not None
+        or (claims is not None and claims.models is not None)
+    )
+
+
+def check_model(provider: Provider, model: str, claims: Claims | None) -> None:
+    if not model_permitted(provider, model, claims):
+        raise EgressError("model_not_permitted", f"the model {model!r} is not permitted here")
+
+
+def listed_models(routes: ModelRoutes, claims: Claims | None) -> list[dict]:
+    """`GET /v1/models`: each routed provider's models that the same policy permits.
+
+    An id two providers serve is listed once per provider as `provider:model`, which the call path
+    accepts; patterns are never listed, only the literal ids a provider row names in `models`.
+    """
+    offered: list[tuple[Provider, str]] = []
+    for provider in routes.routed_providers():
+        if claims is not None and claims.providers is not None and provider.name not in claims.providers:
+            continue
+        offered += [(provider, model) for model in provider.models if model_permitted(provider, model, claims)]
+    counts: dict[str, int] = {}
+    for _, model in offered:
+        counts[model] = counts.get(model, 0) + 1
+    listed = []
+    for provider, model in offered:
+        # The bare id only where the call path would take it to this very provider.
+        shown = model if counts[model] == 1 and _routes_to(routes, model, provider) else f"{provider.name}:{model}"
+        listed.append({"id": shown, "object": "model", "created": 0, "owned_by": provider.name})
+    return listed
+
+
+def _routes_to(routes: ModelRoutes, model: str, provider: Provider) -> bool:
+    try:
+        return routes.resolve(model).provider.name == provider.name
+    except EgressError:
+        return False

@@ -1,0 +1,194 @@
+"""The unified surface: `/v1/chat/completions`, `/v1/embeddings` and `/v1/models`, routed by model.
+
+Phase contract: `prepare(exchange)` runs in the upstream-request phase of a request whose route is a
+surface route (providers.Router marks bare /v1/chat/completions, /v1/embeddings and /v1/models), once
+its body is read. It returns True when the request goes upstream (the exchange now carries the real
+`Route`, its credential, its body and, for a translated request, its response filter) and False when
+it was answered here (the model list, or an error). Passthrough requests never come here.
+
+Order: parse the body -> route by `model` (routes.ModelRoutes) -> the model policy for the
+provider -> authenticate for that provider (a virtual key gets its pool key; a BYO key is moved to
+the provider's auth scheme) -> the model policy with the key's own model list -> limits -> the
+upstream request: the caller's model stays the caller's (only `provider:model` is rewritten to the
+provider's own name), and a Chat Completions request for an Anthropic-dialect provider is
+translated (anthropic_codec) with a `TranslatedChat` filter for the response.
+Errors are always in the OpenAI dialect, with the codes of errors.py.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+import orjson
+
+from egress.errors import EgressError
+from egress.http1 import bearer_token
+from egress.providers import Route
+from egress.routes import check_model, listed_models
+from egress.usage import api_of
+
+if TYPE_CHECKING:
+    from egress.proxy import Exchange
+
+_ANTHROPIC_VERSION = b"2023-06-01"  # https://docs.anthropic.com/en/api/versioning
+_DROPPED_HEADER = b"x-egress-dropped-params"
+
+
+def prepare(exchange: Exchange) -> bool:
+    from egress import proxy  # the phases module; imported here to keep this module's import light
+
+    try:
+        if exchange.route.surface == "models":
+            proxy.respond(exchange, 200, _model_list(exchange))
+            return False
+        _route_by_model(exchange)
+    except EgressError as error:
+        exchange.dialect = "openai"
+        proxy.respond_error(exchange, error)
+        return False
+    return True
+
+
+def _model_list(exchange: Exchange) -> bytes:
+    state = exchange.client.state
+    facts = exchange.facts
+    claims = None
+    token = _caller_token(facts.authorization, facts.api_key)
+    if token is None:
+        raise EgressError("missing_key", "no API key: send a virtual key or your provider key")
+    if token.startswith(b"bai_"):
+        claims = state.auth.verified_claims(exchange, token)
+    return orjson.dumps({"object": "list", "data": listed_models(state.model_routes, claims)})
+
+
+def _route_by_model(exchange: Exchange) -> None:
+    state = exchange.client.state
+    surface = exchange.route.surface
+    try:
+        document = orjson.loads(exchange.body) if exchange.body else None
+    except orjson.JSONDecodeError:
+        document = None
+    if not isinstance(document, dict):
+        raise EgressError("invalid_request", "the request body must be a JSON object")
+    requested = document.get("model")
+    target = state.model_routes.resolve(requested)
+    provider = target.provider
+    model = target.upstream_model
+    check_model(provider, model, None)  # the provider's own policy, before any credential work
+    translate = provider.dialect == "anthropic"
+    if translate and surface != "chat":
+        raise EgressError("model_not_found", f"{provider.name} serves no {surface} API for {requested!r}")
+    query = exchange.target.partition(b"?")[2]
+    path = (provider.api_root + ("/messages" if translate else "/" + _UPSTREAM_PATHS[surface])).encode()
+    upstream_target = provider.origin.base_path + path + (b"?" + query if query else b"")
+    exchange.route = Route(provider, upstream_target, api_of(path, provider.dialect), surface)
+    exchange.dialect = "openai"
+    state.auth.authenticate(exchange, provider)
+    check_model(provider, model, exchange.claims)
+    if state.limiter.enabled:
+        state.limiter.admit(exchange, provider.name, state.loop_time())
+    if translate:
+        _translate(exchange, document, model, requested, target.route is not None and target.route.drop_params)
+    elif model != requested:
+        document["model"] = model  # `provider:model`: the provider's own name goes upstream
+        exchange.body = orjson.dumps(document)
+
+
+_UPSTREAM_PATHS = {"chat": "chat/completions", "embeddings": "embeddings"}
+
+
+def _translate(exchange: Exchange, document: dict, model: str, requested: str, drop_params: bool) -> None:
+    from egress import anthropic_codec
+
+    provider = exchange.route.provider
+    body, dropped = anthropic_codec.chat_to_messages(
+        document, default_max_tokens=provider.default_max_tokens, drop_params=drop_params
+    )
+    body["model"] = model
+    exchange.body = orjson.dumps(body)
+    facts = exchange.facts
+    headers = []
+    byo = None
+    has_version = False
+    for name, value in facts.forward_headers:
+        if name == b"authorization":
+            byo = bearer_token(value)  # a BYO key moves to Anthropic's scheme (x-api-key)
+            continue
+        if name == b"accept-encoding":
+            continue  # the filter rewrites the body: ask for identity (RFC 9110 §12.5.3)
+        if name == b"anthropic-version":
+            has_version = True
+        headers.append((name, value))
+    if byo is not None and not any(name == b"x-api-key" for name, _ in headers):
+        headers.append((b"x-api-key", byo))
+    if not has_version:
+        headers.append((b"anthropic-version", _ANTHROPIC_VERSION))
+    facts.forward_headers = headers
+    options = document.get("stream_options")
+    include_usage = isinstance(options, dict) and options.get("include_usage") is True
+    exchange.body_filter = TranslatedChat(
+        requested, bool(document.get("stream")), include_usage, [name.encode() for name in dropped]
+    )
+
+
+def _caller_token(authorization: bytes | None, api_key: bytes | None) -> bytes | None:
+    if authorization is not None:
+        return bearer_token(authorization) or None
+    if api_key is not None:
+        return api_key.strip() or None
+    return None
+
+
+class TranslatedChat:
+    """The response filter of a translated Chat Completions request (Anthropic Messages upstream).
+
+    A 2xx SSE stream is transcoded event by event (anthropic_codec.StreamTranscoder), written as it
+    arrives. A JSON body, or any error body, is held (a provider's error or message is small) and
+    translated whole at the end: OpenAI's `chat.completion`, or OpenAI's error shape with the same
+    status and the upstream's retry headers (a 429 stays a 429).
+    """
+
+    __slots__ = ("_held", "_include_usage", "_model", "_status", "_stream", "_transcoder", "extra_headers")
+
+    def __init__(self, model: str, stream: bool, include_usage: bool, dropped: list[bytes]) -> None:
+        self._model = model
+        self._stream = stream
+        self._include_usage = include_usage
+        self._transcoder = None
+        self._held = bytearray()
+        self._status = 0
+        self.extra_headers = ((_DROPPED_HEADER, b", ".join(dropped)),) if dropped else ()
+
+    def head(self, status: int, content_type: bytes) -> bool:
+        from egress import anthropic_codec
+
+        self._status = status
+        if 200 <= status < 300 and content_type.startswith(b"text/event-stream"):
+            self._transcoder = anthropic_codec.StreamTranscoder(
+                model=self._model, created=int(time.time()), include_usage=self._include_usage
+            )
+        return True
+
+    def feed(self, data: bytes) -> bytes:
+        transcoder = self._transcoder
+        if transcoder is not None:
+            return transcoder.feed(data)
+        self._held += data
+        return b""
+
+    def finish(self) -> bytes:
+        from egress import anthropic_codec
+
+        transcoder = self._transcoder
+        if transcoder is not None:
+            return transcoder.finish()
+        if 200 <= self._status < 300:
+            try:
+                message = orjson.loads(self._held)
+            except orjson.JSONDecodeError:
+                return anthropic_codec.error_to_openai(502, bytes(self._held))
+            if not isinstance(message, dict):
+                return anthropic_codec.error_to_openai(502, bytes(self._held))
+            return orjson.dumps(anthropic_codec.message_to_chat(message, model=self._model, created=int(time.time())))
+        return anthropic_codec.error_to_openai(self._status, bytes(self._held))

@@ -1,0 +1,113 @@
+"""Model routes and the one model policy: the call path and the listing agree by construction."""
+
+from __future__ import annotations
+
+import pytest
+
+from egress.errors import EgressError
+from egress.providers import BUILTIN_PROVIDERS, Provider
+from egress.routes import DEFAULT_ROUTES, ModelRoute, ModelRoutes, check_model, listed_models, model_permitted
+from egress.vkeys import Claims
+
+PROVIDERS = {
+    **BUILTIN_PROVIDERS,
+    "openai": Provider("openai", "https://api.openai.com", models=("gpt-4o", "gpt-4o-mini", "o3")),
+    "anthropic": Provider(
+        "anthropic",
+        "https://api.anthropic.com",
+        dialect="anthropic",
+        models=("claude-sonnet-4-5", "claude-opus-4-1"),
+        deny_models=("claude-opus-*",),
+    ),
+    "groq": Provider("groq", "https://api.groq.com", models=("llama-3.3-70b", "gpt-4o"), allow_models=("llama-*",)),
+}
+ROUTES = ModelRoutes(
+    (ModelRoute("claude-*", "anthropic"), ModelRoute("llama-*", "groq"), ModelRoute("*", "openai")),
+    PROVIDERS,
+)
+
+
+def claims(models: tuple[str, ...] | None = None, providers: frozenset[str] | None = None) -> Claims:
+    return Claims("0" * 16, "1" * 16, "app", 0, models=models, providers=providers)
+
+
+@pytest.mark.parametrize(
+    ("model", "provider", "upstream"),
+    [
+        ("claude-sonnet-4-5", "anthropic", "claude-sonnet-4-5"),
+        ("llama-3.3-70b", "groq", "llama-3.3-70b"),
+        ("gpt-4o", "openai", "gpt-4o"),
+        ("my-claude-model", "openai", "my-claude-model"),  # a glob matches the whole name, never a part
+        ("Claude-3", "openai", "Claude-3"),  # case-sensitive
+        ("groq:gpt-4o", "groq", "gpt-4o"),  # provider:model names a provider; its own name goes upstream
+        ("nosuch:gpt-4o", "openai", "nosuch:gpt-4o"),  # not a provider: an ordinary model name
+    ],
+)
+def test_resolve(model, provider, upstream):
+    target = ROUTES.resolve(model)
+    assert (target.provider.name, target.upstream_model) == (provider, upstream)
+
+
+@pytest.mark.parametrize(("model", "code"), [(None, "model_required"), ("", "model_required"), (7, "model_required")])
+def test_model_required(model, code):
+    with pytest.raises(EgressError) as raised:
+        ROUTES.resolve(model)
+    assert raised.value.code == code and raised.value.status == 400
+
+
+def test_no_route_is_404():
+    routes = ModelRoutes((ModelRoute("gpt-*", "openai"),), PROVIDERS)
+    with pytest.raises(EgressError) as raised:
+        routes.resolve("claude-x")
+    assert (raised.value.code, raised.value.status) == ("model_not_found", 404)
+
+
+def test_default_routes_send_claude_to_anthropic_and_the_rest_to_openai():
+    routes = ModelRoutes(DEFAULT_ROUTES, BUILTIN_PROVIDERS)
+    assert routes.resolve("claude-haiku-4-5").provider.name == "anthropic"
+    assert routes.resolve("gpt-5").provider.name == "openai"
+
+
+def test_policy_deny_beats_allow_and_the_key_narrows_further():
+    anthropic, groq = PROVIDERS["anthropic"], PROVIDERS["groq"]
+    assert model_permitted(anthropic, "claude-sonnet-4-5", None)
+    assert not model_permitted(anthropic, "claude-opus-4-1", None)  # deny
+    assert not model_permitted(groq, "gpt-4o", None)  # not in allow
+    both = Provider("x", "https://x.test", allow_models=("a-*",), deny_models=("a-bad",))
+    assert model_permitted(both, "a-good", None) and not model_permitted(both, "a-bad", None)
+    none_allowed = Provider("y", "https://y.test", allow_models=())
+    assert not model_permitted(none_allowed, "anything", None)
+    key = claims(models=("gpt-4o*",))
+    assert model_permitted(PROVIDERS["openai"], "gpt-4o-mini", key)
+    assert not model_permitted(PROVIDERS["openai"], "o3", key)
+    with pytest.raises(EgressError) as raised:
+        check_model(PROVIDERS["openai"], "o3", key)
+    assert (raised.value.code, raised.value.status) == ("model_not_permitted", 403)
+
+
+def test_the_listing_is_what_the_call_path_serves():
+    for key in (None, claims(models=("gpt-4o*", "claude-*")), claims(providers=frozenset({"openai"}))):
+        listed = listed_models(ROUTES, key)
+        for entry in listed:
+            target = ROUTES.resolve(entry["id"])
+            assert target.provider.name == entry["owned_by"], entry
+            assert model_permitted(target.provider, target.upstream_model, key), entry
+            if key is not None and key.providers is not None:
+                assert target.provider.name in key.providers
+    ids = {entry["id"] for entry in listed_models(ROUTES, None)}
+    # gpt-4o is served by openai and offered by groq (but groq's allow list refuses it): listed once.
+    assert ids == {"gpt-4o", "gpt-4o-mini", "o3", "claude-sonnet-4-5", "llama-3.3-70b"}
+    assert "claude-opus-4-1" not in ids  # denied: never listed
+    assert {e["id"] for e in listed_models(ROUTES, claims(models=("gpt-4o*",)))} == {"gpt-4o", "gpt-4o-mini"}
+
+
+def test_an_id_two_providers_serve_is_listed_per_provider():
+    providers = {
+        "openai": Provider("openai", "https://api.openai.com", models=("shared-model",)),
+        "groq": Provider("groq", "https://api.groq.com", models=("shared-model",)),
+    }
+    routes = ModelRoutes((ModelRoute("*", "openai"), ModelRoute("x", "groq")), providers)
+    ids = sorted(entry["id"] for entry in listed_models(routes, None))
+    assert ids == ["groq:shared-model", "openai:shared-model"]
+    for shown in ids:
+        assert routes.resolve(shown).provider.name == shown.split(":")[0]
