@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 
 import orjson
 
+from egress import anthropic_codec
 from egress.errors import EgressError
 from egress.http1 import bearer_token
 from egress.providers import Route
@@ -99,8 +100,6 @@ _UPSTREAM_PATHS = {"chat": "chat/completions", "embeddings": "embeddings"}
 
 
 def _translate(exchange: Exchange, document: dict, model: str, requested: str, drop_params: bool) -> None:
-    from egress import anthropic_codec
-
     provider = exchange.route.provider
     body, dropped = anthropic_codec.chat_to_messages(
         document, default_max_tokens=provider.default_max_tokens, drop_params=drop_params
@@ -161,8 +160,6 @@ class TranslatedChat:
         self.extra_headers = ((_DROPPED_HEADER, b", ".join(dropped)),) if dropped else ()
 
     def head(self, status: int, content_type: bytes) -> bool:
-        from egress import anthropic_codec
-
         self._status = status
         if 200 <= status < 300 and content_type.startswith(b"text/event-stream"):
             self._transcoder = anthropic_codec.StreamTranscoder(
@@ -178,8 +175,6 @@ class TranslatedChat:
         return b""
 
     def finish(self) -> bytes:
-        from egress import anthropic_codec
-
         transcoder = self._transcoder
         if transcoder is not None:
             return transcoder.finish()

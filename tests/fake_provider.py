@@ -20,17 +20,57 @@ passes any unknown header):
   bad-header     a response header whose value carries a bare CR
   slow-head      waits x-fake-delay seconds before the status line
   until-close    an HTTP/1.0-style response framed by closing the connection
-  rate-limited   OpenAI's 429 body and rate-limit headers
+  rate-limited   OpenAI's 429 body and rate-limit headers (on /messages: Anthropic's, see below)
+
+Anthropic `/v1/messages` is strict by default (`FakeProvider.strict_anthropic`): a request the real
+Messages API refuses gets its 400 `{"type":"error","error":{"type":"invalid_request_error",...}}`
+(https://docs.anthropic.com/en/api/errors) before any scenario runs; see `validate_anthropic_request`
+for the rules and their sources. The transport scenarios above (long-stream, big-stream, cut-stream,
+slow-head) test framing, not content, and skip the check. Anthropic scenarios, streamed when the
+request says `"stream": true` (the SSE sequence of
+https://docs.anthropic.com/en/docs/build-with-claude/streaming: message_start, content_block_start,
+ping, content_block_delta..., content_block_stop per block, message_delta with cumulative usage,
+message_stop; every event with its `event:` line):
+  (none)          one text block, "Hello from the fake provider.", stop_reason end_turn
+  tool-call       one tool_use block calling the first tool of `tools` with a minimal input valid for
+                  its input_schema; stop_reason tool_use (the default text without tools or under
+                  tool_choice none)
+  parallel-tools  a text block, then two tool_use blocks (the first two tools, or the first one twice;
+                  only one when tool_choice.disable_parallel_tool_use); stop_reason tool_use
+  thinking        a thinking block (with its signature) then a text block, when the request enables
+                  thinking (`enabled` or `adaptive`); only the text block otherwise
+  echo-images     a text block "images=N base64=B url=U media_types=..." counting the image blocks of
+                  the request (message content and tool_result content)
+  json-tool       when tool_choice forces a tool (`tool`: that one, `any`: the first), its tool_use
+                  with a minimal valid input and no text; a plain text answer otherwise
+  rate-limited    429 rate_limit_error with retry-after and anthropic-ratelimit-* headers
+  overloaded      529 overloaded_error
+  stream-error    message_start, a text block start and one text delta, then
+                  `event: error` {"type":"error","error":{"type":"overloaded_error","message":"Overloaded"}}
+                  and the body ends (a non-streamed request gets the 529 instead)
+  stream-cut      the text answer cut mid-body by a TCP abort: no message_stop (streamed: after two
+                  text deltas; not streamed: half the JSON body)
+Tool ids are unique per response (`toolu_<request id>_<n>`), so a conversation fed back stays valid.
+Usage is consistent within each answer: streamed output_tokens (cumulative, in message_delta) equal the
+non-streamed ones (except the historic default scenario: 7 non-streamed, 6 streamed); a request
+carrying any `cache_control` reports `cache_creation_input_tokens` > 0 the first time and
+`cache_read_input_tokens` the same amount when the same prompt comes again.
+For tests: `TINY_PNG_BASE64` (base64 image data is decoded and must match its media_type, as the real
+service checks), `minimal_instance(schema)` (the tool input the fake sends) and `RecordedRequest.json()`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import itertools
+import re
 import ssl
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import NoReturn
 
 import h11
 import orjson
@@ -50,6 +90,9 @@ class RecordedRequest:
             if key == name:
                 return value
         return None
+
+    def json(self):
+        return orjson.loads(self.body)
 
 
 @dataclass
@@ -76,6 +119,10 @@ class FakeProvider:
         self.streams: dict[str, StreamRecord] = {}
         self.connections_opened = 0
         self.connections_closed = 0
+        # Refuse, as the real Messages API does, what it refuses (see validate_anthropic_request).
+        self.strict_anthropic = True
+        # Prompts seen with a cache_control marker: the second time they are cache reads.
+        self._prompt_cache: set[bytes] = set()
 
     @property
     def base_url(self) -> str:
@@ -135,7 +182,10 @@ class FakeProvider:
         self.requests.append(recorded)
         scenario = recorded.header("x-fake-scenario") or ""
         target = recorded.target.split("?")[0]
-        payload = orjson.loads(body) if body and recorded.header("content-type") == "application/json" else {}
+        try:
+            payload = orjson.loads(body) if body and recorded.header("content-type") == "application/json" else {}
+        except orjson.JSONDecodeError:
+            payload = {}
 
         if scenario == "slow-head":
             await asyncio.sleep(float(recorded.header("x-fake-delay") or "5"))
@@ -175,6 +225,8 @@ class FakeProvider:
             writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nconnection: close\r\n\r\n" + body_bytes)
             await writer.drain()
             return False
+        if target.endswith("/messages") and request.method == b"POST":
+            return await self._anthropic(conn, reader, writer, recorded, body, payload, scenario)
         if scenario == "rate-limited":
             error = {
                 "error": {
@@ -194,13 +246,6 @@ class FakeProvider:
                 )
             await self._send_json(conn, writer, 200, _openai_completion(payload, response_id), response_id)
             return True
-        if target.endswith("/messages") and request.method == b"POST":
-            if payload.get("stream"):
-                return await self._stream(
-                    conn, reader, writer, response_id, _anthropic_events(payload), scenario, recorded
-                )
-            await self._send_json(conn, writer, 200, _anthropic_message(payload), response_id, anthropic=True)
-            return True
         if target.endswith("/models") and request.method in (b"GET", b"HEAD"):
             models = {"object": "list", "data": [{"id": "gpt-fake", "object": "model", "owned_by": "fake"}]}
             await self._send_json(conn, writer, 200, models, response_id, head=request.method == b"HEAD")
@@ -213,14 +258,80 @@ class FakeProvider:
         await self._send_json(conn, writer, 404, not_found, response_id)
         return True
 
+    async def _anthropic(self, conn, reader, writer, recorded: RecordedRequest, body, payload, scenario) -> bool:
+        response_id = recorded.response_id
+        if self.strict_anthropic and scenario not in TRANSPORT_SCENARIOS:
+            try:
+                payload = orjson.loads(body)
+            except orjson.JSONDecodeError:
+                payload = None
+            try:
+                validate_anthropic_request(payload, recorded)
+            except AnthropicInvalidRequest as refusal:
+                await self._anthropic_error(conn, writer, 400, "invalid_request_error", str(refusal), response_id)
+                return True
+        if scenario == "rate-limited":
+            # https://docs.anthropic.com/en/api/rate-limits#response-headers
+            extra = [
+                ("retry-after", "1"),
+                ("anthropic-ratelimit-requests-limit", "50"),
+                ("anthropic-ratelimit-requests-remaining", "0"),
+                ("anthropic-ratelimit-requests-reset", "2026-11-23T00:00:01Z"),
+                ("anthropic-ratelimit-tokens-limit", "40000"),
+                ("anthropic-ratelimit-tokens-remaining", "0"),
+                ("anthropic-ratelimit-tokens-reset", "2026-11-23T00:00:01Z"),
+            ]
+            message = "This request would exceed the rate limit for your organization of 50 requests per minute."
+            await self._anthropic_error(conn, writer, 429, "rate_limit_error", message, response_id, extra)
+            return True
+        if scenario == "overloaded" or (scenario == "stream-error" and not payload.get("stream")):
+            await self._anthropic_error(conn, writer, 529, "overloaded_error", "Overloaded", response_id)
+            return True
+        usage = self._anthropic_input_usage(payload)
+        if payload.get("stream"):
+            events = _anthropic_events(payload, scenario, response_id, usage)
+            return await self._stream(conn, reader, writer, response_id, events, scenario, recorded)
+        message = _anthropic_message(payload, scenario, response_id, usage)
+        if scenario == "stream-cut":
+            document = orjson.dumps(message)
+            self.sent_bodies[response_id] = document[: len(document) // 2]
+            headers = [("content-type", "application/json"), ("content-length", str(len(document)))]
+            writer.write(conn.send(h11.Response(status_code=200, headers=[*headers, ("request-id", response_id)])))
+            writer.write(conn.send(h11.Data(data=self.sent_bodies[response_id])))
+            await writer.drain()
+            writer.transport.abort()
+            return False
+        await self._send_json(conn, writer, 200, message, response_id, anthropic=True)
+        return True
+
+    def _anthropic_input_usage(self, payload: dict) -> dict | None:
+        """Input-side usage for a request with a cache_control marker; None without one."""
+        if not _has_cache_control(payload):
+            return None
+        prompt = orjson.dumps(
+            {key: payload.get(key) for key in ("model", "system", "tools", "messages")}, option=orjson.OPT_SORT_KEYS
+        )
+        cached = max(1, len(prompt) // 4)
+        if prompt in self._prompt_cache:
+            return {"input_tokens": 12, "cache_creation_input_tokens": 0, "cache_read_input_tokens": cached}
+        self._prompt_cache.add(prompt)
+        return {"input_tokens": 12, "cache_creation_input_tokens": cached, "cache_read_input_tokens": 0}
+
+    async def _anthropic_error(self, conn, writer, status, kind, message, response_id, extra=()):
+        # https://docs.anthropic.com/en/api/errors#error-shapes: a top-level error object with type and
+        # message, and a request_id.
+        document = {"type": "error", "error": {"type": kind, "message": message}, "request_id": response_id}
+        await self._send_json(conn, writer, status, document, response_id, extra, anthropic=True)
+
     async def _send_json(self, conn, writer, status, document, response_id, extra=(), anthropic=False, head=False):
         body = orjson.dumps(document)
         self.sent_bodies[response_id] = body
+        overridden = {name for name, _ in extra}
         headers = [
             ("content-type", "application/json"),
             ("content-length", str(len(body))),
             ("request-id" if anthropic else "x-request-id", response_id),
-            *_rate_limit_headers(anthropic),
+            *(header for header in _rate_limit_headers(anthropic) if header[0] not in overridden),
             *extra,
         ]
         writer.write(conn.send(h11.Response(status_code=status, headers=headers)))
@@ -256,7 +367,7 @@ class FakeProvider:
             for index, event in enumerate(events):
                 if record.peer_closed_at is not None:
                     return False
-                if scenario == "cut-stream" and index == 2:
+                if event is CUT or (scenario == "cut-stream" and index == 2):
                     self.sent_bodies[response_id] = b"".join(record.chunks)
                     writer.transport.abort()  # mid-body, no terminating chunk
                     return False
@@ -406,69 +517,648 @@ def _openai_events(payload: dict) -> list[bytes]:
     return events
 
 
-def _anthropic_message(payload: dict) -> dict:
+# -- Anthropic Messages: the answers ---------------------------------------------------------------
+
+TRANSPORT_SCENARIOS = frozenset({"long-stream", "big-stream", "cut-stream", "slow-head"})
+CUT = object()  # in an event list: abort the connection there, mid-body
+
+# A 1x1 transparent PNG, for tests that need an image the strict fake accepts.
+TINY_PNG_BASE64 = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNkYPhfDwAChwGA60e6kgAAAABJRU5ErkJggg=="
+
+_DEFAULT_TEXT = "Hello from the fake provider."
+
+
+def _anthropic_plan(payload: dict, scenario: str, response_id: str) -> tuple[list[dict], str]:
+    """The content blocks and stop_reason the fake answers `payload` with under `scenario`."""
+    tools = [tool for tool in payload.get("tools") or [] if "input_schema" in tool]
+    choice = payload.get("tool_choice") or {"type": "auto"}
+    thinking = (payload.get("thinking") or {}).get("type") in ("enabled", "adaptive")
+    text = {"type": "text", "text": _DEFAULT_TEXT}
+
+    def call(tool: dict, number: int) -> dict:
+        tool_id = f"toolu_{response_id}_{number}"
+        return {
+            "type": "tool_use",
+            "id": tool_id,
+            "name": tool["name"],
+            "input": minimal_instance(tool["input_schema"]),
+        }
+
+    if scenario == "tool-call" and tools and choice.get("type") != "none":
+        return [call(tools[0], 1)], "tool_use"
+    if scenario == "parallel-tools" and tools and choice.get("type") != "none":
+        blocks = [{"type": "text", "text": "Let me call the tools."}, call(tools[0], 1)]
+        if not choice.get("disable_parallel_tool_use"):
+            blocks.append(call(tools[1] if len(tools) > 1 else tools[0], 2))
+        return blocks, "tool_use"
+    if scenario == "json-tool" and tools and choice.get("type") in ("tool", "any"):
+        named = [tool for tool in tools if tool["name"] == choice.get("name")]
+        return [call((named or tools)[0], 1)], "tool_use"
+    if scenario == "thinking" and thinking:
+        signature = "EqQBCkYIBxgCKkBfake" + response_id.replace("_", "")
+        reasoning = {"type": "thinking", "thinking": "The user says hi; a greeting back fits.", "signature": signature}
+        return [reasoning, text], "end_turn"
+    if scenario == "echo-images":
+        images = list(_image_blocks(payload.get("messages") or []))
+        kinds = [image["source"]["type"] for image in images]
+        media = sorted({image["source"].get("media_type", "") for image in images} - {""})
+        counts = f"images={len(images)} base64={kinds.count('base64')} url={kinds.count('url')}"
+        summary = f"{counts} media_types={','.join(media)}"
+        return [{"type": "text", "text": summary}], "end_turn"
+    return [text], "end_turn"
+
+
+def _image_blocks(messages: list):
+    for message in messages:
+        content = message.get("content")
+        for block in content if isinstance(content, list) else []:
+            if block.get("type") == "image":
+                yield block
+            elif block.get("type") == "tool_result" and isinstance(block.get("content"), list):
+                yield from (inner for inner in block["content"] if inner.get("type") == "image")
+
+
+def minimal_instance(schema: dict):
+    """A small value valid for a JSON schema: required properties only, first enum value, etc."""
+    if not isinstance(schema, dict):
+        return {}
+    if "const" in schema:
+        return schema["const"]
+    if schema.get("enum"):
+        return schema["enum"][0]
+    for union in ("anyOf", "oneOf", "allOf"):
+        if schema.get(union):
+            return minimal_instance(schema[union][0])
+    kind = schema.get("type", "object")
+    if isinstance(kind, list):
+        kind = next((k for k in kind if k != "null"), "null")
+    if kind == "object":
+        properties = schema.get("properties") or {}
+        return {name: minimal_instance(properties.get(name, {})) for name in schema.get("required") or []}
+    if kind == "array":
+        return [minimal_instance(schema.get("items") or {}) for _ in range(schema.get("minItems") or 0)]
+    if kind == "string":
+        return "x" * max(1, schema.get("minLength") or 0) if "minLength" in schema else "fake"
+    if kind == "integer":
+        return max(1, schema.get("minimum") or 1)
+    if kind == "number":
+        return max(1.5, schema.get("minimum") or 1.5)
+    if kind == "boolean":
+        return True
+    return None
+
+
+def _output_tokens(blocks: list[dict]) -> int:
+    size = 0
+    for block in blocks:
+        size += len(block.get("text") or block.get("thinking") or "") + len(orjson.dumps(block.get("input") or {}))
+    return max(1, size // 4)
+
+
+def _usage(input_usage: dict | None, output_tokens: int) -> dict:
+    cache = input_usage or {"cache_creation_input_tokens": 0, "cache_read_input_tokens": 0}
     return {
-        "id": "msg_fake1",
+        "input_tokens": (input_usage or {}).get("input_tokens", 12),
+        "output_tokens": output_tokens,
+        "cache_creation_input_tokens": cache["cache_creation_input_tokens"],
+        "cache_read_input_tokens": cache["cache_read_input_tokens"],
+    }
+
+
+def _anthropic_message(payload: dict, scenario: str = "", response_id: str = "", input_usage: dict | None = None):
+    blocks, stop_reason = _anthropic_plan(payload, scenario, response_id)
+    default = blocks == [{"type": "text", "text": _DEFAULT_TEXT}]
+    return {
+        "id": "msg_fake1" if default else f"msg_{response_id or 'fake1'}",
         "type": "message",
         "role": "assistant",
         "model": payload.get("model", "claude-fake"),
-        "content": [{"type": "text", "text": "Hello from the fake provider."}],
-        "stop_reason": "end_turn",
+        "content": blocks,
+        "stop_reason": stop_reason,
         "stop_sequence": None,
-        "usage": {
-            "input_tokens": 12,
-            "output_tokens": 7,
-            "cache_creation_input_tokens": 0,
-            "cache_read_input_tokens": 0,
-        },
+        "usage": _usage(input_usage, 7 if default else _output_tokens(blocks)),
     }
 
 
-def _anthropic_events(payload: dict) -> list[bytes]:
-    model = payload.get("model", "claude-fake")
+def _anthropic_events(payload: dict, scenario: str = "", response_id: str = "", input_usage: dict | None = None):
+    blocks, stop_reason = _anthropic_plan(payload, scenario, response_id)
+    default = blocks == [{"type": "text", "text": _DEFAULT_TEXT}]
+    usage = _usage(input_usage, 6 if default else _output_tokens(blocks))
     message = {
-        "id": "msg_fake2",
+        "id": "msg_fake2" if default else f"msg_{response_id or 'fake2'}",
         "type": "message",
         "role": "assistant",
-        "model": model,
+        "model": payload.get("model", "claude-fake"),
         "content": [],
         "stop_reason": None,
         "stop_sequence": None,
-        "usage": {
-            "input_tokens": 12,
-            "output_tokens": 1,
-            "cache_creation_input_tokens": 0,
-            "cache_read_input_tokens": 0,
-        },
+        "usage": {**usage, "output_tokens": 1},
     }
-    events = [
-        _sse({"type": "message_start", "message": message}, "message_start"),
-        _sse(
-            {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
-            "content_block_start",
-        ),
-        _sse({"type": "ping"}, "ping"),
-    ]
-    for piece in ("Hello", " from", " the", " fake", " provider", "."):
-        events.append(
-            _sse(
-                {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": piece}},
-                "content_block_delta",
-            )
-        )
+    events = [_sse({"type": "message_start", "message": message}, "message_start")]
+    for index, block in enumerate(blocks):
+        events += _block_events(index, block)
+        if index == 0:
+            events.insert(2, _sse({"type": "ping"}, "ping"))
+        if scenario == "stream-error":
+            events = events[:4]  # message_start, content_block_start, ping, one text delta
+            error = {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}
+            return [*events, _sse(error, "error")]
+        if scenario == "stream-cut":
+            return [*events[:5], CUT]  # two text deltas, then the connection goes
+    # Cumulative usage (https://docs.anthropic.com/en/docs/build-with-claude/streaming#event-types); the
+    # historic default stream reports output_tokens alone.
+    delta_usage = {"output_tokens": usage["output_tokens"]} if default and input_usage is None else usage
     events += [
-        _sse({"type": "content_block_stop", "index": 0}, "content_block_stop"),
         _sse(
             {
                 "type": "message_delta",
-                "delta": {"stop_reason": "end_turn", "stop_sequence": None},
-                "usage": {"output_tokens": 6},
+                "delta": {"stop_reason": stop_reason, "stop_sequence": None},
+                "usage": delta_usage,
             },
             "message_delta",
         ),
         _sse({"type": "message_stop"}, "message_stop"),
     ]
     return events
+
+
+def _block_events(index: int, block: dict) -> list[bytes]:
+    def delta(body: dict) -> bytes:
+        return _sse({"type": "content_block_delta", "index": index, "delta": body}, "content_block_delta")
+
+    kind = block["type"]
+    if kind == "text":
+        start = {"type": "text", "text": ""}
+        words = block["text"].split(" ")
+        deltas = [delta({"type": "text_delta", "text": w if i == 0 else " " + w}) for i, w in enumerate(words)]
+        if block["text"] == _DEFAULT_TEXT:  # the historic pieces
+            pieces = ("Hello", " from", " the", " fake", " provider", ".")
+            deltas = [delta({"type": "text_delta", "text": piece}) for piece in pieces]
+    elif kind == "thinking":
+        start = {"type": "thinking", "thinking": ""}
+        middle = len(block["thinking"]) // 2
+        halves = (block["thinking"][:middle], block["thinking"][middle:])
+        deltas = [delta({"type": "thinking_delta", "thinking": half}) for half in halves]
+        deltas.append(delta({"type": "signature_delta", "signature": block["signature"]}))
+    else:  # tool_use: the input arrives as partial JSON, starting with an empty piece
+        start = {"type": "tool_use", "id": block["id"], "name": block["name"], "input": {}}
+        document = orjson.dumps(block["input"]).decode()
+        third = max(1, len(document) // 3)
+        pieces = ["", document[:third], document[third : 2 * third], document[2 * third :]]
+        deltas = [
+            delta({"type": "input_json_delta", "partial_json": piece})
+            for i, piece in enumerate(pieces)
+            if piece or i == 0
+        ]
+    return [
+        _sse({"type": "content_block_start", "index": index, "content_block": start}, "content_block_start"),
+        *deltas,
+        _sse({"type": "content_block_stop", "index": index}, "content_block_stop"),
+    ]
+
+
+# -- Anthropic Messages: what the real API refuses -------------------------------------------------
+#
+# Sources, cited rule by rule below:
+#   [API]    https://docs.anthropic.com/en/api/messages (request body) and the field lists of the
+#            official SDK's request types (anthropic 2.12: anthropic/types/message_create_params.py,
+#            *_block_param.py, tool_param.py, tool_choice_*_param.py, thinking_config_*_param.py)
+#   [ERR]    https://docs.anthropic.com/en/api/errors: 400 invalid_request_error, the error shape
+#   [THINK]  https://docs.anthropic.com/en/docs/build-with-claude/extended-thinking
+#   [TOOLS]  https://docs.anthropic.com/en/docs/agents-and-tools/tool-use/implement-tool-use
+#   [SEEN]   messages the real API answered with, quoted in public issue threads:
+#            "Extra inputs are not permitted": anthropics/claude-code#4378, amrit110/oli#7
+#            tool_use without tool_result: anthropics/claude-code#5989 (and #1237, #2697)
+#            unexpected tool_use_id: anthropics/claude-code#13460, router-for-me/CLIProxyAPI#497
+#            empty content: anthropics/claude-code#6774, tidyverse/ellmer#709
+#            no messages: langgenius/dify#25953; empty text blocks: mckaywrigley/chatbot-ui#1656
+#            budget vs max_tokens: ProfSynapse/nexus#17
+# Not refused, on purpose: consecutive messages with the same role ([API]: "Consecutive user or
+# assistant turns in your request will be combined into a single turn") and a first message from the
+# assistant (refused in 2024, "first message must use the user role", lobehub/lobehub#1601; the
+# current [API] text no longer requires it).
+
+
+class AnthropicInvalidRequest(Exception):
+    """A request the real Messages API answers with 400 invalid_request_error; str() is its message."""
+
+
+_TOP_LEVEL = frozenset(
+    {
+        # [API] MessageCreateParams (SDK 2.12) ...
+        *("model", "messages", "max_tokens", "stream", "system", "metadata", "stop_sequences", "thinking"),
+        *("tools", "tool_choice", "cache_control", "container", "diagnostics", "inference_geo", "output_config"),
+        *("service_tier", "speed", "user_profile_id", "workspace_id"),
+        # ... and the sampling parameters the reference documents (temperature 0..1, top_p, top_k), which
+        # the newest SDK no longer lists but the API still takes.
+        *("temperature", "top_p", "top_k"),
+    }
+)
+# Beta request fields ([API] beta MessageCreateParams), accepted with an anthropic-beta header.
+_BETA_TOP_LEVEL = frozenset({"mcp_servers", "context_management", "compaction", "container", "output_format"})
+_BLOCK_FIELDS = {
+    # [API] the *_block_param.py types: every field a block may carry
+    "text": {"type", "text", "cache_control", "citations"},
+    "image": {"type", "source", "cache_control", "transformations"},
+    "document": {"type", "source", "cache_control", "citations", "context", "title"},
+    "search_result": {"type", "source", "title", "content", "cache_control", "citations"},
+    "tool_use": {"type", "id", "name", "input", "cache_control", "caller", "toolset_name"},
+    "tool_result": {"type", "tool_use_id", "content", "is_error", "cache_control", "toolset_name"},
+    "thinking": {"type", "thinking", "signature"},
+    "redacted_thinking": {"type", "data"},
+}
+# The other block types of [API] ContentBlockParam (server tools); their fields are not checked here.
+_SERVER_BLOCKS = frozenset(
+    {
+        "server_tool_use",
+        "web_search_tool_result",
+        "web_fetch_tool_result",
+        "code_execution_tool_result",
+        "bash_code_execution_tool_result",
+        "text_editor_code_execution_tool_result",
+        "tool_search_tool_result",
+        "container_upload",
+    }
+)
+_TOOL_FIELDS = {
+    # [API] tool_param.py
+    *("name", "input_schema", "description", "cache_control", "type", "strict", "input_examples"),
+    *("allowed_callers", "defer_loading", "eager_input_streaming"),
+}
+_TOOL_CHOICE_FIELDS = {
+    "auto": {"type", "disable_parallel_tool_use"},
+    "any": {"type", "disable_parallel_tool_use"},
+    "tool": {"type", "name", "disable_parallel_tool_use"},
+    "none": {"type"},
+}
+_IMAGE_MEDIA = {  # [API] base64_image_source_param.py; the magic numbers the service checks the data against
+    "image/jpeg": (b"\xff\xd8\xff",),
+    "image/png": (b"\x89PNG\r\n\x1a\n",),
+    "image/gif": (b"GIF87a", b"GIF89a"),
+    "image/webp": (b"RIFF",),
+}
+_ID_PATTERN = re.compile(r"^[a-zA-Z0-9_-]+$")  # tool_use ids, [SEEN] "String should match pattern"
+_TOOL_NAME_PATTERN = re.compile(r"^[a-zA-Z0-9_-]{1,128}$")  # [TOOLS] tool names
+_SERVER_TOOL_TYPE = re.compile(r"^[a-z_]+_\d{8}$")  # [API] ToolUnionParam: versioned server tool types
+
+
+def _refuse(message: str) -> NoReturn:
+    raise AnthropicInvalidRequest(message)
+
+
+def _extra(where: str, value: dict, allowed) -> None:
+    for key in value:
+        if key not in allowed:
+            _refuse(
+                f"{where}.{key}: Extra inputs are not permitted" if where else f"{key}: Extra inputs are not permitted"
+            )
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _cache_control(where: str, block: dict) -> None:
+    control = block.get("cache_control")
+    if control is None:
+        return
+    where = f"{where}.cache_control" if where else "cache_control"
+    # [API] cache_control_ephemeral_param.py: {"type": "ephemeral", "ttl"?: "5m" | "1h"}
+    if not isinstance(control, dict) or control.get("type") != "ephemeral":
+        _refuse(f"{where}.type: Input should be 'ephemeral'")
+    _extra(where, control, {"type", "ttl"})
+    if control.get("ttl", "5m") not in ("5m", "1h"):
+        _refuse(f"{where}.ttl: Input should be '5m' or '1h'")
+
+
+def _has_cache_control(value) -> bool:
+    if isinstance(value, dict):
+        return "cache_control" in value or any(_has_cache_control(inner) for inner in value.values())
+    if isinstance(value, list):
+        return any(_has_cache_control(inner) for inner in value)
+    return False
+
+
+def _text_block(where: str, block: dict) -> None:
+    if not isinstance(block.get("text"), str):
+        _refuse(
+            f"{where}.text.text: Field required"
+            if "text" not in block
+            else f"{where}.text: Input should be a valid string"
+        )
+    if not block["text"]:
+        _refuse("messages: text content blocks must be non-empty")  # [SEEN]
+
+
+def _image_block(where: str, block: dict) -> None:
+    source = block.get("source")
+    if not isinstance(source, dict):
+        _refuse(f"{where}.image.source: Field required")
+    kind = source.get("type")
+    if kind == "base64":
+        _extra(f"{where}.image.source.base64", source, {"type", "media_type", "data"})
+        media_type, data = source.get("media_type"), source.get("data")
+        if media_type not in _IMAGE_MEDIA:
+            _refuse(
+                f"{where}.image.source.base64.media_type: Input should be 'image/jpeg', 'image/png', 'image/gif' or "
+                "'image/webp'"
+            )
+        if not isinstance(data, str) or not data:
+            _refuse(f"{where}.image.source.base64.data: Field required")
+        try:
+            raw = base64.b64decode(data, validate=True)
+        except (binascii.Error, ValueError):
+            _refuse(f"{where}.image.source.base64.data: The image data is not valid base64.")
+        if not raw.startswith(_IMAGE_MEDIA[media_type]):
+            _refuse(
+                f"{where}.image.source.base64: The image was specified using the {media_type} media type, but "
+                "the image data does not match it."
+            )
+    elif kind == "url":
+        _extra(f"{where}.image.source.url", source, {"type", "url"})
+        if not isinstance(source.get("url"), str) or not source["url"].startswith(("https://", "http://")):
+            _refuse(f"{where}.image.source.url.url: Input should be a valid URL")
+    else:
+        _refuse(
+            f"{where}.image.source: Input tag '{kind}' found using 'type' does not match any of the expected tags: "
+            "'base64', 'url', 'file'"
+        )
+
+
+def _content_block(where: str, block, role: str, inside_tool_result: bool = False) -> None:
+    if not isinstance(block, dict):
+        _refuse(f"{where}: Input should be a valid dictionary or object to extract fields from")
+    kind = block.get("type")
+    if kind not in _BLOCK_FIELDS and kind not in _SERVER_BLOCKS:
+        _refuse(f"{where}: Input tag '{kind}' found using 'type' does not match any of the expected tags")
+    if kind in _SERVER_BLOCKS:
+        return
+    _extra(f"{where}.{kind}", block, _BLOCK_FIELDS[kind])
+    _cache_control(f"{where}.{kind}", block)
+    if inside_tool_result and kind not in ("text", "image", "document", "search_result"):
+        _refuse(
+            f"{where}: Input tag '{kind}' found using 'type' does not match any of the expected tags: "
+            "'text', 'image', 'search_result', 'document'"
+        )
+    if kind == "text":
+        _text_block(where, block)
+    elif kind == "image":
+        _image_block(where, block)
+    elif kind == "tool_use":
+        # [API] tool_use_block_param.py: id, name and input (an object) are required
+        for field, check in (("id", str), ("name", str), ("input", dict)):
+            if field not in block:
+                _refuse(f"{where}.tool_use.{field}: Field required")
+            if not isinstance(block[field], check):
+                _refuse(
+                    f"{where}.tool_use.{field}: Input should be a valid {'dictionary' if check is dict else 'string'}"
+                )
+        if not _ID_PATTERN.match(block["id"]):
+            _refuse(f"{where}.tool_use.id: String should match pattern '^[a-zA-Z0-9_-]+$'")
+        if role != "assistant":
+            _refuse(f"{where}: tool_use blocks may only appear in assistant messages")
+    elif kind == "tool_result":
+        # [API] tool_result_block_param.py: tool_use_id required; content a string or text/image/... blocks
+        if not isinstance(block.get("tool_use_id"), str):
+            _refuse(f"{where}.tool_result.tool_use_id: Field required")
+        content = block.get("content", "")
+        if isinstance(content, list):
+            for number, inner in enumerate(content):
+                _content_block(f"{where}.tool_result.content.{number}", inner, role, inside_tool_result=True)
+        elif not isinstance(content, str):
+            _refuse(f"{where}.tool_result.content: Input should be a valid string or list")
+        if "is_error" in block and not isinstance(block["is_error"], bool):
+            _refuse(f"{where}.tool_result.is_error: Input should be a valid boolean")
+        if role != "user":
+            _refuse(f"{where}: tool_result blocks may only appear in user messages")
+    elif kind == "thinking":
+        for field in ("thinking", "signature"):
+            if not isinstance(block.get(field), str):
+                _refuse(f"{where}.thinking.{field}: Field required")
+    elif kind == "redacted_thinking" and not isinstance(block.get("data"), str):
+        _refuse(f"{where}.redacted_thinking.data: Field required")
+
+
+def _messages(messages) -> None:
+    if not isinstance(messages, list):
+        _refuse("messages: Input should be a valid list")
+    if not messages:
+        _refuse("messages: at least one message is required")  # [SEEN]
+    seen_tool_ids: set[str] = set()
+    for index, message in enumerate(messages):
+        where = f"messages.{index}"
+        if not isinstance(message, dict):
+            _refuse(f"{where}: Input should be a valid dictionary")
+        _extra(where, message, {"role", "content"})
+        if message.get("role") not in ("user", "assistant"):
+            _refuse(f"{where}.role: Input should be 'user' or 'assistant'")  # [API]: roles are user, assistant
+        if "content" not in message:
+            _refuse(f"{where}.content: Field required")
+        content = message["content"]
+        last_assistant = index == len(messages) - 1 and message["role"] == "assistant"
+        if not isinstance(content, str | list):
+            _refuse(f"{where}.content: Input should be a valid string or list")
+        if not content and not last_assistant:
+            # [SEEN] the final assistant message (prefill) alone may be empty
+            _refuse(
+                f"{where}: all messages must have non-empty content except for the optional final assistant message"
+            )
+        for number, block in enumerate(content if isinstance(content, list) else []):
+            _content_block(f"{where}.content.{number}", block, message["role"])
+            if block.get("type") == "tool_use":
+                if block["id"] in seen_tool_ids:
+                    _refuse(f"{where}.content.{number}: `tool_use` ids must be unique")
+                seen_tool_ids.add(block["id"])
+    _tool_pairing(messages)
+
+
+def _tool_pairing(messages: list) -> None:
+    """[TOOLS] tool results must immediately follow their tool uses; [SEEN] gives both messages."""
+    for index, message in enumerate(messages):
+        content = message["content"] if isinstance(message["content"], list) else []
+        previous = messages[index - 1] if index else None
+        asked: list[str] = []
+        if previous is not None and previous["role"] == "assistant" and isinstance(previous["content"], list):
+            asked = [block["id"] for block in previous["content"] if block.get("type") == "tool_use"]
+        if message["role"] == "user":
+            for number, block in enumerate(content):
+                if block.get("type") == "tool_result" and block["tool_use_id"] not in asked:
+                    _refuse(
+                        f"messages.{index}.content.{number}: unexpected `tool_use_id` found in `tool_result` blocks: "
+                        f"{block['tool_use_id']}. Each `tool_result` block must have a corresponding `tool_use` "
+                        "block in the previous message."
+                    )
+        if message["role"] != "assistant":
+            continue
+        uses = [number for number, block in enumerate(content) if block.get("type") == "tool_use"]
+        if not uses:
+            continue
+        ids = [content[number]["id"] for number in uses]
+        following = messages[index + 1] if index + 1 < len(messages) else None
+        answered: set[str] = set()
+        if following is not None and following["role"] == "user" and isinstance(following["content"], list):
+            # [TOOLS] in the user message, tool_result blocks come first; text may only follow them
+            for block in following["content"]:
+                if block.get("type") != "tool_result":
+                    break
+                answered.add(block["tool_use_id"])
+        # Nothing but more tool uses may follow the first tool use of an assistant turn.
+        trailing = all(block.get("type") == "tool_use" for block in content[uses[0] :])
+        missing = [tool_id for tool_id in ids if tool_id not in answered or not trailing]
+        if missing:
+            _refuse(
+                f"messages.{index + 1}: `tool_use` ids were found without `tool_result` blocks immediately after: "
+                f"{', '.join(missing)}. Each `tool_use` block must have a corresponding `tool_result` block in the "
+                "next message."
+            )
+
+
+def _tools(tools) -> list[str]:
+    if not isinstance(tools, list):
+        _refuse("tools: Input should be a valid list")
+    names = []
+    for index, tool in enumerate(tools):
+        where = f"tools.{index}"
+        if not isinstance(tool, dict):
+            _refuse(f"{where}: Input should be a valid dictionary")
+        if tool.get("type") not in (None, "custom"):
+            # A server tool (web_search_20250305, bash_20250124, ...) has its own schema; anything else is refused.
+            if not isinstance(tool.get("type"), str) or not _SERVER_TOOL_TYPE.match(tool["type"]):
+                _refuse(f"{where}: Input tag '{tool.get('type')}' found using 'type' does not match the expected tags")
+            names.append(tool.get("name"))
+            continue
+        _extra(f"{where}.custom", tool, _TOOL_FIELDS)
+        if "name" not in tool:
+            _refuse(f"{where}.custom.name: Field required")
+        if not isinstance(tool["name"], str) or not _TOOL_NAME_PATTERN.match(tool["name"]):
+            _refuse(f"{where}.custom.name: String should match pattern '^[a-zA-Z0-9_-]{{1,128}}$'")
+        schema = tool.get("input_schema")
+        if schema is None:
+            _refuse(f"{where}.custom.input_schema: Field required")
+        if not isinstance(schema, dict) or schema.get("type") != "object":
+            _refuse(f"{where}.custom.input_schema.type: Input should be 'object'")  # [API] tool_param.py
+        _cache_control(f"{where}.custom", tool)
+        names.append(tool["name"])
+    if len(set(names)) != len(names):
+        _refuse("tools: Tool names must be unique.")
+    return names
+
+
+def validate_anthropic_request(payload, recorded: RecordedRequest | None = None) -> None:
+    """Raise AnthropicInvalidRequest for a /v1/messages body (and headers) the real API refuses."""
+    if recorded is not None and recorded.header("anthropic-version") is None:
+        _refuse("anthropic-version: header is required")  # [API] headers: anthropic-version is required
+    if not isinstance(payload, dict):
+        _refuse("There was an issue with the format or content of your request: the body must be a JSON object.")
+    beta = recorded is not None and (recorded.header("anthropic-beta") is not None or "beta=true" in recorded.target)
+    _extra("", payload, _TOP_LEVEL | (_BETA_TOP_LEVEL if beta else frozenset()))
+    for required in ("model", "messages", "max_tokens"):  # [API] the three required fields
+        if required not in payload:
+            _refuse(f"{required}: Field required")
+    if not isinstance(payload["model"], str) or not payload["model"]:
+        _refuse("model: Input should be a valid string")
+    max_tokens = payload["max_tokens"]
+    if not _is_int(max_tokens):
+        _refuse("max_tokens: Input should be a valid integer")
+    if max_tokens < 1:
+        _refuse("max_tokens: Input should be greater than or equal to 1")  # [API] max_tokens: x >= 1
+    _messages(payload["messages"])
+    if "stream" in payload and not isinstance(payload["stream"], bool):
+        _refuse("stream: Input should be a valid boolean")
+    system = payload.get("system")
+    if system is not None and not isinstance(system, str):
+        # [API] system: a string or a list of text blocks
+        if not isinstance(system, list):
+            _refuse("system: Input should be a valid string or list")
+        for index, block in enumerate(system):
+            if not isinstance(block, dict) or block.get("type") != "text":
+                _refuse(f"system.{index}.type: Input should be 'text'")
+            _extra(f"system.{index}", block, _BLOCK_FIELDS["text"])
+            _cache_control(f"system.{index}", block)
+            _text_block(f"system.{index}", block)
+    stops = payload.get("stop_sequences")
+    if stops is not None and (not isinstance(stops, list) or not all(isinstance(stop, str) for stop in stops)):
+        _refuse("stop_sequences: Input should be a valid list of strings")  # [API] stop_sequences: string[]
+    for name, low, high in (("temperature", 0.0, 1.0), ("top_p", 0.0, 1.0)):  # [API] both range 0..1
+        value = payload.get(name)
+        if value is not None and not _is_number(value):
+            _refuse(f"{name}: Input should be a valid number")
+        if value is not None and value > high:
+            _refuse(f"{name}: Input should be less than or equal to {high:g}")
+        if value is not None and value < low:
+            _refuse(f"{name}: Input should be greater than or equal to {low:g}")
+    if payload.get("top_k") is not None and (not _is_int(payload["top_k"]) or payload["top_k"] < 0):
+        _refuse("top_k: Input should be greater than or equal to 0")
+    metadata = payload.get("metadata")
+    if metadata is not None:
+        if not isinstance(metadata, dict):
+            _refuse("metadata: Input should be a valid dictionary")
+        _extra("metadata", metadata, {"user_id"})  # [API] metadata_param.py: user_id only
+        if metadata.get("user_id") is not None and not isinstance(metadata["user_id"], str):
+            _refuse("metadata.user_id: Input should be a valid string")
+    names = _tools(payload["tools"]) if "tools" in payload else []
+    choice = payload.get("tool_choice")
+    if choice is not None:
+        kind = choice.get("type") if isinstance(choice, dict) else None
+        if kind not in _TOOL_CHOICE_FIELDS:
+            _refuse(
+                f"tool_choice: Input tag '{kind}' found using 'type' does not match any of the expected tags: "
+                "'auto', 'any', 'tool', 'none'"
+            )
+        _extra(f"tool_choice.{kind}", choice, _TOOL_CHOICE_FIELDS[kind])
+        if kind == "tool" and not isinstance(choice.get("name"), str):
+            _refuse("tool_choice.tool.name: Field required")
+        if kind != "none" and not names:
+            _refuse("tool_choice may only be specified while providing tools.")
+        if kind == "tool" and choice["name"] not in names:
+            _refuse(f"tool_choice.tool.name: Tool '{choice['name']}' not found in tools.")
+        if "disable_parallel_tool_use" in choice and not isinstance(choice["disable_parallel_tool_use"], bool):
+            _refuse(f"tool_choice.{kind}.disable_parallel_tool_use: Input should be a valid boolean")
+    thinking = payload.get("thinking")
+    if thinking is not None:
+        kind = thinking.get("type") if isinstance(thinking, dict) else None
+        if kind not in ("enabled", "disabled", "adaptive"):
+            _refuse(
+                f"thinking: Input tag '{kind}' found using 'type' does not match any of the expected tags: "
+                "'enabled', 'disabled', 'adaptive'"
+            )
+        _extra(
+            f"thinking.{kind}",
+            thinking,
+            {"type", "budget_tokens", "display"}
+            if kind == "enabled"
+            else {"type", "display"}
+            if kind == "adaptive"
+            else {"type"},
+        )
+        if kind == "enabled":
+            budget = thinking.get("budget_tokens")
+            if not _is_int(budget):
+                _refuse("thinking.enabled.budget_tokens: Field required")
+            if budget < 1024:  # [THINK] / [API]: "Must be ≥1024 and less than max_tokens"
+                _refuse("thinking.enabled.budget_tokens: Input should be greater than or equal to 1024")
+            if budget >= max_tokens:
+                _refuse(
+                    "`max_tokens` must be greater than `thinking.budget_tokens`. Please consult our documentation at "
+                    "https://docs.claude.com/en/docs/build-with-claude/extended-thinking#max-tokens-and-context-window-size"
+                )
+        if kind in ("enabled", "adaptive"):
+            # [THINK] thinking is not compatible with temperature or top_k changes, nor with forced tool use
+            if payload.get("temperature") not in (None, 1, 1.0):
+                _refuse(
+                    "`temperature` may only be set to 1 when thinking is enabled. Please consult our "
+                    "documentation at https://docs.claude.com/en/docs/build-with-claude/extended-thinking"
+                )
+            if payload.get("top_k") is not None:
+                _refuse("`top_k` must be unset when thinking is enabled.")
+            if choice is not None and choice.get("type") in ("any", "tool"):
+                _refuse("Thinking may not be enabled when tool_choice forces tool use.")
+    if payload.get("cache_control") is not None:
+        _cache_control("", {"cache_control": payload["cache_control"]})
 
 
 def _numbered_events(count: int, anthropic: bool) -> list[bytes]:

@@ -10,8 +10,10 @@ import anthropic
 import httpx2 as httpx
 import openai
 import orjson
+import pytest
 
 from tests.fake_provider import _openai_events
+from tests.support import wait_until
 
 BYO_OPENAI_KEY = "sk-byo-openai-0123456789abcdef"
 BYO_ANTHROPIC_KEY = "sk-ant-byo-0123456789abcdef"
@@ -167,8 +169,10 @@ def test_anthropic_sdk_stream_is_byte_identical(egress, fake_provider):
 
 def test_drop_in_v1_routes_by_path(egress, fake_provider):
     openai_transport, anthropic_transport = RecordingTransport(), RecordingTransport()
-    _openai(egress, openai_transport, prefix="/v1").models.list()
-    assert fake_provider.requests[-1].target == "/v1/models"
+    # /v1/models is egress's own list (the unified surface); other bare /v1 paths go to openai.
+    with pytest.raises(openai.NotFoundError):  # the fake's own 404, relayed: the request reached it
+        _openai(egress, openai_transport, prefix="/v1").files.list()
+    assert fake_provider.requests[-1].target == "/v1/files"
     anthropic.Anthropic(
         base_url=egress.url,
         api_key=BYO_ANTHROPIC_KEY,
@@ -176,8 +180,8 @@ def test_drop_in_v1_routes_by_path(egress, fake_provider):
         http_client=httpx.Client(transport=anthropic_transport),
     ).messages.create(model="claude-fake", max_tokens=8, messages=[{"role": "user", "content": "hi"}])
     assert fake_provider.requests[-1].target == "/v1/messages"
-    records = [r for r in egress.access_records() if r["status"] == 200]
-    assert [r["provider"] for r in records[-2:]] == ["openai", "anthropic"]
+    assert wait_until(lambda: len(egress.access_records()) >= 2, timeout=3)
+    assert [r["provider"] for r in egress.access_records()[-2:]] == ["openai", "anthropic"]
 
 
 def test_keep_alive_reuses_upstream_connection(egress, fake_provider):

@@ -17,6 +17,11 @@ POOL = "sk-pool-surface-0123456789"
 
 ROUTES = """
 [[routes]]
+match = "claude-lenient-*"
+provider = "anthropic"
+drop_params = true
+
+[[routes]]
 match = "claude-*"
 provider = "anthropic"
 
@@ -132,3 +137,160 @@ def test_models_lists_what_the_call_path_serves(surface, fake_provider):
         raw.send(request_bytes("GET", "/v1/models", credential=False))
         response = raw.read_response()
     assert (response.status, response.error_code) == (401, "missing_key")
+
+
+# -- Chat Completions to Anthropic Messages, against the strict fake Anthropic ---------------------
+
+MESSAGES = [
+    {"role": "system", "content": "You are terse."},
+    {"role": "developer", "content": "Answer in English."},
+    {"role": "user", "content": "hi"},
+]
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Weather in a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    },
+}
+TIME = {
+    "type": "function",
+    "function": {"name": "get_time", "parameters": {"type": "object", "properties": {"tz": {"type": "string"}}}},
+}
+
+
+def anthropic_request(fake_provider) -> tuple[dict, dict]:
+    seen = fake_provider.requests[-1]
+    assert seen.target.startswith("/v1/messages")
+    return orjson.loads(seen.body), {name: value for name, value in seen.headers}
+
+
+def test_a_claude_model_through_the_openai_sdk_is_translated(surface, fake_provider):
+    completion = client(surface).chat.completions.create(model="claude-fake", messages=MESSAGES)
+    assert completion.model == "claude-fake" and completion.object == "chat.completion"
+    assert completion.choices[0].message.content == "Hello from the fake provider."
+    assert completion.choices[0].finish_reason == "stop"
+    assert completion.usage.prompt_tokens > 0 and completion.usage.completion_tokens > 0
+    body, headers = anthropic_request(fake_provider)
+    # Every system and developer message, in order; the BYO key moved to Anthropic's scheme.
+    assert [block["text"] for block in body["system"]] == ["You are terse.", "Answer in English."]
+    assert body["messages"] == [{"role": "user", "content": [{"type": "text", "text": "hi"}]}] or body["messages"] == [
+        {"role": "user", "content": "hi"}
+    ]
+    assert body["max_tokens"] == 4096 and body["model"] == "claude-fake"
+    assert headers["x-api-key"] == "sk-byo-surface" and "authorization" not in headers
+    assert headers["anthropic-version"]
+    fact = facts(surface, 1)[0]
+    assert (fact["surface"], fact["provider"], fact["usage"]) == ("chat", "anthropic", "complete")
+    assert fact["input_tokens"] == completion.usage.prompt_tokens
+
+
+def test_a_translated_stream_accumulates_in_the_sdk(surface, fake_provider):
+    with client(surface).chat.completions.stream(
+        model="claude-fake", messages=MESSAGES, stream_options={"include_usage": True}
+    ) as stream:
+        final = stream.get_final_completion()
+    assert final.choices[0].message.content == "Hello from the fake provider."
+    assert final.usage is not None and final.usage.completion_tokens > 0
+    body, _ = anthropic_request(fake_provider)
+    assert body["stream"] is True and "stream_options" not in body
+
+
+def test_parallel_tool_calls_stream_with_their_own_indexes(surface, fake_provider):
+    with client(surface).chat.completions.stream(
+        model="claude-fake",
+        messages=[{"role": "user", "content": "weather and time?"}],
+        tools=[WEATHER, TIME],
+        extra_headers={"x-fake-scenario": "parallel-tools"},
+    ) as stream:
+        final = stream.get_final_completion()
+    calls = final.choices[0].message.tool_calls
+    assert [call.function.name for call in calls] == ["get_weather", "get_time"]
+    assert all(orjson.loads(call.function.arguments) is not None for call in calls)
+    assert final.choices[0].finish_reason == "tool_calls"
+    body, _ = anthropic_request(fake_provider)
+    assert [tool["name"] for tool in body["tools"]] == ["get_weather", "get_time"]
+    # The tool results go back as one user message the strict fake accepts.
+    followup = [
+        {"role": "user", "content": "weather and time?"},
+        {"role": "assistant", "content": None, "tool_calls": [call.model_dump() for call in calls]},
+        *({"role": "tool", "tool_call_id": call.id, "content": "sunny"} for call in calls),
+    ]
+    answer = client(surface).chat.completions.create(model="claude-fake", messages=followup, tools=[WEATHER, TIME])
+    assert answer.choices[0].message.content
+    body, _ = anthropic_request(fake_provider)
+    assert [block["type"] for block in body["messages"][-1]["content"]] == ["tool_result", "tool_result"]
+
+
+def test_images_as_data_uri_and_url(surface, fake_provider):
+    pixel = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8BQDwAEhQGAhKmMIQAAAABJRU5ErkJggg=="
+    content = [
+        {"type": "text", "text": "what are these?"},
+        {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{pixel}"}},
+        {"type": "image_url", "image_url": {"url": "https://example.test/cat.png"}},
+    ]
+    completion = client(surface).chat.completions.create(
+        model="claude-fake",
+        messages=[{"role": "user", "content": content}],
+        extra_headers={"x-fake-scenario": "echo-images"},
+    )
+    assert completion.choices[0].message.content.startswith("images=2 base64=1 url=1")
+
+
+def test_response_format_json_schema(surface, fake_provider):
+    schema = {"type": "object", "properties": {"answer": {"type": "string"}}, "required": ["answer"]}
+    client(surface).chat.completions.create(
+        model="claude-fake",
+        messages=[{"role": "user", "content": "json please"}],
+        response_format={"type": "json_schema", "json_schema": {"name": "a", "schema": schema}},
+    )
+    body, _ = anthropic_request(fake_provider)
+    assert body["output_config"]["format"]["schema"] == schema
+
+
+def test_errors_before_and_during_a_translated_stream(surface, fake_provider):
+    sdk = client(surface)
+    with pytest.raises(openai.RateLimitError) as raised:
+        sdk.chat.completions.create(
+            model="claude-fake", messages=MESSAGES, extra_headers={"x-fake-scenario": "rate-limited"}
+        )
+    assert raised.value.status_code == 429 and raised.value.response.headers.get("retry-after")
+    assert raised.value.body["type"] == "rate_limit_error"  # the OpenAI error shape
+    with (
+        pytest.raises(openai.APIError),
+        sdk.chat.completions.stream(
+            model="claude-fake", messages=MESSAGES, extra_headers={"x-fake-scenario": "stream-error"}
+        ) as stream,
+    ):
+        stream.get_final_completion()
+    with (
+        pytest.raises(openai.APIConnectionError),  # a cut upstream cuts the client: never a clean end
+        sdk.chat.completions.stream(
+            model="claude-fake", messages=MESSAGES, extra_headers={"x-fake-scenario": "stream-cut"}
+        ) as stream,
+    ):
+        stream.get_final_completion()
+
+
+def test_an_unsupported_parameter_is_named_and_drop_params_lists_what_it_dropped(surface, fake_provider):
+    with pytest.raises(openai.BadRequestError) as raised:
+        client(surface).chat.completions.create(model="claude-fake", messages=MESSAGES, seed=7)
+    assert raised.value.code == "unsupported_parameter" and "seed" in raised.value.message
+    assert fake_provider.requests == []
+    neutral = client(surface).chat.completions.create(model="claude-fake", messages=MESSAGES, n=1, presence_penalty=0)
+    assert neutral.choices[0].message.content
+    # A route with drop_params drops what Anthropic can't honour, and says so: nothing silently.
+    raw = client(surface).chat.completions.with_raw_response.create(
+        model="claude-lenient-1", messages=MESSAGES, seed=7, logit_bias={"50256": -100}
+    )
+    assert sorted(raw.headers["x-egress-dropped-params"].split(", ")) == ["logit_bias", "seed"]
+    body, _ = anthropic_request(fake_provider)
+    assert "seed" not in body and "logit_bias" not in body and body["model"] == "claude-lenient-1"
+
+
+def test_a_virtual_key_gets_the_anthropic_pool_key(surface, fake_provider):
+    key, _ = mint(ISSUER, "translator")
+    client(surface, key).chat.completions.create(model="claude-fake", messages=MESSAGES)
+    _, headers = anthropic_request(fake_provider)
+    assert headers["x-api-key"] == POOL and key not in str(headers)

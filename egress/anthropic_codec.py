@@ -1,0 +1,883 @@
+"""OpenAI Chat Completions <-> Anthropic Messages (sans-IO): dicts and bytes in, dicts and bytes out.
+
+Contract
+  chat_to_messages(body, default_max_tokens=, drop_params=) -> (messages_body, dropped_names)
+      An OpenAI chat request becomes an Anthropic Messages request body, without `model` (the
+      caller sets the upstream model). A malformed request raises EgressError("invalid_request");
+      a parameter Anthropic can't honour raises EgressError("unsupported_parameter") naming it,
+      unless `drop_params`, when it is left out and its name returned. Nothing is dropped silently:
+      every top-level field is mapped, consumed, neutral (accepted, its value changes nothing), or
+      refused (`_NEUTRAL` and `_MAPPED` below are the whole policy).
+  message_to_chat(message, model=, created=) -> an OpenAI `chat.completion` dict.
+  StreamTranscoder(model=, created=, include_usage=): `feed(bytes) -> bytes` turns Anthropic SSE,
+      cut anywhere, into OpenAI SSE chunks as soon as each event is whole; `finish()` at the end of
+      the upstream body. One handler per upstream event type (`_EVENTS`); an unknown type is
+      ignored, as Anthropic asks ("handle unknown event types gracefully",
+      https://docs.anthropic.com/en/docs/build-with-claude/streaming#other-events).
+  error_to_openai(status, body) -> OpenAI error JSON bytes for an Anthropic error body.
+
+Docs this follows
+  Messages API        https://docs.anthropic.com/en/api/messages
+  OpenAI chat         https://platform.openai.com/docs/api-reference/chat/create
+                      https://platform.openai.com/docs/api-reference/chat-streaming
+  Streaming events    https://docs.anthropic.com/en/docs/build-with-claude/streaming
+  Stop reasons        https://docs.anthropic.com/en/api/handling-stop-reasons
+  Tool use            https://docs.anthropic.com/en/docs/agents-and-tools/tool-use/implement-tool-use
+  Extended thinking   https://docs.anthropic.com/en/docs/build-with-claude/extended-thinking
+  Structured outputs  https://docs.claude.com/en/docs/build-with-claude/structured-outputs
+  Vision              https://docs.anthropic.com/en/docs/build-with-claude/vision
+  Errors              https://docs.anthropic.com/en/api/errors
+
+Usage goes through egress.usage.reduce_usage, the meter's own reducer (latest value wins, compaction
+passes added), so what the client is told and what the meter records agree by construction.
+
+Known limits: thinking blocks come back as `reasoning_content` without their signature, so a
+multi-turn tool loop with thinking on can't hand them back (Anthropic then answers 400); server
+tools (web search, code execution) run at Anthropic and their blocks are not shown to the client,
+only the text the model writes about them; citations are dropped with their deltas.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import orjson
+
+from egress.errors import EgressError
+from egress.usage import ANTHROPIC, Usage, reduce_usage
+
+# -- request ---------------------------------------------------------------------------------
+
+# reasoning_effort -> thinking.budget_tokens. Anthropic's floor is 1024 ("Must be >=1024 and less
+# than max_tokens", extended-thinking docs); each step up roughly quadruples, as OpenAI's efforts
+# are described (more reasoning tokens per step). "none" (gpt-5.1) asks for no reasoning at all.
+THINKING_BUDGETS: dict[str, int | None] = {
+    "none": None,
+    "minimal": 1024,
+    "low": 2048,
+    "medium": 4096,
+    "high": 16384,
+    "xhigh": 32768,
+}
+
+# The forced tool that carries `response_format: json_object` (no schema to give structured outputs).
+# Its input comes back as the message content, never as a tool call, so the name is reserved.
+JSON_TOOL = "json_response"
+
+
+def _number(value: object) -> bool:
+    return value.__class__ in (int, float)
+
+
+# Fields accepted only with a value that changes nothing; any other value is refused. Not sent.
+#   store / metadata: OpenAI keeps the completion (and its tags) for its dashboard; with store
+#     off there is nothing to keep, and the tags never change the answer. Anthropic's `metadata`
+#     takes only user_id, so OpenAI's tags can't go there.
+#   prompt_cache_key: a routing hint for OpenAI's automatic cache; Anthropic's cache is keyed by
+#     the `cache_control` marks, which pass through.
+#   service_tier auto/default: the provider's ordinary capacity, which is what Anthropic gives.
+_NEUTRAL: dict[str, Callable[[object], bool]] = {
+    "n": lambda v: v.__class__ is int and v == 1,
+    "presence_penalty": lambda v: _number(v) and v == 0,
+    "frequency_penalty": lambda v: _number(v) and v == 0,
+    "logprobs": lambda v: v is False,
+    "top_logprobs": lambda v: v.__class__ is int and v == 0,
+    "logit_bias": lambda v: v == {},
+    "modalities": lambda v: v == ["text"],
+    "store": lambda v: v is False,
+    "metadata": lambda v: isinstance(v, dict),
+    "prompt_cache_key": lambda v: isinstance(v, str),
+    "service_tier": lambda v: v in ("auto", "default"),
+}
+# Read by the caller or by this module's steps, never sent as is.
+_CONSUMED = frozenset({"model", "stream_options"})
+# Translated below, one step each. `top_k` is Anthropic's own sampling field, sent as given.
+_MAPPED = frozenset(("messages", "max_tokens", "max_completion_tokens", "stop", "temperature", "top_p", "top_k"))
+_MAPPED |= {"user", "safety_identifier", "reasoning_effort", "response_format", "stream"}
+_MAPPED |= {"tools", "tool_choice", "parallel_tool_calls"}
+
+
+def _invalid(message: str) -> EgressError:
+    return EgressError("invalid_request", message)
+
+
+class _Refusals:
+    """Refuses a parameter, or with drop_params records it as dropped."""
+
+    __slots__ = ("drop", "dropped")
+
+    def __init__(self, drop: bool) -> None:
+        self.drop = drop
+        self.dropped: list[str] = []
+
+    def __call__(self, name: str, why: str) -> None:
+        if not self.drop:
+            raise EgressError("unsupported_parameter", f"'{name}' is not supported by Anthropic models: {why}")
+        self.dropped.append(name)
+
+
+def chat_to_messages(body: dict, *, default_max_tokens: int, drop_params: bool = False) -> tuple[dict, list[str]]:
+    if not isinstance(body, dict):
+        raise _invalid("the request body must be a JSON object")
+    refuse = _Refusals(drop_params)
+    for name, value in body.items():
+        if value is None or name in _MAPPED or name in _CONSUMED:
+            continue  # null means "not given" to OpenAI's API as well
+        neutral = _NEUTRAL.get(name)
+        if neutral is None:
+            refuse(name, "Anthropic's Messages API has no equivalent")
+        elif not neutral(value):
+            refuse(name, f"only the neutral value is accepted, got {orjson.dumps(value).decode()[:100]}")
+
+    out: dict = {}
+    system, messages = _messages(body.get("messages"))
+    if system:
+        out["system"] = system
+    out["messages"] = messages
+
+    max_tokens = body.get("max_completion_tokens")
+    if max_tokens is None:
+        max_tokens = body.get("max_tokens")
+    if max_tokens is None:
+        max_tokens = default_max_tokens
+    elif max_tokens.__class__ is not int or max_tokens < 1:
+        raise _invalid("max_completion_tokens / max_tokens must be a positive integer")
+
+    budget = _thinking_budget(body.get("reasoning_effort"))
+    if budget is not None:
+        if max_tokens <= budget:
+            # budget_tokens must be below max_tokens. OpenAI's limit counts reasoning too, but a
+            # budget that ate the caller's whole allowance would leave no answer: thinking goes on top.
+            max_tokens += budget
+        out["thinking"] = {"type": "enabled", "budget_tokens": budget}
+    out["max_tokens"] = max_tokens
+
+    _sampling(body, out, thinking=budget is not None, refuse=refuse)
+    _stop(body.get("stop"), out)
+    user = body.get("safety_identifier") or body.get("user")
+    if user is not None:
+        if not isinstance(user, str):
+            raise _invalid("user must be a string")
+        if user:
+            out["metadata"] = {"user_id": user}
+    stream = body.get("stream")
+    if stream is not None:
+        if stream.__class__ is not bool:
+            raise _invalid("stream must be a boolean")
+        out["stream"] = stream
+    _tools(body, out, thinking=budget is not None, refuse=refuse)
+    return out, refuse.dropped
+
+
+def _thinking_budget(effort: object) -> int | None:
+    if effort is None:
+        return None
+    if effort not in THINKING_BUDGETS:
+        raise _invalid(f"reasoning_effort must be one of {', '.join(THINKING_BUDGETS)}")
+    return THINKING_BUDGETS[effort]
+
+
+def _sampling(body: dict, out: dict, *, thinking: bool, refuse: _Refusals) -> None:
+    # Thinking "isn't compatible with temperature or top_k modifications"; top_p may be set "to
+    # values between 1 and 0.95" (extended-thinking docs, feature compatibility).
+    temperature = body.get("temperature")
+    if temperature is not None:
+        if not _number(temperature) or temperature < 0:
+            raise _invalid("temperature must be a non-negative number")
+        if temperature > 1:
+            refuse("temperature", "Anthropic's temperature ranges from 0 to 1")
+        elif thinking and temperature != 1:
+            refuse("temperature", "it can't be changed with reasoning_effort (extended thinking)")
+        elif not thinking:
+            out["temperature"] = temperature
+        # else 1 with thinking: Anthropic's default, so not sent rather than risk the refusal.
+    top_p = body.get("top_p")
+    if top_p is not None:
+        if not _number(top_p) or not 0 <= top_p <= 1:
+            raise _invalid("top_p must be a number between 0 and 1")
+        if thinking and top_p < 0.95:
+            refuse("top_p", "with reasoning_effort (extended thinking) it must be between 0.95 and 1")
+        else:
+            out["top_p"] = top_p
+    top_k = body.get("top_k")
+    if top_k is not None:
+        if top_k.__class__ is not int or top_k < 1:
+            raise _invalid("top_k must be a positive integer")
+        if thinking:
+            refuse("top_k", "it can't be changed with reasoning_effort (extended thinking)")
+        else:
+            out["top_k"] = top_k
+
+
+def _stop(stop: object, out: dict) -> None:
+    if stop is None:
+        return
+    if isinstance(stop, str):
+        stop = [stop]
+    if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
+        raise _invalid("stop must be a string or a list of strings")
+    # Anthropic refuses a stop sequence that is empty or only whitespace; OpenAI ignores them.
+    sequences = [s for s in stop if s.strip()]
+    if sequences:
+        out["stop_sequences"] = sequences
+
+
+# -- tools, tool_choice, response_format -------------------------------------------------------
+
+
+def _tools(body: dict, out: dict, *, thinking: bool, refuse: _Refusals) -> None:
+    if body.get("tools") is not None and not isinstance(body["tools"], list):
+        raise _invalid("tools must be a list")
+    tools = []
+    for position, tool in enumerate(body.get("tools") or ()):
+        if not isinstance(tool, dict):
+            raise _invalid(f"tools[{position}] must be an object")
+        if tool.get("type") != "function":
+            refuse(f"tools[{position}]", f"only function tools translate, not {tool.get('type')!r}")
+            continue
+        tools.append(_tool(tool, position))
+
+    choice = _tool_choice(body.get("tool_choice"), tools)
+    if choice is not None and choice["type"] in ("any", "tool") and thinking:
+        # "Tool use with thinking only supports tool_choice auto or none" (extended-thinking docs).
+        refuse("tool_choice", "a forced tool can't be combined with reasoning_effort (extended thinking)")
+        choice = None
+
+    response_format = body.get("response_format")
+    if response_format is not None and not isinstance(response_format, dict):
+        raise _invalid("response_format must be an object")
+    kind = response_format.get("type") if response_format is not None else None
+    if kind == "json_schema" and isinstance(response_format.get("json_schema"), dict):
+        spec = response_format["json_schema"]
+        schema = spec.get("schema")
+        if schema is not None:
+            if not isinstance(schema, dict):
+                raise _invalid("response_format.json_schema.schema must be an object")
+            # Structured outputs: output_config.format constrains the text itself (GA; the beta's
+            # top-level `output_format` is deprecated). Works with thinking, unlike a forced tool.
+            out["output_config"] = {"format": {"type": "json_schema", "schema": schema}}
+        else:
+            kind = "json_object"  # a schema-less json_schema asks for any JSON object
+    elif kind == "json_schema":
+        raise _invalid("response_format json_schema needs a json_schema object")
+    if kind == "json_object":
+        if thinking:
+            refuse("response_format", "JSON mode forces a tool, which extended thinking does not allow")
+        else:
+            # No schema for structured outputs: force a tool whose input is the answer (the
+            # documented JSON-mode recipe, tool-use docs "JSON mode").
+            description = "Reply with the answer as a JSON object."
+            tools.append({"name": JSON_TOOL, "description": description, "input_schema": {"type": "object"}})
+            if choice is None or choice["type"] == "auto":
+                choice = {"type": "tool", "name": JSON_TOOL} if len(tools) == 1 else {"type": "any"}
+            elif choice["type"] == "none":
+                choice = {"type": "tool", "name": JSON_TOOL}
+    elif kind not in (None, "text", "json_schema"):
+        raise _invalid(f"unknown response_format type {kind!r}")
+
+    parallel = body.get("parallel_tool_calls")
+    if parallel is not None and parallel.__class__ is not bool:
+        raise _invalid("parallel_tool_calls must be a boolean")
+    if tools:
+        out["tools"] = tools
+        if parallel is False:
+            # Anthropic puts the switch inside tool_choice (tool-use docs, "Parallel tool use").
+            choice = dict(choice) if choice is not None else {"type": "auto"}
+            if choice["type"] != "none":
+                choice["disable_parallel_tool_use"] = True
+        if choice is not None:
+            out["tool_choice"] = choice
+
+
+def _tool(tool: dict, position: int) -> dict:
+    function = tool.get("function")
+    if not isinstance(function, dict) or not isinstance(function.get("name"), str) or not function["name"]:
+        raise _invalid(f"tools[{position}].function.name is required")
+    name = function["name"]
+    if name == JSON_TOOL:
+        raise _invalid(f"the tool name {JSON_TOOL!r} is reserved by egress for JSON mode")
+    parameters = function.get("parameters")
+    if parameters is None:
+        parameters = {"type": "object", "properties": {}}  # OpenAI: omitted means no parameters
+    elif not isinstance(parameters, dict):
+        raise _invalid(f"tools[{position}].function.parameters must be an object")
+    translated: dict = {"name": name}
+    description = function.get("description")
+    if description:
+        translated["description"] = description
+    translated["input_schema"] = parameters
+    if function.get("strict") is True:
+        translated["strict"] = True  # strict tool use, structured-outputs docs
+    cache_control = tool.get("cache_control") or function.get("cache_control")
+    if cache_control is not None:
+        translated["cache_control"] = cache_control
+    return translated
+
+
+def _tool_choice(choice: object, tools: list) -> dict | None:
+    if choice is None:
+        return None
+    if choice == "auto":
+        translated = {"type": "auto"}
+    elif choice == "required":
+        translated = {"type": "any"}
+    elif choice == "none":
+        translated = {"type": "none"}
+    elif (
+        isinstance(choice, dict)
+        and choice.get("type") == "function"
+        and isinstance(choice.get("function"), dict)
+        and isinstance(choice["function"].get("name"), str)
+    ):
+        translated = {"type": "tool", "name": choice["function"]["name"]}
+    else:
+        raise _invalid("tool_choice must be auto, required, none or {type: function, function: {name}}")
+    if not tools and translated["type"] in ("any", "tool"):
+        raise _invalid("tool_choice requires tools")
+    return translated if tools else None
+
+
+# -- messages ------------------------------------------------------------------------------------
+
+
+def _messages(messages: object) -> tuple[list, list]:
+    if not isinstance(messages, list) or not messages:
+        raise _invalid("messages must be a non-empty list")
+    system: list = []
+    turns: list[list] = []  # [role, blocks], consecutive same roles merged (Anthropic alternates)
+    for position, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise _invalid(f"messages[{position}] must be an object")
+        role = message.get("role")
+        where = f"messages[{position}]"
+        if role in ("system", "developer"):
+            # Anthropic has one system prompt: every system and developer message, in order.
+            blocks = _text_blocks(message.get("content"), where)
+            role = None
+        elif role == "user":
+            blocks = _user_blocks(message.get("content"), where)
+        elif role == "assistant":
+            blocks = _assistant_blocks(message, where)
+        elif role == "tool":
+            blocks = [_tool_result(message, where)]
+            role = "user"  # tool results travel in a user turn, first in it (tool-use docs)
+        else:
+            raise _invalid(f"{where}.role must be system, developer, user, assistant or tool")
+        cache_control = message.get("cache_control")
+        if cache_control is not None and blocks:
+            # A message-level mark means "cache up to the end of this message": its last block.
+            blocks[-1] = {**blocks[-1], "cache_control": cache_control}
+        if role is None:
+            system.extend(blocks)
+        elif not blocks:
+            continue  # an empty message (Anthropic refuses empty content) must not break a merge
+        elif turns and turns[-1][0] == role:
+            turns[-1][1].extend(blocks)
+        else:
+            turns.append([role, blocks])
+    if not turns:
+        raise _invalid("messages must include a user or assistant message")
+    return system, [{"role": role, "content": blocks} for role, blocks in turns]
+
+
+def _text_part(part: dict, where: str) -> dict | None:
+    text = part.get("text")
+    if not isinstance(text, str):
+        raise _invalid(f"{where}.text must be a string")
+    if not text:
+        return None  # Anthropic refuses empty text blocks
+    block = {"type": "text", "text": text}
+    if part.get("cache_control") is not None:
+        block["cache_control"] = part["cache_control"]
+    return block
+
+
+def _text_blocks(content: object, where: str) -> list:
+    if isinstance(content, str):
+        return [{"type": "text", "text": content}] if content else []
+    if not isinstance(content, list):
+        raise _invalid(f"{where}.content must be a string or a list of parts")
+    blocks = []
+    for index, part in enumerate(content):
+        if not isinstance(part, dict) or part.get("type") not in ("text", "refusal"):
+            raise _invalid(f"{where}.content[{index}] must be a text part")
+        if part["type"] == "refusal":  # an assistant's earlier refusal, shown as what it said
+            part = {"text": part.get("refusal"), "cache_control": part.get("cache_control")}
+        block = _text_part(part, f"{where}.content[{index}]")
+        if block is not None:
+            blocks.append(block)
+    return blocks
+
+
+def _user_blocks(content: object, where: str) -> list:
+    if isinstance(content, str):
+        return [{"type": "text", "text": content}] if content else []
+    if not isinstance(content, list):
+        raise _invalid(f"{where}.content must be a string or a list of parts")
+    blocks = []
+    for index, part in enumerate(content):
+        at = f"{where}.content[{index}]"
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text":
+            block = _text_part(part, at)
+        elif kind == "image_url":
+            block = _image(part, at)
+        elif kind == "file":
+            block = _file(part, at)
+        else:
+            raise EgressError("unsupported_parameter", f"{at}: content part type {kind!r} has no Anthropic equivalent")
+        if block is not None:
+            blocks.append(block)
+    return blocks
+
+
+def _data_uri(url: str, at: str) -> tuple[str, str]:
+    header, comma, data = url[5:].partition(",")
+    media_type, _, encoding = header.partition(";")
+    if not comma or encoding.lower() != "base64" or not media_type:
+        raise _invalid(f"{at}: a data URL must be data:<media type>;base64,<data>")
+    return media_type.lower(), data
+
+
+def _image(part: dict, at: str) -> dict:
+    image = part.get("image_url")
+    url = image.get("url") if isinstance(image, dict) else image
+    if not isinstance(url, str):
+        raise _invalid(f"{at}.image_url.url must be a string")
+    if url.startswith("data:"):
+        media_type, data = _data_uri(url, at)
+        source = {"type": "base64", "media_type": media_type, "data": data}
+    elif url.startswith(("https://", "http://")):
+        source = {"type": "url", "url": url}  # Anthropic fetches it; egress never downloads
+    else:
+        raise _invalid(f"{at}.image_url.url must be an http(s) or data: URL")
+    # `detail` has no Anthropic counterpart: Anthropic sizes images itself (vision docs).
+    block = {"type": "image", "source": source}
+    if part.get("cache_control") is not None:
+        block["cache_control"] = part["cache_control"]
+    return block
+
+
+def _file(part: dict, at: str) -> dict:
+    file = part.get("file")
+    data = file.get("file_data") if isinstance(file, dict) else None
+    if not isinstance(data, str) or not data.startswith("data:"):
+        raise EgressError("unsupported_parameter", f"{at}: only inline file_data (a data: URL) translates, not file_id")
+    media_type, payload = _data_uri(data, at)
+    block = {"type": "document", "source": {"type": "base64", "media_type": media_type, "data": payload}}
+    if part.get("cache_control") is not None:
+        block["cache_control"] = part["cache_control"]
+    return block
+
+
+def _assistant_blocks(message: dict, where: str) -> list:
+    content = message.get("content")
+    blocks = [] if content is None else _text_blocks(content, where)
+    tool_calls = message.get("tool_calls")
+    if tool_calls is None:
+        tool_calls = []
+    elif not isinstance(tool_calls, list):
+        raise _invalid(f"{where}.tool_calls must be a list")
+    for index, call in enumerate(tool_calls):
+        at = f"{where}.tool_calls[{index}]"
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(function, dict) or not isinstance(call.get("id"), str) or not function.get("name"):
+            raise _invalid(f"{at} needs an id and a function name")
+        arguments = function.get("arguments") or "{}"
+        try:
+            parsed = orjson.loads(arguments)
+        except (orjson.JSONDecodeError, TypeError):
+            raise _invalid(f"{at}.function.arguments is not valid JSON") from None
+        if not isinstance(parsed, dict):
+            raise _invalid(f"{at}.function.arguments must be a JSON object")
+        blocks.append({"type": "tool_use", "id": call["id"], "name": function["name"], "input": parsed})
+    return blocks
+
+
+def _tool_result(message: dict, where: str) -> dict:
+    tool_call_id = message.get("tool_call_id")
+    if not isinstance(tool_call_id, str) or not tool_call_id:
+        raise _invalid(f"{where}.tool_call_id is required")
+    content = message.get("content")
+    block: dict = {"type": "tool_result", "tool_use_id": tool_call_id}
+    if isinstance(content, str):
+        if content:
+            block["content"] = content
+    elif content is not None:
+        block["content"] = _text_blocks(content, where)
+    return block
+
+
+# -- response ------------------------------------------------------------------------------------
+
+# stop_reason -> finish_reason (stop-reasons docs). pause_turn: a server tool loop paused and the
+# caller may resume by sending the turn back; the turn produced what it produced, so "stop" (its
+# raw value stays in native_finish_reason). An unknown reason is "stop" too, its raw value kept.
+FINISH_REASONS = {
+    "end_turn": "stop",
+    "stop_sequence": "stop",
+    "max_tokens": "length",
+    "model_context_window_exceeded": "length",
+    "tool_use": "tool_calls",
+    "refusal": "content_filter",
+    "pause_turn": "stop",
+}
+
+
+def _finish_reason(stop_reason: object, tool_calls: bool) -> str:
+    reason = FINISH_REASONS.get(stop_reason, "stop") if stop_reason is not None else "stop"
+    if reason == "tool_calls" and not tool_calls:
+        return "stop"  # the only tool was JSON mode's: its input is the answer
+    if reason == "stop" and tool_calls:
+        return "tool_calls"  # a pending tool call is never hidden behind a plain stop
+    return reason
+
+
+def _chat_usage(usage: Usage, thinking_tokens: int | None) -> dict:
+    prompt = usage.input_tokens or 0  # uncached + cache read + cache creation, as OpenAI counts
+    completion = usage.output_tokens or 0
+    chat = {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        # cache_write_tokens: the name the openai SDK's PromptTokensDetails gives cache writes.
+        "prompt_tokens_details": {
+            "cached_tokens": usage.cache_read_tokens or 0,
+            "cache_write_tokens": usage.cache_creation_tokens or 0,
+        },
+    }
+    if thinking_tokens is not None:
+        chat["completion_tokens_details"] = {"reasoning_tokens": thinking_tokens}
+    return chat
+
+
+def _thinking_tokens(counts: object) -> int | None:
+    details = counts.get("output_tokens_details") if isinstance(counts, dict) else None
+    value = details.get("thinking_tokens") if isinstance(details, dict) else None
+    return value if value.__class__ is int else None
+
+
+def message_to_chat(message: dict, *, model: str, created: int) -> dict:
+    text: list[str] = []
+    reasoning: list[str] = []
+    tool_calls = []
+    for block in message.get("content") or ():
+        kind = block.get("type") if isinstance(block, dict) else None
+        if kind == "text":
+            text.append(block.get("text") or "")
+        elif kind == "thinking":
+            reasoning.append(block.get("thinking") or "")
+        elif kind == "tool_use":
+            arguments = orjson.dumps(block.get("input") or {}).decode()
+            if block.get("name") == JSON_TOOL:
+                text.append(arguments)
+            else:
+                function = {"name": block.get("name"), "arguments": arguments}
+                tool_calls.append({"id": block.get("id"), "type": "function", "function": function})
+        # redacted_thinking, server_tool_use and server tool results: nothing the client can use.
+    reply: dict = {"role": "assistant", "content": "".join(text) if text else None}
+    if tool_calls:
+        reply["tool_calls"] = tool_calls
+    if reasoning:
+        reply["reasoning_content"] = "".join(reasoning)
+    usage = Usage()
+    reduce_usage(usage, {}, message, ANTHROPIC)
+    stop_reason = message.get("stop_reason")
+    return {
+        "id": "chatcmpl-" + str(message.get("id") or ""),
+        "object": "chat.completion",
+        "created": created,
+        "model": model,
+        "choices": [
+            {
+                "index": 0,
+                "message": reply,
+                "finish_reason": _finish_reason(stop_reason, bool(tool_calls)),
+                "native_finish_reason": stop_reason,
+                "logprobs": None,
+            }
+        ],
+        "usage": _chat_usage(usage, _thinking_tokens(message.get("usage"))),
+    }
+
+
+# -- errors --------------------------------------------------------------------------------------
+
+# Anthropic error type -> OpenAI error type (https://docs.anthropic.com/en/api/errors,
+# https://platform.openai.com/docs/guides/error-codes). The Anthropic type rides along as `code`.
+ERROR_TYPES = {
+    "invalid_request_error": "invalid_request_error",
+    "request_too_large": "invalid_request_error",
+    "not_found_error": "invalid_request_error",
+    "authentication_error": "authentication_error",
+    "permission_error": "permission_error",
+    "billing_error": "insufficient_quota",
+    "rate_limit_error": "rate_limit_error",
+    "api_error": "server_error",
+    "overloaded_error": "server_error",
+    "timeout_error": "server_error",
+}
+
+
+def _type_for_status(status: int) -> str:
+    if status == 401:
+        return "authentication_error"
+    if status == 403:
+        return "permission_error"
+    if status == 429:
+        return "rate_limit_error"
+    return "server_error" if status >= 500 else "invalid_request_error"
+
+
+def _openai_error(error: dict, status: int) -> dict:
+    kind = error.get("type")
+    message = error.get("message")
+    return {
+        "message": message if isinstance(message, str) else "upstream error",
+        "type": ERROR_TYPES.get(kind, _type_for_status(status)) if isinstance(kind, str) else _type_for_status(status),
+        "param": None,
+        "code": kind if isinstance(kind, str) else None,
+    }
+
+
+def error_to_openai(status: int, body: bytes) -> bytes:
+    try:
+        document = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        document = None
+    if isinstance(document, dict) and isinstance(document.get("error"), dict):
+        return orjson.dumps({"error": _openai_error(document["error"], status)})
+    raw = bytes(body[:500]).decode("utf-8", "replace")
+    error = {"message": f"upstream error {status}: {raw}", "type": _type_for_status(status), "param": None}
+    error["code"] = None
+    return orjson.dumps({"error": error})
+
+
+# -- stream --------------------------------------------------------------------------------------
+
+# What a content block index stands for, once its content_block_start was seen.
+_TEXT, _THINKING, _TOOL, _JSON, _IGNORED = range(5)
+_BLOCK_KINDS = {"text": _TEXT, "thinking": _THINKING, "tool_use": _TOOL}
+_DONE = b"data: [DONE]\n\n"
+_ROLE = orjson.dumps({"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None})
+
+
+class StreamTranscoder:
+    """Anthropic Messages SSE -> OpenAI chat.completion.chunk SSE, one event at a time.
+
+    State is what the mapping needs: the content-block index -> (kind, tool-call index) map, the
+    next tool-call index (tool calls are counted on their own, densely, whatever the block index),
+    the usage so far, and whether the finish chunk went out. Each chunk is written as soon as its
+    event is whole, so the client sees tokens as Anthropic sends them.
+    """
+
+    __slots__ = (
+        "_blocks",
+        "_buffer",
+        "_created",
+        "_data",
+        "_finished",
+        "_head",
+        "_include_usage",
+        "_model",
+        "_raw_usage",
+        "_scanned",
+        "_thinking_tokens",
+        "_tool_calls",
+        "_usage",
+        "ended",
+    )
+
+    def __init__(self, *, model: str, created: int, include_usage: bool) -> None:
+        self._model = model
+        self._created = created
+        self._include_usage = include_usage
+        self._buffer = bytearray()
+        self._scanned = 0  # bytes of _buffer already searched for a newline
+        self._data: list[bytes] = []  # data: lines of the event being read
+        self._blocks: dict[int, tuple[int, int]] = {}
+        self._tool_calls = 0
+        self._usage = Usage()
+        self._raw_usage: dict[str, int] = {}
+        self._thinking_tokens: int | None = None
+        self._finished = False
+        self._head = self._chunk_head("chatcmpl-")
+        self.ended = False
+
+    def _chunk_head(self, chunk_id: str) -> bytes:
+        return b"".join(
+            (
+                b'data: {"id":',
+                orjson.dumps(chunk_id),
+                b',"object":"chat.completion.chunk","created":',
+                str(self._created).encode(),
+                b',"model":',
+                orjson.dumps(self._model),
+                b',"choices":[',
+            )
+        )
+
+    def feed(self, data: bytes) -> bytes:
+        if self.ended:
+            return b""  # anything after the end (trailing bytes, a second stream) is not ours
+        buffer = self._buffer
+        buffer += data
+        out: list[bytes] = []
+        start = 0
+        while not self.ended:
+            newline = buffer.find(b"\n", max(start, self._scanned))
+            if newline == -1:
+                break
+            self._line(bytes(buffer[start:newline]), out)
+            start = newline + 1
+        if self.ended:
+            buffer.clear()
+            self._scanned = 0
+        else:
+            del buffer[:start]
+            self._scanned = len(buffer)  # an unfinished line is not searched again
+        return b"".join(out)
+
+    def finish(self) -> bytes:
+        out: list[bytes] = []
+        if not self.ended:
+            if self._buffer:  # a last line without its newline
+                self._line(bytes(self._buffer), out)
+                self._buffer.clear()
+            if not self.ended:
+                self._line(b"", out)  # and an event without its blank line
+        return b"".join(out)
+
+    # -- SSE framing (https://html.spec.whatwg.org/multipage/server-sent-events.html) ------------
+    def _line(self, line: bytes, out: list[bytes]) -> None:
+        if line.endswith(b"\r"):
+            line = line[:-1]
+        if not line:
+            if self._data:
+                payload = b"\n".join(self._data)
+                self._data.clear()
+                self._event(payload, out)
+        elif line.startswith(b"data:"):
+            self._data.append(line[6:] if line[5:6] == b" " else line[5:])
+        # event:, id:, retry: and comments: the event's type is in its JSON, so nothing to keep.
+
+    def _event(self, payload: bytes, out: list[bytes]) -> None:
+        try:
+            event = orjson.loads(payload)
+        except orjson.JSONDecodeError:
+            event = None
+        if not isinstance(event, dict):
+            error = {"type": "api_error", "message": "egress could not parse an event from the upstream stream"}
+            self._on_error({"error": error}, out)
+            return
+        handler = _EVENTS.get(event.get("type"))
+        if handler is not None:
+            handler(self, event, out)
+
+    # -- one handler per Anthropic event type ---------------------------------------------------
+    def _emit(self, delta: dict, out: list[bytes]) -> None:
+        choice = orjson.dumps({"index": 0, "delta": delta, "finish_reason": None})
+        out.append(b"".join((self._head, choice, b"]}\n\n")))
+
+    def _on_message_start(self, event: dict, out: list[bytes]) -> None:
+        message = event.get("message")
+        if isinstance(message, dict):
+            self._head = self._chunk_head("chatcmpl-" + str(message.get("id") or ""))
+            self._count_thinking(message.get("usage"))
+        reduce_usage(self._usage, self._raw_usage, event, ANTHROPIC)
+        out.append(b"".join((self._head, _ROLE, b"]}\n\n")))
+
+    def _on_block_start(self, event: dict, out: list[bytes]) -> None:
+        block = event.get("content_block")
+        index = event.get("index")
+        if not isinstance(block, dict):
+            return
+        kind = _BLOCK_KINDS.get(block.get("type"), _IGNORED)
+        if kind == _TOOL and block.get("name") == JSON_TOOL:
+            kind = _JSON
+        tool_index = -1
+        if kind == _TOOL:
+            tool_index = self._tool_calls
+            self._tool_calls += 1
+            # Input normally arrives as input_json_delta; one already whole here is sent at once.
+            arguments = orjson.dumps(block["input"]).decode() if block.get("input") else ""
+            function = {"name": block.get("name"), "arguments": arguments}
+            call = {"index": tool_index, "id": block.get("id"), "type": "function", "function": function}
+            self._emit({"tool_calls": [call]}, out)
+        elif kind == _TEXT and block.get("text"):
+            self._emit({"content": block["text"]}, out)
+        elif kind == _THINKING and block.get("thinking"):
+            self._emit({"reasoning_content": block["thinking"]}, out)
+        elif kind == _JSON and block.get("input"):
+            self._emit({"content": orjson.dumps(block["input"]).decode()}, out)
+        self._blocks[index] = (kind, tool_index)
+
+    def _on_block_delta(self, event: dict, out: list[bytes]) -> None:
+        kind, tool_index = self._blocks.get(event.get("index"), (_IGNORED, -1))
+        delta = event.get("delta")
+        if kind == _IGNORED or not isinstance(delta, dict):
+            return
+        delta_type = delta.get("type")
+        if delta_type == "text_delta" and kind == _TEXT:
+            if delta.get("text"):
+                self._emit({"content": delta["text"]}, out)
+        elif delta_type == "thinking_delta" and kind == _THINKING:
+            if delta.get("thinking"):
+                self._emit({"reasoning_content": delta["thinking"]}, out)
+        elif delta_type == "input_json_delta" and delta.get("partial_json"):
+            if kind == _TOOL:
+                call = {"index": tool_index, "function": {"arguments": delta["partial_json"]}}
+                self._emit({"tool_calls": [call]}, out)
+            elif kind == _JSON:
+                self._emit({"content": delta["partial_json"]}, out)
+        # signature_delta, citations_delta: nothing an OpenAI client has a field for.
+
+    def _on_message_delta(self, event: dict, out: list[bytes]) -> None:
+        reduce_usage(self._usage, self._raw_usage, event, ANTHROPIC)  # cumulative: latest wins
+        self._count_thinking(event.get("usage"))
+        delta = event.get("delta")
+        stop_reason = delta.get("stop_reason") if isinstance(delta, dict) else None
+        if stop_reason is not None and not self._finished:
+            self._finish_chunk(stop_reason, out)
+
+    def _count_thinking(self, counts: object) -> None:
+        thinking = _thinking_tokens(counts)
+        if thinking is not None:
+            self._thinking_tokens = thinking
+
+    def _finish_chunk(self, stop_reason: str | None, out: list[bytes]) -> None:
+        self._finished = True
+        choice = {
+            "index": 0,
+            "delta": {},
+            "finish_reason": _finish_reason(stop_reason, self._tool_calls > 0),
+            "native_finish_reason": stop_reason,
+        }
+        out.append(b"".join((self._head, orjson.dumps(choice), b"]}\n\n")))
+
+    def _on_message_stop(self, event: dict, out: list[bytes]) -> None:
+        if not self._finished:
+            self._finish_chunk(None, out)  # a stream that never said why it stopped: a plain stop
+        if self._include_usage:
+            usage = orjson.dumps(_chat_usage(self._usage, self._thinking_tokens))
+            out.append(b"".join((self._head, b'],"usage":', usage, b"}\n\n")))
+        out.append(_DONE)
+        self.ended = True
+
+    def _on_error(self, event: dict, out: list[bytes]) -> None:
+        error = event.get("error")
+        # A mid-stream error arrives under a 200: the OpenAI SDK raises on a chunk with "error".
+        out.append(b"data: " + orjson.dumps({"error": _openai_error(error if isinstance(error, dict) else {}, 500)}))
+        out.append(b"\n\n" + _DONE)
+        self.ended = True
+
+
+# ping is dropped by not being here, as every event type this table does not name.
+_EVENTS: dict[str, Callable[[StreamTranscoder, dict, list[bytes]], None]] = {
+    "message_start": StreamTranscoder._on_message_start,
+    "content_block_start": StreamTranscoder._on_block_start,
+    "content_block_delta": StreamTranscoder._on_block_delta,
+    "message_delta": StreamTranscoder._on_message_delta,
+    "message_stop": StreamTranscoder._on_message_stop,
+    "error": StreamTranscoder._on_error,
+}
