@@ -140,6 +140,23 @@ class Authenticator:
         self.pools = pools
 
     def authenticate(self, exchange: Exchange, provider: Provider) -> None:
+        if self.caller_claims(exchange, provider.name, provider.allow_anonymous) is None:
+            return  # BYO: the caller's own provider key, untouched
+        facts = exchange.facts
+        pool = self.pools.get(provider.name)
+        if pool is None:
+            raise EgressError("no_pool_key", f"no pool key is configured for {provider.name}")
+        headers = [header for header in facts.forward_headers if header[0] not in _CREDENTIAL_HEADERS]
+        headers.append(pool.take())
+        facts.forward_headers = headers
+        exchange.lease = pool  # keeps the key's bytes alive (unwiped) as long as this exchange
+
+    def caller_claims(self, exchange: Exchange, provider: str | None, anonymous: bool = False) -> Claims | None:
+        """The caller's virtual key, verified and checked (for `provider`, when one is named).
+
+        None for a BYO key, or no key where `anonymous` allows it; otherwise raises missing_key or
+        the key's refusal. The authenticate phase and `/v1/models` both read the caller here.
+        """
         facts = exchange.facts
         bearer = facts.authorization
         if bearer is not None:
@@ -151,26 +168,13 @@ class Authenticator:
             token = bearer
         elif api_key is not None and api_key.startswith(PREFIX):
             token = api_key
-        elif bearer or api_key or provider.allow_anonymous:
-            return  # BYO: the caller's own provider key, untouched
+        elif bearer or api_key or anonymous:
+            return None
         else:
             raise EgressError("missing_key", "no API key: send a virtual key or your provider key")
         claims = self.claims_for(token, exchange.client.peer)
         exchange.claims = claims
-        check_claims(claims, time.time(), self.denyset.kids, provider.name, self._clock_skew)
-        pool = self.pools.get(provider.name)
-        if pool is None:
-            raise EgressError("no_pool_key", f"no pool key is configured for {provider.name}")
-        headers = [header for header in facts.forward_headers if header[0] not in _CREDENTIAL_HEADERS]
-        headers.append(pool.take())
-        facts.forward_headers = headers
-        exchange.lease = pool  # keeps the key's bytes alive (unwiped) as long as this exchange
-
-    def verified_claims(self, exchange: Exchange, token: bytes) -> Claims:
-        """A virtual key's claims, checked as on every request but for no provider (`/v1/models`)."""
-        claims = self.claims_for(token, exchange.client.peer)
-        exchange.claims = claims
-        check_claims(claims, time.time(), self.denyset.kids, None, self._clock_skew)
+        check_claims(claims, time.time(), self.denyset.kids, provider, self._clock_skew)
         return claims
 
     def claims_for(self, token: bytes, peer: str | None = None) -> Claims:

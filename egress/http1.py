@@ -283,7 +283,8 @@ def inspect_response(headers: Headers) -> ResponseFacts:
         elif lower == b"connection":
             connection_tokens = _add_connection_tokens(connection_tokens, value)
         elif lower == b"transfer-encoding":
-            chunked = _final_coding_is_chunked(value)
+            _refuse_codings_other_than_chunked(value)
+            chunked = True
     # llhttp already refuses these in strict mode; checked again, once over all values, because
     # relaying one would let an upstream split the client's response.
     if _UNSAFE_IN_VALUE.search(b"\t".join([value for _, value in headers])) is not None:
@@ -293,7 +294,7 @@ def inspect_response(headers: Headers) -> ResponseFacts:
     return ResponseFacts(relayed, content_length, content_type, chunked, content_encoding)
 
 
-def _final_coding_is_chunked(value: bytes) -> bool:
+def _refuse_codings_other_than_chunked(value: bytes) -> None:
     """A response's Transfer-Encoding, accepted only where egress and llhttp read it alike.
 
     `chunked` alone is the one coding egress relays (it re-chunks the decoded bytes). Any other
@@ -308,7 +309,6 @@ def _final_coding_is_chunked(value: bytes) -> bool:
             raise EgressError("upstream_protocol_error", "upstream sent a transfer coding other than chunked")
     if value.rstrip(b" ").endswith(b"\t"):
         raise EgressError("upstream_protocol_error", "upstream sent an ambiguous Transfer-Encoding")
-    return True
 
 
 def _add_connection_tokens(tokens: set[bytes] | None, value: bytes) -> set[bytes]:

@@ -330,11 +330,11 @@ def forward(exchange: Exchange) -> None:
 
 def _passthrough_model_refused(exchange: Exchange) -> EgressError | None:
     """The same model policy on a provider-prefixed request whose JSON body names a model."""
-    found = _REQUESTED_MODEL.search(exchange.body, 0, 65536) if exchange.body else None
-    if found is None:
+    model = requested_model(exchange.body)
+    if model is None:
         return None
     try:
-        check_model(exchange.route.provider, found.group(1).decode("utf-8", "replace"), exchange.claims)
+        check_model(exchange.route.provider, model, exchange.claims)
     except EgressError as error:
         return error
     return None
@@ -491,6 +491,12 @@ def finish(exchange: Exchange) -> None:
 _REQUESTED_MODEL = re.compile(rb'"model"\s*:\s*"((?:[^"\\]|\\.){1,200})"')
 
 
+def requested_model(body: bytes | bytearray) -> str | None:
+    """The `model` a JSON request body names, found without parsing it (the fact, the policy)."""
+    found = _REQUESTED_MODEL.search(body, 0, 65536) if body else None
+    return found.group(1).decode("utf-8", "replace") if found is not None else None
+
+
 def emit_usage(
     exchange: Exchange,
     state: ServerState,
@@ -517,7 +523,6 @@ def emit_usage(
     ):
         usage.reason = "not_requested"  # this provider's streams carry usage only when asked
     identity = exchange.identity or state.limiter.identity(exchange)
-    requested = _REQUESTED_MODEL.search(exchange.body, 0, 65536) if exchange.body else None
     state.limiter.record_tokens(exchange, usage.total_tokens, state.loop_time())
     state.metrics.observe_usage(provider, usage)
     state.facts.emit(
@@ -530,7 +535,7 @@ def emit_usage(
             "provider": provider,
             "surface": exchange.route.surface or "passthrough",
             "path": path,
-            "requested_model": requested.group(1).decode("utf-8", "replace") if requested else None,
+            "requested_model": requested_model(exchange.body),
             "model": usage.model,
             "usage": usage.state,
             "input_tokens": usage.input_tokens,

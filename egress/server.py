@@ -226,11 +226,7 @@ class ClientConnection(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self.backpressure.pause()
-        self._stalled = True
-        deadline = self._send_deadline
-        if deadline is None:
-            deadline = self._send_deadline = Deadline(self.loop, self._on_send_deadline)
-        deadline.set(self.loop.time() + self.state.config.server.send_timeout)
+        self._arm_send_deadline()
 
     def resume_writing(self) -> None:
         self.backpressure.resume()
@@ -441,7 +437,14 @@ class ClientConnection(asyncio.Protocol):
             transport = self.transport
             transport.close()  # waits for the write buffer to drain: the send deadline bounds that
             if transport.get_write_buffer_size() and not self._stalled:
-                self.pause_writing()  # below the high mark, but a client that never reads still holds it
+                self._arm_send_deadline()  # below the high mark, but a client that never reads still holds it
+
+    def _arm_send_deadline(self) -> None:
+        self._stalled = True
+        deadline = self._send_deadline
+        if deadline is None:
+            deadline = self._send_deadline = Deadline(self.loop, self._on_send_deadline)
+        deadline.set(self.loop.time() + self.state.config.server.send_timeout)
 
     def _on_send_deadline(self) -> None:
         if self._stalled:

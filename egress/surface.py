@@ -53,13 +53,7 @@ def prepare(exchange: Exchange) -> bool:
 
 def _model_list(exchange: Exchange) -> bytes:
     state = exchange.client.state
-    facts = exchange.facts
-    claims = None
-    token = _caller_token(facts.authorization, facts.api_key)
-    if token is None:
-        raise EgressError("missing_key", "no API key: send a virtual key or your provider key")
-    if token.startswith(b"bai_"):
-        claims = state.auth.verified_claims(exchange, token)
+    claims = state.auth.caller_claims(exchange, None)  # a key is required; no provider yet
     return orjson.dumps({"object": "list", "data": listed_models(state.model_routes, claims)})
 
 
@@ -129,14 +123,6 @@ def _translate(exchange: Exchange, document: dict, model: str, requested: str, d
     exchange.body_filter = TranslatedChat(
         requested, bool(document.get("stream")), include_usage, [name.encode() for name in dropped]
     )
-
-
-def _caller_token(authorization: bytes | None, api_key: bytes | None) -> bytes | None:
-    if authorization is not None:
-        return bearer_token(authorization) or None
-    if api_key is not None:
-        return api_key.strip() or None
-    return None
 
 
 class TranslatedChat:

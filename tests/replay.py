@@ -138,22 +138,7 @@ class ReplayUpstream(LoopbackServer):
         super().__init__(backlog=64)
 
     def _serve(self, conn: socket.socket) -> None:
-        conn.settimeout(0.2)
-        buffer = b""
-        while not self._stop.is_set():
-            parsed = _parse_request(buffer)
-            if parsed is None:
-                try:
-                    data = conn.recv(65536)
-                except TimeoutError:
-                    continue
-                except OSError:
-                    return
-                if not data:
-                    return
-                buffer += data
-                continue
-            request, buffer = parsed
+        for request in self._requests(conn, _parse_request):
             with self._lock:
                 self.requests.append(request)
             try:

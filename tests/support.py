@@ -320,6 +320,27 @@ class LoopbackServer:
     def _serve(self, conn: socket.socket) -> None:
         raise NotImplementedError
 
+    def _requests(self, conn: socket.socket, parse):
+        """Each request `parse(buffer) -> (request, rest) | None` finds on `conn`, until it closes or
+        the server stops."""
+        conn.settimeout(0.2)
+        buffer = b""
+        while not self._stop.is_set():
+            parsed = parse(buffer)
+            if parsed is None:
+                try:
+                    data = conn.recv(65536)
+                except TimeoutError:
+                    continue
+                except OSError:
+                    return
+                if not data:
+                    return
+                buffer += data
+                continue
+            request, buffer = parsed
+            yield request
+
     def _accept(self) -> None:
         while not self._stop.is_set():
             try:
@@ -364,27 +385,8 @@ class ScriptedUpstream(LoopbackServer):
         super().__init__()
 
     def _serve(self, conn: socket.socket) -> None:
-        conn.settimeout(0.2)
-        buffer = b""
-        while not self._stop.is_set():
-            head_end = buffer.find(b"\r\n\r\n")
-            total = -1
-            if head_end >= 0:
-                length = re.search(rb"(?im)^content-length:\s*(\d+)", buffer[: head_end + 4])
-                total = head_end + 4 + (int(length.group(1)) if length else 0)
-            if head_end < 0 or len(buffer) < total:
-                try:
-                    data = conn.recv(65536)
-                except TimeoutError:
-                    continue
-                except OSError:
-                    return
-                if not data:
-                    return
-                buffer += data
-                continue
-            self.requests.append(buffer[:total])
-            buffer = buffer[total:]
+        for request in self._requests(conn, _split_request):
+            self.requests.append(request)
             reply = self.replies.pop(0) if self.replies else self.HANG
             if reply is self.HANG:
                 while not self._stop.is_set():
@@ -406,3 +408,13 @@ class ScriptedUpstream(LoopbackServer):
             if after:
                 conn.close()
                 return
+
+
+def _split_request(buffer: bytes) -> tuple[bytes, bytes] | None:
+    """One Content-Length-framed request off the front of `buffer` (its raw bytes), or None for more."""
+    head_end = buffer.find(b"\r\n\r\n")
+    if head_end < 0:
+        return None
+    length = re.search(rb"(?im)^content-length:\s*(\d+)", buffer[: head_end + 4])
+    total = head_end + 4 + (int(length.group(1)) if length else 0)
+    return (buffer[:total], buffer[total:]) if len(buffer) >= total else None
