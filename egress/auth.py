@@ -139,24 +139,10 @@ class Authenticator:
         self.denyset = denyset
         self.pools = pools
 
-    def authenticate(self, exchange: Exchange, provider: Provider) -> None:
-        if self.caller_claims(exchange, provider.name, provider.allow_anonymous) is None:
-            return  # BYO: the caller's own provider key, untouched
-        facts = exchange.facts
-        pool = self.pools.get(provider.name)
-        if pool is None:
-            raise EgressError("no_pool_key", f"no pool key is configured for {provider.name}")
-        headers = [header for header in facts.forward_headers if header[0] not in _CREDENTIAL_HEADERS]
-        headers.append(pool.take())
-        facts.forward_headers = headers
-        exchange.lease = pool  # keeps the key's bytes alive (unwiped) as long as this exchange
-
-    def caller_claims(self, exchange: Exchange, provider: str | None, anonymous: bool = False) -> Claims | None:
-        """The caller's virtual key, verified and checked (for `provider`, when one is named).
-
-        None for a BYO key, or no key where `anonymous` allows it; otherwise raises missing_key or
-        the key's refusal. The authenticate phase and `/v1/models` both read the caller here.
-        """
+    def authenticate(self, exchange: Exchange, provider: Provider | None) -> Claims | None:
+        """The caller's credential, for `provider`: a virtual key's claims (and, with a provider,
+        its pool key swapped in), or None for a BYO key. `provider=None` (`/v1/models`) checks the
+        key for no provider and swaps nothing; a key is required there."""
         facts = exchange.facts
         bearer = facts.authorization
         if bearer is not None:
@@ -168,13 +154,23 @@ class Authenticator:
             token = bearer
         elif api_key is not None and api_key.startswith(PREFIX):
             token = api_key
-        elif bearer or api_key or anonymous:
-            return None
+        elif bearer or api_key or (provider is not None and provider.allow_anonymous):
+            return None  # BYO: the caller's own provider key, untouched
         else:
             raise EgressError("missing_key", "no API key: send a virtual key or your provider key")
         claims = self.claims_for(token, exchange.client.peer)
         exchange.claims = claims
-        check_claims(claims, time.time(), self.denyset.kids, provider, self._clock_skew)
+        if provider is None:
+            check_claims(claims, time.time(), self.denyset.kids, None, self._clock_skew)
+            return claims
+        check_claims(claims, time.time(), self.denyset.kids, provider.name, self._clock_skew)
+        pool = self.pools.get(provider.name)
+        if pool is None:
+            raise EgressError("no_pool_key", f"no pool key is configured for {provider.name}")
+        headers = [header for header in facts.forward_headers if header[0] not in _CREDENTIAL_HEADERS]
+        headers.append(pool.take())
+        facts.forward_headers = headers
+        exchange.lease = pool  # keeps the key's bytes alive (unwiped) as long as this exchange
         return claims
 
     def claims_for(self, token: bytes, peer: str | None = None) -> Claims:

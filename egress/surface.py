@@ -53,7 +53,7 @@ def prepare(exchange: Exchange) -> bool:
 
 def _model_list(exchange: Exchange) -> bytes:
     state = exchange.client.state
-    claims = state.auth.caller_claims(exchange, None)  # a key is required; no provider yet
+    claims = state.auth.authenticate(exchange, None)  # a key is required; no provider yet
     return orjson.dumps({"object": "list", "data": listed_models(state.model_routes, claims)})
 
 
