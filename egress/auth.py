@@ -77,6 +77,11 @@ class PoolRotation:
         name, secret = self._headers[index]
         return name, secret.reveal()
 
+    def header(self, index: int) -> tuple[bytes, bytearray]:
+        """The index-th key (modulo), without moving the rotation."""
+        name, secret = self._headers[index % len(self._headers)]
+        return name, secret.reveal()
+
     def wipe(self) -> None:
         _wipe_headers(self._headers)
 

@@ -77,6 +77,10 @@ class UpstreamConfig:
     # Below the ~60-90 s after which provider load balancers drop idle connections.
     pool_idle_timeout: float = 45.0
     dns_ttl: float = 60.0
+    # GET /v1/models of a routed provider whose row names no `models`: its own list, fetched with a
+    # pool key in the background every this many seconds (catalog.py), each fetch bounded by the timeout.
+    model_list_refresh: float = 600.0
+    model_list_timeout: float = 10.0
 
 
 @dataclass(frozen=True, slots=True)

@@ -70,13 +70,14 @@ class ProviderStats:
 
 
 class Metrics:
-    __slots__ = ("auth_failures", "models", "providers", "tokens")
+    __slots__ = ("auth_failures", "model_lists", "models", "providers", "tokens")
 
     def __init__(self) -> None:
         self.providers: dict[str, ProviderStats] = {}
         self.auth_failures: Counter[str] = Counter()
         self.tokens: Counter[tuple[str, str, str]] = Counter()
         self.models: dict[str, set[str]] = {}
+        self.model_lists: Counter[tuple[str, str]] = Counter()  # (provider, "ok" | "error") fetches
 
     def observe(self, exchange: Exchange, seconds: float) -> None:
         route = exchange.route
@@ -178,6 +179,12 @@ class MetricsCollector:
         if state.facts.publisher is not None:
             dropped.add_metric(["nats"], state.facts.publisher.dropped)
         yield dropped
+        lists = CounterMetricFamily(
+            "egress_model_list_fetches", "Fetches of providers' model lists by outcome", labels=["provider", "outcome"]
+        )
+        for (provider, outcome), count in sorted(metrics.model_lists.items()):
+            lists.add_metric([provider, outcome], count)
+        yield lists
         yield GaugeMetricFamily("egress_open_connections", "Open client connections", value=len(state.connections))
         idle = GaugeMetricFamily(
             "egress_upstream_idle_connections", "Pooled idle upstream connections", labels=["host"]

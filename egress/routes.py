@@ -17,6 +17,7 @@ not turn into "another provider serves it".
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from typing import TYPE_CHECKING
@@ -105,17 +106,21 @@ def check_model(provider: Provider, model: str, claims: Claims | None) -> None:
         raise EgressError("model_not_permitted", f"the model {model!r} is not permitted here")
 
 
-def listed_models(routes: ModelRoutes, claims: Claims | None) -> list[dict]:
+def listed_models(
+    routes: ModelRoutes, claims: Claims | None, fetched: Callable[[str], tuple[str, ...]] = lambda name: ()
+) -> list[dict]:
     """`GET /v1/models`: each routed provider's models that the same policy permits.
 
-    An id two providers serve is listed once per provider as `provider:model`, which the call path
-    accepts; patterns are never listed, only the literal ids a provider row names in `models`.
+    A provider's models are its row's `models` when set, else `fetched(name)`: the last list the
+    provider itself gave (catalog.py). An id two providers serve is listed once per provider as
+    `provider:model`, which the call path accepts; patterns are never listed, only literal ids.
     """
     offered: list[tuple[Provider, str]] = []
     for provider in routes.routed_providers():
         if claims is not None and claims.providers is not None and provider.name not in claims.providers:
             continue
-        offered += [(provider, model) for model in provider.models if model_permitted(provider, model, claims)]
+        models = provider.models or fetched(provider.name)
+        offered += [(provider, model) for model in models if model_permitted(provider, model, claims)]
     counts: dict[str, int] = {}
     for _, model in offered:
         counts[model] = counts.get(model, 0) + 1

@@ -86,6 +86,7 @@ def reload_config(state: ServerState, config_path: str | None) -> None:
         state.pool = UpstreamPool(new.upstream)
         retired_pool.close_idle()
     state.config = new
+    state.catalog.start(state)  # after state.auth and state.config: it reads both
     # Requests already authenticated hold the old pool keys through their lease: the retired
     # rotations are wiped by a finalizer once the last of those requests is gone (auth.py).
     log_event("reloaded", providers=len(new.providers), pooled_providers=sorted(state.auth.pools))
@@ -216,6 +217,7 @@ async def _serve(config: Config, config_path: str | None, worker: WorkerContext 
         pooled_providers=sorted(auth.pools),
     )
 
+    state.catalog.start(state)
     background: list[asyncio.Task] = []
     reload_deny_file = asyncio.Event()
     if config.keys.deny_file is not None:
@@ -273,6 +275,7 @@ async def _serve(config: Config, config_path: str | None, worker: WorkerContext 
     state.facts.flush()
     if publisher is not None:
         await publisher.flush(timeout=2.0)
+    state.catalog.stop()
     for task in background:
         task.cancel()
     await asyncio.gather(*background, return_exceptions=True)

@@ -25,6 +25,7 @@ import httptools
 
 from egress import http1, proxy
 from egress.accesslog import log_event
+from egress.catalog import ModelCatalog
 from egress.deadline import Deadline
 from egress.errors import EgressError, render_error
 from egress.flow import Backpressure
@@ -50,6 +51,7 @@ class ServerState:
     __slots__ = (
         "access_log",
         "auth",
+        "catalog",
         "config",
         "connections",
         "draining",
@@ -84,6 +86,7 @@ class ServerState:
         self.metrics = Metrics()
         self.metering = config.usage.enabled
         self.model_routes = ModelRoutes(config.routes, dict(config.providers))
+        self.catalog = ModelCatalog(config.upstream)  # started by serve, once listening
         self.loop_time = asyncio.get_running_loop().time
         self.connections: set[ClientConnection] = set()
         self.draining = False

@@ -54,7 +54,7 @@ def prepare(exchange: Exchange) -> bool:
 def _model_list(exchange: Exchange) -> bytes:
     state = exchange.client.state
     claims = state.auth.authenticate(exchange, None)  # a key is required; no provider yet
-    return orjson.dumps({"object": "list", "data": listed_models(state.model_routes, claims)})
+    return orjson.dumps({"object": "list", "data": listed_models(state.model_routes, claims, state.catalog.models)})
 
 
 def _route_by_model(exchange: Exchange) -> None:

@@ -103,6 +103,17 @@ class UpstreamPool:
             idle.clear()
 
     async def connect(self, origin: Origin) -> UpstreamConnection:
+        _, conn = await self._dial(origin, lambda: UpstreamConnection(self, origin))
+        return conn
+
+    async def open_stream(self, origin: Origin) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """A fresh connection as asyncio streams, for egress's own few requests (the model lists):
+        the same resolver, TLS context and connect deadline as traffic, never a pooled connection."""
+        reader = asyncio.StreamReader(limit=_MAX_RESPONSE_HEAD)
+        transport, protocol = await self._dial(origin, lambda: asyncio.StreamReaderProtocol(reader))
+        return reader, asyncio.StreamWriter(transport, protocol, reader, self._loop)
+
+    async def _dial(self, origin: Origin, factory) -> tuple[asyncio.Transport, asyncio.Protocol]:
         loop = self._loop
         give_up_at = loop.time() + self._config.connect_timeout
         try:
@@ -116,15 +127,14 @@ class UpstreamPool:
         for family, sockaddr in addresses:
             try:
                 async with asyncio.timeout_at(give_up_at):
-                    _, conn = await loop.create_connection(
-                        lambda: UpstreamConnection(self, origin),
+                    return await loop.create_connection(
+                        factory,
                         host=sockaddr[0],
                         port=sockaddr[1],
                         family=family,
                         ssl=self._tls if origin.tls else None,
                         server_hostname=origin.host if origin.tls else None,
                     )
-                return conn
             except TimeoutError:
                 raise EgressError("upstream_timeout", f"connecting to {origin.host} timed out") from None
             except ssl.SSLCertVerificationError as exc:

@@ -75,6 +75,8 @@ from typing import NoReturn
 import h11
 import orjson
 
+from egress.catalog import USER_AGENT as MODEL_LIST_AGENT
+
 
 @dataclass
 class RecordedRequest:
@@ -115,6 +117,8 @@ class FakeProvider:
         self._ids = itertools.count(1)
         self.port = 0
         self.requests: list[RecordedRequest] = []
+        # egress's own model-list fetches (catalog.py), apart: they come in the background, at any time.
+        self.list_fetches: list[RecordedRequest] = []
         self.sent_bodies: dict[str, bytes] = {}
         self.streams: dict[str, StreamRecord] = {}
         self.connections_opened = 0
@@ -179,7 +183,10 @@ class FakeProvider:
         recorded = RecordedRequest(
             request.method.decode(), request.target.decode("latin-1"), headers, body, response_id
         )
-        self.requests.append(recorded)
+        if recorded.header("user-agent") == MODEL_LIST_AGENT:
+            self.list_fetches.append(recorded)
+        else:
+            self.requests.append(recorded)
         scenario = recorded.header("x-fake-scenario") or ""
         target = recorded.target.split("?")[0]
         try:
