@@ -16,6 +16,30 @@ Contract
       https://docs.anthropic.com/en/docs/build-with-claude/streaming#other-events).
   error_to_openai(status, body) -> OpenAI error JSON bytes for an Anthropic error body.
 
+Thinking blocks (the convention of LiteLLM and the OpenAI-compatible peers that follow it:
+litellm/llms/anthropic/chat/transformation.py, .../chat/handler.py, and
+litellm/litellm_core_utils/prompt_templates/factory.py on the way back)
+  Response  the assistant message carries `reasoning_content` (every thinking text, joined) and
+            `thinking_blocks`, Anthropic's blocks in upstream order, verbatim:
+              {"type": "thinking", "thinking": str, "signature": str}
+              {"type": "redacted_thinking", "data": str}
+  Stream    `delta.thinking_blocks` is a list of one entry per chunk, each with a dense `index`
+            of its own (0, 1, ... per thinking or redacted block, whatever the content-block index):
+              thinking_delta      {"index": i, "type": "thinking", "thinking": piece}
+                                  (beside `reasoning_content`: piece, as before)
+              signature_delta     {"index": i, "type": "thinking", "thinking": "", "signature": sig}
+              redacted_thinking   {"index": i, "type": "redacted_thinking", "data": data}, at its start
+            Concatenating the strings of entries with the same index (what the openai SDK's stream
+            accumulator does with any indexed list, as it does for tool_calls) gives the blocks
+            back, `index` included; LiteLLM's own combiner, which ignores the index (text appends
+            to the open block, a signature closes it, a redacted block stands alone), gives the same.
+            The index is what lets the openai SDK accumulate the list at all: it refuses list
+            entries without one.
+  Request   an assistant message's `thinking_blocks` open its Anthropic content, before its text
+            and tool_use blocks, as given (an `index` from the stream dropped). Anthropic checks the
+            signature, so nothing in them may change; a malformed entry is an invalid request
+            naming the field.
+
 Docs this follows
   Messages API        https://docs.anthropic.com/en/api/messages
   OpenAI chat         https://platform.openai.com/docs/api-reference/chat/create
@@ -31,10 +55,12 @@ Docs this follows
 Usage goes through egress.usage.reduce_usage, the meter's own reducer (latest value wins, compaction
 passes added), so what the client is told and what the meter records agree by construction.
 
-Known limits: thinking blocks come back as `reasoning_content` without their signature, so a
-multi-turn tool loop with thinking on can't hand them back (Anthropic then answers 400); server
-tools (web search, code execution) run at Anthropic and their blocks are not shown to the client,
-only the text the model writes about them; citations are dropped with their deltas.
+Known limits: a client that keeps only `reasoning_content` (not `thinking_blocks`) can't carry a
+tool loop with thinking on: Anthropic answers its next request with 400, and that error is passed
+on; thinking blocks of two consecutive assistant messages, merged into one Anthropic turn, follow
+the first message's tool_use blocks rather than opening the turn; server tools (web search, code
+execution) run at Anthropic and their blocks are not shown to the client, only the text the model
+writes about them; citations are dropped with their deltas.
 """
 
 from __future__ import annotations
@@ -470,9 +496,48 @@ def _file(part: dict, at: str) -> dict:
     return block
 
 
+# The fields of each thinking block (Messages API, ThinkingBlockParam / RedactedThinkingBlockParam);
+# `index` is the stream's position of the block (see the module docstring), not sent.
+_THINKING_FIELDS = {"thinking": ("thinking", "signature"), "redacted_thinking": ("data",)}
+
+
+def _thinking_blocks(entries: object, where: str) -> list:
+    """An assistant message's `thinking_blocks`, as the Anthropic blocks they were.
+
+    With thinking on, the assistant turn that carries tool_use must start with its thinking and
+    redacted_thinking blocks, unmodified, when its tool results follow ("Preserving thinking
+    blocks", https://docs.anthropic.com/en/docs/build-with-claude/extended-thinking#preserving-thinking-blocks);
+    the signature is checked against the text, so both travel exactly as they came.
+    """
+    if not isinstance(entries, list):
+        raise _invalid(f"{where}.thinking_blocks must be a list")
+    blocks = []
+    for position, entry in enumerate(entries):
+        at = f"{where}.thinking_blocks[{position}]"
+        kind = entry.get("type") if isinstance(entry, dict) else None
+        fields = _THINKING_FIELDS.get(kind) if isinstance(kind, str) else None
+        if fields is None:
+            raise _invalid(f"{at}.type must be thinking or redacted_thinking")
+        for name, value in entry.items():
+            if name not in fields and name not in ("type", "index") and value is not None:
+                raise _invalid(f"{at}.{name} is not a field of a {kind} block")
+        block = {"type": kind}
+        for name in fields:
+            value = entry.get(name)
+            # The thinking text may be empty (display "omitted"); a signature or data never is.
+            if not isinstance(value, str) or (not value and name != "thinking"):
+                raise _invalid(f"{at}.{name} must be the string Anthropic returned")
+            block[name] = value
+        blocks.append(block)
+    return blocks
+
+
 def _assistant_blocks(message: dict, where: str) -> list:
+    thinking = message.get("thinking_blocks")
+    blocks = [] if thinking is None else _thinking_blocks(thinking, where)
     content = message.get("content")
-    blocks = [] if content is None else _text_blocks(content, where)
+    if content is not None:
+        blocks += _text_blocks(content, where)
     tool_calls = message.get("tool_calls")
     if tool_calls is None:
         tool_calls = []
@@ -560,6 +625,7 @@ def _thinking_tokens(counts: object) -> int | None:
 def message_to_chat(message: dict, *, model: str, created: int) -> dict:
     text: list[str] = []
     reasoning: list[str] = []
+    thinking_blocks: list[dict] = []
     tool_calls = []
     for block in message.get("content") or ():
         kind = block.get("type") if isinstance(block, dict) else None
@@ -567,6 +633,10 @@ def message_to_chat(message: dict, *, model: str, created: int) -> dict:
             text.append(block.get("text") or "")
         elif kind == "thinking":
             reasoning.append(block.get("thinking") or "")
+            signed = {"type": kind, "thinking": block.get("thinking"), "signature": block.get("signature")}
+            thinking_blocks.append(signed)  # verbatim: the signature is checked when it comes back
+        elif kind == "redacted_thinking":
+            thinking_blocks.append({"type": kind, "data": block.get("data")})
         elif kind == "tool_use":
             arguments = orjson.dumps(block.get("input") or {}).decode()
             if block.get("name") == JSON_TOOL:
@@ -574,12 +644,14 @@ def message_to_chat(message: dict, *, model: str, created: int) -> dict:
             else:
                 function = {"name": block.get("name"), "arguments": arguments}
                 tool_calls.append({"id": block.get("id"), "type": "function", "function": function})
-        # redacted_thinking, server_tool_use and server tool results: nothing the client can use.
+        # server_tool_use and server tool results: nothing the client can use.
     reply: dict = {"role": "assistant", "content": "".join(text) if text else None}
     if tool_calls:
         reply["tool_calls"] = tool_calls
     if reasoning:
         reply["reasoning_content"] = "".join(reasoning)
+    if thinking_blocks:
+        reply["thinking_blocks"] = thinking_blocks
     usage = Usage()
     reduce_usage(usage, {}, message, ANTHROPIC)
     stop_reason = message.get("stop_reason")
@@ -656,8 +728,8 @@ def error_to_openai(status: int, body: bytes) -> bytes:
 # -- stream --------------------------------------------------------------------------------------
 
 # What a content block index stands for, once its content_block_start was seen.
-_TEXT, _THINKING, _TOOL, _JSON, _IGNORED = range(5)
-_BLOCK_KINDS = {"text": _TEXT, "thinking": _THINKING, "tool_use": _TOOL}
+_TEXT, _THINKING, _REDACTED, _TOOL, _JSON, _IGNORED = range(6)
+_BLOCK_KINDS = {"text": _TEXT, "thinking": _THINKING, "redacted_thinking": _REDACTED, "tool_use": _TOOL}
 _DONE = b"data: [DONE]\n\n"
 _ROLE = orjson.dumps({"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None})
 
@@ -665,10 +737,10 @@ _ROLE = orjson.dumps({"index": 0, "delta": {"role": "assistant", "content": ""},
 class StreamTranscoder:
     """Anthropic Messages SSE -> OpenAI chat.completion.chunk SSE, one event at a time.
 
-    State is what the mapping needs: the content-block index -> (kind, tool-call index) map, the
-    next tool-call index (tool calls are counted on their own, densely, whatever the block index),
-    the usage so far, and whether the finish chunk went out. Each chunk is written as soon as its
-    event is whole, so the client sees tokens as Anthropic sends them.
+    State is what the mapping needs: the content-block index -> (kind, tool-call or thinking-block
+    index) map, the next tool-call and thinking-block indexes (each counted on its own, densely,
+    whatever the block index), the usage so far, and whether the finish chunk went out. Each chunk
+    is written as soon as its event is whole, so the client sees tokens as Anthropic sends them.
     """
 
     __slots__ = (
@@ -682,6 +754,7 @@ class StreamTranscoder:
         "_model",
         "_raw_usage",
         "_scanned",
+        "_thinking_blocks",
         "_thinking_tokens",
         "_tool_calls",
         "_usage",
@@ -697,6 +770,7 @@ class StreamTranscoder:
         self._data: list[bytes] = []  # data: lines of the event being read
         self._blocks: dict[int, tuple[int, int]] = {}
         self._tool_calls = 0
+        self._thinking_blocks = 0
         self._usage = Usage()
         self._raw_usage: dict[str, int] = {}
         self._thinking_tokens: int | None = None
@@ -799,6 +873,8 @@ class StreamTranscoder:
         if kind == _TOOL:
             tool_index = self._tool_calls
             self._tool_calls += 1
+        self._blocks[index] = (kind, tool_index)
+        if kind == _TOOL:
             # Input normally arrives as input_json_delta; one already whole here is sent at once.
             arguments = orjson.dumps(block["input"]).decode() if block.get("input") else ""
             function = {"name": block.get("name"), "arguments": arguments}
@@ -806,11 +882,32 @@ class StreamTranscoder:
             self._emit({"tool_calls": [call]}, out)
         elif kind == _TEXT and block.get("text"):
             self._emit({"content": block["text"]}, out)
-        elif kind == _THINKING and block.get("thinking"):
-            self._emit({"reasoning_content": block["thinking"]}, out)
+        elif kind == _THINKING and (block.get("thinking") or block.get("signature")):
+            # Anthropic starts a thinking block empty ("thinking": "", "signature": ""); a block
+            # that comes whole is sent whole, in one chunk.
+            entry = {"type": "thinking", "thinking": block.get("thinking") or ""}
+            if block.get("signature"):
+                entry["signature"] = block["signature"]
+            reasoning = {"reasoning_content": block["thinking"]} if block.get("thinking") else {}
+            self._emit_thinking(index, reasoning, entry, out)
+        elif kind == _REDACTED:
+            # Encrypted reasoning comes whole in its start event, no deltas (extended-thinking docs,
+            # "Thinking redaction"): the client has it to hand back, and nothing to show.
+            self._emit_thinking(index, {}, {"type": "redacted_thinking", "data": block.get("data")}, out)
         elif kind == _JSON and block.get("input"):
             self._emit({"content": orjson.dumps(block["input"]).decode()}, out)
-        self._blocks[index] = (kind, tool_index)
+
+    def _emit_thinking(self, block_index: object, delta: dict, entry: dict, out: list[bytes]) -> None:
+        # The thinking-block index is taken with the block's first chunk, not at its start: a block
+        # that sent nothing must not leave a hole, where the openai SDK's accumulator (which inserts
+        # an unseen index at that position of its list) would put the next block's entries astray.
+        kind, position = self._blocks[block_index]
+        if position < 0:
+            position = self._thinking_blocks
+            self._thinking_blocks += 1
+            self._blocks[block_index] = (kind, position)
+        delta["thinking_blocks"] = [{"index": position, **entry}]
+        self._emit(delta, out)
 
     def _on_block_delta(self, event: dict, out: list[bytes]) -> None:
         kind, tool_index = self._blocks.get(event.get("index"), (_IGNORED, -1))
@@ -823,14 +920,21 @@ class StreamTranscoder:
                 self._emit({"content": delta["text"]}, out)
         elif delta_type == "thinking_delta" and kind == _THINKING:
             if delta.get("thinking"):
-                self._emit({"reasoning_content": delta["thinking"]}, out)
+                entry = {"type": "thinking", "thinking": delta["thinking"]}
+                self._emit_thinking(event.get("index"), {"reasoning_content": delta["thinking"]}, entry, out)
+        elif delta_type == "signature_delta" and kind == _THINKING:
+            # The last delta of a thinking block (streaming docs, "Thinking delta"). "thinking": ""
+            # gives a block whose text never came (display "omitted") its field all the same.
+            if delta.get("signature"):
+                entry = {"type": "thinking", "thinking": "", "signature": delta["signature"]}
+                self._emit_thinking(event.get("index"), {}, entry, out)
         elif delta_type == "input_json_delta" and delta.get("partial_json"):
             if kind == _TOOL:
                 call = {"index": tool_index, "function": {"arguments": delta["partial_json"]}}
                 self._emit({"tool_calls": [call]}, out)
             elif kind == _JSON:
                 self._emit({"content": delta["partial_json"]}, out)
-        # signature_delta, citations_delta: nothing an OpenAI client has a field for.
+        # citations_delta: nothing an OpenAI client has a field for.
 
     def _on_message_delta(self, event: dict, out: list[bytes]) -> None:
         reduce_usage(self._usage, self._raw_usage, event, ANTHROPIC)  # cumulative: latest wins

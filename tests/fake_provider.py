@@ -39,6 +39,10 @@ message_stop; every event with its `event:` line):
                   only one when tool_choice.disable_parallel_tool_use); stop_reason tool_use
   thinking        a thinking block (with its signature) then a text block, when the request enables
                   thinking (`enabled` or `adaptive`); only the text block otherwise
+  thinking-tool-call  with thinking enabled: a thinking block, a redacted_thinking block, then the
+                  tool_use of `tool-call`, stop_reason tool_use; once the conversation ends with tool
+                  results, a thinking block and a text answer instead (end_turn). Without thinking: as
+                  `tool-call`
   echo-images     a text block "images=N base64=B url=U media_types=..." counting the image blocks of
                   the request (message content and tool_result content)
   json-tool       when tool_choice forces a tool (`tool`: that one, `any`: the first), its tool_use
@@ -51,6 +55,10 @@ message_stop; every event with its `event:` line):
   stream-cut      the text answer cut mid-body by a TCP abort: no message_stop (streamed: after two
                   text deltas; not streamed: half the JSON body)
 Tool ids are unique per response (`toolu_<request id>_<n>`), so a conversation fed back stays valid.
+Thinking signatures are a hash of the thinking text and redacted data carries a hash of its own
+(`sign_thinking`, `redacted_data`), so the fake checks what it gets back as the real service does:
+a thinking block whose text or signature changed is refused, and so is a final assistant turn with
+tool_use that does not open with its thinking blocks when thinking is on (`_thinking_first`).
 Usage is consistent within each answer: streamed output_tokens (cumulative, in message_delta) equal the
 non-streamed ones (except the historic default scenario: 7 non-streamed, 6 streamed); a request
 carrying any `cache_control` reports `cache_creation_input_tokens` > 0 the first time and
@@ -64,6 +72,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import hashlib
 import itertools
 import re
 import ssl
@@ -562,9 +571,14 @@ def _anthropic_plan(payload: dict, scenario: str, response_id: str) -> tuple[lis
         named = [tool for tool in tools if tool["name"] == choice.get("name")]
         return [call((named or tools)[0], 1)], "tool_use"
     if scenario == "thinking" and thinking:
-        signature = "EqQBCkYIBxgCKkBfake" + response_id.replace("_", "")
-        reasoning = {"type": "thinking", "thinking": "The user says hi; a greeting back fits.", "signature": signature}
-        return [reasoning, text], "end_turn"
+        return [_thinking("The user says hi; a greeting back fits."), text], "end_turn"
+    if scenario == "thinking-tool-call" and tools and choice.get("type") != "none":
+        if not thinking:
+            return [call(tools[0], 1)], "tool_use"
+        if _ends_with_tool_results(payload.get("messages")):
+            return [_thinking("The tool answered; time to tell the user."), text], "end_turn"
+        redacted = {"type": "redacted_thinking", "data": redacted_data(response_id)}
+        return [_thinking(f"The user needs {tools[0]['name']}; call it."), redacted, call(tools[0], 1)], "tool_use"
     if scenario == "echo-images":
         images = list(_image_blocks(payload.get("messages") or []))
         kinds = [image["source"]["type"] for image in images]
@@ -573,6 +587,40 @@ def _anthropic_plan(payload: dict, scenario: str, response_id: str) -> tuple[lis
         summary = f"{counts} media_types={','.join(media)}"
         return [{"type": "text", "text": summary}], "end_turn"
     return [text], "end_turn"
+
+
+# Signatures and redacted data are opaque to clients and checked by the service; here they are hashes
+# under a key of the fake's own, so a block handed back changed in any way no longer matches.
+_SIGNING_KEY = b"fake-provider-thinking\0"
+
+
+def sign_thinking(thinking: str) -> str:
+    """The signature the fake gives (and expects back with) a thinking block of this text."""
+    return "EqQB" + base64.b64encode(hashlib.sha256(_SIGNING_KEY + thinking.encode()).digest()).decode()
+
+
+def redacted_data(seed: str) -> str:
+    """Opaque redacted_thinking data: 16 bytes and their 16-byte MAC, base64."""
+    body = hashlib.sha256(b"redacted\0" + seed.encode()).digest()[:16]
+    return base64.b64encode(body + hashlib.sha256(_SIGNING_KEY + body).digest()[:16]).decode()
+
+
+def _redacted_data_valid(data: str) -> bool:
+    try:
+        raw = base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError):
+        return False
+    return len(raw) == 32 and raw[16:] == hashlib.sha256(_SIGNING_KEY + raw[:16]).digest()[:16]
+
+
+def _thinking(text: str) -> dict:
+    return {"type": "thinking", "thinking": text, "signature": sign_thinking(text)}
+
+
+def _ends_with_tool_results(messages) -> bool:
+    last = messages[-1] if isinstance(messages, list) and messages else None
+    content = last.get("content") if isinstance(last, dict) and last.get("role") == "user" else None
+    return isinstance(content, list) and bool(content) and content[0].get("type") == "tool_result"
 
 
 def _image_blocks(messages: list):
@@ -702,11 +750,14 @@ def _block_events(index: int, block: dict) -> list[bytes]:
             pieces = ("Hello", " from", " the", " fake", " provider", ".")
             deltas = [delta({"type": "text_delta", "text": piece}) for piece in pieces]
     elif kind == "thinking":
-        start = {"type": "thinking", "thinking": ""}
+        start = {"type": "thinking", "thinking": "", "signature": ""}  # as the service starts one
         middle = len(block["thinking"]) // 2
         halves = (block["thinking"][:middle], block["thinking"][middle:])
         deltas = [delta({"type": "thinking_delta", "thinking": half}) for half in halves]
         deltas.append(delta({"type": "signature_delta", "signature": block["signature"]}))
+    elif kind == "redacted_thinking":  # [THINK] "Thinking redaction": whole in its start, no deltas
+        start = dict(block)
+        deltas = []
     else:  # tool_use: the input arrives as partial JSON, starting with an empty piece
         start = {"type": "tool_use", "id": block["id"], "name": block["name"], "input": {}}
         document = orjson.dumps(block["input"]).decode()
@@ -740,6 +791,9 @@ def _block_events(index: int, block: dict) -> list[bytes]:
 #            empty content: anthropics/claude-code#6774, tidyverse/ellmer#709
 #            no messages: langgenius/dify#25953; empty text blocks: mckaywrigley/chatbot-ui#1656
 #            budget vs max_tokens: ProfSynapse/nexus#17
+#            thinking must open the final assistant turn: anomalyco/opencode#3077, mastra-ai/mastra#7799,
+#              deepset-ai/haystack-core-integrations#2146
+#            invalid thinking signature: anthropics/claude-code#10627, anthropics/anthropic-sdk-python#1598
 # Not refused, on purpose: consecutive messages with the same role ([API]: "Consecutive user or
 # assistant turns in your request will be combined into a single turn") and a first message from the
 # assistant (refused in 2024, "first message must use the user role", lobehub/lobehub#1601; the
@@ -946,8 +1000,14 @@ def _content_block(where: str, block, role: str, inside_tool_result: bool = Fals
         for field in ("thinking", "signature"):
             if not isinstance(block.get(field), str):
                 _refuse(f"{where}.thinking.{field}: Field required")
-    elif kind == "redacted_thinking" and not isinstance(block.get("data"), str):
-        _refuse(f"{where}.redacted_thinking.data: Field required")
+        if block["signature"] != sign_thinking(block["thinking"]):
+            # [SEEN] the service's answer to a signature that does not match the thinking text
+            _refuse(f"{where}: Invalid `signature` in `thinking` block")
+    elif kind == "redacted_thinking":
+        if not isinstance(block.get("data"), str):
+            _refuse(f"{where}.redacted_thinking.data: Field required")
+        if not _redacted_data_valid(block["data"]):
+            _refuse(f"{where}: Invalid `data` in `redacted_thinking` block")  # modelled on the above
 
 
 def _messages(messages) -> None:
@@ -1022,6 +1082,29 @@ def _tool_pairing(messages: list) -> None:
                 f"{', '.join(missing)}. Each `tool_use` block must have a corresponding `tool_result` block in the "
                 "next message."
             )
+
+
+def _thinking_first(messages: list) -> None:
+    """[THINK] "Preserving thinking blocks": with thinking on, the last assistant message, when it has
+    tool_use blocks answered by tool results, must open with its thinking (or redacted_thinking)
+    blocks; their signatures and data are checked in `_content_block`. [SEEN] gives the message."""
+    last = max((index for index, message in enumerate(messages) if message["role"] == "assistant"), default=-1)
+    if last < 0 or last + 1 == len(messages) or not isinstance(messages[last]["content"], list):
+        return
+    content, following = messages[last]["content"], messages[last + 1]["content"]
+    if not any(block.get("type") == "tool_use" for block in content):
+        return
+    if not isinstance(following, list) or not following or following[0].get("type") != "tool_result":
+        return
+    found = content[0].get("type")
+    if found not in ("thinking", "redacted_thinking"):
+        _refuse(
+            f"messages.{last}.content.0.type: Expected `thinking` or `redacted_thinking`, but found `{found}`. When "
+            "`thinking` is enabled, a final `assistant` message must start with a thinking block (preceeding the "
+            "lastmost set of `tool_use` and `tool_result` blocks). We recommend you include thinking blocks from "
+            "previous turns. To avoid this requirement, disable `thinking`. Please consult our documentation at "
+            "https://docs.claude.com/en/docs/build-with-claude/extended-thinking"
+        )
 
 
 def _tools(tools) -> list[str]:
@@ -1164,6 +1247,7 @@ def validate_anthropic_request(payload, recorded: RecordedRequest | None = None)
                 _refuse("`top_k` must be unset when thinking is enabled.")
             if choice is not None and choice.get("type") in ("any", "tool"):
                 _refuse("Thinking may not be enabled when tool_choice forces tool use.")
+            _thinking_first(payload["messages"])
     if payload.get("cache_control") is not None:
         _cache_control("", {"cache_control": payload["cache_control"]})
 

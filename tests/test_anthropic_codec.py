@@ -244,6 +244,48 @@ REQUESTS = [
         },
     ),
     (
+        "thinking_blocks_open_the_assistant_turn_verbatim",
+        {
+            "messages": [
+                HI,
+                {
+                    "role": "assistant",
+                    "content": "Checking.",
+                    "reasoning_content": "Weather needs the tool.",
+                    "thinking_blocks": [
+                        {
+                            "index": 0,
+                            "type": "thinking",
+                            "thinking": "Weather needs the tool.",
+                            "signature": "c2ln/+==",
+                        },
+                        {"index": 1, "type": "redacted_thinking", "data": "RW5jcnlwdGVk"},
+                        {"type": "thinking", "thinking": "", "signature": "b21pdHRlZA==", "cache_control": None},
+                    ],
+                    "tool_calls": [{"id": "toolu_1", "type": "function", "function": {"name": "a", "arguments": "{}"}}],
+                },
+                {"role": "tool", "tool_call_id": "toolu_1", "content": "one"},
+            ]
+        },
+        {
+            "messages": [
+                HI_OUT,
+                {
+                    "role": "assistant",
+                    "content": [
+                        {"type": "thinking", "thinking": "Weather needs the tool.", "signature": "c2ln/+=="},
+                        {"type": "redacted_thinking", "data": "RW5jcnlwdGVk"},
+                        {"type": "thinking", "thinking": "", "signature": "b21pdHRlZA=="},
+                        {"type": "text", "text": "Checking."},
+                        {"type": "tool_use", "id": "toolu_1", "name": "a", "input": {}},
+                    ],
+                },
+                {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1", "content": "one"}]},
+            ],
+            "max_tokens": 1000,
+        },
+    ),
+    (
         "consecutive_same_role_merged_empty_skipped",
         {"messages": [HI, {"role": "assistant", "content": ""}, {"role": "user", "content": "again"}]},
         {
@@ -483,6 +525,42 @@ def test_invalid_request(body):
     assert caught.value.code == "invalid_request"
 
 
+SIGNED = {"type": "thinking", "thinking": "t", "signature": "sig"}
+
+
+def with_thinking_blocks(blocks) -> dict:
+    return {"messages": [HI, {"role": "assistant", "content": "ok", "thinking_blocks": blocks}]}
+
+
+@pytest.mark.parametrize(
+    ("blocks", "named"),
+    [
+        ({"type": "thinking"}, "messages[1].thinking_blocks must be a list"),
+        ("thinking", "messages[1].thinking_blocks must be a list"),
+        (["t"], "messages[1].thinking_blocks[0].type must be thinking or redacted_thinking"),
+        ([{"thinking": "t", "signature": "s"}], "messages[1].thinking_blocks[0].type"),
+        ([SIGNED, {"type": "reasoning", "text": "t"}], "messages[1].thinking_blocks[1].type"),
+        ([{**SIGNED, "type": ["thinking"]}], "messages[1].thinking_blocks[0].type"),
+        ([{"type": "thinking", "thinking": "t"}], "messages[1].thinking_blocks[0].signature"),
+        ([{**SIGNED, "signature": ""}], "messages[1].thinking_blocks[0].signature"),
+        ([{**SIGNED, "signature": None}], "messages[1].thinking_blocks[0].signature"),
+        ([{**SIGNED, "signature": 7}], "messages[1].thinking_blocks[0].signature"),
+        ([{**SIGNED, "thinking": None}], "messages[1].thinking_blocks[0].thinking"),
+        ([{**SIGNED, "thinking": ["t"]}], "messages[1].thinking_blocks[0].thinking"),
+        ([SIGNED, {"type": "redacted_thinking"}], "messages[1].thinking_blocks[1].data"),
+        ([{"type": "redacted_thinking", "data": ""}], "messages[1].thinking_blocks[0].data"),
+        ([{"type": "redacted_thinking", "data": {"x": 1}}], "messages[1].thinking_blocks[0].data"),
+        ([{**SIGNED, "data": "d"}], "messages[1].thinking_blocks[0].data is not a field of a thinking block"),
+        ([{"type": "redacted_thinking", "data": "d", "signature": "s"}], "thinking_blocks[0].signature is not a"),
+        ([{**SIGNED, "cache_control": {"type": "ephemeral"}}], "thinking_blocks[0].cache_control is not a"),
+    ],
+)
+def test_malformed_thinking_blocks_are_refused_by_name(blocks, named):
+    with pytest.raises(EgressError) as caught:
+        chat_to_messages(with_thinking_blocks(blocks), default_max_tokens=1000, drop_params=True)
+    assert caught.value.code == "invalid_request" and named in caught.value.message
+
+
 def test_input_audio_part_is_unsupported():
     body = {"messages": [{"role": "user", "content": [{"type": "input_audio", "input_audio": {"data": "x"}}]}]}
     with pytest.raises(EgressError) as caught:
@@ -560,7 +638,53 @@ def test_thinking_response():
         {"type": "text", "text": "42"},
     ]
     message = chat(anthropic_message(content))["choices"][0]["message"]
-    assert message == {"role": "assistant", "content": "42", "reasoning_content": "Let me think."}
+    assert message == {
+        "role": "assistant",
+        "content": "42",
+        "reasoning_content": "Let me think.",
+        "thinking_blocks": [
+            {"type": "thinking", "thinking": "Let me think.", "signature": "sig"},
+            {"type": "redacted_thinking", "data": "xx"},
+        ],
+    }
+
+
+# A thinking tool turn as Anthropic answers it: thinking, a redacted segment, more thinking, text, a
+# tool call. The signatures are opaque bytes, kept with characters JSON escapes ('/', '+', '=').
+THINKING_TURN = [
+    {"type": "thinking", "thinking": "The user wants weather.\nCall the tool.", "signature": "EqQBCkYI/+Ab=="},
+    {
+        "type": "redacted_thinking",
+        "data": "EmwKAhgBEgy3va3pzix/LafPsn4aDFIT2Xlxh0L5L8rLVyIwxtE3rAFBa8cr3qpPkNRj2YfWXGmKDxH4mPnZ5sQ7vB5URj",
+    },
+    {"type": "thinking", "thinking": "Paris, in celsius.", "signature": "ErUBCkYIARgC"},
+    {"type": "text", "text": "Let me check."},
+    {"type": "tool_use", "id": "toolu_01A", "name": "get_weather", "input": {"city": "Paris"}},
+]
+
+
+def next_request(assistant: dict) -> dict:
+    """The client's next turn: the assistant message as it came, then the tool's result."""
+    call = assistant["tool_calls"][0]
+    tool = {"role": "tool", "tool_call_id": call["id"], "content": "21C"}
+    return {"messages": [HI, assistant, tool], "tools": [TOOL], "reasoning_effort": "low", "max_tokens": 4000}
+
+
+def test_thinking_blocks_round_trip_json():
+    message = chat(anthropic_message(THINKING_TURN, "tool_use"))["choices"][0]["message"]
+    assert [block["type"] for block in message["thinking_blocks"]] == ["thinking", "redacted_thinking", "thinking"]
+    assert message["reasoning_content"] == THINKING_TURN[0]["thinking"] + THINKING_TURN[2]["thinking"]
+    # As a dict, and as the openai SDK's message object dumps it.
+    sdk_message = ChatCompletion.model_validate(chat(anthropic_message(THINKING_TURN, "tool_use")))
+    for assistant in (message, sdk_message.choices[0].message.model_dump(exclude_none=True)):
+        out, _ = chat_to_messages(next_request(assistant), default_max_tokens=1000)
+        assert out["messages"][1] == {"role": "assistant", "content": THINKING_TURN}
+        assert out["thinking"] == THINKING
+
+
+def test_a_response_without_thinking_has_no_thinking_blocks():
+    message = chat(anthropic_message([{"type": "text", "text": "x"}]))["choices"][0]["message"]
+    assert "thinking_blocks" not in message and "reasoning_content" not in message
 
 
 def test_json_mode_tool_becomes_content():
@@ -646,6 +770,8 @@ def test_recorded_json_response(name):
     assert [(c["id"], c["function"]["name"], orjson.loads(c["function"]["arguments"])) for c in got] == [
         (b["id"], b["name"], b["input"]) for b in calls
     ]
+    thinking = [b for b in message["content"] if b["type"] in ("thinking", "redacted_thinking")]
+    assert result["choices"][0]["message"].get("thinking_blocks", []) == thinking
 
 
 # -- errors -------------------------------------------------------------------------------------
@@ -757,7 +883,47 @@ JSON_MODE = sse(
     end("tool_use", 9),
     MESSAGE_STOP,
 )
-SYNTHETIC = {"synthetic_parallel_tools": PARALLEL_TOOLS, "synthetic_json_mode": JSON_MODE}
+
+
+def thinking(index, value):
+    return delta(index, type="thinking_delta", thinking=value)
+
+
+def signature(index, value):
+    return delta(index, type="signature_delta", signature=value)
+
+
+EMPTY_THINKING = {"type": "thinking", "thinking": "", "signature": ""}  # how Anthropic starts one
+# THINKING_TURN, streamed: thinking in two pieces, a redacted segment, more thinking, text, a tool call.
+THINKING_TOOLS = sse(
+    start("msg_think"),
+    block(0, EMPTY_THINKING),
+    PING,
+    thinking(0, "The user wants weather."),
+    thinking(0, "\nCall the tool."),
+    signature(0, THINKING_TURN[0]["signature"]),
+    stop(0),
+    block(1, THINKING_TURN[1]),
+    stop(1),
+    block(2, EMPTY_THINKING),
+    thinking(2, THINKING_TURN[2]["thinking"]),
+    signature(2, THINKING_TURN[2]["signature"]),
+    stop(2),
+    block(3, {"type": "text", "text": ""}),
+    text(3, "Let me check."),
+    stop(3),
+    tool(4, "toolu_01A", "get_weather"),
+    args(4, '{"city": '),
+    args(4, '"Paris"}'),
+    stop(4),
+    end("tool_use", 90),
+    MESSAGE_STOP,
+)
+SYNTHETIC = {
+    "synthetic_parallel_tools": PARALLEL_TOOLS,
+    "synthetic_json_mode": JSON_MODE,
+    "synthetic_thinking_tools": THINKING_TOOLS,
+}
 STREAMS = {name: r.body for name, r in RECORDINGS.items() if name.startswith("anthropic__stream_")} | SYNTHETIC
 assert len(STREAMS) >= 10
 
@@ -791,7 +957,7 @@ def accumulate(output: bytes):
 def recorded(stream: bytes) -> dict:
     """What the stream says, read directly off its events: the reference the output must match."""
     events = [orjson.loads(line[5:]) for line in stream.split(b"\n") if line.startswith(b"data:")]
-    kinds, text_parts, reasoning, calls = {}, [], [], []
+    kinds, text_parts, reasoning, calls, thinking = {}, [], [], [], {}
     for event in events:
         if event["type"] == "content_block_start":
             content_block = event["content_block"]
@@ -799,16 +965,31 @@ def recorded(stream: bytes) -> dict:
             if content_block["type"] == "tool_use":
                 kinds[event["index"]] = len(calls)
                 calls.append({"id": content_block["id"], "name": content_block["name"], "arguments": ""})
+            elif content_block["type"] in ("thinking", "redacted_thinking"):
+                thinking[event["index"]] = dict(content_block)
         elif event["type"] == "content_block_delta":
             d, kind = event["delta"], kinds[event["index"]]
             if d["type"] == "text_delta":
                 text_parts.append(d["text"])
             elif d["type"] == "thinking_delta":
                 reasoning.append(d["thinking"])
+                thinking[event["index"]]["thinking"] += d["thinking"]
+            elif d["type"] == "signature_delta":
+                thinking[event["index"]]["signature"] = d["signature"]
             elif d["type"] == "input_json_delta" and isinstance(kind, int):
                 calls[kind]["arguments"] += d["partial_json"]
     stop_reasons = [e["delta"]["stop_reason"] for e in events if e["type"] == "message_delta"]
-    return {"text": "".join(text_parts), "reasoning": "".join(reasoning), "calls": calls, "stop": stop_reasons[-1]}
+    return {
+        "text": "".join(text_parts),
+        "reasoning": "".join(reasoning),
+        "calls": calls,
+        "thinking_blocks": [thinking[index] for index in sorted(thinking)],
+        "stop": stop_reasons[-1],
+    }
+
+
+def unindexed(blocks) -> list[dict]:
+    return [{key: value for key, value in block.items() if key != "index"} for block in blocks or ()]
 
 
 @pytest.mark.parametrize("name", sorted(STREAMS))
@@ -855,6 +1036,8 @@ def test_stream_accumulates_to_the_recording(name):
         if calls:
             assert completion.choices[0].finish_reason == "tool_calls"
     assert (getattr(message, "reasoning_content", None) or "") == want["reasoning"]
+    # The openai SDK's accumulator rebuilds every thinking block, signature and all.
+    assert unindexed(getattr(message, "thinking_blocks", None)) == want["thinking_blocks"]
     assert chunks[-2]["choices"][0]["native_finish_reason"] == want["stop"]
 
     usage = completion.usage
@@ -897,6 +1080,91 @@ def test_one_chunk_per_event_written_at_once():
             and (b'"tool_use"' in event or (b'"partial_json":""' not in event and b'"text":""' not in event))
         )
         assert (size > 0) == carries, (kind, event)
+
+
+def test_thinking_stream_one_chunk_per_event_and_its_entries():
+    transcoder = StreamTranscoder(model=MODEL, created=CREATED, include_usage=False)
+    deltas = []
+    for event in THINKING_TOOLS.split(b"\n\n")[:-1]:
+        output = transcoder.feed(event + b"\n\n")
+        data = orjson.loads(event.split(b"data: ", 1)[1])
+        silent = data["type"] in ("ping", "content_block_stop") or data.get("content_block") in (
+            EMPTY_THINKING,
+            {"type": "text", "text": ""},
+        )
+        assert output.count(b"data: ") == (0 if silent else 1), event
+        if output and data["type"] in ("content_block_start", "content_block_delta"):
+            deltas.append(orjson.loads(output[6:])["choices"][0]["delta"])
+    first, second = THINKING_TURN[0], THINKING_TURN[2]
+    assert deltas[:6] == [
+        {"reasoning_content": "The user wants weather.",
+         "thinking_blocks": [{"index": 0, "type": "thinking", "thinking": "The user wants weather."}]},
+        {"reasoning_content": "\nCall the tool.",
+         "thinking_blocks": [{"index": 0, "type": "thinking", "thinking": "\nCall the tool."}]},
+        {"thinking_blocks": [{"index": 0, "type": "thinking", "thinking": "", "signature": first["signature"]}]},
+        {"thinking_blocks": [{"index": 1, **THINKING_TURN[1]}]},
+        {"reasoning_content": second["thinking"],
+         "thinking_blocks": [{"index": 2, "type": "thinking", "thinking": second["thinking"]}]},
+        {"thinking_blocks": [{"index": 2, "type": "thinking", "thinking": "", "signature": second["signature"]}]},
+    ]  # fmt: skip
+    assert deltas[7]["tool_calls"][0]["index"] == 0  # tool calls keep their own numbering
+
+
+def litellm_combined(chunks: list[dict]) -> list[dict]:
+    """LiteLLM's reading of streamed thinking_blocks (ChunkProcessor.get_combined_thinking_content,
+    litellm/litellm_core_utils/streaming_chunk_builder_utils.py): in order, ignoring any index."""
+    blocks, parts = [], []
+    for chunk in chunks:
+        for entry in (chunk["choices"][0]["delta"].get("thinking_blocks") or []) if chunk["choices"] else []:
+            if entry["type"] == "redacted_thinking":
+                parts = []
+                blocks.append({"type": "redacted_thinking", "data": entry["data"]})
+                continue
+            if entry.get("thinking"):
+                parts.append(entry["thinking"])
+            if entry.get("signature") and parts:
+                blocks.append({"type": "thinking", "thinking": "".join(parts), "signature": entry["signature"]})
+                parts = []
+    return blocks
+
+
+def test_thinking_blocks_round_trip_stream_whole_and_bytewise():
+    whole = transcode([THINKING_TOOLS])[0]
+    bytewise = transcode([THINKING_TOOLS[i : i + 1] for i in range(len(THINKING_TOOLS))])[0]
+    assert bytewise == whole
+    assert litellm_combined(chunks_of(whole)) == THINKING_TURN[:3]
+    message = accumulate(whole).choices[0].message
+    assert unindexed(message.thinking_blocks) == THINKING_TURN[:3]
+    assert [block["index"] for block in message.thinking_blocks] == [0, 1, 2]
+    # The accumulated message handed back as the SDK dumps it: the same Anthropic blocks, in order.
+    out, _ = chat_to_messages(next_request(message.model_dump(exclude_none=True)), default_max_tokens=1000)
+    assert out["messages"][1] == {"role": "assistant", "content": THINKING_TURN}
+
+
+def test_thinking_block_indexes_stay_dense():
+    # A thinking block that sends nothing takes no index; one that comes whole goes out in one chunk.
+    whole_block = {"type": "thinking", "thinking": "All at once.", "signature": "c2ln"}
+    stream = sse(
+        start(),
+        block(0, EMPTY_THINKING),
+        stop(0),
+        block(1, THINKING_TURN[1]),
+        stop(1),
+        block(2, whole_block),
+        stop(2),
+        end("end_turn", 3),
+        MESSAGE_STOP,
+    )
+    chunks = chunks_of(transcode([stream])[0])
+    entries = [
+        c["choices"][0]["delta"]["thinking_blocks"]
+        for c in chunks
+        if c["choices"] and c["choices"][0]["delta"].get("thinking_blocks")
+    ]
+    assert entries == [[{"index": 0, **THINKING_TURN[1]}], [{"index": 1, **whole_block}]]
+    message = accumulate(transcode([stream])[0]).choices[0].message
+    assert unindexed(message.thinking_blocks) == [THINKING_TURN[1], whole_block]
+    assert message.reasoning_content == "All at once."
 
 
 def test_usage_chunk_only_when_asked():

@@ -13,7 +13,7 @@ import httpx2 as httpx
 import orjson
 import pytest
 
-from tests.fake_provider import TINY_PNG_BASE64, minimal_instance
+from tests.fake_provider import TINY_PNG_BASE64, minimal_instance, redacted_data, sign_thinking
 
 HEADERS = {"anthropic-version": "2023-06-01", "content-type": "application/json", "x-api-key": "sk-ant-test"}
 WEATHER = {
@@ -115,6 +115,30 @@ def result(tool_id: str) -> dict:
 
 def image(source: dict) -> dict:
     return {"role": "user", "content": [{"type": "image", "source": source}, {"type": "text", "text": "what?"}]}
+
+
+THINKING_ON = {"type": "enabled", "budget_tokens": 1024}
+THOUGHT = {
+    "type": "thinking",
+    "thinking": "Paris weather: call the tool.",
+    "signature": sign_thinking("Paris weather: call the tool."),
+}
+SEALED = {"type": "redacted_thinking", "data": redacted_data("seed")}
+
+
+def thinking_loop(*assistant: dict, thinking: dict | None = THINKING_ON, after: list | None = None) -> dict:
+    """A tool loop whose assistant turn is `assistant`, its tool result following."""
+    messages = [
+        {"role": "user", "content": "weather?"},
+        {"role": "assistant", "content": list(assistant)},
+        {"role": "user", "content": [result("t1")]},
+        *(after or []),
+    ]
+    return request(max_tokens=4096, thinking=thinking, tools=[WEATHER], messages=messages)
+
+
+def changed(block: dict, **fields) -> dict:
+    return {**block, **fields}
 
 
 # -- refusals -------------------------------------------------------------------------------------
@@ -333,6 +357,59 @@ REFUSED = [
         request(tools=[TIME], tool_choice={"type": "any"}, thinking={"type": "enabled", "budget_tokens": 1024}),
         "Thinking may not be enabled when tool_choice forces tool use.",
     ),
+    (
+        "thinking on, tool loop without its thinking blocks",
+        thinking_loop(use("t1")),
+        "messages.1.content.0.type: Expected `thinking` or `redacted_thinking`, but found `tool_use`. When "
+        "`thinking` is enabled, a final `assistant` message must start with a thinking block",
+    ),
+    (
+        "thinking on, tool loop opening with text",
+        thinking_loop({"type": "text", "text": "Checking."}, THOUGHT, use("t1")),
+        "messages.1.content.0.type: Expected `thinking` or `redacted_thinking`, but found `text`.",
+    ),
+    (
+        "thinking signature mangled",
+        thinking_loop(changed(THOUGHT, signature=THOUGHT["signature"][:-2] + "x="), use("t1")),
+        "messages.1.content.0: Invalid `signature` in `thinking` block",
+    ),
+    (
+        "thinking text changed under its signature",
+        thinking_loop(changed(THOUGHT, thinking=THOUGHT["thinking"] + " "), use("t1")),
+        "messages.1.content.0: Invalid `signature` in `thinking` block",
+    ),
+    ("thinking signature empty", thinking_loop(changed(THOUGHT, signature=""), use("t1")), "Invalid `signature`"),
+    (
+        "thinking signature missing",
+        thinking_loop({"type": "thinking", "thinking": "x"}, use("t1")),
+        "messages.1.content.0.thinking.signature: Field required",
+    ),
+    (
+        "thinking signature in an earlier turn mangled",
+        thinking_loop(
+            THOUGHT,
+            use("t1"),
+            thinking=None,
+            after=[
+                {
+                    "role": "assistant",
+                    "content": [changed(THOUGHT, signature="EqQBforged"), {"type": "text", "text": "21C."}],
+                }
+            ],
+        ),
+        "messages.3.content.0: Invalid `signature` in `thinking` block",
+    ),
+    (
+        "redacted data mangled",
+        thinking_loop(THOUGHT, changed(SEALED, data=SEALED["data"][:-4] + "AAA="), use("t1")),
+        "messages.1.content.1: Invalid `data` in `redacted_thinking` block",
+    ),
+    ("redacted data empty", thinking_loop(changed(SEALED, data=""), use("t1")), "Invalid `data`"),
+    (
+        "redacted data missing",
+        thinking_loop({"type": "redacted_thinking"}, use("t1")),
+        "messages.1.content.0.redacted_thinking.data: Field required",
+    ),
     ("metadata extra key", request(metadata={"user_id": "u1", "session": "s"}), "metadata.session: Extra inputs"),
     ("metadata user", request(metadata={"user": "u1"}), "metadata.user: Extra inputs are not permitted"),
     (
@@ -417,6 +494,23 @@ ACCEPTED = [
     ("sampling", request(temperature=0, top_p=0.9, top_k=5, stop_sequences=["END"], metadata={"user_id": "u-1"})),
     ("thinking", request(max_tokens=4096, thinking={"type": "enabled", "budget_tokens": 1024})),
     ("thinking off", request(temperature=0.5, thinking={"type": "disabled"})),
+    (
+        "thinking tool loop with its blocks",
+        thinking_loop(THOUGHT, SEALED, {"type": "text", "text": "On it."}, use("t1")),
+    ),
+    ("thinking tool loop opening with redacted", thinking_loop(SEALED, use("t1"))),
+    (
+        "thinking with empty text, signed",
+        thinking_loop(changed(THOUGHT, thinking="", signature=sign_thinking("")), use("t1")),
+    ),
+    ("tool loop without thinking blocks, thinking off", thinking_loop(use("t1"), thinking=None)),
+    (
+        "thinking on, an earlier loop without its blocks",
+        thinking_loop(
+            use("t1"),
+            after=[{"role": "assistant", "content": "Sunny, 21C."}, {"role": "user", "content": "thanks"}],
+        ),
+    ),
     (
         "tool choices",
         request(
@@ -531,12 +625,40 @@ def test_thinking(client):
     streamed = events(post(client, {**body, "stream": True}, "thinking"))
     deltas = [data["delta"]["type"] for name, data in streamed if name == "content_block_delta"]
     assert deltas[:3] == ["thinking_delta", "thinking_delta", "signature_delta"] and "text_delta" in deltas
-    assert streamed[1][1]["content_block"] == {"type": "thinking", "thinking": ""}
+    assert streamed[1][1]["content_block"] == {"type": "thinking", "thinking": "", "signature": ""}
     rebuilt = assemble(streamed)["content"]
-    assert rebuilt[0]["thinking"] == reasoning["thinking"] and rebuilt[0]["signature"].startswith("EqQB")
+    assert rebuilt[0] == reasoning and reasoning["signature"] == sign_thinking(reasoning["thinking"])
+    assert reasoning["signature"].startswith("EqQB")
     assert rebuilt[1] == text
     # Without thinking enabled, no thinking block.
     assert [block["type"] for block in post(client, BASE, "thinking").json()["content"]] == ["text"]
+
+
+def test_thinking_tool_call_loop(client, fake_provider):
+    body = request(max_tokens=4096, thinking=THINKING_ON, tools=[WEATHER], messages=[{"role": "user", "content": "hi"}])
+    for stream in (False, True):
+        response = post(client, {**body, "stream": stream}, "thinking-tool-call")
+        message = assemble(events(response)) if stream else response.json()
+        thought, sealed, call = message["content"]
+        assert message["stop_reason"] == "tool_use"
+        assert thought["signature"] == sign_thinking(thought["thinking"]) and sealed["type"] == "redacted_thinking"
+        assert call["type"] == "tool_use" and call["name"] == "get_weather"
+        if stream:
+            starts = [data["content_block"] for name, data in events(response) if name == "content_block_start"]
+            assert starts[1] == sealed  # redacted thinking comes whole in its start event
+        # The turn handed back as it came, with its result: accepted, and the loop ends in text.
+        loop = [*body["messages"], {"role": "assistant", "content": message["content"]}]
+        loop.append({"role": "user", "content": [result(call["id"])]})
+        answer = post(client, {**body, "messages": loop}, "thinking-tool-call")
+        assert answer.status_code == 200, answer.text
+        assert [block["type"] for block in answer.json()["content"]] == ["thinking", "text"]
+        # The same turn without its thinking blocks: refused, as the real service does.
+        loop[1] = {"role": "assistant", "content": [call]}
+        refused = post(client, {**body, "messages": loop}, "thinking-tool-call")
+        assert refused.status_code == 400 and "Expected `thinking` or `redacted_thinking`" in refused.text
+    # Without thinking, the plain tool call.
+    plain = post(client, {**body, "thinking": {"type": "disabled"}}, "thinking-tool-call").json()
+    assert [block["type"] for block in plain["content"]] == ["tool_use"]
 
 
 def test_echo_images(client):

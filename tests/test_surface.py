@@ -294,3 +294,46 @@ def test_a_virtual_key_gets_the_anthropic_pool_key(surface, fake_provider):
     client(surface, key).chat.completions.create(model="claude-fake", messages=MESSAGES)
     _, headers = anthropic_request(fake_provider)
     assert headers["x-api-key"] == POOL and key not in str(headers)
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+def test_a_thinking_tool_loop_hands_its_thinking_blocks_back(surface, fake_provider, stream):
+    # The app appends the SDK's message object as it came (the SDK sends its extra fields, so
+    # `thinking_blocks` goes back with it), then the tool's result.
+    sdk = client(surface)
+    ask = {
+        "model": "claude-fake",
+        "tools": [WEATHER],
+        "reasoning_effort": "low",
+        "extra_headers": {"x-fake-scenario": "thinking-tool-call"},
+    }
+    messages: list = [{"role": "user", "content": "weather in Paris?"}]
+    if stream:
+        with sdk.chat.completions.stream(messages=messages, **ask) as events:
+            first = events.get_final_completion()
+    else:
+        first = sdk.chat.completions.create(messages=messages, **ask)
+    message = first.choices[0].message
+    assert first.choices[0].finish_reason == "tool_calls" and message.tool_calls
+    assert [block["type"] for block in message.thinking_blocks] == ["thinking", "redacted_thinking"]
+    assert message.reasoning_content == message.thinking_blocks[0]["thinking"]
+    sent = fake_provider.sent_bodies[fake_provider.requests[-1].response_id]
+    messages.append(message)
+    messages.append({"role": "tool", "tool_call_id": message.tool_calls[0].id, "content": "sunny"})
+
+    answer = sdk.chat.completions.create(messages=messages, **ask)
+    assert answer.choices[0].message.content and answer.choices[0].finish_reason == "stop"
+    body, _ = anthropic_request(fake_provider)
+    assert body["thinking"] == {"type": "enabled", "budget_tokens": 2048}
+    handed_back = body["messages"][1]["content"]
+    assert [block["type"] for block in handed_back] == ["thinking", "redacted_thinking", "tool_use"]
+    # Exactly the blocks the provider sent (the strict fake checked their signature and data too).
+    kept = [{key: value for key, value in block.items() if key != "index"} for block in message.thinking_blocks]
+    assert handed_back[:2] == kept
+    if not stream:
+        assert handed_back == orjson.loads(sent)["content"]
+
+    # Without its thinking blocks the same loop is refused, as Anthropic refuses it.
+    messages[1] = {**message.model_dump(exclude_none=True), "thinking_blocks": None}
+    with pytest.raises(openai.BadRequestError, match="Expected `thinking` or `redacted_thinking`"):
+        sdk.chat.completions.create(messages=messages, **ask)
