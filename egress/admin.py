@@ -1,4 +1,4 @@
-"""The admin listener: `/metrics` (Prometheus), `/healthz`, `/readyz`; never on the main port.
+"""The admin listener: `/metrics` (Prometheus), `/status`, `/healthz`, `/readyz`; never on the main port.
 
 Contract: one request per connection (scrapers and probes open a connection each time), answered
 and closed; anything else is 404, or 405 for a method other than GET/HEAD. `/readyz` is 503 while
@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import asyncio
 
+import orjson
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from egress import http1
 from egress.metrics import MetricsCollector
+from egress.status import status_document
 
 _MAX_HEAD = 8192
 
@@ -47,6 +49,8 @@ class AdminConnection(asyncio.Protocol):
             self._answer(405, b'{"error":"method not allowed"}', b"application/json", False)
         elif target == b"/metrics":
             self._answer(200, generate_latest(self._registry), CONTENT_TYPE_LATEST.encode(), head)
+        elif target == b"/status":
+            self._answer(200, orjson.dumps(status_document(self._state)), b"application/json", head)
         elif target == b"/healthz":
             self._answer(200, b'{"status":"ok"}', b"application/json", head)
         elif target == b"/readyz":

@@ -30,6 +30,7 @@ import weakref
 from collections import OrderedDict
 from typing import TYPE_CHECKING
 
+from egress.accounts import Account, AccountTable, account_id
 from egress.errors import EgressError
 from egress.http1 import bearer_token
 from egress.secrets import Secret, load_secrets
@@ -56,26 +57,24 @@ def _wipe_headers(headers: list[tuple[bytes, Secret]]) -> None:
 
 
 class PoolRotation:
-    """A provider's pool keys as ready header values, handed out round-robin."""
+    """A provider's pool keys: its accounts (accounts.py), each with its ready credential header."""
 
-    __slots__ = ("__weakref__", "_headers", "_next")
+    __slots__ = ("__weakref__", "_headers", "accounts")
 
-    def __init__(self, provider: Provider, secrets: list[Secret]) -> None:
+    def __init__(self, provider: Provider, secrets: list[tuple[Secret, str]]) -> None:
+        """`secrets`: each key with the operator's name for it ("" for none: the id is a key hash)."""
         if provider.auth == "x-api-key":
             name, prefix = b"x-api-key", b""
         else:
             name, prefix = b"authorization", b"Bearer "
-        self._headers = [(name, Secret(prefix + secret.reveal(), secret.source)) for secret in secrets]
-        self._next = 0
+        self._headers = [(name, Secret(prefix + secret.reveal(), secret.source)) for secret, _ in secrets]
+        self.accounts = [
+            Account(provider.name, label or account_id(secret.reveal()), header, label or None)
+            for (secret, label), header in zip(secrets, self._headers, strict=True)
+        ]
         # Runs when the last reference goes: the live Authenticator's, or the last exchange's lease.
         weakref.finalize(self, _wipe_headers, self._headers)
         _ALL_ROTATIONS.add(self)
-
-    def take(self) -> tuple[bytes, bytearray]:
-        index = self._next
-        self._next = (index + 1) % len(self._headers)
-        name, secret = self._headers[index]
-        return name, secret.reveal()
 
     def header(self, index: int) -> tuple[bytes, bytearray]:
         """The index-th key (modulo), without moving the rotation."""
@@ -97,11 +96,33 @@ def load_pools(config: Config) -> dict[str, PoolRotation]:
     pools = {}
     for provider in config.providers.values():
         if provider.pool_keys:
-            loaded = [secret for source in provider.pool_keys for secret in load_secrets(source)]
+            loaded = []
+            for source, name in zip(provider.pool_keys, provider.pool_key_names, strict=True):
+                secrets = load_secrets(source)
+                # A named file of several keys: one account each, "name-1", "name-2", ...
+                names = (
+                    [f"{name}-{index}" for index in range(1, len(secrets) + 1)]
+                    if name and len(secrets) > 1
+                    else [name] * len(secrets)
+                )
+                loaded += zip(secrets, names, strict=True)
             pools[provider.name] = PoolRotation(provider, loaded)
-            for secret in loaded:
+            for secret, _ in loaded:
                 secret.wipe()  # the rotation holds its own copies, as header values
     return pools
+
+
+def no_account_error(table: AccountTable, accounts: list[Account], now: float) -> EgressError:
+    """Every account of the provider is cooling, spent or disabled: when the first comes back."""
+    soonest = table.soonest(accounts, now)
+    if soonest is None:
+        return EgressError("all_accounts_disabled", "every pool key of this provider was refused by the provider")
+    wait = max(1, math.ceil(soonest))
+    return EgressError(
+        "all_accounts_cooling",
+        f"every pool key of this provider is cooling down; retry in {wait} s",
+        ((b"retry-after", b"%d" % wait),),
+    )
 
 
 def check_claims(claims: Claims, now: float, revoked: set[str], provider: str | None, clock_skew: float = 60.0) -> None:
@@ -127,11 +148,14 @@ class Authenticator:
         "_failed",
         "_rate",
         "_verifier",
+        "accounts",
         "denyset",
         "pools",
     )
 
-    def __init__(self, config: Config, denyset: DenySet, pools: dict[str, PoolRotation]) -> None:
+    def __init__(
+        self, config: Config, denyset: DenySet, pools: dict[str, PoolRotation], accounts: AccountTable | None = None
+    ) -> None:
         keys = config.keys
         self._verifier = Verifier([parse_public_key(text) for text in keys.trusted_issuers])
         self._cache: OrderedDict[bytes, Claims] = OrderedDict()
@@ -143,6 +167,12 @@ class Authenticator:
         self._burst = float(keys.invalid_key_burst)
         self.denyset = denyset
         self.pools = pools
+        self.accounts = accounts if accounts is not None else AccountTable()
+        table = self.accounts
+        table.ratio = config.accounts.retry_budget
+        table.floor = float(config.accounts.retry_floor)
+        table.window = config.accounts.retry_window
+        table.bind([account for pool in pools.values() for account in pool.accounts])
 
     def authenticate(self, exchange: Exchange, provider: Provider | None) -> Claims | None:
         """The caller's credential, for `provider`: a virtual key's claims (and, with a provider,
@@ -172,10 +202,17 @@ class Authenticator:
         pool = self.pools.get(provider.name)
         if pool is None:
             raise EgressError("no_pool_key", f"no pool key is configured for {provider.name}")
+        table = self.accounts
+        now = time.monotonic()
+        account = table.choose(pool.accounts, now)
+        if account is None:
+            raise no_account_error(table, pool.accounts, now)
         headers = [header for header in facts.forward_headers if header[0] not in _CREDENTIAL_HEADERS]
-        headers.append(pool.take())
+        headers.append(account.credential())
         facts.forward_headers = headers
         exchange.lease = pool  # keeps the key's bytes alive (unwiped) as long as this exchange
+        exchange.account = account
+        table.begin(account)  # in flight until the log phase (proxy.finish)
         return claims
 
     def claims_for(self, token: bytes, peer: str | None = None) -> Claims:

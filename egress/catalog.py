@@ -95,6 +95,9 @@ class ModelCatalog:
     def models(self, name: str) -> tuple[str, ...]:
         return self._lists.get(name, ())
 
+    def snapshot(self) -> dict[str, tuple[str, ...]]:
+        return dict(self._lists)
+
     def start(self, state: ServerState) -> None:
         """(Re)start the fetchers for the current config; a reload keeps still-valid lists."""
         self.refresh = state.config.upstream.model_list_refresh

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import tomllib
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -81,6 +82,17 @@ class UpstreamConfig:
     # pool key in the background every this many seconds (catalog.py), each fetch bounded by the timeout.
     model_list_refresh: float = 600.0
     model_list_timeout: float = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class AccountsConfig:
+    # Every upstream attempt of one request, across its provider's accounts (accounts.py).
+    max_attempts: int = 3
+    # Host-wide: retries at most this share of pooled requests over `retry_window` seconds, plus
+    # `retry_floor` a window, so a failing provider gets no retry storm and a quiet host can retry.
+    retry_budget: float = 0.2
+    retry_floor: int = 3
+    retry_window: float = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,6 +173,7 @@ class UsageConfig:
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
+    accounts: AccountsConfig = field(default_factory=AccountsConfig)
     keys: KeysConfig = field(default_factory=KeysConfig)
     nats: NatsConfig = field(default_factory=NatsConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
@@ -233,10 +246,15 @@ def _settings(table: dict[str, Any], prefix: tuple[str, ...] = ()) -> set[tuple[
 
 
 def parse_config(table: dict[str, Any]) -> Config:
-    _reject_unknown(table, {"server", "upstream", "keys", "nats", "limits", "usage", "providers", "routes"}, "")
+    _reject_unknown(
+        table, {"server", "upstream", "accounts", "keys", "nats", "limits", "usage", "providers", "routes"}, ""
+    )
     server = _build(ServerConfig, table.get("server", {}), "server")
     upstream = _build(UpstreamConfig, table.get("upstream", {}), "upstream")
     keys = _build(KeysConfig, table.get("keys", {}), "keys")
+    accounts = _build(AccountsConfig, table.get("accounts", {}), "accounts")
+    if accounts.max_attempts < 1:
+        raise ConfigError("accounts.max_attempts must be at least 1")
     nats = _build(NatsConfig, table.get("nats", {}), "nats")
     for index, text in enumerate(keys.trusted_issuers):
         try:
@@ -264,6 +282,7 @@ def parse_config(table: dict[str, Any]) -> Config:
     return Config(
         server=server,
         upstream=upstream,
+        accounts=accounts,
         keys=keys,
         nats=nats,
         limits=limits,
@@ -272,6 +291,34 @@ def parse_config(table: dict[str, Any]) -> Config:
         routes=routes,
         settings=frozenset(_settings(table)),
     )
+
+
+def _pool_keys(row: dict, builtin: Provider | None, where: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """`pool_keys = ["env:A", {name = "team-a", key = "file:/etc/egress/b.key"}]`: sources, and
+    the operator's account names beside them ("" where unnamed: the account id is a key hash)."""
+    if "pool_keys" not in row:
+        return (builtin.pool_keys, builtin.pool_key_names) if builtin else ((), ())
+    entries = row["pool_keys"]
+    if not isinstance(entries, list):
+        raise ConfigError(f"{where}.pool_keys must be a list of sources")
+    sources, names = [], []
+    for index, entry in enumerate(entries):
+        name = ""
+        if isinstance(entry, dict):
+            _reject_unknown(entry, {"name", "key"}, f"{where}.pool_keys[{index}]")
+            name, entry = entry.get("name"), entry.get("key")
+            if not isinstance(name, str) or not _ACCOUNT_NAME.fullmatch(name):
+                raise ConfigError(f"{where}.pool_keys[{index}].name must be 1-64 of letters, digits, '.', '-', '_'")
+            if name in names:
+                raise ConfigError(f"{where}.pool_keys[{index}].name repeats an account name")
+        if not isinstance(entry, str) or not _is_source(entry):
+            raise ConfigError(f"{where}.pool_keys[{index}] is not 'env:NAME' or 'file:PATH' ({_LITERAL_HINT})")
+        sources.append(entry)
+        names.append(name)
+    return tuple(sources), tuple(names)
+
+
+_ACCOUNT_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 
 def _build_limits(table: Any) -> LimitsConfig:
@@ -350,12 +397,7 @@ def _build_provider(name: str, row: Any, builtin: Provider | None) -> Provider:
     for key in ("base_url", "auth", "dialect"):
         if key in row and not isinstance(row[key], str):
             raise ConfigError(f"{where}.{key} must be a string")
-    pool_keys = _coerce(
-        row.get("pool_keys", list(builtin.pool_keys) if builtin else []), "tuple[str, ...]", f"{where}.pool_keys"
-    )
-    for index, source in enumerate(pool_keys):
-        if not _is_source(source):
-            raise ConfigError(f"{where}.pool_keys[{index}] is not 'env:NAME' or 'file:PATH' ({_LITERAL_HINT})")
+    pool_keys, pool_key_names = _pool_keys(row, builtin, where)
     allow_anonymous = _coerce(row.get("allow_anonymous", False), "bool", f"{where}.allow_anonymous")
     allow_models = (
         _coerce(row["allow_models"], "tuple[str, ...]", f"{where}.allow_models")
@@ -408,6 +450,7 @@ def _build_provider(name: str, row: Any, builtin: Provider | None) -> Provider:
         auth,
         dialect,
         pool_keys=pool_keys,
+        pool_key_names=pool_key_names,
         allow_anonymous=allow_anonymous,
         inject_stream_usage=inject,
         stream_usage=stream_usage,
@@ -480,7 +523,7 @@ def parse_listen(listen: str) -> tuple[str, int]:
 def render_config(config: Config) -> str:
     """The effective configuration as TOML. Secrets, when there are any, print as <redacted>."""
     lines: list[str] = []
-    for section in ("server", "upstream", "keys", "nats", "usage"):
+    for section in ("server", "upstream", "accounts", "keys", "nats", "usage"):
         lines.append(f"[{section}]")
         for f in dataclasses.fields(getattr(config, section)):
             value = _redacted(f.name, getattr(getattr(config, section), f.name))
@@ -509,7 +552,11 @@ def render_config(config: Config) -> str:
         lines.append(f"auth = {_toml_value(provider.auth)}")
         lines.append(f"dialect = {_toml_value(provider.dialect)}")
         # Only where keys come from: the values themselves are never in the config.
-        lines.append(f"pool_keys = {_toml_value(provider.pool_keys)}")
+        entries = [
+            f"{{ name = {_toml_value(name)}, key = {_toml_value(source)} }}" if name else _toml_value(source)
+            for source, name in zip(provider.pool_keys, provider.pool_key_names, strict=True)
+        ]
+        lines.append(f"pool_keys = [{', '.join(entries)}]")
         lines.append(f"allow_anonymous = {_toml_value(provider.allow_anonymous)}")
         lines.append(f"stream_usage = {_toml_value(provider.stream_usage)}")
         lines.append(f"inject_stream_usage = {_toml_value(provider.inject_stream_usage)}")

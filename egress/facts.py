@@ -90,6 +90,10 @@ class FactSink:
         if path is not None:
             self._open()
 
+    @property
+    def queued(self) -> int:
+        return len(self._queue)
+
     def emit(self, fact: dict[str, Any]) -> None:
         self.counts[(fact["provider"], fact["usage"])] += 1
         if len(self._queue) >= self._queue_size:

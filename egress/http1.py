@@ -43,7 +43,7 @@ _HOP_BY_HOP = frozenset(
 )
 # Headers egress writes itself on every response: an upstream's own copy would reach the client
 # beside egress's (a spoofed request id, first, where a log search would find it).
-EGRESS_RESPONSE_HEADERS = frozenset({b"x-egress-request-id", b"x-egress-dropped-params"})
+EGRESS_RESPONSE_HEADERS = frozenset({b"x-egress-request-id", b"x-egress-dropped-params", b"x-egress-attempts"})
 _NOT_RELAYED_DOWNSTREAM = _HOP_BY_HOP | EGRESS_RESPONSE_HEADERS | {b"content-length"}
 # Connection tokens that name nothing else to drop: the common `keep-alive` and `close`.
 _HOP_BY_HOP_TOKENS = _HOP_BY_HOP | {b"close", b""}
@@ -344,6 +344,7 @@ def response_head(
     request_id: bytes,
     keep_alive: bool,
     client_http11: bool,
+    attempts: int = 1,
 ) -> bytes:
     parts = [STATUS_LINE.get(status) or b"HTTP/1.1 %d \r\n" % status]
     for name, value in headers:
@@ -352,10 +353,18 @@ def response_head(
         parts.append(b"transfer-encoding: chunked\r\n")
     elif content_length is not None:
         parts += (b"content-length: ", b"%d" % content_length, b"\r\n")
-    parts += (b"x-egress-request-id: ", request_id, b"\r\n")
+    parts += (
+        b"x-egress-request-id: ",
+        request_id,
+        _ATTEMPTS[attempts] if attempts < 10 else b"\r\nx-egress-attempts: %d\r\n" % attempts,
+    )
     parts.append(_connection_header(keep_alive, client_http11))
     parts.append(b"\r\n")
     return b"".join(parts)
+
+
+# How many upstream attempts the response took (accounts.py retries), closing the request-id line.
+_ATTEMPTS = tuple(b"\r\nx-egress-attempts: %d\r\n" % count for count in range(10))
 
 
 def simple_response(
@@ -367,6 +376,7 @@ def simple_response(
     content_type: bytes = b"application/json",
     head_request: bool = False,
     extra_headers: Headers | tuple = (),
+    attempts: int = 0,
 ) -> bytes:
     """A whole response egress answers itself (errors, health), header block and body in one buffer."""
     parts = [
@@ -377,7 +387,7 @@ def simple_response(
         content_type,
         b"\r\ncontent-length: %d\r\nx-egress-request-id: " % len(body),
         request_id,
-        b"\r\n",
+        _ATTEMPTS[attempts] if attempts < 10 else b"\r\nx-egress-attempts: %d\r\n" % attempts,
     ]
     for name, value in extra_headers:
         parts += (name, b": ", value, b"\r\n")

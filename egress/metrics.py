@@ -14,10 +14,13 @@ from __future__ import annotations
 
 import bisect
 import operator
+import time
 from collections import Counter
 from typing import TYPE_CHECKING
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+
+from egress.accounts import COOLING, STATE_NAMES
 
 if TYPE_CHECKING:
     from egress.proxy import Exchange
@@ -70,7 +73,7 @@ class ProviderStats:
 
 
 class Metrics:
-    __slots__ = ("auth_failures", "model_lists", "models", "providers", "tokens")
+    __slots__ = ("attempts", "auth_failures", "model_lists", "models", "providers", "retry_budget_exhausted", "tokens")
 
     def __init__(self) -> None:
         self.providers: dict[str, ProviderStats] = {}
@@ -78,6 +81,9 @@ class Metrics:
         self.tokens: Counter[tuple[str, str, str]] = Counter()
         self.models: dict[str, set[str]] = {}
         self.model_lists: Counter[tuple[str, str]] = Counter()  # (provider, "ok" | "error") fetches
+        # (provider, account id or "byo", outcome): success, retry_scheduled, retry_exhausted, not_retryable
+        self.attempts: Counter[tuple[str, str, str]] = Counter()
+        self.retry_budget_exhausted = 0
 
     def observe(self, exchange: Exchange, seconds: float) -> None:
         route = exchange.route
@@ -185,6 +191,7 @@ class MetricsCollector:
         for (provider, outcome), count in sorted(metrics.model_lists.items()):
             lists.add_metric([provider, outcome], count)
         yield lists
+        yield from _account_families(state)
         yield GaugeMetricFamily("egress_open_connections", "Open client connections", value=len(state.connections))
         idle = GaugeMetricFamily(
             "egress_upstream_idle_connections", "Pooled idle upstream connections", labels=["host"]
@@ -203,3 +210,44 @@ class MetricsCollector:
         if age is not None:
             yield GaugeMetricFamily("egress_deny_set_age_seconds", "Staleness of the revocation stream", value=age)
         yield GaugeMetricFamily("egress_draining", "1 while shutting down", value=1 if state.draining else 0)
+
+
+def _account_families(state: ServerState):
+    """Per account (bounded: the configured pool keys), from the host's shared table."""
+    metrics: Metrics = state.metrics
+    attempts = CounterMetricFamily(
+        "egress_upstream_attempts", "Upstream attempts by outcome", labels=["provider", "account", "outcome"]
+    )
+    for (provider, account, outcome), count in sorted(metrics.attempts.items()):
+        attempts.add_metric([provider, account, outcome], count)
+    yield attempts
+    yield CounterMetricFamily(
+        "egress_retry_budget_exhausted",
+        "Retries refused by the host-wide retry budget",
+        value=metrics.retry_budget_exhausted,
+    )
+    table = state.accounts
+    now = time.monotonic()
+    states = GaugeMetricFamily(
+        "egress_account_state", "1 for the state each account is in", labels=["provider", "account", "state"]
+    )
+    cooling = GaugeMetricFamily(
+        "egress_account_cooldown_seconds",
+        "Seconds until a cooling account is used again",
+        labels=["provider", "account"],
+    )
+    remaining = GaugeMetricFamily(
+        "egress_account_remaining", "The provider's last remaining quota", labels=["provider", "account", "dimension"]
+    )
+    for provider, pool in sorted(state.auth.pools.items()):
+        for account in pool.accounts:
+            current = table.state_of(account, now)
+            for index, name in enumerate(STATE_NAMES):
+                states.add_metric([provider, account.id, name], 1 if index == current else 0)
+            left = table.soonest([account], now) if current == COOLING else 0.0
+            cooling.add_metric([provider, account.id], left or 0.0)
+            for dimension, count in table.remaining(account, now).items():
+                remaining.add_metric([provider, account.id, dimension], count)
+    yield states
+    yield cooling
+    yield remaining

@@ -26,6 +26,8 @@ class Provider:
     dialect: str = "openai"  # wire format of requests, responses and error bodies
     # Where the provider keys that replace a virtual key come from: "env:NAME" or "file:PATH".
     pool_keys: tuple[str, ...] = ()
+    # The operator's account name for each source ("": the account id is a hash of the key).
+    pool_key_names: tuple[str, ...] = ()
     # Requests with no credential at all pass (a local model server); otherwise 401 missing_key.
     allow_anonymous: bool = False
     # How the provider's OpenAI-style chat streams carry usage (STREAM_USAGE_MODES), from its docs:
@@ -52,6 +54,8 @@ class Provider:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "origin", Origin.from_url(self.base_url))
+        if len(self.pool_key_names) != len(self.pool_keys):
+            object.__setattr__(self, "pool_key_names", ("",) * len(self.pool_keys))
         object.__setattr__(self, "model_policy", bool(self.deny_models) or self.allow_models is not None)
 
 

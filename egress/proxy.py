@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 
 import orjson
 
-from egress import accesslog, http1, surface
+from egress import accesslog, http1, retries, surface
 from egress.errors import EgressError, render_error
 from egress.http1 import CHUNKED, NO_BODY, UNTIL_CLOSE
 from egress.routes import check_model
@@ -32,6 +32,7 @@ from egress.stream_usage import InjectedUsageFilter, inject_include_usage
 from egress.usage import MISSING, Usage, UsageMeter
 
 if TYPE_CHECKING:
+    from egress.accounts import Account
     from egress.providers import Origin, Route
     from egress.server import ClientConnection, ServerState
     from egress.upstream import UpstreamConnection, UpstreamPool
@@ -48,6 +49,7 @@ class Exchange:
     """One request and its response: every phase's per-request state lives here."""
 
     __slots__ = (
+        "account",
         "attempt",
         "body",
         "body_filter",
@@ -84,6 +86,7 @@ class Exchange:
         "started",
         "status",
         "target",
+        "tries",
         "ttfb",
         "upstream",
         "upstream_done",
@@ -130,6 +133,10 @@ class Exchange:
         self.upstream_until_close = False
         self.request: list[bytes] | None = None  # head and body as written upstream, kept for a retry
         self.attempt = 0
+        # Upstream attempts across accounts (x-egress-attempts), and the account this one uses:
+        # None for a BYO key, which is never moved to another account.
+        self.tries = 0
+        self.account: Account | None = None
         self.flush_scheduled = False
         self.upstream_done = False  # the response is complete; settled once it is written
         self.settled = False
@@ -143,11 +150,14 @@ class Exchange:
         return self.target.split(b"?", 1)[0]
 
     def upstream_head(self, status: int, headers: http1.Headers) -> None:
+        if self.account is not None and retries.answered(self, status, headers):
+            return  # not relayed: the request goes to another account (retries.py)
         facts = http1.inspect_response(headers)  # raises upstream_protocol_error: nothing relayed yet
         content_length = facts.content_length
         if status == 204:
             content_length = None  # RFC 9110 §8.6: never in a 204, whatever the upstream sent
         headers = facts.headers
+        upstream_length = content_length
         body_filter = self.body_filter
         if body_filter is not None:
             if body_filter.head(status, facts.content_type):
@@ -157,7 +167,9 @@ class Exchange:
             else:
                 self.body_filter = None
         framing = http1.response_framing(status, self.head_request, content_length, self.http11)
-        self.upstream_until_close = framing in (CHUNKED, UNTIL_CLOSE) and not facts.chunked
+        # The upstream's own framing: a filter reframes a Content-Length body as chunked, and a cut
+        # in it must still be a cut, not the close that ends an unframed body.
+        self.upstream_until_close = framing in (CHUNKED, UNTIL_CLOSE) and not facts.chunked and upstream_length is None
         client = self.client
         if framing == UNTIL_CLOSE or client.draining:
             self.keep_alive = False
@@ -171,7 +183,9 @@ class Exchange:
         self.head_sent = True
         self.ttfb = time.monotonic() - self.started
         self.out.append(
-            http1.response_head(status, headers, framing, content_length, self.request_id, self.keep_alive, self.http11)
+            http1.response_head(
+                status, headers, framing, content_length, self.request_id, self.keep_alive, self.http11, self.tries
+            )
         )
 
     def upstream_body(self, data: bytes) -> None:
@@ -237,7 +251,11 @@ class Exchange:
 
     def upstream_end(self) -> None:
         if self.body_filter is not None:
-            rest = self.body_filter.finish()
+            try:
+                rest = self.body_filter.finish()
+            except EgressError as error:  # the filter found the body cut short: so is the client's
+                self.upstream_failed(error)
+                return
             if rest:
                 self._emit(rest)
         if self.framing == CHUNKED:
@@ -275,8 +293,10 @@ class Exchange:
         client.backpressure.detach()
         if failure is not None and self.attempt == 1 and _safe_to_retry(self, upstream):
             self.attempt = 2
-            _dispatch(self)
+            dispatch(self)
             return
+        if failure is not None and not self.head_sent and not self.client_gone and retries.failed(self, failure):
+            return  # sent again, to another account or after a back-off (retries.py)
         self.settled = True
         try:
             if failure is None:
@@ -320,9 +340,10 @@ def forward(exchange: Exchange) -> None:
                 if error is not None:
                     respond_error(exchange, error)
                     return
-        exchange.request = _upstream_request(exchange)
+        exchange.request = upstream_request(exchange)
         exchange.attempt = 1
-        _dispatch(exchange)
+        exchange.tries = 1
+        dispatch(exchange)
     except Exception as exc:  # a bug must cost one request, not the process
         exchange.client.log_internal_error(exc)
         respond_error(exchange, EgressError("internal_error", f"internal error ({type(exc).__name__})"))
@@ -340,7 +361,7 @@ def _passthrough_model_refused(exchange: Exchange) -> EgressError | None:
     return None
 
 
-def _upstream_request(exchange: Exchange) -> list[bytes]:
+def upstream_request(exchange: Exchange) -> list[bytes]:
     client = exchange.client
     route = exchange.route
     body = exchange.body
@@ -367,7 +388,7 @@ def _upstream_request(exchange: Exchange) -> list[bytes]:
     return [head, body] if body else [head]
 
 
-def _dispatch(exchange: Exchange) -> None:
+def dispatch(exchange: Exchange) -> None:
     pool = exchange.client.state.pool
     origin = exchange.route.provider.origin
     upstream = pool.take_idle(origin)
@@ -436,6 +457,7 @@ def respond(exchange: Exchange, status: int, body: bytes, extra_headers: tuple =
             exchange.http11,
             head_request=exchange.head_request,
             extra_headers=extra_headers,
+            attempts=exchange.tries,
         )
     )
     finish(exchange)
@@ -445,6 +467,8 @@ def finish(exchange: Exchange) -> None:
     """The log phase: runs exactly once per request, after its response is written or abandoned."""
     client = exchange.client
     state = client.state
+    if exchange.account is not None:
+        state.accounts.end(exchange.account)
     total = time.monotonic() - exchange.started
     state.metrics.observe(exchange, total)
     billable = exchange.ttfb is not None and state.metering  # the provider answered

@@ -23,6 +23,7 @@ import uvloop
 
 from egress import accesslog
 from egress.accesslog import AccessLog, log_event
+from egress.accounts import AccountTable
 from egress.admin import start_admin
 from egress.auth import Authenticator, load_pools, wipe_all_pool_keys
 from egress.config import Config, ConfigError, load_config, parse_listen
@@ -77,7 +78,7 @@ def reload_config(state: ServerState, config_path: str | None) -> None:
         nats=old.nats,
     )
     retired_auth = state.auth
-    state.auth = Authenticator(new, retired_auth.denyset, pools)
+    state.auth = Authenticator(new, retired_auth.denyset, pools, retired_auth.accounts)
     state.router = Router(new.providers)
     state.model_routes = ModelRoutes(new.routes, dict(new.providers))
     state.limiter.set_tiers(new.limits)
@@ -169,7 +170,8 @@ async def _watch_deny_file(path: str, interval: float, denyset: DenySet, reload_
 async def _serve(config: Config, config_path: str | None, worker: WorkerContext | None) -> int:
     loop = asyncio.get_running_loop()
     denyset = load_denyset(config)
-    auth = Authenticator(config, denyset, load_pools(config))
+    accounts = AccountTable(worker.accounts, worker.accounts_lock) if worker is not None else AccountTable()
+    auth = Authenticator(config, denyset, load_pools(config), accounts)
     state = ServerState(
         config,
         Router(config.providers),

@@ -50,6 +50,7 @@ class ServerState:
 
     __slots__ = (
         "access_log",
+        "accounts",
         "auth",
         "catalog",
         "config",
@@ -81,6 +82,7 @@ class ServerState:
         self.pool = pool
         self.access_log = access_log
         self.auth = auth
+        self.accounts = auth.accounts  # one table for the process's life: reloads rebind into it
         self.limiter = limiter
         self.facts = facts
         self.metrics = Metrics()

@@ -161,15 +161,21 @@ class TranslatedChat:
         return b""
 
     def finish(self) -> bytes:
+        """The rest of the body; raises upstream_protocol_error when the provider's answer is cut
+        short (a stream without its end, a body that is not a message), so the caller sees a cut,
+        never a clean end of a 200 that carries no completion."""
         transcoder = self._transcoder
         if transcoder is not None:
-            return transcoder.finish()
+            rest = transcoder.finish()
+            if not transcoder.ended:
+                raise EgressError("upstream_protocol_error", "the provider's stream ended before its message_stop")
+            return rest
         if 200 <= self._status < 300:
             try:
                 message = orjson.loads(self._held)
             except orjson.JSONDecodeError:
-                return anthropic_codec.error_to_openai(502, bytes(self._held))
+                message = None
             if not isinstance(message, dict):
-                return anthropic_codec.error_to_openai(502, bytes(self._held))
+                raise EgressError("upstream_protocol_error", "the provider's answer is not a whole message")
             return orjson.dumps(anthropic_codec.message_to_chat(message, model=self._model, created=int(time.time())))
         return anthropic_codec.error_to_openai(self._status, bytes(self._held))

@@ -28,6 +28,10 @@ _FIRST_BACKOFF = 0.2
 class UsagePublisher:
     __slots__ = ("_nats", "_queue", "_ready", "_usage", "dropped", "published")
 
+    @property
+    def queued(self) -> int:
+        return len(self._queue)
+
     def __init__(self, usage: UsageConfig, nats_config: NatsConfig) -> None:
         self._usage = usage
         self._nats = nats_config

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import mmap
+import multiprocessing
 import os
 import select
 import signal
@@ -23,6 +24,7 @@ import time
 from dataclasses import dataclass
 
 from egress.accesslog import log_event
+from egress.accounts import table_bytes
 from egress.config import Config, parse_listen
 from egress.limiter import shared_bytes_needed
 from egress.sdnotify import notify
@@ -33,6 +35,8 @@ class WorkerContext:
     index: int
     count: int
     shared: memoryview  # the limiter's counters, shared by every worker
+    accounts: memoryview  # the accounts' state (accounts.py), shared by every worker
+    accounts_lock: object  # a process-shared lock for the accounts' read-modify-write updates
     ready_fd: int  # one byte written here once listening
     byo_hash_key: bytes  # one key for all workers, so a BYO caller is one identity everywhere
 
@@ -49,6 +53,8 @@ def supervise(config: Config, config_path: str | None, workers: int) -> int:
         shown = f"[{host}]" if ":" in host else host
         config = dataclasses.replace(config, server=dataclasses.replace(config.server, listen=f"{shown}:{port}"))
     shared = mmap.mmap(-1, shared_bytes_needed(config.limits))  # MAP_SHARED | MAP_ANONYMOUS
+    accounts = mmap.mmap(-1, table_bytes())
+    accounts_lock = multiprocessing.Lock()  # a POSIX semaphore in shared memory: works across fork
     byo_hash_key = os.urandom(32)
     ready_read, ready_write = os.pipe()
     children: dict[int, int] = {}
@@ -72,7 +78,9 @@ def supervise(config: Config, config_path: str | None, workers: int) -> int:
             try:
                 from egress.serve import serve
 
-                context = WorkerContext(index, workers, memoryview(shared), ready_write, byo_hash_key)
+                context = WorkerContext(
+                    index, workers, memoryview(shared), memoryview(accounts), accounts_lock, ready_write, byo_hash_key
+                )
                 code = serve(config, config_path, context)
             finally:
                 os._exit(code)

@@ -306,15 +306,15 @@ def test_byo_limit_holds_however_the_key_is_spelled(start_egress, fake_provider,
 
 def test_a_retired_pool_key_is_wiped_when_its_last_request_is_gone():
     provider = BUILTIN_PROVIDERS["openai"]
-    rotation = PoolRotation(provider, [Secret(b"sk-retired", "env:X")])
-    header = rotation.take()
+    rotation = PoolRotation(provider, [(Secret(b"sk-retired", "env:X"), "")])
+    header = rotation.accounts[0].credential()
     held = [rotation]  # what an exchange's lease does
     del rotation
     assert bytes(header[1]) == b"Bearer sk-retired"  # still in use: intact
     held.clear()
     assert set(header[1]) == {0}  # the last holder gone: wiped at once
-    live = PoolRotation(provider, [Secret(b"sk-live", "env:Y")])
-    value = live.take()[1]
+    live = PoolRotation(provider, [(Secret(b"sk-live", "env:Y"), "")])
+    value = live.accounts[0].credential()[1]
     wipe_all_pool_keys()  # the exit path reaches every rotation, not only the first Authenticator's
     assert set(value) == {0}
 

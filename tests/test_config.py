@@ -48,7 +48,7 @@ def test_unknown_keys_are_named(table, named):
         ({"providers": {"mine": {"base_url": "https://x", "dialect": "gemini"}}}, "dialect must be"),
         ({"providers": {"healthz": {"base_url": "https://x"}}}, "provider names"),
         ({"providers": {"Mine": {"base_url": "https://x"}}}, "provider names"),
-        ({"providers": {"openai": {"pool_keys": "env:X"}}}, "pool_keys must be a list of strings"),
+        ({"providers": {"openai": {"pool_keys": "env:X"}}}, "pool_keys must be a list of sources"),
         ({"providers": {"openai": {"pool_keys": ["sk-literal-key"]}}}, "'env:NAME' or 'file:PATH'"),
         ({"providers": {"openai": {"allow_anonymous": "yes"}}}, "allow_anonymous must be true or false"),
         ({"keys": {"trusted_issuers": ["not-a-key"]}}, r"keys.trusted_issuers\[0\]"),

@@ -1,0 +1,350 @@
+"""Accounts: each pool key of a provider, with its health and quota, shared by every worker of a host.
+
+Contract:
+  `Account` is one pool key: `provider`, an opaque stable `id` (the operator's name, or a short
+      BLAKE2b of the key: never the key), its ready credential header, and a slot in the table.
+  `AccountTable(buffer, lock)` keeps every account's state in fixed memory (`buffer`: the mmap
+      the supervisor makes before forking, beside the limiter's sketches), so all workers see one
+      state: `healthy`, `cooling(until, reason)` or `disabled(reason)`. `bind(accounts)` gives each
+      account its slot (found by its id: the same slot in every worker, and across reloads).
+  `choose(accounts, now, exclude)` picks the healthy account with the most headroom: per
+      dimension (requests, tokens, input and output tokens), the provider's last `remaining` over
+      its `limit`, less the requests in flight on it; one whose remaining is spent is skipped until
+      its reset; with no quota headers at all, round-robin. None when every account is cooling,
+      disabled or spent; then `soonest(accounts, now)` says when the first comes back.
+  `begin(account)` / `end(account)` count requests in flight; `observe(account, hints, now)`
+      records quota from any response, successes included; `cool(account, seconds, reason, now)`
+      moves `until` only ever later (a shorter hint never shortens a longer cooldown: LiteLLM
+      #40130); `disable(account, reason)` lasts until a reload.
+  `may_retry(now)`: the host-wide retry budget: retries at most `ratio` of requests over a
+      sliding window (plus a floor, so a quiet host can still retry), which stops retry storms.
+
+Times are CLOCK_MONOTONIC seconds (`time.monotonic()`), one clock for every process of a host.
+Read-modify-write updates (in flight, cooldowns, the budget) hold the table's lock, a process-
+shared semaphore made before the fork; reads take none (each field is one aligned 8-byte word).
+Sans-IO: no clock is read here; `now` and random draws come from the caller.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from contextlib import nullcontext
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from egress.hints import RateHints
+    from egress.secrets import Secret
+
+HEALTHY, COOLING, DISABLED = 0, 1, 2
+STATE_NAMES = ("healthy", "cooling", "disabled")
+DIMENSIONS = ("requests", "tokens", "input_tokens", "output_tokens")
+# Why an account cools or is disabled, and the last error class seen on it: small integers in the
+# table, named here. Bounded: these are also metric label values.
+REASONS = (
+    "",
+    "rate_limited",  # 429
+    "overloaded",  # 529, or an overloaded_error event
+    "unavailable",  # 503
+    "server_error",  # 500, 502, 504
+    "connect_error",
+    "reset",  # the connection closed before a response
+    "stream_error",  # a 200 stream whose first event is an error
+    "unauthorized",  # 401
+    "payment_required",  # 402
+    "forbidden",  # 403
+    "quota_spent",  # remaining 0 on some dimension
+)
+_REASON_CODE = {name: code for code, name in enumerate(REASONS)}
+
+# One slot: 24 doubles (integers are exact in a double up to 2^53).
+_OWNER, _STATE, _UNTIL, _REASON, _IN_FLIGHT, _FAILURES, _LAST_ERROR, _LAST_ERROR_AT = range(8)
+_REMAINING, _LIMIT, _RESET_AT = 8, 12, 16  # 4 dimensions each
+_SEEN_AT, _REQUESTS = 20, 21
+SLOT_DOUBLES = 24
+SLOTS = 1024
+# Slot 0 holds the host's retry budget: window start, requests and retries, current and previous.
+_B_START, _B_REQ, _B_REQ_PREV, _B_RETRY, _B_RETRY_PREV = range(5)
+
+
+def table_bytes() -> int:
+    return 8 * SLOT_DOUBLES * SLOTS
+
+
+def account_id(secret: bytes | bytearray) -> str:
+    """A short, stable, one-way name for a key: the same on every host, useless to an attacker."""
+    return hashlib.blake2b(bytes(secret), digest_size=6, person=b"egress-account").hexdigest()
+
+
+def _owner(account_id: str) -> float:
+    # 52 bits of a hash of the id: exact in a double, and never 0 (a free slot).
+    value = int.from_bytes(hashlib.blake2b(account_id.encode(), digest_size=8).digest(), "little") >> 12
+    return float(value or 1)
+
+
+class Account:
+    __slots__ = ("header", "id", "name", "owner", "provider", "slot")
+
+    def __init__(self, provider: str, account_id: str, header: tuple[bytes, Secret], name: str | None = None):
+        self.provider = provider
+        self.id = account_id
+        self.name = name or account_id
+        self.header = header  # (name, Secret): the credential header in the provider's scheme
+        self.owner = _owner(f"{provider}/{account_id}")
+        self.slot = 0  # set by AccountTable.bind
+
+    def credential(self) -> tuple[bytes, bytearray]:
+        name, secret = self.header
+        return name, secret.reveal()
+
+    def __repr__(self) -> str:
+        return f"Account({self.provider}/{self.id})"
+
+
+class AccountTable:
+    __slots__ = ("_lock", "_next", "_private", "_raw", "_words", "floor", "ratio", "window")
+
+    def __init__(self, buffer: memoryview | None = None, lock=None) -> None:
+        self._raw = memoryview(bytearray(table_bytes())) if buffer is None else buffer
+        self._words = self._raw.cast("B").cast("d")
+        self._lock = lock if lock is not None else nullcontext()
+        self._next = 0  # round-robin start among equals, per process
+        self._private = SLOTS  # past the shared slots: accounts that found no free slot
+        self.ratio = 0.2
+        self.floor = 3.0
+        self.window = 10.0
+
+    # -- slots ---------------------------------------------------------------------------
+    def bind(self, accounts: list[Account]) -> None:
+        """Give each account its slot, by id; a disabled state ends here (a reload re-enables)."""
+        words = self._words
+        with self._lock:
+            for account in accounts:
+                slot = self._find(account.owner)
+                if slot is None:
+                    # Table full (over 1000 keys): this process keeps the account's state alone.
+                    words_needed = (self._private + 1) * SLOT_DOUBLES
+                    if len(words) < words_needed:
+                        grown = memoryview(bytearray(words_needed * 8)).cast("B").cast("d")
+                        grown[: len(words)] = words
+                        self._words = words = grown
+                    slot = self._private
+                    self._private += 1
+                base = slot * SLOT_DOUBLES
+                if words[base + _OWNER] != account.owner:
+                    words[base : base + SLOT_DOUBLES] = memoryview(bytes(8 * SLOT_DOUBLES)).cast("d")
+                    words[base + _OWNER] = account.owner
+                    for dim in range(4):
+                        words[base + _REMAINING + dim] = -1.0
+                        words[base + _LIMIT + dim] = -1.0
+                elif words[base + _STATE] == DISABLED:
+                    words[base + _STATE] = HEALTHY
+                    words[base + _REASON] = 0
+                account.slot = base
+
+    def _find(self, owner: float) -> int | None:
+        words = self._words
+        start = 1 + int(owner) % (SLOTS - 1)  # slot 0 is the budget's
+        for probe in range(SLOTS - 1):
+            slot = 1 + (start - 1 + probe) % (SLOTS - 1)
+            current = words[slot * SLOT_DOUBLES + _OWNER]
+            if current == owner or current == 0.0:
+                return slot
+        return None
+
+    # -- selection -------------------------------------------------------------------------
+    def choose(self, accounts: list[Account], now: float, exclude: tuple = ()) -> Account | None:
+        words = self._words
+        count = len(accounts)
+        start = self._next
+        self._next = start + 1
+        best = None
+        best_score = -1.0
+        for offset in range(count):
+            account = accounts[(start + offset) % count]
+            if account in exclude:
+                continue
+            score = self._headroom(words, account.slot, now)
+            if score > best_score:
+                best, best_score = account, score
+        return best
+
+    @staticmethod
+    def _headroom(words, base: int, now: float) -> float:
+        """1.0 for an untouched account, down to just above 0; -1 when it can't be used now."""
+        state = words[base + _STATE]
+        if state == DISABLED:
+            return -1.0
+        if state == COOLING and words[base + _UNTIL] > now:
+            return -1.0
+        score = 1.0
+        for dim in range(4):
+            remaining = words[base + _REMAINING + dim]
+            if remaining < 0 or words[base + _RESET_AT + dim] <= now:
+                continue  # unknown, or refilled since
+            if dim == 0:
+                remaining -= words[base + _IN_FLIGHT]
+            if remaining <= 0:
+                return -1.0
+            limit = words[base + _LIMIT + dim]
+            fraction = remaining / limit if limit > 0 else 1.0
+            if fraction < score:
+                score = fraction
+        return score - words[base + _IN_FLIGHT] * 1e-6  # among equals, the less busy one
+
+    def soonest(self, accounts: list[Account], now: float) -> float | None:
+        """Seconds until the first account that is cooling or spent can be used; None if all disabled."""
+        words = self._words
+        soonest = math.inf
+        for account in accounts:
+            base = account.slot
+            state = words[base + _STATE]
+            if state == DISABLED:
+                continue
+            until = words[base + _UNTIL] if state == COOLING else now
+            for dim in range(4):
+                remaining = words[base + _REMAINING + dim]
+                reset_at = words[base + _RESET_AT + dim]
+                if remaining >= 0 and reset_at > now and remaining - (words[base + _IN_FLIGHT] if dim == 0 else 0) <= 0:
+                    until = max(until, reset_at)
+            soonest = min(soonest, until)
+        return None if soonest == math.inf else max(0.0, soonest - now)
+
+    # -- what happened -----------------------------------------------------------------------
+    def begin(self, account: Account, retry: bool = False) -> None:
+        """An attempt starts on `account`; a request's first one also counts for the retry budget."""
+        with self._lock:
+            self._words[account.slot + _IN_FLIGHT] += 1
+            self._words[account.slot + _REQUESTS] += 1
+            if not retry:
+                self._words[_B_REQ] += 1
+
+    def end(self, account: Account) -> None:
+        with self._lock:
+            words = self._words
+            if words[account.slot + _IN_FLIGHT] > 0:
+                words[account.slot + _IN_FLIGHT] -= 1
+
+    def observe(self, account: Account, hints: RateHints, now: float, wall: float) -> None:
+        """Quota from a response: single-word writes, no lock (the last response wins)."""
+        words = self._words
+        base = account.slot
+        for dim, name in enumerate(DIMENSIONS):
+            remaining = hints.remaining.get(name)
+            if remaining is not None:
+                words[base + _REMAINING + dim] = float(remaining)
+                words[base + _RESET_AT + dim] = now + hints.reset.get(name, 60.0)
+            limit = hints.limit.get(name)
+            if limit is not None:
+                words[base + _LIMIT + dim] = float(limit)
+        words[base + _SEEN_AT] = wall
+
+    def succeeded(self, account: Account) -> None:
+        words = self._words
+        if words[account.slot + _FAILURES]:
+            words[account.slot + _FAILURES] = 0.0
+
+    def failures(self, account: Account) -> int:
+        return int(self._words[account.slot + _FAILURES])
+
+    def failed(self, account: Account, reason: str, wall: float) -> None:
+        words = self._words
+        with self._lock:
+            words[account.slot + _FAILURES] += 1
+        words[account.slot + _LAST_ERROR] = _REASON_CODE[reason]
+        words[account.slot + _LAST_ERROR_AT] = wall
+
+    def cool(self, account: Account, seconds: float, reason: str, now: float) -> None:
+        until = now + seconds
+        words = self._words
+        base = account.slot
+        with self._lock:
+            state = words[base + _STATE]
+            if state == DISABLED:
+                return
+            if state == COOLING and words[base + _UNTIL] >= until:
+                return  # never shortened
+            words[base + _STATE] = COOLING
+            words[base + _UNTIL] = until
+            words[base + _REASON] = _REASON_CODE[reason]
+
+    def disable(self, account: Account, reason: str) -> bool:
+        """True when this call disabled it (it was not already)."""
+        words = self._words
+        base = account.slot
+        with self._lock:
+            if words[base + _STATE] == DISABLED:
+                return False
+            words[base + _STATE] = DISABLED
+            words[base + _REASON] = _REASON_CODE[reason]
+            return True
+
+    def may_retry(self, now: float) -> bool:
+        """The host's retry budget: a retry is allowed (and counted) or refused."""
+        words = self._words
+        with self._lock:
+            start = words[_B_START]
+            if now - start >= self.window:
+                elapsed_windows = (now - start) // self.window
+                if elapsed_windows == 1:
+                    words[_B_REQ_PREV], words[_B_RETRY_PREV] = words[_B_REQ], words[_B_RETRY]
+                else:
+                    words[_B_REQ_PREV] = words[_B_RETRY_PREV] = 0.0
+                words[_B_REQ] = words[_B_RETRY] = 0.0
+                words[_B_START] = start = start + elapsed_windows * self.window if start else now
+            weight = 1.0 - (now - start) / self.window
+            requests = words[_B_REQ] + words[_B_REQ_PREV] * weight
+            retries = words[_B_RETRY] + words[_B_RETRY_PREV] * weight
+            if retries >= self.floor + self.ratio * requests:
+                return False
+            words[_B_RETRY] += 1
+            return True
+
+    # -- reading, for /status and metrics --------------------------------------------------
+    def snapshot(self, account: Account, now: float, wall: float) -> dict:
+        words = self._words
+        base = account.slot
+        state = int(words[base + _STATE])
+        until = words[base + _UNTIL]
+        if state == COOLING and until <= now:
+            state = HEALTHY  # its cooldown is over; the next pick finds it healthy
+        quota = {}
+        for dim, name in enumerate(DIMENSIONS):
+            remaining = words[base + _REMAINING + dim]
+            if remaining >= 0:
+                reset_at = words[base + _RESET_AT + dim]
+                limit = words[base + _LIMIT + dim]
+                quota[name] = {
+                    "remaining": int(remaining),
+                    "limit": int(limit) if limit >= 0 else None,
+                    "reset_in_s": round(max(0.0, reset_at - now), 3),
+                }
+        last_error = int(words[base + _LAST_ERROR])
+        last_error_at = words[base + _LAST_ERROR_AT]
+        return {
+            "id": account.id,
+            "name": account.name,
+            "state": STATE_NAMES[state],
+            "until": round(wall + (until - now), 3) if state == COOLING else None,
+            "reason": REASONS[int(words[base + _REASON])] or None if state != HEALTHY else None,
+            "in_flight": int(words[base + _IN_FLIGHT]),
+            "requests": int(words[base + _REQUESTS]),
+            "consecutive_failures": int(words[base + _FAILURES]),
+            "quota": quota,
+            "last_error": REASONS[last_error] if last_error else None,
+            "last_error_age_s": round(wall - last_error_at, 3) if last_error else None,
+        }
+
+    def state_of(self, account: Account, now: float) -> int:
+        words = self._words
+        state = int(words[account.slot + _STATE])
+        return HEALTHY if state == COOLING and words[account.slot + _UNTIL] <= now else state
+
+    def remaining(self, account: Account, now: float) -> dict[str, int]:
+        words = self._words
+        base = account.slot
+        return {
+            name: int(words[base + _REMAINING + dim])
+            for dim, name in enumerate(DIMENSIONS)
+            if words[base + _REMAINING + dim] >= 0 and words[base + _RESET_AT + dim] > now
+        }

@@ -1,0 +1,143 @@
+"""Retries before the first byte, across a provider's accounts (accounts.py).
+
+Contract, for the proxy phases:
+  `answered(exchange, status, headers) -> bool` runs first in the upstream-response phase of a
+      request that carries a pool key (`exchange.account`). It records the response's quota hints
+      on the account (successes too), cools it on 429/503/529 (the provider's hint, else a jittered
+      default: hints.cooldown), disables it on 401/402/403, and returns True when this response is
+      dropped and the request sent again: to the account with the most headroom at once, or to the
+      same account after a jittered back-off when no other one is usable and this one is not
+      cooling (a 500, 502, 504). Nothing has reached the caller then, so nothing is replayed twice.
+  `failed(exchange, error) -> bool` runs when the upstream failed before any response byte: a
+      connect failure or a reset is retried the same way; a timeout never is (the provider may be
+      generating). A BYO key is never moved to another account: only its connect failure, where
+      nothing was sent, is retried, to the same provider.
+Limits: `[accounts] max_attempts` counts every attempt of one request, and the host-wide budget
+(`AccountTable.may_retry`) stops storms. When either runs out, the last upstream response goes to
+the caller unchanged: status, body and the provider's retry headers (a 429 stays a 429).
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from typing import TYPE_CHECKING
+
+from egress import proxy
+from egress.accesslog import log_event
+from egress.accounts import HEALTHY
+from egress.hints import cooldown, read_hints
+
+if TYPE_CHECKING:
+    from egress.accounts import Account
+    from egress.errors import EgressError
+    from egress.proxy import Exchange
+
+RETRY_STATUSES = {
+    429: "rate_limited",
+    500: "server_error",
+    502: "server_error",
+    503: "unavailable",
+    504: "server_error",
+    529: "overloaded",  # Anthropic's overloaded_error: https://docs.anthropic.com/en/api/errors
+}
+# The provider refuses this key itself: no use sending it more traffic until the operator acts.
+DISABLE_STATUSES = {401: "unauthorized", 402: "payment_required", 403: "forbidden"}
+_BACKOFF_BASE = 0.1
+_BACKOFF_CAP = 2.0
+
+
+def answered(exchange: Exchange, status: int, headers: list) -> bool:
+    state = exchange.client.state
+    table = state.accounts
+    account = exchange.account
+    now = time.monotonic()
+    wall = time.time()
+    hints = read_hints(headers, wall)  # names matched case-insensitively there
+    if hints.remaining or hints.limit:
+        table.observe(account, hints, now, wall)
+    reason = RETRY_STATUSES.get(status)
+    if reason is None:
+        reason = DISABLE_STATUSES.get(status)
+        if reason is None:
+            if status < 400:
+                table.succeeded(account)
+            state.metrics.attempts[(account.provider, account.id, "success" if status < 400 else "not_retryable")] += 1
+            return False
+        if table.disable(account, reason):
+            log_event("account_disabled", provider=account.provider, account=account.id, status=status)
+        table.failed(account, reason, wall)
+    else:
+        seconds = cooldown(status, hints, table.failures(account), random.random())
+        table.failed(account, reason, wall)
+        if seconds is not None:
+            table.cool(account, seconds, reason, now)
+    return _again(exchange, account, now)
+
+
+def failed(exchange: Exchange, error: EgressError) -> bool:
+    code = error.code
+    if code not in ("upstream_connect_error", "upstream_protocol_error"):
+        return False  # a timeout: the provider may be generating, and a replay would bill twice
+    account = exchange.account
+    if account is None:
+        if code != "upstream_connect_error":
+            return False  # a BYO request may have reached the provider: never sent twice
+    else:
+        reason = "connect_error" if code == "upstream_connect_error" else "reset"
+        exchange.client.state.accounts.failed(account, reason, time.time())
+    return _again(exchange, account, time.monotonic())
+
+
+def _again(exchange: Exchange, account: Account | None, now: float) -> bool:
+    state = exchange.client.state
+    table = state.accounts
+    config = state.config.accounts
+    label = (exchange.route.provider.name, account.id if account is not None else "byo")
+    if exchange.tries >= config.max_attempts or exchange.client_gone:
+        state.metrics.attempts[(*label, "retry_exhausted")] += 1
+        return False
+    pool = exchange.lease if account is not None else None
+    following = table.choose(pool.accounts, now, exclude=(account,)) if pool is not None else None
+    delay = 0.0
+    if following is None:
+        if account is not None and table.state_of(account, now) != HEALTHY:
+            state.metrics.attempts[(*label, "retry_exhausted")] += 1
+            return False  # every account is cooling or spent: the provider's own answer goes back
+        following = account
+        delay = random.uniform(0.5, 1.0) * min(_BACKOFF_CAP, _BACKOFF_BASE * 2 ** (exchange.tries - 1))
+    if not table.may_retry(now):
+        state.metrics.attempts[(*label, "retry_exhausted")] += 1
+        state.metrics.retry_budget_exhausted += 1
+        return False
+    state.metrics.attempts[(*label, "retry_scheduled")] += 1
+    upstream = exchange.upstream
+    exchange.upstream = None
+    if upstream is not None:
+        upstream.exchange = None  # what it still reads belongs to an answer nobody will see
+        upstream.abort()
+    exchange.client.backpressure.detach()
+    if following is not account:
+        table.end(account)
+        table.begin(following, retry=True)
+        exchange.account = following
+        name = following.header[0]
+        facts = exchange.facts
+        facts.forward_headers = [header for header in facts.forward_headers if header[0] != name]
+        facts.forward_headers.append(following.credential())
+        exchange.request = proxy.upstream_request(exchange)
+    exchange.tries += 1
+    exchange.attempt = 1
+    loop = exchange.client.loop
+    # Never from inside the failed connection's own callbacks.
+    if delay:
+        loop.call_later(delay, _send_again, exchange)
+    else:
+        loop.call_soon(_send_again, exchange)
+    return True
+
+
+def _send_again(exchange: Exchange) -> None:
+    if exchange.settled or exchange.client_gone:
+        return
+    proxy.dispatch(exchange)

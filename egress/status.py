@@ -1,0 +1,65 @@
+"""`GET /status` on the admin listener: what an operator asks first, from memory only.
+
+Contract: `status_document(state)` -> a JSON-ready dict: build, config hash, uptime, worker, and per
+provider with pool keys its accounts (state, until, reason, quota and reset, in flight, last error
+class and age: accounts.AccountTable.snapshot, the host's shared view), the deny-set and its NATS
+feed, the usage sinks' queues and drops, and the model lists. It never calls a provider, and never
+holds a secret: accounts appear by id or operator name, NATS by whether it is configured.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+import time
+from typing import TYPE_CHECKING
+
+from egress import __version__, accesslog
+from egress.config import render_config
+
+if TYPE_CHECKING:
+    from egress.server import ServerState
+
+_STARTED = time.monotonic()
+
+
+def config_hash(state: ServerState) -> str:
+    """Of the effective configuration as `egress config check` prints it (sources, never keys)."""
+    return hashlib.sha256(render_config(state.config).encode()).hexdigest()[:16]
+
+
+def status_document(state: ServerState) -> dict:
+    now = time.monotonic()
+    wall = time.time()
+    table = state.accounts
+    providers = {}
+    for name, pool in sorted(state.auth.pools.items()):
+        providers[name] = {"accounts": [table.snapshot(account, now, wall) for account in pool.accounts]}
+    denyset = state.auth.denyset
+    age = denyset.age_seconds()
+    facts = state.facts
+    publisher = facts.publisher
+    return {
+        "build": {"version": __version__, "python": sys.version.split()[0]},
+        "config_hash": config_hash(state),
+        "uptime_s": round(now - _STARTED, 3),
+        "pid": os.getpid(),
+        "worker": accesslog.WORKER,
+        "draining": state.draining,
+        "open_connections": len(state.connections),
+        "providers": providers,
+        "deny_set": {
+            "size": len(denyset),
+            "nats_configured": state.config.nats.url is not None,
+            "stream_connected": denyset.connected,
+            "age_s": round(age, 3) if age is not None else None,
+        },
+        "usage": {
+            "jsonl_queue": facts.queued,
+            "jsonl_dropped": facts.dropped,
+            "nats_queue": publisher.queued if publisher is not None else None,
+            "nats_dropped": publisher.dropped if publisher is not None else None,
+        },
+        "model_lists": {name: len(models) for name, models in state.catalog.snapshot().items()},
+    }
