@@ -93,6 +93,8 @@ class AccountsConfig:
     retry_budget: float = 0.2
     retry_floor: int = 3
     retry_window: float = 10.0
+    # A pooled 2xx stream is held until its first event (an error there is retried); at most this.
+    first_event_timeout: float = 2.0
 
 
 @dataclass(frozen=True, slots=True)

@@ -68,6 +68,7 @@ class Exchange:
         "head_request",
         "head_sent",
         "health_check",
+        "held",
         "http11",
         "identity",
         "keep_alive",
@@ -127,6 +128,9 @@ class Exchange:
         self.status = 0
         self.framing = NO_BODY
         self.head_sent = False
+        # A pooled 2xx stream's first bytes, held back until its first event shows it is no error
+        # (retries.first_event); None otherwise, and once released.
+        self.held: bytearray | None = None
         self.bytes_out = 0
         self.ttfb: float | None = None
         self.upstream: UpstreamConnection | None = None
@@ -187,8 +191,13 @@ class Exchange:
                 status, headers, framing, content_length, self.request_id, self.keep_alive, self.http11, self.tries
             )
         )
+        if self.account is not None and framing != NO_BODY:
+            retries.hold_stream(self, status, facts.content_type)
 
     def upstream_body(self, data: bytes) -> None:
+        if self.held is not None:
+            retries.held_body(self, data)
+            return
         meter = self.meter
         if meter is not None:
             meter.feed(data)  # the provider's bytes, usage chunk included
@@ -219,6 +228,8 @@ class Exchange:
         it gains nothing from waiting, and the client's write-buffer mark must see it to pause the
         upstream before the next read (libuv reads a socket up to 32 times per turn).
         """
+        if self.held is not None:
+            return  # nothing goes out while a stream's first event is awaited
         if self.out_size >= _WRITE_AT_ONCE:
             self.flush()
             if not self.upstream_done:
@@ -250,6 +261,8 @@ class Exchange:
             self.out_size = 0
 
     def upstream_end(self) -> None:
+        if self.held is not None:
+            retries.release(self)  # the whole stream came before its first event was judged
         if self.body_filter is not None:
             try:
                 rest = self.body_filter.finish()
@@ -264,6 +277,8 @@ class Exchange:
         self.upstream_read_done()
 
     def upstream_failed(self, error: EgressError) -> None:
+        if self.held is not None:
+            retries.release(self)
         if self.head_sent:
             # Mid-response: the client must see a truncated body, never a clean end.
             self.flush()
@@ -282,6 +297,19 @@ class Exchange:
             upstream.exchange = None  # its close must not report back to an exchange already settled
             upstream.abort()  # the provider stops generating for nobody
         self.settle(None)
+
+    def forget_response(self) -> None:
+        """The answer so far is dropped before any byte of it left (a retry): as if none came."""
+        self.head_sent = False
+        self.held = None
+        self.status = 0
+        self.framing = NO_BODY
+        self.out.clear()
+        self.out_size = 0
+        self.meter = None
+        self.ttfb = None
+        self.bytes_out = 0
+        self.upstream_until_close = False
 
     def settle(self, failure: EgressError | None) -> None:
         """The upstream's part is over: return its connection, retry once, or answer; then log."""

@@ -23,10 +23,12 @@ import random
 import time
 from typing import TYPE_CHECKING
 
+import orjson
+
 from egress import proxy
 from egress.accesslog import log_event
 from egress.accounts import HEALTHY
-from egress.hints import cooldown, read_hints
+from egress.hints import RateHints, cooldown, read_hints
 
 if TYPE_CHECKING:
     from egress.accounts import Account
@@ -141,3 +143,91 @@ def _send_again(exchange: Exchange) -> None:
     if exchange.settled or exchange.client_gone:
         return
     proxy.dispatch(exchange)
+
+
+# -- a 200 stream whose first event is an error (LiteLLM #24004, Bifrost #2917) -----------------
+# A pooled 2xx SSE response is held, head included, until its first event: an error event there
+# (Anthropic's `event: error`, an OpenAI-style `data: {"error": …}`) is the provider failing before
+# the answer began, so it is retried like a 529. Held at most `first_event_timeout` seconds and
+# `_HOLD_LIMIT` bytes; then whatever came is relayed as it is.
+_HOLD_LIMIT = 64 * 1024
+
+
+def hold_stream(exchange: Exchange, status: int, content_type: bytes) -> None:
+    if not (200 <= status < 300 and content_type.startswith(b"text/event-stream")):
+        return
+    exchange.held = bytearray()
+    timeout = exchange.client.state.config.accounts.first_event_timeout
+    exchange.client.loop.call_later(timeout, _hold_expired, exchange, exchange.tries)
+
+
+def held_body(exchange: Exchange, data: bytes) -> None:
+    held = exchange.held
+    held += data
+    verdict = first_event(held)
+    if verdict is None and len(held) < _HOLD_LIMIT:
+        return
+    if verdict == "error" and _stream_failed(exchange):
+        return
+    release(exchange)
+    exchange.upstream_read_done()
+
+
+def release(exchange: Exchange) -> None:
+    """Relay what was held, as it came, and carry on relaying."""
+    held = exchange.held
+    exchange.held = None
+    if held:
+        exchange.upstream_body(bytes(held))
+
+
+def _hold_expired(exchange: Exchange, tries: int) -> None:
+    if exchange.held is None or exchange.settled or exchange.tries != tries:
+        return
+    release(exchange)
+    exchange.upstream_read_done()
+
+
+def first_event(buffer: bytearray) -> str | None:
+    """ "error" or "ok" once the first event with data is whole in `buffer`; None before (sans-IO)."""
+    start = 0
+    while True:
+        end = _event_end(buffer, start)
+        if end is None:
+            return None
+        block = bytes(buffer[start:end])
+        start = end
+        data = [line[5:].strip() for line in block.splitlines() if line.startswith(b"data:")]
+        if not data:
+            continue  # comments (": ping", ": OPENROUTER PROCESSING") say nothing yet
+        if any(line.strip() == b"event: error" or line.strip() == b"event:error" for line in block.splitlines()):
+            return "error"
+        try:
+            document = orjson.loads(b"\n".join(data))
+        except orjson.JSONDecodeError:
+            return "ok"
+        if isinstance(document, dict) and ("error" in document or document.get("type") == "error"):
+            return "error"
+        return "ok"
+
+
+def _event_end(buffer: bytearray, start: int) -> int | None:
+    ends = [index for index in (buffer.find(b"\n\n", start), buffer.find(b"\r\n\r\n", start)) if index >= 0]
+    if not ends:
+        return None
+    end = min(ends)
+    return end + (4 if buffer.startswith(b"\r\n\r\n", end) else 2)
+
+
+def _stream_failed(exchange: Exchange) -> bool:
+    state = exchange.client.state
+    table = state.accounts
+    account = exchange.account
+    now = time.monotonic()
+    seconds = cooldown(529, RateHints(), table.failures(account), random.random())
+    table.failed(account, "stream_error", time.time())
+    table.cool(account, seconds, "stream_error", now)
+    if not _again(exchange, account, now):
+        return False
+    exchange.forget_response()
+    return True

@@ -158,7 +158,8 @@ class KeyedProvider(LoopbackServer):
                 self.seen.append((key, path))
             plan = self.plans.get(key)
             status, extra, body = plan(count) if plan else (401, {}, _error("invalid_api_key", "Incorrect API key"))
-            lines = [f"HTTP/1.1 {status} X", "content-type: application/json", f"content-length: {len(body)}"]
+            extra = {"content-type": "application/json", **extra}
+            lines = [f"HTTP/1.1 {status} X", f"content-length: {len(body)}"]
             lines += [f"{name}: {value}" for name, value in extra.items()]
             try:
                 conn.sendall(("\r\n".join(lines) + "\r\n\r\n").encode() + body)
@@ -356,6 +357,63 @@ def test_a_byo_key_is_never_moved_to_another_account(start_egress, keyed, tmp_pa
     assert response.status == 429
     assert response.headers["x-egress-attempts"] == "1"
     assert upstream.served(byo) == 1 and upstream.served(KEY_A) == upstream.served(KEY_B) == 0
+
+
+def sse(events: list[bytes], extra: dict | None = None):
+    return 200, {"content-type": "text/event-stream", **(extra or {})}, b"".join(events)
+
+
+OVERLOADED_EVENT = (
+    b'event: error\ndata: {"type":"error","error":{"type":"overloaded_error","message":"Overloaded"}}\n\n'
+)
+
+
+def stream_chat(egress):
+    body = orjson.dumps({"model": "gpt-4o", "stream": True, "messages": [{"role": "user", "content": "hi"}]})
+    with RawClient(egress.port) as client:
+        headers = {"Authorization": f"Bearer {mint(ISSUER, 'stream-app')[0]}"}
+        client.send(request_bytes("POST", "/openai/v1/chat/completions", headers, body))
+        return client.read_response("POST")
+
+
+def test_a_stream_whose_first_event_is_an_error_is_retried_on_the_next_account(start_egress, keyed, tmp_path):
+    good = [
+        b": keep-alive\n\n",
+        b'data: {"id":"c1","object":"chat.completion.chunk","choices":[{"index":0,"delta":{"content":"ok"}}]}\n\n',
+        b"data: [DONE]\n\n",
+    ]
+    upstream = keyed({KEY_A: lambda n: sse([OVERLOADED_EVENT]), KEY_B: lambda n: sse(good)})
+    egress = start_egress(accounts_config(upstream, tmp_path))
+    response = stream_chat(egress)
+    assert response.status == 200 and response.complete
+    assert response.body == b"".join(good)  # the caller never saw the error event
+    assert response.headers["x-egress-attempts"] == "2"
+    status = orjson.loads(admin_get(egress.admin_port, "/status")[1])
+    team_a = {row["name"]: row for row in status["providers"]["openai"]["accounts"]}["team-a"]
+    assert team_a["state"] == "cooling" and team_a["reason"] == "stream_error"
+
+
+def test_a_stream_error_with_no_account_left_reaches_the_caller_as_sent(start_egress, keyed, tmp_path):
+    upstream = keyed({})
+    upstream.plans[KEY_A] = upstream.plans[KEY_B] = lambda n: (
+        200,
+        {"content-type": "text/event-stream"},
+        OVERLOADED_EVENT,
+    )
+    egress = start_egress(accounts_config(upstream, tmp_path))
+    response = stream_chat(egress)
+    assert response.status == 200
+    assert response.body == OVERLOADED_EVENT
+    assert response.headers["x-egress-attempts"] == "2"
+
+
+def test_a_good_stream_is_relayed_once_its_first_event_is_in(start_egress, keyed, tmp_path):
+    events = [b'data: {"id":"c%d","choices":[{"index":0,"delta":{"content":"x"}}]}\n\n' % i for i in range(50)]
+    upstream = keyed({KEY_A: lambda n: sse(events), KEY_B: lambda n: sse(events)})
+    egress = start_egress(accounts_config(upstream, tmp_path))
+    response = stream_chat(egress)
+    assert response.body == b"".join(events)
+    assert response.headers["x-egress-attempts"] == "1"
 
 
 def test_status_names_accounts_and_never_shows_a_key(start_egress, keyed, tmp_path):
