@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 
-from egress import keys_cli, report
+from egress import doctor, keys_cli, report
 from egress.config import Config, ConfigError, load_config, parse_listen, render_config
 from egress.secrets import SecretSourceError
 
@@ -30,6 +30,7 @@ def main(argv: list[str] | None = None) -> int:
 
     keys_cli.add_parsers(commands)
     report.add_parsers(commands)
+    doctor.add_parsers(commands)
 
     args = parser.parse_args(argv)
     try:
@@ -39,6 +40,8 @@ def main(argv: list[str] | None = None) -> int:
             return keys_cli.run(args)
         if args.command == "usage":
             return report.run(args)
+        if args.command == "doctor":
+            return doctor.run(args)
         return _check(args.file)
     except (ConfigError, SecretSourceError) as exc:
         print(f"egress: config error: {exc}", file=sys.stderr)
