@@ -8,12 +8,19 @@ No kernel, no peer and no scheduler are involved, so this measures the Python (a
 orjson) part alone, and it moves far less than a wrk run on a small shared machine. The best of
 7 repetitions is reported.
 
-Usage: python3 bench/micro.py [--mode bare|key|limits|meter|full] [--headers N] [--requests N] [--opcodes]
+Usage: python3 bench/micro.py [--mode MODE] [--headers N] [--requests N] [--opcodes]
   bare    BYO key, limiter and meter off, no access log (bench/run's `egress` row)
   key     bare with a virtual key (verified once, then cached) swapped for a pool key
   limits  key with the request and token limits on
   meter   limits with the usage meter and its JSONL usage file on
   full    meter with the access log to a file: bench/run's `egress, full` row
+  translated         bare, but the unified surface: `POST /v1/chat/completions` for a Claude model,
+                     translated to Anthropic Messages, the upstream answering with bench/run's
+                     Anthropic JSON body (bench/run's `translated JSON` row)
+  translated-stream  likewise with `stream: true`, the upstream answering with the 500-event
+                     Anthropic stream in one read (bench/run's `translated SSE` row)
+  codec   the translation alone, no request path: µs per chat_to_messages (a typical request),
+          per message_to_chat (a typical response), per event of StreamTranscoder.feed
   --headers N   extra response headers (providers send 15-25; nginx sends 5)
   --opcodes     count the bytecode instructions per request instead, by function: exact and
                 repeatable, but a guide only (C work, such as a regular expression, is not in it)
@@ -28,10 +35,13 @@ import collections
 import sys
 import tempfile
 import time
+import tomllib
 from pathlib import Path
 
+import orjson
 import uvloop
 
+from egress import anthropic_codec
 from egress.accesslog import AccessLog
 from egress.auth import Authenticator, load_pools
 from egress.config import parse_config
@@ -44,6 +54,7 @@ from egress.upstream import UpstreamConnection, UpstreamPool
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import anthropic_bodies  # bench/anthropic_bodies.py, beside this file
 import run as bench  # bench/run.py, beside this file
 
 CONNECTIONS = 20
@@ -88,12 +99,18 @@ class RecordingTransport:
 # Each mode adds one feature to the one before it, so the differences between them split
 # `full`'s extra cost by feature.
 MODES = ("bare", "key", "limits", "meter", "full")
+# bare's request path through the unified surface's translation (bench/run's translated rows).
+TRANSLATED_MODES = ("translated", "translated-stream")
 
 
 def make_state(mode: str, workdir: Path) -> tuple[ServerState, bytes]:
     """The shared state of one egress process, and the credential its clients send."""
-    layers = MODES[: MODES.index(mode) + 1]
+    layers = MODES[: MODES.index(mode) + 1] if mode in MODES else ("bare",)
     raw: dict = {"providers": {"bench": {"base_url": "http://127.0.0.1:9"}}}
+    if mode in TRANSLATED_MODES:
+        rows = tomllib.loads(bench.translated_rows(9))  # bench/run's own rows, with its routes
+        raw["providers"].update(rows["providers"])
+        raw["routes"] = rows["routes"]
     raw["server"] = {"access_log": str(workdir / "access.log") if "full" in layers else "off"}
     raw["usage"] = {"jsonl": str(workdir / "usage.jsonl")} if "meter" in layers else {"enabled": False}
     token = "sk-bench-byo"
@@ -118,24 +135,57 @@ def make_state(mode: str, workdir: Path) -> tuple[ServerState, bytes]:
     return state, token.encode()
 
 
+# What each mode sends and what its upstream answers: (target, request body, upstream content
+# type, upstream body, what egress's response to the client ends with, a mark it contains).
+_EXCHANGES = {
+    "passthrough": (
+        b"/bench/v1/chat/completions",
+        BODY,
+        b"application/json",
+        bench.COMPLETION.encode(),
+        bench.COMPLETION.encode(),
+        b"",
+    ),
+    "translated": (
+        b"/v1/chat/completions",
+        anthropic_bodies.CHAT_REQUEST.encode(),
+        b"application/json",
+        anthropic_bodies.MESSAGE.encode(),
+        b"\r\n0\r\n\r\n",
+        b'"object":"chat.completion"',
+    ),
+    "translated-stream": (
+        b"/v1/chat/completions",
+        anthropic_bodies.CHAT_STREAM_REQUEST.encode(),
+        b"text/event-stream",
+        anthropic_bodies.stream_body().encode(),
+        b"data: [DONE]\n\n\r\n0\r\n\r\n",
+        b'"content":"Once"',
+    ),
+}
+
+
 async def measure(mode: str, extra_headers: int, requests: int, opcodes: bool) -> None:
     state, token = make_state(mode, Path(tempfile.mkdtemp(prefix="egress-micro-")))
+    target, body, content_type, upstream_body, ends, mark = _EXCHANGES.get(mode, _EXCHANGES["passthrough"])
     request = (
-        b"POST /bench/v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1:8787\r\nAuthorization: Bearer "
+        b"POST %s HTTP/1.1\r\nHost: 127.0.0.1:8787\r\nAuthorization: Bearer " % target
         + token
-        + b"\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(BODY)
-        + BODY
+        + b"\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body)
+        + body
     )
-    completion = bench.COMPLETION.encode()
     response = (
         b"HTTP/1.1 200 OK\r\nServer: nginx/1.22.1\r\nDate: Mon, 23 Nov 2026 10:00:00 GMT\r\n"
-        b"Content-Type: application/json\r\nContent-Length: %d\r\nConnection: keep-alive\r\n"
-        % len(completion)
+        b"Content-Type: %s\r\nContent-Length: %d\r\nConnection: keep-alive\r\n"
+        % (content_type, len(upstream_body))
         + b"".join(b"x-provider-header-%d: 1234567890\r\n" % index for index in range(extra_headers))
         + b"\r\n"
-        + completion
+        + upstream_body
     )
-    origin = state.router.resolve(b"/bench/v1/chat/completions").provider.origin
+    if mode in TRANSLATED_MODES:
+        origin = state.config.providers["anthropic"].origin  # both Anthropic rows share one pool key
+    else:
+        origin = state.router.resolve(target).provider.origin
     clients = []
     for _ in range(CONNECTIONS):
         client, transport = ClientConnection(state), RecordingTransport()
@@ -147,6 +197,10 @@ async def measure(mode: str, extra_headers: int, requests: int, opcodes: bool) -
         upstream.reusable = True
         state.pool.release(upstream)
 
+    # A translated stream writes ~90 KB a response: keeping them all would grow the heap by
+    # hundreds of MB, and its page faults would be timed too. Only the last write is looked at.
+    trim = mode in TRANSLATED_MODES
+
     async def one_round() -> None:
         for client, _ in clients:
             client.data_received(request)
@@ -154,11 +208,14 @@ async def measure(mode: str, extra_headers: int, requests: int, opcodes: bool) -
         for client, _ in clients:
             client.active.upstream.data_received(response)
         await asyncio.sleep(0)  # egress writes the responses, then logs
+        if trim:
+            for _, transport in clients:
+                del transport.writes[:-1]
 
     for _ in range(100):  # warm-up: caches, the verification of a virtual key
         await one_round()
     last = clients[0][1].writes[-1]
-    if not (last.startswith(b"HTTP/1.1 200 OK\r\n") and last.endswith(completion)):
+    if not (last.startswith(b"HTTP/1.1 200 OK\r\n") and last.endswith(ends) and mark in last):
         raise SystemExit(f"micro: unexpected response {last[:200]!r}")
     rounds = max(1, requests // CONNECTIONS)
     if opcodes:
@@ -172,6 +229,9 @@ async def measure(mode: str, extra_headers: int, requests: int, opcodes: bool) -
         best.append((time.perf_counter() - started) / (rounds * CONNECTIONS) * 1e6)
     best.sort()
     print(f"{mode}, {5 + extra_headers} response headers: best {best[0]:.1f} µs per request, median {best[3]:.1f}")
+    if mode == "translated-stream":
+        events = anthropic_bodies.STREAM_EVENTS
+        print(f"  {best[0] / events:.2f} µs per upstream event, {events / best[0] * 1e6:,.0f} events/s on one core")
 
 
 async def count_opcodes(one_round, rounds: int) -> None:
@@ -197,14 +257,84 @@ async def count_opcodes(one_round, rounds: int) -> None:
         print(f"{count / requests:8.1f}  {name}")
 
 
+def best_of(call, number: int, repeat: int = 7) -> float:
+    """Seconds per call, the best of `repeat` runs of `number` calls."""
+    runs = []
+    for _ in range(repeat):
+        started = time.perf_counter()
+        for _ in range(number):
+            call()
+        runs.append((time.perf_counter() - started) / number)
+    return min(runs)
+
+
+CREATED = 1795400000  # bench/run's completion's `created`
+
+
+def codec_costs() -> None:
+    """The translation's in-process cost, without the request path around it."""
+    request = anthropic_bodies.TYPICAL_CHAT_REQUEST
+    request_bytes = orjson.dumps(request)
+    message_bytes = anthropic_bodies.MESSAGE.encode()
+    message = orjson.loads(message_bytes)
+    events = [event.encode() for event in anthropic_bodies.stream_events()]
+    stream = b"".join(events)
+
+    def to_messages() -> None:
+        anthropic_codec.chat_to_messages(request, default_max_tokens=4096)
+
+    def to_messages_bytes() -> None:  # what surface._translate does with the body
+        body, _ = anthropic_codec.chat_to_messages(orjson.loads(request_bytes), default_max_tokens=4096)
+        orjson.dumps(body)
+
+    def to_chat() -> None:
+        anthropic_codec.message_to_chat(message, model="claude-json", created=CREATED)
+
+    def to_chat_bytes() -> None:  # what surface.TranslatedChat.finish does with the held body
+        orjson.dumps(anthropic_codec.message_to_chat(orjson.loads(message_bytes), model="claude-json", created=CREATED))
+
+    def transcode(pieces: list[bytes]):
+        def run() -> None:
+            transcoder = anthropic_codec.StreamTranscoder(model="claude-json", created=CREATED, include_usage=True)
+            for piece in pieces:
+                transcoder.feed(piece)
+            transcoder.finish()
+
+        return run
+
+    count = len(events)
+    rows = [
+        (
+            f"chat_to_messages, typical request ({len(request['messages'])} messages, a tool)",
+            best_of(to_messages, 5000),
+        ),
+        ("  with orjson loads and dumps of the body, bytes to bytes", best_of(to_messages_bytes, 5000)),
+        ("message_to_chat, typical response (one text block)", best_of(to_chat, 10000)),
+        ("  with orjson loads and dumps of the body, bytes to bytes", best_of(to_chat_bytes, 10000)),
+    ]
+    per_event = [
+        (f"StreamTranscoder.feed, {count}-event stream one event per feed", best_of(transcode(events), 40) / count),
+        (f"StreamTranscoder.feed, {count}-event stream in one feed", best_of(transcode([stream]), 40) / count),
+    ]
+    width = max(len(name) for name, _ in rows + per_event)
+    for name, seconds in rows:
+        print(f"{name:{width}}  {seconds * 1e6:7.2f} µs")
+    for name, seconds in per_event:
+        print(f"{name:{width}}  {seconds * 1e6:7.2f} µs per event, {1 / seconds:,.0f} events/s")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--mode", choices=MODES, default="bare")
+    parser.add_argument("--mode", choices=(*MODES, *TRANSLATED_MODES, "codec"), default="bare")
     parser.add_argument("--headers", type=int, default=0, help="extra upstream response headers")
-    parser.add_argument("--requests", type=int, default=20_000)
+    parser.add_argument("--requests", type=int, default=None, help="per repetition (default 20000; a stream 400)")
     parser.add_argument("--opcodes", action="store_true", help="bytecode per request, by function")
     args = parser.parse_args()
-    uvloop.run(measure(args.mode, args.headers, args.requests, args.opcodes))
+    if args.mode == "codec":
+        codec_costs()
+        return 0
+    requests = args.requests or (400 if args.mode == "translated-stream" else 20_000)
+    uvloop.run(measure(args.mode, args.headers, requests, args.opcodes))
     return 0
 
 

@@ -6,6 +6,11 @@ One run starts a fast real upstream (nginx, one worker, serving an OpenAI-shaped
 on the machine hits all three alike. Reported: medians over the rounds, and the ratios
 egress/nginx-proxy and egress/direct.
 
+Translated rows: the same nginx also serves an Anthropic Messages JSON body and a 500-event
+Anthropic stream (bench/anthropic_bodies.py); egress's unified surface translates a chat request
+for a Claude model to them and back. Reported: req/s against egress's own passthrough (and LiteLLM
+doing the same translation, with --peers), events/s, and the time to first token it adds.
+
 Usage: bench/run [--rounds 3] [--duration 5] [--connections 50]
 Needs nginx and wrk (Debian packages `nginx`, `wrk`), and h2load (`nghttp2-client`) for the
 open-loop latency rows; installs nothing itself.
@@ -29,6 +34,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import anthropic_bodies  # bench/anthropic_bodies.py, beside this file
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 
@@ -50,6 +57,27 @@ wrk.body = '{"model":"gpt-bench","messages":[{"role":"user","content":"hi"}]}'
 wrk.headers["Content-Type"] = "application/json"
 wrk.headers["Authorization"] = "Bearer %s"
 """
+POST_BODY_LUA = """
+wrk.method = "POST"
+wrk.body = '%s'
+wrk.headers["Content-Type"] = "application/json"
+wrk.headers["Authorization"] = "Bearer %s"
+"""
+# The unified surface's rows: a chat request for a Claude model, translated to Anthropic and back.
+TRANSLATED_JSON = "translated JSON"
+TRANSLATED_SSE = f"translated SSE {anthropic_bodies.STREAM_EVENTS} events"
+STREAM_REQUEST = anthropic_bodies.CHAT_STREAM_REQUEST
+MESSAGES_STREAM_REQUEST = anthropic_bodies.MESSAGES_STREAM_REQUEST
+# Time to first token: requests a round, one at a time (a p99 is then the 3rd worst, not the worst).
+TTFT_REQUESTS = 300
+# LiteLLM takes ~0.4 s of its one worker per translated 500-event stream (~3 streams/s at any
+# concurrency): 50 connections would keep every stream waiting past the end of the run, so its
+# stream row runs with a few, and its time to first token is taken over fewer requests.
+LITELLM_STREAM_CONNECTIONS = 5
+LITELLM_TTFT_REQUESTS = 50
+# The translated rows' targets, one worker: JSON >= 0.5 x egress passthrough and >= 100 x LiteLLM
+# (req/s), the transcoded stream >= 100k events/s, added time to first token <= 1 ms at p99.
+TARGETS = {"passthrough_share": 0.5, "litellm_multiple": 100, "events_per_s": 100_000, "ttft_p99_added_ms": 1.0}
 
 
 def verification_costs(samples: int = 2000) -> dict[str, float]:
@@ -160,7 +188,10 @@ def pinned(command: list[str], cpus: str | None) -> list[str]:
 
 
 def upstream_nginx_config(workdir: Path, port: int) -> Path:
-    """The fast upstream: the small JSON completion, and the SSE body from `workdir/stream.txt`."""
+    """The fast upstream: the small JSON completion, and the SSE body from `workdir/stream.txt`;
+    as Anthropic, a Messages JSON body at /v1/messages and the Anthropic SSE body from
+    `workdir/anthropic-stream.txt` at /stream/v1/messages (the base path of a second provider row).
+    """
     return nginx_config(
         workdir,
         "upstream",
@@ -168,6 +199,13 @@ def upstream_nginx_config(workdir: Path, port: int) -> Path:
         listen 127.0.0.1:{port};
         location = /v1/chat/completions {{ default_type application/json; return 200 '{COMPLETION}'; }}
         location = /v1/stream {{ default_type text/event-stream; alias {workdir}/stream.txt; }}
+        location = /v1/messages {{ default_type application/json; return 200 '{anthropic_bodies.MESSAGE}'; }}
+        # A static file answers POST with 405; error_page serves it again as a GET, with a 200.
+        location = /stream/v1/messages {{
+            default_type text/event-stream;
+            alias {workdir}/anthropic-stream.txt;
+            error_page 405 =200 $uri;
+        }}
     }}""",
     )
 
@@ -193,14 +231,16 @@ def proxy_nginx_config(workdir: Path, port: int, upstream_port: int) -> Path:
 def egress_config(mode: str, port: int, upstream_port: int, workdir: Path, issuer: str, name: str = "") -> str:
     """egress in front of the bench upstream, as `bare` or `full`.
 
-    bare: BYO key, limiter and meter off, no access log. full: everything on: virtual key (pool
-    key in workdir/pool.keys), limiter (high enough never to refuse), meter, usage file, access
-    log. `name` tells apart the files of several egress processes sharing one workdir.
+    bare: BYO key, limiter and meter off, no access log; it also serves the unified surface's
+    translated rows (`translated_rows`), which passthrough requests never look at. full:
+    everything on: virtual key (pool key in workdir/pool.keys), limiter (high enough never to
+    refuse), meter, usage file, access log. `name` tells apart the files of several egress
+    processes sharing one workdir.
     """
     server = f'[server]\nlisten = "127.0.0.1:{port}"\nadmin_listen = "off"\nmax_connections = 50000\n'
     provider = f'[providers.bench]\nbase_url = "http://127.0.0.1:{upstream_port}"\n'
     if mode == "bare":
-        return server + 'access_log = "off"\n\n[usage]\nenabled = false\n\n' + provider
+        return server + 'access_log = "off"\n\n[usage]\nenabled = false\n\n' + provider + translated_rows(upstream_port)
     return (
         server
         + f'access_log = "{workdir}/access{name}.log"\n\n[keys]\ntrusted_issuers = ["{issuer}"]\n\n'
@@ -208,6 +248,22 @@ def egress_config(mode: str, port: int, upstream_port: int, workdir: Path, issue
         + f'[usage]\njsonl = "{workdir}/usage{name}.jsonl"\n\n'
         + provider
         + f'pool_keys = ["file:{workdir}/pool.keys"]\n'
+    )
+
+
+def translated_rows(upstream_port: int) -> str:
+    """Two Anthropic rows for the unified surface, told apart by model: the JSON body and the stream.
+
+    The surface always sends a translated request to base path + /v1/messages, so the stream row's
+    base URL carries a path prefix nginx serves the SSE body under.
+    """
+    origin = f"http://127.0.0.1:{upstream_port}"
+    return (
+        f'\n[providers.anthropic]\nbase_url = "{origin}"\n'
+        f'\n[providers.anthropic_stream]\nbase_url = "{origin}/stream"\ndialect = "anthropic"\nauth = "x-api-key"\n'
+        'stream_usage = "always"\n'
+        f'\n[[routes]]\nmatch = "{anthropic_bodies.JSON_MODEL}"\nprovider = "anthropic"\n'
+        f'\n[[routes]]\nmatch = "{anthropic_bodies.STREAM_MODEL}"\nprovider = "anthropic_stream"\n'
     )
 
 
@@ -220,13 +276,27 @@ def start_nginx(config: Path, cpus: str | None = None) -> subprocess.Popen:
 
 
 def run_wrk(
-    url: str, lua: Path, duration: int, connections: int, watch: dict[str, int] | None = None, cpus: str | None = None
+    url: str,
+    lua: Path,
+    duration: int,
+    connections: int,
+    watch: dict[str, int] | None = None,
+    cpus: str | None = None,
+    timeout: int | None = None,
 ) -> dict:
-    """One closed-loop wrk run; also how busy wrk itself and each `watch`ed process were (cores)."""
+    """One closed-loop wrk run; also how busy wrk itself and each `watch`ed process were (cores).
+
+    `timeout`: seconds before wrk gives up on a response (its default is 2); a slow target's
+    responses past it are not counted at all.
+    """
     before = {name: cpu_seconds(pid) for name, pid in (watch or {}).items()}
     reaped_before = resource.getrusage(resource.RUSAGE_CHILDREN)
     process = subprocess.Popen(
-        pinned(["wrk", "-t1", f"-c{connections}", f"-d{duration}s", "--latency", "-s", str(lua), url], cpus),
+        pinned(
+            ["wrk", "-t1", f"-c{connections}", f"-d{duration}s", "--latency", "-s", str(lua), url]
+            + (["--timeout", f"{timeout}s"] if timeout else []),
+            cpus,
+        ),
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,
@@ -330,6 +400,17 @@ def start_litellm(workdir: Path, upstream_port: int, port: int) -> subprocess.Po
         "      model: openai/gpt-bench\n"
         f"      api_base: http://127.0.0.1:{upstream_port}/v1\n"
         "      api_key: sk-bench-upstream\n"
+        # The same translation as egress's: LiteLLM appends /v1/messages to an Anthropic api_base.
+        f"  - model_name: {anthropic_bodies.JSON_MODEL}\n"
+        "    litellm_params:\n"
+        f"      model: anthropic/{anthropic_bodies.JSON_MODEL}\n"
+        f"      api_base: http://127.0.0.1:{upstream_port}\n"
+        "      api_key: sk-bench-upstream\n"
+        f"  - model_name: {anthropic_bodies.STREAM_MODEL}\n"
+        "    litellm_params:\n"
+        f"      model: anthropic/{anthropic_bodies.STREAM_MODEL}\n"
+        f"      api_base: http://127.0.0.1:{upstream_port}/stream\n"
+        "      api_key: sk-bench-upstream\n"
         "litellm_settings:\n"
         "  telemetry: false\n"
         "general_settings:\n"
@@ -409,6 +490,7 @@ def main() -> int:
     workdir = Path(tempfile.mkdtemp(prefix="egress-bench-"))
     workdir.chmod(0o755)  # nginx workers run unprivileged and must read the SSE body
     (workdir / "stream.txt").write_text(sse_body())
+    (workdir / "anthropic-stream.txt").write_text(anthropic_bodies.stream_body())
     (workdir / "post.lua").write_text(POST_LUA % "sk-bench-byo")
     issuer, virtual_key = _bench_issuer()
     (workdir / "post-virtual.lua").write_text(POST_LUA % virtual_key)
@@ -462,28 +544,54 @@ def main() -> int:
                 "egress": f"http://127.0.0.1:{egress_port}/bench/v1/stream",
                 "egress, full": f"http://127.0.0.1:{full_port}/bench/v1/stream",
             },
+            # The unified surface: a chat request for a Claude model, translated to Anthropic
+            # Messages and back. `direct` is the Anthropic body straight from nginx (no translation).
+            TRANSLATED_JSON: {
+                "direct": f"http://127.0.0.1:{upstream_port}/v1/messages",
+                "egress": f"http://127.0.0.1:{egress_port}/v1/chat/completions",
+                **({"litellm": f"http://127.0.0.1:{peer_port}/v1/chat/completions"} if peer_port else {}),
+            },
+            TRANSLATED_SSE: {
+                "direct": f"http://127.0.0.1:{upstream_port}/stream/v1/messages",
+                "egress": f"http://127.0.0.1:{egress_port}/v1/chat/completions",
+                **({"litellm": f"http://127.0.0.1:{peer_port}/v1/chat/completions"} if peer_port else {}),
+            },
         }
+        for scenario, body in ((TRANSLATED_JSON, anthropic_bodies.CHAT_REQUEST), (TRANSLATED_SSE, STREAM_REQUEST)):
+            (workdir / f"{scenario}.lua").write_text(POST_BODY_LUA % (body, "sk-bench-byo"))
+            (workdir / f"{scenario}-peer.lua").write_text(POST_BODY_LUA % (body, PEER_MASTER_KEY))
+            for target, url in scenarios[scenario].items():
+                token = PEER_MASTER_KEY if target == "litellm" else "sk-bench-byo"
+                check_translated(scenario, target, url, body, token)
         results: dict[str, dict[str, list[dict]]] = {name: {t: [] for t in urls} for name, urls in scenarios.items()}
         egress_cpu: dict[tuple[str, str], list[float]] = {}
         for scenario, urls in scenarios.items():
-            lua = workdir / "post.lua" if scenario == "small JSON" else workdir / "get.lua"
-            if not lua.exists():
-                lua.write_text('wrk.headers["Authorization"] = "Bearer sk-bench-byo"\n')
-            virtual = workdir / "post-virtual.lua" if scenario == "small JSON" else workdir / "get-virtual.lua"
-            if not virtual.exists():
-                virtual.write_text(f'wrk.headers["Authorization"] = "Bearer {virtual_key}"\n')
-            peer = workdir / "post-peer.lua"
-            peer.write_text((POST_LUA % PEER_MASTER_KEY) if scenario == "small JSON" else "")
+            if scenario in (TRANSLATED_JSON, TRANSLATED_SSE):
+                lua, virtual, peer = (workdir / f"{scenario}.lua", None, workdir / f"{scenario}-peer.lua")
+            else:
+                lua = workdir / "post.lua" if scenario == "small JSON" else workdir / "get.lua"
+                if not lua.exists():
+                    lua.write_text('wrk.headers["Authorization"] = "Bearer sk-bench-byo"\n')
+                virtual = workdir / "post-virtual.lua" if scenario == "small JSON" else workdir / "get-virtual.lua"
+                if not virtual.exists():
+                    virtual.write_text(f'wrk.headers["Authorization"] = "Bearer {virtual_key}"\n')
+                peer = workdir / "post-peer.lua"
+                peer.write_text((POST_LUA % PEER_MASTER_KEY) if scenario == "small JSON" else "")
             scripts = {
                 target: virtual if target == "egress, full" else peer if target == "litellm" else lua for target in urls
             }
+            connections = {target: args.connections for target in urls}
+            if scenario == TRANSLATED_SSE and "litellm" in urls:
+                connections["litellm"] = LITELLM_STREAM_CONNECTIONS
             for target, url in urls.items():  # warm-up: pools, caches
-                run_wrk(url, scripts[target], 1, args.connections)
+                run_wrk(url, scripts[target], 1, connections[target])
             for round_index in range(args.rounds):
                 for target, url in urls.items():
                     pid = egress_pids.get(target)
                     before = tree_cpu_seconds(pid) if pid else 0.0
-                    result = run_wrk(url, scripts[target], args.duration, args.connections, watch)
+                    # A LiteLLM stream under load outlasts wrk's default 2 s timeout: give it time.
+                    timeout = 30 if scenario in (TRANSLATED_JSON, TRANSLATED_SSE) else None
+                    result = run_wrk(url, scripts[target], args.duration, connections[target], watch, timeout=timeout)
                     if pid:
                         requests = result["rps"] * args.duration
                         spent = (tree_cpu_seconds(pid) - before) / requests * 1000
@@ -519,8 +627,24 @@ def main() -> int:
                         key: statistics.median(run[key] for run in rounds) for key in ("rate", "p50_ms", "p99_ms")
                     }
         sse_timing = sse_event_timing(workdir)
+        stream_targets = {
+            "direct": (upstream_port, "/stream/v1/messages", MESSAGES_STREAM_REQUEST, "sk-bench-byo", TTFT_REQUESTS),
+            "egress": (egress_port, "/v1/chat/completions", STREAM_REQUEST, "sk-bench-byo", TTFT_REQUESTS),
+        }
+        if peer_port is not None:
+            stream_targets["litellm"] = (
+                peer_port,
+                "/v1/chat/completions",
+                STREAM_REQUEST,
+                PEER_MASTER_KEY,
+                LITELLM_TTFT_REQUESTS,
+            )
+        ttft = {
+            "nginx": first_token_rounds(stream_targets, args.rounds),
+            "paced": paced_first_token(workdir, args.rounds),
+        }
         idle = idle_connection_memory(egress_port, egress_pids["egress"], args.idle_connections)
-        report = render(results, egress_cpu, args, verification_costs(), idle, latency, sse_timing)
+        report = render(results, egress_cpu, args, verification_costs(), idle, latency, sse_timing, ttft)
         print(report)
         RESULTS.mkdir(parents=True, exist_ok=True)
         (RESULTS / "latest.md").write_text(report)
@@ -564,6 +688,116 @@ def sse_event_timing(workdir: Path) -> dict[str, float]:
         for process in (upstream, egress):
             process.terminate()
             process.wait(timeout=10)
+
+
+def check_translated(scenario: str, target: str, url: str, body: str, token: str) -> None:
+    """One request before the load: each target answers 200 with the body its row stands for."""
+    import urllib.request
+
+    request = urllib.request.Request(
+        url, body.encode(), {"Content-Type": "application/json", "Authorization": f"Bearer {token}"}
+    )
+    with urllib.request.urlopen(request, timeout=60) as response:
+        status, data = response.status, response.read()
+    marks = {
+        (TRANSLATED_JSON, "direct"): b'"type":"message"',
+        (TRANSLATED_SSE, "direct"): b"event: message_stop",
+    }
+    mark = marks.get((scenario, target), b'"chat.completion"' if scenario == TRANSLATED_JSON else b"data: [DONE]")
+    if status != 200 or mark not in data:
+        raise RuntimeError(f"bench: {scenario}, {target}: {status} {data[:300]!r}")
+    if scenario == TRANSLATED_SSE:
+        print(f"  {scenario}: {target} sends {data.count(b'data:')} data lines per stream", file=sys.stderr)
+
+
+def first_token_times(port: int, path: str, body: str, token: str, requests: int = TTFT_REQUESTS) -> list[float]:
+    """Seconds from sending a streamed request to the arrival of its first token, one request at a
+    time over one keep-alive connection; the first request (it opens egress's upstream connection)
+    is not counted. The first token is found by its text, the same in either dialect.
+    """
+    import httptools
+
+    class Response:
+        done = False
+
+        def on_message_complete(self) -> None:
+            self.done = True
+
+    request = (
+        f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nAuthorization: Bearer {token}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n{body}"
+    ).encode()
+    mark = anthropic_bodies.FIRST_TOKEN_MARK
+    times: list[float] = []
+    with socket.create_connection(("127.0.0.1", port), timeout=60) as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        for index in range(requests + 1):
+            response = Response()
+            parser = httptools.HttpResponseParser(response)
+            first, tail = None, b""
+            started = time.perf_counter()
+            sock.sendall(request)
+            while not response.done:
+                data = sock.recv(262144)
+                now = time.perf_counter()
+                if not data:
+                    raise RuntimeError(f"bench: 127.0.0.1:{port}{path} closed mid-response")
+                if first is None:
+                    if mark in tail + data:
+                        first = now - started
+                    tail = data[-len(mark) :]
+                parser.feed_data(data)
+            if parser.get_status_code() != 200 or first is None:
+                raise RuntimeError(f"bench: 127.0.0.1:{port}{path}: status {parser.get_status_code()}, no first token")
+            if index:
+                times.append(first)
+    return times
+
+
+def first_token_rounds(targets: dict[str, tuple[int, str, str, str, int]], rounds: int) -> dict[str, list[list[float]]]:
+    """first_token_times of each target (port, path, body, token, requests), round after round, the
+    targets taking turns as in the wrk rows, so drift on the machine hits them alike.
+    """
+    found: dict[str, list[list[float]]] = {name: [] for name in targets}
+    for _ in range(rounds):
+        for name, (port, path, body, token, requests) in targets.items():
+            found[name].append(first_token_times(port, path, body, token, requests))
+    return found
+
+
+def paced_first_token(workdir: Path, rounds: int) -> dict[str, list[list[float]]]:
+    """Time to first token with a paced Anthropic upstream (one event per chunk, 1 ms after each
+    token), direct and through a one-worker egress configured as the `egress` row.
+    """
+    upstream_port, egress_port = free_port(), free_port()
+    upstream = subprocess.Popen([sys.executable, anthropic_bodies.__file__, str(upstream_port), "0.001"])
+    config = workdir / "egress-paced.toml"
+    config.write_text(
+        f'[server]\nlisten = "127.0.0.1:{egress_port}"\naccess_log = "off"\nadmin_listen = "off"\n\n'
+        "[usage]\nenabled = false\n" + translated_rows(upstream_port)
+    )
+    egress = subprocess.Popen(
+        [sys.executable, "-m", "egress", "serve", "--config", str(config), "--workers", "1"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_for_port(upstream_port)
+        wait_for_port(egress_port)
+        targets = {
+            "direct": (upstream_port, "/stream/v1/messages", MESSAGES_STREAM_REQUEST, "sk-bench-byo", TTFT_REQUESTS),
+            "egress": (egress_port, "/v1/chat/completions", STREAM_REQUEST, "sk-bench-byo", TTFT_REQUESTS),
+        }
+        return first_token_rounds(targets, rounds)
+    finally:
+        for process in (upstream, egress):
+            process.terminate()
+            process.wait(timeout=10)
+
+
+def _percentile(values: list[float], share: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(len(ordered) * share))]
 
 
 def chart(results: dict, latency: dict[str, dict], path: Path) -> None:
@@ -610,6 +844,104 @@ def _bench_issuer() -> tuple[str, str]:
     return public_key_text(issuer.public_key()), mint(issuer, "bench")[0]
 
 
+def _translated_ratios(scenario: str, medians: dict[str, dict], passthrough_rps: float) -> list[str]:
+    """The ratio rows of a translated scenario: against egress's own passthrough, LiteLLM and direct."""
+    rps = medians["egress"]["rps"]
+    peer = medians.get("litellm")
+    versus = ""
+    if peer:  # none of LiteLLM's responses may have finished within the run
+        versus = f", /litellm **{rps / peer['rps']:.0f}**" if peer["rps"] else ", /litellm (none finished)"
+    if scenario == TRANSLATED_JSON:
+        return [
+            f"| {scenario} | **ratio, egress** | /egress passthrough (small JSON) **{rps / passthrough_rps:.2f}**"
+            f"{versus}, /direct **{rps / medians['direct']['rps']:.2f}** | | | | |"
+        ]
+    events = anthropic_bodies.STREAM_EVENTS
+    per_target = ", ".join(f"{target} **{row['rps'] * events:,.0f}**" for target, row in medians.items())
+    return [
+        f"| {scenario} | **events/s** | {per_target} | | | | |",
+        f"| {scenario} | **ratio, egress** | /direct **{rps / medians['direct']['rps']:.2f}**{versus} | | | | |",
+    ]
+
+
+def _translated_summary(
+    translated: dict[str, dict[str, dict]], passthrough_rps: float, ttft: dict[str, dict[str, list[list[float]]]]
+) -> list[str]:
+    """Time to first token through the translation, and the acceptance targets, met or not."""
+    events = anthropic_bodies.STREAM_EVENTS
+    lines = [
+        f"Translated rows: `POST /v1/chat/completions` for a Claude model, BYO key, through the `egress` process "
+        f"(one worker), to nginx serving an Anthropic Messages body (JSON, or a {events}-event SSE stream: "
+        "message_start, content_block_start, ping, text deltas, content_block_stop, message_delta, message_stop); "
+        "`litellm` does the same translation. `direct` is nginx's Anthropic body itself, untranslated. "
+        f"events/s = {events} upstream events x req/s. LiteLLM's stream row runs with "
+        f"{LITELLM_STREAM_CONNECTIONS} connections (at 50 its streams outlast the run), its time to first token "
+        f"over {LITELLM_TTFT_REQUESTS} requests a round.",
+        "",
+        f"Time to first token, translated stream: per round, {TTFT_REQUESTS} requests one at a time over one "
+        "keep-alive connection, the first token's text found in the response as it arrives; medians over "
+        "rounds, the added times paired by round. `nginx`: the stream above, sent whole at once, so through a "
+        "proxy the first token waits for the first read's events to be transcoded. `paced`: an upstream sending "
+        f"{anthropic_bodies.PACED_EVENTS} events one per chunk, 1 ms after each token (bench/anthropic_bodies.py), "
+        "as a provider streams, through a second one-worker egress configured as the `egress` row.",
+        "",
+        "| upstream | target | p50 ms | p99 ms | added p50 ms | added p99 ms |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    added_p99: dict[str, float] = {}
+    for upstream, rows in ttft.items():
+        # Per round: p50 and p99 in ms; a target's added time is its round's minus direct's same round.
+        cuts = {
+            target: [(statistics.median(times) * 1000, _percentile(times, 0.99) * 1000) for times in rounds]
+            for target, rounds in rows.items()
+        }
+        direct = cuts["direct"]
+        for target, per_round in cuts.items():
+            p50 = statistics.median(cut[0] for cut in per_round)
+            p99 = statistics.median(cut[1] for cut in per_round)
+            if target == "direct":
+                lines.append(f"| {upstream} | {target} | {p50:.3f} | {p99:.3f} | | |")
+                continue
+            more_p50 = statistics.median(cut[0] - base[0] for cut, base in zip(per_round, direct, strict=True))
+            more_p99 = statistics.median(cut[1] - base[1] for cut, base in zip(per_round, direct, strict=True))
+            if target == "egress":
+                added_p99[upstream] = more_p99
+            lines.append(f"| {upstream} | {target} | {p50:.3f} | {p99:.3f} | {more_p50:.3f} | {more_p99:.3f} |")
+    json_rows, sse_rows = translated[TRANSLATED_JSON], translated[TRANSLATED_SSE]
+    share = json_rows["egress"]["rps"] / passthrough_rps
+    rate = sse_rows["egress"]["rps"] * events
+    checks = [
+        (
+            f"translated JSON >= {TARGETS['passthrough_share']} x egress passthrough req/s",
+            f"{share:.2f} x",
+            share >= TARGETS["passthrough_share"],
+        ),
+    ]
+    if "litellm" in json_rows:
+        multiple = json_rows["egress"]["rps"] / json_rows["litellm"]["rps"]
+        checks.append(
+            (
+                f"translated JSON >= {TARGETS['litellm_multiple']} x LiteLLM req/s",
+                f"{multiple:.0f} x",
+                multiple >= TARGETS["litellm_multiple"],
+            )
+        )
+    checks += [
+        (f"transcoded SSE >= {TARGETS['events_per_s']:,} events/s", f"{rate:,.0f}", rate >= TARGETS["events_per_s"]),
+        *(
+            (
+                f"added time to first token <= {TARGETS['ttft_p99_added_ms']} ms p99, {upstream} upstream",
+                f"{added:.3f} ms",
+                added <= TARGETS["ttft_p99_added_ms"],
+            )
+            for upstream, added in added_p99.items()
+        ),
+    ]
+    lines += ["", "| target (one worker) | measured | |", "|---|---:|---|"]
+    lines += [f"| {name} | {value} | {'met' if met else '**missed**'} |" for name, value, met in checks]
+    return lines
+
+
 def render(
     results: dict,
     egress_cpu: dict[tuple[str, str], list[float]],
@@ -618,6 +950,7 @@ def render(
     idle: dict[str, float],
     latency: dict[str, dict],
     sse: dict[str, float],
+    ttft: dict[str, dict[str, list[list[float]]]],
 ) -> str:
     lines = [
         f"# egress bench: {args.rounds} rounds x {args.duration}s, {args.connections} connections, wrk -t1, "
@@ -631,6 +964,8 @@ def render(
         "| scenario | target | req/s | p50 ms | p99 ms | MB/s | egress CPU-s per 1k req | limited by |",
         "|---|---|---:|---:|---:|---:|---:|---|",
     ]
+    passthrough_rps = statistics.median(run["rps"] for run in results["small JSON"]["egress"])
+    translated: dict[str, dict[str, dict]] = {}
     for scenario, targets in results.items():
         medians = {}
         for target, runs in targets.items():
@@ -647,6 +982,10 @@ def render(
             )
             if median["non_2xx"]:
                 lines.append(f"| | ({target}: {median['non_2xx']:.0f} non-2xx responses) | | | | | |")
+        if scenario in (TRANSLATED_JSON, TRANSLATED_SSE):
+            translated[scenario] = medians
+            lines += _translated_ratios(scenario, medians, passthrough_rps)
+            continue
         for target in (name for name in medians if name.startswith("egress")):
             rps = medians[target]["rps"]
             peer = f", /litellm **{rps / medians['litellm']['rps']:.0f}**" if "litellm" in medians else ""
@@ -654,6 +993,7 @@ def render(
                 f"| {scenario} | **ratio, {target}** | /nginx-proxy **{rps / medians['nginx-proxy']['rps']:.2f}**, "
                 f"/direct **{rps / medians['direct']['rps']:.2f}**{peer} | | | | |"
             )
+    lines += ["", *_translated_summary(translated, passthrough_rps, ttft)]
     lines += [
         "",
         "Virtual-key check, in process (signature verification is skipped once a key is cached):",
