@@ -41,6 +41,8 @@ if TYPE_CHECKING:
 
 # Relayed bytes beyond this are written without waiting for the end of the loop turn.
 _WRITE_AT_ONCE = 64 * 1024
+# A filtered body's first read past this is transformed and written in two steps (upstream_body).
+_FIRST_SLICE = 2048
 # What one relayed part holds beside its bytes (the bytes object, its chunk header and CRLF).
 _PART_COST = 128
 
@@ -203,6 +205,15 @@ class Exchange:
             meter.feed(data)  # the provider's bytes, usage chunk included
         body_filter = self.body_filter
         if body_filter is not None:
+            if not self.bytes_out and len(data) > _FIRST_SLICE:
+                # A first read holding much of a stream: its first events go out before the rest
+                # is transformed, so the first token does not wait for the last (a transcoder
+                # takes microseconds per event).
+                first = body_filter.feed(data[:_FIRST_SLICE])
+                data = data[_FIRST_SLICE:]
+                if first:
+                    self._emit(first)
+                    self.flush()
             data = body_filter.feed(data)
             if not data:
                 return  # never an empty chunk: in chunked framing it would end the body

@@ -50,14 +50,29 @@ class Target:
     route: ModelRoute | None  # None when the caller named the provider (`provider:model`)
 
 
+_RESOLVED_CACHE = 4096
+
+
 class ModelRoutes:
-    __slots__ = ("_providers", "routes")
+    __slots__ = ("_providers", "_resolved", "routes")
 
     def __init__(self, routes: tuple[ModelRoute, ...], providers: dict[str, Provider]) -> None:
         self.routes = routes
         self._providers = providers
+        # Answers by model name: the globs run once per distinct model, not per request.
+        self._resolved: dict[str, Target] = {}
 
     def resolve(self, model: object) -> Target:
+        target = self._resolved.get(model) if isinstance(model, str) else None
+        if target is not None:
+            return target
+        target = self._resolve(model)
+        if len(self._resolved) >= _RESOLVED_CACHE:
+            self._resolved.clear()  # rebuilt by the next requests: a bounded dict, not an LRU
+        self._resolved[model] = target
+        return target
+
+    def _resolve(self, model: object) -> Target:
         if not isinstance(model, str) or not model:
             raise EgressError("model_required", "the request names no model ('model' is required)")
         name, colon, rest = model.partition(":")
@@ -82,6 +97,8 @@ class ModelRoutes:
 
 def model_permitted(provider: Provider, model: str, claims: Claims | None) -> bool:
     """The one model policy: provider deny beats allow, then the virtual key's own model list."""
+    if not provider.model_policy and (claims is None or claims.models is None):
+        return True  # no policy anywhere: most requests
     if any(fnmatchcase(model, pattern) for pattern in provider.deny_models):
         return False
     allow = provider.allow_models

@@ -25,7 +25,7 @@ import orjson
 from egress import anthropic_codec
 from egress.errors import EgressError
 from egress.http1 import bearer_token
-from egress.providers import Route
+from egress.providers import Provider, Route
 from egress.routes import check_model, listed_models
 from egress.usage import api_of
 
@@ -74,10 +74,7 @@ def _route_by_model(exchange: Exchange) -> None:
     translate = provider.dialect == "anthropic"
     if translate and surface != "chat":
         raise EgressError("model_not_found", f"{provider.name} serves no {surface} API for {requested!r}")
-    query = exchange.target.partition(b"?")[2]
-    path = (provider.api_root + ("/messages" if translate else "/" + _UPSTREAM_PATHS[surface])).encode()
-    upstream_target = provider.origin.base_path + path + (b"?" + query if query else b"")
-    exchange.route = Route(provider, upstream_target, api_of(path, provider.dialect), surface)
+    exchange.route = _upstream_route(provider, surface, translate, exchange.target.partition(b"?")[2])
     exchange.dialect = "openai"
     state.auth.authenticate(exchange, provider)
     check_model(provider, model, exchange.claims)
@@ -91,6 +88,24 @@ def _route_by_model(exchange: Exchange) -> None:
 
 
 _UPSTREAM_PATHS = {"chat": "chat/completions", "embeddings": "embeddings"}
+# The upstream Route of a provider row and surface, made once (never with a query: a query may
+# carry a credential). Keyed by the row's identity (a frozen dataclass hashes every field on each
+# look-up); the Route holds its row, so the id is not reused while cached.
+_ROUTES: dict[tuple[int, str], Route] = {}
+
+
+def _upstream_route(provider: Provider, surface: str, translate: bool, query: bytes) -> Route:
+    key = (id(provider), surface)
+    route = _ROUTES.get(key) if not query else None
+    if route is None or route.provider is not provider:
+        path = (provider.api_root + ("/messages" if translate else "/" + _UPSTREAM_PATHS[surface])).encode()
+        upstream_target = provider.origin.base_path + path + (b"?" + query if query else b"")
+        route = Route(provider, upstream_target, api_of(path, provider.dialect), surface)
+        if not query:
+            if len(_ROUTES) >= 1024:
+                _ROUTES.clear()
+            _ROUTES[key] = route
+    return route
 
 
 def _translate(exchange: Exchange, document: dict, model: str, requested: str, drop_params: bool) -> None:
