@@ -19,6 +19,9 @@ Usage: python3 bench/micro.py [--mode MODE] [--headers N] [--requests N] [--opco
                      Anthropic JSON body (bench/run's `translated JSON` row)
   translated-stream  likewise with `stream: true`, the upstream answering with the 500-event
                      Anthropic stream in one read (bench/run's `translated SSE` row)
+  accounts  key with four pool keys (accounts) in a shared table under a process-shared lock, as
+          workers have them, the upstream answering with OpenAI's six x-ratelimit headers: the
+          cost of account selection, quota hints and in-flight counting over `key`
   codec   the translation alone, no request path: µs per chat_to_messages (a typical request),
           per message_to_chat (a typical response), per event of StreamTranscoder.feed
   --headers N   extra response headers (providers send 15-25; nginx sends 5)
@@ -32,6 +35,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import mmap
+import multiprocessing
 import sys
 import tempfile
 import time
@@ -43,6 +48,7 @@ import uvloop
 
 from egress import anthropic_codec
 from egress.accesslog import AccessLog
+from egress.accounts import AccountTable, table_bytes
 from egress.auth import Authenticator, load_pools
 from egress.config import parse_config
 from egress.facts import FactSink
@@ -101,11 +107,17 @@ class RecordingTransport:
 MODES = ("bare", "key", "limits", "meter", "full")
 # bare's request path through the unified surface's translation (bench/run's translated rows).
 TRANSLATED_MODES = ("translated", "translated-stream")
+# OpenAI's rate-limit headers (https://platform.openai.com/docs/guides/rate-limits), for `accounts`.
+RATE_LIMIT_HEADERS = (
+    b"x-ratelimit-limit-requests: 10000\r\nx-ratelimit-limit-tokens: 2000000\r\n"
+    b"x-ratelimit-remaining-requests: 9999\r\nx-ratelimit-remaining-tokens: 1999990\r\n"
+    b"x-ratelimit-reset-requests: 6ms\r\nx-ratelimit-reset-tokens: 0s\r\n"
+)
 
 
 def make_state(mode: str, workdir: Path) -> tuple[ServerState, bytes]:
     """The shared state of one egress process, and the credential its clients send."""
-    layers = MODES[: MODES.index(mode) + 1] if mode in MODES else ("bare",)
+    layers = MODES[: MODES.index(mode) + 1] if mode in MODES else ("bare", "key") if mode == "accounts" else ("bare",)
     raw: dict = {"providers": {"bench": {"base_url": "http://127.0.0.1:9"}}}
     if mode in TRANSLATED_MODES:
         rows = tomllib.loads(bench.translated_rows(9))  # bench/run's own rows, with its routes
@@ -116,7 +128,8 @@ def make_state(mode: str, workdir: Path) -> tuple[ServerState, bytes]:
     token = "sk-bench-byo"
     if "key" in layers:
         issuer, token = bench._bench_issuer()
-        (workdir / "pool.keys").write_text("sk-bench-pool-key\n")
+        keys = 4 if mode == "accounts" else 1
+        (workdir / "pool.keys").write_text("".join(f"sk-bench-pool-key-{index}\n" for index in range(keys)))
         raw["keys"] = {"trusted_issuers": [issuer]}
         raw["providers"]["bench"]["pool_keys"] = [f"file:{workdir / 'pool.keys'}"]
     if "limits" in layers:
@@ -128,11 +141,17 @@ def make_state(mode: str, workdir: Path) -> tuple[ServerState, bytes]:
         Router(config.providers),
         UpstreamPool(config.upstream),
         AccessLog(config.server.access_log),
-        Authenticator(config, load_denyset(config), load_pools(config)),
+        Authenticator(config, load_denyset(config), load_pools(config), _account_table(mode)),
         RateLimiter(config.limits),
         FactSink(usage.jsonl, usage.rotate_bytes, usage.keep_files, usage.queue_size),
     )
     return state, token.encode()
+
+
+def _account_table(mode: str) -> AccountTable | None:
+    if mode != "accounts":
+        return None  # a private table, no lock: what a single process has
+    return AccountTable(memoryview(mmap.mmap(-1, table_bytes())), multiprocessing.Lock())
 
 
 # What each mode sends and what its upstream answers: (target, request body, upstream content
@@ -179,6 +198,7 @@ async def measure(mode: str, extra_headers: int, requests: int, opcodes: bool) -
         b"Content-Type: %s\r\nContent-Length: %d\r\nConnection: keep-alive\r\n"
         % (content_type, len(upstream_body))
         + b"".join(b"x-provider-header-%d: 1234567890\r\n" % index for index in range(extra_headers))
+        + (RATE_LIMIT_HEADERS if mode == "accounts" else b"")
         + b"\r\n"
         + upstream_body
     )
@@ -228,7 +248,8 @@ async def measure(mode: str, extra_headers: int, requests: int, opcodes: bool) -
             await one_round()
         best.append((time.perf_counter() - started) / (rounds * CONNECTIONS) * 1e6)
     best.sort()
-    print(f"{mode}, {5 + extra_headers} response headers: best {best[0]:.1f} µs per request, median {best[3]:.1f}")
+    shown = 5 + extra_headers + (6 if mode == "accounts" else 0)
+    print(f"{mode}, {shown} response headers: best {best[0]:.1f} µs per request, median {best[3]:.1f}")
     if mode == "translated-stream":
         events = anthropic_bodies.STREAM_EVENTS
         print(f"  {best[0] / events:.2f} µs per upstream event, {events / best[0] * 1e6:,.0f} events/s on one core")
@@ -325,7 +346,7 @@ def codec_costs() -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--mode", choices=(*MODES, *TRANSLATED_MODES, "codec"), default="bare")
+    parser.add_argument("--mode", choices=(*MODES, *TRANSLATED_MODES, "accounts", "codec"), default="bare")
     parser.add_argument("--headers", type=int, default=0, help="extra upstream response headers")
     parser.add_argument("--requests", type=int, default=None, help="per repetition (default 20000; a stream 400)")
     parser.add_argument("--opcodes", action="store_true", help="bytecode per request, by function")

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import gc
 import os
 import signal
 import time
@@ -254,6 +255,11 @@ async def _serve(config: Config, config_path: str | None, worker: WorkerContext 
         reload_deny_file.set()
 
     loop.add_signal_handler(signal.SIGHUP, on_hangup)
+    # What startup made (modules, config, tables) lives as long as the process: out of the
+    # collector's sight, a full collection walks only what requests make, a pause of microseconds
+    # instead of milliseconds landing on some request's first token (gc.freeze, Python 3.7+).
+    gc.collect()
+    gc.freeze()
     if worker is not None:
         os.write(worker.ready_fd, b"1")
     else:
