@@ -304,10 +304,8 @@ class AccountTable:
     def snapshot(self, account: Account, now: float, wall: float) -> dict:
         words = self._words
         base = account.slot
-        state = int(words[base + _STATE])
+        state = self.state_of(account, now)
         until = words[base + _UNTIL]
-        if state == COOLING and until <= now:
-            state = HEALTHY  # its cooldown is over; the next pick finds it healthy
         quota = {}
         for dim, name in enumerate(DIMENSIONS):
             remaining = words[base + _REMAINING + dim]
@@ -336,6 +334,7 @@ class AccountTable:
         }
 
     def state_of(self, account: Account, now: float) -> int:
+        """Its state now: a cooldown that is over reads healthy (the next pick finds it so)."""
         words = self._words
         state = int(words[account.slot + _STATE])
         return HEALTHY if state == COOLING and words[account.slot + _UNTIL] <= now else state

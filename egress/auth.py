@@ -76,11 +76,6 @@ class PoolRotation:
         weakref.finalize(self, _wipe_headers, self._headers)
         _ALL_ROTATIONS.add(self)
 
-    def header(self, index: int) -> tuple[bytes, bytearray]:
-        """The index-th key (modulo), without moving the rotation."""
-        name, secret = self._headers[index % len(self._headers)]
-        return name, secret.reveal()
-
     def wipe(self) -> None:
         _wipe_headers(self._headers)
 

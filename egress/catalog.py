@@ -29,6 +29,7 @@ import orjson
 
 from egress.accesslog import log_event
 from egress.errors import EgressError
+from egress.providers import ANTHROPIC_VERSION
 
 if TYPE_CHECKING:
     from egress.config import UpstreamConfig
@@ -37,7 +38,6 @@ if TYPE_CHECKING:
 
 # Names egress's own requests in the provider's logs, apart from the traffic it relays.
 USER_AGENT = "egress (model list)"
-_ANTHROPIC_VERSION = b"2023-06-01"  # https://docs.anthropic.com/en/api/versioning
 _MAX_BODY = 8 * 1024 * 1024  # OpenAI's list is ~20 KiB
 _MAX_PAGES = 20
 _MAX_MODELS = 10_000
@@ -56,6 +56,20 @@ def list_target(provider: Provider, after: str | None = None) -> bytes:
         query = b"?limit=1000" + (b"&after_id=" + _query_value(after) if after else b"")
         return base + b"/models" + query
     return base + b"/models"
+
+
+def list_headers(provider: Provider, credential: tuple[bytes, bytearray], user_agent: str) -> list:
+    """The head of a model-list request made with one account's credential (one request, then close)."""
+    headers = [
+        (b"host", provider.origin.host_header),
+        credential,
+        (b"accept", b"application/json"),
+        (b"user-agent", user_agent.encode()),
+        (b"connection", b"close"),
+    ]
+    if provider.dialect == "anthropic":
+        headers.append((b"anthropic-version", ANTHROPIC_VERSION))
+    return headers
 
 
 def _query_value(value: str) -> bytes:
@@ -148,17 +162,11 @@ class ModelCatalog:
         models: list[str] = []
         after = None
         for _ in range(_MAX_PAGES):
-            # The pool's keys in turn across failed fetches, without moving the traffic's rotation;
+            # The pool's accounts in turn across failed fetches, never moving the traffic's choice;
             # `pool` is held for the fetch, so the key stays unwiped.
-            name, key = pool.header(self._failures.get(provider.name, 0))
-            headers = [
-                (b"host", provider.origin.host_header),
-                (name, key),
-                (b"accept", b"application/json"),
-                (b"user-agent", USER_AGENT.encode()),
-            ]
-            if provider.dialect == "anthropic":
-                headers.append((b"anthropic-version", _ANTHROPIC_VERSION))
+            accounts = pool.accounts
+            account = accounts[self._failures.get(provider.name, 0) % len(accounts)]
+            headers = list_headers(provider, account.credential(), USER_AGENT)
             status, body = await _get(state.pool, provider, list_target(provider, after), headers)
             if status != 200:
                 raise ListError(f"the provider answered {status}")

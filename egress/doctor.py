@@ -45,7 +45,7 @@ import orjson
 
 from egress.accounts import Account
 from egress.auth import PoolRotation, load_pools
-from egress.catalog import list_target
+from egress.catalog import list_headers, list_target
 from egress.config import Config, ConfigError, load_config, parse_listen, redact_url
 from egress.providers import Provider
 from egress.secrets import SecretSourceError, load_secrets
@@ -57,7 +57,6 @@ EXIT_CODES = {"ok": 0, "warn": 1, "fail": 2}
 # its models is not one to send traffic to.
 CHECK_TIMEOUT = 5.0
 USER_AGENT = "egress (doctor)"
-_ANTHROPIC_VERSION = b"2023-06-01"  # https://docs.anthropic.com/en/api/versioning
 OPEN_RELAY = "a non-loopback listen with BYO keys allowed makes egress an open relay for anyone who can reach it"
 
 
@@ -485,16 +484,7 @@ async def _check_account(provider: Provider, account: Account, tls: ssl.SSLConte
     details: dict[str, Any] = {"provider": provider.name, "account": account.id}
     where = f"{provider.name} account {account.id}"
     origin = provider.origin
-    name, key = account.credential()
-    headers = [
-        (b"host", origin.host_header),
-        (name, key),
-        (b"accept", b"application/json"),
-        (b"user-agent", USER_AGENT.encode()),
-        (b"connection", b"close"),
-    ]
-    if provider.dialect == "anthropic":
-        headers.append((b"anthropic-version", _ANTHROPIC_VERSION))
+    headers = list_headers(provider, account.credential(), USER_AGENT)
     conn = h11.Connection(h11.CLIENT)
     try:
         head = conn.send(h11.Request(method="GET", target=list_target(provider), headers=headers))

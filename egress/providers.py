@@ -15,6 +15,9 @@ from egress.errors import EgressError
 from egress.usage import api_of
 
 STREAM_USAGE_MODES = ("include_usage", "always", "unknown")
+# The Messages API version egress speaks when it makes an Anthropic request itself (a translated
+# request that names none, the model list): https://docs.anthropic.com/en/api/versioning
+ANTHROPIC_VERSION = b"2023-06-01"
 
 
 @dataclass(frozen=True, slots=True)

@@ -195,12 +195,12 @@ def first_event(buffer: bytearray) -> str | None:
         end = _event_end(buffer, start)
         if end is None:
             return None
-        block = bytes(buffer[start:end])
+        lines = bytes(buffer[start:end]).splitlines()
         start = end
-        data = [line[5:].strip() for line in block.splitlines() if line.startswith(b"data:")]
+        data = [line[5:].strip() for line in lines if line.startswith(b"data:")]
         if not data:
             continue  # comments (": ping", ": OPENROUTER PROCESSING") say nothing yet
-        if any(line.strip() == b"event: error" or line.strip() == b"event:error" for line in block.splitlines()):
+        if any(line.strip() in (b"event: error", b"event:error") for line in lines):
             return "error"
         try:
             document = orjson.loads(b"\n".join(data))

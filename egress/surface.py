@@ -25,14 +25,13 @@ import orjson
 from egress import anthropic_codec
 from egress.errors import EgressError
 from egress.http1 import bearer_token
-from egress.providers import Provider, Route
+from egress.providers import ANTHROPIC_VERSION, Provider, Route
 from egress.routes import check_model, listed_models
 from egress.usage import api_of
 
 if TYPE_CHECKING:
     from egress.proxy import Exchange
 
-_ANTHROPIC_VERSION = b"2023-06-01"  # https://docs.anthropic.com/en/api/versioning
 _DROPPED_HEADER = b"x-egress-dropped-params"
 
 
@@ -131,7 +130,7 @@ def _translate(exchange: Exchange, document: dict, model: str, requested: str, d
     if byo is not None and not any(name == b"x-api-key" for name, _ in headers):
         headers.append((b"x-api-key", byo))
     if not has_version:
-        headers.append((b"anthropic-version", _ANTHROPIC_VERSION))
+        headers.append((b"anthropic-version", ANTHROPIC_VERSION))
     facts.forward_headers = headers
     options = document.get("stream_options")
     include_usage = isinstance(options, dict) and options.get("include_usage") is True
