@@ -12,6 +12,12 @@ Contract:
       its `limit`, less the requests in flight on it; one whose remaining is spent is skipped until
       its reset; with no quota headers at all, round-robin. None when every account is cooling,
       disabled or spent; then `soonest(accounts, now)` says when the first comes back.
+  `take(accounts, now, exclude, retry, gate)` is choose and begin in one step under the lock, so
+      concurrency caps hold across workers: an account at its `max_concurrent`, or a provider
+      whose gate (`bind_gate`: a slot counting every request to it from this host) is at its cap,
+      is busy; `BUSY` comes back when only busy accounts are left (the caller waits, bounded),
+      None when none is usable (cooling, disabled or spent). `end(account, gate)` releases both;
+      `enter(gate, cap)` / `leave(gate)` are the gate alone, for a request with the caller's key.
   `begin(account)` / `end(account)` count requests in flight; `observe(account, hints, now)`
       records quota from any response, successes included; `cool(account, seconds, reason, now)`
       moves `until` only ever later (a shorter hint never shortens a longer cooldown: LiteLLM
@@ -56,11 +62,14 @@ REASONS = (
     "quota_spent",  # remaining 0 on some dimension
 )
 _REASON_CODE = {name: code for code, name in enumerate(REASONS)}
+# take(): only accounts at their concurrency cap are left (the request may wait for one).
+BUSY = "busy"
+_UNUSABLE, _AT_CAP = -1.0, -2.0
 
 # One slot: 24 doubles (integers are exact in a double up to 2^53).
 _OWNER, _STATE, _UNTIL, _REASON, _IN_FLIGHT, _FAILURES, _LAST_ERROR, _LAST_ERROR_AT = range(8)
 _REMAINING, _LIMIT, _RESET_AT = 8, 12, 16  # 4 dimensions each
-_SEEN_AT, _REQUESTS = 20, 21
+_SEEN_AT, _REQUESTS, _CAP = 20, 21, 22
 SLOT_DOUBLES = 24
 SLOTS = 1024
 # Slot 0 holds the host's retry budget: window start, requests and retries, current and previous.
@@ -83,10 +92,18 @@ def _owner(account_id: str) -> float:
 
 
 class Account:
-    __slots__ = ("header", "id", "name", "owner", "provider", "slot")
+    __slots__ = ("header", "id", "max_concurrent", "name", "owner", "provider", "slot")
 
-    def __init__(self, provider: str, account_id: str, header: tuple[bytes, Secret], name: str | None = None):
+    def __init__(
+        self,
+        provider: str,
+        account_id: str,
+        header: tuple[bytes, Secret],
+        name: str | None = None,
+        max_concurrent: int = 0,
+    ):
         self.provider = provider
+        self.max_concurrent = max_concurrent  # 0: no cap
         self.id = account_id
         self.name = name or account_id
         self.header = header  # (name, Secret): the credential header in the provider's scheme
@@ -117,30 +134,40 @@ class AccountTable:
     # -- slots ---------------------------------------------------------------------------
     def bind(self, accounts: list[Account]) -> None:
         """Give each account its slot, by id; a disabled state ends here (a reload re-enables)."""
-        words = self._words
         with self._lock:
             for account in accounts:
-                slot = self._find(account.owner)
-                if slot is None:
-                    # Table full (over 1000 keys): this process keeps the account's state alone.
-                    words_needed = (self._private + 1) * SLOT_DOUBLES
-                    if len(words) < words_needed:
-                        grown = memoryview(bytearray(words_needed * 8)).cast("B").cast("d")
-                        grown[: len(words)] = words
-                        self._words = words = grown
-                    slot = self._private
-                    self._private += 1
-                base = slot * SLOT_DOUBLES
-                if words[base + _OWNER] != account.owner:
-                    words[base : base + SLOT_DOUBLES] = memoryview(bytes(8 * SLOT_DOUBLES)).cast("d")
-                    words[base + _OWNER] = account.owner
-                    for dim in range(4):
-                        words[base + _REMAINING + dim] = -1.0
-                        words[base + _LIMIT + dim] = -1.0
-                elif words[base + _STATE] == DISABLED:
-                    words[base + _STATE] = HEALTHY
-                    words[base + _REASON] = 0
-                account.slot = base
+                account.slot = self._bind_slot(account.owner)
+                self._words[account.slot + _CAP] = float(account.max_concurrent)
+
+    def bind_gate(self, provider: str) -> int:
+        """The slot counting every request to `provider` from this host (its `max_concurrent`)."""
+        with self._lock:
+            return self._bind_slot(_owner(f"{provider}/*"))
+
+    def _bind_slot(self, owner: float) -> int:
+        """The slot of `owner` (the lock held): its own, or a fresh one, zeroed."""
+        words = self._words
+        slot = self._find(owner)
+        if slot is None:
+            # Table full (over 1000 keys): this process keeps the state alone.
+            words_needed = (self._private + 1) * SLOT_DOUBLES
+            if len(words) < words_needed:
+                grown = memoryview(bytearray(words_needed * 8)).cast("B").cast("d")
+                grown[: len(words)] = words
+                self._words = words = grown
+            slot = self._private
+            self._private += 1
+        base = slot * SLOT_DOUBLES
+        if words[base + _OWNER] != owner:
+            words[base : base + SLOT_DOUBLES] = memoryview(bytes(8 * SLOT_DOUBLES)).cast("d")
+            words[base + _OWNER] = owner
+            for dim in range(4):
+                words[base + _REMAINING + dim] = -1.0
+                words[base + _LIMIT + dim] = -1.0
+        elif words[base + _STATE] == DISABLED:
+            words[base + _STATE] = HEALTHY
+            words[base + _REASON] = 0
+        return base
 
     def _find(self, owner: float) -> int | None:
         words = self._words
@@ -154,12 +181,51 @@ class AccountTable:
 
     # -- selection -------------------------------------------------------------------------
     def choose(self, accounts: list[Account], now: float, exclude: tuple = ()) -> Account | None:
+        best = self._pick(accounts, now, exclude)
+        return best if best is not BUSY else None
+
+    def take(
+        self, accounts: list[Account], now: float, exclude: tuple = (), retry: bool = False, gate: int = 0, cap: int = 0
+    ) -> Account | str | None:
+        """choose + begin under the lock, within the caps: an Account, BUSY or None (see above)."""
+        with self._lock:
+            words = self._words
+            if gate and words[gate + _IN_FLIGHT] >= cap:
+                return BUSY
+            account = self._pick(accounts, now, exclude)
+            if account is None or account is BUSY:
+                return account
+            words[account.slot + _IN_FLIGHT] += 1
+            words[account.slot + _REQUESTS] += 1
+            if not retry:
+                words[_B_REQ] += 1
+            if gate:
+                words[gate + _IN_FLIGHT] += 1
+            return account
+
+    def enter(self, gate: int, cap: int) -> bool:
+        """One more request through a provider's gate, if it is under its cap."""
+        with self._lock:
+            words = self._words
+            if words[gate + _IN_FLIGHT] >= cap:
+                return False
+            words[gate + _IN_FLIGHT] += 1
+            return True
+
+    def leave(self, gate: int) -> None:
+        with self._lock:
+            words = self._words
+            if words[gate + _IN_FLIGHT] > 0:
+                words[gate + _IN_FLIGHT] -= 1
+
+    def _pick(self, accounts: list[Account], now: float, exclude: tuple) -> Account | str | None:
         words = self._words
         count = len(accounts)
         start = self._next
         self._next = start + 1
         best = None
-        best_score = -1.0
+        best_score = _UNUSABLE
+        busy = False
         for offset in range(count):
             account = accounts[(start + offset) % count]
             if account in exclude:
@@ -167,16 +233,24 @@ class AccountTable:
             score = self._headroom(words, account.slot, now)
             if score > best_score:
                 best, best_score = account, score
+            elif score == _AT_CAP:
+                busy = True
+        if best is None and busy:
+            return BUSY
         return best
 
     @staticmethod
     def _headroom(words, base: int, now: float) -> float:
-        """1.0 for an untouched account, down to just above 0; -1 when it can't be used now."""
+        """1.0 for an untouched account, down to just above 0; -1 when it can't be used now, -2 when
+        it is at its concurrency cap."""
         state = words[base + _STATE]
         if state == DISABLED:
-            return -1.0
+            return _UNUSABLE
         if state == COOLING and words[base + _UNTIL] > now:
-            return -1.0
+            return _UNUSABLE
+        cap = words[base + _CAP]
+        if cap and words[base + _IN_FLIGHT] >= cap:
+            return _AT_CAP
         score = 1.0
         for dim in range(4):
             remaining = words[base + _REMAINING + dim]
@@ -185,7 +259,7 @@ class AccountTable:
             if dim == 0:
                 remaining -= words[base + _IN_FLIGHT]
             if remaining <= 0:
-                return -1.0
+                return _UNUSABLE
             limit = words[base + _LIMIT + dim]
             fraction = remaining / limit if limit > 0 else 1.0
             if fraction < score:
@@ -219,11 +293,13 @@ class AccountTable:
             if not retry:
                 self._words[_B_REQ] += 1
 
-    def end(self, account: Account) -> None:
+    def end(self, account: Account, gate: int = 0) -> None:
         with self._lock:
             words = self._words
             if words[account.slot + _IN_FLIGHT] > 0:
                 words[account.slot + _IN_FLIGHT] -= 1
+            if gate and words[gate + _IN_FLIGHT] > 0:
+                words[gate + _IN_FLIGHT] -= 1
 
     def observe(self, account: Account, hints: RateHints, now: float, wall: float) -> None:
         """Quota from a response: single-word writes, no lock (the last response wins)."""
@@ -279,8 +355,8 @@ class AccountTable:
             words[base + _REASON] = _REASON_CODE[reason]
             return True
 
-    def may_retry(self, now: float) -> bool:
-        """The host's retry budget: a retry is allowed (and counted) or refused."""
+    def may_retry(self, now: float, count: bool = True) -> bool:
+        """The host's retry budget: a retry is allowed (and counted, unless `count` is False) or refused."""
         words = self._words
         with self._lock:
             start = words[_B_START]
@@ -297,7 +373,8 @@ class AccountTable:
             retries = words[_B_RETRY] + words[_B_RETRY_PREV] * weight
             if retries >= self.floor + self.ratio * requests:
                 return False
-            words[_B_RETRY] += 1
+            if count:
+                words[_B_RETRY] += 1
             return True
 
     # -- reading, for /status and metrics --------------------------------------------------
@@ -326,12 +403,16 @@ class AccountTable:
             "until": round(wall + (until - now), 3) if state == COOLING else None,
             "reason": REASONS[int(words[base + _REASON])] or None if state != HEALTHY else None,
             "in_flight": int(words[base + _IN_FLIGHT]),
+            "max_concurrent": account.max_concurrent or None,
             "requests": int(words[base + _REQUESTS]),
             "consecutive_failures": int(words[base + _FAILURES]),
             "quota": quota,
             "last_error": REASONS[last_error] if last_error else None,
             "last_error_age_s": round(wall - last_error_at, 3) if last_error else None,
         }
+
+    def in_flight(self, slot: int) -> int:
+        return int(self._words[slot + _IN_FLIGHT])
 
     def state_of(self, account: Account, now: float) -> int:
         """Its state now: a cooldown that is over reads healthy (the next pick finds it so)."""

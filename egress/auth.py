@@ -61,16 +61,23 @@ class PoolRotation:
 
     __slots__ = ("__weakref__", "_headers", "accounts")
 
-    def __init__(self, provider: Provider, secrets: list[tuple[Secret, str]]) -> None:
-        """`secrets`: each key with the operator's name for it ("" for none: the id is a key hash)."""
+    def __init__(self, provider: Provider, secrets: list[tuple]) -> None:
+        """`secrets`: each key with the operator's name for it ("" for none: the id is a key hash),
+        and optionally its own concurrency cap (else the provider's account_max_concurrent)."""
         if provider.auth == "x-api-key":
             name, prefix = b"x-api-key", b""
         else:
             name, prefix = b"authorization", b"Bearer "
-        self._headers = [(name, Secret(prefix + secret.reveal(), secret.source)) for secret, _ in secrets]
+        self._headers = [(name, Secret(prefix + entry[0].reveal(), entry[0].source)) for entry in secrets]
         self.accounts = [
-            Account(provider.name, label or account_id(secret.reveal()), header, label or None)
-            for (secret, label), header in zip(secrets, self._headers, strict=True)
+            Account(
+                provider.name,
+                label or account_id(secret.reveal()),
+                header,
+                label or None,
+                (rest[0] if rest else 0) or provider.account_max_concurrent,
+            )
+            for (secret, label, *rest), header in zip(secrets, self._headers, strict=True)
         ]
         # Runs when the last reference goes: the live Authenticator's, or the last exchange's lease.
         weakref.finalize(self, _wipe_headers, self._headers)
@@ -92,7 +99,9 @@ def load_pools(config: Config) -> dict[str, PoolRotation]:
     for provider in config.providers.values():
         if provider.pool_keys:
             loaded = []
-            for source, name in zip(provider.pool_keys, provider.pool_key_names, strict=True):
+            for source, name, cap in zip(
+                provider.pool_keys, provider.pool_key_names, provider.pool_key_caps, strict=True
+            ):
                 secrets = load_secrets(source)
                 # A named file of several keys: one account each, "name-1", "name-2", ...
                 names = (
@@ -100,9 +109,9 @@ def load_pools(config: Config) -> dict[str, PoolRotation]:
                     if name and len(secrets) > 1
                     else [name] * len(secrets)
                 )
-                loaded += zip(secrets, names, strict=True)
+                loaded += [(secret, label, cap) for secret, label in zip(secrets, names, strict=True)]
             pools[provider.name] = PoolRotation(provider, loaded)
-            for secret, _ in loaded:
+            for secret, _, _ in loaded:
                 secret.wipe()  # the rotation holds its own copies, as header values
     return pools
 
@@ -145,6 +154,7 @@ class Authenticator:
         "_verifier",
         "accounts",
         "denyset",
+        "gates",
         "pools",
     )
 
@@ -168,6 +178,12 @@ class Authenticator:
         table.floor = float(config.accounts.retry_floor)
         table.window = config.accounts.retry_window
         table.bind([account for pool in pools.values() for account in pool.accounts])
+        # Provider name -> (its gate's slot, cap), for providers with a max_concurrent.
+        self.gates = {
+            provider.name: (table.bind_gate(provider.name), provider.max_concurrent)
+            for provider in config.providers.values()
+            if provider.max_concurrent
+        }
 
     def authenticate(self, exchange: Exchange, provider: Provider | None) -> Claims | None:
         """The caller's credential, for `provider`: a virtual key's claims (and, with a provider,
@@ -197,17 +213,10 @@ class Authenticator:
         pool = self.pools.get(provider.name)
         if pool is None:
             raise EgressError("no_pool_key", f"no pool key is configured for {provider.name}")
-        table = self.accounts
-        now = time.monotonic()
-        account = table.choose(pool.accounts, now)
-        if account is None:
-            raise no_account_error(table, pool.accounts, now)
-        headers = [header for header in facts.forward_headers if header[0] not in _CREDENTIAL_HEADERS]
-        headers.append(account.credential())
-        facts.forward_headers = headers
+        # The caller's credential goes; which account's key replaces it is chosen when the request
+        # goes upstream (admission.py), where a busy provider can be waited for.
+        facts.forward_headers = [header for header in facts.forward_headers if header[0] not in _CREDENTIAL_HEADERS]
         exchange.lease = pool  # keeps the key's bytes alive (unwiped) as long as this exchange
-        exchange.account = account
-        table.begin(account)  # in flight until the log phase (proxy.finish)
         return claims
 
     def claims_for(self, token: bytes, peer: str | None = None) -> Claims:

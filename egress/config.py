@@ -24,8 +24,9 @@ from types import MappingProxyType
 from typing import Any
 from urllib.parse import urlsplit
 
+from egress.errors import EgressError
 from egress.providers import BUILTIN_PROVIDERS, RESERVED_NAMES, STREAM_USAGE_MODES, Provider
-from egress.routes import DEFAULT_ROUTES, ModelRoute
+from egress.routes import CAPABILITIES, DEFAULT_ROUTES, Fallback, ModelRoute, ModelRoutes
 from egress.vkeys import parse_public_key
 
 KiB = 1024
@@ -295,19 +296,22 @@ def parse_config(table: dict[str, Any]) -> Config:
     )
 
 
-def _pool_keys(row: dict, builtin: Provider | None, where: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """`pool_keys = ["env:A", {name = "team-a", key = "file:/etc/egress/b.key"}]`: sources, and
-    the operator's account names beside them ("" where unnamed: the account id is a key hash)."""
+def _pool_keys(row: dict, builtin: Provider | None, where: str) -> tuple[tuple, tuple, tuple]:
+    """`pool_keys = ["env:A", {name = "team-a", key = "file:/etc/egress/b.key", max_concurrent = 8}]`:
+    sources, the operator's account names beside them ("" where unnamed: the account id is a key
+    hash), and each key's own concurrency cap (0: the provider's account_max_concurrent)."""
     if "pool_keys" not in row:
-        return (builtin.pool_keys, builtin.pool_key_names) if builtin else ((), ())
+        return (builtin.pool_keys, builtin.pool_key_names, builtin.pool_key_caps) if builtin else ((), (), ())
     entries = row["pool_keys"]
     if not isinstance(entries, list):
         raise ConfigError(f"{where}.pool_keys must be a list of sources")
-    sources, names = [], []
+    sources, names, caps = [], [], []
     for index, entry in enumerate(entries):
         name = ""
+        cap = 0
         if isinstance(entry, dict):
-            _reject_unknown(entry, {"name", "key"}, f"{where}.pool_keys[{index}]")
+            _reject_unknown(entry, {"name", "key", "max_concurrent"}, f"{where}.pool_keys[{index}]")
+            cap = _coerce(entry.get("max_concurrent", 0), "int", f"{where}.pool_keys[{index}].max_concurrent")
             name, entry = entry.get("name"), entry.get("key")
             if not isinstance(name, str) or not _ACCOUNT_NAME.fullmatch(name):
                 raise ConfigError(f"{where}.pool_keys[{index}].name must be 1-64 of letters, digits, '.', '-', '_'")
@@ -317,7 +321,8 @@ def _pool_keys(row: dict, builtin: Provider | None, where: str) -> tuple[tuple[s
             raise ConfigError(f"{where}.pool_keys[{index}] is not 'env:NAME' or 'file:PATH' ({_LITERAL_HINT})")
         sources.append(entry)
         names.append(name)
-    return tuple(sources), tuple(names)
+        caps.append(cap)
+    return tuple(sources), tuple(names), tuple(caps)
 
 
 _ACCOUNT_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
@@ -356,8 +361,11 @@ _PROVIDER_KEYS = {
     "models",
     "default_max_tokens",
     "api_root",
+    "max_concurrent",
+    "account_max_concurrent",
+    "queue_timeout",
 }
-_ROUTE_KEYS = {"match", "provider", "drop_params"}
+_ROUTE_KEYS = {"match", "provider", "drop_params", "fallbacks"}
 
 
 def _build_routes(rows: Any, providers: dict[str, Provider]) -> tuple[ModelRoute, ...]:
@@ -377,8 +385,40 @@ def _build_routes(rows: Any, providers: dict[str, Provider]) -> tuple[ModelRoute
         if not isinstance(provider, str) or provider not in providers:
             raise ConfigError(f"{where}.provider must name a configured provider")
         drop = _coerce(row.get("drop_params", False), "bool", f"{where}.drop_params")
-        routes.append(ModelRoute(match, provider, drop))
+        routes.append(ModelRoute(match, provider, drop, _fallbacks(row.get("fallbacks", []), where)))
+    resolver = ModelRoutes(tuple(routes), providers)
+    for index, route in enumerate(routes):
+        for number, fallback in enumerate(route.fallbacks):
+            try:
+                resolver.resolve(fallback.model)
+            except EgressError:
+                raise ConfigError(
+                    f"routes[{index}].fallbacks[{number}]: no provider serves {fallback.model!r} "
+                    "(name it as provider:model, or a model a route matches)"
+                ) from None
     return tuple(routes)
+
+
+def _fallbacks(entries: Any, where: str) -> tuple[Fallback, ...]:
+    """`fallbacks = ["openai:gpt-4.1-mini", {model = "local:llama", serves = ["tools"]}]`."""
+    if not isinstance(entries, list):
+        raise ConfigError(f"{where}.fallbacks must be a list of models")
+    found = []
+    for number, entry in enumerate(entries):
+        at = f"{where}.fallbacks[{number}]"
+        serves = None
+        if isinstance(entry, dict):
+            _reject_unknown(entry, {"model", "serves"}, at)
+            serves = _coerce(entry.get("serves", list(CAPABILITIES)), "tuple[str, ...]", f"{at}.serves")
+            unknown = set(serves) - set(CAPABILITIES)
+            if unknown:
+                raise ConfigError(f"{at}.serves: unknown {sorted(unknown)} (known: {', '.join(CAPABILITIES)})")
+            serves = frozenset(serves)
+            entry = entry.get("model")
+        if not isinstance(entry, str) or not entry:
+            raise ConfigError(f"{at} must be a model name, or a table with model and serves")
+        found.append(Fallback(entry, serves))
+    return tuple(found)
 
 
 # What a value that is not a source most likely is; the message never shows the value itself.
@@ -399,7 +439,15 @@ def _build_provider(name: str, row: Any, builtin: Provider | None) -> Provider:
     for key in ("base_url", "auth", "dialect"):
         if key in row and not isinstance(row[key], str):
             raise ConfigError(f"{where}.{key} must be a string")
-    pool_keys, pool_key_names = _pool_keys(row, builtin, where)
+    pool_keys, pool_key_names, pool_key_caps = _pool_keys(row, builtin, where)
+    caps = {}
+    for key in ("max_concurrent", "account_max_concurrent"):
+        caps[key] = _coerce(row.get(key, getattr(builtin, key) if builtin else 0), "int", f"{where}.{key}")
+    queue_timeout = _coerce(
+        row.get("queue_timeout", builtin.queue_timeout if builtin else 10.0), "float", f"{where}.queue_timeout"
+    )
+    if not 0 <= queue_timeout <= 600:
+        raise ConfigError(f"{where}.queue_timeout must be 0 to 600 seconds")
     allow_anonymous = _coerce(row.get("allow_anonymous", False), "bool", f"{where}.allow_anonymous")
     allow_models = (
         _coerce(row["allow_models"], "tuple[str, ...]", f"{where}.allow_models")
@@ -461,6 +509,9 @@ def _build_provider(name: str, row: Any, builtin: Provider | None) -> Provider:
         models=models,
         default_max_tokens=default_max_tokens,
         api_root=api_root,
+        pool_key_caps=pool_key_caps,
+        queue_timeout=queue_timeout,
+        **caps,
     )
 
 
@@ -555,8 +606,10 @@ def render_config(config: Config) -> str:
         lines.append(f"dialect = {_toml_value(provider.dialect)}")
         # Only where keys come from: the values themselves are never in the config.
         entries = [
-            f"{{ name = {_toml_value(name)}, key = {_toml_value(source)} }}" if name else _toml_value(source)
-            for source, name in zip(provider.pool_keys, provider.pool_key_names, strict=True)
+            _pool_key_entry(source, name, cap)
+            for source, name, cap in zip(
+                provider.pool_keys, provider.pool_key_names, provider.pool_key_caps, strict=True
+            )
         ]
         lines.append(f"pool_keys = [{', '.join(entries)}]")
         lines.append(f"allow_anonymous = {_toml_value(provider.allow_anonymous)}")
@@ -567,14 +620,35 @@ def render_config(config: Config) -> str:
         lines.append(f"deny_models = {_toml_value(provider.deny_models)}")
         lines.append(f"models = {_toml_value(provider.models)}")
         lines.append(f"default_max_tokens = {provider.default_max_tokens}")
+        lines.append(f"max_concurrent = {provider.max_concurrent}")
+        lines.append(f"account_max_concurrent = {provider.account_max_concurrent}")
+        lines.append(f"queue_timeout = {provider.queue_timeout!r}")
         lines.append("")
     for route in config.routes:
         lines.append("[[routes]]")
         lines.append(f"match = {_toml_value(route.match)}")
         lines.append(f"provider = {_toml_value(route.provider)}")
         lines.append(f"drop_params = {_toml_value(route.drop_params)}")
+        if route.fallbacks:
+            entries = [
+                f"{{ model = {_toml_value(f.model)}, serves = {_toml_value(tuple(sorted(f.serves)))} }}"
+                if f.serves is not None
+                else _toml_value(f.model)
+                for f in route.fallbacks
+            ]
+            lines.append(f"fallbacks = [{', '.join(entries)}]")
         lines.append("")
     return "\n".join(lines)
+
+
+def _pool_key_entry(source: str, name: str, cap: int) -> str:
+    if not name and not cap:
+        return _toml_value(source)
+    parts = [f"name = {_toml_value(name)}"] if name else []
+    parts.append(f"key = {_toml_value(source)}")
+    if cap:
+        parts.append(f"max_concurrent = {cap}")
+    return "{ " + ", ".join(parts) + " }"
 
 
 def redact_url(url: str) -> str:

@@ -64,6 +64,8 @@ ERROR_KINDS: dict[str, ErrorKind] = {
     # Accounts (accounts.py): every pool key of the provider is cooling, or refused by it.
     "all_accounts_cooling": ErrorKind(429, "rate_limit_error", "rate_limit_error", closes=False),
     "all_accounts_disabled": ErrorKind(503, "server_error", "overloaded_error", closes=False),
+    # Every account, or the provider itself, stayed at its max_concurrent for the queue_timeout.
+    "provider_busy": ErrorKind(503, "server_error", "overloaded_error", closes=False),
     "draining": ErrorKind(503, "server_error", "overloaded_error", closes=True),
     "too_many_connections": ErrorKind(503, "server_error", "overloaded_error", closes=True),
     "internal_error": ErrorKind(500, "server_error", "api_error", closes=True),

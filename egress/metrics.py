@@ -73,7 +73,17 @@ class ProviderStats:
 
 
 class Metrics:
-    __slots__ = ("attempts", "auth_failures", "model_lists", "models", "providers", "retry_budget_exhausted", "tokens")
+    __slots__ = (
+        "attempts",
+        "auth_failures",
+        "busy",
+        "fallbacks",
+        "model_lists",
+        "models",
+        "providers",
+        "retry_budget_exhausted",
+        "tokens",
+    )
 
     def __init__(self) -> None:
         self.providers: dict[str, ProviderStats] = {}
@@ -84,6 +94,8 @@ class Metrics:
         # (provider, account id or "byo", outcome): success, retry_scheduled, retry_exhausted, not_retryable
         self.attempts: Counter[tuple[str, str, str]] = Counter()
         self.retry_budget_exhausted = 0
+        self.fallbacks: Counter[tuple[str, str]] = Counter()  # (from provider, to provider)
+        self.busy: Counter[str] = Counter()  # provider_busy answers, by provider
 
     def observe(self, exchange: Exchange, seconds: float) -> None:
         route = exchange.route
@@ -226,7 +238,28 @@ def _account_families(state: ServerState):
         "Retries refused by the host-wide retry budget",
         value=metrics.retry_budget_exhausted,
     )
+    fallbacks = CounterMetricFamily(
+        "egress_fallbacks", "Requests moved to a fallback of their model route", labels=["provider", "fallback"]
+    )
+    for (provider, fallback), count in sorted(metrics.fallbacks.items()):
+        fallbacks.add_metric([provider, fallback], count)
+    yield fallbacks
+    busy = CounterMetricFamily(
+        "egress_provider_busy", "Requests answered provider_busy after the queue timeout", labels=["provider"]
+    )
+    for provider, count in sorted(metrics.busy.items()):
+        busy.add_metric([provider], count)
+    yield busy
+    waiting = GaugeMetricFamily("egress_requests_waiting", "Requests waiting for a concurrency slot (this worker)")
+    waiting.add_metric([], len(state.waiting))
+    yield waiting
     table = state.accounts
+    in_flight = GaugeMetricFamily(
+        "egress_provider_in_flight", "Requests in flight to a capped provider (this host)", labels=["provider"]
+    )
+    for provider, (gate, _) in sorted(state.auth.gates.items()):
+        in_flight.add_metric([provider], table.in_flight(gate))
+    yield in_flight
     now = time.monotonic()
     states = GaugeMetricFamily(
         "egress_account_state", "1 for the state each account is in", labels=["provider", "account", "state"]

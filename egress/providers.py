@@ -51,6 +51,14 @@ class Provider:
     # Where its OpenAI-compatible (or Anthropic) API sits under base_url: the unified surface sends
     # a routed request to base path + api_root + "/chat/completions" (or "/messages").
     api_root: str = "/v1"
+    # Concurrency caps, held across the workers of a host (accounts.AccountTable.take): requests to
+    # this provider at once (every request, the caller's own keys too), and per pool key (each
+    # key's own `max_concurrent` in pool_keys, else `account_max_concurrent`); 0: no cap. A request
+    # over a cap waits up to `queue_timeout` seconds, then gets 503 provider_busy.
+    max_concurrent: int = 0
+    account_max_concurrent: int = 0
+    pool_key_caps: tuple[int, ...] = ()
+    queue_timeout: float = 10.0
     origin: Origin = field(init=False, compare=False, repr=False)
     # Whether a passthrough request must be read for its model (routes.model_permitted).
     model_policy: bool = field(init=False, compare=False, repr=False)
@@ -59,6 +67,8 @@ class Provider:
         object.__setattr__(self, "origin", Origin.from_url(self.base_url))
         if len(self.pool_key_names) != len(self.pool_keys):
             object.__setattr__(self, "pool_key_names", ("",) * len(self.pool_keys))
+        if len(self.pool_key_caps) != len(self.pool_keys):
+            object.__setattr__(self, "pool_key_caps", (0,) * len(self.pool_keys))
         object.__setattr__(self, "model_policy", bool(self.deny_models) or self.allow_models is not None)
 
 

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 
 import orjson
 
-from egress import accesslog, http1, retries, surface
+from egress import accesslog, admission, http1, retries, surface
 from egress.errors import EgressError, render_error
 from egress.http1 import CHUNKED, NO_BODY, UNTIL_CLOSE
 from egress.routes import check_model
@@ -35,6 +35,7 @@ if TYPE_CHECKING:
     from egress.accounts import Account
     from egress.providers import Origin, Route
     from egress.server import ClientConnection, ServerState
+    from egress.surface import Fallbacks
     from egress.upstream import UpstreamConnection, UpstreamPool
     from egress.vkeys import Claims
 
@@ -64,8 +65,10 @@ class Exchange:
         "dialect",
         "error",
         "facts",
+        "fallbacks",
         "flush_scheduled",
         "framing",
+        "gate",
         "head_done",
         "head_request",
         "head_sent",
@@ -143,6 +146,8 @@ class Exchange:
         # None for a BYO key, which is never moved to another account.
         self.tries = 0
         self.account: Account | None = None
+        self.gate = 0  # the provider's concurrency gate this request holds a place in (admission.py)
+        self.fallbacks: Fallbacks | None = None  # a pooled request on a route with fallbacks
         self.flush_scheduled = False
         self.upstream_done = False  # the response is complete; settled once it is written
         self.settled = False
@@ -379,13 +384,20 @@ def forward(exchange: Exchange) -> None:
                 if error is not None:
                     respond_error(exchange, error)
                     return
-        exchange.request = upstream_request(exchange)
-        exchange.attempt = 1
-        exchange.tries = 1
-        dispatch(exchange)
+        # The select-account phase: a pooled request's account, a capped provider's place.
+        if (exchange.lease is not None or exchange.route.provider.max_concurrent) and not admission.admit(exchange):
+            return  # answered, or waiting for a place (admission.Waiting sends it on)
+        send_first(exchange)
     except Exception as exc:  # a bug must cost one request, not the process
         exchange.client.log_internal_error(exc)
         respond_error(exchange, EgressError("internal_error", f"internal error ({type(exc).__name__})"))
+
+
+def send_first(exchange: Exchange) -> None:
+    exchange.request = upstream_request(exchange)
+    exchange.attempt = 1
+    exchange.tries = 1
+    dispatch(exchange)
 
 
 def _passthrough_model_refused(exchange: Exchange) -> EgressError | None:
@@ -507,7 +519,11 @@ def finish(exchange: Exchange) -> None:
     client = exchange.client
     state = client.state
     if exchange.account is not None:
-        state.accounts.end(exchange.account)
+        state.accounts.end(exchange.account, exchange.gate)
+        state.waiting.released()
+    elif exchange.gate:
+        state.accounts.leave(exchange.gate)
+        state.waiting.released()
     total = time.monotonic() - exchange.started
     state.metrics.observe(exchange, total)
     billable = exchange.ttfb is not None and state.metering  # the provider answered

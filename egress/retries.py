@@ -25,9 +25,9 @@ from typing import TYPE_CHECKING
 
 import orjson
 
-from egress import proxy
+from egress import admission, proxy
 from egress.accesslog import log_event
-from egress.accounts import HEALTHY
+from egress.accounts import BUSY, HEALTHY
 from egress.hints import RateHints, cooldown, read_hints
 
 if TYPE_CHECKING:
@@ -99,19 +99,32 @@ def _again(exchange: Exchange, account: Account | None, now: float) -> bool:
     if exchange.tries >= config.max_attempts or exchange.client_gone:
         state.metrics.attempts[(*label, "retry_exhausted")] += 1
         return False
-    pool = exchange.lease if account is not None else None
-    following = table.choose(pool.accounts, now, exclude=(account,)) if pool is not None else None
-    delay = 0.0
-    if following is None:
-        if account is not None and table.state_of(account, now) != HEALTHY:
-            state.metrics.attempts[(*label, "retry_exhausted")] += 1
-            return False  # every account is cooling or spent: the provider's own answer goes back
-        following = account
-        delay = random.uniform(0.5, 1.0) * min(_BACKOFF_CAP, _BACKOFF_BASE * 2 ** (exchange.tries - 1))
-    if not table.may_retry(now):
+    if not table.may_retry(now, count=False):
         state.metrics.attempts[(*label, "retry_exhausted")] += 1
         state.metrics.retry_budget_exhausted += 1
         return False
+    delay = 0.0
+    moved = False
+    if account is not None:
+        # Another account of the provider, within its caps; else the route's next fallback.
+        pool = exchange.lease
+        following = table.take(pool.accounts, now, exclude=(account,), retry=True, gate=0)
+        if following is not None and following is not BUSY:
+            table.end(account)  # the provider's gate place stays with the request
+            exchange.account = following
+            name = following.header[0]
+            facts = exchange.facts
+            facts.forward_headers = [header for header in facts.forward_headers if header[0] != name]
+            facts.forward_headers.append(following.credential())
+            moved = True
+        elif admission.fall_back(exchange, retry=True):
+            moved = True
+        elif table.state_of(account, now) != HEALTHY:
+            state.metrics.attempts[(*label, "retry_exhausted")] += 1
+            return False  # every account is cooling or spent: the provider's own answer goes back
+    table.may_retry(now)  # counted now that it is sure (checked above, before anything moved)
+    if not moved:
+        delay = random.uniform(0.5, 1.0) * min(_BACKOFF_CAP, _BACKOFF_BASE * 2 ** (exchange.tries - 1))
     state.metrics.attempts[(*label, "retry_scheduled")] += 1
     upstream = exchange.upstream
     exchange.upstream = None
@@ -119,14 +132,7 @@ def _again(exchange: Exchange, account: Account | None, now: float) -> bool:
         upstream.exchange = None  # what it still reads belongs to an answer nobody will see
         upstream.abort()
     exchange.client.backpressure.detach()
-    if following is not account:
-        table.end(account)
-        table.begin(following, retry=True)
-        exchange.account = following
-        name = following.header[0]
-        facts = exchange.facts
-        facts.forward_headers = [header for header in facts.forward_headers if header[0] != name]
-        facts.forward_headers.append(following.credential())
+    if moved:
         exchange.request = proxy.upstream_request(exchange)
     exchange.tries += 1
     exchange.attempt = 1

@@ -29,6 +29,16 @@ if TYPE_CHECKING:
     from egress.vkeys import Claims
 
 
+# What a request may need of a model, and a fallback may declare it lacks (`serves`).
+CAPABILITIES = ("tools", "images", "json_mode")
+
+
+@dataclass(frozen=True, slots=True)
+class Fallback:
+    model: str  # `provider:model`, or a model name the routes resolve
+    serves: frozenset[str] | None = None  # None: every capability; else only these
+
+
 @dataclass(frozen=True, slots=True)
 class ModelRoute:
     match: str  # a glob over the caller's model name, matched whole
@@ -36,6 +46,9 @@ class ModelRoute:
     # Translated requests only: drop parameters the target can't honour instead of refusing them;
     # the dropped names go back in `x-egress-dropped-params`.
     drop_params: bool = False
+    # Tried in order once this route's own accounts are exhausted (surface.fall_back); one level:
+    # a fallback's own route's fallbacks are not followed.
+    fallbacks: tuple[Fallback, ...] = ()
 
 
 # Without [[routes]]: Claude models to Anthropic (translated), everything else to OpenAI, so the
@@ -93,6 +106,30 @@ class ModelRoutes:
             if provider is not None:
                 seen.setdefault(provider.name, provider)
         return list(seen.values())
+
+
+def needs(document: dict) -> frozenset[str]:
+    """The CAPABILITIES a Chat Completions request uses: tools (or functions), image parts, JSON mode."""
+    needed = set()
+    if document.get("tools") or document.get("functions"):
+        needed.add("tools")
+    response_format = document.get("response_format")
+    if isinstance(response_format, dict) and response_format.get("type") in ("json_object", "json_schema"):
+        needed.add("json_mode")
+    messages = document.get("messages")
+    if isinstance(messages, list):
+        for message in messages:
+            content = message.get("content") if isinstance(message, dict) else None
+            if isinstance(content, list) and any(
+                isinstance(part, dict) and part.get("type") in ("image_url", "input_image") for part in content
+            ):
+                needed.add("images")
+                break
+    return frozenset(needed)
+
+
+def can_serve(fallback: Fallback, needed: frozenset[str]) -> bool:
+    return fallback.serves is None or needed <= fallback.serves
 
 
 def model_permitted(provider: Provider, model: str, claims: Claims | None) -> bool:

@@ -25,6 +25,7 @@ import httptools
 
 from egress import http1, proxy
 from egress.accesslog import log_event
+from egress.admission import Waiting
 from egress.catalog import ModelCatalog
 from egress.deadline import Deadline
 from egress.errors import EgressError, render_error
@@ -65,6 +66,7 @@ class ServerState:
         "new_request_id",
         "pool",
         "router",
+        "waiting",
     )
 
     def __init__(
@@ -90,6 +92,7 @@ class ServerState:
         self.model_routes = ModelRoutes(config.routes, dict(config.providers))
         self.catalog = ModelCatalog(config.upstream)  # started by serve, once listening
         self.loop_time = asyncio.get_running_loop().time
+        self.waiting = Waiting(asyncio.get_running_loop())  # requests over a concurrency cap (admission.py)
         self.connections: set[ClientConnection] = set()
         self.draining = False
         # Unique across processes and restarts without a syscall per request: random prefix + counter.

@@ -33,9 +33,12 @@ def status_document(state: ServerState) -> dict:
     now = time.monotonic()
     wall = time.time()
     table = state.accounts
-    providers = {}
+    providers: dict[str, dict] = {}
     for name, pool in sorted(state.auth.pools.items()):
         providers[name] = {"accounts": [table.snapshot(account, now, wall) for account in pool.accounts]}
+    for name, (gate, cap) in sorted(state.auth.gates.items()):
+        # A capped provider: its cap, and the requests in flight to it from this host.
+        providers.setdefault(name, {"accounts": []}).update(max_concurrent=cap, in_flight=table.in_flight(gate))
     denyset = state.auth.denyset
     age = denyset.age_seconds()
     facts = state.facts
@@ -48,6 +51,7 @@ def status_document(state: ServerState) -> dict:
         "worker": accesslog.WORKER,
         "draining": state.draining,
         "open_connections": len(state.connections),
+        "waiting": len(state.waiting),
         "providers": providers,
         "deny_set": {
             "size": len(denyset),

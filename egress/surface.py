@@ -26,7 +26,7 @@ from egress import anthropic_codec
 from egress.errors import EgressError
 from egress.http1 import bearer_token
 from egress.providers import ANTHROPIC_VERSION, Provider, Route
-from egress.routes import check_model, listed_models
+from egress.routes import Fallback, Target, can_serve, check_model, listed_models, needs
 from egress.usage import api_of
 
 if TYPE_CHECKING:
@@ -58,7 +58,6 @@ def _model_list(exchange: Exchange) -> bytes:
 
 def _route_by_model(exchange: Exchange) -> None:
     state = exchange.client.state
-    surface = exchange.route.surface
     try:
         document = orjson.loads(exchange.body) if exchange.body else None
     except orjson.JSONDecodeError:
@@ -67,6 +66,19 @@ def _route_by_model(exchange: Exchange) -> None:
         raise EgressError("invalid_request", "the request body must be a JSON object")
     requested = document.get("model")
     target = state.model_routes.resolve(requested)
+    body, headers = exchange.body, exchange.facts.forward_headers
+    route = target.route
+    drop_params = route is not None and route.drop_params
+    _aim(exchange, document, target, requested, drop_params, admit=True)
+    if route is not None and route.fallbacks and exchange.lease is not None:
+        # Only a pooled request falls back: a BYO key is the caller's key for this one provider.
+        exchange.fallbacks = Fallbacks(body, headers, route.fallbacks, drop_params)
+
+
+def _aim(exchange: Exchange, document: dict, target: Target, requested: str, drop_params: bool, admit: bool) -> None:
+    """Point the exchange at `target`: its upstream route, credential, policy, body and filter."""
+    state = exchange.client.state
+    surface = exchange.route.surface
     provider = target.provider
     model = target.upstream_model
     check_model(provider, model, None)  # the provider's own policy, before any credential work
@@ -77,13 +89,67 @@ def _route_by_model(exchange: Exchange) -> None:
     exchange.dialect = "openai"
     state.auth.authenticate(exchange, provider)
     check_model(provider, model, exchange.claims)
-    if state.limiter.enabled:
+    if admit and state.limiter.enabled:
         state.limiter.admit(exchange, provider.name, state.loop_time())
     if translate:
-        _translate(exchange, document, model, requested, target.route is not None and target.route.drop_params)
-    elif model != requested:
-        document["model"] = model  # `provider:model`: the provider's own name goes upstream
+        _translate(exchange, document, model, requested, drop_params)
+    elif model != document.get("model"):
+        # `provider:model`, or a fallback: the provider's own name for the model goes upstream.
+        document["model"] = model
         exchange.body = orjson.dumps(document)
+
+
+class Fallbacks:
+    """A pooled request's way to its route's fallbacks: what it was before the surface touched it."""
+
+    __slots__ = ("body", "drop_params", "entries", "headers", "index", "needed")
+
+    def __init__(self, body: bytes | bytearray, headers: list, entries: tuple[Fallback, ...], drop_params: bool):
+        self.body = body
+        self.headers = headers
+        self.entries = entries
+        self.drop_params = drop_params
+        self.index = 0
+        self.needed: frozenset[str] | None = None  # what the request uses, worked out when needed
+
+    def remaining(self) -> bool:
+        return self.index < len(self.entries)
+
+
+# What aiming at a fallback may change, restored when that fallback can't take the request.
+_AIMED = ("route", "lease", "body", "body_filter", "claims", "dialect")
+
+
+def aim_next(exchange: Exchange, fallbacks: Fallbacks) -> tuple | None:
+    """Point the exchange at the next fallback that can serve it; the state it had before, to put
+    back with `restore` if no account takes it, or None when this fallback can't serve it (the
+    exchange is unchanged then). The limiter is not asked again: the caller made one request."""
+    entry = fallbacks.entries[fallbacks.index]
+    fallbacks.index += 1
+    document = orjson.loads(fallbacks.body)
+    if fallbacks.needed is None:
+        fallbacks.needed = needs(document)
+    if not can_serve(entry, fallbacks.needed):
+        return None
+    facts = exchange.facts
+    saved = (tuple(getattr(exchange, name) for name in _AIMED), facts.forward_headers)
+    try:
+        target = exchange.client.state.model_routes.resolve(entry.model)
+        exchange.body = fallbacks.body
+        exchange.body_filter = None
+        facts.forward_headers = fallbacks.headers
+        _aim(exchange, document, target, target.upstream_model, fallbacks.drop_params, admit=False)
+    except EgressError:
+        restore(exchange, saved)
+        return None
+    return saved
+
+
+def restore(exchange: Exchange, saved: tuple) -> None:
+    values, headers = saved
+    for name, value in zip(_AIMED, values, strict=True):
+        setattr(exchange, name, value)
+    exchange.facts.forward_headers = headers
 
 
 _UPSTREAM_PATHS = {"chat": "chat/completions", "embeddings": "embeddings"}

@@ -203,6 +203,29 @@ class FakeProvider:
         except orjson.JSONDecodeError:
             payload = {}
 
+        failing = recorded.header("x-fake-overloaded-model")
+        if failing and payload.get("model") in [name.strip() for name in failing.split(",")]:
+            # That model is overloaded here, as each provider says it: Anthropic's 529
+            # overloaded_error (docs.anthropic.com/en/api/errors), OpenAI's 503 "The engine is
+            # currently overloaded" (platform.openai.com/docs/guides/error-codes).
+            extra = (
+                [("retry-after", recorded.header("x-fake-retry-after"))]
+                if recorded.header("x-fake-retry-after")
+                else []
+            )
+            if target.endswith("/messages"):
+                await self._anthropic_error(conn, writer, 529, "overloaded_error", "Overloaded", response_id, extra)
+            else:
+                error = {
+                    "error": {
+                        "message": "The engine is currently overloaded, please try again later",
+                        "type": "server_error",
+                        "param": None,
+                        "code": None,
+                    }
+                }
+                await self._send_json(conn, writer, 503, error, response_id, extra)
+            return True
         if scenario == "slow-head":
             await asyncio.sleep(float(recorded.header("x-fake-delay") or "5"))
         if scenario == "bad-header":

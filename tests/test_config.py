@@ -91,10 +91,58 @@ def test_rendered_config_parses_back_to_the_same_config():
         {
             "server": {"listen": "[::1]:9000"},
             "nats": {"url": "nats://127.0.0.1:4222", "snapshot": "/tmp/s"},
-            "providers": {"x": {"base_url": "http://h:1", "pool_keys": ["env:X_KEY"], "allow_anonymous": True}},
+            "providers": {
+                "x": {"base_url": "http://h:1", "pool_keys": ["env:X_KEY"], "allow_anonymous": True},
+                "y": {
+                    "base_url": "http://h:2",
+                    "pool_keys": ["env:Y1", {"name": "team-a", "key": "env:Y2", "max_concurrent": 3}],
+                    "max_concurrent": 8,
+                    "account_max_concurrent": 2,
+                    "queue_timeout": 2.5,
+                },
+            },
+            "routes": [
+                {
+                    "match": "big-*",
+                    "provider": "y",
+                    "fallbacks": ["x:small", {"model": "y:medium", "serves": ["tools", "json_mode"]}],
+                },
+                {"match": "*", "provider": "x"},
+            ],
         }
     )
+    assert config.routes[0].fallbacks[1].serves == frozenset({"tools", "json_mode"})
+    assert config.providers["y"].pool_key_caps == (0, 3)
     assert parse_config(tomllib.loads(render_config(config))) == config
+
+
+@pytest.mark.parametrize(
+    ("row", "message"),
+    [
+        ({"max_concurrent": -1}, "providers.y.max_concurrent must be a non-negative integer"),
+        ({"queue_timeout": 601}, "providers.y.queue_timeout must be 0 to 600"),
+        ({"pool_keys": [{"name": "a", "key": "env:A", "max_concurrent": -2}]}, r"pool_keys\[0\].max_concurrent"),
+        ({"pool_keys": [{"name": "a", "key": "env:A", "weight": 2}]}, "unknown key"),
+    ],
+)
+def test_invalid_caps(row, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_config({"providers": {"y": {"base_url": "http://h:2", **row}}})
+
+
+@pytest.mark.parametrize(
+    ("fallbacks", "message"),
+    [
+        ("openai:gpt-4o", "must be a list"),
+        (["nowhere:model"], r"routes\[0\].fallbacks\[0\]: no provider serves 'nowhere:model'"),
+        ([{"model": "openai:x", "serves": ["vision"]}], "unknown"),
+        ([{"serves": ["tools"]}], "must be a model name"),
+        ([{"model": "openai:x", "weight": 1}], "unknown key"),
+    ],
+)
+def test_invalid_fallbacks(fallbacks, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_config({"routes": [{"match": "claude-*", "provider": "anthropic", "fallbacks": fallbacks}]})
 
 
 def test_parse_listen():
