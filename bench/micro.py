@@ -22,6 +22,8 @@ Usage: python3 bench/micro.py [--mode MODE] [--headers N] [--requests N] [--opco
   accounts  key with four pool keys (accounts) in a shared table under a process-shared lock, as
           workers have them, the upstream answering with OpenAI's six x-ratelimit headers: the
           cost of account selection, quota hints and in-flight counting over `key`
+  account-costs  the two parts of `accounts` alone: selection (take + end under the shared lock)
+          over 1, 4 and 16 accounts with quota, and reading six rate-limit headers into the table
   codec   the translation alone, no request path: µs per chat_to_messages (a typical request),
           per message_to_chat (a typical response), per event of StreamTranscoder.feed
   --headers N   extra response headers (providers send 15-25; nginx sends 5)
@@ -344,15 +346,49 @@ def codec_costs() -> None:
         print(f"{name:{width}}  {seconds * 1e6:7.2f} µs per event, {1 / seconds:,.0f} events/s")
 
 
+def account_costs() -> None:
+    """Account selection and quota hints in-process: what `accounts` adds to `key`, split in two."""
+    from egress.accounts import Account
+    from egress.hints import read_hints
+    from egress.secrets import Secret
+
+    headers = [tuple(line.split(b": ", 1)) for line in RATE_LIMIT_HEADERS.splitlines()]
+    for count in (1, 4, 16):
+        table = _account_table("accounts")
+        rows = [
+            Account("bench", f"k{index}", (b"authorization", Secret(b"Bearer k", "env:X"))) for index in range(count)
+        ]
+        table.bind(rows)
+        for row in rows:
+            table.observe(row, read_hints(headers, 0.0), 100.0, 0.0)
+
+        def select(table=table, rows=rows) -> None:
+            table.end(table.take(rows, 100.5))
+
+        print(
+            f"select: take + end, {count:2d} accounts with quota, shared lock  {best_of(select, 20_000) * 1e6:6.2f} µs"
+        )
+    table = _account_table("accounts")
+    row = Account("bench", "k", (b"authorization", Secret(b"Bearer k", "env:X")))
+    table.bind([row])
+    seconds = best_of(lambda: table.observe(row, read_hints(headers, 0.0), 100.0, 0.0), 20_000)
+    print(f"hints: read_hints + observe, {len(headers)} rate-limit headers          {seconds * 1e6:6.2f} µs")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--mode", choices=(*MODES, *TRANSLATED_MODES, "accounts", "codec"), default="bare")
+    parser.add_argument(
+        "--mode", choices=(*MODES, *TRANSLATED_MODES, "accounts", "account-costs", "codec"), default="bare"
+    )
     parser.add_argument("--headers", type=int, default=0, help="extra upstream response headers")
     parser.add_argument("--requests", type=int, default=None, help="per repetition (default 20000; a stream 400)")
     parser.add_argument("--opcodes", action="store_true", help="bytecode per request, by function")
     args = parser.parse_args()
     if args.mode == "codec":
         codec_costs()
+        return 0
+    if args.mode == "account-costs":
+        account_costs()
         return 0
     requests = args.requests or (400 if args.mode == "translated-stream" else 20_000)
     uvloop.run(measure(args.mode, args.headers, requests, args.opcodes))

@@ -244,27 +244,28 @@ class AccountTable:
         """1.0 for an untouched account, down to just above 0; -1 when it can't be used now, -2 when
         it is at its concurrency cap."""
         state = words[base + _STATE]
-        if state == DISABLED:
-            return _UNUSABLE
-        if state == COOLING and words[base + _UNTIL] > now:
-            return _UNUSABLE
+        if state and (state == DISABLED or words[base + _UNTIL] > now):
+            return _UNUSABLE  # disabled, or cooling still
+        in_flight = words[base + _IN_FLIGHT]
         cap = words[base + _CAP]
-        if cap and words[base + _IN_FLIGHT] >= cap:
+        if cap and in_flight >= cap:
             return _AT_CAP
         score = 1.0
-        for dim in range(4):
-            remaining = words[base + _REMAINING + dim]
-            if remaining < 0 or words[base + _RESET_AT + dim] <= now:
+        at = base + _REMAINING
+        row = words[at : at + 12].tolist()  # remaining, limit and reset_at of each dimension, at once
+        for dim in (0, 1, 2, 3):
+            remaining = row[dim]
+            if remaining < 0 or row[dim + 8] <= now:
                 continue  # unknown, or refilled since
             if dim == 0:
-                remaining -= words[base + _IN_FLIGHT]
+                remaining -= in_flight
             if remaining <= 0:
                 return _UNUSABLE
-            limit = words[base + _LIMIT + dim]
+            limit = row[dim + 4]
             fraction = remaining / limit if limit > 0 else 1.0
             if fraction < score:
                 score = fraction
-        return score - words[base + _IN_FLIGHT] * 1e-6  # among equals, the less busy one
+        return score - in_flight * 1e-6  # among equals, the less busy one
 
     def soonest(self, accounts: list[Account], now: float) -> float | None:
         """Seconds until the first account that is cooling or spent can be used; None if all disabled."""
