@@ -69,7 +69,7 @@ TRANSLATED_SSE = f"translated SSE {anthropic_bodies.STREAM_EVENTS} events"
 STREAM_REQUEST = anthropic_bodies.CHAT_STREAM_REQUEST
 MESSAGES_STREAM_REQUEST = anthropic_bodies.MESSAGES_STREAM_REQUEST
 # Time to first token: requests a round, one at a time (a p99 is then the 3rd worst, not the worst).
-TTFT_REQUESTS = 300
+TTFT_REQUESTS = 700
 # LiteLLM takes ~0.4 s of its one worker per translated 500-event stream (~3 streams/s at any
 # concurrency): 50 connections would keep every stream waiting past the end of the run, so its
 # stream row runs with a few, and its time to first token is taken over fewer requests.
@@ -710,58 +710,76 @@ def check_translated(scenario: str, target: str, url: str, body: str, token: str
         print(f"  {scenario}: {target} sends {data.count(b'data:')} data lines per stream", file=sys.stderr)
 
 
-def first_token_times(port: int, path: str, body: str, token: str, requests: int = TTFT_REQUESTS) -> list[float]:
-    """Seconds from sending a streamed request to the arrival of its first token, one request at a
-    time over one keep-alive connection; the first request (it opens egress's upstream connection)
-    is not counted. The first token is found by its text, the same in either dialect.
-    """
-    import httptools
+class FirstTokenClient:
+    """One keep-alive connection that sends a streamed request and times its first token: seconds
+    from sending to the arrival of the first token's text (the same in either dialect)."""
 
-    class Response:
-        done = False
+    def __init__(self, port: int, path: str, body: str, token: str) -> None:
+        self.request = (
+            f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nAuthorization: Bearer {token}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n{body}"
+        ).encode()
+        self.where = f"127.0.0.1:{port}{path}"
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=60)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
-        def on_message_complete(self) -> None:
-            self.done = True
+    def once(self) -> float:
+        import httptools
 
-    request = (
-        f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nAuthorization: Bearer {token}\r\n"
-        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n{body}"
-    ).encode()
-    mark = anthropic_bodies.FIRST_TOKEN_MARK
-    times: list[float] = []
-    with socket.create_connection(("127.0.0.1", port), timeout=60) as sock:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        for index in range(requests + 1):
-            response = Response()
-            parser = httptools.HttpResponseParser(response)
-            first, tail = None, b""
-            started = time.perf_counter()
-            sock.sendall(request)
-            while not response.done:
-                data = sock.recv(262144)
-                now = time.perf_counter()
-                if not data:
-                    raise RuntimeError(f"bench: 127.0.0.1:{port}{path} closed mid-response")
-                if first is None:
-                    if mark in tail + data:
-                        first = now - started
-                    tail = data[-len(mark) :]
-                parser.feed_data(data)
-            if parser.get_status_code() != 200 or first is None:
-                raise RuntimeError(f"bench: 127.0.0.1:{port}{path}: status {parser.get_status_code()}, no first token")
-            if index:
-                times.append(first)
-    return times
+        class Response:
+            done = False
+
+            def on_message_complete(self) -> None:
+                self.done = True
+
+        mark = anthropic_bodies.FIRST_TOKEN_MARK
+        response = Response()
+        parser = httptools.HttpResponseParser(response)
+        first, tail = None, b""
+        started = time.perf_counter()
+        self.sock.sendall(self.request)
+        while not response.done:
+            data = self.sock.recv(262144)
+            now = time.perf_counter()
+            if not data:
+                raise RuntimeError(f"bench: {self.where} closed mid-response")
+            if first is None:
+                if mark in tail + data:
+                    first = now - started
+                tail = data[-len(mark) :]
+            parser.feed_data(data)
+        if parser.get_status_code() != 200 or first is None:
+            raise RuntimeError(f"bench: {self.where}: status {parser.get_status_code()}, no first token")
+        return first
+
+    def close(self) -> None:
+        self.sock.close()
 
 
 def first_token_rounds(targets: dict[str, tuple[int, str, str, str, int]], rounds: int) -> dict[str, list[list[float]]]:
-    """first_token_times of each target (port, path, body, token, requests), round after round, the
-    targets taking turns as in the wrk rows, so drift on the machine hits them alike.
+    """Time to first token of each target (port, path, body, token, requests), request by request:
+    the targets take turns on every request (in an order that rotates), one keep-alive connection
+    each per round, so a moment of noise on the machine falls on all of them alike. The first
+    request of each connection (it opens egress's upstream connection) is not counted.
     """
     found: dict[str, list[list[float]]] = {name: [] for name in targets}
+    names = list(targets)
     for _ in range(rounds):
-        for name, (port, path, body, token, requests) in targets.items():
-            found[name].append(first_token_times(port, path, body, token, requests))
+        clients = {name: FirstTokenClient(*targets[name][:4]) for name in names}
+        try:
+            times: dict[str, list[float]] = {name: [] for name in names}
+            for client in clients.values():
+                client.once()
+            for index in range(max(targets[name][4] for name in names)):
+                shift = index % len(names)
+                for name in names[shift:] + names[:shift]:
+                    if index < targets[name][4]:
+                        times[name].append(clients[name].once())
+            for name in names:
+                found[name].append(times[name])
+        finally:
+            for client in clients.values():
+                client.close()
     return found
 
 
@@ -878,35 +896,37 @@ def _translated_summary(
         f"{LITELLM_STREAM_CONNECTIONS} connections (at 50 its streams outlast the run), its time to first token "
         f"over {LITELLM_TTFT_REQUESTS} requests a round.",
         "",
-        f"Time to first token, translated stream: per round, {TTFT_REQUESTS} requests one at a time over one "
-        "keep-alive connection, the first token's text found in the response as it arrives; medians over "
-        "rounds, the added times paired by round. `nginx`: the stream above, sent whole at once, so through a "
-        "proxy the first token waits for the first read's events to be transcoded. `paced`: an upstream sending "
+        f"Time to first token, translated stream: {TTFT_REQUESTS} requests a round, one at a time over one "
+        "keep-alive connection per target, the targets taking turns request by request (bench/run.py "
+        "first_token_rounds), the first token's text found in the response as it arrives; percentiles over "
+        "every round's requests together, and the added time is egress's percentile less direct's, measured "
+        "side by side. `nginx`: the stream above, sent whole at once, so through a proxy the first token waits "
+        "for the first read's first events to be transcoded. `paced`: an upstream sending "
         f"{anthropic_bodies.PACED_EVENTS} events one per chunk, 1 ms after each token (bench/anthropic_bodies.py), "
         "as a provider streams, through a second one-worker egress configured as the `egress` row.",
         "",
-        "| upstream | target | p50 ms | p99 ms | added p50 ms | added p99 ms |",
-        "|---|---|---:|---:|---:|---:|",
+        "| upstream | target | requests | p50 ms | p99 ms | added p50 ms | added p99 ms |",
+        "|---|---|---:|---:|---:|---:|---:|",
     ]
     added_p99: dict[str, float] = {}
     for upstream, rows in ttft.items():
-        # Per round: p50 and p99 in ms; a target's added time is its round's minus direct's same round.
+        pooled = {target: [time for times in rounds for time in times] for target, rounds in rows.items()}
         cuts = {
-            target: [(statistics.median(times) * 1000, _percentile(times, 0.99) * 1000) for times in rounds]
-            for target, rounds in rows.items()
+            target: (statistics.median(times) * 1000, _percentile(times, 0.99) * 1000)
+            for target, times in pooled.items()
         }
         direct = cuts["direct"]
-        for target, per_round in cuts.items():
-            p50 = statistics.median(cut[0] for cut in per_round)
-            p99 = statistics.median(cut[1] for cut in per_round)
+        for target, (p50, p99) in cuts.items():
+            count = len(pooled[target])
             if target == "direct":
-                lines.append(f"| {upstream} | {target} | {p50:.3f} | {p99:.3f} | | |")
+                lines.append(f"| {upstream} | {target} | {count} | {p50:.3f} | {p99:.3f} | | |")
                 continue
-            more_p50 = statistics.median(cut[0] - base[0] for cut, base in zip(per_round, direct, strict=True))
-            more_p99 = statistics.median(cut[1] - base[1] for cut, base in zip(per_round, direct, strict=True))
+            more_p50, more_p99 = p50 - direct[0], p99 - direct[1]
             if target == "egress":
                 added_p99[upstream] = more_p99
-            lines.append(f"| {upstream} | {target} | {p50:.3f} | {p99:.3f} | {more_p50:.3f} | {more_p99:.3f} |")
+            lines.append(
+                f"| {upstream} | {target} | {count} | {p50:.3f} | {p99:.3f} | {more_p50:.3f} | {more_p99:.3f} |"
+            )
     json_rows, sse_rows = translated[TRANSLATED_JSON], translated[TRANSLATED_SSE]
     share = json_rows["egress"]["rps"] / passthrough_rps
     rate = sse_rows["egress"]["rps"] * events

@@ -734,62 +734,21 @@ _DONE = b"data: [DONE]\n\n"
 _ROLE = orjson.dumps({"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None})
 
 
-class StreamTranscoder:
-    """Anthropic Messages SSE -> OpenAI chat.completion.chunk SSE, one event at a time.
+class AnthropicEvents:
+    """Anthropic SSE, cut anywhere, read event by event: each whole event's JSON goes to the handler
+    its type names in the subclass's `HANDLERS` (an unknown type is ignored, as Anthropic asks);
+    a payload that is not JSON goes to `_on_error`. `feed(bytes) -> bytes` returns what the
+    handlers wrote for the events completed by those bytes; `finish()` ends a last event without
+    its blank line; nothing is read once `ended`."""
 
-    State is what the mapping needs: the content-block index -> (kind, tool-call or thinking-block
-    index) map, the next tool-call and thinking-block indexes (each counted on its own, densely,
-    whatever the block index), the usage so far, and whether the finish chunk went out. Each chunk
-    is written as soon as its event is whole, so the client sees tokens as Anthropic sends them.
-    """
+    __slots__ = ("_buffer", "_data", "_scanned", "ended")
+    HANDLERS: dict = {}
 
-    __slots__ = (
-        "_blocks",
-        "_buffer",
-        "_created",
-        "_data",
-        "_finished",
-        "_head",
-        "_include_usage",
-        "_model",
-        "_raw_usage",
-        "_scanned",
-        "_thinking_blocks",
-        "_thinking_tokens",
-        "_tool_calls",
-        "_usage",
-        "ended",
-    )
-
-    def __init__(self, *, model: str, created: int, include_usage: bool) -> None:
-        self._model = model
-        self._created = created
-        self._include_usage = include_usage
+    def __init__(self) -> None:
         self._buffer = bytearray()
         self._scanned = 0  # bytes of _buffer already searched for a newline
         self._data: list[bytes] = []  # data: lines of the event being read
-        self._blocks: dict[int, tuple[int, int]] = {}
-        self._tool_calls = 0
-        self._thinking_blocks = 0
-        self._usage = Usage()
-        self._raw_usage: dict[str, int] = {}
-        self._thinking_tokens: int | None = None
-        self._finished = False
-        self._head = self._chunk_head("chatcmpl-")
         self.ended = False
-
-    def _chunk_head(self, chunk_id: str) -> bytes:
-        return b"".join(
-            (
-                b'data: {"id":',
-                orjson.dumps(chunk_id),
-                b',"object":"chat.completion.chunk","created":',
-                str(self._created).encode(),
-                b',"model":',
-                orjson.dumps(self._model),
-                b',"choices":[',
-            )
-        )
 
     def feed(self, data: bytes) -> bytes:
         if self.ended:
@@ -844,9 +803,63 @@ class StreamTranscoder:
             error = {"type": "api_error", "message": "egress could not parse an event from the upstream stream"}
             self._on_error({"error": error}, out)
             return
-        handler = _EVENTS.get(event.get("type"))
+        handler = self.HANDLERS.get(event.get("type"))
         if handler is not None:
             handler(self, event, out)
+
+    def _on_error(self, event: dict, out: list[bytes]) -> None:
+        raise NotImplementedError
+
+
+class StreamTranscoder(AnthropicEvents):
+    """Anthropic Messages SSE -> OpenAI chat.completion.chunk SSE, one event at a time.
+
+    State is what the mapping needs: the content-block index -> (kind, tool-call or thinking-block
+    index) map, the next tool-call and thinking-block indexes (each counted on its own, densely,
+    whatever the block index), the usage so far, and whether the finish chunk went out. Each chunk
+    is written as soon as its event is whole, so the client sees tokens as Anthropic sends them.
+    """
+
+    __slots__ = (
+        "_blocks",
+        "_created",
+        "_finished",
+        "_head",
+        "_include_usage",
+        "_model",
+        "_raw_usage",
+        "_thinking_blocks",
+        "_thinking_tokens",
+        "_tool_calls",
+        "_usage",
+    )
+
+    def __init__(self, *, model: str, created: int, include_usage: bool) -> None:
+        super().__init__()
+        self._model = model
+        self._created = created
+        self._include_usage = include_usage
+        self._blocks: dict[int, tuple[int, int]] = {}
+        self._tool_calls = 0
+        self._thinking_blocks = 0
+        self._usage = Usage()
+        self._raw_usage: dict[str, int] = {}
+        self._thinking_tokens: int | None = None
+        self._finished = False
+        self._head = self._chunk_head("chatcmpl-")
+
+    def _chunk_head(self, chunk_id: str) -> bytes:
+        return b"".join(
+            (
+                b'data: {"id":',
+                orjson.dumps(chunk_id),
+                b',"object":"chat.completion.chunk","created":',
+                str(self._created).encode(),
+                b',"model":',
+                orjson.dumps(self._model),
+                b',"choices":[',
+            )
+        )
 
     # -- one handler per Anthropic event type ---------------------------------------------------
     def _emit(self, delta: dict, out: list[bytes]) -> None:
@@ -977,7 +990,7 @@ class StreamTranscoder:
 
 
 # ping is dropped by not being here, as every event type this table does not name.
-_EVENTS: dict[str, Callable[[StreamTranscoder, dict, list[bytes]], None]] = {
+StreamTranscoder.HANDLERS = {
     "message_start": StreamTranscoder._on_message_start,
     "content_block_start": StreamTranscoder._on_block_start,
     "content_block_delta": StreamTranscoder._on_block_delta,

@@ -364,6 +364,7 @@ _PROVIDER_KEYS = {
     "max_concurrent",
     "account_max_concurrent",
     "queue_timeout",
+    "responses_api",
 }
 _ROUTE_KEYS = {"match", "provider", "drop_params", "fallbacks"}
 
@@ -443,6 +444,9 @@ def _build_provider(name: str, row: Any, builtin: Provider | None) -> Provider:
     caps = {}
     for key in ("max_concurrent", "account_max_concurrent"):
         caps[key] = _coerce(row.get(key, getattr(builtin, key) if builtin else 0), "int", f"{where}.{key}")
+    responses_api = _coerce(
+        row.get("responses_api", builtin.responses_api if builtin else False), "bool", f"{where}.responses_api"
+    )
     queue_timeout = _coerce(
         row.get("queue_timeout", builtin.queue_timeout if builtin else 10.0), "float", f"{where}.queue_timeout"
     )
@@ -511,6 +515,7 @@ def _build_provider(name: str, row: Any, builtin: Provider | None) -> Provider:
         api_root=api_root,
         pool_key_caps=pool_key_caps,
         queue_timeout=queue_timeout,
+        responses_api=responses_api,
         **caps,
     )
 
@@ -623,6 +628,7 @@ def render_config(config: Config) -> str:
         lines.append(f"max_concurrent = {provider.max_concurrent}")
         lines.append(f"account_max_concurrent = {provider.account_max_concurrent}")
         lines.append(f"queue_timeout = {provider.queue_timeout!r}")
+        lines.append(f"responses_api = {_toml_value(provider.responses_api)}")
         lines.append("")
     for route in config.routes:
         lines.append("[[routes]]")

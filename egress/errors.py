@@ -54,6 +54,8 @@ ERROR_KINDS: dict[str, ErrorKind] = {
     "model_not_found": ErrorKind(404, _INVALID, "not_found_error", closes=False),
     "model_not_permitted": ErrorKind(403, "permission_error", "permission_error", closes=False),
     "unsupported_parameter": ErrorKind(400, _INVALID, _INVALID, closes=False),
+    # /v1/responses routed to an OpenAI-dialect provider whose row does not say it serves that API.
+    "responses_not_supported_for_provider": ErrorKind(400, _INVALID, _INVALID, closes=False),
     "invalid_request": ErrorKind(400, _INVALID, _INVALID, closes=False),
     # Upstream and lifecycle.
     "upstream_connect_error": ErrorKind(502, "server_error", "api_error", closes=False),
@@ -75,14 +77,17 @@ ERROR_KINDS: dict[str, ErrorKind] = {
 class EgressError(Exception):
     """An error egress answers itself. The message must never contain a credential."""
 
-    __slots__ = ("code", "headers", "kind", "message")
+    __slots__ = ("code", "headers", "kind", "message", "param")
 
-    def __init__(self, code: str, message: str, headers: tuple[tuple[bytes, bytes], ...] = ()) -> None:
+    def __init__(
+        self, code: str, message: str, headers: tuple[tuple[bytes, bytes], ...] = (), param: str | None = None
+    ) -> None:
         super().__init__(f"{code}: {message}")
         self.code = code
         self.kind = ERROR_KINDS[code]
         self.message = message
         self.headers = headers  # extra response headers, e.g. Retry-After on a 429
+        self.param = param  # the request field at fault, where one is (OpenAI's `param`)
 
     @property
     def status(self) -> int:
@@ -97,5 +102,5 @@ def render_error(error: EgressError, dialect: str) -> bytes:
             "error": {"type": kind.anthropic_type, "message": error.message, "code": error.code},
         }
     else:
-        body = {"error": {"message": error.message, "type": kind.openai_type, "param": None, "code": error.code}}
+        body = {"error": {"message": error.message, "type": kind.openai_type, "param": error.param, "code": error.code}}
     return orjson.dumps(body)

@@ -57,6 +57,10 @@ class Provider:
     # over a cap waits up to `queue_timeout` seconds, then gets 503 provider_busy.
     max_concurrent: int = 0
     account_max_concurrent: int = 0
+    # It serves OpenAI's Responses API itself (at api_root + "/responses"): bare /v1/responses is
+    # passed to it verbatim. Without it, /v1/responses for its models is refused (an Anthropic row
+    # is translated instead).
+    responses_api: bool = False
     pool_key_caps: tuple[int, ...] = ()
     queue_timeout: float = 10.0
     origin: Origin = field(init=False, compare=False, repr=False)
@@ -145,18 +149,21 @@ class Origin:
 BUILTIN_PROVIDERS: dict[str, Provider] = {
     row.name: row
     for row in (
-        Provider("openai", "https://api.openai.com"),
+        # responses_api: each provider's own docs list POST /responses
+        # (platform.openai.com/docs/api-reference/responses, openrouter.ai/docs/api-reference/responses-api,
+        # console.groq.com/docs/responses-api, docs.x.ai/docs/guides/responses-api).
+        Provider("openai", "https://api.openai.com", responses_api=True),
         Provider(
             "anthropic", "https://api.anthropic.com", auth="x-api-key", dialect="anthropic", stream_usage="always"
         ),
-        Provider("openrouter", "https://openrouter.ai", stream_usage="always", api_root="/api/v1"),
+        Provider("openrouter", "https://openrouter.ai", stream_usage="always", api_root="/api/v1", responses_api=True),
         Provider("fireworks", "https://api.fireworks.ai", stream_usage="unknown", api_root="/inference/v1"),
-        Provider("groq", "https://api.groq.com", stream_usage="always", api_root="/openai/v1"),
+        Provider("groq", "https://api.groq.com", stream_usage="always", api_root="/openai/v1", responses_api=True),
         Provider("deepseek", "https://api.deepseek.com", stream_usage="always"),
         Provider("together", "https://api.together.xyz", stream_usage="unknown"),
         Provider("cerebras", "https://api.cerebras.ai", stream_usage="always"),
         Provider("mistral", "https://api.mistral.ai", stream_usage="always"),
-        Provider("xai", "https://api.x.ai", stream_usage="unknown"),
+        Provider("xai", "https://api.x.ai", stream_usage="unknown", responses_api=True),
     )
 }
 
@@ -170,7 +177,8 @@ class Route:
     provider: Provider
     upstream_target: bytes  # request-target to send upstream, query included
     api: str = "openai"  # the API its bodies speak, for the usage meter (usage.api_of)
-    # The unified surface, routed by model once the body is read: "chat", "embeddings", "models".
+    # The unified surface, routed by model once the body is read: "chat", "responses", "embeddings",
+    # "models".
     surface: str | None = None
 
 
@@ -250,7 +258,12 @@ def _refuse_dot_segments(target: bytes) -> None:
             raise EgressError("bad_request", "the path must not contain '.' or '..' segments")
 
 
-_SURFACES = {b"/v1/chat/completions": "chat", b"/v1/embeddings": "embeddings", b"/v1/models": "models"}
+_SURFACES = {
+    b"/v1/chat/completions": "chat",
+    b"/v1/responses": "responses",
+    b"/v1/embeddings": "embeddings",
+    b"/v1/models": "models",
+}
 
 
 def _is_messages(target: bytes) -> bool:

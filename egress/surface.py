@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 
 import orjson
 
-from egress import anthropic_codec
+from egress import anthropic_codec, responses_codec
 from egress.errors import EgressError
 from egress.http1 import bearer_token
 from egress.providers import ANTHROPIC_VERSION, Provider, Route
@@ -83,15 +83,28 @@ def _aim(exchange: Exchange, document: dict, target: Target, requested: str, dro
     model = target.upstream_model
     check_model(provider, model, None)  # the provider's own policy, before any credential work
     translate = provider.dialect == "anthropic"
-    if translate and surface != "chat":
+    if translate and surface not in ("chat", "responses"):
         raise EgressError("model_not_found", f"{provider.name} serves no {surface} API for {requested!r}")
+    if surface == "responses" and not translate and not provider.responses_api:
+        raise EgressError(
+            "responses_not_supported_for_provider",
+            f"{provider.name} does not serve the Responses API (its row has no responses_api = true); "
+            "use /v1/chat/completions for this model",
+            param="model",
+        )
     exchange.route = _upstream_route(provider, surface, translate, exchange.target.partition(b"?")[2])
     exchange.dialect = "openai"
     state.auth.authenticate(exchange, provider)
     check_model(provider, model, exchange.claims)
     if admit and state.limiter.enabled:
         state.limiter.admit(exchange, provider.name, state.loop_time())
-    if translate:
+    if translate and surface == "responses":
+        shell = responses_codec.response_shell(document, requested, int(time.time()))
+        document, warnings = responses_codec.responses_to_chat(document)
+        _translate(exchange, document, model, requested, drop_params)
+        headers = exchange.body_filter.extra_headers + tuple((b"warning", _warning(text)) for text in warnings)
+        exchange.body_filter = TranslatedResponses(shell, headers)
+    elif translate:
         _translate(exchange, document, model, requested, drop_params)
     elif model != document.get("model"):
         # `provider:model`, or a fallback: the provider's own name for the model goes upstream.
@@ -152,7 +165,7 @@ def restore(exchange: Exchange, saved: tuple) -> None:
     exchange.facts.forward_headers = headers
 
 
-_UPSTREAM_PATHS = {"chat": "chat/completions", "embeddings": "embeddings"}
+_UPSTREAM_PATHS = {"chat": "chat/completions", "responses": "responses", "embeddings": "embeddings"}
 # The upstream Route of a provider row and surface, made once (never with a query: a query may
 # carry a credential). Keyed by the row's identity (a frozen dataclass hashes every field on each
 # look-up); the Route holds its row, so the id is not reused while cached.
@@ -205,32 +218,27 @@ def _translate(exchange: Exchange, document: dict, model: str, requested: str, d
     )
 
 
-class TranslatedChat:
-    """The response filter of a translated Chat Completions request (Anthropic Messages upstream).
+class _Translated:
+    """A translated response's filter (Anthropic Messages upstream), whichever OpenAI API it becomes.
 
-    A 2xx SSE stream is transcoded event by event (anthropic_codec.StreamTranscoder), written as it
-    arrives. A JSON body, or any error body, is held (a provider's error or message is small) and
-    translated whole at the end: OpenAI's `chat.completion`, or OpenAI's error shape with the same
-    status and the upstream's retry headers (a 429 stays a 429).
+    A 2xx SSE stream is transcoded event by event (`_transcoder()`), written as it arrives. A JSON
+    body, or any error body, is held (a provider's error or message is small) and translated whole
+    at the end (`_message(message)`), or into OpenAI's error shape with the same status and the
+    upstream's retry headers (a 429 stays a 429).
     """
 
-    __slots__ = ("_held", "_include_usage", "_model", "_status", "_stream", "_transcoder", "extra_headers")
+    __slots__ = ("_held", "_status", "_transcoder", "extra_headers")
 
-    def __init__(self, model: str, stream: bool, include_usage: bool, dropped: list[bytes]) -> None:
-        self._model = model
-        self._stream = stream
-        self._include_usage = include_usage
+    def __init__(self, extra_headers: tuple) -> None:
         self._transcoder = None
         self._held = bytearray()
         self._status = 0
-        self.extra_headers = ((_DROPPED_HEADER, b", ".join(dropped)),) if dropped else ()
+        self.extra_headers = extra_headers
 
     def head(self, status: int, content_type: bytes) -> bool:
         self._status = status
         if 200 <= status < 300 and content_type.startswith(b"text/event-stream"):
-            self._transcoder = anthropic_codec.StreamTranscoder(
-                model=self._model, created=int(time.time()), include_usage=self._include_usage
-            )
+            self._transcoder = self._new_transcoder()
         return True
 
     def feed(self, data: bytes) -> bytes:
@@ -243,7 +251,7 @@ class TranslatedChat:
     def finish(self) -> bytes:
         """The rest of the body; raises upstream_protocol_error when the provider's answer is cut
         short (a stream without its end, a body that is not a message), so the caller sees a cut,
-        never a clean end of a 200 that carries no completion."""
+        never a clean end of a 200 that carries no answer."""
         transcoder = self._transcoder
         if transcoder is not None:
             rest = transcoder.finish()
@@ -257,5 +265,52 @@ class TranslatedChat:
                 message = None
             if not isinstance(message, dict):
                 raise EgressError("upstream_protocol_error", "the provider's answer is not a whole message")
-            return orjson.dumps(anthropic_codec.message_to_chat(message, model=self._model, created=int(time.time())))
+            return orjson.dumps(self._message(message))
         return anthropic_codec.error_to_openai(self._status, bytes(self._held))
+
+    def _new_transcoder(self):
+        raise NotImplementedError
+
+    def _message(self, message: dict) -> dict:
+        raise NotImplementedError
+
+
+class TranslatedChat(_Translated):
+    """Chat Completions: `chat.completion` and `chat.completion.chunk` (anthropic_codec)."""
+
+    __slots__ = ("_include_usage", "_model")
+
+    def __init__(self, model: str, stream: bool, include_usage: bool, dropped: list[bytes]) -> None:
+        super().__init__(((_DROPPED_HEADER, b", ".join(dropped)),) if dropped else ())
+        self._model = model
+        self._include_usage = include_usage
+
+    def _new_transcoder(self):
+        return anthropic_codec.StreamTranscoder(
+            model=self._model, created=int(time.time()), include_usage=self._include_usage
+        )
+
+    def _message(self, message: dict) -> dict:
+        return anthropic_codec.message_to_chat(message, model=self._model, created=int(time.time()))
+
+
+class TranslatedResponses(_Translated):
+    """The Responses API: the `response` object and its event stream (responses_codec)."""
+
+    __slots__ = ("_shell",)
+
+    def __init__(self, shell: dict, extra_headers: tuple) -> None:
+        super().__init__(extra_headers)
+        self._shell = shell
+
+    def _new_transcoder(self):
+        return responses_codec.ResponsesTranscoder(self._shell)
+
+    def _message(self, message: dict) -> dict:
+        return responses_codec.message_to_response(message, self._shell)
+
+
+def _warning(text: str) -> bytes:
+    """An RFC 9111 §5.5 style Warning value (299: a persistent warning) for something left out."""
+    quoted = text.encode("ascii", "replace").replace(b"\\", b"\\\\").replace(b'"', b'\\"')
+    return b'299 egress "' + quoted + b'"'

@@ -1,0 +1,696 @@
+"""OpenAI Responses API <-> Anthropic Messages, stateless (sans-IO): dicts and bytes in and out.
+
+Contract
+  responses_to_chat(body) -> (chat_body, warnings)
+      A Responses request becomes the Chat Completions request that means the same, which
+      anthropic_codec.chat_to_messages then translates: one mapping of messages, images, tools,
+      tool_choice, sampling, JSON schema and thinking blocks for both surfaces. Stateless by
+      contract (as OpenRouter's Responses API): a `previous_response_id`, a `conversation` or an
+      `item_reference` input is a 400 naming the param, since egress keeps no history; the client
+      sends the whole history each time (Codex does). `store` of either value is processed
+      statelessly and answered `store: false`. An unknown tool or input item type is a 400 naming
+      it, never a silent rewrite. `warnings` name what was left out and why (a reasoning item
+      egress did not mint, `text.verbosity`): they go back in a `Warning` header.
+  response_shell(body, model, created) -> the response object's request echo (id and output unset).
+  message_to_response(message, shell) -> the Responses `response` object for an Anthropic message.
+  ResponsesTranscoder(shell): `feed(bytes) -> bytes` turns Anthropic SSE, cut anywhere, into the
+      Responses event stream as each event is whole; `finish()` at the end of the upstream body;
+      `ended` once the terminal event went out.
+
+Ids are minted once, from the upstream message id and the block index (`mint_id`), by both the
+JSON and the stream path, so they agree across `response.created`, every `output_item.*` and
+`response.completed`, across workers, and on a replayed history; their prefixes are OpenAI's own
+(`resp_`, `msg_`, `fc_`, `rs_`), which OpenAI checks when such items are sent to it (LiteLLM PR
+#37946). A function call's `call_id` is Anthropic's `toolu_…` id, so a tool result finds its call.
+
+Reasoning: a thinking block becomes a `reasoning` item whose summary is the thinking text and whose
+`encrypted_content` is egress's envelope of the exact block (`_ENVELOPE` + base64url of its JSON:
+thinking and signature, or a redacted block's data). Sent back, the envelope becomes that block
+again, signature intact, so a tool loop with thinking works; a reasoning item without one (another
+provider's) is dropped with a warning. The envelope is not a secret: Anthropic's signature is what
+makes a block trustworthy, and Anthropic checks it.
+
+Docs: https://platform.openai.com/docs/api-reference/responses/create,
+https://platform.openai.com/docs/api-reference/responses-streaming, and the openai-python SDK's
+types (openai/types/responses/: response_create_params.py, response_stream_event.py, response.py).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+from collections.abc import Callable
+
+import orjson
+
+from egress.anthropic_codec import JSON_TOOL, AnthropicEvents, _openai_error, _thinking_tokens
+from egress.errors import EgressError
+from egress.usage import ANTHROPIC, Usage, reduce_usage
+
+_ENVELOPE = "egress.v1."
+
+
+def mint_id(prefix: str, upstream_id: str, index: int = -1) -> str:
+    """The one id minter: the same upstream message and block give the same id everywhere."""
+    digest = hashlib.blake2b(f"{prefix}:{upstream_id}:{index}".encode(), digest_size=24).hexdigest()
+    return f"{prefix}_{digest}"
+
+
+def _invalid(message: str, param: str | None = None) -> EgressError:
+    return EgressError("invalid_request", message, param=param)
+
+
+def _unsupported(message: str, param: str) -> EgressError:
+    return EgressError("unsupported_parameter", message, param=param)
+
+
+# -- request -------------------------------------------------------------------------------------
+
+# Accepted, and change nothing on a stateless translation to Anthropic.
+_NEUTRAL: dict[str, Callable[[object], bool]] = {
+    "store": lambda v: isinstance(v, bool),  # processed statelessly either way; answered store: false
+    "include": lambda v: isinstance(v, list),  # reasoning.encrypted_content is always included
+    "metadata": lambda v: isinstance(v, dict),
+    "prompt_cache_key": lambda v: isinstance(v, str),
+    "service_tier": lambda v: v in ("auto", "default"),
+    "truncation": lambda v: v == "disabled",
+    "background": lambda v: v is False,
+    "top_logprobs": lambda v: v.__class__ is int and v == 0,
+    "stream_options": lambda v: isinstance(v, dict),
+}
+# Stateful features: egress keeps no responses, so there is nothing for these to point at.
+_STATEFUL = ("previous_response_id", "conversation", "prompt")
+_PASSED = ("temperature", "top_p", "parallel_tool_calls", "user", "safety_identifier", "stream")
+_MAPPED = frozenset(
+    ("model", "input", "instructions", "tools", "tool_choice", "max_output_tokens", "text", "reasoning")
+)
+
+
+def responses_to_chat(body: dict) -> tuple[dict, list[str]]:
+    if not isinstance(body, dict):
+        raise _invalid("the request body must be a JSON object")
+    warnings: list[str] = []
+    for name in _STATEFUL:
+        if body.get(name) is not None:
+            raise _invalid(
+                f"'{name}' is not supported: egress keeps no responses; send the whole conversation in 'input'",
+                name,
+            )
+    for name, value in body.items():
+        if value is None or name in _MAPPED or name in _PASSED or name in _STATEFUL:
+            continue
+        neutral = _NEUTRAL.get(name)
+        if neutral is None:
+            raise _unsupported(f"'{name}' is not supported by Anthropic models", name)
+        if not neutral(value):
+            raise _unsupported(f"'{name}' is not supported with the value {orjson.dumps(value).decode()[:100]}", name)
+    chat: dict = {name: body[name] for name in _PASSED if body.get(name) is not None}
+    messages: list[dict] = []
+    instructions = body.get("instructions")
+    if instructions is not None:
+        if not isinstance(instructions, str):
+            raise _invalid("instructions must be a string", "instructions")
+        if instructions:
+            messages.append({"role": "system", "content": instructions})
+    messages += _input(body.get("input"), warnings)
+    chat["messages"] = messages
+    max_output = body.get("max_output_tokens")
+    if max_output is not None:
+        chat["max_completion_tokens"] = max_output
+    _tools(body, chat)
+    _text(body.get("text"), chat, warnings)
+    reasoning = body.get("reasoning")
+    if reasoning is not None:
+        if not isinstance(reasoning, dict):
+            raise _invalid("reasoning must be an object", "reasoning")
+        effort = reasoning.get("effort")
+        if effort is not None:
+            chat["reasoning_effort"] = effort
+        # `summary` (auto, concise, detailed): the summary is the thinking text Anthropic streams.
+    return chat, warnings
+
+
+def _input(items: object, warnings: list[str]) -> list[dict]:
+    if isinstance(items, str):
+        return [{"role": "user", "content": items}]
+    if not isinstance(items, list) or not items:
+        raise _invalid("input must be a string or a non-empty list of items", "input")
+    messages: list[dict] = []
+    assistant: dict | None = None  # the assistant turn being gathered: reasoning, text, calls
+
+    def turn() -> dict:
+        nonlocal assistant
+        if assistant is None:
+            assistant = {"role": "assistant", "content": None}
+            messages.append(assistant)
+        return assistant
+
+    for position, item in enumerate(items):
+        at = f"input[{position}]"
+        if not isinstance(item, dict):
+            raise _invalid(f"{at} must be an object", at)
+        kind = item.get("type", "message")
+        if kind == "message":
+            role = item.get("role")
+            if role == "assistant":
+                text = _assistant_text(item.get("content"), at)
+                current = turn()
+                if text:
+                    if current.get("tool_calls"):
+                        # Text after a call in the same turn: Anthropic keeps blocks in order only
+                        # within one message, so a new assistant message keeps it after the call.
+                        assistant = None
+                        current = turn()
+                    current["content"] = (current["content"] or "") + text
+                continue
+            assistant = None
+            if role in ("system", "developer"):
+                messages.append({"role": role, "content": _text_parts(item.get("content"), at)})
+            elif role == "user":
+                messages.append({"role": "user", "content": _user_parts(item.get("content"), at)})
+            else:
+                raise _invalid(f"{at}.role must be user, assistant, system or developer", f"{at}.role")
+        elif kind == "function_call":
+            call_id, name, arguments = item.get("call_id"), item.get("name"), item.get("arguments")
+            if not isinstance(call_id, str) or not call_id or not isinstance(name, str) or not name:
+                raise _invalid(f"{at} needs a call_id and a name", at)
+            if not isinstance(arguments, str):
+                raise _invalid(f"{at}.arguments must be a string of JSON", f"{at}.arguments")
+            call = {"id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}}
+            turn().setdefault("tool_calls", []).append(call)
+        elif kind == "function_call_output":
+            assistant = None
+            call_id = item.get("call_id")
+            if not isinstance(call_id, str) or not call_id:
+                raise _invalid(f"{at}.call_id is required", f"{at}.call_id")
+            messages.append({"role": "tool", "tool_call_id": call_id, "content": _output(item.get("output"), at)})
+        elif kind == "reasoning":
+            blocks = _opened(item.get("encrypted_content"), at)
+            if blocks is None:
+                warnings.append(f"{at}: a reasoning item egress did not mint was dropped")
+                continue
+            current = turn()
+            if current.get("tool_calls") or current["content"]:
+                assistant = None  # thinking opens a turn (a new Anthropic message keeps the order)
+                current = turn()
+            current.setdefault("thinking_blocks", []).extend(blocks)
+        elif kind == "item_reference":
+            raise _invalid(f"{at}: item_reference is not supported: egress keeps no items; send the item itself", at)
+        else:
+            raise _unsupported(f"{at}: input items of type {kind!r} have no Anthropic equivalent", f"{at}.type")
+    return messages
+
+
+def _content(content: object, at: str, convert: Callable[[object, str], object]) -> str | list:
+    """A string as it is, or each part of a list converted (`convert(part, where)`)."""
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise _invalid(f"{at} must be a string or a list of parts", at)
+    return [convert(part, f"{at}[{index}]") for index, part in enumerate(content)]
+
+
+def _kind(part: object) -> object:
+    return part.get("type") if isinstance(part, dict) else None
+
+
+def _text_part(part: object, where: str) -> dict:
+    if _kind(part) not in ("input_text", "output_text", "text"):
+        raise _unsupported(f"{where} must be a text part, not {_kind(part)!r}", where)
+    return {"type": "text", "text": part.get("text")}
+
+
+def _text_parts(content: object, at: str) -> str | list:
+    return _content(content, f"{at}.content", _text_part)
+
+
+def _assistant_piece(part: object, where: str) -> str:
+    kind = _kind(part)
+    if kind in ("output_text", "input_text", "text"):
+        text = part.get("text")
+    elif kind == "refusal":
+        text = part.get("refusal")
+    else:
+        raise _unsupported(f"{where} of type {kind!r} has no Anthropic equivalent", where)
+    if not isinstance(text, str):
+        raise _invalid(f"{where}.text must be a string", where)
+    return text
+
+
+def _assistant_text(content: object, at: str) -> str:
+    pieces = _content(content, f"{at}.content", _assistant_piece)
+    return pieces if isinstance(pieces, str) else "".join(pieces)
+
+
+def _user_part(part: object, where: str) -> dict:
+    kind = _kind(part)
+    if kind in ("input_text", "text"):
+        return {"type": "text", "text": part.get("text")}
+    if kind == "input_image":
+        url = part.get("image_url")
+        if not isinstance(url, str):
+            raise _unsupported(f"{where}: only image_url images translate, not file_id", where)
+        return {"type": "image_url", "image_url": {"url": url}}
+    if kind == "input_file":
+        data = part.get("file_data")
+        if not isinstance(data, str):
+            raise _unsupported(f"{where}: only inline file_data translates, not file_id or file_url", where)
+        if not data.startswith("data:"):
+            data = "data:application/pdf;base64," + data  # the SDKs send bare base64 of a PDF
+        return {"type": "file", "file": {"file_data": data, "filename": part.get("filename")}}
+    raise _unsupported(f"{where}: content of type {kind!r} has no Anthropic equivalent", where)
+
+
+def _user_parts(content: object, at: str) -> str | list:
+    return _content(content, f"{at}.content", _user_part)
+
+
+def _output(output: object, at: str) -> str | list:
+    return _content(output, f"{at}.output", _text_part)
+
+
+def _tools(body: dict, chat: dict) -> None:
+    tools = body.get("tools")
+    if tools is not None:
+        if not isinstance(tools, list):
+            raise _invalid("tools must be a list", "tools")
+        translated = []
+        for position, tool in enumerate(tools):
+            kind = tool.get("type") if isinstance(tool, dict) else None
+            if kind != "function":
+                # web_search, file_search, computer_use, mcp, custom, …: run by OpenAI itself.
+                raise _unsupported(
+                    f"tools[{position}]: {kind!r} tools are not supported by Anthropic models; only function tools",
+                    f"tools[{position}].type",
+                )
+            function = {key: tool[key] for key in ("name", "description", "parameters", "strict") if key in tool}
+            entry = {"type": "function", "function": function}
+            if tool.get("cache_control") is not None:
+                entry["cache_control"] = tool["cache_control"]
+            translated.append(entry)
+        if translated:
+            chat["tools"] = translated
+    choice = body.get("tool_choice")
+    if choice is None:
+        return
+    if choice in ("auto", "required", "none"):
+        chat["tool_choice"] = choice
+    elif isinstance(choice, dict) and choice.get("type") == "function" and isinstance(choice.get("name"), str):
+        chat["tool_choice"] = {"type": "function", "function": {"name": choice["name"]}}
+    else:
+        raise _unsupported("tool_choice must be auto, required, none or {type: function, name}", "tool_choice")
+
+
+def _text(text: object, chat: dict, warnings: list[str]) -> None:
+    if text is None:
+        return
+    if not isinstance(text, dict):
+        raise _invalid("text must be an object", "text")
+    if text.get("verbosity") not in (None, "medium"):
+        warnings.append("text.verbosity has no Anthropic equivalent and was not applied")
+    form = text.get("format")
+    if form is None:
+        return
+    kind = form.get("type") if isinstance(form, dict) else None
+    if kind == "json_schema":
+        schema = form.get("schema")
+        if not isinstance(schema, dict):
+            raise _invalid("text.format.schema must be an object", "text.format.schema")
+        spec = {"name": form.get("name") or "response", "schema": schema}
+        if form.get("strict") is not None:
+            spec["strict"] = form["strict"]
+        chat["response_format"] = {"type": "json_schema", "json_schema": spec}
+    elif kind == "json_object":
+        chat["response_format"] = {"type": "json_object"}
+    elif kind != "text":
+        raise _invalid("text.format.type must be text, json_schema or json_object", "text.format.type")
+
+
+def envelope(block: dict) -> str:
+    """A thinking or redacted_thinking block, whole, as an opaque encrypted_content."""
+    fields = ("thinking", "signature") if block.get("type") == "thinking" else ("data",)
+    document = {"type": block.get("type"), **{name: block.get(name) or "" for name in fields}}
+    return _ENVELOPE + base64.urlsafe_b64encode(orjson.dumps(document)).decode()
+
+
+def _opened(content: object, at: str) -> list[dict] | None:
+    """The blocks an envelope holds; None for content egress did not mint."""
+    if not isinstance(content, str) or not content.startswith(_ENVELOPE):
+        return None
+    try:
+        block = orjson.loads(base64.urlsafe_b64decode(content[len(_ENVELOPE) :]))
+    except (ValueError, orjson.JSONDecodeError):
+        raise _invalid(f"{at}.encrypted_content is damaged", f"{at}.encrypted_content") from None
+    if not isinstance(block, dict) or block.get("type") not in ("thinking", "redacted_thinking"):
+        raise _invalid(f"{at}.encrypted_content is damaged", f"{at}.encrypted_content")
+    return [block]
+
+
+# -- response ------------------------------------------------------------------------------------
+
+
+def response_shell(body: dict, model: str, created: int) -> dict:
+    """What every response object of this request repeats of it (OpenAI echoes the parameters)."""
+    tools = body.get("tools") or []
+    text = body.get("text") if isinstance(body.get("text"), dict) else {}
+    reasoning = body.get("reasoning") if isinstance(body.get("reasoning"), dict) else {}
+    return {
+        "id": "",
+        "object": "response",
+        "created_at": created,
+        "status": "in_progress",
+        "background": False,
+        "error": None,
+        "incomplete_details": None,
+        "instructions": body.get("instructions"),
+        "max_output_tokens": body.get("max_output_tokens"),
+        "model": model,
+        "output": [],
+        "parallel_tool_calls": body.get("parallel_tool_calls", True),
+        "previous_response_id": None,
+        "reasoning": {"effort": reasoning.get("effort"), "summary": reasoning.get("summary")},
+        "service_tier": "default",
+        "store": False,
+        "temperature": body.get("temperature", 1.0),
+        "text": {"format": text.get("format") or {"type": "text"}},
+        "tool_choice": body.get("tool_choice", "auto"),
+        "tools": tools,
+        "top_p": body.get("top_p", 1.0),
+        "truncation": "disabled",
+        "usage": None,
+        "user": body.get("user"),
+        "metadata": body.get("metadata") or {},
+    }
+
+
+# stop_reason -> (status, incomplete reason)
+_ENDINGS = {
+    "max_tokens": ("incomplete", "max_output_tokens"),
+    "model_context_window_exceeded": ("incomplete", "max_output_tokens"),
+    "refusal": ("incomplete", "content_filter"),
+}
+
+
+def _usage(usage: Usage, thinking_tokens: int | None) -> dict:
+    input_tokens = usage.input_tokens or 0  # uncached + cache read + cache creation
+    output_tokens = usage.output_tokens or 0
+    return {
+        "input_tokens": input_tokens,
+        "input_tokens_details": {"cached_tokens": usage.cache_read_tokens or 0},
+        "output_tokens": output_tokens,
+        "output_tokens_details": {"reasoning_tokens": thinking_tokens or 0},
+        "total_tokens": input_tokens + output_tokens,
+    }
+
+
+def _finished(shell: dict, upstream_id: str, output: list, stop_reason: object, usage: dict) -> dict:
+    response = dict(shell)
+    response["id"] = mint_id("resp", upstream_id)
+    status, reason = _ENDINGS.get(stop_reason, ("completed", None))
+    response["status"] = status
+    response["incomplete_details"] = {"reason": reason} if reason else None
+    response["output"] = output
+    response["usage"] = usage
+    return response
+
+
+def _message_item(item_id: str, text: str, status: str = "completed") -> dict:
+    content = (
+        [{"type": "output_text", "text": text, "annotations": [], "logprobs": []}] if status == "completed" else []
+    )
+    return {"id": item_id, "type": "message", "status": status, "role": "assistant", "content": content}
+
+
+def _call_item(item_id: str, call_id: str, name: str, arguments: str, status: str = "completed") -> dict:
+    return {
+        "id": item_id,
+        "type": "function_call",
+        "status": status,
+        "call_id": call_id,
+        "name": name,
+        "arguments": arguments,
+    }
+
+
+def _reasoning_item(item_id: str, block: dict | None, summary: str | None) -> dict:
+    item: dict = {"id": item_id, "type": "reasoning", "summary": []}
+    if summary:
+        item["summary"] = [{"type": "summary_text", "text": summary}]
+    if block is not None:
+        item["encrypted_content"] = envelope(block)
+    return item
+
+
+def message_to_response(message: dict, shell: dict) -> dict:
+    upstream_id = str(message.get("id") or "")
+    output = []
+    for index, block in enumerate(message.get("content") or ()):
+        kind = block.get("type") if isinstance(block, dict) else None
+        if kind == "text":
+            output.append(_message_item(mint_id("msg", upstream_id, index), block.get("text") or ""))
+        elif kind == "tool_use":
+            arguments = orjson.dumps(block.get("input") or {}).decode()
+            if block.get("name") == JSON_TOOL:
+                output.append(_message_item(mint_id("msg", upstream_id, index), arguments))
+            else:
+                item_id = mint_id("fc", upstream_id, index)
+                output.append(_call_item(item_id, str(block.get("id")), str(block.get("name")), arguments))
+        elif kind in ("thinking", "redacted_thinking"):
+            summary = block.get("thinking") if kind == "thinking" else None
+            output.append(_reasoning_item(mint_id("rs", upstream_id, index), block, summary))
+        # server tools' blocks: nothing a Responses client of function tools has a place for.
+    usage = Usage()
+    reduce_usage(usage, {}, message, ANTHROPIC)
+    return _finished(
+        shell, upstream_id, output, message.get("stop_reason"), _usage(usage, _thinking_tokens(message.get("usage")))
+    )
+
+
+# -- stream --------------------------------------------------------------------------------------
+
+
+class _Item:
+    """One output item being streamed: its index, id, kind and what has come of it so far."""
+
+    __slots__ = ("block", "call_id", "id", "kind", "name", "output_index", "parts", "summary_open")
+
+    def __init__(self, output_index: int, item_id: str, kind: str) -> None:
+        self.output_index = output_index
+        self.id = item_id
+        self.kind = kind  # "message", "function_call", "reasoning"
+        self.parts: list[str] = []  # text, arguments, or thinking text
+        self.block: dict | None = None  # a reasoning item's Anthropic block
+        self.call_id = ""
+        self.name = ""
+        self.summary_open = False
+
+
+class ResponsesTranscoder(AnthropicEvents):
+    """Anthropic Messages SSE -> Responses API SSE, one upstream event at a time, every event with
+    its `sequence_number`; the schedule the openai SDKs and Codex expect (see the module docstring)."""
+
+    __slots__ = (
+        "_blocks",
+        "_done",
+        "_raw_usage",
+        "_sequence",
+        "_shell",
+        "_stop_reason",
+        "_thinking_tokens",
+        "_upstream_id",
+        "_usage",
+        "started",
+    )
+
+    def __init__(self, shell: dict) -> None:
+        super().__init__()
+        self._shell = shell
+        self._sequence = 0
+        self._blocks: dict[object, _Item] = {}
+        self._done: list[dict] = []  # items done, in output_index order
+        self._upstream_id = ""
+        self._usage = Usage()
+        self._raw_usage: dict[str, int] = {}
+        self._thinking_tokens: int | None = None
+        self._stop_reason: object = None
+        self.started = False  # response.created went out
+
+    def _emit(self, kind: str, fields: dict, out: list[bytes]) -> None:
+        document = {"type": kind, "sequence_number": self._sequence, **fields}
+        self._sequence += 1
+        out.append(b"event: " + kind.encode() + b"\ndata: " + orjson.dumps(document) + b"\n\n")
+
+    def _response(self, status: str) -> dict:
+        response = dict(self._shell)
+        response["id"] = mint_id("resp", self._upstream_id)
+        response["status"] = status
+        return response
+
+    # -- one handler per Anthropic event type -----------------------------------------------------
+    def _on_message_start(self, event: dict, out: list[bytes]) -> None:
+        message = event.get("message")
+        if isinstance(message, dict):
+            self._upstream_id = str(message.get("id") or "")
+            thinking = _thinking_tokens(message.get("usage"))
+            if thinking is not None:
+                self._thinking_tokens = thinking
+        reduce_usage(self._usage, self._raw_usage, event, ANTHROPIC)
+        self.started = True
+        self._emit("response.created", {"response": self._response("in_progress")}, out)
+        self._emit("response.in_progress", {"response": self._response("in_progress")}, out)
+
+    def _on_block_start(self, event: dict, out: list[bytes]) -> None:
+        block = event.get("content_block")
+        index = event.get("index")
+        if not isinstance(block, dict) or index.__class__ is not int:
+            return
+        kind = block.get("type")
+        position = len(self._done) + len(self._blocks)
+        upstream = self._upstream_id
+        if kind == "text" or (kind == "tool_use" and block.get("name") == JSON_TOOL):
+            item = _Item(position, mint_id("msg", upstream, index), "message")
+            self._blocks[index] = item
+            self._emit(
+                "response.output_item.added",
+                {"output_index": position, "item": _message_item(item.id, "", "in_progress")},
+                out,
+            )
+            part = {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
+            self._emit("response.content_part.added", self._at(item, content_index=0, part=part), out)
+            first = block.get("text") or (orjson.dumps(block["input"]).decode() if block.get("input") else "")
+            if first:
+                self._output_text(item, first, out)
+        elif kind == "tool_use":
+            item = _Item(position, mint_id("fc", upstream, index), "function_call")
+            item.call_id, item.name = str(block.get("id")), str(block.get("name"))
+            self._blocks[index] = item
+            added = _call_item(item.id, item.call_id, item.name, "", "in_progress")
+            self._emit("response.output_item.added", {"output_index": position, "item": added}, out)
+            if block.get("input"):
+                self._arguments(item, orjson.dumps(block["input"]).decode(), out)
+        elif kind in ("thinking", "redacted_thinking"):
+            item = _Item(position, mint_id("rs", upstream, index), "reasoning")
+            item.block = {"type": kind, **({"data": block.get("data")} if kind == "redacted_thinking" else {})}
+            self._blocks[index] = item
+            self._emit(
+                "response.output_item.added",
+                {"output_index": position, "item": _reasoning_item(item.id, None, None)},
+                out,
+            )
+            if kind == "thinking":
+                if block.get("thinking"):
+                    self._thinking(item, block["thinking"], out)
+                if block.get("signature"):
+                    item.block["signature"] = block["signature"]
+        # server_tool_use, web_search_tool_result, …: not output items a function-tool client knows.
+
+    def _at(self, item: _Item, **fields) -> dict:
+        return {"item_id": item.id, "output_index": item.output_index, **fields}
+
+    def _output_text(self, item: _Item, text: str, out: list[bytes]) -> None:
+        item.parts.append(text)
+        self._emit("response.output_text.delta", self._at(item, content_index=0, delta=text, logprobs=[]), out)
+
+    def _arguments(self, item: _Item, piece: str, out: list[bytes]) -> None:
+        item.parts.append(piece)
+        self._emit("response.function_call_arguments.delta", self._at(item, delta=piece), out)
+
+    def _thinking(self, item: _Item, text: str, out: list[bytes]) -> None:
+        if not item.summary_open:
+            item.summary_open = True
+            part = {"type": "summary_text", "text": ""}
+            self._emit("response.reasoning_summary_part.added", self._at(item, summary_index=0, part=part), out)
+        item.parts.append(text)
+        self._emit("response.reasoning_summary_text.delta", self._at(item, summary_index=0, delta=text), out)
+
+    def _on_block_delta(self, event: dict, out: list[bytes]) -> None:
+        item = self._blocks.get(event.get("index"))
+        delta = event.get("delta")
+        if item is None or not isinstance(delta, dict):
+            return
+        kind = delta.get("type")
+        if kind == "text_delta" and item.kind == "message":
+            if delta.get("text"):
+                self._output_text(item, delta["text"], out)
+        elif kind == "input_json_delta" and delta.get("partial_json"):
+            if item.kind == "function_call":
+                self._arguments(item, delta["partial_json"], out)
+            elif item.kind == "message":
+                self._output_text(item, delta["partial_json"], out)  # JSON mode: the tool input is the answer
+        elif kind == "thinking_delta" and item.kind == "reasoning":
+            if delta.get("thinking"):
+                self._thinking(item, delta["thinking"], out)
+        elif kind == "signature_delta" and item.kind == "reasoning" and item.block is not None:
+            item.block["signature"] = (item.block.get("signature") or "") + (delta.get("signature") or "")
+
+    def _on_block_stop(self, event: dict, out: list[bytes]) -> None:
+        item = self._blocks.pop(event.get("index"), None)
+        if item is not None:
+            self._close(item, out)
+
+    def _close(self, item: _Item, out: list[bytes]) -> None:
+        joined = "".join(item.parts)
+        if item.kind == "message":
+            self._emit("response.output_text.done", self._at(item, content_index=0, text=joined, logprobs=[]), out)
+            part = {"type": "output_text", "text": joined, "annotations": [], "logprobs": []}
+            self._emit("response.content_part.done", self._at(item, content_index=0, part=part), out)
+            done = _message_item(item.id, joined)
+        elif item.kind == "function_call":
+            if not joined:
+                joined = "{}"  # a call without input: its arguments are an empty object
+                self._arguments(item, joined, out)
+            self._emit("response.function_call_arguments.done", self._at(item, arguments=joined, name=item.name), out)
+            done = _call_item(item.id, item.call_id, item.name, joined)
+        else:
+            block = item.block or {}
+            if block.get("type") == "thinking":
+                block["thinking"] = joined
+            if item.summary_open:
+                self._emit("response.reasoning_summary_text.done", self._at(item, summary_index=0, text=joined), out)
+                part = {"type": "summary_text", "text": joined}
+                self._emit("response.reasoning_summary_part.done", self._at(item, summary_index=0, part=part), out)
+            done = _reasoning_item(item.id, block, joined if item.summary_open else None)
+        self._done.append(done)
+        self._emit("response.output_item.done", {"output_index": item.output_index, "item": done}, out)
+
+    def _on_message_delta(self, event: dict, out: list[bytes]) -> None:
+        reduce_usage(self._usage, self._raw_usage, event, ANTHROPIC)
+        thinking = _thinking_tokens(event.get("usage"))
+        if thinking is not None:
+            self._thinking_tokens = thinking
+        delta = event.get("delta")
+        if isinstance(delta, dict) and delta.get("stop_reason") is not None:
+            self._stop_reason = delta["stop_reason"]
+
+    def _on_message_stop(self, event: dict, out: list[bytes]) -> None:
+        for index in sorted(self._blocks, key=lambda key: self._blocks[key].output_index):
+            self._close(self._blocks[index], out)  # a block never stopped is closed with what came
+        self._blocks.clear()
+        usage = _usage(self._usage, self._thinking_tokens)
+        response = _finished(self._shell, self._upstream_id, self._done, self._stop_reason, usage)
+        self._emit(f"response.{response['status']}", {"response": response}, out)
+        self.ended = True
+
+    def _on_error(self, event: dict, out: list[bytes]) -> None:
+        error = event.get("error")
+        detail = _openai_error(error if isinstance(error, dict) else {}, 500)
+        if not self.started:
+            self._upstream_id = "error"
+            self.started = True
+            self._emit("response.created", {"response": self._response("in_progress")}, out)
+        response = self._response("failed")
+        response["output"] = self._done
+        response["error"] = {"code": detail["code"] or "server_error", "message": detail["message"]}
+        self._emit("response.failed", {"response": response}, out)
+        self.ended = True
+
+
+ResponsesTranscoder.HANDLERS = {
+    "message_start": ResponsesTranscoder._on_message_start,
+    "content_block_start": ResponsesTranscoder._on_block_start,
+    "content_block_delta": ResponsesTranscoder._on_block_delta,
+    "content_block_stop": ResponsesTranscoder._on_block_stop,
+    "message_delta": ResponsesTranscoder._on_message_delta,
+    "message_stop": ResponsesTranscoder._on_message_stop,
+    "error": ResponsesTranscoder._on_error,
+}
