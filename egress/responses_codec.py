@@ -396,7 +396,10 @@ def _usage(usage: Usage, thinking_tokens: int | None) -> dict:
     output_tokens = usage.output_tokens or 0
     return {
         "input_tokens": input_tokens,
-        "input_tokens_details": {"cached_tokens": usage.cache_read_tokens or 0},
+        "input_tokens_details": {
+            "cached_tokens": usage.cache_read_tokens or 0,
+            "cache_write_tokens": usage.cache_creation_tokens or 0,  # openai-python's ResponseUsage has it
+        },
         "output_tokens": output_tokens,
         "output_tokens_details": {"reasoning_tokens": thinking_tokens or 0},
         "total_tokens": input_tokens + output_tokens,

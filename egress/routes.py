@@ -109,14 +109,20 @@ class ModelRoutes:
 
 
 def needs(document: dict) -> frozenset[str]:
-    """The CAPABILITIES a Chat Completions request uses: tools (or functions), image parts, JSON mode."""
+    """The CAPABILITIES a Chat Completions or Responses request uses: tools (or functions), image
+    parts, JSON mode (`response_format`, or the Responses API's `text.format`)."""
     needed = set()
     if document.get("tools") or document.get("functions"):
         needed.add("tools")
     response_format = document.get("response_format")
+    text = document.get("text")
+    if isinstance(text, dict):
+        response_format = text.get("format")
     if isinstance(response_format, dict) and response_format.get("type") in ("json_object", "json_schema"):
         needed.add("json_mode")
     messages = document.get("messages")
+    if messages is None:
+        messages = document.get("input")  # the Responses API's items: messages among them
     if isinstance(messages, list):
         for message in messages:
             content = message.get("content") if isinstance(message, dict) else None

@@ -250,3 +250,23 @@ def test_fallbacks_are_checked_when_the_config_loads(tmp_path):
     )
     with pytest.raises(ConfigError, match="telepathy"):
         load_config(path)
+
+
+@pytest.mark.parametrize(
+    ("document", "needed"),
+    [
+        ({"messages": [{"role": "user", "content": "hi"}]}, set()),
+        ({"messages": [], "tools": [{"type": "function"}]}, {"tools"}),
+        ({"messages": [], "response_format": {"type": "json_schema"}}, {"json_mode"}),
+        ({"messages": [], "response_format": {"type": "text"}}, set()),
+        ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, {"images"}),
+        # The Responses API's shapes: text.format, and image parts among its input items.
+        ({"input": "hi", "text": {"format": {"type": "json_object"}}}, {"json_mode"}),
+        ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]}, {"images"}),
+        ({"input": [{"type": "function_call_output", "output": "x"}], "tools": [{}]}, {"tools"}),
+    ],
+)
+def test_what_a_request_needs_of_a_fallback(document, needed):
+    from egress.routes import needs
+
+    assert needs(document) == needed

@@ -230,3 +230,47 @@ def test_a_cut_stream_is_an_error_never_a_clean_end(surface, fake_provider):
     # in the helper with another message, and an error event would carry a code.
     error = observed["error"]
     assert (error["message"], error["status"], error["code"]) == ("terminated", None, None), error
+
+
+# -- the Responses API, through the same package -----------------------------------------------
+
+
+def test_responses_create_translated(surface, fake_provider):
+    observed = run_node(surface, "responses-text")
+    response = observed["response"]
+    assert response["object"] == "response" and response["status"] == "completed"
+    assert response["output_text"] == "Hello from the fake provider."  # the SDK's own convenience field
+    assert response["store"] is False and response["id"].startswith("resp_")
+    body = orjson.loads(fake_provider.requests[-1].body)
+    assert body["system"] == [{"type": "text", "text": "You are terse."}]
+
+
+def test_responses_stream_in_the_sdk_helper(surface, fake_provider):
+    observed = run_node(surface, "responses-stream")
+    assert "error" not in observed, observed
+    types = observed["types"]
+    assert types[:2] == ["response.created", "response.in_progress"] and types[-1] == "response.completed"
+    assert observed["sequence"] == list(range(observed["sequence"][0], observed["sequence"][0] + len(types)))
+    final = observed["final"]
+    assert (
+        "".join(observed["deltas"])
+        == final["output_text"]
+        == streamed_text(sent_events(fake_provider, fake_provider.requests[-1]))
+    )
+    assert final["usage"]["output_tokens"] > 0
+
+
+def test_responses_parallel_function_calls_round_trip(surface, fake_provider):
+    observed = run_node(surface, "responses-tools")
+    calls = [item for item in observed["streamed"]["final"]["output"] if item["type"] == "function_call"]
+    assert [call["name"] for call in calls] == ["get_weather", "get_time"]
+    assert observed["answer"]["response"]["output_text"]
+    results = orjson.loads(fake_provider.requests[-1].body)["messages"][2]["content"]
+    assert [block["tool_use_id"] for block in results] == [call["call_id"] for call in calls]
+
+
+def test_responses_refuse_what_needs_stored_state(surface, fake_provider):
+    error = run_node(surface, "responses-stateful")["error"]
+    assert error["status"] == 400 and error["isAPIError"]
+    assert error["error"]["param"] == "previous_response_id"
+    assert fake_provider.requests == []

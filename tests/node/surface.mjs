@@ -145,6 +145,66 @@ const SCENARIOS = {
   },
 };
 
+// The Responses API: the same SDK's client.responses, a Claude model translated statelessly.
+const RESPONSE_TOOLS = [WEATHER, TIME].map(({ function: fn }) => ({ type: 'function', ...fn }));
+
+async function respond(params, options) {
+  try {
+    return { response: await client.responses.create(params, options) };
+  } catch (error) {
+    return { error: describeError(error) };
+  }
+}
+
+// Runs client.responses.stream to its end, recording the event types and text deltas.
+async function accumulateResponse(params, options) {
+  const seen = { types: [], deltas: [], sequence: [] };
+  try {
+    const stream = client.responses.stream(params, options);
+    for await (const event of stream) {
+      seen.types.push(event.type);
+      seen.sequence.push(event.sequence_number);
+      if (event.type === 'response.output_text.delta') seen.deltas.push(event.delta);
+    }
+    seen.final = await stream.finalResponse();
+  } catch (error) {
+    seen.error = describeError(error);
+  }
+  return seen;
+}
+
+Object.assign(SCENARIOS, {
+  async 'responses-text'() {
+    return respond({ model: MODEL, instructions: 'You are terse.', input: 'hi' });
+  },
+
+  async 'responses-stream'() {
+    return accumulateResponse({ model: MODEL, input: 'hi', stream: true });
+  },
+
+  // Two function calls streamed, then the whole history sent back with their outputs.
+  async 'responses-tools'() {
+    const question = { role: 'user', content: 'weather and time?' };
+    const streamed = await accumulateResponse(
+      { model: MODEL, input: [question], tools: RESPONSE_TOOLS },
+      scenarioHeader('parallel-tools'),
+    );
+    if (streamed.error) return { streamed };
+    const calls = streamed.final.output.filter((item) => item.type === 'function_call');
+    const history = [
+      question,
+      ...streamed.final.output,
+      ...calls.map((call) => ({ type: 'function_call_output', call_id: call.call_id, output: `${call.name}: ok` })),
+    ];
+    const answer = await respond({ model: MODEL, input: history, tools: RESPONSE_TOOLS });
+    return { streamed, answer };
+  },
+
+  async 'responses-stateful'() {
+    return respond({ model: MODEL, input: 'hi', previous_response_id: 'resp_earlier' });
+  },
+});
+
 const run = SCENARIOS[scenario];
 if (run === undefined) {
   process.stderr.write(`unknown scenario ${scenario}; known: ${Object.keys(SCENARIOS).join(', ')}\n`);

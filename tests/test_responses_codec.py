@@ -1,0 +1,281 @@
+"""responses_codec, values in and values out: the request mapping, and every recorded Anthropic
+stream and message translated to the Responses API, fed whole and byte by byte, each event stream
+checked against the Responses streaming schedule (tests/responses_events.py)."""
+
+from __future__ import annotations
+
+import orjson
+import pytest
+
+from egress.anthropic_codec import chat_to_messages
+from egress.errors import EgressError
+from egress.responses_codec import (
+    ResponsesTranscoder,
+    envelope,
+    message_to_response,
+    mint_id,
+    response_shell,
+    responses_to_chat,
+)
+from egress.usage import ANTHROPIC, Usage, reduce_usage
+from tests.responses_events import parse_sse, validate_stream
+from tests.test_anthropic_codec import (
+    JSON_CASES,
+    RECORDINGS,
+    STREAMS,
+    THINKING_TOOLS,
+    recorded,
+    recorded_json,
+)
+
+SHELL = response_shell({"model": "claude-x", "input": "hi"}, "claude-x", 1_700_000_000)
+
+
+def translate(body: dict) -> tuple[dict, list[str]]:
+    chat, warnings = responses_to_chat(body)
+    messages, _ = chat_to_messages(chat, default_max_tokens=4096)
+    return messages, warnings
+
+
+# -- request ------------------------------------------------------------------------------------
+
+
+def test_instructions_and_a_string_input():
+    body, warnings = translate({"model": "m", "instructions": "Be brief.", "input": "hi", "max_output_tokens": 50})
+    assert body == {
+        "system": [{"type": "text", "text": "Be brief."}],
+        "messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}],
+        "max_tokens": 50,
+    }
+    assert warnings == []
+
+
+def test_a_history_of_calls_and_outputs_groups_every_result_after_its_call():
+    history = [
+        {"role": "developer", "content": [{"type": "input_text", "text": "Use tools."}]},
+        {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "weather and time?"}]},
+        {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "Checking."}]},
+        {"type": "function_call", "call_id": "toolu_1", "name": "get_weather", "arguments": '{"city":"Paris"}'},
+        {"type": "function_call", "call_id": "toolu_2", "name": "get_time", "arguments": "{}"},
+        {"type": "function_call_output", "call_id": "toolu_1", "output": "sunny"},
+        {"type": "function_call_output", "call_id": "toolu_2", "output": [{"type": "input_text", "text": "noon"}]},
+    ]
+    body, _ = translate({"model": "m", "input": history})
+    assert body["system"] == [{"type": "text", "text": "Use tools."}]
+    assert [turn["role"] for turn in body["messages"]] == ["user", "assistant", "user"]
+    assert body["messages"][1]["content"] == [
+        {"type": "text", "text": "Checking."},
+        {"type": "tool_use", "id": "toolu_1", "name": "get_weather", "input": {"city": "Paris"}},
+        {"type": "tool_use", "id": "toolu_2", "name": "get_time", "input": {}},
+    ]
+    assert body["messages"][2]["content"] == [
+        {"type": "tool_result", "tool_use_id": "toolu_1", "content": "sunny"},
+        {"type": "tool_result", "tool_use_id": "toolu_2", "content": [{"type": "text", "text": "noon"}]},
+    ]
+
+
+def test_reasoning_items_carry_the_exact_blocks_back_and_others_are_dropped_with_a_warning():
+    thinking = {"type": "thinking", "thinking": "Call it.", "signature": "EqQBsig=="}
+    redacted = {"type": "redacted_thinking", "data": "EmwKAhgBEgy3"}
+    history = [
+        {"role": "user", "content": "weather?"},
+        {"type": "reasoning", "id": "rs_1", "summary": [], "encrypted_content": envelope(thinking)},
+        {"type": "reasoning", "id": "rs_2", "summary": [], "encrypted_content": envelope(redacted)},
+        {"type": "reasoning", "id": "rs_openai", "summary": [], "encrypted_content": "gAAAAABopenai"},
+        {"type": "function_call", "call_id": "toolu_1", "name": "get_weather", "arguments": "{}"},
+        {"type": "function_call_output", "call_id": "toolu_1", "output": "sunny"},
+    ]
+    body, warnings = translate({"model": "m", "input": history, "reasoning": {"effort": "low"}})
+    assert body["messages"][1]["content"] == [
+        thinking,
+        redacted,
+        {"type": "tool_use", "id": "toolu_1", "name": "get_weather", "input": {}},
+    ]
+    assert warnings == ["input[3]: a reasoning item egress did not mint was dropped"]
+    assert body["thinking"] == {"type": "enabled", "budget_tokens": 2048}
+
+
+def test_tools_tool_choice_and_json_schema():
+    tool = {"type": "function", "name": "f", "description": "d", "parameters": {"type": "object"}, "strict": True}
+    schema = {"type": "object", "properties": {"a": {"type": "string"}}}
+    body, _ = translate(
+        {
+            "model": "m",
+            "input": "x",
+            "tools": [tool],
+            "tool_choice": {"type": "function", "name": "f"},
+            "parallel_tool_calls": False,
+            "temperature": 0.2,
+            "text": {"format": {"type": "json_schema", "name": "out", "schema": schema, "strict": True}},
+        }
+    )
+    assert body["tools"] == [{"name": "f", "description": "d", "input_schema": {"type": "object"}, "strict": True}]
+    assert body["tool_choice"] == {"type": "tool", "name": "f", "disable_parallel_tool_use": True}
+    assert body["output_config"] == {"format": {"type": "json_schema", "schema": schema}}
+    assert body["temperature"] == 0.2
+
+
+def test_store_and_include_are_accepted_verbosity_is_reported():
+    _, warnings = translate(
+        {
+            "model": "m",
+            "input": "x",
+            "store": True,
+            "include": ["reasoning.encrypted_content"],
+            "text": {"verbosity": "low"},
+        }
+    )
+    assert warnings == ["text.verbosity has no Anthropic equivalent and was not applied"]
+
+
+@pytest.mark.parametrize(
+    ("body", "code", "param"),
+    [
+        ({"previous_response_id": "resp_1"}, "invalid_request", "previous_response_id"),
+        ({"conversation": {"id": "conv_1"}}, "invalid_request", "conversation"),
+        ({"input": [{"type": "item_reference", "id": "msg_1"}]}, "invalid_request", "input[0]"),
+        ({"input": [{"type": "web_search_call", "id": "ws_1"}]}, "unsupported_parameter", "input[0].type"),
+        ({"tools": [{"type": "web_search_preview"}]}, "unsupported_parameter", "tools[0].type"),
+        ({"tools": [{"type": "computer_use_preview"}]}, "unsupported_parameter", "tools[0].type"),
+        ({"tool_choice": {"type": "web_search_preview"}}, "unsupported_parameter", "tool_choice"),
+        ({"background": True}, "unsupported_parameter", "background"),
+        ({"max_tool_calls": 3}, "unsupported_parameter", "max_tool_calls"),
+        ({"input": [{"role": "user", "content": [{"type": "input_image", "file_id": "f"}]}]}, None, None),
+        ({"input": []}, "invalid_request", "input"),
+        ({"input": [{"type": "reasoning", "encrypted_content": "egress.v1.%%%"}]}, "invalid_request", None),
+        ({"text": {"format": {"type": "grammar"}}}, "invalid_request", "text.format.type"),
+    ],
+)
+def test_refusals_name_their_param(body, code, param):
+    with pytest.raises(EgressError) as raised:
+        translate({"model": "m", "input": "x", **body})
+    if code is not None:
+        assert raised.value.code == code
+    if param is not None:
+        assert raised.value.param == param
+
+
+# -- response -----------------------------------------------------------------------------------
+
+
+def run(pieces: list[bytes]) -> tuple[bytes, ResponsesTranscoder]:
+    transcoder = ResponsesTranscoder(SHELL)
+    out = b"".join(transcoder.feed(piece) for piece in pieces)
+    return out + transcoder.finish(), transcoder
+
+
+@pytest.mark.parametrize("name", sorted(STREAMS))
+def test_every_recorded_stream_whole_and_byte_by_byte(name):
+    stream = STREAMS[name]
+    whole, transcoder = run([stream])
+    assert transcoder.ended
+    bytewise, _ = run([stream[i : i + 1] for i in range(len(stream))])
+    assert bytewise == whole
+    response = validate_stream(parse_sse(whole))
+    want = recorded(stream)
+    output = response["output"]
+    texts = [part["text"] for item in output if item["type"] == "message" for part in item["content"]]
+    calls = [(item["call_id"], item["name"], item["arguments"]) for item in output if item["type"] == "function_call"]
+    if name == "synthetic_json_mode":
+        assert orjson.loads("".join(texts)) == {"answer": 42} and calls == []
+    else:
+        assert "".join(texts) == want["text"]
+        assert calls == [(call["id"], call["name"], call["arguments"] or "{}") for call in want["calls"]]
+    reasoning = [item for item in output if item["type"] == "reasoning"]
+    assert len(reasoning) == len(want["thinking_blocks"])
+    for item, block in zip(reasoning, want["thinking_blocks"], strict=True):
+        # The envelope opens to the very block, and the summary is its thinking text.
+        opened, _ = responses_to_chat({"input": [{"role": "user", "content": "x"}, item]})
+        assert opened["messages"][1]["thinking_blocks"] == [block]
+        if block["type"] == "thinking" and block["thinking"]:
+            assert item["summary"] == [{"type": "summary_text", "text": block["thinking"]}]
+    status = "incomplete" if want["stop"] == "max_tokens" else "completed"
+    assert response["status"] == status
+    if name in RECORDINGS:
+        expected = RECORDINGS[name].meta["expected"]
+        assert response["usage"]["input_tokens"] == expected["input_tokens"]
+        assert response["usage"]["output_tokens"] == expected["output_tokens"]
+        assert response["usage"]["input_tokens_details"]["cached_tokens"] == (expected["cache_read_tokens"] or 0)
+
+
+def test_ids_are_minted_once_from_the_upstream_message():
+    whole, _ = run([THINKING_TOOLS])
+    again, _ = run([THINKING_TOOLS])
+    assert whole == again  # the same upstream message: the same ids, in any worker
+    events = parse_sse(whole)
+    response = validate_stream(events)
+    assert response["id"] == mint_id("resp", "msg_think")
+    assert [item["id"][:3] for item in response["output"]] == ["rs_", "rs_", "rs_", "msg", "fc_"]
+    assert response["output"][4]["id"] == mint_id("fc", "msg_think", 4)
+
+
+@pytest.mark.parametrize("name", JSON_CASES)
+def test_every_recorded_message(name):
+    message = recorded_json(RECORDINGS[name])
+    response = message_to_response(message, SHELL)
+    assert response["id"] == mint_id("resp", message["id"]) and response["object"] == "response"
+    texts = [block["text"] for block in message["content"] if block["type"] == "text"]
+    output_texts = [
+        part["text"] for item in response["output"] if item["type"] == "message" for part in item["content"]
+    ]
+    assert output_texts == texts
+    usage = Usage()
+    reduce_usage(usage, {}, message, ANTHROPIC)
+    assert response["usage"]["input_tokens"] == usage.input_tokens
+    assert response["usage"]["output_tokens"] == usage.output_tokens
+    assert response["usage"]["total_tokens"] == usage.input_tokens + usage.output_tokens
+    assert response["store"] is False
+
+
+def test_a_message_and_its_stream_give_the_same_ids():
+    message = {
+        "id": "msg_same",
+        "type": "message",
+        "role": "assistant",
+        "content": [
+            {"type": "text", "text": "Let me check."},
+            {"type": "tool_use", "id": "toolu_1", "name": "get_weather", "input": {"city": "Paris"}},
+        ],
+        "stop_reason": "tool_use",
+        "usage": {"input_tokens": 10, "output_tokens": 5},
+    }
+    stream = b"".join(
+        b"event: %s\ndata: %s\n\n" % (event["type"].encode(), orjson.dumps(event))
+        for event in (
+            {"type": "message_start", "message": {**message, "content": [], "stop_reason": None}},
+            {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
+            {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "Let me check."}},
+            {"type": "content_block_stop", "index": 0},
+            {"type": "content_block_start", "index": 1, "content_block": {**message["content"][1], "input": {}}},
+            {
+                "type": "content_block_delta",
+                "index": 1,
+                "delta": {"type": "input_json_delta", "partial_json": '{"city":"Paris"}'},
+            },
+            {"type": "content_block_stop", "index": 1},
+            {"type": "message_delta", "delta": {"stop_reason": "tool_use"}, "usage": {"output_tokens": 5}},
+            {"type": "message_stop"},
+        )
+    )
+    streamed = validate_stream(parse_sse(run([stream])[0]))
+    whole = message_to_response(message, SHELL)
+    assert [item["id"] for item in streamed["output"]] == [item["id"] for item in whole["output"]]
+    assert streamed["id"] == whole["id"]
+    assert orjson.loads(streamed["output"][1]["arguments"]) == orjson.loads(whole["output"][1]["arguments"])
+
+
+def test_an_error_after_the_first_event_fails_the_response_with_what_came():
+    stream = THINKING_TOOLS.split(b"event: content_block_start", 1)[0]
+    error = b'event: error\ndata: {"type":"error","error":{"type":"overloaded_error","message":"Overloaded"}}\n\n'
+    output, transcoder = run([stream + error])
+    assert transcoder.ended
+    events = parse_sse(output)
+    assert [body["type"] for _, body in events] == ["response.created", "response.in_progress", "response.failed"]
+    failed = events[-1][1]["response"]
+    assert failed["status"] == "failed" and failed["error"]["code"] == "overloaded_error"
+
+
+def test_a_stream_cut_before_message_stop_never_ends():
+    output, transcoder = run([THINKING_TOOLS[: len(THINKING_TOOLS) // 2]])
+    assert not transcoder.ended
+    assert b"response.completed" not in output
