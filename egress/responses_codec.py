@@ -77,6 +77,8 @@ _NEUTRAL: dict[str, Callable[[object], bool]] = {
     "background": lambda v: v is False,
     "top_logprobs": lambda v: v.__class__ is int and v == 0,
     "stream_options": lambda v: isinstance(v, dict),
+    # Codex's session and installation ids for OpenAI's own telemetry; they change no answer.
+    "client_metadata": lambda v: isinstance(v, dict),
 }
 # Stateful features: egress keeps no responses, so there is nothing for these to point at.
 _STATEFUL = ("previous_response_id", "conversation", "prompt")
@@ -176,6 +178,9 @@ def _input(items: object, warnings: list[str]) -> list[dict]:
                 raise _invalid(f"{at} needs a call_id and a name", at)
             if not isinstance(arguments, str):
                 raise _invalid(f"{at}.arguments must be a string of JSON", f"{at}.arguments")
+            space = item.get("namespace")
+            if isinstance(space, str) and space:
+                name = f"{space}{_SEPARATOR}{name}"
             call = {"id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}}
             turn().setdefault("tool_calls", []).append(call)
         elif kind == "function_call_output":
@@ -277,17 +282,25 @@ def _tools(body: dict, chat: dict) -> None:
         translated = []
         for position, tool in enumerate(tools):
             kind = tool.get("type") if isinstance(tool, dict) else None
+            if kind == "namespace" and isinstance(tool.get("tools"), list):
+                # A group of function tools (Codex sends its sub-agent tools so): each becomes a tool
+                # named namespace__name, its calls answered with their namespace again.
+                space = tool.get("name")
+                if not isinstance(space, str) or not space:
+                    raise _invalid(f"tools[{position}].name is required", f"tools[{position}].name")
+                for inner, member in enumerate(tool["tools"]):
+                    at = f"tools[{position}].tools[{inner}]"
+                    if _kind(member) != "function":
+                        raise _unsupported(f"{at}: only function tools translate, not {_kind(member)!r}", f"{at}.type")
+                    translated.append(_function_tool({**member, "name": f"{space}{_SEPARATOR}{member.get('name')}"}))
+                continue
             if kind != "function":
                 # web_search, file_search, computer_use, mcp, custom, …: run by OpenAI itself.
                 raise _unsupported(
                     f"tools[{position}]: {kind!r} tools are not supported by Anthropic models; only function tools",
                     f"tools[{position}].type",
                 )
-            function = {key: tool[key] for key in ("name", "description", "parameters", "strict") if key in tool}
-            entry = {"type": "function", "function": function}
-            if tool.get("cache_control") is not None:
-                entry["cache_control"] = tool["cache_control"]
-            translated.append(entry)
+            translated.append(_function_tool(tool))
         if translated:
             chat["tools"] = translated
     choice = body.get("tool_choice")
@@ -299,6 +312,29 @@ def _tools(body: dict, chat: dict) -> None:
         chat["tool_choice"] = {"type": "function", "function": {"name": choice["name"]}}
     else:
         raise _unsupported("tool_choice must be auto, required, none or {type: function, name}", "tool_choice")
+
+
+def _function_tool(tool: dict) -> dict:
+    function = {key: tool[key] for key in ("name", "description", "parameters", "strict") if key in tool}
+    entry = {"type": "function", "function": function}
+    if tool.get("cache_control") is not None:
+        entry["cache_control"] = tool["cache_control"]
+    return entry
+
+
+# Between a namespace and a tool's name in the Anthropic tool name (^[a-zA-Z0-9_-]{1,128}$).
+_SEPARATOR = "__"
+
+
+def namespaced(body: dict) -> dict[str, tuple[str, str]]:
+    """Anthropic tool name -> (namespace, name) for the namespace tools of a Responses request."""
+    found = {}
+    for tool in body.get("tools") or ():
+        if _kind(tool) == "namespace" and isinstance(tool.get("tools"), list):
+            for member in tool["tools"]:
+                if isinstance(member, dict) and isinstance(member.get("name"), str):
+                    found[f"{tool.get('name')}{_SEPARATOR}{member['name']}"] = (tool.get("name"), member["name"])
+    return found
 
 
 def _text(text: object, chat: dict, warnings: list[str]) -> None:
@@ -424,15 +460,15 @@ def _message_item(item_id: str, text: str, status: str = "completed") -> dict:
     return {"id": item_id, "type": "message", "status": status, "role": "assistant", "content": content}
 
 
-def _call_item(item_id: str, call_id: str, name: str, arguments: str, status: str = "completed") -> dict:
-    return {
-        "id": item_id,
-        "type": "function_call",
-        "status": status,
-        "call_id": call_id,
-        "name": name,
-        "arguments": arguments,
-    }
+def _call_item(
+    item_id: str, call_id: str, name: str, arguments: str, status: str = "completed", names: dict | None = None
+) -> dict:
+    item = {"id": item_id, "type": "function_call", "status": status, "call_id": call_id, "name": name}
+    space = names.get(name) if names else None
+    if space is not None:
+        item["namespace"], item["name"] = space
+    item["arguments"] = arguments
+    return item
 
 
 def _reasoning_item(item_id: str, block: dict | None, summary: str | None) -> dict:
@@ -444,7 +480,7 @@ def _reasoning_item(item_id: str, block: dict | None, summary: str | None) -> di
     return item
 
 
-def message_to_response(message: dict, shell: dict) -> dict:
+def message_to_response(message: dict, shell: dict, names: dict | None = None) -> dict:
     upstream_id = str(message.get("id") or "")
     output = []
     for index, block in enumerate(message.get("content") or ()):
@@ -457,7 +493,8 @@ def message_to_response(message: dict, shell: dict) -> dict:
                 output.append(_message_item(mint_id("msg", upstream_id, index), arguments))
             else:
                 item_id = mint_id("fc", upstream_id, index)
-                output.append(_call_item(item_id, str(block.get("id")), str(block.get("name")), arguments))
+                call = _call_item(item_id, str(block.get("id")), str(block.get("name")), arguments, names=names)
+                output.append(call)
         elif kind in ("thinking", "redacted_thinking"):
             summary = block.get("thinking") if kind == "thinking" else None
             output.append(_reasoning_item(mint_id("rs", upstream_id, index), block, summary))
@@ -495,6 +532,7 @@ class ResponsesTranscoder(AnthropicEvents):
     __slots__ = (
         "_blocks",
         "_done",
+        "_names",
         "_raw_usage",
         "_sequence",
         "_shell",
@@ -505,9 +543,10 @@ class ResponsesTranscoder(AnthropicEvents):
         "started",
     )
 
-    def __init__(self, shell: dict) -> None:
+    def __init__(self, shell: dict, names: dict | None = None) -> None:
         super().__init__()
         self._shell = shell
+        self._names = names  # namespace tools' flattened names (namespaced())
         self._sequence = 0
         self._blocks: dict[object, _Item] = {}
         self._done: list[dict] = []  # items done, in output_index order
@@ -567,7 +606,7 @@ class ResponsesTranscoder(AnthropicEvents):
             item = _Item(position, mint_id("fc", upstream, index), "function_call")
             item.call_id, item.name = str(block.get("id")), str(block.get("name"))
             self._blocks[index] = item
-            added = _call_item(item.id, item.call_id, item.name, "", "in_progress")
+            added = _call_item(item.id, item.call_id, item.name, "", "in_progress", self._names)
             self._emit("response.output_item.added", {"output_index": position, "item": added}, out)
             if block.get("input"):
                 self._arguments(item, orjson.dumps(block["input"]).decode(), out)
@@ -643,7 +682,7 @@ class ResponsesTranscoder(AnthropicEvents):
                 joined = "{}"  # a call without input: its arguments are an empty object
                 self._arguments(item, joined, out)
             self._emit("response.function_call_arguments.done", self._at(item, arguments=joined, name=item.name), out)
-            done = _call_item(item.id, item.call_id, item.name, joined)
+            done = _call_item(item.id, item.call_id, item.name, joined, names=self._names)
         else:
             block = item.block or {}
             if block.get("type") == "thinking":

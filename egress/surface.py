@@ -100,10 +100,11 @@ def _aim(exchange: Exchange, document: dict, target: Target, requested: str, dro
         state.limiter.admit(exchange, provider.name, state.loop_time())
     if translate and surface == "responses":
         shell = responses_codec.response_shell(document, requested, int(time.time()))
+        names = responses_codec.namespaced(document)
         document, warnings = responses_codec.responses_to_chat(document)
         _translate(exchange, document, model, requested, drop_params)
         headers = exchange.body_filter.extra_headers + tuple((b"warning", _warning(text)) for text in warnings)
-        exchange.body_filter = TranslatedResponses(shell, headers)
+        exchange.body_filter = TranslatedResponses(shell, names, headers)
     elif translate:
         _translate(exchange, document, model, requested, drop_params)
     elif model != document.get("model"):
@@ -297,17 +298,18 @@ class TranslatedChat(_Translated):
 class TranslatedResponses(_Translated):
     """The Responses API: the `response` object and its event stream (responses_codec)."""
 
-    __slots__ = ("_shell",)
+    __slots__ = ("_names", "_shell")
 
-    def __init__(self, shell: dict, extra_headers: tuple) -> None:
+    def __init__(self, shell: dict, names: dict, extra_headers: tuple) -> None:
         super().__init__(extra_headers)
         self._shell = shell
+        self._names = names
 
     def _new_transcoder(self):
-        return responses_codec.ResponsesTranscoder(self._shell)
+        return responses_codec.ResponsesTranscoder(self._shell, self._names)
 
     def _message(self, message: dict) -> dict:
-        return responses_codec.message_to_response(message, self._shell)
+        return responses_codec.message_to_response(message, self._shell, self._names)
 
 
 def _warning(text: str) -> bytes:

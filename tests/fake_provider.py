@@ -602,6 +602,18 @@ def _anthropic_plan(payload: dict, scenario: str, response_id: str) -> tuple[lis
             return [_thinking("The tool answered; time to tell the user."), text], "end_turn"
         redacted = {"type": "redacted_thinking", "data": redacted_data(response_id)}
         return [_thinking(f"The user needs {tools[0]['name']}; call it."), redacted, call(tools[0], 1)], "tool_use"
+    if scenario.startswith("tool-once") and tools and choice.get("type") != "none":
+        # `tool-once:NAME:JSON`: call the tool NAME (else the first) with JSON as its input (else a
+        # minimal valid one), once; when the tool's result comes back, answer with text.
+        if _ends_with_tool_results(payload.get("messages")):
+            return [{"type": "text", "text": "Done: the tool answered."}], "end_turn"
+        _, _, rest = scenario.partition(":")
+        name, _, given = rest.partition(":")
+        tool = next((tool for tool in tools if tool["name"] == name), tools[0])
+        block = call(tool, 1)
+        if given:
+            block["input"] = orjson.loads(given)
+        return [{"type": "text", "text": "Running it."}, block], "tool_use"
     if scenario == "echo-images":
         images = list(_image_blocks(payload.get("messages") or []))
         kinds = [image["source"]["type"] for image in images]

@@ -14,6 +14,7 @@ from egress.responses_codec import (
     envelope,
     message_to_response,
     mint_id,
+    namespaced,
     response_shell,
     responses_to_chat,
 )
@@ -279,3 +280,39 @@ def test_a_stream_cut_before_message_stop_never_ends():
     output, transcoder = run([THINKING_TOOLS[: len(THINKING_TOOLS) // 2]])
     assert not transcoder.ended
     assert b"response.completed" not in output
+
+
+def test_namespace_tools_are_flattened_and_their_calls_answered_with_their_namespace():
+    # Codex sends its sub-agent tools as a namespace (openai-python: types/responses/namespace_tool.py).
+    spawn = {"type": "function", "name": "spawn_agent", "parameters": {"type": "object", "properties": {}}}
+    body = {
+        "model": "m",
+        "tools": [{"type": "namespace", "name": "multi_agent_v1", "description": "Agents.", "tools": [spawn]}],
+        "input": [
+            {"role": "user", "content": "go"},
+            {
+                "type": "function_call",
+                "call_id": "toolu_1",
+                "namespace": "multi_agent_v1",
+                "name": "spawn_agent",
+                "arguments": "{}",
+            },
+            {"type": "function_call_output", "call_id": "toolu_1", "output": "ok"},
+        ],
+    }
+    translated, _ = translate(body)
+    assert [tool["name"] for tool in translated["tools"]] == ["multi_agent_v1__spawn_agent"]
+    assert translated["messages"][1]["content"][0]["name"] == "multi_agent_v1__spawn_agent"
+    names = namespaced(body)
+    message = {
+        "id": "msg_ns",
+        "content": [{"type": "tool_use", "id": "toolu_2", "name": "multi_agent_v1__spawn_agent", "input": {}}],
+        "stop_reason": "tool_use",
+        "usage": {"input_tokens": 1, "output_tokens": 1},
+    }
+    call = message_to_response(message, SHELL, names)["output"][0]
+    assert (call["namespace"], call["name"], call["call_id"]) == ("multi_agent_v1", "spawn_agent", "toolu_2")
+    inner = {**body, "tools": [{"type": "namespace", "name": "n", "tools": [{"type": "custom", "name": "x"}]}]}
+    with pytest.raises(EgressError) as raised:
+        translate(inner)
+    assert raised.value.param == "tools[0].tools[0].type"
