@@ -51,6 +51,10 @@ CHAT_STREAM_REQUEST = json.dumps(
     {"model": STREAM_MODEL, "max_tokens": 1024, "stream": True, "messages": [{"role": "user", "content": "hi"}]},
     **_COMPACT,
 )
+# The Responses API's form of it (POST /v1/responses), for the translated Responses row.
+RESPONSES_STREAM_REQUEST = json.dumps(
+    {"model": STREAM_MODEL, "max_output_tokens": 1024, "stream": True, "input": "hi"}, **_COMPACT
+)
 # The same request in Anthropic's own shape, for timing the upstream directly.
 MESSAGES_STREAM_REQUEST = json.dumps(
     {"model": MODEL, "max_tokens": 1024, "stream": True, "messages": [{"role": "user", "content": "hi"}]},

@@ -48,7 +48,7 @@ from pathlib import Path
 import orjson
 import uvloop
 
-from egress import anthropic_codec
+from egress import anthropic_codec, responses_codec
 from egress.accesslog import AccessLog
 from egress.accounts import AccountTable, table_bytes
 from egress.auth import Authenticator, load_pools
@@ -325,6 +325,32 @@ def codec_costs() -> None:
 
         return run
 
+    # The Responses API's form of the typical request, and its response object's request echo.
+    responses_request = {
+        "model": request["model"],
+        "instructions": request["messages"][0]["content"],
+        "input": [{"role": "user", "content": request["messages"][1]["content"]}],
+        "tools": [{"type": "function", **tool["function"]} for tool in request.get("tools", ())],
+        "max_output_tokens": request["max_tokens"],
+    }
+    shell = responses_codec.response_shell(responses_request, "claude-json", CREATED)
+
+    def responses_to_messages() -> None:  # surface._aim for /v1/responses: to chat, then the chat mapping
+        chat, _ = responses_codec.responses_to_chat(responses_request)
+        anthropic_codec.chat_to_messages(chat, default_max_tokens=4096)
+
+    def to_response() -> None:
+        responses_codec.message_to_response(message, shell)
+
+    def transcode_responses(pieces: list[bytes]):
+        def run() -> None:
+            transcoder = responses_codec.ResponsesTranscoder(shell)
+            for piece in pieces:
+                transcoder.feed(piece)
+            transcoder.finish()
+
+        return run
+
     count = len(events)
     rows = [
         (
@@ -334,10 +360,20 @@ def codec_costs() -> None:
         ("  with orjson loads and dumps of the body, bytes to bytes", best_of(to_messages_bytes, 5000)),
         ("message_to_chat, typical response (one text block)", best_of(to_chat, 10000)),
         ("  with orjson loads and dumps of the body, bytes to bytes", best_of(to_chat_bytes, 10000)),
+        ("responses_to_chat + chat_to_messages, the same request as Responses", best_of(responses_to_messages, 5000)),
+        ("message_to_response, the same response", best_of(to_response, 10000)),
     ]
     per_event = [
         (f"StreamTranscoder.feed, {count}-event stream one event per feed", best_of(transcode(events), 40) / count),
         (f"StreamTranscoder.feed, {count}-event stream in one feed", best_of(transcode([stream]), 40) / count),
+        (
+            f"ResponsesTranscoder.feed, {count}-event stream one event per feed",
+            best_of(transcode_responses(events), 40) / count,
+        ),
+        (
+            f"ResponsesTranscoder.feed, {count}-event stream in one feed",
+            best_of(transcode_responses([stream]), 40) / count,
+        ),
     ]
     width = max(len(name) for name, _ in rows + per_event)
     for name, seconds in rows:

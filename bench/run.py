@@ -66,7 +66,11 @@ wrk.headers["Authorization"] = "Bearer %s"
 # The unified surface's rows: a chat request for a Claude model, translated to Anthropic and back.
 TRANSLATED_JSON = "translated JSON"
 TRANSLATED_SSE = f"translated SSE {anthropic_bodies.STREAM_EVENTS} events"
+# The same stream asked for through the Responses API (POST /v1/responses), translated likewise.
+TRANSLATED_RESPONSES = f"translated Responses SSE {anthropic_bodies.STREAM_EVENTS} events"
+TRANSLATED = (TRANSLATED_JSON, TRANSLATED_SSE, TRANSLATED_RESPONSES)
 STREAM_REQUEST = anthropic_bodies.CHAT_STREAM_REQUEST
+RESPONSES_STREAM_REQUEST = anthropic_bodies.RESPONSES_STREAM_REQUEST
 MESSAGES_STREAM_REQUEST = anthropic_bodies.MESSAGES_STREAM_REQUEST
 # Time to first token: requests a round, one at a time (a p99 is then the 3rd worst, not the worst).
 TTFT_REQUESTS = 700
@@ -556,8 +560,19 @@ def main() -> int:
                 "egress": f"http://127.0.0.1:{egress_port}/v1/chat/completions",
                 **({"litellm": f"http://127.0.0.1:{peer_port}/v1/chat/completions"} if peer_port else {}),
             },
+            # LiteLLM bridges /v1/responses for an Anthropic model through its chat translation.
+            TRANSLATED_RESPONSES: {
+                "direct": f"http://127.0.0.1:{upstream_port}/stream/v1/messages",
+                "egress": f"http://127.0.0.1:{egress_port}/v1/responses",
+                **({"litellm": f"http://127.0.0.1:{peer_port}/v1/responses"} if peer_port else {}),
+            },
         }
-        for scenario, body in ((TRANSLATED_JSON, anthropic_bodies.CHAT_REQUEST), (TRANSLATED_SSE, STREAM_REQUEST)):
+        bodies = {
+            TRANSLATED_JSON: anthropic_bodies.CHAT_REQUEST,
+            TRANSLATED_SSE: STREAM_REQUEST,
+            TRANSLATED_RESPONSES: RESPONSES_STREAM_REQUEST,
+        }
+        for scenario, body in bodies.items():
             (workdir / f"{scenario}.lua").write_text(POST_BODY_LUA % (body, "sk-bench-byo"))
             (workdir / f"{scenario}-peer.lua").write_text(POST_BODY_LUA % (body, PEER_MASTER_KEY))
             for target, url in scenarios[scenario].items():
@@ -566,7 +581,7 @@ def main() -> int:
         results: dict[str, dict[str, list[dict]]] = {name: {t: [] for t in urls} for name, urls in scenarios.items()}
         egress_cpu: dict[tuple[str, str], list[float]] = {}
         for scenario, urls in scenarios.items():
-            if scenario in (TRANSLATED_JSON, TRANSLATED_SSE):
+            if scenario in TRANSLATED:
                 lua, virtual, peer = (workdir / f"{scenario}.lua", None, workdir / f"{scenario}-peer.lua")
             else:
                 lua = workdir / "post.lua" if scenario == "small JSON" else workdir / "get.lua"
@@ -581,7 +596,7 @@ def main() -> int:
                 target: virtual if target == "egress, full" else peer if target == "litellm" else lua for target in urls
             }
             connections = {target: args.connections for target in urls}
-            if scenario == TRANSLATED_SSE and "litellm" in urls:
+            if scenario in (TRANSLATED_SSE, TRANSLATED_RESPONSES) and "litellm" in urls:
                 connections["litellm"] = LITELLM_STREAM_CONNECTIONS
             for target, url in urls.items():  # warm-up: pools, caches
                 run_wrk(url, scripts[target], 1, connections[target])
@@ -590,7 +605,7 @@ def main() -> int:
                     pid = egress_pids.get(target)
                     before = tree_cpu_seconds(pid) if pid else 0.0
                     # A LiteLLM stream under load outlasts wrk's default 2 s timeout: give it time.
-                    timeout = 30 if scenario in (TRANSLATED_JSON, TRANSLATED_SSE) else None
+                    timeout = 30 if scenario in TRANSLATED else None
                     result = run_wrk(url, scripts[target], args.duration, connections[target], watch, timeout=timeout)
                     if pid:
                         requests = result["rps"] * args.duration
@@ -630,6 +645,13 @@ def main() -> int:
         stream_targets = {
             "direct": (upstream_port, "/stream/v1/messages", MESSAGES_STREAM_REQUEST, "sk-bench-byo", TTFT_REQUESTS),
             "egress": (egress_port, "/v1/chat/completions", STREAM_REQUEST, "sk-bench-byo", TTFT_REQUESTS),
+            "egress, responses": (
+                egress_port,
+                "/v1/responses",
+                RESPONSES_STREAM_REQUEST,
+                "sk-bench-byo",
+                TTFT_REQUESTS,
+            ),
         }
         if peer_port is not None:
             stream_targets["litellm"] = (
@@ -703,10 +725,12 @@ def check_translated(scenario: str, target: str, url: str, body: str, token: str
         (TRANSLATED_JSON, "direct"): b'"type":"message"',
         (TRANSLATED_SSE, "direct"): b"event: message_stop",
     }
-    mark = marks.get((scenario, target), b'"chat.completion"' if scenario == TRANSLATED_JSON else b"data: [DONE]")
+    marks[(TRANSLATED_RESPONSES, "direct")] = b"event: message_stop"
+    default = {TRANSLATED_JSON: b'"chat.completion"', TRANSLATED_RESPONSES: b"response.completed"}
+    mark = marks.get((scenario, target), default.get(scenario, b"data: [DONE]"))
     if status != 200 or mark not in data:
         raise RuntimeError(f"bench: {scenario}, {target}: {status} {data[:300]!r}")
-    if scenario == TRANSLATED_SSE:
+    if scenario in (TRANSLATED_SSE, TRANSLATED_RESPONSES):
         print(f"  {scenario}: {target} sends {data.count(b'data:')} data lines per stream", file=sys.stderr)
 
 
@@ -805,6 +829,13 @@ def paced_first_token(workdir: Path, rounds: int) -> dict[str, list[list[float]]
         targets = {
             "direct": (upstream_port, "/stream/v1/messages", MESSAGES_STREAM_REQUEST, "sk-bench-byo", TTFT_REQUESTS),
             "egress": (egress_port, "/v1/chat/completions", STREAM_REQUEST, "sk-bench-byo", TTFT_REQUESTS),
+            "egress, responses": (
+                egress_port,
+                "/v1/responses",
+                RESPONSES_STREAM_REQUEST,
+                "sk-bench-byo",
+                TTFT_REQUESTS,
+            ),
         }
         return first_token_rounds(targets, rounds)
     finally:
@@ -922,8 +953,8 @@ def _translated_summary(
                 lines.append(f"| {upstream} | {target} | {count} | {p50:.3f} | {p99:.3f} | | |")
                 continue
             more_p50, more_p99 = p50 - direct[0], p99 - direct[1]
-            if target == "egress":
-                added_p99[upstream] = more_p99
+            if target.startswith("egress"):
+                added_p99[f"{upstream} upstream, {'chat' if target == 'egress' else 'responses'}"] = more_p99
             lines.append(
                 f"| {upstream} | {target} | {count} | {p50:.3f} | {p99:.3f} | {more_p50:.3f} | {more_p99:.3f} |"
             )
@@ -946,11 +977,23 @@ def _translated_summary(
                 multiple >= TARGETS["litellm_multiple"],
             )
         )
+    checks.append(
+        (f"transcoded SSE >= {TARGETS['events_per_s']:,} events/s", f"{rate:,.0f}", rate >= TARGETS["events_per_s"])
+    )
+    responses_rows = translated.get(TRANSLATED_RESPONSES, {})
+    if "litellm" in responses_rows and responses_rows["litellm"]["rps"]:
+        multiple = responses_rows["egress"]["rps"] / responses_rows["litellm"]["rps"]
+        checks.append(
+            (
+                f"translated Responses SSE >= {TARGETS['litellm_multiple']} x LiteLLM's /v1/responses",
+                f"{multiple:.0f} x",
+                multiple >= TARGETS["litellm_multiple"],
+            )
+        )
     checks += [
-        (f"transcoded SSE >= {TARGETS['events_per_s']:,} events/s", f"{rate:,.0f}", rate >= TARGETS["events_per_s"]),
         *(
             (
-                f"added time to first token <= {TARGETS['ttft_p99_added_ms']} ms p99, {upstream} upstream",
+                f"added time to first token <= {TARGETS['ttft_p99_added_ms']} ms p99, {upstream}",
                 f"{added:.3f} ms",
                 added <= TARGETS["ttft_p99_added_ms"],
             )
@@ -1002,7 +1045,7 @@ def render(
             )
             if median["non_2xx"]:
                 lines.append(f"| | ({target}: {median['non_2xx']:.0f} non-2xx responses) | | | | | |")
-        if scenario in (TRANSLATED_JSON, TRANSLATED_SSE):
+        if scenario in TRANSLATED:
             translated[scenario] = medians
             lines += _translated_ratios(scenario, medians, passthrough_rps)
             continue
