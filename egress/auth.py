@@ -144,6 +144,7 @@ def check_claims(claims: Claims, now: float, revoked: set[str], provider: str | 
 
 class Authenticator:
     __slots__ = (
+        "_allow_byo",
         "_buckets",
         "_burst",
         "_cache",
@@ -170,6 +171,7 @@ class Authenticator:
         self._buckets: dict[str, list[float]] = {}  # client address -> [allowance, updated at]
         self._rate = keys.invalid_key_rate
         self._burst = float(keys.invalid_key_burst)
+        self._allow_byo = keys.allow_byo
         self.denyset = denyset
         self.pools = pools
         self.accounts = accounts if accounts is not None else AccountTable()
@@ -200,8 +202,12 @@ class Authenticator:
             token = bearer
         elif api_key is not None and api_key.startswith(PREFIX):
             token = api_key
-        elif bearer or api_key or (provider is not None and provider.allow_anonymous):
+        elif bearer or api_key:
+            if not self._allow_byo:
+                raise EgressError("byo_not_allowed", "only virtual keys (bai_…) are accepted here")
             return None  # BYO: the caller's own provider key, untouched
+        elif provider is not None and provider.allow_anonymous:
+            return None  # a provider that takes requests with no key (a local model server)
         else:
             raise EgressError("missing_key", "no API key: send a virtual key or your provider key")
         claims = self.claims_for(token, exchange.client.peer)

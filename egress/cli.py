@@ -8,6 +8,7 @@ import sys
 
 from egress import doctor, keys_cli, report
 from egress.config import Config, ConfigError, load_config, parse_listen, render_config
+from egress.errors import StartupError
 from egress.secrets import SecretSourceError
 
 
@@ -46,13 +47,18 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, SecretSourceError) as exc:
         print(f"egress: config error: {exc}", file=sys.stderr)
         return 2
+    except StartupError as exc:
+        print(f"egress: {exc}", file=sys.stderr)
+        return 1
     except OSError as exc:
-        print(f"egress: {exc.filename or ''}: {exc.strerror}", file=sys.stderr)
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"egress: {where}{exc.strerror or exc}", file=sys.stderr)
         return 2
 
 
 def _serve(path: str | None, listen: str | None, admin_listen: str | None, workers: int | None) -> int:
     config = load_config(path)
+    doctor.preflight(config)  # what config check refuses, serve refuses, in the same words
     if listen is not None:
         parse_listen(listen)
         config = _with_server(config, listen=listen)
@@ -90,6 +96,7 @@ def _with_server(config: Config, **changes: str) -> Config:
 
 def _check(path: str) -> int:
     config = load_config(path)
+    doctor.preflight(config)
     sys.stdout.write(render_config(config))
     print(f"# {path}: OK", file=sys.stderr)
     return 0

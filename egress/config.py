@@ -116,6 +116,9 @@ class KeysConfig:
     # unknown `bai_` keys from that address get 429 too_many_invalid_keys without a verification.
     invalid_key_rate: float = 2.0
     invalid_key_burst: int = 20
+    # Any credential that is not a virtual key is the caller's own provider key, passed through
+    # (BYO). False refuses it (401 byo_not_allowed): every request then bills through a virtual key.
+    allow_byo: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -434,7 +437,10 @@ def _build_provider(name: str, row: Any, builtin: Provider | None) -> Provider:
     where = f"providers.{name}"
     if not isinstance(row, dict):
         raise ConfigError(f"{where} must be a table")
-    if name in RESERVED_NAMES or not name.replace("-", "").replace("_", "").isalnum() or name != name.lower():
+    if name in RESERVED_NAMES:
+        # The first path segment names the provider: these segments are egress's own paths.
+        raise ConfigError(f"{where}: {name!r} is reserved (egress serves /{name} itself); name the provider otherwise")
+    if not name.replace("-", "").replace("_", "").isalnum() or name != name.lower():
         raise ConfigError(f"{where}: provider names are lowercase letters, digits, '-' and '_', not {name!r}")
     _reject_unknown(row, _PROVIDER_KEYS, where)
     for key in ("base_url", "auth", "dialect"):

@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from types import MappingProxyType
 from typing import Any
+from urllib.parse import urlsplit
 
 import h11
 import orjson
@@ -94,6 +95,31 @@ def worst(findings: list[Finding]) -> str:
     return max((finding.level for finding in findings), key=LEVELS.index, default="ok")
 
 
+def preflight(config: Config) -> None:
+    """What `serve` and `config check` both refuse before binding: every failing offline check, in
+    the words `doctor` uses for it. Raises ConfigError; warnings are doctor's to show."""
+    findings = check_routes(config) + check_pool_keys(config) + check_state_paths(config)
+    findings += check_ca_file(config) + check_byo_hash_key(config) + check_nats(config)
+    failures = [finding.message for finding in findings if finding.level == "fail"]
+    if failures:
+        raise ConfigError("; ".join(failures))
+
+
+def check_nats(config: Config) -> list[Finding]:
+    url = config.nats.url
+    if url is None:
+        return [Finding("nats", "ok", "no NATS broker configured")]
+    shown = redact_url(url)
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018  (raises on a port that is not a number)
+    except ValueError:
+        parts = None
+    if parts is None or parts.scheme not in ("nats", "tls", "ws", "wss") or not parts.hostname:
+        return [Finding("nats", "fail", f"nats.url {shown} is not nats://host[:port] (or tls://, ws://, wss://)")]
+    return [Finding("nats", "ok", f"nats.url {shown} is well formed")]
+
+
 def diagnose(path: str | None, network: bool = False) -> list[Finding]:
     try:
         config = load_config(path)
@@ -105,6 +131,7 @@ def diagnose(path: str | None, network: bool = False) -> list[Finding]:
     findings += check_state_paths(config)
     findings += check_ca_file(config)
     findings += check_byo_hash_key(config)
+    findings += check_nats(config)
     findings += check_open_relay(config)
     findings += check_ports(config)
     if network:
@@ -330,11 +357,13 @@ def check_state_paths(config: Config) -> list[Finding]:
         details: dict[str, Any] = {"setting": setting, "path": path}
         if setting == "nats.snapshot" and config.nats.url is not None:
             details["nats_url"] = redact_url(config.nats.url)
+        # serve can't start without the files it writes at once; a deny file or snapshot may come later.
+        level = "fail" if setting in ("usage.jsonl", "server.access_log") else "warn"
         if not os.path.isdir(directory):
-            findings.append(Finding("state_paths", "warn", f"{setting} {path}: {directory} does not exist", details))
+            findings.append(Finding("state_paths", level, f"{setting} {path}: {directory} does not exist", details))
         elif not os.access(directory, os.W_OK | os.X_OK):
             message = f"{setting} {path}: {directory} is not writable by this user (uid {os.geteuid()})"
-            findings.append(Finding("state_paths", "warn", message, details))
+            findings.append(Finding("state_paths", level, message, details))
         else:
             findings.append(Finding("state_paths", "ok", f"{setting} {path}: {directory} is writable", details))
     if not findings:
@@ -365,16 +394,23 @@ def check_open_relay(config: Config) -> list[Finding]:
     host, _ = parse_listen(listen)
     if _is_loopback(host):
         return [Finding("open_relay", "ok", f"server.listen {listen} is loopback only", {"listen": listen})]
-    # auth.py passes any key that is not `bai_` through to the provider untouched, and no setting
-    # turns that off: a reachable listener relays for whoever holds (or guesses at) a provider key.
-    message = (
-        f"server.listen {listen}: {OPEN_RELAY} (egress has no setting to refuse BYO keys: listen on"
-        " loopback behind a proxy that authenticates callers, or firewall the port)"
-    )
     anonymous = sorted(p.name for p in config.providers.values() if p.allow_anonymous)
+    details = {"listen": listen, "allow_byo": config.keys.allow_byo, "allow_anonymous": anonymous}
+    if not config.keys.allow_byo and not anonymous:
+        message = f"server.listen {listen} is reachable, and only virtual keys are accepted (keys.allow_byo = false)"
+        return [Finding("open_relay", "ok", message, details)]
+    # auth.py passes any key that is not `bai_` through to the provider untouched unless
+    # keys.allow_byo is false: a reachable listener relays for whoever holds a provider key.
+    if config.keys.allow_byo:
+        message = (
+            f"server.listen {listen}: {OPEN_RELAY} (set keys.allow_byo = false to accept virtual keys only,"
+            " or listen on loopback behind a proxy that authenticates callers)"
+        )
+    else:
+        message = f"server.listen {listen} is reachable"
     if anonymous:
         message += f"; {', '.join(anonymous)} also take requests with no key at all (allow_anonymous)"
-    return [Finding("open_relay", "warn", message, {"listen": listen, "allow_anonymous": anonymous})]
+    return [Finding("open_relay", "warn", message, details)]
 
 
 def _is_loopback(host: str) -> bool:

@@ -47,6 +47,7 @@ ERROR_KINDS: dict[str, ErrorKind] = {
     "key_expired": ErrorKind(401, "authentication_error", "authentication_error", closes=False),
     "key_revoked": ErrorKind(401, "authentication_error", "authentication_error", closes=False),
     "key_not_yet_valid": ErrorKind(401, "authentication_error", "authentication_error", closes=False),
+    "byo_not_allowed": ErrorKind(401, "authentication_error", "authentication_error", closes=False),
     "provider_not_permitted": ErrorKind(403, "permission_error", "permission_error", closes=False),
     "no_pool_key": ErrorKind(403, "permission_error", "permission_error", closes=False),
     # The unified surface (/v1/chat/completions routed by model): always in the OpenAI dialect.
@@ -104,3 +105,7 @@ def render_error(error: EgressError, dialect: str) -> bytes:
     else:
         body = {"error": {"message": error.message, "type": kind.openai_type, "param": error.param, "code": error.code}}
     return orjson.dumps(body)
+
+
+class StartupError(Exception):
+    """egress can't start: the message says what, where and why (an address and the errno text)."""

@@ -29,6 +29,7 @@ from egress.admin import start_admin
 from egress.auth import Authenticator, load_pools, wipe_all_pool_keys
 from egress.config import Config, ConfigError, load_config, parse_listen
 from egress.denyset import DenySet, read_deny_file
+from egress.errors import StartupError
 from egress.facts import FactSink, worker_path
 from egress.limiter import RateLimiter
 from egress.providers import Router
@@ -39,6 +40,19 @@ from egress.server import ClientConnection, ServerState
 from egress.upstream import UpstreamPool
 from egress.workers import WorkerContext
 
+# A worker's exit code when it could not start: the supervisor stops at once rather than restart it.
+STARTUP_FAILED = 3
+
+
+async def _bound(setting: str, address: str, opening):
+    """A listener, or a StartupError naming the setting, the address and the system's reason."""
+    try:
+        return await opening
+    except OSError as exc:
+        # asyncio's own message repeats the address; the errno's text is the reason alone.
+        reason = os.strerror(exc.errno) if exc.errno else (exc.strerror or str(exc))
+        raise StartupError(f"server.{setting} {address}: cannot listen: {reason}") from None
+
 
 def serve(config: Config, config_path: str | None = None, worker: WorkerContext | None = None) -> int:
     """Run one serving process: the only one, or worker `worker.index` under the supervisor."""
@@ -46,8 +60,14 @@ def serve(config: Config, config_path: str | None = None, worker: WorkerContext 
         accesslog.WORKER = worker.index
         if worker.count > 1:
             config = _per_worker_files(config, worker.index)
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        return runner.run(_serve(config, config_path, worker))
+    try:
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            return runner.run(_serve(config, config_path, worker))
+    except StartupError as exc:
+        if worker is None:
+            raise  # the command line says it (cli.py), once, and exits non-zero
+        log_event("worker_failed_to_start", worker=worker.index, error=str(exc))
+        return STARTUP_FAILED
 
 
 def _per_worker_files(config: Config, index: int) -> Config:
@@ -191,7 +211,7 @@ async def _serve(config: Config, config_path: str | None, worker: WorkerContext 
         admin_host, admin_port = parse_listen(config.server.admin_listen)
         if worker is not None and admin_port:
             admin_port += worker.index  # one metrics target per worker: 9464, 9465, …
-        admin = await start_admin(state, admin_host, admin_port)
+        admin = await _bound("admin_listen", f"{admin_host}:{admin_port}", start_admin(state, admin_host, admin_port))
         admin_bound = admin.sockets[0].getsockname()
         log_event("admin_listening", address=f"{admin_host}:{admin_bound[1]}")
     feed = feed_task = None
@@ -201,13 +221,17 @@ async def _serve(config: Config, config_path: str | None, worker: WorkerContext 
         # Revocations published while this process was down apply before the first request.
         feed, feed_task = await start_feed(config.nats, denyset)
     host, port = parse_listen(config.server.listen)
-    server = await loop.create_server(
-        lambda: ClientConnection(state),
-        host,
-        port,
-        backlog=4096,
-        reuse_address=True,
-        reuse_port=worker is not None,  # the workers share the port; the kernel balances
+    server = await _bound(
+        "listen",
+        config.server.listen,
+        loop.create_server(
+            lambda: ClientConnection(state),
+            host,
+            port,
+            backlog=4096,
+            reuse_address=True,
+            reuse_port=worker is not None,  # the workers share the port; the kernel balances
+        ),
     )
     bound = server.sockets[0].getsockname()
     shown_host = f"[{host}]" if ":" in host else host
@@ -219,6 +243,8 @@ async def _serve(config: Config, config_path: str | None, worker: WorkerContext 
         deny_set_size=len(denyset),
         pooled_providers=sorted(auth.pools),
     )
+    if worker is None or worker.index == 0:
+        _warn_if_open_relay(config, state.limiter.enabled)
 
     state.catalog.start(state)
     background: list[asyncio.Task] = []
@@ -300,3 +326,12 @@ async def _serve(config: Config, config_path: str | None, worker: WorkerContext 
     wipe_all_pool_keys()  # the live rotations and any retired one still referenced
     log_event("stopped", forced_closed=forced)
     return 0
+
+
+def _warn_if_open_relay(config, limited: bool) -> None:
+    """A reachable listener that passes BYO keys with no limits: said once at start (doctor.py's rule)."""
+    from egress.doctor import check_open_relay
+
+    for finding in check_open_relay(config):
+        if finding.level == "warn" and not limited:
+            log_event("open_relay", message=finding.message, listen=config.server.listen)

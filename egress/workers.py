@@ -90,17 +90,24 @@ def supervise(config: Config, config_path: str | None, workers: int) -> int:
         spawn(index)
     ready = 0
     give_up_at = time.monotonic() + 30
-    while ready < workers and time.monotonic() < give_up_at and not received:
+    failed: list[tuple[int, int]] = []  # (worker, exit code) of workers that died before ready
+    while ready < workers and time.monotonic() < give_up_at and not received and not failed:
         readable, _, _ = select.select([ready_read], [], [], 0.2)
         if readable:
             ready += len(os.read(ready_read, 64))
-        _reap(children, stopping=True)
-        if not children:
-            break
+        failed = _reap_failed(children)
     if placeholder is not None:
         placeholder.close()
     if ready < workers:
-        log_event("workers_failed_to_start", ready=ready, wanted=workers)
+        # One line that says which worker and how; the worker's own line said why (bind, config).
+        reason = "exited" if failed else "timed out"
+        log_event(
+            "workers_failed_to_start",
+            ready=ready,
+            wanted=workers,
+            reason=reason,
+            failed=[{"worker": index, "exit_code": code} for index, code in failed],
+        )
         _stop_all(children, signal.SIGTERM)
         _wait_all(children, 10)
         return 1
@@ -151,6 +158,22 @@ def _reap(children: dict[int, int], stopping: bool) -> list[int]:
             log_event("worker_exited", worker=index, pid=pid, status=os.waitstatus_to_exitcode(status))
             restart.append(index)
     return restart
+
+
+def _reap_failed(children: dict[int, int]) -> list[tuple[int, int]]:
+    """Workers that exited while starting, as (worker, exit code): none should."""
+    failed = []
+    while children:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            break
+        if pid == 0:
+            break
+        index = children.pop(pid, None)
+        if index is not None:
+            failed.append((index, os.waitstatus_to_exitcode(status)))
+    return failed
 
 
 def _stop_all(children: dict[int, int], signum: int) -> None:

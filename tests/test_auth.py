@@ -109,6 +109,20 @@ def test_byo_key_passes_unchanged_next_to_virtual_keys(keyed, fake_provider):
     assert fake_provider.requests[-1].header("authorization") == "Bearer sk-caller-own-key"
 
 
+def test_allow_byo_false_accepts_virtual_keys_only(start_egress, fake_provider, ca_file, pool_files):
+    egress = start_egress(keyed_config(fake_provider, ca_file, pool_files, keys_extra="allow_byo = false"))
+    refused = _error(egress, "sk-caller-own-key")
+    assert refused.status_code == 401 and refused.code == "byo_not_allowed"
+    anthropic_client = anthropic.Anthropic(base_url=egress.url + "/anthropic", api_key="sk-ant-own", max_retries=0)
+    with pytest.raises(anthropic.AuthenticationError) as raised:
+        anthropic_client.messages.create(model="claude-fake", max_tokens=8, messages=[{"role": "user", "content": "x"}])
+    assert raised.value.body["error"]["code"] == "byo_not_allowed"  # the caller's own dialect
+    assert fake_provider.requests == []  # nothing went upstream
+    token, _ = mint(ISSUER, "billed-app")
+    assert chat(openai_client(egress, token)).choices[0].message.content  # virtual keys work as before
+    assert_secrets_absent(egress, "sk-caller-own-key", "sk-ant-own", token)
+
+
 def _error(egress, key: str, provider: str = "openai") -> openai.APIStatusError:
     client = openai.OpenAI(base_url=f"{egress.url}/{provider}/v1", api_key=key, max_retries=0)
     with pytest.raises(openai.APIStatusError) as raised:

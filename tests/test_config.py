@@ -46,7 +46,7 @@ def test_unknown_keys_are_named(table, named):
         ({"providers": {"mine": {"base_url": "https://x?key=1"}}}, "must not carry a query"),
         ({"providers": {"mine": {"base_url": "https://x", "auth": "basic"}}}, "auth must be 'bearer' or 'x-api-key'"),
         ({"providers": {"mine": {"base_url": "https://x", "dialect": "gemini"}}}, "dialect must be"),
-        ({"providers": {"healthz": {"base_url": "https://x"}}}, "provider names"),
+        ({"providers": {"healthz": {"base_url": "https://x"}}}, "'healthz' is reserved"),
         ({"providers": {"Mine": {"base_url": "https://x"}}}, "provider names"),
         ({"providers": {"openai": {"pool_keys": "env:X"}}}, "pool_keys must be a list of sources"),
         ({"providers": {"openai": {"pool_keys": ["sk-literal-key"]}}}, "'env:NAME' or 'file:PATH'"),
@@ -164,6 +164,28 @@ def test_config_check_command(tmp_path):
     result = run_egress_cli("config", "check", str(bad))
     assert result.returncode == 2
     assert "unknown key 'server.max_conections'" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (
+            '[providers.openai]\npool_keys = ["env:EGRESS_TEST_UNSET_POOL_KEY"]\n',
+            "providers.openai.pool_keys[0]: environment variable EGRESS_TEST_UNSET_POOL_KEY",
+        ),
+        ('[usage]\njsonl = "/nonexistent-egress-dir/usage.jsonl"\n', "usage.jsonl /nonexistent-egress-dir/usage.jsonl"),
+        ('[nats]\nurl = "http://broker:4222"\nsnapshot = "/tmp/s"\n', "nats.url http://broker:4222 is not nats://"),
+        ('[providers.v1]\nbase_url = "http://h:1"\n', "'v1' is reserved"),
+    ],
+)
+def test_config_check_refuses_what_serve_refuses_in_the_same_words(tmp_path, text, message):
+    path = tmp_path / "egress.toml"
+    path.write_text('[server]\nadmin_listen = "off"\n' + text)
+    checked = run_egress_cli("config", "check", str(path))
+    served = run_egress_cli("serve", "--config", str(path), "--listen", "127.0.0.1:0", "--workers", "1")
+    assert checked.returncode == served.returncode == 2, (checked.stderr, served.stderr)
+    assert message in checked.stderr
+    assert checked.stderr.splitlines()[-1] == served.stderr.splitlines()[-1]
 
 
 def test_serve_refuses_a_bad_config(tmp_path):

@@ -278,6 +278,26 @@ def test_non_loopback_listen_warns_of_an_open_relay(tmp_path: Path) -> None:
     assert OPEN_RELAY in line
 
 
+def test_allow_byo_false_closes_the_open_relay(tmp_path: Path) -> None:
+    result = doctor(tmp_path, '[server]\nlisten = "0.0.0.0:0"\nadmin_listen = "off"\n[keys]\nallow_byo = false\n')
+    assert result.returncode == 0, result.stdout + result.stderr
+    (line,) = [line for line in result.stdout.splitlines() if "open_relay" in line]
+    assert line.startswith("ok  open_relay") and "allow_byo = false" in line
+
+
+def test_the_open_relay_is_said_at_start_when_nothing_limits_it(capfd) -> None:
+    from egress.config import parse_config
+    from egress.serve import _warn_if_open_relay
+
+    relay = parse_config({"server": {"listen": "0.0.0.0:8787"}})
+    _warn_if_open_relay(relay, limited=False)
+    _warn_if_open_relay(relay, limited=True)  # limits bound what a relay costs: not said
+    _warn_if_open_relay(parse_config({"server": {"listen": "0.0.0.0:8787"}, "keys": {"allow_byo": False}}), False)
+    _warn_if_open_relay(parse_config({}), limited=False)  # loopback
+    lines = [line for line in capfd.readouterr().err.splitlines() if '"event":"open_relay"' in line]
+    assert len(lines) == 1 and "keys.allow_byo = false" in lines[0]
+
+
 def test_port_in_use_warns(tmp_path: Path) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))

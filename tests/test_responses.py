@@ -232,3 +232,18 @@ def test_a_provider_without_the_responses_api_is_refused(gateway, fake_provider)
         sdk(gateway).responses.create(model="mistral-small", input="hi")
     assert raised.value.code == "responses_not_supported_for_provider"
     assert fake_provider.requests == []
+
+
+def test_a_reasoning_item_egress_did_not_mint_is_dropped_with_a_warning(gateway, fake_provider):
+    history = [
+        {"role": "user", "content": "hi"},
+        {"type": "reasoning", "id": "rs_foreign", "summary": [], "encrypted_content": "gAAAAABforeign"},
+        {"role": "assistant", "content": "Hello."},
+        {"role": "user", "content": "and again"},
+    ]
+    raw = sdk(gateway).responses.with_raw_response.create(model="claude-fake", input=history)
+    assert raw.parse().output_text
+    assert raw.headers["warning"] == '299 egress "input[1]: a reasoning item egress did not mint was dropped"'
+    body = last_anthropic_body(fake_provider)
+    assert [turn["role"] for turn in body["messages"]] == ["user", "assistant", "user"]
+    assert "gAAAAABforeign" not in fake_provider.requests[-1].body.decode()

@@ -7,6 +7,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import time
 from pathlib import Path
 
 import orjson
@@ -151,7 +152,71 @@ def test_systemd_unit_verifies(tmp_path):
         return  # the directives above are still checked; verification needs systemd's tools
     # verify wants ExecStart to exist: point it at this installation's egress.
     local = tmp_path / "egress.service"
-    local.write_text(unit.replace("/usr/local/bin/egress", egress_command()[0]))
+    local.write_text(unit.replace("/opt/egress/bin/egress", egress_command()[0]))
     result = subprocess.run([analyze, "verify", str(local)], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert "Unknown" not in result.stderr and "Failed" not in result.stderr, result.stderr
+
+
+def test_the_unit_runs_the_egress_the_readme_installs():
+    """The unit's ExecStart is the console script of the README's virtualenv, in both places."""
+    unit = (ROOT / "deploy" / "egress.service").read_text()
+    (exec_start,) = [line for line in unit.splitlines() if line.startswith("ExecStart=")]
+    binary = exec_start.removeprefix("ExecStart=").split()[0]
+    venv = binary.removesuffix("/bin/egress")
+    assert venv != binary, binary
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Running under systemd", 1)[1].split("\n## ", 1)[0]
+    assert f"python3 -m venv {venv}" in section and f"{venv}/bin/pip install ." in section
+    assert "/usr/local/bin" not in section
+
+
+def _serve_until_it_exits(config: Path, *args: str) -> tuple[int, str, float]:
+    started = time.monotonic()
+    process = subprocess.Popen(
+        [*egress_command(), "serve", "--config", str(config), *args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        _, stderr = process.communicate(timeout=25)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=10)
+    return process.returncode, stderr, time.monotonic() - started
+
+
+def test_a_port_in_use_is_one_clear_line_and_a_prompt_exit(tmp_path):
+    config = tmp_path / "egress.toml"
+    config.write_text("")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        code, stderr, seconds = _serve_until_it_exits(
+            config, "--listen", f"127.0.0.1:{port}", "--admin-listen", "off", "--workers", "1"
+        )
+    assert code == 1, stderr
+    assert f"egress: server.listen 127.0.0.1:{port}: cannot listen: Address already in use" in stderr.splitlines()
+    assert seconds < 15
+
+
+def test_a_worker_that_cannot_bind_stops_the_start_at_once_and_says_why(tmp_path):
+    config = tmp_path / "egress.toml"
+    config.write_text("")
+    with socket.socket() as taken:  # the second worker's admin port (admin_listen + its index)
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        args = ("--listen", "127.0.0.1:0", "--admin-listen", f"127.0.0.1:{port - 1}", "--workers", "2")
+        code, stderr, seconds = _serve_until_it_exits(config, *args)
+    assert code == 1, stderr
+    events = [orjson.loads(line) for line in stderr.splitlines() if line.startswith("{")]
+    (failed,) = [event for event in events if event["event"] == "worker_failed_to_start"]
+    assert failed["worker"] == 1
+    assert failed["error"] == f"server.admin_listen 127.0.0.1:{port}: cannot listen: Address already in use"
+    (summary,) = [event for event in events if event["event"] == "workers_failed_to_start"]
+    assert summary["reason"] == "exited" and summary["failed"] == [{"worker": 1, "exit_code": 3}]
+    assert seconds < 15  # not the 30 s readiness wait
