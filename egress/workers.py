@@ -141,39 +141,33 @@ def supervise(config: Config, config_path: str | None, workers: int) -> int:
     return 0
 
 
-def _reap(children: dict[int, int], stopping: bool) -> list[int]:
-    """Collect exited workers; returns the indexes to restart."""
-    restart = []
+def _exited(children: dict[int, int]):
+    """(worker, pid, exit code) of each worker that has exited, each taken out of `children`."""
     while children:
         try:
             pid, status = os.waitpid(-1, os.WNOHANG)
         except ChildProcessError:
-            break
+            return
         if pid == 0:
-            break
+            return
         index = children.pop(pid, None)
-        if index is None:
-            continue
+        if index is not None:
+            yield index, pid, os.waitstatus_to_exitcode(status)
+
+
+def _reap(children: dict[int, int], stopping: bool) -> list[int]:
+    """Collect exited workers; returns the indexes to restart."""
+    restart = []
+    for index, pid, code in _exited(children):
         if not stopping:
-            log_event("worker_exited", worker=index, pid=pid, status=os.waitstatus_to_exitcode(status))
+            log_event("worker_exited", worker=index, pid=pid, status=code)
             restart.append(index)
     return restart
 
 
 def _reap_failed(children: dict[int, int]) -> list[tuple[int, int]]:
     """Workers that exited while starting, as (worker, exit code): none should."""
-    failed = []
-    while children:
-        try:
-            pid, status = os.waitpid(-1, os.WNOHANG)
-        except ChildProcessError:
-            break
-        if pid == 0:
-            break
-        index = children.pop(pid, None)
-        if index is not None:
-            failed.append((index, os.waitstatus_to_exitcode(status)))
-    return failed
+    return [(index, code) for index, _, code in _exited(children)]
 
 
 def _stop_all(children: dict[int, int], signum: int) -> None:
