@@ -61,7 +61,17 @@ class Histogram:
 class ProviderStats:
     """One provider's request counters: one dict look-up per request finds them all."""
 
-    __slots__ = ("bytes_in", "bytes_out", "duration", "rate_limited", "status_classes", "ttfb")
+    __slots__ = (
+        "bytes_in",
+        "bytes_out",
+        "duration",
+        "overhead",
+        "rate_limited",
+        "status_classes",
+        "stream_duration",
+        "ttfb",
+        "upstream_ttfb",
+    )
 
     def __init__(self) -> None:
         self.status_classes = [0] * 10  # index: status // 100
@@ -70,6 +80,9 @@ class ProviderStats:
         self.rate_limited = 0
         self.duration = Histogram()
         self.ttfb = Histogram()
+        self.upstream_ttfb = Histogram()
+        self.overhead = Histogram()
+        self.stream_duration = Histogram()
 
 
 class Metrics:
@@ -107,8 +120,16 @@ class Metrics:
         stats.bytes_in += exchange.body_size
         stats.bytes_out += exchange.bytes_out
         stats.duration.observe(seconds)
-        if exchange.ttfb is not None:
-            stats.ttfb.observe(exchange.ttfb)
+        ttfb = exchange.ttfb
+        if ttfb is not None:
+            stats.ttfb.observe(ttfb)
+            stats.upstream_ttfb.observe(exchange.upstream_ttfb)
+            upstream = exchange.upstream_time
+            if upstream is not None:  # the provider's answer came whole: what egress added to it
+                overhead = seconds - upstream
+                stats.overhead.observe(overhead if overhead > 0.0 else 0.0)
+                if exchange.streamed:
+                    stats.stream_duration.observe(seconds - ttfb)
         error = exchange.error
         if error is not None:
             if error.code == "rate_limited":
@@ -156,7 +177,18 @@ class MetricsCollector:
         yield requests
         for name, help_text, which in (
             ("egress_request_duration_seconds", "Time from first request byte to last response byte", "duration"),
-            ("egress_upstream_ttfb_seconds", "Time to the provider's first response byte", "ttfb"),
+            ("egress_ttfb_seconds", "Time from first request byte to the response head sent to the caller", "ttfb"),
+            (
+                "egress_upstream_ttfb_seconds",
+                "Time from the request sent upstream to the provider's head",
+                "upstream_ttfb",
+            ),
+            (
+                "egress_overhead_seconds",
+                "Request time less the provider's part (request sent to response end): egress's own cost",
+                "overhead",
+            ),
+            ("egress_stream_duration_seconds", "Time from the head of an SSE response to its end", "stream_duration"),
         ):
             family = HistogramMetricFamily(name, help_text, labels=["provider"])
             for provider, stats in providers:

@@ -88,14 +88,18 @@ class Exchange:
         "request",
         "request_id",
         "route",
+        "sent_at",
         "settled",
         "started",
         "status",
+        "streamed",
         "target",
         "tries",
         "ttfb",
         "upstream",
         "upstream_done",
+        "upstream_time",
+        "upstream_ttfb",
         "upstream_until_close",
     )
 
@@ -137,7 +141,12 @@ class Exchange:
         # (retries.first_event); None otherwise, and once released.
         self.held: bytearray | None = None
         self.bytes_out = 0
-        self.ttfb: float | None = None
+        self.ttfb: float | None = None  # request start -> the response head, which goes out at once
+        # The provider's own part: the request written (the last attempt) -> its head, -> its end.
+        self.sent_at = 0.0
+        self.upstream_ttfb: float | None = None
+        self.upstream_time: float | None = None
+        self.streamed = False  # an SSE response
         self.upstream: UpstreamConnection | None = None
         self.upstream_until_close = False
         self.request: list[bytes] | None = None  # head and body as written upstream, kept for a retry
@@ -192,7 +201,10 @@ class Exchange:
         self.status = status
         self.framing = framing
         self.head_sent = True
-        self.ttfb = time.monotonic() - self.started
+        now = time.monotonic()
+        self.ttfb = now - self.started
+        self.upstream_ttfb = now - self.sent_at
+        self.streamed = facts.content_type.startswith(b"text/event-stream")
         self.out.append(
             http1.response_head(
                 status, headers, framing, content_length, self.request_id, self.keep_alive, self.http11, self.tries
@@ -290,6 +302,7 @@ class Exchange:
         if self.framing == CHUNKED:
             self.out.append(b"0\r\n\r\n")
         self.upstream_done = True
+        self.upstream_time = time.monotonic() - self.sent_at
         self.upstream_read_done()
 
     def upstream_failed(self, error: EgressError) -> None:
@@ -323,7 +336,7 @@ class Exchange:
         self.out.clear()
         self.out_size = 0
         self.meter = None
-        self.ttfb = None
+        self.ttfb = self.upstream_ttfb = None
         self.bytes_out = 0
         self.upstream_until_close = False
 
@@ -466,6 +479,7 @@ async def _connect_then_send(exchange: Exchange, pool: UpstreamPool, origin: Ori
 
 
 def _send(exchange: Exchange, upstream: UpstreamConnection) -> None:
+    exchange.sent_at = time.monotonic()
     exchange.upstream = upstream
     exchange.client.backpressure.attach(upstream.transport)
     upstream.send(exchange, exchange.request)

@@ -78,6 +78,15 @@ def test_metrics_after_a_mixed_run(start_egress, fake_provider, ca_file, tmp_pat
     assert value(found, "egress_usage_facts_total", provider="openai", usage="missing") == 1  # /models
     assert value(found, "egress_request_duration_seconds_count", provider="openai") == 7
     assert value(found, "egress_upstream_ttfb_seconds_count", provider="openai") == 4
+    assert value(found, "egress_ttfb_seconds_count", provider="openai") == 4
+    # Every answer the provider gave whole: egress's own part of it, and one stream's duration.
+    assert value(found, "egress_overhead_seconds_count", provider="openai") == 4
+    assert (
+        0
+        <= value(found, "egress_overhead_seconds_sum", provider="openai")
+        < value(found, "egress_request_duration_seconds_sum", provider="openai")
+    )
+    assert value(found, "egress_stream_duration_seconds_count", provider="openai") == 1
     assert value(found, "egress_response_bytes_total", provider="openai") > 0
     assert value(found, "egress_upstream_idle_connections", host="localhost") == 1
     assert value(found, "egress_deny_set_size") == 0
@@ -109,3 +118,16 @@ def test_health_and_readiness_on_the_admin_listener(egress, fake_provider):
         assert wait_until(lambda: admin_get(egress.admin_port, "/readyz")[0] == 503, timeout=2)
         assert client.read_response("POST").complete
     assert egress.wait(timeout=10) == 0
+
+
+def test_overhead_leaves_out_the_time_the_provider_took(egress, fake_provider):
+    headers = {"x-fake-scenario": "slow-head", "x-fake-delay": "0.6", "Authorization": "Bearer sk-byo-metrics"}
+    with RawClient(egress.port, timeout=10) as client:
+        client.send(request_bytes("GET", "/openai/v1/models", headers))
+        assert client.read_response().status == 200
+    found = samples(egress.admin_port)
+    # The provider held its head 0.6 s: the request took longer than that, egress's part far less.
+    assert value(found, "egress_request_duration_seconds_bucket", provider="openai", le="0.5") == 0
+    assert value(found, "egress_upstream_ttfb_seconds_bucket", provider="openai", le="0.5") == 0
+    assert value(found, "egress_overhead_seconds_bucket", provider="openai", le="0.5") == 1
+    assert value(found, "egress_overhead_seconds_count", provider="openai") == 1
