@@ -135,7 +135,7 @@ def test_a_fallback_that_lacks_what_the_request_needs_is_skipped(gateway, fake_p
     # claude-picky's first fallback serves JSON mode only: a request with tools skips it.
     tools = [{"type": "function", "function": {"name": "now", "parameters": {"type": "object", "properties": {}}}}]
     client = sdk(gateway)
-    headers = overloaded("claude-picky")
+    headers = overloaded("claude-picky", retry_after="30")  # the account then cools for 30 s
     completion = client.chat.completions.create(
         model="claude-picky", messages=MESSAGES, tools=tools, extra_headers=headers
     )
