@@ -4,7 +4,8 @@ One run starts a fast real upstream (nginx, one worker, serving an OpenAI-shaped
 500-event SSE body), nginx configured as a plain keep-alive reverse proxy in front of it, and egress
 (one process) in front of it too; then wrk drives each target in turn, round after round, so drift
 on the machine hits all three alike. Reported: medians over the rounds, and the ratios
-egress/nginx-proxy and egress/direct.
+egress/nginx-proxy and egress/direct. With --peers, LiteLLM's proxy and Portkey's open-source
+gateway (routed by its x-portkey-provider and x-portkey-custom-host headers) take the small JSON row too.
 
 Translated rows: the same nginx also serves an Anthropic Messages JSON body and a 500-event
 Anthropic stream (bench/anthropic_bodies.py); egress's unified surface translates a chat request
@@ -435,6 +436,31 @@ def start_litellm(workdir: Path, upstream_port: int, port: int) -> subprocess.Po
     )
 
 
+PORTKEY_DIR = Path.home() / ".cache" / "egress-bench" / "portkey"
+PORTKEY_VERSION = "1.15.2"
+
+
+def start_portkey(workdir: Path, port: int) -> subprocess.Popen:
+    """Portkey's open-source gateway (the @portkey-ai/gateway npm package) under node, installed once
+    into its own directory; it routes each request by its x-portkey-provider and
+    x-portkey-custom-host headers, here to the same upstream."""
+    binary = PORTKEY_DIR / "node_modules" / ".bin" / "gateway"
+    if not binary.exists():
+        print("bench: installing @portkey-ai/gateway into", PORTKEY_DIR, file=sys.stderr)
+        PORTKEY_DIR.mkdir(parents=True, exist_ok=True)
+        subprocess.run(
+            ["npm", "install", "--no-audit", "--no-fund", f"@portkey-ai/gateway@{PORTKEY_VERSION}"],
+            cwd=PORTKEY_DIR,
+            check=True,
+            timeout=600,
+        )
+    return subprocess.Popen(
+        [str(binary), f"--port={port}", "--headless"],
+        stdout=(workdir / "portkey.log").open("wb"),
+        stderr=subprocess.STDOUT,
+    )
+
+
 def children_of(pid: int) -> list[int]:
     found = []
     for entry in Path("/proc").iterdir():
@@ -484,7 +510,11 @@ def main() -> int:
     parser.add_argument("--duration", type=int, default=5)
     parser.add_argument("--connections", type=int, default=50)
     parser.add_argument("--idle-connections", type=int, default=10_000)
-    parser.add_argument("--peers", action="store_true", help="also measure LiteLLM's proxy (installed in its own venv)")
+    parser.add_argument(
+        "--peers",
+        action="store_true",
+        help="also measure LiteLLM's proxy (its own venv) and Portkey's gateway (npm, under node)",
+    )
     args = parser.parse_args()
     for tool in ("nginx", "wrk"):
         if shutil.which(tool) is None:
@@ -524,14 +554,17 @@ def main() -> int:
         processes.append(process)
         egress_pids[name] = process.pid
     try:
-        peer_port = None
+        peer_port = portkey_port = None
         if args.peers:
             peer_port = free_port()
             processes.append(start_litellm(workdir, upstream_port, peer_port))
+            portkey_port = free_port()
+            processes.append(start_portkey(workdir, portkey_port))
         for port in (upstream_port, proxy_port, egress_port, full_port, two_port):
             wait_for_port(port)
         if peer_port is not None:
             wait_for_port(peer_port, timeout=120)  # LiteLLM takes a while to import
+            wait_for_port(portkey_port, timeout=60)
         watch = {"upstream": children_of(processes[0].pid)[0]}
         scenarios = {
             "small JSON": {
@@ -541,6 +574,7 @@ def main() -> int:
                 "egress, full": f"http://127.0.0.1:{full_port}/bench/v1/chat/completions",
                 "egress, 2 workers": f"http://127.0.0.1:{two_port}/bench/v1/chat/completions",
                 **({"litellm": f"http://127.0.0.1:{peer_port}/v1/chat/completions"} if peer_port else {}),
+                **({"portkey": f"http://127.0.0.1:{portkey_port}/v1/chat/completions"} if portkey_port else {}),
             },
             f"SSE {SSE_EVENTS} events": {
                 "direct": f"http://127.0.0.1:{upstream_port}/v1/stream",
@@ -595,6 +629,13 @@ def main() -> int:
             scripts = {
                 target: virtual if target == "egress, full" else peer if target == "litellm" else lua for target in urls
             }
+            if "portkey" in urls:
+                scripts["portkey"] = workdir / "post-portkey.lua"
+                scripts["portkey"].write_text(
+                    (POST_LUA % "sk-bench-byo")
+                    + 'wrk.headers["x-portkey-provider"] = "openai"\n'
+                    + f'wrk.headers["x-portkey-custom-host"] = "http://127.0.0.1:{upstream_port}/v1"\n'
+                )
             connections = {target: args.connections for target in urls}
             if scenario in (TRANSLATED_SSE, TRANSLATED_RESPONSES) and "litellm" in urls:
                 connections["litellm"] = LITELLM_STREAM_CONNECTIONS
@@ -1057,6 +1098,8 @@ def render(
         for target in (name for name in medians if name.startswith("egress")):
             rps = medians[target]["rps"]
             peer = f", /litellm **{rps / medians['litellm']['rps']:.0f}**" if "litellm" in medians else ""
+            if "portkey" in medians:
+                peer += f", /portkey **{rps / medians['portkey']['rps']:.2f}**"
             lines.append(
                 f"| {scenario} | **ratio, {target}** | /nginx-proxy **{rps / medians['nginx-proxy']['rps']:.2f}**, "
                 f"/direct **{rps / medians['direct']['rps']:.2f}**{peer} | | | | |"
