@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 
 import orjson
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from egress import http1
@@ -73,5 +73,8 @@ class AdminConnection(asyncio.Protocol):
 async def start_admin(state, host: str, port: int) -> asyncio.AbstractServer:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(MetricsCollector(state))
+    # process_* (resident memory, CPU seconds, open and maximum descriptors, start time) of this
+    # process, read from /proc at scrape time.
+    ProcessCollector(registry=registry)
     loop = asyncio.get_running_loop()
     return await loop.create_server(lambda: AdminConnection(state, registry), host, port, reuse_address=True)

@@ -92,6 +92,10 @@ def test_metrics_after_a_mixed_run(start_egress, fake_provider, ca_file, tmp_pat
     assert value(found, "egress_deny_set_size") == 0
     assert value(found, "egress_open_connections") >= 0
     assert all("kid" not in dict(labels) and "path" not in dict(labels) for _, labels in found)
+    # The process's own figures, as prometheus-client's process collector reads them from /proc.
+    assert value(found, "process_resident_memory_bytes") > 0
+    assert value(found, "process_open_fds") > 0
+    assert value(found, "process_start_time_seconds") > 1_700_000_000
 
 
 def test_health_and_readiness_on_the_admin_listener(egress, fake_provider):
