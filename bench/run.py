@@ -683,17 +683,7 @@ def main() -> int:
                         key: statistics.median(run[key] for run in rounds) for key in ("rate", "p50_ms", "p99_ms")
                     }
         sse_timing = sse_event_timing(workdir)
-        stream_targets = {
-            "direct": (upstream_port, "/stream/v1/messages", MESSAGES_STREAM_REQUEST, "sk-bench-byo", TTFT_REQUESTS),
-            "egress": (egress_port, "/v1/chat/completions", STREAM_REQUEST, "sk-bench-byo", TTFT_REQUESTS),
-            "egress, responses": (
-                egress_port,
-                "/v1/responses",
-                RESPONSES_STREAM_REQUEST,
-                "sk-bench-byo",
-                TTFT_REQUESTS,
-            ),
-        }
+        stream_targets = first_token_targets(upstream_port, egress_port)
         ttft = {
             "nginx": first_token_rounds(stream_targets, args.rounds),
             "paced": paced_first_token(workdir, args.rounds),
@@ -825,6 +815,15 @@ class FirstTokenClient:
         self.sock.close()
 
 
+def first_token_targets(upstream_port: int, egress_port: int) -> dict[str, tuple[int, str, str, str, int]]:
+    """The translated stream, direct from the upstream and through egress as chat and as Responses."""
+    return {
+        "direct": (upstream_port, "/stream/v1/messages", MESSAGES_STREAM_REQUEST, "sk-bench-byo", TTFT_REQUESTS),
+        "egress": (egress_port, "/v1/chat/completions", STREAM_REQUEST, "sk-bench-byo", TTFT_REQUESTS),
+        "egress, responses": (egress_port, "/v1/responses", RESPONSES_STREAM_REQUEST, "sk-bench-byo", TTFT_REQUESTS),
+    }
+
+
 def first_token_rounds(targets: dict[str, tuple[int, str, str, str, int]], rounds: int) -> dict[str, list[list[float]]]:
     """Time to first token of each target (port, path, body, token, requests), request by request:
     the targets take turns on every request (in an order that rotates), one keep-alive connection
@@ -871,18 +870,7 @@ def paced_first_token(workdir: Path, rounds: int) -> dict[str, list[list[float]]
     try:
         wait_for_port(upstream_port)
         wait_for_port(egress_port)
-        targets = {
-            "direct": (upstream_port, "/stream/v1/messages", MESSAGES_STREAM_REQUEST, "sk-bench-byo", TTFT_REQUESTS),
-            "egress": (egress_port, "/v1/chat/completions", STREAM_REQUEST, "sk-bench-byo", TTFT_REQUESTS),
-            "egress, responses": (
-                egress_port,
-                "/v1/responses",
-                RESPONSES_STREAM_REQUEST,
-                "sk-bench-byo",
-                TTFT_REQUESTS,
-            ),
-        }
-        return first_token_rounds(targets, rounds)
+        return first_token_rounds(first_token_targets(upstream_port, egress_port), rounds)
     finally:
         for process in (upstream, egress):
             process.terminate()

@@ -98,9 +98,7 @@ def worst(findings: list[Finding]) -> str:
 def preflight(config: Config) -> None:
     """What `serve` and `config check` both refuse before binding: every failing offline check, in
     the words `doctor` uses for it. Raises ConfigError; warnings are doctor's to show."""
-    findings = check_routes(config) + check_pool_keys(config) + check_state_paths(config)
-    findings += check_ca_file(config) + check_byo_hash_key(config) + check_nats(config)
-    failures = [finding.message for finding in findings if finding.level == "fail"]
+    failures = [finding.message for check in _STARTUP_CHECKS for finding in check(config) if finding.level == "fail"]
     if failures:
         raise ConfigError("; ".join(failures))
 
@@ -121,19 +119,14 @@ def check_nats(config: Config) -> list[Finding]:
 
 
 def diagnose(path: str | None, network: bool = False) -> list[Finding]:
+    """Every offline check (`--check` adds the accounts'), in order; `preflight`'s are the first."""
     try:
         config = load_config(path)
     except ConfigError as exc:
         return [Finding("config", "fail", str(exc))]
     findings = [Finding("config", "ok", f"{path or 'the built-in config'} parses and validates")]
-    findings += check_routes(config)
-    findings += check_pool_keys(config)
-    findings += check_state_paths(config)
-    findings += check_ca_file(config)
-    findings += check_byo_hash_key(config)
-    findings += check_nats(config)
-    findings += check_open_relay(config)
-    findings += check_ports(config)
+    for check in (*_STARTUP_CHECKS, check_open_relay, check_ports):
+        findings += check(config)
     if network:
         failed = frozenset(f.details["provider"] for f in findings if f.check == "pool_keys" and f.level == "fail")
         findings += check_accounts(config, skip=failed)
@@ -579,3 +572,7 @@ def _describe(exc: OSError) -> str:
     if isinstance(exc, ssl.SSLError):
         return exc.reason or exc.__class__.__name__
     return exc.strerror or str(exc) or exc.__class__.__name__
+
+
+# What serve refuses to start without (`preflight`), and doctor runs first, in this order.
+_STARTUP_CHECKS = (check_routes, check_pool_keys, check_state_paths, check_ca_file, check_byo_hash_key, check_nats)

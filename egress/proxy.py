@@ -211,7 +211,7 @@ class Exchange:
             )
         )
         if self.account is not None and framing != NO_BODY:
-            retries.hold_stream(self, status, facts.content_type)
+            retries.hold_stream(self, status)
 
     def upstream_body(self, data: bytes) -> None:
         if self.held is not None:

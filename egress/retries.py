@@ -159,8 +159,8 @@ def _send_again(exchange: Exchange) -> None:
 _HOLD_LIMIT = 64 * 1024
 
 
-def hold_stream(exchange: Exchange, status: int, content_type: bytes) -> None:
-    if not (200 <= status < 300 and content_type.startswith(b"text/event-stream")):
+def hold_stream(exchange: Exchange, status: int) -> None:
+    if not (200 <= status < 300 and exchange.streamed):
         return
     exchange.held = bytearray()
     timeout = exchange.client.state.config.accounts.first_event_timeout
