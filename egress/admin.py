@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 
 import orjson
-from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
+from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from egress import http1
@@ -70,11 +70,15 @@ class AdminConnection(asyncio.Protocol):
         self._buffer = b""
 
 
-async def start_admin(state, host: str, port: int) -> asyncio.AbstractServer:
+async def start_admin(
+    state, host: str, port: int, slabs: memoryview, workers: int, reuse_port: bool = False
+) -> asyncio.AbstractServer:
+    """The admin listener; `slabs` is the host's tally (tally.py), `workers` slabs of it."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(MetricsCollector(state))
-    # process_* (resident memory, CPU seconds, open and maximum descriptors, start time) of this
-    # process, read from /proc at scrape time.
-    ProcessCollector(registry=registry)
+    # The host's metrics, process_* (memory, CPU seconds, descriptors, start time) of each process
+    # included, read from /proc at scrape time.
+    registry.register(MetricsCollector(state, slabs, workers))
     loop = asyncio.get_running_loop()
-    return await loop.create_server(lambda: AdminConnection(state, registry), host, port, reuse_address=True)
+    return await loop.create_server(
+        lambda: AdminConnection(state, registry), host, port, reuse_address=True, reuse_port=reuse_port
+    )

@@ -93,7 +93,7 @@ def _busy(exchange: Exchange) -> None:
         proxy.send_first(exchange)
         return
     name = exchange.route.provider.name
-    exchange.client.state.metrics.busy[name] += 1
+    exchange.client.state.metrics.tally.add(("busy", name))
     _answer(
         exchange,
         EgressError(
@@ -128,7 +128,7 @@ def fall_back(exchange: Exchange, retry: bool) -> bool:
                 state.accounts.end(held, gate)
             elif gate:
                 state.accounts.leave(gate)
-            state.metrics.fallbacks[(origin, exchange.route.provider.name)] += 1
+            state.metrics.tally.add(("fallbacks", origin, exchange.route.provider.name))
             return True
         surface.restore(exchange, saved)  # no account free there now: the next one
     return False

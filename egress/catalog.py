@@ -143,14 +143,14 @@ class ModelCatalog:
                     models = await self._fetch(state, provider)
             except (EgressError, ListError, OSError, TimeoutError, h11.ProtocolError) as exc:
                 log_event("model_list_failed", provider=provider.name, error=_describe(exc))
-                state.metrics.model_lists[(provider.name, "error")] += 1
+                state.metrics.tally.add(("model_lists", provider.name, "error"))
                 self._failures[provider.name] = self._failures.get(provider.name, 0) + 1
                 await asyncio.sleep(_jittered(retry))
                 retry = min(retry * 2, self.refresh)
                 continue
             self._lists[provider.name] = models
             self._origins[provider.name] = provider.base_url
-            state.metrics.model_lists[(provider.name, "ok")] += 1
+            state.metrics.tally.add(("model_lists", provider.name, "ok"))
             self._failures.pop(provider.name, None)
             retry = min(_FIRST_RETRY, self.refresh)
             await asyncio.sleep(_jittered(self.refresh))

@@ -26,6 +26,8 @@ import time
 
 import orjson
 
+from egress.tally import Tally
+
 _KID = re.compile(r"[0-9a-f]{16}")
 _BOM = b"\xef\xbb\xbf"
 
@@ -36,17 +38,18 @@ def is_kid(text: str) -> bool:
 
 class DenySet:
     __slots__ = (
+        "_bad_lines",
         "_file_kids",
         "_stream_kids",
+        "_tally",
         "connected",
-        "file_bad_lines",
         "kids",
         "last_sequence",
         "stream_created",
         "synced_at",
     )
 
-    def __init__(self) -> None:
+    def __init__(self, tally: Tally | None = None) -> None:
         self._file_kids: frozenset[str] = frozenset()
         self._stream_kids: set[str] = set()
         self.kids: set[str] = set()
@@ -57,7 +60,9 @@ class DenySet:
         # the disconnect time after that. None when no stream is configured.
         self.synced_at: float | None = None
         self.connected = False
-        self.file_bad_lines = 0  # counted on every read of the deny file, for the metrics
+        # Deny-file lines skipped, counted on every read of the file, in the worker's tally.
+        self._tally = tally if tally is not None else Tally()
+        self._bad_lines = self._tally.index(("deny_file_bad_lines",))
 
     def __contains__(self, kid: str) -> bool:
         return kid in self.kids
@@ -68,7 +73,11 @@ class DenySet:
     def replace_file_kids(self, kids: frozenset[str], bad_lines: tuple[int, ...] = ()) -> None:
         self._file_kids = kids
         self.kids = set(kids) | self._stream_kids
-        self.file_bad_lines += len(bad_lines)
+        self._tally.values[self._bad_lines] += len(bad_lines)
+
+    @property
+    def file_bad_lines(self) -> int:
+        return int(self._tally.get(("deny_file_bad_lines",)))
 
     def apply_stream(self, kid: str | None, sequence: int) -> bool:
         if sequence <= self.last_sequence:

@@ -424,12 +424,7 @@ def check_ports(config: Config) -> list[Finding]:
     server = config.server
     addresses = [("server.listen", server.listen)]
     if server.admin_listen != "off":
-        host, port = parse_listen(server.admin_listen)
-        workers = server.workers or os.cpu_count() or 1
-        # Each worker serves its metrics on admin_listen + its index (serve.py); one worker uses the port itself.
-        for index in range(workers if port and workers > 1 else 1):
-            shown = f"[{host}]" if ":" in host else host
-            addresses.append((f"server.admin_listen (worker {index})", f"{shown}:{port + index}"))
+        addresses.append(("server.admin_listen", server.admin_listen))  # one port, every worker's
     findings = []
     for setting, address in addresses:
         problem = _bind_problem(*parse_listen(address))

@@ -20,12 +20,13 @@ import asyncio
 import errno
 import os
 import time
-from collections import Counter, deque
+from collections import deque
 from typing import Any
 
 import orjson
 
 from egress.accesslog import log_event
+from egress.tally import Tally
 
 # Seconds between two failure lines: one line a batch would flood the log when the disk is full.
 FAILURE_LOG_INTERVAL = 10.0
@@ -53,6 +54,7 @@ class Throttle:
 
 class FactSink:
     __slots__ = (
+        "_dropped",
         "_failures",
         "_fd",
         "_keep",
@@ -63,14 +65,15 @@ class FactSink:
         "_rotate_bytes",
         "_scheduled",
         "_size",
+        "_tally",
         "_torn",
-        "counts",
-        "dropped",
         "listeners",
         "publisher",
     )
 
-    def __init__(self, path: str | None, rotate_bytes: int, keep_files: int, queue_size: int) -> None:
+    def __init__(
+        self, path: str | None, rotate_bytes: int, keep_files: int, queue_size: int, tally: Tally | None = None
+    ) -> None:
         self._loop = asyncio.get_running_loop()
         self._path = path
         self._rotate_bytes = rotate_bytes
@@ -78,8 +81,9 @@ class FactSink:
         self._queue: deque[dict[str, Any]] = deque()
         self._queue_size = queue_size
         self._scheduled = False
-        self.dropped = 0
-        self.counts: Counter[tuple[str, str]] = Counter()
+        # Facts by usage state, and dropped ones, are counted in the worker's tally (tally.py).
+        self._tally = tally if tally is not None else Tally()
+        self._dropped = self._tally.index(("usage_facts_dropped", "jsonl"))
         # Other consumers of every fact (the NATS publisher): called with the batch, must not block.
         self.listeners: list = []
         self.publisher = None  # the NATS publisher, when configured (for its dropped count)
@@ -94,10 +98,14 @@ class FactSink:
     def queued(self) -> int:
         return len(self._queue)
 
+    @property
+    def dropped(self) -> int:
+        return int(self._tally.get(("usage_facts_dropped", "jsonl")))
+
     def emit(self, fact: dict[str, Any]) -> None:
-        self.counts[(fact["provider"], fact["usage"])] += 1
+        self._tally.add(("usage_facts", fact["provider"], fact["usage"]))
         if len(self._queue) >= self._queue_size:
-            self.dropped += 1
+            self._tally.values[self._dropped] += 1
             return
         self._queue.append(fact)
         if not self._scheduled:
@@ -176,7 +184,7 @@ class FactSink:
             self._torn = True
 
     def _lost(self, count: int, event: str, error: OSError) -> None:
-        self.dropped += count
+        self._tally.values[self._dropped] += count
         held = self._failures.due(time.monotonic())
         if held is not None:
             log_event(event, error=error.strerror, dropped=count, dropped_total=self.dropped, not_logged=held)

@@ -1,26 +1,32 @@
-"""Prometheus metrics, kept as plain counters on the hot path and turned into samples at scrape time.
+"""Prometheus metrics: stores into shared memory on the hot path, samples made at scrape time.
 
-Contract: `Metrics.observe(exchange)` runs once per request in the log phase: a few dict and list
-increments, no locks, no label look-ups (prometheus-client's `labels().inc()` costs microseconds a
-call). `MetricsCollector` hands everything to prometheus-client when `/metrics` is scraped, on the
-admin listener, never the main one.
+Contract: `Metrics.observe(exchange)` runs once per request in the log phase: one dict look-up and a
+few memoryview increments into this worker's slab of the host's tally (tally.py), no locks, no
+label look-ups (prometheus-client's `labels().inc()` costs microseconds a call). `MetricsCollector`
+answers `/metrics` on the admin listener for the whole host: any worker sums every worker's slab, so
+one target serves them all, and a restarted worker goes on from its predecessor's counts (a sum
+never goes backwards). Gauges and process figures are per live worker, with a `worker` label.
 
-Cardinality is bounded: labels are provider names (from config), status classes, error codes and
-token kinds, and models. Models are capped per provider (`MODEL_CAP`), and later ones fold into
-`other`. Key ids and paths are never labels.
+Cardinality is bounded: labels are provider names (from config), surfaces, status classes, error
+codes and token kinds, and models. Models are capped per provider (`MODEL_CAP`), and later ones fold
+into `other`. Key ids and paths are never labels.
 """
 
 from __future__ import annotations
 
 import bisect
+import itertools
+import math
 import operator
+import os
 import time
-from collections import Counter
 from typing import TYPE_CHECKING
 
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client import ProcessCollector
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
 from egress.accounts import COOLING, STATE_NAMES
+from egress.tally import Tally, read_slabs, sum_counters
 
 if TYPE_CHECKING:
     from egress.proxy import Exchange
@@ -46,245 +52,315 @@ _AUTH_CODES = frozenset(
 )
 
 
-class Histogram:
-    __slots__ = ("counts", "total")
-
-    def __init__(self) -> None:
-        self.counts = [0] * (len(BUCKETS) + 1)
-        self.total = 0.0
-
-    def observe(self, value: float) -> None:
-        self.counts[bisect.bisect_left(BUCKETS, value)] += 1
-        self.total += value
-
-
-class ProviderStats:
-    """One provider's request counters: one dict look-up per request finds them all."""
-
-    __slots__ = (
-        "bytes_in",
-        "bytes_out",
-        "duration",
-        "overhead",
-        "rate_limited",
-        "status_classes",
-        "stream_duration",
-        "ttfb",
-        "upstream_ttfb",
-    )
-
-    def __init__(self) -> None:
-        self.status_classes = [0] * 10  # index: status // 100
-        self.bytes_in = 0
-        self.bytes_out = 0
-        self.rate_limited = 0
-        self.duration = Histogram()
-        self.ttfb = Histogram()
-        self.upstream_ttfb = Histogram()
-        self.overhead = Histogram()
-        self.stream_duration = Histogram()
+# One provider's and surface's figures, at fixed offsets from its first value in the tally: one
+# dict look-up per request finds them all.
+_STATUS = 0  # 10 values, by status // 100
+_BYTES_IN, _BYTES_OUT, _RATE_LIMITED, _SSE_EVENTS = 10, 11, 12, 13
+_HISTOGRAM_WIDTH = len(BUCKETS) + 2  # a count per bucket, +Inf's, then the sum
+_DURATION, _TTFB, _UPSTREAM_TTFB, _OVERHEAD, _STREAM = (14 + _HISTOGRAM_WIDTH * n for n in range(5))
+_SUM = len(BUCKETS) + 1
+_DURATION_SUM, _TTFB_SUM, _UPSTREAM_TTFB_SUM, _OVERHEAD_SUM, _STREAM_SUM = (
+    at + _SUM for at in (_DURATION, _TTFB, _UPSTREAM_TTFB, _OVERHEAD, _STREAM)
+)
+_bucket = bisect.bisect_left
+_WIDTH = 14 + 5 * _HISTOGRAM_WIDTH
+_HISTOGRAMS = (
+    ("egress_request_duration_seconds", "Time from first request byte to last response byte", _DURATION),
+    ("egress_ttfb_seconds", "Time from first request byte to the response head sent to the caller", _TTFB),
+    ("egress_upstream_ttfb_seconds", "Time from the request sent upstream to the provider's head", _UPSTREAM_TTFB),
+    (
+        "egress_overhead_seconds",
+        "Request time less the provider's part (request sent to response end): egress's own cost",
+        _OVERHEAD,
+    ),
+    ("egress_stream_duration_seconds", "Time from the head of an SSE response to its end", _STREAM),
+)
+_PROVIDER_COUNTERS = (
+    ("egress_request_bytes", "Request body bytes received", _BYTES_IN),
+    ("egress_response_bytes", "Response body bytes relayed", _BYTES_OUT),
+    ("egress_sse_events", "SSE events relayed to the caller", _SSE_EVENTS),
+    ("egress_rate_limited", "Requests refused by the rate limiter", _RATE_LIMITED),
+)
 
 
 class Metrics:
-    __slots__ = (
-        "attempts",
-        "auth_failures",
-        "busy",
-        "fallbacks",
-        "model_lists",
-        "models",
-        "providers",
-        "retry_budget_exhausted",
-        "tokens",
-    )
+    """This process's counters, kept in its slab of the host's tally (tally.py)."""
 
-    def __init__(self) -> None:
-        self.providers: dict[str, ProviderStats] = {}
-        self.auth_failures: Counter[str] = Counter()
-        self.tokens: Counter[tuple[str, str, str]] = Counter()
-        self.models: dict[str, set[str]] = {}
-        self.model_lists: Counter[tuple[str, str]] = Counter()  # (provider, "ok" | "error") fetches
-        # (provider, account id or "byo", outcome): success, retry_scheduled, retry_exhausted, not_retryable
-        self.attempts: Counter[tuple[str, str, str]] = Counter()
-        self.retry_budget_exhausted = 0
-        self.fallbacks: Counter[tuple[str, str]] = Counter()  # (from provider, to provider)
-        self.busy: Counter[str] = Counter()  # provider_busy answers, by provider
+    __slots__ = ("_models", "_providers", "_tokens", "tally", "values")
+
+    def __init__(self, tally: Tally | None = None) -> None:
+        self.tally = tally = tally if tally is not None else Tally()
+        self.values = tally.values
+        self._providers: dict[tuple[str, str], int] = {}  # (provider, surface) -> first value
+        self._tokens: dict[tuple[str, str | None], int] = {}  # (provider, model) -> its six kinds' first
+        self._models: dict[str, set[str]] = {}
+        for key in tally:  # a restarted worker's model labels count towards the cap again
+            if key[0] == "tokens":
+                self._models.setdefault(key[1], set()).add(key[2])
 
     def observe(self, exchange: Exchange, seconds: float) -> None:
         route = exchange.route
-        provider = route.provider.name if route is not None else "none"
-        stats = self.providers.get(provider)
-        if stats is None:
-            stats = self.providers[provider] = ProviderStats()
-        stats.status_classes[exchange.status // 100] += 1
-        stats.bytes_in += exchange.body_size
-        stats.bytes_out += exchange.bytes_out
-        stats.duration.observe(seconds)
+        key = (route.provider.name, route.surface or "passthrough") if route is not None else _NO_ROUTE
+        at = self._providers.get(key)
+        if at is None:
+            at = self._providers[key] = self.tally.index(("provider", *key), _WIDTH)
+        values = self.values
+        values[at + exchange.status // 100] += 1
+        values[at + _BYTES_IN] += exchange.body_size
+        values[at + _BYTES_OUT] += exchange.bytes_out
+        # Each histogram written out: a bucket's count, then the sum (a call each cost ~10 opcodes).
+        values[at + _DURATION + _bucket(BUCKETS, seconds)] += 1
+        values[at + _DURATION_SUM] += seconds
         ttfb = exchange.ttfb
         if ttfb is not None:
-            stats.ttfb.observe(ttfb)
-            stats.upstream_ttfb.observe(exchange.upstream_ttfb)
+            values[at + _TTFB + _bucket(BUCKETS, ttfb)] += 1
+            values[at + _TTFB_SUM] += ttfb
+            upstream_ttfb = exchange.upstream_ttfb
+            values[at + _UPSTREAM_TTFB + _bucket(BUCKETS, upstream_ttfb)] += 1
+            values[at + _UPSTREAM_TTFB_SUM] += upstream_ttfb
+            streamed = exchange.streamed
+            if streamed:
+                values[at + _SSE_EVENTS] += exchange.events
             upstream = exchange.upstream_time
             if upstream is not None:  # the provider's answer came whole: what egress added to it
                 overhead = seconds - upstream
-                stats.overhead.observe(overhead if overhead > 0.0 else 0.0)
-                if exchange.streamed:
-                    stats.stream_duration.observe(seconds - ttfb)
+                if overhead < 0.0:
+                    overhead = 0.0
+                values[at + _OVERHEAD + _bucket(BUCKETS, overhead)] += 1
+                values[at + _OVERHEAD_SUM] += overhead
+                if streamed:
+                    streaming = seconds - ttfb
+                    values[at + _STREAM + _bucket(BUCKETS, streaming)] += 1
+                    values[at + _STREAM_SUM] += streaming
         error = exchange.error
         if error is not None:
             if error.code == "rate_limited":
-                stats.rate_limited += 1
+                values[at + _RATE_LIMITED] += 1
             elif error.code in _AUTH_CODES:
-                self.auth_failures[error.code] += 1
+                self.tally.add(("key_failures", error.code))
 
     def observe_usage(self, provider: str, usage: Usage) -> None:
-        model = self._model_label(provider, usage.model)
-        tokens = self.tokens
+        at = self._tokens.get((provider, usage.model))
+        if at is None:
+            at = self._token_values(provider, usage.model)
+        values = self.values
         # attrgetter reads the six fields in one C call: a getattr per kind cost ~40 opcodes more.
-        for kind, count in zip(_KIND_NAMES, _token_counts(usage), strict=True):
+        for offset, count in enumerate(_token_counts(usage)):
             if count:
-                tokens[(provider, model, kind)] += count
+                values[at + offset] += count
 
-    def _model_label(self, provider: str, model: str | None) -> str:
-        if model is None:
-            return "unknown"
-        seen = self.models.get(provider)
-        if seen is None:
-            seen = self.models[provider] = set()
-        elif model in seen:
-            return model
-        if len(seen) < MODEL_CAP:
-            seen.add(model)
-            return model
-        return "other"
+    def _token_values(self, provider: str, model: str | None) -> int:
+        """The first of a provider and model's six token kinds, the model capped per provider."""
+        label = "unknown" if model is None else model
+        seen = self._models.setdefault(provider, set())
+        if label not in seen:
+            if len(seen) >= MODEL_CAP:
+                # Not cached: a provider answering with ever new model names must not grow it.
+                return self.tally.index(("tokens", provider, "other"), len(_KIND_NAMES))
+            seen.add(label)
+        at = self._tokens[(provider, model)] = self.tally.index(("tokens", provider, label), len(_KIND_NAMES))
+        return at
+
+
+_NO_ROUTE = ("none", "none")
+
+
+def sse_events(end: bytes, data: bytes) -> tuple[int, bytes]:
+    """SSE events ended in `data` (blank lines, LF or CRLF), given `end`, the stream's last bytes
+    before it, as this returned them last: (events, the new `end`). The same count however the
+    stream is cut into reads (a run of three or more line ends may count as fewer events).
+    """
+    events = data.count(b"\n\n") + data.count(b"\n\r\n")
+    if end:
+        head = data[:2]
+        joined = end + head
+        # Only the blank lines that straddle the cut: those inside `end` or `head` are counted.
+        events += joined.count(b"\n\n") + joined.count(b"\n\r\n") - end.count(b"\n\n") - head.count(b"\n\n")
+    tail = data[-2:] if len(data) >= 2 else (end + data)[-2:]
+    return events, tail if b"\n" in tail else b""
+
+
+def publish_gauges(state: ServerState) -> None:
+    """This worker's gauges into its slab, for whichever worker is scraped: every second, and at a scrape."""
+    tally = state.metrics.tally
+    tally.set_gauge(("open_connections",), len(state.connections))
+    tally.set_gauge(("requests_waiting",), len(state.waiting))
+    tally.set_gauge(("draining",), 1 if state.draining else 0)
+    denyset = state.auth.denyset
+    tally.set_gauge(("deny_set_size",), len(denyset))
+    age = denyset.age_seconds()
+    tally.set_gauge(("deny_set_age",), age if age is not None else math.nan)
+    idle = state.pool.idle_counts()
+    for key in [key for key in tally if key[0] == "upstream_idle" and key[1] not in idle]:
+        tally.set_gauge(key, 0)  # a host with no idle connection left
+    for host, count in idle.items():
+        tally.set_gauge(("upstream_idle", host), count)
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 class MetricsCollector:
-    """prometheus-client collector over one process's `ServerState`."""
+    """prometheus-client collector for the whole host: every worker's slab summed (tally.py), each
+    live worker's gauges labelled with it, and the accounts' shared table."""
 
-    def __init__(self, state: ServerState) -> None:
+    def __init__(self, state: ServerState, slabs: memoryview, workers: int) -> None:
         self._state = state
+        self._slabs = slabs
+        self._workers = workers
 
     def collect(self):
         state = self._state
-        metrics: Metrics = state.metrics
-        providers = sorted(metrics.providers.items())
-        requests = CounterMetricFamily("egress_requests", "Requests answered", labels=["provider", "status_class"])
-        for provider, stats in providers:
-            for status_class, count in enumerate(stats.status_classes):
-                if count:
-                    requests.add_metric([provider, f"{status_class}xx"], count)
-        yield requests
-        for name, help_text, which in (
-            ("egress_request_duration_seconds", "Time from first request byte to last response byte", "duration"),
-            ("egress_ttfb_seconds", "Time from first request byte to the response head sent to the caller", "ttfb"),
-            (
-                "egress_upstream_ttfb_seconds",
-                "Time from the request sent upstream to the provider's head",
-                "upstream_ttfb",
-            ),
-            (
-                "egress_overhead_seconds",
-                "Request time less the provider's part (request sent to response end): egress's own cost",
-                "overhead",
-            ),
-            ("egress_stream_duration_seconds", "Time from the head of an SSE response to its end", "stream_duration"),
-        ):
-            family = HistogramMetricFamily(name, help_text, labels=["provider"])
-            for provider, stats in providers:
-                histogram = getattr(stats, which)
-                if not any(histogram.counts):
-                    continue
-                cumulative, buckets = 0, []
-                for bound, count in zip((*BUCKETS, float("inf")), histogram.counts, strict=True):
-                    cumulative += count
-                    buckets.append(("+Inf" if bound == float("inf") else repr(bound), cumulative))
-                family.add_metric([provider], buckets, histogram.total)
-            yield family
-        for name, help_text, which in (
-            ("egress_request_bytes", "Request body bytes received", "bytes_in"),
-            ("egress_response_bytes", "Response body bytes relayed", "bytes_out"),
-            ("egress_rate_limited", "Requests refused by the rate limiter", "rate_limited"),
-        ):
-            family = CounterMetricFamily(name, help_text, labels=["provider"])
-            for provider, stats in providers:
-                count = getattr(stats, which)
-                if count or which != "rate_limited":
-                    family.add_metric([provider], count)
-            yield family
-        failures = CounterMetricFamily("egress_key_failures", "Refused credentials by reason", labels=["reason"])
-        for reason, count in sorted(metrics.auth_failures.items()):
-            failures.add_metric([reason], count)
-        yield failures
+        publish_gauges(state)
+        slabs = read_slabs(self._slabs, self._workers)
+        by_family: dict[str, list[tuple[tuple, list[float]]]] = {}
+        for key, values in sorted(sum_counters(slabs).items()):
+            by_family.setdefault(key[0], []).append((key[1:], values))
+        yield from _provider_families(by_family.get("provider", ()))
         tokens = CounterMetricFamily("egress_tokens", "Tokens metered", labels=["provider", "model", "kind"])
-        for (provider, model, kind), count in sorted(metrics.tokens.items()):
-            tokens.add_metric([provider, model, kind], count)
+        for (provider, model), values in by_family.get("tokens", ()):
+            for kind, count in zip(_KIND_NAMES, values, strict=True):
+                if count:
+                    tokens.add_metric([provider, model, kind], count)
         yield tokens
-        facts = CounterMetricFamily("egress_usage_facts", "Usage facts by usage state", labels=["provider", "usage"])
-        for (provider, usage), count in sorted(state.facts.counts.items()):
-            facts.add_metric([provider, usage], count)
-        yield facts
-        dropped = CounterMetricFamily("egress_usage_facts_dropped", "Usage facts dropped", labels=["sink"])
-        dropped.add_metric(["jsonl"], state.facts.dropped)
-        if state.facts.publisher is not None:
-            dropped.add_metric(["nats"], state.facts.publisher.dropped)
-        yield dropped
-        lists = CounterMetricFamily(
-            "egress_model_list_fetches", "Fetches of providers' model lists by outcome", labels=["provider", "outcome"]
-        )
-        for (provider, outcome), count in sorted(metrics.model_lists.items()):
-            lists.add_metric([provider, outcome], count)
-        yield lists
-        yield from _account_families(state)
-        yield GaugeMetricFamily("egress_open_connections", "Open client connections", value=len(state.connections))
-        idle = GaugeMetricFamily(
-            "egress_upstream_idle_connections", "Pooled idle upstream connections", labels=["host"]
-        )
-        for host, count in sorted(state.pool.idle_counts().items()):
-            idle.add_metric([host], count)
-        yield idle
-        denyset = state.auth.denyset
-        yield GaugeMetricFamily("egress_deny_set_size", "Revoked key ids enforced", value=len(denyset))
+        for family_name, name, help_text, labels in _COUNTERS:
+            family = CounterMetricFamily(name, help_text, labels=list(labels))
+            for label_values, values in by_family.get(family_name, ()):
+                family.add_metric(list(label_values), values[0])
+            yield family
         yield CounterMetricFamily(
-            "egress_deny_file_bad_lines",
-            "Deny-file lines skipped (not UTF-8, not a kid), each read",
-            value=denyset.file_bad_lines,
+            "egress_metrics_overflow",
+            "Metric series not kept because a worker's slab was full",
+            value=sum(slab.overflow for slab in slabs),
         )
-        age = denyset.age_seconds()
-        if age is not None:
-            yield GaugeMetricFamily("egress_deny_set_age_seconds", "Staleness of the revocation stream", value=age)
-        yield GaugeMetricFamily("egress_draining", "1 while shutting down", value=1 if state.draining else 0)
+        yield from _account_families(state)
+        yield from _worker_families(slabs)
+
+
+# (tally key, metric name, help, label names): the counters kept as one value per key.
+_COUNTERS = (
+    ("key_failures", "egress_key_failures", "Refused credentials by reason", ("reason",)),
+    ("usage_facts", "egress_usage_facts", "Usage facts by usage state", ("provider", "usage")),
+    ("usage_facts_dropped", "egress_usage_facts_dropped", "Usage facts dropped", ("sink",)),
+    (
+        "model_lists",
+        "egress_model_list_fetches",
+        "Fetches of providers' model lists by outcome",
+        ("provider", "outcome"),
+    ),
+    ("attempts", "egress_upstream_attempts", "Upstream attempts by outcome", ("provider", "account", "outcome")),
+    ("retry_budget_exhausted", "egress_retry_budget_exhausted", "Retries refused by the host-wide retry budget", ()),
+    (
+        "fallbacks",
+        "egress_fallbacks",
+        "Requests moved to a fallback of their model route",
+        ("provider", "fallback"),
+    ),
+    ("busy", "egress_provider_busy", "Requests answered provider_busy after the queue timeout", ("provider",)),
+    (
+        "deny_file_bad_lines",
+        "egress_deny_file_bad_lines",
+        "Deny-file lines skipped (not UTF-8, not a kid), each read",
+        (),
+    ),
+)
+
+
+def _provider_families(rows):
+    """Requests, latency histograms and byte and event counts, by provider and surface."""
+    labels = ["provider", "surface"]
+    requests = CounterMetricFamily(
+        "egress_requests", "Requests answered", labels=["provider", "surface", "status_class"]
+    )
+    for label_values, values in rows:
+        for status_class in range(10):
+            if values[_STATUS + status_class]:
+                requests.add_metric([*label_values, f"{status_class}xx"], values[_STATUS + status_class])
+    yield requests
+    bounds = [repr(bound) for bound in BUCKETS] + ["+Inf"]
+    for name, help_text, at in _HISTOGRAMS:
+        family = HistogramMetricFamily(name, help_text, labels=labels)
+        for label_values, values in rows:
+            counts = values[at : at + _SUM]
+            if not any(counts):
+                continue
+            cumulative = list(itertools.accumulate(counts))
+            family.add_metric(list(label_values), list(zip(bounds, cumulative, strict=True)), values[at + _SUM])
+        yield family
+    for name, help_text, at in _PROVIDER_COUNTERS:
+        family = CounterMetricFamily(name, help_text, labels=labels)
+        for label_values, values in rows:
+            if values[at] or at != _RATE_LIMITED:
+                family.add_metric(list(label_values), values[at])
+        yield family
+
+
+# (tally key, metric name, help): each live worker's own figures, labelled with the worker.
+_GAUGES = (
+    ("open_connections", "egress_open_connections", "Open client connections"),
+    ("requests_waiting", "egress_requests_waiting", "Requests waiting for a concurrency slot"),
+    ("deny_set_size", "egress_deny_set_size", "Revoked key ids enforced"),
+    ("deny_set_age", "egress_deny_set_age_seconds", "Staleness of the revocation stream"),
+    ("draining", "egress_draining", "1 while shutting down"),
+)
+
+
+def _worker_families(slabs):
+    """Per worker: up, its gauges (from its slab, while it lives), and its process's figures."""
+    up = GaugeMetricFamily("egress_worker_up", "1 for each worker process running", labels=["worker"])
+    live = []
+    for index, slab in enumerate(slabs):
+        running = bool(slab.pid) and alive(slab.pid)
+        up.add_metric([str(index)], 1 if running else 0)
+        if running:
+            live.append((str(index), slab))
+    yield up
+    for key, name, help_text in _GAUGES:
+        family = GaugeMetricFamily(name, help_text, labels=["worker"])
+        for worker, slab in live:
+            value = slab.gauges.get((key,))
+            if value is not None and not math.isnan(value):
+                family.add_metric([worker], value)
+        yield family
+    idle = GaugeMetricFamily(
+        "egress_upstream_idle_connections", "Pooled idle upstream connections", labels=["worker", "host"]
+    )
+    for worker, slab in live:
+        for key, count in sorted(slab.gauges.items()):
+            if key[0] == "upstream_idle":
+                idle.add_metric([worker, key[1]], count)
+    yield idle
+    processes = [(worker, slab.pid) for worker, slab in live]
+    parent = os.getppid()
+    if len(slabs) > 1 and parent > 1:
+        processes.append(("supervisor", parent))
+    yield from _process_families(processes)
+
+
+def _process_families(processes):
+    """prometheus-client's process figures (memory, CPU, descriptors, start time) of each process,
+    read from /proc, with a `worker` label."""
+    merged: dict[str, Metric] = {}
+    for worker, pid in processes:
+        collector = ProcessCollector(pid=lambda pid=pid: pid, registry=None)
+        for family in collector.collect():
+            target = merged.get(family.name)
+            if target is None:
+                target = merged[family.name] = Metric(family.name, family.documentation, family.type)
+            for sample in family.samples:
+                target.add_sample(sample.name, {**sample.labels, "worker": worker}, sample.value)
+    yield from merged.values()
 
 
 def _account_families(state: ServerState):
     """Per account (bounded: the configured pool keys), from the host's shared table."""
-    metrics: Metrics = state.metrics
-    attempts = CounterMetricFamily(
-        "egress_upstream_attempts", "Upstream attempts by outcome", labels=["provider", "account", "outcome"]
-    )
-    for (provider, account, outcome), count in sorted(metrics.attempts.items()):
-        attempts.add_metric([provider, account, outcome], count)
-    yield attempts
-    yield CounterMetricFamily(
-        "egress_retry_budget_exhausted",
-        "Retries refused by the host-wide retry budget",
-        value=metrics.retry_budget_exhausted,
-    )
-    fallbacks = CounterMetricFamily(
-        "egress_fallbacks", "Requests moved to a fallback of their model route", labels=["provider", "fallback"]
-    )
-    for (provider, fallback), count in sorted(metrics.fallbacks.items()):
-        fallbacks.add_metric([provider, fallback], count)
-    yield fallbacks
-    busy = CounterMetricFamily(
-        "egress_provider_busy", "Requests answered provider_busy after the queue timeout", labels=["provider"]
-    )
-    for provider, count in sorted(metrics.busy.items()):
-        busy.add_metric([provider], count)
-    yield busy
-    waiting = GaugeMetricFamily("egress_requests_waiting", "Requests waiting for a concurrency slot (this worker)")
-    waiting.add_metric([], len(state.waiting))
-    yield waiting
     table = state.accounts
     in_flight = GaugeMetricFamily(
         "egress_provider_in_flight", "Requests in flight to a capped provider (this host)", labels=["provider"]

@@ -27,6 +27,7 @@ import orjson
 from egress import accesslog, admission, http1, retries, surface
 from egress.errors import EgressError, render_error
 from egress.http1 import CHUNKED, NO_BODY, UNTIL_CLOSE
+from egress.metrics import sse_events
 from egress.routes import check_model
 from egress.stream_usage import InjectedUsageFilter, inject_include_usage
 from egress.usage import MISSING, Usage, UsageMeter
@@ -64,6 +65,7 @@ class Exchange:
         "continue_owed",
         "dialect",
         "error",
+        "events",
         "facts",
         "fallbacks",
         "flush_scheduled",
@@ -90,6 +92,7 @@ class Exchange:
         "route",
         "sent_at",
         "settled",
+        "sse_end",
         "started",
         "status",
         "streamed",
@@ -147,6 +150,8 @@ class Exchange:
         self.upstream_ttfb: float | None = None
         self.upstream_time: float | None = None
         self.streamed = False  # an SSE response
+        self.events = 0  # SSE events sent to the caller, and the last bytes they were counted to
+        self.sse_end = b""
         self.upstream: UpstreamConnection | None = None
         self.upstream_until_close = False
         self.request: list[bytes] | None = None  # head and body as written upstream, kept for a retry
@@ -238,6 +243,9 @@ class Exchange:
 
     def _emit(self, data: bytes) -> None:
         self.bytes_out += len(data)
+        if self.streamed:
+            events, self.sse_end = sse_events(self.sse_end, data)
+            self.events += events
         # Counted with what each part costs in memory, not only its bytes: an upstream sending
         # 1-byte chunks would otherwise queue three objects per byte until the end of the turn.
         self.out_size += len(data) + _PART_COST
@@ -338,6 +346,8 @@ class Exchange:
         self.meter = None
         self.ttfb = self.upstream_ttfb = None
         self.bytes_out = 0
+        self.events = 0
+        self.sse_end = b""
         self.upstream_until_close = False
 
     def settle(self, failure: EgressError | None) -> None:

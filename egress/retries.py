@@ -64,7 +64,8 @@ def answered(exchange: Exchange, status: int, headers: list) -> bool:
         if reason is None:
             if status < 400:
                 table.succeeded(account)
-            state.metrics.attempts[(account.provider, account.id, "success" if status < 400 else "not_retryable")] += 1
+            outcome = "success" if status < 400 else "not_retryable"
+            state.metrics.tally.add(("attempts", account.provider, account.id, outcome))
             return False
         if table.disable(account, reason):
             log_event("account_disabled", provider=account.provider, account=account.id, status=status)
@@ -97,11 +98,11 @@ def _again(exchange: Exchange, account: Account | None, now: float) -> bool:
     config = state.config.accounts
     label = (exchange.route.provider.name, account.id if account is not None else "byo")
     if exchange.tries >= config.max_attempts or exchange.client_gone:
-        state.metrics.attempts[(*label, "retry_exhausted")] += 1
+        state.metrics.tally.add(("attempts", *label, "retry_exhausted"))
         return False
     if not table.may_retry(now, count=False):
-        state.metrics.attempts[(*label, "retry_exhausted")] += 1
-        state.metrics.retry_budget_exhausted += 1
+        state.metrics.tally.add(("attempts", *label, "retry_exhausted"))
+        state.metrics.tally.add(("retry_budget_exhausted",))
         return False
     delay = 0.0
     moved = False
@@ -120,12 +121,12 @@ def _again(exchange: Exchange, account: Account | None, now: float) -> bool:
         elif admission.fall_back(exchange, retry=True):
             moved = True
         elif table.state_of(account, now) != HEALTHY:
-            state.metrics.attempts[(*label, "retry_exhausted")] += 1
+            state.metrics.tally.add(("attempts", *label, "retry_exhausted"))
             return False  # every account is cooling or spent: the provider's own answer goes back
     table.may_retry(now)  # counted now that it is sure (checked above, before anything moved)
     if not moved:
         delay = random.uniform(0.5, 1.0) * min(_BACKOFF_CAP, _BACKOFF_BASE * 2 ** (exchange.tries - 1))
-    state.metrics.attempts[(*label, "retry_scheduled")] += 1
+    state.metrics.tally.add(("attempts", *label, "retry_scheduled"))
     upstream = exchange.upstream
     exchange.upstream = None
     if upstream is not None:

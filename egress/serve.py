@@ -32,11 +32,13 @@ from egress.denyset import DenySet, read_deny_file
 from egress.errors import StartupError
 from egress.facts import FactSink, worker_path
 from egress.limiter import RateLimiter
+from egress.metrics import Metrics, publish_gauges
 from egress.providers import Router
 from egress.routes import ModelRoutes
 from egress.sdnotify import notify
 from egress.secrets import SecretSourceError
 from egress.server import ClientConnection, ServerState
+from egress.tally import Tally, slab_bytes, slab_of
 from egress.upstream import UpstreamPool
 from egress.workers import WorkerContext
 
@@ -114,8 +116,8 @@ def reload_config(state: ServerState, config_path: str | None) -> None:
     log_event("reloaded", providers=len(new.providers), pooled_providers=sorted(state.auth.pools))
 
 
-def load_denyset(config: Config) -> DenySet:
-    denyset = DenySet()
+def load_denyset(config: Config, tally: Tally | None = None) -> DenySet:
+    denyset = DenySet(tally)
     snapshot = config.nats.snapshot
     if config.nats.url is not None and snapshot is not None and os.path.exists(snapshot):
         try:
@@ -190,7 +192,14 @@ async def _watch_deny_file(path: str, interval: float, denyset: DenySet, reload_
 
 async def _serve(config: Config, config_path: str | None, worker: WorkerContext | None) -> int:
     loop = asyncio.get_running_loop()
-    denyset = load_denyset(config)
+    # This worker's counters, in its slab of the host's tally: a restarted worker goes on from them.
+    if worker is not None:
+        slabs, workers = worker.tallies, worker.count
+        tally = Tally(slab_of(slabs, workers, worker.index), os.getpid())
+    else:
+        slabs, workers = memoryview(bytearray(slab_bytes())), 1
+        tally = Tally(slabs, os.getpid())
+    denyset = load_denyset(config, tally)
     accounts = AccountTable(worker.accounts, worker.accounts_lock) if worker is not None else AccountTable()
     auth = Authenticator(config, denyset, load_pools(config), accounts)
     state = ServerState(
@@ -204,14 +213,21 @@ async def _serve(config: Config, config_path: str | None, worker: WorkerContext 
             worker.shared if worker is not None else None,
             worker.byo_hash_key if worker is not None else None,
         ),
-        FactSink(config.usage.jsonl, config.usage.rotate_bytes, config.usage.keep_files, config.usage.queue_size),
+        FactSink(
+            config.usage.jsonl, config.usage.rotate_bytes, config.usage.keep_files, config.usage.queue_size, tally
+        ),
+        Metrics(tally),
     )
     admin = None
     if config.server.admin_listen != "off":
         admin_host, admin_port = parse_listen(config.server.admin_listen)
-        if worker is not None and admin_port:
-            admin_port += worker.index  # one metrics target per worker: 9464, 9465, …
-        admin = await _bound("admin_listen", f"{admin_host}:{admin_port}", start_admin(state, admin_host, admin_port))
+        # Every worker listens on the one admin port (SO_REUSEPORT): whichever a scrape reaches
+        # answers for the whole host, from the shared tally.
+        admin = await _bound(
+            "admin_listen",
+            config.server.admin_listen,
+            start_admin(state, admin_host, admin_port, slabs, workers, reuse_port=worker is not None),
+        )
         admin_bound = admin.sockets[0].getsockname()
         log_event("admin_listening", address=f"{admin_host}:{admin_bound[1]}")
     feed = feed_task = None
@@ -257,12 +273,13 @@ async def _serve(config: Config, config_path: str | None, worker: WorkerContext 
         )
     if feed_task is not None:
         background.append(feed_task)
+    background.append(loop.create_task(_publish_gauges(state)))
 
     publisher = None
     if config.usage.nats_publish:
         from egress.usage_nats import UsagePublisher
 
-        publisher = UsagePublisher(config.usage, config.nats)
+        publisher = UsagePublisher(config.usage, config.nats, tally)
         state.facts.listeners.append(publisher.enqueue)
         state.facts.publisher = publisher
         background.append(loop.create_task(publisher.run()))
@@ -324,8 +341,16 @@ async def _serve(config: Config, config_path: str | None, worker: WorkerContext 
     state.access_log.close()
     state.facts.close()
     wipe_all_pool_keys()  # the live rotations and any retired one still referenced
+    tally.retire()  # its gauges are read no more; its counters stay in the host's sums
     log_event("stopped", forced_closed=forced)
     return 0
+
+
+async def _publish_gauges(state: ServerState) -> None:
+    """Open connections, waiters and the like, where the worker a scrape reaches can read them."""
+    while True:
+        publish_gauges(state)
+        await asyncio.sleep(1.0)
 
 
 def _warn_if_open_relay(config, limited: bool) -> None:

@@ -78,6 +78,7 @@ class ServerState:
         auth: Authenticator,
         limiter: RateLimiter,
         facts: FactSink,
+        metrics: Metrics | None = None,
     ) -> None:
         self.config = config
         self.router = router
@@ -87,7 +88,7 @@ class ServerState:
         self.accounts = auth.accounts  # one table for the process's life: reloads rebind into it
         self.limiter = limiter
         self.facts = facts
-        self.metrics = Metrics()
+        self.metrics = metrics if metrics is not None else Metrics()
         self.metering = config.usage.enabled
         self.model_routes = ModelRoutes(config.routes, dict(config.providers))
         self.catalog = ModelCatalog(config.upstream)  # started by serve, once listening

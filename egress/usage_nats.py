@@ -21,29 +21,36 @@ from nats.js.errors import NotFoundError
 from egress.accesslog import log_event
 from egress.config import NatsConfig, UsageConfig
 from egress.revocations import connect
+from egress.tally import Tally
 
 _FIRST_BACKOFF = 0.2
 
 
 class UsagePublisher:
-    __slots__ = ("_nats", "_queue", "_ready", "_usage", "dropped", "published")
+    __slots__ = ("_dropped", "_nats", "_queue", "_ready", "_tally", "_usage", "published")
 
     @property
     def queued(self) -> int:
         return len(self._queue)
 
-    def __init__(self, usage: UsageConfig, nats_config: NatsConfig) -> None:
+    def __init__(self, usage: UsageConfig, nats_config: NatsConfig, tally: Tally | None = None) -> None:
         self._usage = usage
         self._nats = nats_config
         self._queue: deque[dict[str, Any]] = deque()
         self._ready = asyncio.Event()
-        self.dropped = 0
+        # Dropped facts are counted in the worker's tally: the count outlives a worker restart.
+        self._tally = tally if tally is not None else Tally()
+        self._dropped = self._tally.index(("usage_facts_dropped", "nats"))
         self.published = 0
+
+    @property
+    def dropped(self) -> int:
+        return int(self._tally.get(("usage_facts_dropped", "nats")))
 
     def enqueue(self, batch: list[dict[str, Any]]) -> None:
         room = self._usage.queue_size - len(self._queue)
         if room < len(batch):
-            self.dropped += len(batch) - max(room, 0)
+            self._tally.values[self._dropped] += len(batch) - max(room, 0)
             batch = batch[: max(room, 0)]
         self._queue.extend(batch)
         self._ready.set()

@@ -3,9 +3,11 @@
 Contract: `supervise(config, config_path, workers)` forks the workers and returns the exit code
 once they have all stopped.
 - Every worker binds the same port with SO_REUSEPORT, so the kernel spreads connections over them;
-  a port of 0 is resolved once, here, so that they all share it.
+  a port of 0 is resolved once, here, so that they all share it. The admin port likewise: any
+  worker answers a scrape for the host.
 - The rate limiter's sketches live in one anonymous shared mmap made before the fork, so a key's
-  limit holds across the workers of the host.
+  limit holds across the workers of the host; so do the accounts' table and the metrics' tally
+  (a slab per worker, which a restarted worker takes over where the dead one left it).
 - The supervisor tells systemd READY=1 once every worker listens, and STOPPING=1 on the way out.
 - It forwards SIGTERM/SIGINT (drain; a second one aborts) and SIGHUP (reload), and restarts a
   worker that dies unexpectedly, waiting at least a second between restarts of the same worker.
@@ -28,6 +30,7 @@ from egress.accounts import table_bytes
 from egress.config import Config, parse_listen
 from egress.limiter import shared_bytes_needed
 from egress.sdnotify import notify
+from egress.tally import slab_bytes
 
 
 @dataclass(frozen=True)
@@ -37,22 +40,23 @@ class WorkerContext:
     shared: memoryview  # the limiter's counters, shared by every worker
     accounts: memoryview  # the accounts' state (accounts.py), shared by every worker
     accounts_lock: object  # a process-shared lock for the accounts' read-modify-write updates
+    tallies: memoryview  # the metrics' counters, a slab per worker (tally.py), kept across restarts
     ready_fd: int  # one byte written here once listening
     byo_hash_key: bytes  # one key for all workers, so a BYO caller is one identity everywhere
 
 
 def supervise(config: Config, config_path: str | None, workers: int) -> int:
-    host, port = parse_listen(config.server.listen)
-    placeholder = None
-    if port == 0:
+    placeholders = []
+    for setting in ("listen", "admin_listen"):
+        address = getattr(config.server, setting)
+        if address == "off" or parse_listen(address)[1] != 0:
+            continue
         # Bound, never listening: it fixes the port for the workers and receives no connection.
-        placeholder = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
-        placeholder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        placeholder.bind((host, 0))
-        port = placeholder.getsockname()[1]
-        shown = f"[{host}]" if ":" in host else host
-        config = dataclasses.replace(config, server=dataclasses.replace(config.server, listen=f"{shown}:{port}"))
+        placeholder, address = _fix_port(address)
+        placeholders.append(placeholder)
+        config = dataclasses.replace(config, server=dataclasses.replace(config.server, **{setting: address}))
     shared = mmap.mmap(-1, shared_bytes_needed(config.limits))  # MAP_SHARED | MAP_ANONYMOUS
+    tallies = mmap.mmap(-1, slab_bytes() * workers)  # untouched pages cost no memory
     accounts = mmap.mmap(-1, table_bytes())
     accounts_lock = multiprocessing.Lock()  # a POSIX semaphore in shared memory: works across fork
     byo_hash_key = os.urandom(32)
@@ -79,7 +83,14 @@ def supervise(config: Config, config_path: str | None, workers: int) -> int:
                 from egress.serve import serve
 
                 context = WorkerContext(
-                    index, workers, memoryview(shared), memoryview(accounts), accounts_lock, ready_write, byo_hash_key
+                    index,
+                    workers,
+                    memoryview(shared),
+                    memoryview(accounts),
+                    accounts_lock,
+                    memoryview(tallies),
+                    ready_write,
+                    byo_hash_key,
                 )
                 code = serve(config, config_path, context)
             finally:
@@ -96,7 +107,7 @@ def supervise(config: Config, config_path: str | None, workers: int) -> int:
         if readable:
             ready += len(os.read(ready_read, 64))
         failed = _reap_failed(children)
-    if placeholder is not None:
+    for placeholder in placeholders:
         placeholder.close()
     if ready < workers:
         # One line that says which worker and how; the worker's own line said why (bind, config).
@@ -139,6 +150,17 @@ def supervise(config: Config, config_path: str | None, workers: int) -> int:
             os.read(ready_read, 64)
     log_event("supervisor_stopped")
     return 0
+
+
+def _fix_port(address: str) -> tuple[socket.socket, str]:
+    """A socket bound (SO_REUSEPORT, not listening) to a free port of `address`'s host, and the
+    address with that port: the workers all bind it."""
+    host, _ = parse_listen(address)
+    placeholder = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    placeholder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    placeholder.bind((host, 0))
+    shown = f"[{host}]" if ":" in host else host
+    return placeholder, f"{shown}:{placeholder.getsockname()[1]}"
 
 
 def _exited(children: dict[int, int]):

@@ -37,6 +37,21 @@ def run_egress_cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([*egress_command(), *args], capture_output=True, text=True, timeout=30)
 
 
+def cut_into(stream: bytes, sizes: list[int]) -> list[bytes]:
+    """`stream` in pieces of `sizes` bytes, then the rest: how a socket may hand it over."""
+    pieces, position = [], 0
+    for size in sizes:
+        pieces.append(stream[position : position + size])
+        position += size
+    pieces.append(stream[position:])
+    return pieces
+
+
+def whole_lines(data: bytes) -> list[bytes]:
+    """The lines of a log or usage file that egress has finished writing (a read may land mid-write)."""
+    return data[: data.rfind(b"\n") + 1].splitlines()
+
+
 class EgressProcess:
     def __init__(self, workdir: Path, config_text: str, name: str = "egress", workers: int = 1) -> None:
         self.workers = workers
@@ -98,7 +113,7 @@ class EgressProcess:
         return f"--- stdout ---\n{out}\n--- stderr ---\n{err}"
 
     def access_records(self) -> list[dict]:
-        return [orjson.loads(line) for line in self.stdout_path.read_bytes().splitlines() if line.strip()]
+        return [orjson.loads(line) for line in whole_lines(self.stdout_path.read_bytes()) if line.strip()]
 
     def rss_kib(self) -> int:
         status = Path(f"/proc/{self.pid}/status").read_text()

@@ -29,6 +29,7 @@ from egress.anthropic_codec import (
 )
 from egress.errors import EgressError
 from tests.replay import load_recordings
+from tests.support import cut_into
 
 RECORDINGS = load_recordings()
 MODEL = "gpt-4o-via-claude"
@@ -1260,12 +1261,7 @@ SHORT_STREAMS = sorted(name for name, stream in STREAMS.items() if len(stream) <
 @given(st.sampled_from(SHORT_STREAMS), st.lists(st.integers(1, 2000), min_size=1, max_size=40))
 def test_any_cut_gives_the_same_output(name, sizes):
     stream = STREAMS[name]
-    pieces, position = [], 0
-    for size in sizes:
-        pieces.append(stream[position : position + size])
-        position += size
-    pieces.append(stream[position:])
-    assert transcode(pieces)[0] == transcode([stream])[0]
+    assert transcode(cut_into(stream, sizes))[0] == transcode([stream])[0]
 
 
 @settings(max_examples=100, deadline=None)

@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from egress.vkeys import mint, public_key_text
 from tests.conftest import provider_config, virtual_key_config
-from tests.support import RawClient, request_bytes, run_egress_cli, wait_until
+from tests.support import RawClient, request_bytes, run_egress_cli, wait_until, whole_lines
 
 ISSUER = Ed25519PrivateKey.generate()
 
@@ -49,7 +49,7 @@ def facts_of(egress, count: int) -> list[dict]:
     def read() -> list[dict]:
         if not egress.usage_file.exists():
             return []
-        return [orjson.loads(line) for line in egress.usage_file.read_bytes().splitlines()]
+        return [orjson.loads(line) for line in whole_lines(egress.usage_file.read_bytes())]
 
     assert wait_until(lambda: len(read()) >= count, timeout=3), read()
     return read()

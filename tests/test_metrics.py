@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import signal
 import socket
+import subprocess
 
 import openai
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from prometheus_client.parser import text_string_to_metric_families
 
 from egress.vkeys import mint, public_key_text
-from tests.conftest import virtual_key_config
+from tests.conftest import provider_config, virtual_key_config
 from tests.support import RawClient, request_bytes, wait_until
+from tests.test_workers import worker_pids
 
 ISSUER = Ed25519PrivateKey.generate()
 
@@ -36,7 +41,9 @@ def samples(port: int) -> dict[tuple[str, frozenset], float]:
 
 
 def value(found, name: str, **labels: str) -> float:
-    return found.get((name, frozenset(labels.items())), 0.0)
+    """The sum of `name`'s samples that carry `labels` (and any others), as PromQL's sum() would."""
+    wanted = frozenset(labels.items())
+    return sum(sample for (sample_name, have), sample in found.items() if sample_name == name and wanted <= have)
 
 
 def test_metrics_after_a_mixed_run(start_egress, fake_provider, ca_file, tmp_path):
@@ -135,3 +142,91 @@ def test_overhead_leaves_out_the_time_the_provider_took(egress, fake_provider):
     assert value(found, "egress_upstream_ttfb_seconds_bucket", provider="openai", le="0.5") == 0
     assert value(found, "egress_overhead_seconds_bucket", provider="openai", le="0.5") == 1
     assert value(found, "egress_overhead_seconds_count", provider="openai") == 1
+
+
+def byo_models(port: int, count: int) -> None:
+    """`count` BYO requests, each on a connection of its own: SO_REUSEPORT spreads them over the workers."""
+    for _ in range(count):
+        with RawClient(port) as client:
+            client.send(request_bytes("GET", "/openai/v1/models", {"Authorization": "Bearer sk-byo-workers"}))
+            assert client.read_response().status == 200
+
+
+def scrapes_agree(port: int, name: str, expected: float, **labels: str) -> None:
+    """Every scrape (each a new connection, reaching either worker) says the host's total."""
+    for _ in range(6):
+        assert value(samples(port), name, **labels) == expected
+
+
+def test_one_endpoint_answers_for_every_worker_and_a_restart_never_takes_a_count_back(
+    start_egress, fake_provider, ca_file
+):
+    egress = start_egress(provider_config(fake_provider, ca_file), workers=2)
+    byo_models(egress.port, 30)
+    served = {record["worker"] for record in egress.access_records()}
+    assert served == {0, 1}  # both workers answered some: the sum below is over both
+    scrapes_agree(egress.admin_port, "egress_requests_total", 30, provider="openai", status_class="2xx")
+    found = samples(egress.admin_port)
+    assert value(found, "egress_worker_up", worker="0") == value(found, "egress_worker_up", worker="1") == 1
+    for worker in ("0", "1", "supervisor"):  # every process's own figures, told apart by `worker`
+        assert value(found, "process_resident_memory_bytes", worker=worker) > 0
+    assert value(found, "egress_open_connections", worker="0") >= 0
+    counters = ("egress_requests_total", "egress_request_duration_seconds_count", "egress_response_bytes_total")
+    assert not any("worker" in dict(labels) for name, labels in found if name in counters)
+
+    victim = max(worker_pids(egress))
+    os.kill(victim, signal.SIGKILL)  # no drain, no flush: the counts are already in shared memory
+    assert wait_until(lambda: len(worker_pids(egress) - {victim}) == 2, timeout=10)
+    scrapes_agree(egress.admin_port, "egress_requests_total", 30, provider="openai", status_class="2xx")
+    byo_models(egress.port, 10)
+    scrapes_agree(egress.admin_port, "egress_requests_total", 40, provider="openai", status_class="2xx")
+    assert value(samples(egress.admin_port), "egress_request_duration_seconds_count", provider="openai") == 40
+
+
+def test_sse_events_are_counted_by_surface(egress, fake_provider):
+    with RawClient(egress.port, timeout=10) as client:
+        for _ in range(2):
+            client.send(
+                request_bytes(
+                    "POST",
+                    "/openai/v1/chat/completions",
+                    {
+                        "Content-Type": "application/json",
+                        "Authorization": "Bearer sk-byo-events",
+                        "x-fake-scenario": "long-stream",
+                        "x-fake-events": "17",
+                        "x-fake-interval": "0",
+                    },
+                    b'{"model":"gpt-fake","messages":[],"stream":true}',
+                )
+            )
+            body = client.read_response("POST").body
+    client = openai.OpenAI(base_url=egress.url + "/v1", api_key="sk-byo-events", max_retries=0)
+    chunks = list(
+        client.chat.completions.create(model="gpt-fake", messages=[{"role": "user", "content": "hi"}], stream=True)
+    )
+    found = samples(egress.admin_port)
+    events = body.count(b"\n\n")
+    assert events >= 17
+    assert value(found, "egress_sse_events_total", provider="openai", surface="passthrough") == 2 * events
+    # The unified surface's stream: every chunk the SDK read, and the closing [DONE].
+    assert value(found, "egress_sse_events_total", provider="openai", surface="chat") == len(chunks) + 1
+    assert value(found, "egress_requests_total", provider="openai", surface="chat", status_class="2xx") == 1
+    assert value(found, "egress_requests_total", provider="openai", surface="passthrough", status_class="2xx") == 2
+
+
+def test_promtool_finds_the_exposition_clean(start_egress, fake_provider, ca_file, tmp_path):
+    """`promtool check metrics` (Prometheus's own linter) on a scrape of two workers after mixed traffic."""
+    promtool = shutil.which("promtool")
+    assert promtool, "promtool is missing: .ci/run installs it (Debian package prometheus)"
+    config = virtual_key_config(fake_provider, ca_file, tmp_path, public_key_text(ISSUER.public_key()), "")
+    egress = start_egress(config, workers=2)
+    key, _ = mint(ISSUER, "promtool-app")
+    client = openai.OpenAI(base_url=egress.url + "/openai/v1", api_key=key, max_retries=0)
+    client.chat.completions.create(model="gpt-fake", messages=[{"role": "user", "content": "hi"}])
+    list(client.chat.completions.create(model="gpt-fake", messages=[{"role": "user", "content": "hi"}], stream=True))
+    byo_models(egress.port, 4)
+    status, exposition = admin_get(egress.admin_port, "/metrics")
+    assert status == 200 and b"egress_tokens_total" in exposition and b'worker="supervisor"' in exposition
+    checked = subprocess.run([promtool, "check", "metrics"], input=exposition, capture_output=True, timeout=30)
+    assert checked.returncode == 0 and not checked.stdout.strip() and not checked.stderr.strip(), checked

@@ -17,7 +17,7 @@ import pytest
 
 from egress.providers import BUILTIN_PROVIDERS
 from tests.replay import Recording, ReplayUpstream, load_recordings
-from tests.support import EgressProcess, RawClient, request_bytes, wait_until
+from tests.support import EgressProcess, RawClient, request_bytes, wait_until, whole_lines
 
 RECORDINGS = load_recordings()
 # The fact's key for each `expected` field, where the two differ.
@@ -54,7 +54,7 @@ def metered(replay, tmp_path_factory):
 def fact_for(egress: EgressProcess, request_id: str) -> dict | None:
     if not egress.usage_file.exists():
         return None
-    for line in egress.usage_file.read_bytes().splitlines():
+    for line in whole_lines(egress.usage_file.read_bytes()):
         if request_id.encode() in line:
             fact = orjson.loads(line)
             if fact.get("request_id") == request_id:

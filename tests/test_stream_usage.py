@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 from egress.stream_usage import InjectedUsageFilter, inject_include_usage
 from tests.fake_provider import _openai_events
+from tests.support import cut_into
 
 WITHOUT = b"".join(_openai_events({"model": "gpt-fake"}))
 WITH = b"".join(_openai_events({"model": "gpt-fake", "stream_options": {"include_usage": True}}))
@@ -49,12 +50,7 @@ def test_the_caller_sees_the_stream_it_would_have_had():
 @settings(max_examples=150, deadline=None)
 @given(st.lists(st.integers(1, 300), min_size=1, max_size=40))
 def test_however_the_stream_is_cut(sizes):
-    chunks, position = [], 0
-    for size in sizes:
-        chunks.append(WITH[position : position + size])
-        position += size
-    chunks.append(WITH[position:])
-    assert filtered([chunk for chunk in chunks if chunk]) == WITHOUT
+    assert filtered([chunk for chunk in cut_into(WITH, sizes) if chunk]) == WITHOUT
 
 
 def test_every_single_cut():

@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 from egress.usage import COMPLETE, MISSING, PARTIAL, UNPARSEABLE, UsageMeter
 from tests.fake_provider import _anthropic_events, _anthropic_message, _openai_completion, _openai_events
+from tests.support import cut_into
 
 OPENAI_STREAM = b"".join(_openai_events({"model": "gpt-fake", "stream_options": {"include_usage": True}}))
 ANTHROPIC_STREAM = b"".join(_anthropic_events({"model": "claude-fake"}))
@@ -46,12 +47,7 @@ def test_split_at_every_byte_boundary(dialect, stream):
 @given(st.sampled_from(["openai", "anthropic"]), st.lists(st.integers(1, 400), min_size=1, max_size=30))
 def test_split_into_any_reads(dialect, sizes):
     stream = OPENAI_STREAM if dialect == "openai" else ANTHROPIC_STREAM
-    chunks, position = [], 0
-    for size in sizes:
-        chunks.append(stream[position : position + size])
-        position += size
-    chunks.append(stream[position:])
-    assert meter(dialect, [c for c in chunks if c]) == meter(dialect, [stream])
+    assert meter(dialect, [c for c in cut_into(stream, sizes) if c]) == meter(dialect, [stream])
 
 
 def test_one_byte_at_a_time():
