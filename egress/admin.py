@@ -14,18 +14,20 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from egress import http1
-from egress.metrics import MetricsCollector
+from egress.metrics import MetricsCollector, publish_gauges
 from egress.status import status_document
+from egress.tally import read_slabs
 
 _MAX_HEAD = 8192
 
 
 class AdminConnection(asyncio.Protocol):
-    __slots__ = ("_buffer", "_registry", "_state", "_transport")
+    __slots__ = ("_buffer", "_host", "_registry", "_state", "_transport")
 
-    def __init__(self, state, registry: CollectorRegistry) -> None:
+    def __init__(self, state, registry: CollectorRegistry, host: tuple[memoryview, int]) -> None:
         self._state = state
         self._registry = registry
+        self._host = host  # the host's tally and its number of slabs
         self._buffer = b""
         self._transport: asyncio.Transport | None = None
 
@@ -50,7 +52,9 @@ class AdminConnection(asyncio.Protocol):
         elif target == b"/metrics":
             self._answer(200, generate_latest(self._registry), CONTENT_TYPE_LATEST.encode(), head)
         elif target == b"/status":
-            self._answer(200, orjson.dumps(status_document(self._state)), b"application/json", head)
+            publish_gauges(self._state)
+            slabs = read_slabs(*self._host)
+            self._answer(200, orjson.dumps(status_document(self._state, slabs)), b"application/json", head)
         elif target == b"/healthz":
             self._answer(200, b'{"status":"ok"}', b"application/json", head)
         elif target == b"/readyz":
@@ -80,5 +84,9 @@ async def start_admin(
     registry.register(MetricsCollector(state, slabs, workers))
     loop = asyncio.get_running_loop()
     return await loop.create_server(
-        lambda: AdminConnection(state, registry), host, port, reuse_address=True, reuse_port=reuse_port
+        lambda: AdminConnection(state, registry, (slabs, workers)),
+        host,
+        port,
+        reuse_address=True,
+        reuse_port=reuse_port,
     )

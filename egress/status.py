@@ -1,6 +1,8 @@
 """`GET /status` on the admin listener: what an operator asks first, from memory only.
 
-Contract: `status_document(state)` -> a JSON-ready dict: build, config hash, uptime, worker, and per
+Contract: `status_document(state, slabs)` -> a JSON-ready dict: build, config hash, uptime, the worker
+that answered, every worker of the host (pid, running, its open connections, waiters, draining: from
+the host's tally, `slabs`, tally.py), and per
 provider with pool keys its accounts (state, until, reason, quota and reset, in flight, last error
 class and age: accounts.AccountTable.snapshot, the host's shared view), the deny-set and its NATS
 feed, the usage sinks' queues and drops, and the model lists. It never calls a provider, and never
@@ -17,9 +19,11 @@ from typing import TYPE_CHECKING
 
 from egress import __version__, accesslog
 from egress.config import render_config
+from egress.metrics import alive
 
 if TYPE_CHECKING:
     from egress.server import ServerState
+    from egress.tally import Slab
 
 _STARTED = time.monotonic()
 
@@ -29,7 +33,7 @@ def config_hash(state: ServerState) -> str:
     return hashlib.sha256(render_config(state.config).encode()).hexdigest()[:16]
 
 
-def status_document(state: ServerState) -> dict:
+def status_document(state: ServerState, slabs: list[Slab] = ()) -> dict:
     now = time.monotonic()
     wall = time.time()
     table = state.accounts
@@ -52,6 +56,7 @@ def status_document(state: ServerState) -> dict:
         "draining": state.draining,
         "open_connections": len(state.connections),
         "waiting": len(state.waiting),
+        "workers": [_worker(index, slab) for index, slab in enumerate(slabs)],
         "providers": providers,
         "deny_set": {
             "size": len(denyset),
@@ -66,4 +71,20 @@ def status_document(state: ServerState) -> dict:
             "nats_dropped": publisher.dropped if publisher is not None else None,
         },
         "model_lists": {name: len(models) for name, models in state.catalog.snapshot().items()},
+    }
+
+
+def _worker(index: int, slab: Slab) -> dict:
+    """One worker as its slab tells it: its gauges are at most a second old (metrics.publish_gauges)."""
+    running = bool(slab.pid) and alive(slab.pid)
+    if not running:
+        return {"worker": index, "running": False}
+    gauges = slab.gauges
+    return {
+        "worker": index,
+        "running": True,
+        "pid": slab.pid,
+        "open_connections": int(gauges.get(("open_connections",), 0)),
+        "waiting": int(gauges.get(("requests_waiting",), 0)),
+        "draining": bool(gauges.get(("draining",), 0)),
     }

@@ -9,6 +9,7 @@ import socket
 import subprocess
 
 import openai
+import orjson
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -144,6 +145,16 @@ def test_overhead_leaves_out_the_time_the_provider_took(egress, fake_provider):
     assert value(found, "egress_overhead_seconds_count", provider="openai") == 1
 
 
+def worker_indexes(egress) -> dict[int, int]:
+    """Worker index -> pid of the latest start of each, from the `listening` lines."""
+    found = {}
+    for line in egress.stderr_path.read_bytes().splitlines():
+        event = orjson.loads(line)
+        if event.get("event") == "listening":
+            found[event["worker"]] = event["pid"]
+    return found
+
+
 def byo_models(port: int, count: int) -> None:
     """`count` BYO requests, each on a connection of its own: SO_REUSEPORT spreads them over the workers."""
     for _ in range(count):
@@ -174,9 +185,19 @@ def test_one_endpoint_answers_for_every_worker_and_a_restart_never_takes_a_count
     counters = ("egress_requests_total", "egress_request_duration_seconds_count", "egress_response_bytes_total")
     assert not any("worker" in dict(labels) for name, labels in found if name in counters)
 
+    status = orjson.loads(admin_get(egress.admin_port, "/status")[1])
+    assert {(entry["worker"], entry["pid"]) for entry in status["workers"]} == {
+        (index, pid) for index, pid in worker_indexes(egress).items()
+    }
+    assert all(entry["running"] and entry["open_connections"] >= 0 for entry in status["workers"])
+
     victim = max(worker_pids(egress))
     os.kill(victim, signal.SIGKILL)  # no drain, no flush: the counts are already in shared memory
     assert wait_until(lambda: len(worker_pids(egress) - {victim}) == 2, timeout=10)
+    restarted = orjson.loads(admin_get(egress.admin_port, "/status")[1])["workers"]
+    assert {entry["pid"] for entry in restarted} == set(worker_indexes(egress).values()) and victim not in {
+        entry["pid"] for entry in restarted
+    }
     scrapes_agree(egress.admin_port, "egress_requests_total", 30, provider="openai", status_class="2xx")
     byo_models(egress.port, 10)
     scrapes_agree(egress.admin_port, "egress_requests_total", 40, provider="openai", status_class="2xx")
