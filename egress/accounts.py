@@ -221,6 +221,12 @@ class AccountTable:
     def _pick(self, accounts: list[Account], now: float, exclude: tuple) -> Account | str | None:
         words = self._words
         count = len(accounts)
+        if count == 1:  # one pool key: nothing to choose between
+            account = accounts[0]
+            if account in exclude:
+                return None
+            score = self._headroom(words, account.slot, now)
+            return account if score > _UNUSABLE else (BUSY if score == _AT_CAP else None)
         start = self._next
         self._next = start + 1
         best = None
@@ -253,6 +259,8 @@ class AccountTable:
         score = 1.0
         at = base + _REMAINING
         row = words[at : at + 12].tolist()  # remaining, limit and reset_at of each dimension, at once
+        if max(row[0], row[1], row[2], row[3]) < 0:
+            return score - in_flight * 1e-6  # no quota known: most providers' rows, and every new one
         for dim in (0, 1, 2, 3):
             remaining = row[dim]
             if remaining < 0 or row[dim + 8] <= now:

@@ -95,6 +95,9 @@ for _dim in DIMENSIONS:
     _HINTS[_wire + b"-remaining"] = (_REMAINING, _dim)
     _HINTS[_wire + b"-reset"] = (_RESET_DATE, _dim)
 del _dim, _wire
+# Every hint's name starts with one of these (any case): a header name that is not lower-case is
+# looked up again, lower-cased, only when it might be one (nginx and others send `Content-Type`).
+_FIRST_BYTES = frozenset((b"a", b"r", b"x", b"A", b"R", b"X"))  # tests/test_hints.py checks the table
 
 # Bytes patterns: `[0-9]`, never `\d`, so that no non-ASCII digit is ever a number.
 _DECIMAL = re.compile(rb"[0-9]+(?:\.[0-9]+)?")
@@ -121,6 +124,9 @@ class RateHints:
     reset: dict[str, float] = field(default_factory=dict)  # seconds from now until it refills, never negative
 
 
+NO_HINTS = RateHints()
+
+
 def read_hints(headers: Iterable[tuple[bytes, bytes]], now: float) -> RateHints:
     """One pass over a response head; `now` is wall-clock epoch seconds (for HTTP-date and RFC 3339)."""
     limit: dict[str, int] = {}
@@ -131,7 +137,7 @@ def read_hints(headers: Iterable[tuple[bytes, bytes]], now: float) -> RateHints:
     for name, value in headers:
         entry = table.get(name)
         if entry is None:
-            if name.islower():
+            if name.islower() or name[:1] not in _FIRST_BYTES:
                 continue  # the common case: providers send lower-case names, over HTTP/1.1 as well
             entry = table.get(name.lower())
             if entry is None:
@@ -164,6 +170,8 @@ def read_hints(headers: Iterable[tuple[bytes, bytes]], now: float) -> RateHints:
                     x_ms_retry_ms = seconds
     if retry_ms is None:
         retry_ms = x_ms_retry_ms if x_ms_retry_ms is not None else retry_after
+        if retry_ms is None and not (remaining or limit or reset):
+            return NO_HINTS  # most responses: one shared value, never changed by its readers
     return RateHints(retry_ms, remaining, limit, reset)
 
 

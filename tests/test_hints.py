@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from egress.hints import (
     DIMENSIONS,
     MAX_WAIT,
+    NO_HINTS,
     RateHints,
     cooldown,
     exhausted_until,
@@ -729,3 +730,13 @@ def test_rfc3339_agrees_with_datetime(when, offset, zulu):
 @given(st.text(max_size=40))
 def test_parse_rfc3339_never_raises(text):
     parse_rfc3339(text)
+
+
+def test_every_hint_name_starts_with_a_byte_the_quick_rejection_lets_through():
+    from egress.hints import _FIRST_BYTES, _HINTS
+
+    assert all(name[:1] in _FIRST_BYTES and name.upper()[:1] in _FIRST_BYTES for name in _HINTS)
+    assert read_hints([(b"X-RateLimit-Remaining-Requests", b"7"), (b"Server", b"nginx")], 0.0).remaining == {
+        "requests": 7
+    }
+    assert read_hints([(b"Server", b"nginx"), (b"Date", b"x")], 0.0) is NO_HINTS
