@@ -24,6 +24,8 @@ Usage: python3 bench/micro.py [--mode MODE] [--headers N] [--requests N] [--opco
           cost of account selection, quota hints and in-flight counting over `key`
   account-costs  the two parts of `accounts` alone: selection (take + end under the shared lock)
           over 1, 4 and 16 accounts with quota, and reading six rate-limit headers into the table
+  paced   bare, relaying a stream as a provider paces it: one SSE event per upstream read and
+          per client write (bench/paced.py's upstream); reported per event, not per request
   codec   the translation alone, no request path: µs per chat_to_messages (a typical request),
           per message_to_chat (a typical response), per event of StreamTranscoder.feed
   --headers N   extra response headers (providers send 15-25; nginx sends 5)
@@ -208,16 +210,7 @@ async def measure(mode: str, extra_headers: int, requests: int, opcodes: bool) -
         origin = state.config.providers["anthropic"].origin  # both Anthropic rows share one pool key
     else:
         origin = state.router.resolve(target).provider.origin
-    clients = []
-    for _ in range(CONNECTIONS):
-        client, transport = ClientConnection(state), RecordingTransport()
-        client.connection_made(transport)
-        clients.append((client, transport))
-    for _ in range(CONNECTIONS):
-        upstream = UpstreamConnection(state.pool, origin)
-        upstream.connection_made(RecordingTransport())
-        upstream.reusable = True
-        state.pool.release(upstream)
+    clients = _connections(state, origin)
 
     # A translated stream writes ~90 KB a response: keeping them all would grow the heap by
     # hundreds of MB, and its page faults would be timed too. Only the last write is looked at.
@@ -255,6 +248,78 @@ async def measure(mode: str, extra_headers: int, requests: int, opcodes: bool) -
     if mode == "translated-stream":
         events = anthropic_bodies.STREAM_EVENTS
         print(f"  {best[0] / events:.2f} µs per upstream event, {events / best[0] * 1e6:,.0f} events/s on one core")
+
+
+def _connections(state: ServerState, origin) -> list[tuple[ClientConnection, RecordingTransport]]:
+    """CONNECTIONS clients, and as many idle pooled upstream connections to `origin`."""
+    clients = []
+    for _ in range(CONNECTIONS):
+        client, transport = ClientConnection(state), RecordingTransport()
+        client.connection_made(transport)
+        clients.append((client, transport))
+    for _ in range(CONNECTIONS):
+        upstream = UpstreamConnection(state.pool, origin)
+        upstream.connection_made(RecordingTransport())
+        upstream.reusable = True
+        state.pool.release(upstream)
+    return clients
+
+
+# bench/paced/upstream.c's delta event, one HTTP chunk each.
+PACED_EVENT = (
+    b'data: {"id":"chatcmpl-bench","object":"chat.completion.chunk","created":1795400000,"model":"gpt-bench",'
+    b'"choices":[{"index":0,"delta":{"content":"tok"},"finish_reason":null}]}\n\n'
+)
+
+
+async def measure_paced(events: int, opcodes: bool) -> None:
+    """One SSE event per upstream read, relayed to its client: what each paced stream costs per event."""
+    state, token = make_state("bare", Path(tempfile.mkdtemp(prefix="egress-micro-")))
+    body = b'{"model":"gpt-bench","stream":true,"messages":[{"role":"user","content":"hi"}]}'
+    request = (
+        b"POST /bench/v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1:8787\r\nAuthorization: Bearer "
+        + token
+        + b"\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body)
+        + body
+    )
+    head = (
+        b"HTTP/1.1 200 OK\r\nServer: paced\r\nContent-Type: text/event-stream\r\n"
+        b"Transfer-Encoding: chunked\r\nConnection: keep-alive\r\n\r\n"
+    )
+    chunk = b"%x\r\n%s\r\n" % (len(PACED_EVENT), PACED_EVENT)
+    clients = _connections(state, state.router.resolve(b"/bench/v1/chat/completions").provider.origin)
+    for client, _ in clients:
+        client.data_received(request)
+    await asyncio.sleep(0)  # egress writes the upstream requests
+    upstreams = [client.active.upstream for client, _ in clients]
+    for upstream in upstreams:
+        upstream.data_received(head + chunk)
+    await asyncio.sleep(0)
+
+    async def one_round() -> None:
+        for upstream in upstreams:
+            upstream.data_received(chunk)
+        await asyncio.sleep(0)  # egress writes each client its event
+        for _, transport in clients:
+            del transport.writes[:-1]
+
+    for _ in range(100):
+        await one_round()
+    last = clients[0][1].writes[-1]
+    if PACED_EVENT not in last:
+        raise SystemExit(f"micro: unexpected write {last[:200]!r}")
+    rounds = max(1, events // CONNECTIONS)
+    if opcodes:
+        await count_opcodes(one_round, rounds=10)
+        return
+    best = []
+    for _ in range(7):
+        started = time.perf_counter()
+        for _ in range(rounds):
+            await one_round()
+        best.append((time.perf_counter() - started) / (rounds * CONNECTIONS) * 1e6)
+    best.sort()
+    print(f"paced: best {best[0]:.2f} µs per event, median {best[3]:.2f} ({1e6 / best[0]:,.0f} events/s on one core)")
 
 
 async def count_opcodes(one_round, rounds: int) -> None:
@@ -414,7 +479,7 @@ def account_costs() -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
-        "--mode", choices=(*MODES, *TRANSLATED_MODES, "accounts", "account-costs", "codec"), default="bare"
+        "--mode", choices=(*MODES, *TRANSLATED_MODES, "accounts", "account-costs", "codec", "paced"), default="bare"
     )
     parser.add_argument("--headers", type=int, default=0, help="extra upstream response headers")
     parser.add_argument("--requests", type=int, default=None, help="per repetition (default 20000; a stream 400)")
@@ -425,6 +490,9 @@ def main() -> int:
         return 0
     if args.mode == "account-costs":
         account_costs()
+        return 0
+    if args.mode == "paced":
+        uvloop.run(measure_paced(args.requests or 20_000, args.opcodes))
         return 0
     requests = args.requests or (400 if args.mode == "translated-stream" else 20_000)
     uvloop.run(measure(args.mode, args.headers, requests, args.opcodes))

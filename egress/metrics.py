@@ -176,13 +176,19 @@ class Metrics:
 _NO_ROUTE = ("none", "none")
 
 
+_LINE_BREAKS = (b"\n", b"\r")
+
+
 def sse_events(end: bytes, data: bytes) -> tuple[int, bytes]:
     """SSE events ended in `data` (blank lines, LF or CRLF), given `end`, the stream's last bytes
     before it, as this returned them last: (events, the new `end`). The same count however the
-    stream is cut into reads (a run of three or more line ends may count as fewer events).
+    stream is cut into reads (a run of three or more line ends may count as fewer events, and a
+    stream mixing LF and CRLF line ends as fewer too).
     """
-    events = data.count(b"\n\n") + data.count(b"\n\r\n")
-    if end:
+    # A stream ends its lines with LF or with CRLF: one of the two counts is 0, the other scan is
+    # made only when the first finds nothing.
+    events = data.count(b"\n\n") or data.count(b"\n\r\n")
+    if end and data[:1] in _LINE_BREAKS:  # only then can a blank line straddle the cut
         head = data[:2]
         joined = end + head
         # Only the blank lines that straddle the cut: those inside `end` or `head` are counted.

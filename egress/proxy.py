@@ -266,7 +266,9 @@ class Exchange:
         """
         if self.held is not None:
             return  # nothing goes out while a stream's first event is awaited
-        if self.out_size >= _WRITE_AT_ONCE:
+        if self.out_size >= _WRITE_AT_ONCE or (self.streamed and not self.upstream_done):
+            # A stream's events go out as they come: the turn has no other write to the same peer
+            # to wait for, and a paced stream saves a callback per event.
             self.flush()
             if not self.upstream_done:
                 return
