@@ -11,10 +11,13 @@ once they have all stopped.
 - The supervisor tells systemd READY=1 once every worker listens, and STOPPING=1 on the way out.
 - It forwards SIGTERM/SIGINT (drain; a second one aborts) and SIGHUP (reload), and restarts a
   worker that dies unexpectedly, waiting at least a second between restarts of the same worker.
+- A worker whose supervisor dies (even by SIGKILL) gets SIGTERM and drains: none is left serving
+  on its own.
 """
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import mmap
 import multiprocessing
@@ -31,6 +34,8 @@ from egress.config import Config, parse_listen
 from egress.limiter import shared_bytes_needed
 from egress.sdnotify import notify
 from egress.tally import slab_bytes
+
+_PR_SET_PDEATHSIG = 1  # <sys/prctl.h>
 
 
 @dataclass(frozen=True)
@@ -71,12 +76,15 @@ def supervise(config: Config, config_path: str | None, workers: int) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(signum, on_signal)
 
+    supervisor = os.getpid()
+
     def spawn(index: int) -> None:
         last_start[index] = time.monotonic()
         pid = os.fork()
         if pid == 0:
             for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 signal.signal(signum, signal.SIG_DFL)
+            _stop_with(supervisor)
             os.close(ready_read)
             code = 1
             try:
@@ -150,6 +158,18 @@ def supervise(config: Config, config_path: str | None, workers: int) -> int:
             os.read(ready_read, 64)
     log_event("supervisor_stopped")
     return 0
+
+
+def _stop_with(supervisor: int) -> None:
+    """This worker is told to stop (SIGTERM: it drains) when the supervisor dies, however it dies,
+    so that no worker is left serving on its own (Linux's PR_SET_PDEATHSIG)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):  # not Linux: systemd's KillMode=control-group still applies
+        return
+    if os.getppid() != supervisor:  # it died before the request took hold
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def _fix_port(address: str) -> tuple[socket.socket, str]:

@@ -223,3 +223,25 @@ def test_a_worker_that_cannot_bind_stops_the_start_at_once_and_says_why(tmp_path
     assert all(entry["exit_code"] == 3 for entry in summary["failed"])
     assert {entry["worker"] for entry in summary["failed"]} <= {event["worker"] for event in failed}
     assert seconds < 15  # not the 30 s readiness wait
+
+
+def test_workers_stop_when_their_supervisor_is_killed(start_egress, fake_provider, ca_file):
+    egress = start_egress(provider_config(fake_provider, ca_file), workers=2)
+    workers = worker_pids(egress)
+    assert len(workers) == 2
+    egress.process.kill()  # SIGKILL: the supervisor forwards nothing
+    egress.process.wait(timeout=10)
+
+    def gone(pid: int) -> bool:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        return False
+
+    try:
+        assert wait_until(lambda: all(gone(pid) for pid in workers), timeout=10)
+    finally:
+        for pid in workers:
+            if not gone(pid):
+                os.kill(pid, signal.SIGKILL)
