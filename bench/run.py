@@ -12,7 +12,10 @@ Anthropic stream (bench/anthropic_bodies.py); egress's unified surface translate
 for a Claude model to them and back. Reported: req/s against egress's own passthrough (and LiteLLM
 doing the same translation, with --peers), events/s, and the time to first token it adds.
 
-Usage: bench/run [--rounds 3] [--duration 5] [--connections 50]
+Paced streams (--paced, on by default with --peers): how many concurrent streams, paced as a
+provider paces them (64 deltas 20 ms apart), one worker of each gateway sustains; see bench/paced.py.
+
+Usage: bench/run [--rounds 3] [--duration 5] [--connections 50] [--peers] [--[no-]paced]
 Needs nginx and wrk (Debian packages `nginx`, `wrk`), and h2load (`nghttp2-client`) for the
 open-loop latency rows; installs nothing itself.
 Everything listens on 127.0.0.1 only; every load run is bounded by --duration.
@@ -515,6 +518,13 @@ def main() -> int:
         action="store_true",
         help="also measure LiteLLM's proxy (its own venv) and Portkey's gateway (npm, under node)",
     )
+    parser.add_argument(
+        "--paced",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="the paced-streams concurrency search (bench/paced.py) after the rest: ~10 min, ~25 with "
+        "--peers; on by default with --peers",
+    )
     args = parser.parse_args()
     for tool in ("nginx", "wrk"):
         if shutil.which(tool) is None:
@@ -715,6 +725,13 @@ def main() -> int:
             except subprocess.TimeoutExpired:
                 process.kill()
         shutil.rmtree(workdir, ignore_errors=True)
+    if args.paced if args.paced is not None else args.peers:
+        # Alone on the machine, after the rest has stopped: it pins the gateway and the load apart.
+        import paced  # bench/paced.py; imported here, since it imports this module itself
+
+        section = paced.paced_section(peers=args.peers, full=True, spreads=("interval", "stream"))
+        print(section)
+        (RESULTS / "latest.md").write_text((RESULTS / "latest.md").read_text() + "\n" + section)
     return 0
 
 
