@@ -232,17 +232,10 @@ async def measure(mode: str, extra_headers: int, requests: int, opcodes: bool) -
     last = clients[0][1].writes[-1]
     if not (last.startswith(b"HTTP/1.1 200 OK\r\n") and last.endswith(ends) and mark in last):
         raise SystemExit(f"micro: unexpected response {last[:200]!r}")
-    rounds = max(1, requests // CONNECTIONS)
     if opcodes:
         await count_opcodes(one_round, rounds=10)
         return
-    best = []
-    for _ in range(7):
-        started = time.perf_counter()
-        for _ in range(rounds):
-            await one_round()
-        best.append((time.perf_counter() - started) / (rounds * CONNECTIONS) * 1e6)
-    best.sort()
+    best = await timed(one_round, max(1, requests // CONNECTIONS))
     shown = 5 + extra_headers + (6 if mode == "accounts" else 0)
     print(f"{mode}, {shown} response headers: best {best[0]:.1f} µs per request, median {best[3]:.1f}")
     if mode == "translated-stream":
@@ -308,18 +301,22 @@ async def measure_paced(events: int, opcodes: bool) -> None:
     last = clients[0][1].writes[-1]
     if PACED_EVENT not in last:
         raise SystemExit(f"micro: unexpected write {last[:200]!r}")
-    rounds = max(1, events // CONNECTIONS)
     if opcodes:
         await count_opcodes(one_round, rounds=10)
         return
+    best = await timed(one_round, max(1, events // CONNECTIONS))
+    print(f"paced: best {best[0]:.2f} µs per event, median {best[3]:.2f} ({1e6 / best[0]:,.0f} events/s on one core)")
+
+
+async def timed(one_round, rounds: int) -> list[float]:
+    """µs per connection and round, for 7 repetitions of `rounds` rounds, best first."""
     best = []
     for _ in range(7):
         started = time.perf_counter()
         for _ in range(rounds):
             await one_round()
         best.append((time.perf_counter() - started) / (rounds * CONNECTIONS) * 1e6)
-    best.sort()
-    print(f"paced: best {best[0]:.2f} µs per event, median {best[3]:.2f} ({1e6 / best[0]:,.0f} events/s on one core)")
+    return sorted(best)
 
 
 async def count_opcodes(one_round, rounds: int) -> None:

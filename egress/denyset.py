@@ -30,6 +30,7 @@ from egress.tally import Tally
 
 _KID = re.compile(r"[0-9a-f]{16}")
 _BOM = b"\xef\xbb\xbf"
+_BAD_LINES = ("deny_file_bad_lines",)  # its key in the worker's tally
 
 
 def is_kid(text: str) -> bool:
@@ -62,7 +63,7 @@ class DenySet:
         self.connected = False
         # Deny-file lines skipped, counted on every read of the file, in the worker's tally.
         self._tally = tally if tally is not None else Tally()
-        self._bad_lines = self._tally.index(("deny_file_bad_lines",))
+        self._bad_lines = self._tally.index(_BAD_LINES)
 
     def __contains__(self, kid: str) -> bool:
         return kid in self.kids
@@ -77,7 +78,7 @@ class DenySet:
 
     @property
     def file_bad_lines(self) -> int:
-        return int(self._tally.get(("deny_file_bad_lines",)))
+        return int(self._tally.get(_BAD_LINES))
 
     def apply_stream(self, kid: str | None, sequence: int) -> bool:
         if sequence <= self.last_sequence:

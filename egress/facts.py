@@ -30,6 +30,7 @@ from egress.tally import Tally
 
 # Seconds between two failure lines: one line a batch would flood the log when the disk is full.
 FAILURE_LOG_INTERVAL = 10.0
+_DROPPED = ("usage_facts_dropped", "jsonl")  # its key in the worker's tally
 
 
 class Throttle:
@@ -83,7 +84,7 @@ class FactSink:
         self._scheduled = False
         # Facts by usage state, and dropped ones, are counted in the worker's tally (tally.py).
         self._tally = tally if tally is not None else Tally()
-        self._dropped = self._tally.index(("usage_facts_dropped", "jsonl"))
+        self._dropped = self._tally.index(_DROPPED)
         # Other consumers of every fact (the NATS publisher): called with the batch, must not block.
         self.listeners: list = []
         self.publisher = None  # the NATS publisher, when configured (for its dropped count)
@@ -100,7 +101,7 @@ class FactSink:
 
     @property
     def dropped(self) -> int:
-        return int(self._tally.get(("usage_facts_dropped", "jsonl")))
+        return int(self._tally.get(_DROPPED))
 
     def emit(self, fact: dict[str, Any]) -> None:
         self._tally.add(("usage_facts", fact["provider"], fact["usage"]))

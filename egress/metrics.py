@@ -215,6 +215,9 @@ def publish_gauges(state: ServerState) -> None:
 
 
 def alive(pid: int) -> bool:
+    """Whether process `pid` runs; 0 (a slab whose worker left or never started) never does."""
+    if not pid:
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -334,7 +337,7 @@ def _worker_families(slabs):
     up = GaugeMetricFamily("egress_worker_up", "1 for each worker process running", labels=["worker"])
     live = []
     for index, slab in enumerate(slabs):
-        running = bool(slab.pid) and alive(slab.pid)
+        running = alive(slab.pid)
         up.add_metric([str(index)], 1 if running else 0)
         if running:
             live.append((str(index), slab))

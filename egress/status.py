@@ -76,8 +76,7 @@ def status_document(state: ServerState, slabs: list[Slab] = ()) -> dict:
 
 def _worker(index: int, slab: Slab) -> dict:
     """One worker as its slab tells it: its gauges are at most a second old (metrics.publish_gauges)."""
-    running = bool(slab.pid) and alive(slab.pid)
-    if not running:
+    if not alive(slab.pid):
         return {"worker": index, "running": False}
     gauges = slab.gauges
     return {

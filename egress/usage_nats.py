@@ -24,6 +24,7 @@ from egress.revocations import connect
 from egress.tally import Tally
 
 _FIRST_BACKOFF = 0.2
+_DROPPED = ("usage_facts_dropped", "nats")  # its key in the worker's tally
 
 
 class UsagePublisher:
@@ -40,12 +41,12 @@ class UsagePublisher:
         self._ready = asyncio.Event()
         # Dropped facts are counted in the worker's tally: the count outlives a worker restart.
         self._tally = tally if tally is not None else Tally()
-        self._dropped = self._tally.index(("usage_facts_dropped", "nats"))
+        self._dropped = self._tally.index(_DROPPED)
         self.published = 0
 
     @property
     def dropped(self) -> int:
-        return int(self._tally.get(("usage_facts_dropped", "nats")))
+        return int(self._tally.get(_DROPPED))
 
     def enqueue(self, batch: list[dict[str, Any]]) -> None:
         room = self._usage.queue_size - len(self._queue)

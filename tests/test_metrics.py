@@ -16,7 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from egress.vkeys import mint, public_key_text
 from tests.conftest import provider_config, virtual_key_config
 from tests.support import RawClient, request_bytes, wait_until
-from tests.test_workers import worker_pids
+from tests.test_workers import worker_indexes, worker_pids
 
 ISSUER = Ed25519PrivateKey.generate()
 
@@ -143,16 +143,6 @@ def test_overhead_leaves_out_the_time_the_provider_took(egress, fake_provider):
     assert value(found, "egress_upstream_ttfb_seconds_bucket", provider="openai", le="0.5") == 0
     assert value(found, "egress_overhead_seconds_bucket", provider="openai", le="0.5") == 1
     assert value(found, "egress_overhead_seconds_count", provider="openai") == 1
-
-
-def worker_indexes(egress) -> dict[int, int]:
-    """Worker index -> pid of the latest start of each, from the `listening` lines."""
-    found = {}
-    for line in egress.stderr_path.read_bytes().splitlines():
-        event = orjson.loads(line)
-        if event.get("event") == "listening":
-            found[event["worker"]] = event["pid"]
-    return found
 
 
 def byo_models(port: int, count: int) -> None:

@@ -19,13 +19,19 @@ from tests.support import EgressProcess, RawClient, egress_command, request_byte
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def listening(egress: EgressProcess) -> list[dict]:
+    """The `listening` line of every worker start, oldest first."""
+    events = (orjson.loads(line) for line in egress.stderr_path.read_bytes().splitlines())
+    return [event for event in events if event.get("event") == "listening"]
+
+
 def worker_pids(egress: EgressProcess) -> set[int]:
-    pids = set()
-    for line in egress.stderr_path.read_bytes().splitlines():
-        event = orjson.loads(line)
-        if event.get("event") == "listening":
-            pids.add(event["pid"])
-    return pids
+    return {event["pid"] for event in listening(egress)}
+
+
+def worker_indexes(egress: EgressProcess) -> dict[int, int]:
+    """Worker index -> pid of the latest start of each."""
+    return {event["worker"]: event["pid"] for event in listening(egress)}
 
 
 def statuses(port: int, count: int, headers: dict | None = None) -> list[int]:
