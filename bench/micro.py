@@ -31,6 +31,11 @@ Usage: python3 bench/micro.py [--mode MODE] [--headers N] [--requests N] [--opco
   --headers N   extra response headers (providers send 15-25; nginx sends 5)
   --opcodes     count the bytecode instructions per request instead, by function: exact and
                 repeatable, but a guide only (C work, such as a regular expression, is not in it)
+  --cold        one connection, one request at a time, the CPU caches emptied before each (a read
+                of a buffer larger than the last-level cache): what a request costs on a gateway
+                that is mostly idle, where the code and data it touches are no longer cached. The
+                first token's added latency at low load is this, not the warm figure. Reported as
+                medians, warm and cold, beside the cold cost of the two loop turns alone.
 Compare builds with PYTHONPATH=TREE, e.g. a `git worktree` of an earlier commit.
 """
 
@@ -41,6 +46,7 @@ import asyncio
 import collections
 import mmap
 import multiprocessing
+import statistics
 import sys
 import tempfile
 import time
@@ -188,7 +194,7 @@ _EXCHANGES = {
 }
 
 
-async def measure(mode: str, extra_headers: int, requests: int, opcodes: bool) -> None:
+async def measure(mode: str, extra_headers: int, requests: int, opcodes: bool, cold: bool = False) -> None:
     state, token = make_state(mode, Path(tempfile.mkdtemp(prefix="egress-micro-")))
     target, body, content_type, upstream_body, ends, mark = _EXCHANGES.get(mode, _EXCHANGES["passthrough"])
     request = (
@@ -210,7 +216,7 @@ async def measure(mode: str, extra_headers: int, requests: int, opcodes: bool) -
         origin = state.config.providers["anthropic"].origin  # both Anthropic rows share one pool key
     else:
         origin = state.router.resolve(target).provider.origin
-    clients = _connections(state, origin)
+    clients = _connections(state, origin, 1 if cold else CONNECTIONS)
 
     # A translated stream writes ~90 KB a response: keeping them all would grow the heap by
     # hundreds of MB, and its page faults would be timed too. Only the last write is looked at.
@@ -235,6 +241,9 @@ async def measure(mode: str, extra_headers: int, requests: int, opcodes: bool) -
     if opcodes:
         await count_opcodes(one_round, rounds=10)
         return
+    if cold:
+        await cold_rounds(mode, one_round)
+        return
     best = await timed(one_round, max(1, requests // CONNECTIONS))
     shown = 5 + extra_headers + (6 if mode == "accounts" else 0)
     print(f"{mode}, {shown} response headers: best {best[0]:.1f} µs per request, median {best[3]:.1f}")
@@ -243,14 +252,16 @@ async def measure(mode: str, extra_headers: int, requests: int, opcodes: bool) -
         print(f"  {best[0] / events:.2f} µs per upstream event, {events / best[0] * 1e6:,.0f} events/s on one core")
 
 
-def _connections(state: ServerState, origin) -> list[tuple[ClientConnection, RecordingTransport]]:
-    """CONNECTIONS clients, and as many idle pooled upstream connections to `origin`."""
+def _connections(
+    state: ServerState, origin, count: int = CONNECTIONS
+) -> list[tuple[ClientConnection, RecordingTransport]]:
+    """`count` clients, and as many idle pooled upstream connections to `origin`."""
     clients = []
-    for _ in range(CONNECTIONS):
+    for _ in range(count):
         client, transport = ClientConnection(state), RecordingTransport()
         client.connection_made(transport)
         clients.append((client, transport))
-    for _ in range(CONNECTIONS):
+    for _ in range(count):
         upstream = UpstreamConnection(state.pool, origin)
         upstream.connection_made(RecordingTransport())
         upstream.reusable = True
@@ -317,6 +328,37 @@ async def timed(one_round, rounds: int) -> list[float]:
             await one_round()
         best.append((time.perf_counter() - started) / (rounds * CONNECTIONS) * 1e6)
     return sorted(best)
+
+
+# Larger than any last-level cache this runs on: reading it leaves none of egress's code or data cached.
+_EVICT_BYTES = 64 << 20
+
+
+async def cold_rounds(mode: str, one_round, rounds: int = 300) -> None:
+    """Median µs of one request with warm caches, with cold ones, and of the loop turns alone, cold."""
+    evict = bytearray(_EVICT_BYTES)
+
+    async def loop_turns() -> None:
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+
+    async def median(run, flush: bool) -> float:
+        times = []
+        for _ in range(rounds):
+            if flush:
+                evict.find(b"\x01")  # memchr over 64 MiB: every cache line of it is loaded
+            started = time.perf_counter()
+            await run()
+            times.append(time.perf_counter() - started)
+        return statistics.median(times) * 1e6
+
+    warm = await median(one_round, False)
+    cold = await median(one_round, True)
+    turns = await median(loop_turns, True)
+    print(
+        f"{mode}, one request at a time: warm {warm:.1f} µs, cold {cold:.1f} µs "
+        f"(the two loop turns alone, cold: {turns:.1f} µs; egress's own cold part {cold - turns:.1f} µs)"
+    )
 
 
 async def count_opcodes(one_round, rounds: int) -> None:
@@ -481,6 +523,7 @@ def main() -> int:
     parser.add_argument("--headers", type=int, default=0, help="extra upstream response headers")
     parser.add_argument("--requests", type=int, default=None, help="per repetition (default 20000; a stream 400)")
     parser.add_argument("--opcodes", action="store_true", help="bytecode per request, by function")
+    parser.add_argument("--cold", action="store_true", help="one request at a time, CPU caches emptied before each")
     args = parser.parse_args()
     if args.mode == "codec":
         codec_costs()
@@ -492,7 +535,7 @@ def main() -> int:
         uvloop.run(measure_paced(args.requests or 20_000, args.opcodes))
         return 0
     requests = args.requests or (400 if args.mode == "translated-stream" else 20_000)
-    uvloop.run(measure(args.mode, args.headers, requests, args.opcodes))
+    uvloop.run(measure(args.mode, args.headers, requests, args.opcodes, args.cold))
     return 0
 
 

@@ -95,6 +95,8 @@ for _dim in DIMENSIONS:
     _HINTS[_wire + b"-remaining"] = (_REMAINING, _dim)
     _HINTS[_wire + b"-reset"] = (_RESET_DATE, _dim)
 del _dim, _wire
+# Every hint's name, lower-case: the response head's one pass picks these out (http1.inspect_response).
+HINT_NAMES = frozenset(_HINTS)
 # Every hint's name starts with one of these (any case): a header name that is not lower-case is
 # looked up again, lower-cased, only when it might be one (nginx and others send `Content-Type`).
 _FIRST_BYTES = frozenset((b"a", b"r", b"x", b"A", b"R", b"X"))  # tests/test_hints.py checks the table

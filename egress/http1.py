@@ -245,21 +245,36 @@ def bearer_token(authorization: bytes) -> bytes:
 
 
 class ResponseFacts:
-    __slots__ = ("chunked", "content_encoding", "content_length", "content_type", "headers")
+    __slots__ = ("chunked", "content_encoding", "content_length", "content_type", "headers", "kept")
 
     def __init__(
-        self, headers: Headers, content_length: int | None, content_type: bytes, chunked: bool, content_encoding: bytes
+        self,
+        headers: Headers,
+        content_length: int | None,
+        content_type: bytes,
+        chunked: bool,
+        content_encoding: bytes,
+        kept: Headers,
     ) -> None:
         self.headers = headers
         self.content_length = content_length
         self.content_type = content_type
         self.chunked = chunked  # framed by the upstream's chunked coding (otherwise length or close)
         self.content_encoding = content_encoding  # b"" when the body is not content-coded
+        self.kept = kept  # the relayed headers named in `keep`, names lower-cased
 
 
-def inspect_response(headers: Headers) -> ResponseFacts:
-    """Filter an upstream response head for relay; refuse anything that could split a response."""
+_KEEP_NONE: frozenset[bytes] = frozenset()
+
+
+def inspect_response(headers: Headers, keep: frozenset[bytes] = _KEEP_NONE) -> ResponseFacts:
+    """Filter an upstream response head for relay; refuse anything that could split a response.
+
+    `keep`: lower-case names the caller reads itself (the rate-limit hints), listed apart in the
+    same pass over the head, so that no other pass over every header is needed for them.
+    """
     relayed: Headers = []
+    kept: Headers = []
     content_length = None
     content_type = b""
     content_encoding = b""
@@ -272,6 +287,8 @@ def inspect_response(headers: Headers) -> ResponseFacts:
                 content_type = value
             elif lower == b"content-encoding":
                 content_encoding = value
+            elif lower in keep:
+                kept.append((lower, value))
             relayed.append((name, value))
         elif lower == b"content-length":
             if not value.strip().isdigit():
@@ -291,7 +308,7 @@ def inspect_response(headers: Headers) -> ResponseFacts:
         raise EgressError("upstream_protocol_error", "upstream sent a header value with CR, LF or NUL")
     if connection_tokens and not connection_tokens <= _HOP_BY_HOP_TOKENS:
         relayed = [(name, value) for name, value in relayed if name.lower() not in connection_tokens]
-    return ResponseFacts(relayed, content_length, content_type, chunked, content_encoding)
+    return ResponseFacts(relayed, content_length, content_type, chunked, content_encoding, kept)
 
 
 def _refuse_codings_other_than_chunked(value: bytes) -> None:

@@ -26,6 +26,7 @@ import orjson
 
 from egress import accesslog, admission, http1, retries, surface
 from egress.errors import EgressError, render_error
+from egress.hints import HINT_NAMES
 from egress.http1 import CHUNKED, NO_BODY, UNTIL_CLOSE
 from egress.metrics import sse_events
 from egress.routes import check_model
@@ -175,9 +176,13 @@ class Exchange:
         return self.target.split(b"?", 1)[0]
 
     def upstream_head(self, status: int, headers: http1.Headers) -> None:
-        if self.account is not None and retries.answered(self, status, headers):
-            return  # not relayed: the request goes to another account (retries.py)
-        facts = http1.inspect_response(headers)  # raises upstream_protocol_error: nothing relayed yet
+        if self.account is None:
+            facts = http1.inspect_response(headers)  # raises upstream_protocol_error: nothing relayed yet
+        else:
+            # The rate-limit hints are picked out in the same pass over the head.
+            facts = http1.inspect_response(headers, HINT_NAMES)
+            if retries.answered(self, status, facts.kept):
+                return  # not relayed: the request goes to another account (retries.py)
         content_length = facts.content_length
         if status == 204:
             content_length = None  # RFC 9110 §8.6: never in a 204, whatever the upstream sent

@@ -49,13 +49,13 @@ _BACKOFF_BASE = 0.1
 _BACKOFF_CAP = 2.0
 
 
-def answered(exchange: Exchange, status: int, headers: list) -> bool:
+def answered(exchange: Exchange, status: int, headers: list[tuple[bytes, bytes]]) -> bool:
     state = exchange.client.state
     table = state.accounts
     account = exchange.account
     now = time.monotonic()
     wall = time.time()
-    hints = read_hints(headers, wall)  # names matched case-insensitively there
+    hints = read_hints(headers, wall)  # the head's hint headers alone (http1.inspect_response keeps them)
     if hints.remaining or hints.limit:
         table.observe(account, hints, now, wall)
     reason = RETRY_STATUSES.get(status)

@@ -88,6 +88,24 @@ def test_inspect_response_filters_and_refuses_split_headers():
         assert raised.value.code == "upstream_protocol_error"
 
 
+def test_inspect_response_keeps_the_named_headers_in_the_same_pass():
+    from egress.hints import HINT_NAMES, read_hints
+
+    head = [
+        (b"Content-Type", b"application/json"),
+        (b"X-RateLimit-Remaining-Requests", b"7"),
+        (b"retry-after", b"2"),
+        (b"Connection", b"keep-alive"),
+        (b"x-request-id", b"req_1"),
+    ]
+    facts = http1.inspect_response(head, HINT_NAMES)
+    # Relayed as they came; the hints listed apart, lower-cased, for read_hints.
+    assert facts.headers == [head[0], head[1], head[2], head[4]]
+    assert facts.kept == [(b"x-ratelimit-remaining-requests", b"7"), (b"retry-after", b"2")]
+    assert read_hints(facts.kept, 0.0) == read_hints(head, 0.0)
+    assert http1.inspect_response(head).kept == []  # nothing named: nothing kept
+
+
 @pytest.mark.parametrize(
     ("status", "head", "length", "http11", "framing"),
     [
