@@ -42,7 +42,7 @@ class AccessLog:
         return self._fd >= 0
 
     def write(self, record: dict[str, Any]) -> None:
-        self._lines.append(orjson.dumps(record) + b"\n")
+        self._lines.append(orjson.dumps(record, option=orjson.OPT_APPEND_NEWLINE))
         if not self._scheduled:
             self._scheduled = True
             self._loop.call_soon(self.flush)
@@ -84,7 +84,7 @@ def log_event(event: str, **fields: Any) -> None:
     record = {"ts": round(time.time(), 3), "event": event, **fields}
     if WORKER is not None:
         record["worker"] = WORKER
-    _write_all(sys.stderr.fileno(), orjson.dumps(record) + b"\n")
+    _write_all(sys.stderr.fileno(), orjson.dumps(record, option=orjson.OPT_APPEND_NEWLINE))
 
 
 def _write_all(fd: int, data: bytes) -> None:

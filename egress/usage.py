@@ -80,6 +80,7 @@ class _Ignore:
 _IGNORE = _Ignore()
 
 _NO_RAW: dict[str, int] = {}
+_media: dict[bytes, bytes] = {}  # Content-Type value -> its media type, lower-case
 
 # Usage states
 COMPLETE, PARTIAL, MISSING, UNPARSEABLE = "complete", "partial", "missing", "unparseable"
@@ -147,7 +148,11 @@ class UsageMeter:
         return self._sse
 
     def start(self, api: str, content_type: bytes, content_encoding: bytes = b"") -> None:
-        media = content_type.split(b";", 1)[0].strip().lower()
+        media = _media.get(content_type)
+        if media is None:
+            media = content_type.split(b";", 1)[0].strip().lower()
+            if len(_media) < 64:  # a provider sends one or two spellings: one look-up instead of three calls
+                _media[content_type] = media
         self._sse = media == b"text/event-stream"
         if not self._sse and media != b"application/json":
             return
