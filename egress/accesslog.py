@@ -3,7 +3,8 @@
 Contract: `AccessLog.write(record)` queues one line; lines are written together once per event-loop
 turn (one syscall for a burst of requests, nothing buffered across turns, so a crash loses nothing
 already answered). Records carry only what the caller put in them; callers never put a token, key
-or query string there.
+or query string there. `reopen()` (SIGUSR1, SIGHUP) opens the file's path again after an outside
+rotation (logrotate renames the file, then signals): later lines go to the new file, none is lost.
 """
 
 from __future__ import annotations
@@ -20,13 +21,14 @@ _PIPE_BUF = 4096
 
 
 class AccessLog:
-    __slots__ = ("_fd", "_lines", "_loop", "_owned", "_scheduled")
+    __slots__ = ("_fd", "_lines", "_loop", "_owned", "_path", "_scheduled")
 
     def __init__(self, destination: str) -> None:
         self._loop = asyncio.get_running_loop()
         self._lines: list[bytes] = []
         self._scheduled = False
         self._owned = False
+        self._path = destination
         if destination == "off":
             self._fd = -1
         elif destination == "stdout":
@@ -34,7 +36,7 @@ class AccessLog:
         elif destination == "stderr":
             self._fd = sys.stderr.fileno()
         else:
-            self._fd = os.open(destination, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+            self._fd = _open_log(destination)
             self._owned = True
 
     @property
@@ -69,11 +71,30 @@ class AccessLog:
         _write_all(self._fd, b"".join(batch))
         self._lines.clear()
 
+    def reopen(self) -> bool:
+        """Write to the file now at the path (the old one was rotated away); False if it can't be
+        opened, and the lines go on to the old file rather than nowhere."""
+        if not self._owned:
+            return True  # stdout, stderr: whoever reads them rotates them
+        self.flush()  # what came before the signal goes to the file it was meant for
+        try:
+            fd = _open_log(self._path)
+        except OSError as exc:
+            log_event("access_log_reopen_failed", path=self._path, error=exc.strerror)
+            return False
+        os.close(self._fd)
+        self._fd = fd
+        return True
+
     def close(self) -> None:
         self.flush()
         if self._owned:
             os.close(self._fd)
             self._fd = -1
+
+
+def _open_log(path: str) -> int:
+    return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
 
 
 WORKER: int | None = None  # this process's worker index under the supervisor

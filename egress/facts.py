@@ -145,6 +145,23 @@ class FactSink:
             except OSError as exc:
                 self._lost(0, "usage_rotate_failed", exc)
 
+    def reopen(self) -> bool:
+        """After an outside rotation of the file (SIGUSR1, SIGHUP): facts go to the file now at the
+        path. If it can't be opened, the next batch tries again, and what it can't write is counted
+        as dropped, as on any failed write."""
+        if self._path is None:
+            return True
+        self.flush()  # the facts before the signal go to the file they were meant for
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        try:
+            self._open()
+        except OSError as exc:
+            log_event("usage_reopen_failed", path=self._path, error=exc.strerror)
+            return False
+        return True
+
     def close(self) -> None:
         self.flush()
         if self._fd >= 0:

@@ -293,11 +293,18 @@ async def _serve(config: Config, config_path: str | None, worker: WorkerContext 
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, on_signal)
 
+    def on_reopen() -> None:
+        # logrotate's way (nginx's USR1): the files were renamed; write on at their paths.
+        access_log, usage = state.access_log.reopen(), state.facts.reopen()
+        log_event("logs_reopened", access_log=access_log, usage=usage)
+
     def on_hangup() -> None:
         reload_config(state, config_path)
         reload_deny_file.set()
+        on_reopen()
 
     loop.add_signal_handler(signal.SIGHUP, on_hangup)
+    loop.add_signal_handler(signal.SIGUSR1, on_reopen)
     # What startup made (modules, config, tables) lives as long as the process: out of the
     # collector's sight, a full collection walks only what requests make, a pause of microseconds
     # instead of milliseconds landing on some request's first token (gc.freeze, Python 3.7+).

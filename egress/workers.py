@@ -9,8 +9,9 @@ once they have all stopped.
   limit holds across the workers of the host; so do the accounts' table and the metrics' tally
   (a slab per worker, which a restarted worker takes over where the dead one left it).
 - The supervisor tells systemd READY=1 once every worker listens, and STOPPING=1 on the way out.
-- It forwards SIGTERM/SIGINT (drain; a second one aborts) and SIGHUP (reload), and restarts a
-  worker that dies unexpectedly, waiting at least a second between restarts of the same worker.
+- It forwards SIGTERM/SIGINT (drain; a second one aborts), SIGHUP (reload) and SIGUSR1 (reopen the
+  access log and usage files after logrotate), and restarts a worker that dies unexpectedly,
+  waiting at least a second between restarts of the same worker.
 - A worker whose supervisor dies (even by SIGKILL) gets SIGTERM and drains: none is left serving
   on its own.
 """
@@ -73,7 +74,7 @@ def supervise(config: Config, config_path: str | None, workers: int) -> int:
     def on_signal(signum, _frame) -> None:
         received.append(signum)
 
-    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
         signal.signal(signum, on_signal)
 
     supervisor = os.getpid()
@@ -84,6 +85,8 @@ def supervise(config: Config, config_path: str | None, workers: int) -> int:
         if pid == 0:
             for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 signal.signal(signum, signal.SIG_DFL)
+            # Its default would end the worker: ignored until the worker's loop takes it (serve.py).
+            signal.signal(signal.SIGUSR1, signal.SIG_IGN)
             _stop_with(supervisor)
             os.close(ready_read)
             code = 1
@@ -110,7 +113,8 @@ def supervise(config: Config, config_path: str | None, workers: int) -> int:
     ready = 0
     give_up_at = time.monotonic() + 30
     failed: list[tuple[int, int]] = []  # (worker, exit code) of workers that died before ready
-    while ready < workers and time.monotonic() < give_up_at and not received and not failed:
+    # A reload or reopen signal waits for the workers to be ready; a stop signal ends the wait.
+    while ready < workers and time.monotonic() < give_up_at and not _stop_in(received) and not failed:
         readable, _, _ = select.select([ready_read], [], [], 0.2)
         if readable:
             ready += len(os.read(ready_read, 64))
@@ -119,7 +123,7 @@ def supervise(config: Config, config_path: str | None, workers: int) -> int:
         placeholder.close()
     if ready < workers:
         # One line that says which worker and how; the worker's own line said why (bind, config).
-        reason = "exited" if failed else "timed out"
+        reason = "exited" if failed else "stopped" if _stop_in(received) else "timed out"
         log_event(
             "workers_failed_to_start",
             ready=ready,
@@ -127,7 +131,7 @@ def supervise(config: Config, config_path: str | None, workers: int) -> int:
             reason=reason,
             failed=[{"worker": index, "exit_code": code} for index, code in failed],
         )
-        _stop_all(children, signal.SIGTERM)
+        _signal_all(children, signal.SIGTERM)
         _wait_all(children, 10)
         return 1
     log_event("supervisor_ready", workers=workers, pid=os.getpid())
@@ -138,14 +142,17 @@ def supervise(config: Config, config_path: str | None, workers: int) -> int:
         while received:
             signum = received.pop(0)
             if signum == signal.SIGHUP:
-                _stop_all(children, signal.SIGHUP)
+                _signal_all(children, signal.SIGHUP)
                 log_event("supervisor_reload", workers=len(children))
+            elif signum == signal.SIGUSR1:
+                _signal_all(children, signal.SIGUSR1)
+                log_event("supervisor_reopen_logs", workers=len(children))
             else:
                 if not stopping:
                     notify(b"STOPPING=1")
                     log_event("supervisor_stopping", workers=len(children))
                 stopping = True
-                _stop_all(children, signal.SIGTERM)  # a second one makes workers abort their drain
+                _signal_all(children, signal.SIGTERM)  # a second one makes workers abort their drain
         for index in _reap(children, stopping):
             wait = last_start[index] + 1.0 - time.monotonic()
             if wait > 0:
@@ -212,7 +219,11 @@ def _reap_failed(children: dict[int, int]) -> list[tuple[int, int]]:
     return [(index, code) for index, _, code in _exited(children)]
 
 
-def _stop_all(children: dict[int, int], signum: int) -> None:
+def _stop_in(received: list[int]) -> bool:
+    return signal.SIGTERM in received or signal.SIGINT in received
+
+
+def _signal_all(children: dict[int, int], signum: int) -> None:
     for pid in list(children):
         try:
             os.kill(pid, signum)

@@ -6,7 +6,10 @@ import asyncio
 import errno
 import os
 import resource
+import shutil
+import signal
 import socket
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -20,6 +23,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from egress.vkeys import mint, public_key_text
 from tests.conftest import provider_config, virtual_key_config
 from tests.support import RawClient, request_bytes, run_egress_cli, wait_until, whole_lines
+from tests.test_metrics import samples, value
+from tests.test_workers import statuses, worker_pids
 
 ISSUER = Ed25519PrivateKey.generate()
 
@@ -621,3 +626,90 @@ def test_a_stream_is_asked_for_usage_only_where_the_provider_documents_the_optio
     assert upstream.requests[0].endswith(body), "the request body went upstream unchanged"
     fact = facts_of(egress, 1)[0]
     assert (fact["usage"], fact["usage_reason"]) == ("missing", reason)
+
+
+def _lines(*paths: Path) -> list[dict]:
+    return [orjson.loads(line) for path in paths if path.exists() for line in whole_lines(path.read_bytes())]
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_sigusr1_reopens_the_access_log_and_usage_files_after_logrotate(
+    start_egress, fake_provider, ca_file, tmp_path, workers
+):
+    access = tmp_path / "access.log"
+    config = provider_config(
+        fake_provider, ca_file, server=f'access_log = "{access}"', extra=f'[usage]\njsonl = "{tmp_path}/usage.jsonl"\n'
+    )
+    egress = start_egress(config, workers=workers)
+    pids = worker_pids(egress)
+    usage = sorted(tmp_path.glob("usage*.jsonl"))
+    assert statuses(egress.port, 6) == [200] * 6
+    assert wait_until(lambda: len(_lines(access)) == 6 and len(_lines(*usage)) == 6, timeout=5)
+    # logrotate's create mode: rename, then signal.
+    for path in (access, *usage):
+        path.rename(f"{path}.1")
+    egress.signal(signal.SIGUSR1)
+    assert wait_until(lambda: egress.stderr_path.read_bytes().count(b'"event":"logs_reopened"') == workers, timeout=5)
+    assert statuses(egress.port, 6) == [200] * 6
+    assert wait_until(lambda: len(_lines(access)) == 6 and len(_lines(*usage)) == 6, timeout=5)
+    old_access = _lines(Path(f"{access}.1"))
+    old_usage = _lines(*(Path(f"{path}.1") for path in usage))
+    assert len(old_access) == 6 and len(old_usage) == 6  # nothing after the signal went to the old files
+    # Every request once, in one file or the other.
+    assert len({record["request_id"] for record in old_access + _lines(access)}) == 12
+    assert len({fact["request_id"] for fact in old_usage + _lines(*usage)}) == 12
+    assert worker_pids(egress) == pids and b"worker_restarted" not in egress.stderr_path.read_bytes()
+    reopened = [orjson.loads(line) for line in egress.stderr_path.read_bytes().splitlines() if b"logs_reopened" in line]
+    assert all(event["access_log"] and event["usage"] for event in reopened)
+
+
+def test_a_reopen_that_fails_keeps_the_lines_and_counts_the_facts(start_egress, fake_provider, ca_file, tmp_path):
+    access = tmp_path / "access.log"
+    config = provider_config(
+        fake_provider, ca_file, server=f'access_log = "{access}"', extra=f'[usage]\njsonl = "{tmp_path}/usage.jsonl"\n'
+    )
+    egress = start_egress(config)
+    usage = tmp_path / "usage.jsonl"
+    assert statuses(egress.port, 2) == [200] * 2
+    access.rename(f"{access}.1")
+    usage.rename(f"{usage}.1")
+    access.mkdir()  # nothing can be opened for writing at either path now
+    usage.mkdir()
+    egress.signal(signal.SIGUSR1)
+    assert wait_until(lambda: b'"event":"logs_reopened"' in egress.stderr_path.read_bytes(), timeout=5)
+    logged = egress.stderr_path.read_bytes()
+    assert b'"event":"access_log_reopen_failed"' in logged and b'"event":"usage_reopen_failed"' in logged
+    assert statuses(egress.port, 3) == [200] * 3
+    # The access log goes on in the file it had; the facts that found no file are counted, not lost.
+    assert wait_until(lambda: len(_lines(Path(f"{access}.1"))) == 5, timeout=5)
+    assert wait_until(lambda: b'"event":"usage_write_failed"' in egress.stderr_path.read_bytes(), timeout=5)
+    assert value(samples(egress.admin_port), "egress_usage_facts_dropped_total", sink="jsonl") == 3
+
+
+def test_the_deployed_logrotate_config_rotates_a_running_egress(start_egress, fake_provider, ca_file, tmp_path):
+    """deploy/egress.logrotate, run by the real logrotate against a running two-worker egress."""
+    logrotate = shutil.which("logrotate") or "/usr/sbin/logrotate"
+    access = tmp_path / "access.log"
+    egress = start_egress(provider_config(fake_provider, ca_file, server=f'access_log = "{access}"'), workers=2)
+    assert statuses(egress.port, 4) == [200] * 4
+    assert wait_until(lambda: len(_lines(access)) == 4, timeout=5)
+    deployed = (Path(__file__).parent.parent / "deploy" / "egress.logrotate").read_text()
+    signal_line = "systemctl kill --kill-whom=main --signal=USR1 egress.service"
+    assert "/var/log/egress/access.log {" in deployed and signal_line in deployed
+    # The same file, pointed at this test's log and its supervisor's pid.
+    config = tmp_path / "logrotate.conf"
+    config.write_text(
+        deployed.replace("/var/log/egress/access.log", str(access)).replace(signal_line, f"kill -USR1 {egress.pid}")
+    )
+    rotated = subprocess.run(
+        [logrotate, "--force", "--state", str(tmp_path / "logrotate.state"), str(config)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert rotated.returncode == 0, rotated.stderr
+    assert wait_until(lambda: egress.stderr_path.read_bytes().count(b'"event":"logs_reopened"') == 2, timeout=5)
+    assert statuses(egress.port, 4) == [200] * 4
+    assert wait_until(lambda: len(_lines(access)) == 4, timeout=5)
+    assert len(_lines(Path(f"{access}.1"))) == 4
+    assert access.stat().st_mode & 0o007 == 0  # created by egress itself (nocreate): 0640, never world-readable
