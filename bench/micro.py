@@ -29,6 +29,8 @@ Usage: python3 bench/micro.py [--mode MODE] [--headers N] [--requests N] [--opco
   codec   the translation alone, no request path: µs per chat_to_messages (a typical request),
           per message_to_chat (a typical response), per event of StreamTranscoder.feed
   --headers N   extra response headers (providers send 15-25; nginx sends 5)
+  --sse         a passthrough mode (bare ... full) relaying bench/ab --sse's 500-event stream (60 KB,
+                one upstream read) instead of the small JSON completion
   --opcodes     count the bytecode instructions per request instead, by function: exact and
                 repeatable, but a guide only (C work, such as a regular expression, is not in it)
   --cold        one connection, one request at a time, the CPU caches emptied before each (a read
@@ -175,6 +177,15 @@ _EXCHANGES = {
         bench.COMPLETION.encode(),
         b"",
     ),
+    # bench/ab --sse's response: the 500-event stream, from a static file (so with a Content-Length).
+    "sse": (
+        b"/bench/v1/stream",
+        BODY,
+        b"text/event-stream",
+        bench.sse_body().encode(),
+        b"data: [DONE]\n\n",
+        b'"content":"token0 "',
+    ),
     "translated": (
         b"/v1/chat/completions",
         anthropic_bodies.CHAT_REQUEST.encode(),
@@ -194,9 +205,12 @@ _EXCHANGES = {
 }
 
 
-async def measure(mode: str, extra_headers: int, requests: int, opcodes: bool, cold: bool = False) -> None:
+async def measure(
+    mode: str, extra_headers: int, requests: int, opcodes: bool, cold: bool = False, sse: bool = False
+) -> None:
     state, token = make_state(mode, Path(tempfile.mkdtemp(prefix="egress-micro-")))
-    target, body, content_type, upstream_body, ends, mark = _EXCHANGES.get(mode, _EXCHANGES["passthrough"])
+    exchange = "sse" if sse else mode if mode in _EXCHANGES else "passthrough"
+    target, body, content_type, upstream_body, ends, mark = _EXCHANGES[exchange]
     request = (
         b"POST %s HTTP/1.1\r\nHost: 127.0.0.1:8787\r\nAuthorization: Bearer " % target
         + token
@@ -220,7 +234,7 @@ async def measure(mode: str, extra_headers: int, requests: int, opcodes: bool, c
 
     # A translated stream writes ~90 KB a response: keeping them all would grow the heap by
     # hundreds of MB, and its page faults would be timed too. Only the last write is looked at.
-    trim = mode in TRANSLATED_MODES
+    trim = mode in TRANSLATED_MODES or sse
 
     async def one_round() -> None:
         for client, _ in clients:
@@ -246,7 +260,8 @@ async def measure(mode: str, extra_headers: int, requests: int, opcodes: bool, c
         return
     best = await timed(one_round, max(1, requests // CONNECTIONS))
     shown = 5 + extra_headers + (6 if mode == "accounts" else 0)
-    print(f"{mode}, {shown} response headers: best {best[0]:.1f} µs per request, median {best[3]:.1f}")
+    what = f"{mode}, the 500-event stream" if sse else f"{mode}, {shown} response headers"
+    print(f"{what}: best {best[0]:.1f} µs per request, median {best[3]:.1f}")
     if mode == "translated-stream":
         events = anthropic_bodies.STREAM_EVENTS
         print(f"  {best[0] / events:.2f} µs per upstream event, {events / best[0] * 1e6:,.0f} events/s on one core")
@@ -524,6 +539,7 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=None, help="per repetition (default 20000; a stream 400)")
     parser.add_argument("--opcodes", action="store_true", help="bytecode per request, by function")
     parser.add_argument("--cold", action="store_true", help="one request at a time, CPU caches emptied before each")
+    parser.add_argument("--sse", action="store_true", help="passthrough of bench/ab --sse's 500-event stream")
     args = parser.parse_args()
     if args.mode == "codec":
         codec_costs()
@@ -534,8 +550,8 @@ def main() -> int:
     if args.mode == "paced":
         uvloop.run(measure_paced(args.requests or 20_000, args.opcodes))
         return 0
-    requests = args.requests or (400 if args.mode == "translated-stream" else 20_000)
-    uvloop.run(measure(args.mode, args.headers, requests, args.opcodes, args.cold))
+    requests = args.requests or (400 if args.mode == "translated-stream" else 2_000 if args.sse else 20_000)
+    uvloop.run(measure(args.mode, args.headers, requests, args.opcodes, args.cold, args.sse))
     return 0
 
 

@@ -170,13 +170,25 @@ def hold_stream(exchange: Exchange, status: int) -> None:
 
 def held_body(exchange: Exchange, data: bytes) -> None:
     held = exchange.held
-    held += data
-    verdict = first_event(held)
-    if verdict is None and len(held) < _HOLD_LIMIT:
+    if held:
+        held += data
+        buffer = held
+    else:
+        # Most often the first event is whole in the first read: judged where it lies, and relayed
+        # as it came, with no copy of a read that may hold the whole stream.
+        buffer = data
+    verdict = first_event(buffer)
+    if verdict is None and len(buffer) < _HOLD_LIMIT:
+        if buffer is data:
+            held += data
         return
     if verdict == "error" and _stream_failed(exchange):
         return
-    release(exchange)
+    if buffer is data:
+        exchange.held = None
+        exchange.upstream_body(data)
+    else:
+        release(exchange)
     exchange.upstream_read_done()
 
 
@@ -195,7 +207,7 @@ def _hold_expired(exchange: Exchange, tries: int) -> None:
     exchange.upstream_read_done()
 
 
-def first_event(buffer: bytearray) -> str | None:
+def first_event(buffer: bytes | bytearray) -> str | None:
     """ "error" or "ok" once the first event with data is whole in `buffer`; None before (sans-IO)."""
     start = 0
     while True:
@@ -218,12 +230,14 @@ def first_event(buffer: bytearray) -> str | None:
         return "ok"
 
 
-def _event_end(buffer: bytearray, start: int) -> int | None:
-    ends = [index for index in (buffer.find(b"\n\n", start), buffer.find(b"\r\n\r\n", start)) if index >= 0]
-    if not ends:
-        return None
-    end = min(ends)
-    return end + (4 if buffer.startswith(b"\r\n\r\n", end) else 2)
+def _event_end(buffer: bytes | bytearray, start: int) -> int | None:
+    lf = buffer.find(b"\n\n", start)
+    # A CRLF blank line is looked for only before the first LF one: a stream whose lines end in LF
+    # is not scanned to its end for one it never has (a read may hold the whole stream).
+    crlf = buffer.find(b"\r\n\r\n", start, len(buffer) if lf < 0 else lf + 4)
+    if crlf >= 0 and (lf < 0 or crlf < lf):
+        return crlf + 4
+    return lf + 2 if lf >= 0 else None
 
 
 def _stream_failed(exchange: Exchange) -> bool:

@@ -56,6 +56,7 @@ import orjson
 from egress.http1 import grow
 
 _USAGE_KEY = b'"usage":'
+_NULL = b"null"
 # What one output delta looks like, per API: counted as an estimate when a stream is cut short.
 _DELTA = {
     "openai": b'"delta":{"content":',
@@ -287,6 +288,11 @@ class UsageMeter:
         position = buffer.find(_USAGE_KEY)
         end = len(buffer)
         while position != -1:
+            if self._usage.model is not None and buffer.startswith(_NULL, position + len(_USAGE_KEY)):
+                # OpenAI's include_usage puts `"usage":null` on every chunk but the last: once the
+                # model is known, such a chunk has nothing to say, and is not parsed.
+                position = buffer.find(_USAGE_KEY, position + len(_USAGE_KEY), end)
+                continue
             line_start = buffer.rfind(b"\n", 0, position) + 1
             line_end = buffer.find(b"\n", position)
             if line_end == -1:

@@ -15,7 +15,10 @@ import openai
 import orjson
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from egress import retries
 from egress.accounts import Account, AccountTable, account_id, table_bytes
 from egress.hints import RateHints
 from egress.secrets import Secret
@@ -433,3 +436,27 @@ def test_status_names_accounts_and_never_shows_a_key(start_egress, keyed, tmp_pa
     for secret in (KEY_A, KEY_B, "sk-acct"):
         assert secret not in body.decode()
         assert secret not in egress.logs()
+
+
+def _event_end_reference(buffer: bytes, start: int) -> int | None:
+    """The first blank line's end by the plain rule: the earlier of LF LF and CRLF CRLF."""
+    ends = [index for index in (buffer.find(b"\n\n", start), buffer.find(b"\r\n\r\n", start)) if index >= 0]
+    if not ends:
+        return None
+    end = min(ends)
+    return end + (4 if buffer.startswith(b"\r\n\r\n", end) else 2)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.binary(max_size=40).map(lambda raw: bytes(b"\r\na:"[byte % 4] for byte in raw)), st.integers(0, 10))
+def test_the_first_event_is_found_where_the_plain_rule_finds_it(buffer, start):
+    assert retries._event_end(buffer, start) == _event_end_reference(buffer, start)
+    assert retries.first_event(buffer) == retries.first_event(bytearray(buffer))
+
+
+def test_a_whole_stream_in_one_read_is_judged_on_its_first_event():
+    body = b'data: {"a":1}\n\n' + b'data: {"b":2}\n\n' * 1000
+    assert retries.first_event(body) == "ok"
+    assert retries.first_event(b'event: error\ndata: {"error":{"type":"overloaded_error"}}\n\n' + body) == "error"
+    assert retries.first_event(b'data: {"a":1}\r\n\r\n') == "ok"
+    assert retries.first_event(b'data: {"a":1}\r\n') is None

@@ -350,3 +350,19 @@ def test_compaction_iterations_are_all_billed():
     start = {"type": "message_start", "message": {"model": "claude", "usage": first}}
     usage = meter("anthropic", [sse(start, delta, named=True)])
     assert (usage.input_tokens, usage.output_tokens, usage.cache_read_tokens) == (55377, 91, 55096)
+
+
+def test_usage_null_chunks_give_the_model_once_and_are_not_parsed_after():
+    first = b'data: {"id":"c","model":"gpt-x","choices":[{"delta":{"content":"a"}}],"usage":null}\n\n'
+    # Not JSON: parsed, it would make the usage unparseable; once the model is known it is not parsed.
+    broken = b'data: {"id":"c",,"choices":[],"usage":null}\n\n'
+    last = b'data: {"id":"c","model":"gpt-x","choices":[],"usage":{"prompt_tokens":3,"completion_tokens":1}}\n\n'
+    whole = first + broken + last
+    for pieces in ([whole], cut_into(whole, [7] * (len(whole) // 7)), [first, broken, last]):
+        usage = meter("openai", list(pieces))
+        assert (usage.state, usage.model, usage.input_tokens, usage.output_tokens) == (COMPLETE, "gpt-x", 3, 1)
+    # A stream cut before its usage chunk still names its model, read off the first null one.
+    cut = meter("openai", [first, broken], complete=False)
+    assert (cut.state, cut.model, cut.estimated_output_tokens) == (PARTIAL, "gpt-x", 1)
+    # With no model known yet, a null chunk is parsed: a broken one says so.
+    assert meter("openai", [broken, last]).state == UNPARSEABLE
