@@ -55,7 +55,7 @@ def byo_credential(authorization: bytes | None, api_key: bytes | None, scheme: s
 
 
 class RateLimiter:
-    __slots__ = ("_default", "_hash_key", "_requests", "_slots", "_tiers", "_tokens", "enabled")
+    __slots__ = ("_default", "_hash_key", "_kids", "_requests", "_slots", "_tiers", "_tokens", "enabled")
 
     def __init__(
         self, config: LimitsConfig, shared: memoryview | None = None, default_hash_key: bytes | None = None
@@ -73,7 +73,8 @@ class RateLimiter:
         self._requests = SlidingWindow(width, depth, WINDOW_SECONDS, shared[:size])
         self._tokens = SlidingWindow(width, depth, WINDOW_SECONDS, shared[size : 2 * size])
         # Counter positions per (identity, provider): a hash per new caller, a dict hit afterwards.
-        self._slots: dict[bytes, tuple[int, ...]] = {}
+        self._slots: dict[tuple[bytes, str], tuple[int, ...]] = {}
+        self._kids: dict[str, bytes] = {}  # a virtual key's kid -> its identity
 
     def set_tiers(self, config: LimitsConfig) -> None:
         """New limits (on reload); the counts so far stay."""
@@ -86,7 +87,13 @@ class RateLimiter:
     def identity(self, exchange: Exchange) -> bytes | None:
         claims = exchange.claims
         if claims is not None:
-            return b"kid:" + claims.kid.encode()
+            identity = self._kids.get(claims.kid)
+            if identity is None:
+                if len(self._kids) >= _SLOT_CACHE_SIZE:
+                    self._kids.clear()
+                # One bytes object per kid: its hash is computed once, not per request.
+                identity = self._kids[claims.kid] = b"kid:" + claims.kid.encode()
+            return identity
         facts = exchange.facts
         route = exchange.route
         token = byo_credential(facts.authorization, facts.api_key, route.provider.auth if route is not None else "")
@@ -100,24 +107,22 @@ class RateLimiter:
             return
         exchange.identity = identity
         tier = self._tier_for(exchange)
-        key = identity + b"\x00" + provider.encode()
-        slots = self._slots.get(key)
+        slots = self._slots.get((identity, provider))
         if slots is None:
             if len(self._slots) >= _SLOT_CACHE_SIZE:
                 self._slots.clear()  # rare and cheap to rebuild: a hash per caller
-            slots = self._slots[key] = self._requests.slots(key)
+            slots = self._slots[identity, provider] = self._requests.slots(identity + b"\x00" + provider.encode())
         exchange.limit_slots = slots
         if tier.tokens_per_minute:
             used = self._tokens.estimate(slots, now)
             if used >= tier.tokens_per_minute:
                 wait = self._tokens.seconds_until_below(slots, tier.tokens_per_minute - 1, now)
                 raise _limited("tokens", tier.tokens_per_minute, used, wait)
-        if tier.requests_per_minute:
-            used = self._requests.estimate(slots, now)
-            if used + 1 > tier.requests_per_minute:
-                wait = self._requests.seconds_until_below(slots, tier.requests_per_minute - 1, now)
-                raise _limited("requests", tier.requests_per_minute, used, wait)
-        self._requests.add(slots, 1, now)
+        # Counted only if admitted: a refused request is not, so a client that backs off recovers.
+        used = self._requests.take(slots, now, tier.requests_per_minute)
+        if used is not None:
+            wait = self._requests.seconds_until_below(slots, tier.requests_per_minute - 1, now)
+            raise _limited("requests", tier.requests_per_minute, used, wait)
 
     def record_tokens(self, exchange: Exchange, tokens: int, now: float) -> None:
         if self.enabled and exchange.limit_slots is not None and tokens > 0:

@@ -215,9 +215,28 @@ def publish_gauges(state: ServerState) -> None:
 
 
 def alive(pid: int) -> bool:
-    """Whether process `pid` runs; 0 (a slab whose worker left or never started) never does."""
+    """Whether the worker that wrote a slab as `pid` still runs; 0 (a slab whose worker left or
+    never started) never does. A worker is this process, or a sibling: a child of this process's
+    supervisor. A pid the kernel has since given to another process is not one (its parent differs)."""
     if not pid:
         return False
+    if pid == os.getpid():
+        return True
+    if not _PROC:  # no /proc to read: whether the pid is taken is all that can be known
+        return _exists(pid)
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            stat = fh.read()
+    except OSError:  # gone (ENOENT, or ESRCH while it exits)
+        return False
+    # Fields after the command name, which is in parentheses and may hold anything: state, ppid.
+    return int(stat.rpartition(b")")[2].split()[1]) == os.getppid()
+
+
+_PROC = os.path.exists("/proc/self/stat")
+
+
+def _exists(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -144,6 +144,32 @@ class SlidingWindow:
             self._held[index] = number
         _conservative_add(self._counters[index], slots, amount)
 
+    def take(self, slots: tuple[int, ...], now: float, limit: int) -> float | None:
+        """One event counted unless the windowed count would pass `limit` (0: no limit): None when
+        counted, else the count that refused it. `estimate` then `add` in one pass (the hot path)."""
+        window = self.window
+        number = math.floor(now / window)
+        index = number % 2
+        held = self._held
+        counters = self._counters[index]
+        current = min(map(counters.__getitem__, slots)) if held[index] == number else 0
+        if limit:
+            used = current
+            if held[1 - index] == number - 1:
+                previous = min(map(self._counters[1 - index].__getitem__, slots))
+                used = current + previous * max(0.0, 1.0 - (now - number * window) / window)
+            if used + 1 > limit:
+                return used
+        if held[index] != number:
+            self._sketches[index].clear()
+            held[index] = number
+        # The conservative update of one event: only the counters at the minimum grow.
+        target = min(current + 1, 0xFFFFFFFF)
+        for slot in slots:
+            if counters[slot] < target:
+                counters[slot] = target
+        return None
+
     def seconds_until_below(self, slots: tuple[int, ...], limit: float, now: float) -> float:
         """How long until the windowed count drops to `limit` or below, if nothing more is added."""
         current, previous, started = self._counts(slots, now)

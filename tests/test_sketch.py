@@ -101,3 +101,28 @@ def test_seconds_until_below_is_when_the_count_drops(previous, current, limit, o
     assert estimate_at(now + wait + 1e-6) <= limit + 1e-6
     if wait > 0.01:
         assert estimate_at(now + wait - 0.01) > limit - 1e-6
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.sampled_from([b"a", b"b", b"c"]), st.floats(0.0, 50.0), st.integers(0, 6)),
+        min_size=1,
+        max_size=60,
+    )
+)
+def test_take_is_estimate_then_add_in_one_pass(steps):
+    """The limiter's hot path against the two calls it replaces, over windows that turn over."""
+    fused, plain = SlidingWindow(64, 4, 60.0), SlidingWindow(64, 4, 60.0)
+    now = 1000.0
+    for key, advance, limit in steps:
+        now += advance
+        slots = fused.slots(key)
+        used = plain.estimate(slots, now)
+        if limit and used + 1 > limit:
+            expected = used
+        else:
+            plain.add(slots, 1, now)
+            expected = None
+        assert fused.take(slots, now, limit) == pytest.approx(expected)
+        assert fused.estimate(slots, now) == pytest.approx(plain.estimate(slots, now))

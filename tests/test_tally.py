@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import mmap
+import os
 import re
+import subprocess
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from egress.metrics import sse_events
+from egress.metrics import alive, sse_events
 from egress.tally import Tally, read_slabs, slab_bytes, slab_of, sum_counters
 from tests.replay import load_recordings
 from tests.support import cut_into
@@ -102,3 +104,27 @@ def test_the_event_count_of_each_recorded_stream_whole_and_byte_by_byte(name):
 def test_the_event_count_is_the_same_however_the_stream_is_cut(name, sizes):
     stream = STREAMS[name]
     assert counted([piece for piece in cut_into(stream, sizes) if piece]) == counted([stream])
+
+
+def test_a_worker_is_alive_only_as_a_sibling_never_as_a_reused_pid():
+    # This process stands in for the supervisor: its children are the workers.
+    sibling = subprocess.Popen(["sleep", "30"])
+    try:
+        assert alive(os.getpid()) and not alive(0)
+        # Seen from here, a child is not a sibling: what a worker's old pid, taken by a process that
+        # is not the supervisor's child, looks like to a worker.
+        assert not alive(sibling.pid)
+        # Seen from another child of this process, it is one.
+        reader = os.fork()
+        if reader == 0:
+            os._exit(0 if alive(sibling.pid) else 1)
+        _, status = os.waitpid(reader, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+    finally:
+        sibling.kill()
+        sibling.wait()
+    reader = os.fork()
+    if reader == 0:
+        os._exit(1 if alive(sibling.pid) else 0)  # gone, reaped: not alive
+    _, status = os.waitpid(reader, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
