@@ -19,12 +19,14 @@ import itertools
 import math
 import operator
 import os
+import platform
 import time
 from typing import TYPE_CHECKING
 
 from prometheus_client import ProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
+from egress import __version__
 from egress.accounts import COOLING, STATE_NAMES
 from egress.tally import Tally, read_slabs, sum_counters
 
@@ -281,6 +283,9 @@ class MetricsCollector:
         )
         yield from _account_families(state)
         yield from _worker_families(slabs)
+        build = GaugeMetricFamily("egress_build_info", "egress's version, always 1", labels=["version", "python"])
+        build.add_metric([__version__, platform.python_version()], 1)
+        yield build
 
 
 # (tally key, metric name, help, label names): the counters kept as one value per key.
@@ -348,7 +353,25 @@ _GAUGES = (
     ("deny_set_size", "egress_deny_set_size", "Revoked key ids enforced"),
     ("deny_set_age", "egress_deny_set_age_seconds", "Staleness of the revocation stream"),
     ("draining", "egress_draining", "1 while shutting down"),
+    # Prometheus's own names for the same question: did the last reload (SIGHUP) take?
+    (
+        "config_reload_ok",
+        "egress_config_last_reload_successful",
+        "1 if the last configuration load (start or SIGHUP) succeeded, 0 if it was refused",
+    ),
+    (
+        "config_reload_time",
+        "egress_config_last_reload_success_timestamp_seconds",
+        "When the running configuration was loaded (Unix time)",
+    ),
 )
+
+
+def config_loaded(tally: Tally, ok: bool) -> None:
+    """A configuration load (start, or a SIGHUP reload) ended: whether it took, and when it did."""
+    tally.set_gauge(("config_reload_ok",), 1.0 if ok else 0.0)
+    if ok:
+        tally.set_gauge(("config_reload_time",), time.time())
 
 
 def _worker_families(slabs):

@@ -32,7 +32,7 @@ from egress.denyset import DenySet, read_deny_file
 from egress.errors import StartupError
 from egress.facts import FactSink, worker_path
 from egress.limiter import RateLimiter
-from egress.metrics import Metrics, publish_gauges
+from egress.metrics import Metrics, config_loaded, publish_gauges
 from egress.providers import Router
 from egress.routes import ModelRoutes
 from egress.sdnotify import notify
@@ -86,20 +86,15 @@ def reload_config(state: ServerState, config_path: str | None) -> None:
     if config_path is None:
         return
     try:
-        new = load_config(config_path, running=state.config)  # a half-written file must not reload as defaults
-        pools = load_pools(new)
+        new, pools = reloaded(state.config, config_path)
     except (ConfigError, SecretSourceError) as exc:
         log_event("reload_failed", error=str(exc))  # the running configuration stays
+        config_loaded(state.metrics.tally, ok=False)
         return
     old = state.config
     if (new.server.listen, new.server.admin_listen) != (old.server.listen, old.server.admin_listen):
         log_event("reload_ignored", reason="listen addresses change only on restart")
-    new = dataclasses.replace(
-        new,
-        server=dataclasses.replace(new.server, listen=old.server.listen, admin_listen=old.server.admin_listen),
-        usage=old.usage,
-        nats=old.nats,
-    )
+    new = kept_on_reload(old, new)
     retired_auth = state.auth
     state.auth = Authenticator(new, retired_auth.denyset, pools, retired_auth.accounts)
     state.router = Router(new.providers)
@@ -114,6 +109,25 @@ def reload_config(state: ServerState, config_path: str | None) -> None:
     # Requests already authenticated hold the old pool keys through their lease: the retired
     # rotations are wiped by a finalizer once the last of those requests is gone (auth.py).
     log_event("reloaded", providers=len(new.providers), pooled_providers=sorted(state.auth.pools))
+    config_loaded(state.metrics.tally, ok=True)
+
+
+def reloaded(running: Config, config_path: str) -> tuple[Config, dict]:
+    """The file's config as a reload of `running`, and its pools (loaded: a key source that fails
+    refuses the reload); raises ConfigError or SecretSourceError. The workers' SIGHUP and the
+    supervisor's (which keeps the config a restarted worker starts with) share it."""
+    new = load_config(config_path, running=running)  # a half-written file must not reload as defaults
+    return new, load_pools(new)
+
+
+def kept_on_reload(old: Config, new: Config) -> Config:
+    """`new` with what only a restart changes kept from `old`: listeners, usage sinks, NATS."""
+    return dataclasses.replace(
+        new,
+        server=dataclasses.replace(new.server, listen=old.server.listen, admin_listen=old.server.admin_listen),
+        usage=old.usage,
+        nats=old.nats,
+    )
 
 
 def load_denyset(config: Config, tally: Tally | None = None) -> DenySet:
@@ -218,6 +232,7 @@ async def _serve(config: Config, config_path: str | None, worker: WorkerContext 
         ),
         Metrics(tally),
     )
+    config_loaded(tally, ok=True)
     admin = None
     if config.server.admin_listen != "off":
         admin_host, admin_port = parse_listen(config.server.admin_listen)

@@ -144,6 +144,8 @@ def supervise(config: Config, config_path: str | None, workers: int) -> int:
             if signum == signal.SIGHUP:
                 _signal_all(children, signal.SIGHUP)
                 log_event("supervisor_reload", workers=len(children))
+                # What a worker restarted from now on starts with: the config the others reloaded.
+                config = _reload(config, config_path)
             elif signum == signal.SIGUSR1:
                 _signal_all(children, signal.SIGUSR1)
                 log_event("supervisor_reopen_logs", workers=len(children))
@@ -217,6 +219,22 @@ def _reap(children: dict[int, int], stopping: bool) -> list[int]:
 def _reap_failed(children: dict[int, int]) -> list[tuple[int, int]]:
     """Workers that exited while starting, as (worker, exit code): none should."""
     return [(index, code) for index, _, code in _exited(children)]
+
+
+def _reload(config: Config, config_path: str | None) -> Config:
+    """The supervisor's copy of a reload; the running one when the file is refused (the workers
+    refuse it too, and say why)."""
+    if config_path is None:
+        return config
+    from egress.config import ConfigError
+    from egress.secrets import SecretSourceError
+    from egress.serve import kept_on_reload, reloaded
+
+    try:
+        new, _ = reloaded(config, config_path)
+    except (ConfigError, SecretSourceError):
+        return config
+    return kept_on_reload(config, new)
 
 
 def _stop_in(received: list[int]) -> bool:

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import h11
 import orjson
+from prometheus_client.parser import text_string_to_metric_families
 
 
 def egress_command() -> list[str]:
@@ -433,3 +434,29 @@ def _split_request(buffer: bytes) -> tuple[bytes, bytes] | None:
     length = re.search(rb"(?im)^content-length:\s*(\d+)", buffer[: head_end + 4])
     total = head_end + 4 + (int(length.group(1)) if length else 0)
     return (buffer[:total], buffer[total:]) if len(buffer) >= total else None
+
+
+def admin_get(port: int, path: str) -> tuple[int, bytes]:
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: admin\r\n\r\n".encode())
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    return int(head.split(b" ")[1]), body
+
+
+def samples(port: int) -> dict[tuple[str, frozenset], float]:
+    status, body = admin_get(port, "/metrics")
+    assert status == 200
+    found = {}
+    for family in text_string_to_metric_families(body.decode()):
+        for sample in family.samples:
+            found[(sample.name, frozenset(sample.labels.items()))] = sample.value
+    return found
+
+
+def value(found, name: str, **labels: str) -> float:
+    """The sum of `name`'s samples that carry `labels` (and any others), as PromQL's sum() would."""
+    wanted = frozenset(labels.items())
+    return sum(sample for (sample_name, have), sample in found.items() if sample_name == name and wanted <= have)

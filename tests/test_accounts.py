@@ -23,8 +23,7 @@ from egress.accounts import Account, AccountTable, account_id, table_bytes
 from egress.hints import RateHints
 from egress.secrets import Secret
 from egress.vkeys import mint, public_key_text
-from tests.support import LoopbackServer, RawClient, _split_request, request_bytes
-from tests.test_metrics import admin_get, samples, value
+from tests.support import LoopbackServer, RawClient, _split_request, admin_get, request_bytes, samples, value
 
 ISSUER = Ed25519PrivateKey.generate()
 KEY_A = "sk-acct-a-0123456789abcdef"

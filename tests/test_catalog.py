@@ -15,8 +15,7 @@ import pytest
 
 from egress.catalog import ListError, list_target, parse_list
 from egress.providers import Provider
-from tests.support import LoopbackServer, RawClient, _split_request, request_bytes, wait_until
-from tests.test_metrics import samples, value
+from tests.support import LoopbackServer, RawClient, _split_request, request_bytes, samples, value, wait_until
 
 POOL = "sk-pool-catalog-0123456789"
 

@@ -15,9 +15,8 @@ import pytest
 from egress.accounts import BUSY, Account, AccountTable, table_bytes
 from egress.secrets import Secret
 from egress.vkeys import mint, public_key_text
-from tests.support import RawClient, request_bytes, wait_until
+from tests.support import RawClient, admin_get, request_bytes, samples, value, wait_until
 from tests.test_accounts import ISSUER, KEY_A, KEY_B, KeyedProvider, completion
-from tests.test_metrics import admin_get, samples, value
 
 # --- the table -------------------------------------------------------------------------------
 

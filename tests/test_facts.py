@@ -22,8 +22,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from egress.vkeys import mint, public_key_text
 from tests.conftest import provider_config, virtual_key_config
-from tests.support import RawClient, request_bytes, run_egress_cli, wait_until, whole_lines
-from tests.test_metrics import samples, value
+from tests.support import RawClient, request_bytes, run_egress_cli, samples, value, wait_until, whole_lines
 from tests.test_workers import statuses, worker_pids
 
 ISSUER = Ed25519PrivateKey.generate()

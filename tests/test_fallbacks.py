@@ -13,8 +13,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from egress.vkeys import mint, public_key_text
-from tests.support import RawClient, request_bytes
-from tests.test_metrics import samples, value
+from tests.support import RawClient, request_bytes, samples, value
 
 ISSUER = Ed25519PrivateKey.generate()
 OPENAI_POOL = "sk-pool-fallback-openai-0123"

@@ -5,46 +5,18 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 
 import openai
 import orjson
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from prometheus_client.parser import text_string_to_metric_families
 
 from egress.vkeys import mint, public_key_text
 from tests.conftest import provider_config, virtual_key_config
-from tests.support import RawClient, request_bytes, wait_until
+from tests.support import RawClient, admin_get, request_bytes, samples, value, wait_until
 from tests.test_workers import worker_indexes, worker_pids
 
 ISSUER = Ed25519PrivateKey.generate()
-
-
-def admin_get(port: int, path: str) -> tuple[int, bytes]:
-    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
-        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: admin\r\n\r\n".encode())
-        data = b""
-        while chunk := sock.recv(65536):
-            data += chunk
-    head, _, body = data.partition(b"\r\n\r\n")
-    return int(head.split(b" ")[1]), body
-
-
-def samples(port: int) -> dict[tuple[str, frozenset], float]:
-    status, body = admin_get(port, "/metrics")
-    assert status == 200
-    found = {}
-    for family in text_string_to_metric_families(body.decode()):
-        for sample in family.samples:
-            found[(sample.name, frozenset(sample.labels.items()))] = sample.value
-    return found
-
-
-def value(found, name: str, **labels: str) -> float:
-    """The sum of `name`'s samples that carry `labels` (and any others), as PromQL's sum() would."""
-    wanted = frozenset(labels.items())
-    return sum(sample for (sample_name, have), sample in found.items() if sample_name == name and wanted <= have)
 
 
 def test_metrics_after_a_mixed_run(start_egress, fake_provider, ca_file, tmp_path):

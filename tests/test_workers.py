@@ -14,7 +14,7 @@ import orjson
 import pytest
 
 from tests.conftest import provider_config
-from tests.support import EgressProcess, RawClient, egress_command, request_bytes, wait_until
+from tests.support import EgressProcess, RawClient, egress_command, request_bytes, samples, value, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -89,14 +89,53 @@ def test_sighup_reloads_providers_without_dropping_connections(start_egress, fak
     kept.close()
 
 
+def test_a_worker_restarted_after_a_reload_starts_with_the_reloaded_config(start_egress, fake_provider, ca_file):
+    config = provider_config(fake_provider, ca_file)
+    egress = start_egress(config, workers=2)
+    egress.config_path.write_text(config + f'\n[providers.added]\nbase_url = "{fake_provider.base_url}/added"\n')
+    egress.signal(signal.SIGHUP)
+    assert wait_until(lambda: egress.stderr_path.read_bytes().count(b'"event":"reloaded"') == 2, timeout=5)
+    victim = worker_indexes(egress)[1]
+    os.kill(victim, signal.SIGKILL)
+    assert wait_until(lambda: worker_indexes(egress)[1] != victim, timeout=5)
+    # Every worker, the restarted one too, serves the provider the reload added.
+    answered = set()
+    for _ in range(40):  # a new connection each time, so the kernel spreads them over both workers
+        with RawClient(egress.port) as client:
+            client.send(request_bytes("GET", "/added/v1/models"))
+            answered.add(client.read_response().status)
+    assert answered == {200}
+    served = {
+        (record["worker"], record["status"])
+        for record in egress.access_records()
+        if record["path"] == "/added/v1/models"
+    }
+    assert served == {(0, 200), (1, 200)}, served
+    # A metric says whether the last reload took, per worker; the restarted worker loaded its config.
+    found = samples(egress.admin_port)
+    assert value(found, "egress_config_last_reload_successful", worker="0") == 1
+    assert value(found, "egress_config_last_reload_successful", worker="1") == 1
+
+
 def test_a_bad_reload_keeps_the_running_config(start_egress, fake_provider, ca_file):
     config = provider_config(fake_provider, ca_file)
     egress = start_egress(config)
     egress.config_path.write_text(config + "\n[bogus]\nnot_a_key = 1\n")
+    before = value(samples(egress.admin_port), "egress_config_last_reload_success_timestamp_seconds")
+    assert before > 0 and value(samples(egress.admin_port), "egress_config_last_reload_successful") == 1
     egress.signal(signal.SIGHUP)
     assert wait_until(lambda: b'"event":"reload_failed"' in egress.stderr_path.read_bytes(), timeout=5)
     assert b"unknown key 'bogus'" in egress.stderr_path.read_bytes()
     assert statuses(egress.port, 1) == [200]
+    found = samples(egress.admin_port)
+    assert value(found, "egress_config_last_reload_successful") == 0  # what an alert watches
+    assert value(found, "egress_config_last_reload_success_timestamp_seconds") == before
+    egress.config_path.write_text(config)
+    egress.signal(signal.SIGHUP)
+    assert wait_until(lambda: b'"event":"reloaded"' in egress.stderr_path.read_bytes(), timeout=5)
+    found = samples(egress.admin_port)
+    assert value(found, "egress_config_last_reload_successful") == 1
+    assert value(found, "egress_config_last_reload_success_timestamp_seconds") > before
 
 
 @pytest.mark.parametrize("workers", [1, 2])
