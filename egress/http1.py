@@ -50,7 +50,7 @@ _HOP_BY_HOP_TOKENS = _HOP_BY_HOP | {b"close", b""}
 
 # What a request header means to egress; a header not listed is forwarded as it is.
 _HOP, _HOST, _CONTENT_LENGTH, _TRANSFER_ENCODING, _CONNECTION, _EXPECT = range(6)
-_AUTHORIZATION, _API_KEY, _ANTHROPIC_VERSION, _ACCEPT_ENCODING = range(6, 10)
+_AUTHORIZATION, _API_KEY, _ANTHROPIC_VERSION, _ACCEPT_ENCODING, _REQUEST_ID = range(6, 11)
 _REQUEST_ROLES = {
     **dict.fromkeys(_HOP_BY_HOP, _HOP),
     b"host": _HOST,  # regenerated for the upstream
@@ -62,7 +62,15 @@ _REQUEST_ROLES = {
     b"x-api-key": _API_KEY,
     b"anthropic-version": _ANTHROPIC_VERSION,
     b"accept-encoding": _ACCEPT_ENCODING,  # narrowed to what the usage meter can decode
+    b"x-request-id": _REQUEST_ID,  # the caller's own id: forwarded, and logged beside egress's
 }
+
+# The provider's id for a response, by the name each sends it under (OpenAI and Groq
+# `x-request-id`, Anthropic `request-id`, Mistral `mistral-correlation-id`; tests/recordings):
+# what its support asks for, logged beside egress's own id. The first of these present is taken.
+UPSTREAM_ID_NAMES = (b"x-request-id", b"request-id", b"mistral-correlation-id")
+# An id longer than this is cut: a header value is bounded only by the head's size.
+MAX_ID_BYTES = 128
 
 # Content codings the usage meter decodes (zlib, standard library). br and zstd are left out: no
 # incremental decoder for them ships with Python, and a provider answers identity when asked for
@@ -106,6 +114,7 @@ class RequestFacts:
         "expect_continue",
         "forward_headers",
         "has_anthropic_headers",
+        "request_id",
     )
 
     def __init__(self) -> None:
@@ -116,6 +125,7 @@ class RequestFacts:
         self.has_anthropic_headers = False
         self.authorization: bytes | None = None
         self.api_key: bytes | None = None
+        self.request_id: bytes | None = None  # the caller's X-Request-Id, if it sent one
         self.forward_headers: Headers = []
 
 
@@ -171,6 +181,9 @@ def inspect_request(headers: Headers, http_version: str) -> RequestFacts:
             narrowed = narrow_accept_encoding(value)
             if narrowed:
                 forward.append((lower, narrowed))
+        elif role == _REQUEST_ID:
+            facts.request_id = value
+            forward.append((lower, value))
         # _HOP: consumed here, never forwarded
     if host_count > 1 or (host_count == 0 and http_version == "1.1"):
         # RFC 9112 §3.2: a server MUST answer 400 to a 1.1 request with no Host or more than one.

@@ -42,6 +42,9 @@ if TYPE_CHECKING:
     from egress.vkeys import Claims
 
 
+_ID_NAMES = frozenset(http1.UPSTREAM_ID_NAMES)
+_HINT_AND_ID_NAMES = HINT_NAMES | _ID_NAMES
+
 # Relayed bytes beyond this are written without waiting for the end of the loop turn.
 _WRITE_AT_ONCE = 64 * 1024
 # A filtered body's first read past this is transformed and written in two steps (upstream_body).
@@ -102,6 +105,7 @@ class Exchange:
         "ttfb",
         "upstream",
         "upstream_done",
+        "upstream_kept",
         "upstream_time",
         "upstream_ttfb",
         "upstream_until_close",
@@ -150,6 +154,9 @@ class Exchange:
         self.sent_at = 0.0
         self.upstream_ttfb: float | None = None
         self.upstream_time: float | None = None
+        # The head's hint and id headers (http1.inspect_response's `kept`): the provider's id for
+        # its response is read off them in the log phase, only when something logs it.
+        self.upstream_kept: http1.Headers | tuple = ()
         self.streamed = False  # an SSE response
         self.events = 0  # SSE events sent to the caller, and the last bytes they were counted to
         self.sse_end = b""
@@ -177,12 +184,14 @@ class Exchange:
 
     def upstream_head(self, status: int, headers: http1.Headers) -> None:
         if self.account is None:
-            facts = http1.inspect_response(headers)  # raises upstream_protocol_error: nothing relayed yet
+            # Raises upstream_protocol_error: nothing relayed yet.
+            facts = http1.inspect_response(headers, _ID_NAMES)
         else:
             # The rate-limit hints are picked out in the same pass over the head.
-            facts = http1.inspect_response(headers, HINT_NAMES)
+            facts = http1.inspect_response(headers, _HINT_AND_ID_NAMES)
             if retries.answered(self, status, facts.kept):
                 return  # not relayed: the request goes to another account (retries.py)
+        self.upstream_kept = facts.kept  # the provider's response id is among them, read if logged
         content_length = facts.content_length
         if status == 204:
             content_length = None  # RFC 9110 §8.6: never in a 204, whatever the upstream sent
@@ -352,6 +361,7 @@ class Exchange:
         self.out_size = 0
         self.meter = None
         self.ttfb = self.upstream_ttfb = None
+        self.upstream_kept = ()
         self.bytes_out = 0
         self.events = 0
         self.sse_end = b""
@@ -568,6 +578,8 @@ def finish(exchange: Exchange) -> None:
         total_ms = int(total * 1_000_000) / 1000
         claims = exchange.claims
         kid, sub = (claims.kid, claims.sub) if claims is not None else (None, None)
+        facts = exchange.facts
+        ids = (_text(facts.request_id) if facts is not None else None, _text(upstream_id(exchange.upstream_kept)))
         if state.access_log.enabled:
             route = exchange.route
             error = exchange.error
@@ -591,11 +603,30 @@ def finish(exchange: Exchange) -> None:
                     "bytes_out": exchange.bytes_out,
                     "ttfb_ms": ttfb_ms,
                     "total_ms": total_ms,
+                    "client_request_id": ids[0],
+                    "upstream_request_id": ids[1],
                 }
             )
         if billable:
-            emit_usage(exchange, state, ts, request_id, path, kid, sub, ttfb_ms, total_ms)
+            emit_usage(exchange, state, ts, request_id, path, kid, sub, ttfb_ms, total_ms, ids)
     client.exchange_finished(exchange)
+
+
+def upstream_id(kept: http1.Headers | tuple) -> bytes | None:
+    """The provider's response id among the head's kept headers, by UPSTREAM_ID_NAMES' order."""
+    if not kept:
+        return None
+    found = dict(kept)
+    for name in http1.UPSTREAM_ID_NAMES:
+        value = found.get(name)
+        if value is not None:
+            return value
+    return None
+
+
+def _text(value: bytes | None) -> str | None:
+    """An id for a log line or a fact: as sent (latin-1, never failing), at most MAX_ID_BYTES."""
+    return value[: http1.MAX_ID_BYTES].decode("latin-1") if value is not None else None
 
 
 _REQUESTED_MODEL = re.compile(rb'"model"\s*:\s*"((?:[^"\\]|\\.){1,200})"')
@@ -617,8 +648,12 @@ def emit_usage(
     sub: str | None,
     ttfb_ms: float,
     total_ms: float,
+    ids: tuple[str | None, str | None],
 ) -> None:
-    """The meter's reading becomes one usage fact and feeds the token limit; after the response."""
+    """The meter's reading becomes one usage fact and feeds the token limit; after the response.
+
+    `ids`: the caller's X-Request-Id and the provider's id for its response, as the access log has them.
+    """
     meter = exchange.meter
     # Complete when the provider's response was, even if the client left before the last write.
     usage = meter.result(exchange.upstream_done) if meter is not None else Usage()
@@ -663,5 +698,7 @@ def emit_usage(
             "outcome": exchange.outcome,
             "ttfb_ms": ttfb_ms,
             "total_ms": total_ms,
+            "client_request_id": ids[0],
+            "upstream_request_id": ids[1],
         }
     )

@@ -94,6 +94,30 @@ def test_facts_for_both_dialects_json_and_stream(metered):
     assert all(f["status"] == 200 and f["ttfb_ms"] > 0 and f["total_ms"] >= f["ttfb_ms"] for f in facts)
 
 
+def test_facts_and_access_lines_carry_the_callers_and_the_providers_request_ids(metered, fake_provider):
+    key, _ = mint(ISSUER, "support-app")
+    client = openai.OpenAI(base_url=metered.url + "/openai/v1", api_key=key, max_retries=0)
+    messages = [{"role": "user", "content": "hi"}]
+    asked = client.chat.completions.create(model="gpt-fake", messages=messages, extra_headers={"X-Request-Id": "app-7"})
+    plain = client.chat.completions.create(model="gpt-fake", messages=messages)
+    claude = anthropic.Anthropic(base_url=metered.url + "/anthropic", api_key="sk-ant-byo", max_retries=0)
+    message = claude.messages.create(model="claude-fake", max_tokens=8, messages=messages)
+    facts = facts_of(metered, 3)
+    # The provider's id as the SDK reads it (OpenAI's x-request-id, Anthropic's request-id).
+    assert [f["upstream_request_id"] for f in facts] == [asked._request_id, plain._request_id, message._request_id]
+    assert all(f["upstream_request_id"] for f in facts)
+    assert [f["client_request_id"] for f in facts] == ["app-7", None, None]
+    # The caller's id is forwarded to the provider as it came.
+    assert fake_provider.request_for(asked._request_id).header("x-request-id") == "app-7"
+    lines = {line["request_id"]: line for line in metered.access_records()}
+    for fact in facts:
+        line = lines[fact["request_id"]]
+        assert (line["client_request_id"], line["upstream_request_id"]) == (
+            fact["client_request_id"],
+            fact["upstream_request_id"],
+        )
+
+
 def test_cut_and_abandoned_streams_yield_partial_facts(metered, fake_provider):
     body = b'{"model":"gpt-fake","messages":[],"stream":true}'
     with RawClient(metered.port) as client:

@@ -216,3 +216,10 @@ def test_accept_encoding_is_narrowed_to_what_the_meter_decodes(value, narrowed):
     facts = http1.inspect_request([(b"Host", b"a"), (b"Accept-Encoding", value)], "1.1")
     expected = [(b"accept-encoding", narrowed)] if narrowed else []
     assert [h for h in facts.forward_headers if h[0] == b"accept-encoding"] == expected
+
+
+def test_the_callers_request_id_is_noted_and_forwarded():
+    facts = http1.inspect_request([HOST, (b"X-Request-Id", b"app-1"), (b"Accept", b"*/*")], "1.1")
+    assert facts.request_id == b"app-1"
+    assert (b"x-request-id", b"app-1") in facts.forward_headers
+    assert http1.inspect_request([HOST], "1.1").request_id is None
