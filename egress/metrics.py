@@ -232,7 +232,9 @@ def alive(pid: int) -> bool:
     except OSError:  # gone (ENOENT, or ESRCH while it exits)
         return False
     # Fields after the command name, which is in parentheses and may hold anything: state, ppid.
-    return int(stat.rpartition(b")")[2].split()[1]) == os.getppid()
+    # A worker that died and is not reaped yet (a zombie, Z) is not running either.
+    state, ppid = stat.rpartition(b")")[2].split()[:2]
+    return state != b"Z" and int(ppid) == os.getppid()
 
 
 _PROC = os.path.exists("/proc/self/stat")

@@ -58,6 +58,8 @@ async def _bound(setting: str, address: str, opening):
 
 def serve(config: Config, config_path: str | None = None, worker: WorkerContext | None = None) -> int:
     """Run one serving process: the only one, or worker `worker.index` under the supervisor."""
+    # SIGUSR1 (reopen the logs) would end the process until the loop takes it: ignored till then.
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     if worker is not None:
         accesslog.WORKER = worker.index
         if worker.count > 1:

@@ -86,7 +86,7 @@ def supervise(config: Config, config_path: str | None, workers: int) -> int:
             for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 signal.signal(signum, signal.SIG_DFL)
             # Its default would end the worker: ignored until the worker's loop takes it (serve.py).
-            signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+            signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # before anything else, as serve() does again
             _stop_with(supervisor)
             os.close(ready_read)
             code = 1

@@ -6,6 +6,7 @@ import mmap
 import os
 import re
 import subprocess
+import time
 
 import pytest
 from hypothesis import given, settings
@@ -127,4 +128,21 @@ def test_a_worker_is_alive_only_as_a_sibling_never_as_a_reused_pid():
     if reader == 0:
         os._exit(1 if alive(sibling.pid) else 0)  # gone, reaped: not alive
     _, status = os.waitpid(reader, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+
+
+def test_a_worker_that_died_unreaped_is_not_alive():
+    # A child of this test (the supervisor) that has exited and is not reaped yet: a zombie.
+    dead = subprocess.Popen(["true"])
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        with open(f"/proc/{dead.pid}/stat", "rb") as fh:
+            if fh.read().rpartition(b")")[2].split()[0] == b"Z":
+                break
+        time.sleep(0.01)
+    reader = os.fork()
+    if reader == 0:
+        os._exit(1 if alive(dead.pid) else 0)  # a sibling of the reader, but a zombie
+    _, status = os.waitpid(reader, 0)
+    dead.wait()
     assert os.waitstatus_to_exitcode(status) == 0
