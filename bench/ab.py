@@ -14,6 +14,8 @@ Usage: bench/ab [--rounds 8] [--duration 2] [--sse] [--pin] SPEC [SPEC ...]
 --sse relays bench/run's 500-event SSE body instead of the small JSON completion.
 --pin puts the proxies (egress builds, nginx-proxy) on CPU 0 and wrk and the upstream on CPU 1:
 each proxy then has a core to itself, and the figures move far less from run to run.
+--tls sends every proxy's upstream traffic over TLS (HTTPS to the upstream nginx, its certificate
+verified; made with trustme), as traffic to a real provider goes.
 Example: git worktree add /tmp/before HEAD~1 && bench/ab bare:/tmp/before bare:.
 Needs nginx and wrk, like bench/run. Loopback only; every load run is bounded by --duration.
 """
@@ -39,6 +41,7 @@ def main() -> int:
     parser.add_argument("--duration", type=int, default=2)
     parser.add_argument("--sse", action="store_true", help="the 500-event SSE body instead of small JSON")
     parser.add_argument("--pin", action="store_true", help="proxies on CPU 0, wrk and the upstream on CPU 1")
+    parser.add_argument("--tls", action="store_true", help="the proxies reach the upstream over TLS")
     parser.add_argument("specs", nargs="+")
     args = parser.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="egress-ab-"))
@@ -54,8 +57,10 @@ def main() -> int:
     path = "/v1/stream" if args.sse else "/v1/chat/completions"
     (workdir / "pool.keys").write_text("sk-bench-pool-key\n")
     upstream_port, proxy_port = bench.free_port(), bench.free_port()
-    upstream = bench.upstream_nginx_config(workdir, upstream_port)
-    proxy = bench.proxy_nginx_config(workdir, proxy_port, upstream_port)
+    tls_port = bench.free_port() if args.tls else None
+    ca_file = bench.tls_files(workdir) if args.tls else None
+    upstream = bench.upstream_nginx_config(workdir, upstream_port, tls_port)
+    proxy = bench.proxy_nginx_config(workdir, proxy_port, tls_port or upstream_port, tls=args.tls)
     proxy_cpus, load_cpus = ("0", "1") if args.pin else (None, None)
     processes = [bench.start_nginx(upstream, load_cpus), bench.start_nginx(proxy, proxy_cpus)]
     urls, scripts, pids, ports = {}, {}, {}, [upstream_port, proxy_port]
@@ -69,11 +74,15 @@ def main() -> int:
                 parser.error(f"{spec}: expected bare:TREE or full:TREE, TREE holding an egress/ package")
             port = bench.free_port()
             config = workdir / f"egress-{index}.toml"
-            config.write_text(bench.egress_config(mode, port, upstream_port, workdir, issuer, f"-{index}"))
+            text = bench.egress_config(mode, port, upstream_port, workdir, issuer, f"-{index}")
+            config.write_text(bench.over_tls(text, upstream_port, tls_port, ca_file) if args.tls else text)
             process = subprocess.Popen(
                 bench.pinned(
                     [sys.executable, "-m", "egress", "serve", "--config", str(config), "--workers", "1"], proxy_cpus
                 ),
+                # Run from the tree itself: `python -m` puts the working directory first on sys.path,
+                # ahead of PYTHONPATH, so from any other checkout every spec would run that one.
+                cwd=Path(tree).resolve(),
                 env={**os.environ, "PYTHONPATH": str(Path(tree).resolve())},
                 stdout=subprocess.DEVNULL,
                 stderr=(workdir / f"egress-{index}.log").open("wb"),
@@ -96,6 +105,8 @@ def main() -> int:
             for spec in order:
                 before = bench.cpu_seconds(pids[spec]) if spec in pids else 0.0
                 result = bench.run_wrk(urls[spec], workdir / scripts[spec], args.duration, 50, cpus=load_cpus)
+                if result["non_2xx"]:  # errors answered fast would pass for speed
+                    raise SystemExit(f"ab: {spec} answered {result['non_2xx']} non-2xx responses")
                 rates[spec].append(result["rps"])
                 if spec in pids:
                     requests = result["rps"] * args.duration

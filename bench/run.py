@@ -195,16 +195,24 @@ def pinned(command: list[str], cpus: str | None) -> list[str]:
     return ["taskset", "-c", cpus, *command] if cpus is not None else command
 
 
-def upstream_nginx_config(workdir: Path, port: int) -> Path:
+def upstream_nginx_config(workdir: Path, port: int, tls_port: int | None = None) -> Path:
     """The fast upstream: the small JSON completion, and the SSE body from `workdir/stream.txt`;
     as Anthropic, a Messages JSON body at /v1/messages and the Anthropic SSE body from
     `workdir/anthropic-stream.txt` at /stream/v1/messages (the base path of a second provider row).
+    With `tls_port`, the same over TLS there too, with the certificate `tls_files` made.
     """
+    tls = (
+        f"listen 127.0.0.1:{tls_port} ssl;\n        ssl_certificate {workdir}/upstream.pem;\n"
+        f"        ssl_certificate_key {workdir}/upstream.pem;\n        ssl_session_cache shared:bench:1m;"
+        if tls_port is not None
+        else ""
+    )
     return nginx_config(
         workdir,
         "upstream",
         f"""server {{
         listen 127.0.0.1:{port};
+        {tls}
         location = /v1/chat/completions {{ default_type application/json; return 200 '{COMPLETION}'; }}
         location = /v1/stream {{ default_type text/event-stream; alias {workdir}/stream.txt; }}
         location = /v1/messages {{ default_type application/json; return 200 '{anthropic_bodies.MESSAGE}'; }}
@@ -218,8 +226,15 @@ def upstream_nginx_config(workdir: Path, port: int) -> Path:
     )
 
 
-def proxy_nginx_config(workdir: Path, port: int, upstream_port: int) -> Path:
-    """nginx as a plain keep-alive reverse proxy in front of the upstream, unbuffered like egress."""
+def proxy_nginx_config(workdir: Path, port: int, upstream_port: int, tls: bool = False) -> Path:
+    """nginx as a plain keep-alive reverse proxy in front of the upstream, unbuffered like egress;
+    with `tls`, to the upstream's TLS port, verifying its certificate as egress does."""
+    verify = (
+        f"proxy_ssl_verify on;\n            proxy_ssl_trusted_certificate {workdir}/ca.pem;\n"
+        "            proxy_ssl_name localhost;\n            proxy_ssl_session_reuse on;"
+        if tls
+        else ""
+    )
     return nginx_config(
         workdir,
         "proxy",
@@ -227,13 +242,33 @@ def proxy_nginx_config(workdir: Path, port: int, upstream_port: int) -> Path:
     server {{
         listen 127.0.0.1:{port};
         location / {{
-            proxy_pass http://provider;
+            proxy_pass {"https" if tls else "http"}://provider;
             proxy_http_version 1.1;
             proxy_set_header Connection "";
             proxy_buffering off;
+            {verify}
         }}
     }}""",
     )
+
+
+def tls_files(workdir: Path) -> Path:
+    """A CA (workdir/ca.pem) and the upstream's certificate and key for 127.0.0.1 (upstream.pem),
+    made with trustme (a test dependency); returns the CA file egress's `[upstream] ca_file` names."""
+    import trustme
+
+    authority = trustme.CA()
+    # An IP address for egress (Python checks IP SANs), a name for nginx (its check matches names only).
+    certificate = authority.issue_cert("127.0.0.1", "localhost")
+    certificate.private_key_and_cert_chain_pem.write_to_path(str(workdir / "upstream.pem"))
+    authority.cert_pem.write_to_path(str(workdir / "ca.pem"))
+    return workdir / "ca.pem"
+
+
+def over_tls(config: str, upstream_port: int, tls_port: int, ca_file: Path) -> str:
+    """An egress config (egress_config's) sending the bench provider's traffic over TLS."""
+    config = config.replace(f'"http://127.0.0.1:{upstream_port}"', f'"https://127.0.0.1:{tls_port}"')
+    return config + f'\n[upstream]\nca_file = "{ca_file}"\n'
 
 
 def egress_config(mode: str, port: int, upstream_port: int, workdir: Path, issuer: str, name: str = "") -> str:
@@ -558,6 +593,7 @@ def main() -> int:
         command = [sys.executable, "-m", "egress", "serve", "--config", str(conf), "--workers", str(workers)]
         process = subprocess.Popen(
             command + (["--listen", listen] if listen else []),
+            cwd=ROOT,  # `python -m` imports from the working directory first: this tree's egress
             stdout=subprocess.DEVNULL,
             stderr=(workdir / f"{conf.stem}-{workers}.log").open("wb"),
         )
@@ -751,6 +787,7 @@ def sse_event_timing(workdir: Path) -> dict[str, float]:
     )
     egress = subprocess.Popen(
         [sys.executable, "-m", "egress", "serve", "--config", str(config), "--workers", "1"],
+        cwd=ROOT,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -881,6 +918,7 @@ def paced_first_token(workdir: Path, rounds: int) -> dict[str, list[list[float]]
     )
     egress = subprocess.Popen(
         [sys.executable, "-m", "egress", "serve", "--config", str(config), "--workers", "1"],
+        cwd=ROOT,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )

@@ -151,7 +151,16 @@ class _ResponseAfterEnd(Exception):
     """Stops the parser: nothing after the end of the response belongs to it."""
 
 
-class UpstreamConnection(asyncio.Protocol):
+# One read buffer for every upstream connection of the process (BufferedProtocol): the loop reads
+# into it and hands it over (buffer_updated) in the same callback, which parses it at once, so no
+# two reads ever share it, and httptools hands the body on as bytes of its own. No bytes object is
+# made per read, and over TLS uvloop decrypts straight into it: its other path allocates 256 KiB
+# per read (an mmap, page faults and an munmap each time) and raises SSLWantReadError to end every
+# read (uvloop/sslproto.pyx, `_do_read__copied` against `_do_read__buffered`).
+_READ = memoryview(bytearray(256 * 1024))
+
+
+class UpstreamConnection(asyncio.BufferedProtocol):
     __slots__ = (
         "_body_seen",
         "_deadline",
@@ -224,7 +233,13 @@ class UpstreamConnection(asyncio.Protocol):
         # Explicit, as on the client side: uvloop's defaults are not asyncio's documented ones.
         transport.set_write_buffer_limits(high=_WRITE_BUFFER_HIGH, low=_WRITE_BUFFER_LOW)
 
-    def data_received(self, data: bytes) -> None:
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return _READ
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.data_received(_READ[:nbytes])
+
+    def data_received(self, data: bytes | memoryview) -> None:
         if self.exchange is None:
             # Bytes on an idle connection: the provider broke framing; never reuse it.
             self.close()
