@@ -151,9 +151,9 @@ class _ResponseAfterEnd(Exception):
     """Stops the parser: nothing after the end of the response belongs to it."""
 
 
-# One read buffer for every upstream connection of the process (BufferedProtocol): the loop reads
-# into it and hands it over (buffer_updated) in the same callback, which parses it at once, so no
-# two reads ever share it, and httptools hands the body on as bytes of its own. No bytes object is
+# One read buffer for every upstream connection of the process (BufferedProtocol): the loop (one
+# per process) reads into it and hands it over (buffer_updated) in the same callback, which parses
+# it at once, so no two reads ever share it, and httptools hands the body on as bytes of its own. No bytes object is
 # made per read, and over TLS uvloop decrypts straight into it: its other path allocates 256 KiB
 # per read (an mmap, page faults and an munmap each time) and raises SSLWantReadError to end every
 # read (uvloop/sslproto.pyx, `_do_read__copied` against `_do_read__buffered`).
