@@ -34,6 +34,8 @@ from egress.stream_usage import InjectedUsageFilter, inject_include_usage
 from egress.usage import MISSING, Usage, UsageMeter
 
 if TYPE_CHECKING:
+    import asyncio
+
     from egress.accounts import Account
     from egress.providers import Origin, Route
     from egress.server import ClientConnection, ServerState
@@ -80,6 +82,7 @@ class Exchange:
         "head_sent",
         "health_check",
         "held",
+        "hold_timer",
         "http11",
         "identity",
         "keep_alive",
@@ -148,6 +151,7 @@ class Exchange:
         # A pooled 2xx stream's first bytes, held back until its first event shows it is no error
         # (retries.first_event); None otherwise, and once released.
         self.held: bytearray | None = None
+        self.hold_timer: asyncio.TimerHandle | None = None  # the deadline of `held` (retries.py)
         self.bytes_out = 0
         self.ttfb: float | None = None  # request start -> the response head, which goes out at once
         # The provider's own part: the request written (the last attempt) -> its head, -> its end.
@@ -354,7 +358,7 @@ class Exchange:
     def forget_response(self) -> None:
         """The answer so far is dropped before any byte of it left (a retry): as if none came."""
         self.head_sent = False
-        self.held = None
+        retries.unhold(self)
         self.status = 0
         self.framing = NO_BODY
         self.out.clear()

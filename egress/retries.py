@@ -165,7 +165,7 @@ def hold_stream(exchange: Exchange, status: int) -> None:
         return
     exchange.held = bytearray()
     timeout = exchange.client.state.config.accounts.first_event_timeout
-    exchange.client.loop.call_later(timeout, _hold_expired, exchange, exchange.tries)
+    exchange.hold_timer = exchange.client.loop.call_later(timeout, _hold_expired, exchange, exchange.tries)
 
 
 def held_body(exchange: Exchange, data: bytes) -> None:
@@ -185,7 +185,7 @@ def held_body(exchange: Exchange, data: bytes) -> None:
     if verdict == "error" and _stream_failed(exchange):
         return
     if buffer is data:
-        exchange.held = None
+        unhold(exchange)
         exchange.upstream_body(data)
     else:
         release(exchange)
@@ -195,9 +195,19 @@ def held_body(exchange: Exchange, data: bytes) -> None:
 def release(exchange: Exchange) -> None:
     """Relay what was held, as it came, and carry on relaying."""
     held = exchange.held
-    exchange.held = None
+    unhold(exchange)
     if held:
         exchange.upstream_body(bytes(held))
+
+
+def unhold(exchange: Exchange) -> None:
+    """Nothing held any more: the deadline goes too. Left to fire, it kept the exchange (its body,
+    its request) alive for `first_event_timeout` after every pooled stream began."""
+    exchange.held = None
+    timer = exchange.hold_timer
+    if timer is not None:
+        exchange.hold_timer = None
+        timer.cancel()
 
 
 def _hold_expired(exchange: Exchange, tries: int) -> None:

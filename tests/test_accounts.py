@@ -4,6 +4,7 @@ whose every key has its own rate limit."""
 
 from __future__ import annotations
 
+import asyncio
 import multiprocessing
 import re
 import socket
@@ -459,3 +460,41 @@ def test_a_whole_stream_in_one_read_is_judged_on_its_first_event():
     assert retries.first_event(b'event: error\ndata: {"error":{"type":"overloaded_error"}}\n\n' + body) == "error"
     assert retries.first_event(b'data: {"a":1}\r\n\r\n') == "ok"
     assert retries.first_event(b'data: {"a":1}\r\n') is None
+
+
+class _HeldExchange:
+    """What retries' hold reads and calls on an exchange, recording what is relayed."""
+
+    def __init__(self, loop) -> None:
+        self.client = type(
+            "Client", (), {"loop": loop, "state": type("State", (), {"config": _FIRST_EVENT_CONFIG})()}
+        )()
+        self.streamed, self.tries, self.settled = True, 1, False
+        self.held = self.hold_timer = None
+        self.relayed: list[bytes] = []
+
+    def upstream_body(self, data: bytes) -> None:
+        self.relayed.append(bytes(data))
+
+    def upstream_read_done(self) -> None:
+        pass
+
+
+_FIRST_EVENT_CONFIG = type("Config", (), {"accounts": type("Accounts", (), {"first_event_timeout": 30.0})()})()
+
+
+@pytest.mark.parametrize("reads", [[b'data: {"a":1}\n\n'], [b'data: {"a"', b":1}\n\n"]])
+def test_the_first_events_deadline_is_cancelled_once_it_is_judged(reads):
+    loop = asyncio.new_event_loop()
+    try:
+        exchange = _HeldExchange(loop)
+        retries.hold_stream(exchange, 200)
+        timer = exchange.hold_timer
+        assert timer is not None and not timer.cancelled()
+        for data in reads:
+            retries.held_body(exchange, data)
+        # Relayed as it came, and the deadline (which kept the exchange alive) is gone.
+        assert b"".join(exchange.relayed) == b"".join(reads)
+        assert exchange.held is None and exchange.hold_timer is None and timer.cancelled()
+    finally:
+        loop.close()
