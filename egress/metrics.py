@@ -136,10 +136,16 @@ class Metrics:
                     values[at + _STREAM_SUM] += streaming
         error = exchange.error
         if error is not None:
-            if error.code == "rate_limited":
+            code = error.code
+            if code == "rate_limited":
                 values[at + _RATE_LIMITED] += 1
-            elif error.code in _AUTH_CODES:
-                self.tally.add(("key_failures", error.code))
+            elif code in _AUTH_CODES:
+                self.tally.add(("key_failures", code))
+            # Every answer egress made itself, by its stable code: a 502 of egress's own
+            # (upstream_connect_error) is told apart from a provider's.
+            self.tally.add(("errors", key[0], code))
+        elif exchange.outcome != "complete":  # client_gone, upstream_cut: a response not whole
+            self.tally.add(("outcomes", key[0], exchange.outcome))
 
     def observe_usage(self, provider: str, usage: Usage) -> None:
         at = self._tokens.get((provider, usage.model))
@@ -303,6 +309,19 @@ _COUNTERS = (
     ),
     ("attempts", "egress_upstream_attempts", "Upstream attempts by outcome", ("provider", "account", "outcome")),
     ("retry_budget_exhausted", "egress_retry_budget_exhausted", "Retries refused by the host-wide retry budget", ()),
+    ("errors", "egress_errors", "Errors egress answered itself, by code", ("provider", "code")),
+    (
+        "outcomes",
+        "egress_responses_incomplete",
+        "Responses not relayed whole: the client left (client_gone) or the upstream cut it (upstream_cut)",
+        ("provider", "outcome"),
+    ),
+    (
+        "upstream_connections",
+        "egress_upstream_connections",
+        "New upstream connections by outcome (ok, timeout, tls_error, error): pool churn and dial failures",
+        ("host", "outcome"),
+    ),
     (
         "fallbacks",
         "egress_fallbacks",

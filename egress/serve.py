@@ -104,7 +104,7 @@ def reload_config(state: ServerState, config_path: str | None) -> None:
     state.limiter.set_tiers(new.limits)
     if new.upstream != old.upstream:
         retired_pool = state.pool
-        state.pool = UpstreamPool(new.upstream)
+        state.pool = UpstreamPool(new.upstream, state.metrics.tally)
         retired_pool.close_idle()
     state.config = new
     state.catalog.start(state)  # after state.auth and state.config: it reads both
@@ -221,7 +221,7 @@ async def _serve(config: Config, config_path: str | None, worker: WorkerContext 
     state = ServerState(
         config,
         Router(config.providers),
-        UpstreamPool(config.upstream),
+        UpstreamPool(config.upstream, tally),
         AccessLog(config.server.access_log),
         auth,
         RateLimiter(

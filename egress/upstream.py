@@ -27,6 +27,7 @@ from egress.dns import Resolver
 from egress.errors import EgressError
 from egress.http1 import DISCARD_FIELDS
 from egress.providers import Origin
+from egress.tally import Tally
 
 # A response head still incomplete past this is refused: httptools keeps a header in memory until
 # it ends. Providers send 1-2 KiB; nginx refuses past its proxy_buffer_size (4-8 KiB).
@@ -46,10 +47,11 @@ def make_tls_context(ca_file: str | None) -> ssl.SSLContext:
 
 
 class UpstreamPool:
-    __slots__ = ("_config", "_hosts", "_idle", "_loop", "_resolver", "_tls")
+    __slots__ = ("_config", "_hosts", "_idle", "_loop", "_resolver", "_tally", "_tls")
 
-    def __init__(self, config: UpstreamConfig) -> None:
+    def __init__(self, config: UpstreamConfig, tally: Tally | None = None) -> None:
         self._config = config
+        self._tally = tally if tally is not None else Tally()  # new connections by outcome (metrics.py)
         self._loop = asyncio.get_running_loop()
         self._resolver = Resolver(config.dns_ttl)
         self._tls = make_tls_context(config.ca_file)
@@ -116,35 +118,45 @@ class UpstreamPool:
     async def _dial(self, origin: Origin, factory) -> tuple[asyncio.Transport, asyncio.Protocol]:
         loop = self._loop
         give_up_at = loop.time() + self._config.connect_timeout
+        host = origin.host
         try:
             async with asyncio.timeout_at(give_up_at):
-                addresses = await self._resolver.resolve(origin.host, origin.port)
+                addresses = await self._resolver.resolve(host, origin.port)
         except TimeoutError:
-            raise EgressError("upstream_timeout", f"resolving {origin.host} timed out") from None
+            raise self._failed(host, "timeout", "upstream_timeout", f"resolving {host} timed out") from None
         except OSError:
-            raise EgressError("upstream_connect_error", f"cannot resolve {origin.host}") from None
-        failure = "no address"
+            raise self._failed(host, "dns_error", "upstream_connect_error", f"cannot resolve {host}") from None
+        failure, outcome = "no address", "error"
         for family, sockaddr in addresses:
             try:
                 async with asyncio.timeout_at(give_up_at):
-                    return await loop.create_connection(
+                    opened = await loop.create_connection(
                         factory,
                         host=sockaddr[0],
                         port=sockaddr[1],
                         family=family,
                         ssl=self._tls if origin.tls else None,
-                        server_hostname=origin.host if origin.tls else None,
+                        server_hostname=host if origin.tls else None,
                     )
             except TimeoutError:
-                raise EgressError("upstream_timeout", f"connecting to {origin.host} timed out") from None
+                raise self._failed(host, "timeout", "upstream_timeout", f"connecting to {host} timed out") from None
             except ssl.SSLCertVerificationError as exc:
-                raise EgressError(
-                    "upstream_connect_error",
-                    f"TLS certificate of {origin.host} failed verification: {exc.verify_message}",
-                ) from None
-            except (OSError, ssl.SSLError) as exc:
-                failure = exc.strerror or type(exc).__name__
-        raise EgressError("upstream_connect_error", f"cannot connect to {origin.host}:{origin.port}: {failure}")
+                message = f"TLS certificate of {host} failed verification: {exc.verify_message}"
+                raise self._failed(host, "tls_error", "upstream_connect_error", message) from None
+            except ssl.SSLError as exc:
+                failure, outcome = exc.strerror or type(exc).__name__, "tls_error"
+            except OSError as exc:
+                failure, outcome = exc.strerror or type(exc).__name__, "error"
+            else:
+                self._tally.add(("upstream_connections", host, "ok"))
+                return opened
+        message = f"cannot connect to {host}:{origin.port}: {failure}"
+        raise self._failed(host, outcome, "upstream_connect_error", message)
+
+    def _failed(self, host: str, outcome: str, code: str, message: str) -> EgressError:
+        """A new connection that failed, counted by how (egress_upstream_connections_total)."""
+        self._tally.add(("upstream_connections", host, outcome))
+        return EgressError(code, message)
 
 
 class _ResponseAfterEnd(Exception):

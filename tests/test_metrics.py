@@ -9,11 +9,12 @@ import subprocess
 
 import openai
 import orjson
+import trustme
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from egress.vkeys import mint, public_key_text
 from tests.conftest import provider_config, virtual_key_config
-from tests.support import RawClient, admin_get, request_bytes, samples, value, wait_until
+from tests.support import RawClient, admin_get, free_port, request_bytes, samples, value, wait_until
 from tests.test_workers import worker_indexes, worker_pids
 
 ISSUER = Ed25519PrivateKey.generate()
@@ -213,3 +214,42 @@ def test_promtool_finds_the_exposition_clean(start_egress, fake_provider, ca_fil
     assert status == 200 and b"egress_tokens_total" in exposition and b'worker="supervisor"' in exposition
     checked = subprocess.run([promtool, "check", "metrics"], input=exposition, capture_output=True, timeout=30)
     assert checked.returncode == 0 and not checked.stdout.strip() and not checked.stderr.strip(), checked
+
+
+def test_errors_incomplete_responses_and_new_upstream_connections_are_counted(
+    start_egress, fake_provider, ca_file, tmp_path
+):
+    closed = free_port()  # nothing listens there
+    config = provider_config(fake_provider, ca_file) + f'\n[providers.gone]\nbase_url = "http://127.0.0.1:{closed}"\n'
+    egress = start_egress(config)
+    with RawClient(egress.port) as client:
+        client.send(request_bytes("GET", "/openai/v1/models"))
+        assert client.read_response().status == 200
+    with RawClient(egress.port) as client:
+        client.send(request_bytes("GET", "/gone/v1/models"))
+        refused = client.read_response()
+        assert refused.status == 502  # egress's own upstream_connect_error
+        attempts = int(refused.headers["x-egress-attempts"])  # a refused connect is tried again
+    with RawClient(egress.port) as client:  # two events, then the provider aborts: a cut response
+        body = b'{"model":"gpt-fake","messages":[],"stream":true}'
+        headers = {"Content-Type": "application/json", "x-fake-scenario": "cut-stream"}
+        client.send(request_bytes("POST", "/openai/v1/chat/completions", headers, body))
+        assert not client.read_response("POST").complete
+    found = samples(egress.admin_port)
+    assert value(found, "egress_errors_total", provider="gone", code="upstream_connect_error") == 1
+    assert value(found, "egress_errors_total") == 1
+    assert value(found, "egress_responses_incomplete_total", provider="openai", outcome="upstream_cut") == 1
+    assert value(found, "egress_upstream_connections_total", host="127.0.0.1", outcome="error") == attempts > 1
+    assert value(found, "egress_upstream_connections_total", outcome="ok") >= 1
+    # A provider whose certificate egress can't verify (another CA's bundle): a TLS failure.
+    other_ca = tmp_path / "other-ca.pem"
+    trustme.CA().cert_pem.write_to_path(str(other_ca))
+    untrusting = start_egress(provider_config(fake_provider, other_ca), name="untrusting")
+    with RawClient(untrusting.port) as client:
+        client.send(request_bytes("GET", "/openai/v1/models"))
+        refused = client.read_response()
+        assert refused.status == 502
+    found = samples(untrusting.admin_port)
+    tries = int(refused.headers["x-egress-attempts"])
+    assert value(found, "egress_upstream_connections_total", outcome="tls_error") == tries
+    assert value(found, "egress_upstream_connections_total") == tries  # none of them counted otherwise
