@@ -97,9 +97,6 @@ for _dim in DIMENSIONS:
 del _dim, _wire
 # Every hint's name, lower-case: the response head's one pass picks these out (http1.inspect_response).
 HINT_NAMES = frozenset(_HINTS)
-# Every hint's name starts with one of these (any case): a header name that is not lower-case is
-# looked up again, lower-cased, only when it might be one (nginx and others send `Content-Type`).
-_FIRST_BYTES = frozenset((b"a", b"r", b"x", b"A", b"R", b"X"))  # tests/test_hints.py checks the table
 
 # Bytes patterns: `[0-9]`, never `\d`, so that no non-ASCII digit is ever a number.
 _DECIMAL = re.compile(rb"[0-9]+(?:\.[0-9]+)?")
@@ -139,7 +136,7 @@ def read_hints(headers: Iterable[tuple[bytes, bytes]], now: float) -> RateHints:
     for name, value in headers:
         entry = table.get(name)
         if entry is None:
-            if name.islower() or name[:1] not in _FIRST_BYTES:
+            if name.islower():
                 continue  # the common case: providers send lower-case names, over HTTP/1.1 as well
             entry = table.get(name.lower())
             if entry is None:
