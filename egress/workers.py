@@ -83,10 +83,10 @@ def supervise(config: Config, config_path: str | None, workers: int) -> int:
         last_start[index] = time.monotonic()
         pid = os.fork()
         if pid == 0:
+            # SIGUSR1 keeps the supervisor's handler (it only notes the signal) until serve() ignores
+            # it, then its loop takes it: its default would end the worker.
             for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 signal.signal(signum, signal.SIG_DFL)
-            # Its default would end the worker: ignored until the worker's loop takes it (serve.py).
-            signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # before anything else, as serve() does again
             _stop_with(supervisor)
             os.close(ready_read)
             code = 1
