@@ -16,6 +16,7 @@ named by their place in the file, and credentials in URLs print as <redacted>.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 import re
 import tomllib
@@ -195,17 +196,34 @@ class Config:
 
 
 _BOM = b"\xef\xbb\xbf"
+# A config file is a few KiB; deny lists and keys live in files of their own. The bound is what the
+# supervisor's shared buffer holds for a reload (workers.ConfigBox).
+MAX_CONFIG_BYTES = 1 * MiB
 
 
-def load_config(path: str | None, running: Config | None = None) -> Config:
-    """The file's config; with `running`, a reload of it, refused when it says less (module doc)."""
-    if path is None:
-        return Config()
+def read_config_bytes(path: str) -> bytes:
+    """The file's bytes, read once; raises ConfigError. A reload under the supervisor reads them
+    here once for the whole host and hands the same bytes to every worker (workers.ConfigBox)."""
     try:
         with open(path, "rb") as fh:
-            raw = fh.read()
+            raw = fh.read(MAX_CONFIG_BYTES + 1)
     except OSError as exc:
         raise ConfigError(f"cannot read config file {path!r}: {exc.strerror}") from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"config file {path!r} is over {MAX_CONFIG_BYTES // MiB} MiB")
+    return raw
+
+
+def load_config(path: str | None, running: Config | None = None, raw: bytes | None = None) -> Config:
+    """The file's config; with `running`, a reload of it, refused when it says less (module doc).
+
+    `raw`: the file's bytes as read_config_bytes read them, instead of reading `path` again (which
+    then only names the file in messages).
+    """
+    if path is None:
+        return Config()
+    if raw is None:
+        raw = read_config_bytes(path)
     # Editors on Windows save a byte order mark that tomllib refuses; it means nothing in UTF-8.
     raw = raw.removeprefix(_BOM)
     try:
@@ -582,6 +600,13 @@ def parse_listen(listen: str) -> tuple[str, int]:
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
     return host, port
+
+
+def config_digest(config: Config) -> str:
+    """The effective configuration's fingerprint: the first 12 hex digits (48 bits, a whole number a
+    float holds exactly, as the workers' shared gauges do) of the SHA-256 of render_config. Every
+    worker of a host runs the same config, so they all show the same one (/status)."""
+    return hashlib.sha256(render_config(config).encode()).hexdigest()[:12]
 
 
 def render_config(config: Config) -> str:

@@ -28,11 +28,14 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 
 from egress import __version__
 from egress.accounts import COOLING, STATE_NAMES
+from egress.config import config_digest
 from egress.tally import Tally, read_slabs, sum_counters
 
 if TYPE_CHECKING:
+    from egress.config import Config
     from egress.proxy import Exchange
     from egress.server import ServerState
+    from egress.tally import Slab
     from egress.usage import Usage
 
 MODEL_CAP = 50
@@ -388,11 +391,20 @@ _GAUGES = (
 )
 
 
-def config_loaded(tally: Tally, ok: bool) -> None:
-    """A configuration load (start, or a SIGHUP reload) ended: whether it took, and when it did."""
+def config_loaded(tally: Tally, ok: bool, config: Config | None = None) -> None:
+    """A configuration load (start, or a SIGHUP reload) ended: whether it took, when it did, and the
+    fingerprint of the config that runs (`config`, given when it took)."""
     tally.set_gauge(("config_reload_ok",), 1.0 if ok else 0.0)
     if ok:
         tally.set_gauge(("config_reload_time",), time.time())
+    if config is not None:
+        tally.set_gauge(("config_digest",), float(int(config_digest(config), 16)))
+
+
+def worker_digest(slab: Slab) -> str | None:
+    """The fingerprint of the config a worker runs (config_loaded), as config_digest spells it."""
+    value = slab.gauges.get(("config_digest",))
+    return None if value is None or math.isnan(value) else f"{int(value):012x}"
 
 
 def _worker_families(slabs):
@@ -412,6 +424,16 @@ def _worker_families(slabs):
             if value is not None and not math.isnan(value):
                 family.add_metric([worker], value)
         yield family
+    # Prometheus's idiom for a value that is a label: alert when a host's workers disagree,
+    # count(count by (digest) (egress_config_info)) > 1.
+    info = GaugeMetricFamily(
+        "egress_config_info", "The running config's fingerprint, as /status shows it", labels=["worker", "digest"]
+    )
+    for worker, slab in live:
+        digest = worker_digest(slab)
+        if digest is not None:
+            info.add_metric([worker, digest], 1)
+    yield info
     idle = GaugeMetricFamily(
         "egress_upstream_idle_connections", "Pooled idle upstream connections", labels=["worker", "host"]
     )

@@ -27,7 +27,7 @@ from egress.accesslog import AccessLog, log_event
 from egress.accounts import AccountTable
 from egress.admin import start_admin
 from egress.auth import Authenticator, load_pools, wipe_all_pool_keys
-from egress.config import Config, ConfigError, load_config, parse_listen
+from egress.config import Config, ConfigError, config_digest, load_config, parse_listen
 from egress.denyset import DenySet, read_deny_file
 from egress.errors import StartupError
 from egress.facts import FactSink, worker_path
@@ -40,7 +40,7 @@ from egress.secrets import SecretSourceError
 from egress.server import ClientConnection, ServerState
 from egress.tally import Tally, slab_bytes, slab_of
 from egress.upstream import UpstreamPool
-from egress.workers import WorkerContext
+from egress.workers import ConfigBox, WorkerContext
 
 # A worker's exit code when it could not start: the supervisor stops at once rather than restart it.
 STARTUP_FAILED = 3
@@ -62,8 +62,6 @@ def serve(config: Config, config_path: str | None = None, worker: WorkerContext 
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     if worker is not None:
         accesslog.WORKER = worker.index
-        if worker.count > 1:
-            config = _per_worker_files(config, worker.index)
     try:
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
             return runner.run(_serve(config, config_path, worker))
@@ -74,21 +72,36 @@ def serve(config: Config, config_path: str | None = None, worker: WorkerContext 
         return STARTUP_FAILED
 
 
-def _per_worker_files(config: Config, index: int) -> Config:
-    """Each worker writes its own usage file (`usage-w0.jsonl`, …), so rotation needs no lock."""
-    if config.usage.jsonl is None:
-        return config
-    return dataclasses.replace(
-        config, usage=dataclasses.replace(config.usage, jsonl=worker_path(config.usage.jsonl, index))
-    )
+def _usage_path(config: Config, worker: WorkerContext | None) -> str | None:
+    """Each worker writes its own usage file (`usage-w0.jsonl`, …), so rotation needs no lock. The
+    config itself stays the host's: every worker's is the same, and so is its hash (/status)."""
+    path = config.usage.jsonl
+    if path is None or worker is None or worker.count == 1:
+        return path
+    return worker_path(path, worker.index)
 
 
-def reload_config(state: ServerState, config_path: str | None) -> None:
-    """SIGHUP: providers, pool keys, trusted issuers, limits and upstream settings, no connection dropped."""
+def reload_config(state: ServerState, config_path: str | None, box: ConfigBox | None = None) -> None:
+    """SIGHUP: providers, pool keys, trusted issuers, limits and upstream settings, no connection dropped.
+
+    Under a supervisor (`box`), the file's bytes as the supervisor read them for this signal, so
+    that every worker reloads the same file; without one, the file itself.
+    """
     if config_path is None:
         return
+    raw = None
+    if box is not None:
+        taken = box.take()
+        if taken is None:  # the supervisor is writing the next reload's bytes: its signal follows
+            log_event("reload_deferred", reason="a newer reload is on its way")
+            return
+        raw, error = taken
+        if error:
+            log_event("reload_failed", error=raw.decode("utf-8", "replace"))
+            config_loaded(state.metrics.tally, ok=False)
+            return
     try:
-        new, pools = reloaded(state.config, config_path)
+        new, pools = reloaded(state.config, config_path, raw)
     except (ConfigError, SecretSourceError) as exc:
         log_event("reload_failed", error=str(exc))  # the running configuration stays
         config_loaded(state.metrics.tally, ok=False)
@@ -110,15 +123,21 @@ def reload_config(state: ServerState, config_path: str | None) -> None:
     state.catalog.start(state)  # after state.auth and state.config: it reads both
     # Requests already authenticated hold the old pool keys through their lease: the retired
     # rotations are wiped by a finalizer once the last of those requests is gone (auth.py).
-    log_event("reloaded", providers=len(new.providers), pooled_providers=sorted(state.auth.pools))
-    config_loaded(state.metrics.tally, ok=True)
+    log_event(
+        "reloaded",
+        providers=len(new.providers),
+        pooled_providers=sorted(state.auth.pools),
+        config_digest=config_digest(new),
+    )
+    config_loaded(state.metrics.tally, ok=True, config=new)
 
 
-def reloaded(running: Config, config_path: str) -> tuple[Config, dict]:
-    """The file's config as a reload of `running`, and its pools (loaded: a key source that fails
-    refuses the reload); raises ConfigError or SecretSourceError. The workers' SIGHUP and the
-    supervisor's (which keeps the config a restarted worker starts with) share it."""
-    new = load_config(config_path, running=running)  # a half-written file must not reload as defaults
+def reloaded(running: Config, config_path: str, raw: bytes | None = None) -> tuple[Config, dict]:
+    """The file's config (`raw`, its bytes, when already read) as a reload of `running`, and its
+    pools (loaded: a key source that fails refuses the reload); raises ConfigError or
+    SecretSourceError. The workers' SIGHUP and the supervisor's (which keeps the config a restarted
+    worker starts with) share it."""
+    new = load_config(config_path, running=running, raw=raw)  # a half-written file must not reload as defaults
     return new, load_pools(new)
 
 
@@ -230,11 +249,15 @@ async def _serve(config: Config, config_path: str | None, worker: WorkerContext 
             worker.byo_hash_key if worker is not None else None,
         ),
         FactSink(
-            config.usage.jsonl, config.usage.rotate_bytes, config.usage.keep_files, config.usage.queue_size, tally
+            _usage_path(config, worker),
+            config.usage.rotate_bytes,
+            config.usage.keep_files,
+            config.usage.queue_size,
+            tally,
         ),
         Metrics(tally),
     )
-    config_loaded(tally, ok=True)
+    config_loaded(tally, ok=True, config=config)
     admin = None
     if config.server.admin_listen != "off":
         admin_host, admin_port = parse_listen(config.server.admin_listen)
@@ -316,7 +339,7 @@ async def _serve(config: Config, config_path: str | None, worker: WorkerContext 
         log_event("logs_reopened", access_log=access_log, usage=usage)
 
     def on_hangup() -> None:
-        reload_config(state, config_path)
+        reload_config(state, config_path, worker.config_box if worker is not None else None)
         reload_deny_file.set()
         on_reopen()
 

@@ -1,36 +1,30 @@
 """`GET /status` on the admin listener: what an operator asks first, from memory only.
 
 Contract: `status_document(state, slabs)` -> a JSON-ready dict: build, config hash, uptime, the worker
-that answered, every worker of the host (pid, running, its open connections, waiters, draining: from
-the host's tally, `slabs`, tally.py), and per
-provider with pool keys its accounts (state, until, reason, quota and reset, in flight, last error
-class and age: accounts.AccountTable.snapshot, the host's shared view), the deny-set and its NATS
-feed, the usage sinks' queues and drops, and the model lists. It never calls a provider, and never
-holds a secret: accounts appear by id or operator name, NATS by whether it is configured.
+that answered, every worker of the host (pid, running, its open connections, waiters, draining, its
+config's hash: from the host's tally, `slabs`, tally.py), and per provider with pool keys its
+accounts (state, until, reason, quota and reset, in flight, last error class and age:
+accounts.AccountTable.snapshot, the host's shared view), the deny-set and its NATS feed, the usage
+sinks' queues and drops, and the model lists. It never calls a provider, and never holds a secret:
+accounts appear by id or operator name, NATS by whether it is configured.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
 import sys
 import time
 from typing import TYPE_CHECKING
 
 from egress import __version__, accesslog
-from egress.config import render_config
-from egress.metrics import alive
+from egress.config import config_digest
+from egress.metrics import alive, worker_digest
 
 if TYPE_CHECKING:
     from egress.server import ServerState
     from egress.tally import Slab
 
 _STARTED = time.monotonic()
-
-
-def config_hash(state: ServerState) -> str:
-    """Of the effective configuration as `egress config check` prints it (sources, never keys)."""
-    return hashlib.sha256(render_config(state.config).encode()).hexdigest()[:16]
 
 
 def status_document(state: ServerState, slabs: list[Slab] = ()) -> dict:
@@ -49,7 +43,8 @@ def status_document(state: ServerState, slabs: list[Slab] = ()) -> dict:
     publisher = facts.publisher
     return {
         "build": {"version": __version__, "python": sys.version.split()[0]},
-        "config_hash": config_hash(state),
+        # Of the effective configuration as `egress config check` prints it (sources, never keys).
+        "config_hash": config_digest(state.config),
         "uptime_s": round(now - _STARTED, 3),
         "pid": os.getpid(),
         "worker": accesslog.WORKER,
@@ -86,4 +81,6 @@ def _worker(index: int, slab: Slab) -> dict:
         "open_connections": int(gauges.get(("open_connections",), 0)),
         "waiting": int(gauges.get(("requests_waiting",), 0)),
         "draining": bool(gauges.get(("draining",), 0)),
+        # The same as every other worker's once a reload has gone round (workers.ConfigBox).
+        "config_hash": worker_digest(slab),
     }

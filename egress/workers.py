@@ -12,6 +12,9 @@ once they have all stopped.
 - It forwards SIGTERM/SIGINT (drain; a second one aborts), SIGHUP (reload) and SIGUSR1 (reopen the
   access log and usage files after logrotate), and restarts a worker that dies unexpectedly,
   waiting at least a second between restarts of the same worker.
+- A reload reads the config file once, in the supervisor: its bytes go to every worker through a
+  shared buffer (ConfigBox), so all of them, and the supervisor's own copy that a restarted worker
+  starts with, parse the same file even if it changes while the signal goes round.
 - A worker whose supervisor dies (even by SIGKILL) gets SIGTERM and drains: none is left serving
   on its own.
 """
@@ -26,12 +29,13 @@ import os
 import select
 import signal
 import socket
+import struct
 import time
 from dataclasses import dataclass
 
 from egress.accesslog import log_event
 from egress.accounts import table_bytes
-from egress.config import Config, parse_listen
+from egress.config import MAX_CONFIG_BYTES, Config, ConfigError, parse_listen, read_config_bytes
 from egress.limiter import shared_bytes_needed
 from egress.sdnotify import notify
 from egress.tally import slab_bytes
@@ -49,6 +53,62 @@ class WorkerContext:
     tallies: memoryview  # the metrics' counters, a slab per worker (tally.py), kept across restarts
     ready_fd: int  # one byte written here once listening
     byo_hash_key: bytes  # one key for all workers, so a BYO caller is one identity everywhere
+    config_box: ConfigBox | None = None  # the config file as the supervisor read it for a reload
+
+
+class ConfigBox:
+    """The config file's bytes as the supervisor read them for the last SIGHUP, in shared memory.
+
+    Layout (little-endian u64 words, then the payload), written by the supervisor only:
+      0  sequence: odd while the supervisor writes, even once the write is whole (a seqlock)
+      8  kind: 0, the payload is the file's bytes; 1, it is why the file could not be read (UTF-8)
+     16  the payload's length
+     24  the payload, at most MAX_CONFIG_BYTES
+    A worker reads it when its SIGHUP arrives, which the supervisor sends after the write. A read
+    that overlaps the next write (a second SIGHUP already on its way) sees the sequence change and
+    returns None: that worker takes the next signal's bytes instead. x86 and arm64 alike keep one
+    process's stores to a MAP_SHARED page in the order they are made, as far as these aligned words
+    and a later signal go.
+    """
+
+    _WORD = struct.Struct("<Q")
+    _HEAD = 24
+
+    def __init__(self) -> None:
+        self.buffer = mmap.mmap(-1, self._HEAD + MAX_CONFIG_BYTES)  # untouched pages cost no memory
+
+    def put(self, payload: bytes, error: bool = False) -> None:
+        buffer, word = self.buffer, self._WORD
+        sequence = word.unpack_from(buffer, 0)[0]
+        word.pack_into(buffer, 0, sequence + 1)
+        word.pack_into(buffer, 8, 1 if error else 0)
+        word.pack_into(buffer, 16, len(payload))
+        buffer[self._HEAD : self._HEAD + len(payload)] = payload
+        word.pack_into(buffer, 0, sequence + 2)
+
+    def take(self) -> tuple[bytes, bool] | None:
+        """(payload, whether it is an error), or None before any put or when a write overlapped."""
+        buffer, word = self.buffer, self._WORD
+        sequence = word.unpack_from(buffer, 0)[0]
+        if sequence == 0 or sequence % 2:
+            return None
+        error = word.unpack_from(buffer, 8)[0] == 1
+        length = word.unpack_from(buffer, 16)[0]
+        payload = bytes(buffer[self._HEAD : self._HEAD + min(length, MAX_CONFIG_BYTES)])
+        if word.unpack_from(buffer, 0)[0] != sequence:
+            return None
+        return payload, error
+
+    def read_file(self, path: str) -> bytes | None:
+        """The supervisor's read for a reload, put for the workers; the bytes, or None when the file
+        could not be read (the workers then refuse the reload with the same reason)."""
+        try:
+            raw = read_config_bytes(path)
+        except ConfigError as exc:
+            self.put(str(exc).encode(), error=True)
+            return None
+        self.put(raw)
+        return raw
 
 
 def supervise(config: Config, config_path: str | None, workers: int) -> int:
@@ -65,6 +125,7 @@ def supervise(config: Config, config_path: str | None, workers: int) -> int:
     tallies = mmap.mmap(-1, slab_bytes() * workers)  # untouched pages cost no memory
     accounts = mmap.mmap(-1, table_bytes())
     accounts_lock = multiprocessing.Lock()  # a POSIX semaphore in shared memory: works across fork
+    config_box = ConfigBox()
     byo_hash_key = os.urandom(32)
     ready_read, ready_write = os.pipe()
     children: dict[int, int] = {}
@@ -102,6 +163,7 @@ def supervise(config: Config, config_path: str | None, workers: int) -> int:
                     memoryview(tallies),
                     ready_write,
                     byo_hash_key,
+                    config_box,
                 )
                 code = serve(config, config_path, context)
             finally:
@@ -142,10 +204,12 @@ def supervise(config: Config, config_path: str | None, workers: int) -> int:
         while received:
             signum = received.pop(0)
             if signum == signal.SIGHUP:
+                # The file is read once, here, before any worker is told: they all parse these bytes.
+                raw = config_box.read_file(config_path) if config_path is not None else None
                 _signal_all(children, signal.SIGHUP)
                 log_event("supervisor_reload", workers=len(children))
                 # What a worker restarted from now on starts with: the config the others reloaded.
-                config = _reload(config, config_path)
+                config = _reload(config, config_path, raw)
             elif signum == signal.SIGUSR1:
                 _signal_all(children, signal.SIGUSR1)
                 log_event("supervisor_reopen_logs", workers=len(children))
@@ -221,17 +285,16 @@ def _reap_failed(children: dict[int, int]) -> list[tuple[int, int]]:
     return [(index, code) for index, _, code in _exited(children)]
 
 
-def _reload(config: Config, config_path: str | None) -> Config:
-    """The supervisor's copy of a reload; the running one when the file is refused (the workers
-    refuse it too, and say why)."""
-    if config_path is None:
+def _reload(config: Config, config_path: str | None, raw: bytes | None) -> Config:
+    """The supervisor's copy of a reload, from the bytes the workers get; the running one when the
+    file is refused or could not be read (the workers refuse it too, and say why)."""
+    if config_path is None or raw is None:
         return config
-    from egress.config import ConfigError
     from egress.secrets import SecretSourceError
     from egress.serve import kept_on_reload, reloaded
 
     try:
-        new, _ = reloaded(config, config_path)
+        new, _ = reloaded(config, config_path, raw)
     except (ConfigError, SecretSourceError):
         return config
     return kept_on_reload(config, new)

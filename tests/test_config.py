@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from egress.config import Config, ConfigError, load_config, parse_config, parse_listen, render_config
+from egress.config import MAX_CONFIG_BYTES, Config, ConfigError, load_config, parse_config, parse_listen, render_config
 from tests.support import run_egress_cli
 
 
@@ -312,6 +312,21 @@ def test_a_file_that_is_not_utf8_is_a_config_error(tmp_path):
         load_config(str(path))
     result = run_egress_cli("config", "check", str(path))
     assert result.returncode == 2 and "not UTF-8" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_file_over_the_size_bound_is_a_config_error_everywhere(tmp_path):
+    """One bound for serve, config check and reload: the supervisor hands a reload's bytes to the
+    workers in a buffer of this size (workers.ConfigBox)."""
+    path = tmp_path / "huge.toml"
+    path.write_bytes(b"# padding\n" * (MAX_CONFIG_BYTES // 10) + b'[server]\nlisten = "127.0.0.1:9000"\n')
+    with pytest.raises(ConfigError, match="is over 1 MiB"):
+        load_config(str(path))
+    result = run_egress_cli("config", "check", str(path))
+    assert result.returncode == 2 and "is over 1 MiB" in result.stderr and "Traceback" not in result.stderr
+    path.write_bytes(b"# padding\n" * (MAX_CONFIG_BYTES // 10 - 10) + b'[server]\nlisten = "127.0.0.1:9000"\n')
+    assert path.stat().st_size <= MAX_CONFIG_BYTES
+    assert load_config(str(path)).server.listen == "127.0.0.1:9000"
+    assert load_config(str(path), raw=path.read_bytes()) == load_config(str(path))
 
 
 # Operator paths never echo a secret: they name its place or its source instead.

@@ -13,8 +13,19 @@ from pathlib import Path
 import orjson
 import pytest
 
+from egress.config import MAX_CONFIG_BYTES
+from egress.workers import ConfigBox
 from tests.conftest import provider_config
-from tests.support import EgressProcess, RawClient, egress_command, request_bytes, samples, value, wait_until
+from tests.support import (
+    EgressProcess,
+    RawClient,
+    admin_get,
+    egress_command,
+    request_bytes,
+    samples,
+    value,
+    wait_until,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -115,6 +126,69 @@ def test_a_worker_restarted_after_a_reload_starts_with_the_reloaded_config(start
     found = samples(egress.admin_port)
     assert value(found, "egress_config_last_reload_successful", worker="0") == 1
     assert value(found, "egress_config_last_reload_successful", worker="1") == 1
+
+
+def test_a_reload_reads_the_file_once_for_every_worker(start_egress, fake_provider, ca_file):
+    """The file changes again while the SIGHUP goes round: every worker still reloads the bytes the
+    supervisor read, and no worker runs a config the others do not."""
+    config = provider_config(fake_provider, ca_file)
+    egress = start_egress(config, workers=2)
+    late = worker_indexes(egress)[1]
+    os.kill(late, signal.SIGSTOP)  # worker 1 takes its SIGHUP only once the file has changed again
+    try:
+        egress.config_path.write_text(config + f'\n[providers.added]\nbase_url = "{fake_provider.base_url}/added"\n')
+        egress.signal(signal.SIGHUP)
+        assert wait_until(lambda: egress.stderr_path.read_bytes().count(b'"event":"reloaded"') == 1, timeout=5)
+        egress.config_path.write_text(config + f'\n[providers.later]\nbase_url = "{fake_provider.base_url}/later"\n')
+    finally:
+        os.kill(late, signal.SIGCONT)
+    assert wait_until(lambda: egress.stderr_path.read_bytes().count(b'"event":"reloaded"') == 2, timeout=5)
+    served = set()
+    for _ in range(40):  # a new connection each time, so the kernel spreads them over both workers
+        for provider in ("added", "later"):
+            with RawClient(egress.port) as client:
+                client.send(request_bytes("GET", f"/{provider}/v1/models"))
+                served.add((provider, client.read_response().status))
+    assert served == {("added", 200), ("later", 404)}, served
+    assert {record["worker"] for record in egress.access_records() if record["path"] == "/added/v1/models"} == {0, 1}
+    # Both run one config, and say so: /status per worker, and egress_config_info's digest label.
+    document = orjson.loads(admin_get(egress.admin_port, "/status")[1])
+    hashes = {row["config_hash"] for row in document["workers"]}
+    assert hashes == {document["config_hash"]}, document["workers"]
+    reloaded = [orjson.loads(line) for line in egress.stderr_path.read_bytes().splitlines() if b'"reloaded"' in line]
+    assert {event["config_digest"] for event in reloaded} == hashes
+    found = samples(egress.admin_port)
+    assert {dict(labels)["digest"] for name, labels in found if name == "egress_config_info"} == hashes
+
+
+def test_a_config_file_gone_at_reload_is_refused_by_every_worker_alike(start_egress, fake_provider, ca_file):
+    egress = start_egress(provider_config(fake_provider, ca_file), workers=2)
+    egress.config_path.unlink()
+    egress.signal(signal.SIGHUP)
+    assert wait_until(lambda: egress.stderr_path.read_bytes().count(b'"event":"reload_failed"') == 2, timeout=5)
+    failures = [
+        orjson.loads(line)["error"] for line in egress.stderr_path.read_bytes().splitlines() if b"reload_failed" in line
+    ]
+    assert len(set(failures)) == 1 and "No such file or directory" in failures[0], failures
+    found = samples(egress.admin_port)
+    assert value(found, "egress_config_last_reload_successful", worker="0") == 0
+    assert value(found, "egress_config_last_reload_successful", worker="1") == 0
+    assert statuses(egress.port, 4) == [200] * 4  # the running config serves on
+
+
+def test_config_box_hands_over_whole_writes_only():
+    box = ConfigBox()
+    assert box.take() is None  # nothing written yet
+    box.put(b'[server]\nlisten = "127.0.0.1:1"\n')
+    assert box.take() == (b'[server]\nlisten = "127.0.0.1:1"\n', False)
+    box.put(b"cannot read config file", error=True)
+    assert box.take() == (b"cannot read config file", True)
+    box.put(b"x" * MAX_CONFIG_BYTES)
+    assert box.take() == (b"x" * MAX_CONFIG_BYTES, False)
+    # A write in progress (odd sequence): a worker reading now waits for the next signal.
+    sequence = int.from_bytes(box.buffer[:8], "little")
+    box.buffer[:8] = (sequence + 1).to_bytes(8, "little")
+    assert box.take() is None
 
 
 def test_a_bad_reload_keeps_the_running_config(start_egress, fake_provider, ca_file):
