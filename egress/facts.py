@@ -128,7 +128,10 @@ class FactSink:
             listener(batch)
         if self._path is None:
             return
-        lines = list(map(_line, batch))
+        try:
+            lines = list(map(_line, batch))
+        except (orjson.JSONEncodeError, TypeError):
+            lines = self._each_line(batch)  # one fact orjson can't write must not take the batch with it
         if self._fd < 0:  # a rotation failed half way: try the file again
             try:
                 self._open()
@@ -205,6 +208,16 @@ class FactSink:
             self._size -= torn
         except OSError:
             self._torn = True
+
+    def _each_line(self, batch: list[dict[str, Any]]) -> list[bytes]:
+        lines = []
+        for fact in batch:
+            try:
+                lines.append(_line(fact))
+            except (orjson.JSONEncodeError, TypeError) as exc:
+                self._tally.values[self._dropped] += 1
+                log_event("usage_fact_unwritable", request_id=fact.get("request_id"), error=type(exc).__name__)
+        return lines
 
     def _lost(self, count: int, event: str, error: OSError) -> None:
         self._tally.values[self._dropped] += count

@@ -31,7 +31,7 @@ from egress.http1 import CHUNKED, NO_BODY, UNTIL_CLOSE
 from egress.metrics import sse_events
 from egress.routes import check_model
 from egress.stream_usage import InjectedUsageFilter, inject_include_usage
-from egress.usage import MISSING, Usage, UsageMeter
+from egress.usage import MISSING, OPENAI, RESPONSES, Usage, UsageMeter
 
 if TYPE_CHECKING:
     import asyncio
@@ -216,7 +216,9 @@ class Exchange:
         client = self.client
         if framing == UNTIL_CLOSE or client.draining:
             self.keep_alive = False
-        if 200 <= status < 300 and client.state.metering:
+        # Only a POST generates tokens: a GET of a stored response (`/v1/responses/{id}`, a chat
+        # completion read back) carries the usage of the request that made it, billed already.
+        if 200 <= status < 300 and client.state.metering and self.method == b"POST":
             meter = UsageMeter()
             meter.start(self.route.api, facts.content_type, facts.content_encoding)
             if meter.active:
@@ -380,8 +382,11 @@ class Exchange:
         client = self.client
         client.backpressure.detach()
         if failure is not None and self.attempt == 1 and _safe_to_retry(self, upstream):
+            # On a new connection, never another pooled one: when an upstream's keep-alive timer
+            # closes its idle connections, their FINs are in flight together, and the next pooled
+            # one is as likely to be closing (RFC 9112 §9.3.1).
             self.attempt = 2
-            dispatch(self)
+            dispatch(self, fresh=True)
             return
         if failure is not None and not self.head_sent and not self.client_gone and retries.failed(self, failure):
             return  # sent again, to another account or after a back-off (retries.py)
@@ -483,10 +488,11 @@ def upstream_request(exchange: Exchange) -> list[bytes]:
     return [head, body] if body else [head]
 
 
-def dispatch(exchange: Exchange) -> None:
+def dispatch(exchange: Exchange, fresh: bool = False) -> None:
+    """Send the request on an idle pooled connection, or on a new one (always, when `fresh`)."""
     pool = exchange.client.state.pool
     origin = exchange.route.provider.origin
-    upstream = pool.take_idle(origin)
+    upstream = None if fresh else pool.take_idle(origin)
     if upstream is None:
         exchange.client.loop.create_task(_connect_then_send(exchange, pool, origin))
     else:
@@ -642,6 +648,23 @@ def requested_model(body: bytes | bytearray) -> str | None:
     return found.group(1).decode("utf-8", "replace") if found is not None else None
 
 
+_BACKGROUND = re.compile(rb'"background"\s*:\s*true')
+
+
+def _missing_reason(exchange: Exchange, usage: Usage, meter: UsageMeter | None) -> str | None:
+    """Why a response carried no usage, where egress can tell (the billing contract's reasons)."""
+    if meter is None:
+        return "not_metered" if exchange.method != b"POST" else usage.reason
+    if meter.api == OPENAI and meter.streaming and exchange.body_filter is None:
+        if exchange.route.provider.stream_usage != "always":
+            return "not_requested"  # this provider's chat streams carry usage only when asked
+    elif meter.api == RESPONSES and _BACKGROUND.search(exchange.body, 0, 65536) is not None:
+        # `background: true`: the POST answers at once, queued; the tokens are generated later and
+        # reported by the GETs that poll it, which are not metered (each would bill them again).
+        return "background"
+    return usage.reason
+
+
 def emit_usage(
     exchange: Exchange,
     state: ServerState,
@@ -663,14 +686,8 @@ def emit_usage(
     usage = meter.result(exchange.upstream_done) if meter is not None else Usage()
     row = exchange.route.provider
     provider = row.name
-    if (
-        usage.state == MISSING
-        and meter is not None
-        and meter.streaming
-        and exchange.body_filter is None
-        and row.stream_usage != "always"
-    ):
-        usage.reason = "not_requested"  # this provider's streams carry usage only when asked
+    if usage.state == MISSING:
+        usage.reason = _missing_reason(exchange, usage, meter)
     identity = exchange.identity or state.limiter.identity(exchange)
     state.limiter.record_tokens(exchange, usage.total_tokens, state.loop_time())
     state.metrics.observe_usage(provider, usage)

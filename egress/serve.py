@@ -370,6 +370,7 @@ async def _serve(config: Config, config_path: str | None, worker: WorkerContext 
     forced = len(state.connections)
     for conn in list(state.connections):
         conn.transport.abort()
+    await asyncio.sleep(0)  # their connection_lost runs now: each one's log phase, its fact included
     state.facts.flush()
     if publisher is not None:
         await publisher.flush(timeout=2.0)
@@ -387,6 +388,8 @@ async def _serve(config: Config, config_path: str | None, worker: WorkerContext 
     state.pool.close_idle()
     state.access_log.close()
     state.facts.close()
+    if publisher is not None:
+        publisher.abandon()  # what the broker did not take in time: counted and logged, not lost silently
     wipe_all_pool_keys()  # the live rotations and any retired one still referenced
     tally.retire()  # its gauges are read no more; its counters stay in the host's sums
     log_event("stopped", forced_closed=forced)

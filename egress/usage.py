@@ -48,6 +48,8 @@ meter decodes a copy incrementally with zlib, bounded (`_MAX_DECODED`); a body i
 
 from __future__ import annotations
 
+import json
+import re
 import zlib
 from dataclasses import dataclass
 
@@ -58,14 +60,33 @@ from egress.http1 import grow
 _USAGE_KEY = b'"usage":'
 _NULL = b"null"
 # What one output delta looks like, per API: counted as an estimate when a stream is cut short.
+# Every kind of output counts, not only text: reasoning (`reasoning_content`, OpenRouter's
+# `reasoning`) and tool-call arguments are output tokens too. OpenAI: every chunk whose delta is not
+# empty (one more than the tokens, for the role chunk). Anthropic: every content_block_delta (text,
+# thinking, input_json). Responses: every `*.delta` event type (output_text, reasoning_text,
+# reasoning_summary_text, function_call_arguments, refusal, ...), matched in the JSON `type` only:
+# the `event:` line carries no quotes, and a quote inside a string is escaped.
 _DELTA = {
-    "openai": b'"delta":{"content":',
+    "openai": b'"delta":{"',
     "anthropic": b'"content_block_delta"',
-    "responses": b'"response.output_text.delta"',
+    "responses": b'.delta"',
 }
-_MAX_CARRY = 1 << 20  # an "event" longer than this without a newline is not one we can meter
+# An SSE line longer than this is kept as its head and its tail only: a Responses stream's
+# `response.completed` carries the whole Response, so an image_generation_call's base64 result makes
+# it megabytes long, and its `usage` sits near the end (after `output` and `tools`), its `model`
+# near the start (usually known already from `response.created`).
+_MAX_CARRY = 1 << 20
+_BIG_HEAD = 64 << 10
+_BIG_TAIL = 256 << 10
+_MODEL_IN_HEAD = re.compile(rb'"model"\s*:\s*"((?:[^"\\]|\\.){1,200})"')
+# Token counts past this are not counts: refused like a negative one. It also keeps every sum of
+# them (Anthropic's input is three fields) far inside the 64-bit integers orjson writes.
+_MAX_TOKENS = 1 << 40
 _MAX_JSON = 8 << 20
 _MAX_DECODED = 64 << 20  # a decoded stream past this is not metered further (a compression bomb)
+# A raw deflate body (no zlib header) fails at its first bytes, before any output: what came until
+# then is kept to be fed again, whatever the size of the first read (at most this, plus one read).
+_MAX_CODED_HEAD = 1 << 20
 
 
 class _Ignore:
@@ -127,11 +148,13 @@ class Usage:
 class UsageMeter:
     __slots__ = (
         "_api",
+        "_big_head",
         "_carry",
         "_coded_head",
         "_decoded",
         "_decoder",
         "_delta",
+        "_delta_edge",
         "_deltas",
         "_json",
         "_json_size",
@@ -148,6 +171,10 @@ class UsageMeter:
     def streaming(self) -> bool:
         return self._sse
 
+    @property
+    def api(self) -> str:
+        return self._api
+
     def start(self, api: str, content_type: bytes, content_encoding: bytes = b"") -> None:
         media = _media.get(content_type)
         if media is None:
@@ -163,6 +190,8 @@ class UsageMeter:
             self._delta = _DELTA[api]
             self._carry = bytearray()
             self._deltas = 0
+            self._delta_edge = b""
+            self._big_head: bytes | None = None  # the head of an SSE line over _MAX_CARRY, being read
         else:
             self._json: bytes | bytearray = b""
             self._json_size = 0
@@ -194,24 +223,40 @@ class UsageMeter:
             if self._json_size <= _MAX_JSON:
                 self._json = grow(self._json, chunk)
             return
-        self._deltas += chunk.count(self._delta)
+        delta = self._delta
+        self._deltas += chunk.count(delta)
+        # A delta's marker split across two reads is counted too, so the estimate is the same however
+        # the stream is cut (once it ends in this read, never twice): the last bytes of the reads before.
+        edge = self._delta_edge
+        if edge:
+            self._deltas += (edge + chunk[: len(delta) - 1]).count(delta)
+        self._delta_edge = chunk[1 - len(delta) :] if len(chunk) >= len(delta) - 1 else (edge + chunk)[1 - len(delta) :]
         carry = self._carry
         if carry:
-            if chunk.find(b"\n") == -1:
+            newline = chunk.find(b"\n")
+            if newline == -1:
                 # Still inside one line: grow the carry in place. Joining carry and chunk for every
                 # piece was quadratic in the line's pieces (seconds for 150 KB in 1-byte chunks).
-                if len(carry) + len(chunk) <= _MAX_CARRY:
+                if self._big_head is None and len(carry) + len(chunk) <= _MAX_CARRY:
                     carry += chunk
                 else:
-                    carry.clear()  # not an event egress can meter
+                    self._keep_ends(chunk)
                 return
-            chunk = bytes(carry) + chunk
-            carry.clear()
+            if self._big_head is not None:
+                self._big_line(bytes(carry) + chunk[:newline])
+                carry.clear()
+                chunk = chunk[newline + 1 :]
+            else:
+                chunk = bytes(carry) + chunk
+                carry.clear()
         if chunk.find(_USAGE_KEY) != -1:
             self._scan_lines(chunk)
         last_newline = chunk.rfind(b"\n")
-        if last_newline != len(chunk) - 1 and len(chunk) - last_newline - 1 <= _MAX_CARRY:
-            carry += memoryview(chunk)[last_newline + 1 :]
+        if last_newline != len(chunk) - 1:
+            if len(chunk) - last_newline - 1 <= _MAX_CARRY:
+                carry += memoryview(chunk)[last_newline + 1 :]
+            else:
+                self._keep_ends(chunk[last_newline + 1 :])
 
     def result(self, complete: bool) -> Usage:
         if not self.active:
@@ -229,11 +274,29 @@ class UsageMeter:
             try:
                 document = orjson.loads(self._json)
             except orjson.JSONDecodeError:
-                return self._fail(UNPARSEABLE, "not_json")
+                # A body the provider cut short is not a provider's bad JSON: its usage is missing.
+                return self._fail(UNPARSEABLE, "not_json") if complete else self._fail(MISSING, "cut")
             if isinstance(document, dict):
                 reduce_usage(usage, self._raw, document, self._api)
+        elif self._big_head is not None:
+            self._big_line(bytes(self._carry))  # a last event without its newline
         elif self._carry and self._carry.find(_USAGE_KEY) != -1:
             self._scan_lines(bytes(self._carry) + b"\n")  # a last event without its newline
+        if (
+            self._sse
+            and self._raw is not _NO_RAW
+            and "final" not in self._raw
+            and usage.state != UNPARSEABLE
+            and (usage.input_tokens is not None or not complete)
+        ):
+            # An Anthropic stream that never sent its message_delta: message_start's output_tokens
+            # is a placeholder (1 to 7 in the recordings), not a count. A cut stream, or one ended
+            # by an `event: error` with clean framing, is partial, its output estimated.
+            usage.output_tokens = None
+            usage.state = PARTIAL
+            usage.reason = "cut" if not complete else "ended_early"
+            usage.estimated_output_tokens = self._deltas
+            return usage
         if usage.output_tokens is not None or usage.input_tokens is not None:
             if not complete:
                 usage.state = PARTIAL
@@ -250,7 +313,7 @@ class UsageMeter:
 
     # -- internals -------------------------------------------------------------------------
     def _decode(self, chunk: bytes) -> bytes:
-        if self._decoded == 0 and len(self._coded_head) < 1024:
+        if self._decoded == 0 and len(self._coded_head) < _MAX_CODED_HEAD:
             self._coded_head += chunk  # what to feed again if this turns out to be raw deflate
         try:
             data = self._decoder.decompress(chunk, _MAX_DECODED - self._decoded + 1)
@@ -265,7 +328,7 @@ class UsageMeter:
 
     def _retry_raw_deflate(self) -> bytes:
         """`Content-Encoding: deflate` sent as raw deflate (no zlib header), as some servers do."""
-        if self._decoded == 0 and len(self._coded_head) < 1024:
+        if self._decoded == 0 and len(self._coded_head) < _MAX_CODED_HEAD + 65536:
             self._decoder = zlib.decompressobj(-zlib.MAX_WBITS)
             try:
                 data = self._decoder.decompress(self._coded_head, _MAX_DECODED + 1)
@@ -283,6 +346,40 @@ class UsageMeter:
         usage.state = state
         usage.reason = reason
         return usage
+
+    def _keep_ends(self, piece: bytes) -> None:
+        """More of an SSE line over _MAX_CARRY: its head is kept once, the carry holds its tail."""
+        carry = self._carry
+        if self._big_head is None:
+            self._big_head = bytes(carry[:_BIG_HEAD]) if len(carry) >= _BIG_HEAD else bytes(carry) + piece[:_BIG_HEAD]
+        if len(piece) >= _BIG_TAIL:
+            carry[:] = piece[-_BIG_TAIL:]
+        else:
+            carry += piece
+            if len(carry) > 2 * _BIG_TAIL:  # trimmed in steps, not per piece: amortised copies
+                del carry[: len(carry) - _BIG_TAIL]
+
+    def _big_line(self, tail: bytes) -> None:
+        """An SSE line over _MAX_CARRY ended; `tail` is its end. Its usage object is read from the
+        tail (the last `"usage":` there followed by an object), its model from the head."""
+        head, self._big_head = self._big_head, None
+        start = tail.rfind(_USAGE_KEY)
+        while start != -1:
+            text = tail[start + len(_USAGE_KEY) :].decode("utf-8", "replace").lstrip()
+            if text.startswith("{"):
+                try:
+                    counts, _ = json.JSONDecoder().raw_decode(text)
+                except ValueError:
+                    break
+                document = {"usage": counts}
+                found = _MODEL_IN_HEAD.search(head)
+                if found is not None:
+                    document["model"] = found.group(1).decode("utf-8", "replace")
+                if self._api == ANTHROPIC:
+                    document["type"] = "message_delta"  # the only Anthropic event with usage at its top
+                reduce_usage(self._usage, self._raw, document, self._api)
+                return
+            start = tail.rfind(_USAGE_KEY, 0, start)
 
     def _scan_lines(self, buffer: bytes) -> None:
         position = buffer.find(_USAGE_KEY)
@@ -316,10 +413,15 @@ def reduce_usage(usage: Usage, raw: dict[str, int], document: dict, api: str) ->
     three fields that may arrive in different events.
     """
     if api == ANTHROPIC:
-        if document.get("type") == "message_start":
+        kind = document.get("type")
+        if kind == "message_start":
             document = document.get("message")  # the input side sits inside the message
             if not isinstance(document, dict):
                 return
+        elif kind == "message_delta" or kind == "message":
+            # The final counts: a stream's message_delta, or a JSON body. Without one, a stream's
+            # output_tokens is message_start's placeholder (UsageMeter.result).
+            raw["final"] = 1
     elif api == RESPONSES:
         inner = document.get("response")  # the stream's events wrap the Response object
         if isinstance(inner, dict):
@@ -343,7 +445,7 @@ def reduce_usage(usage: Usage, raw: dict[str, int], document: dict, api: str) ->
 
 def _int(value: object) -> int | None:
     # `__class__ is int` and not isinstance: a bool is an int too, and one check is cheaper than two.
-    return value if value.__class__ is int and value >= 0 else None
+    return value if value.__class__ is int and 0 <= value < _MAX_TOKENS else None
 
 
 def _openai_counts(usage: Usage, counts: dict) -> None:

@@ -11,6 +11,7 @@ publish failed goes back to the head of the queue and is sent again after the re
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections import deque
 from typing import Any
 
@@ -91,20 +92,36 @@ class UsagePublisher:
                     await self._ready.wait()
                 fact = self._queue.popleft()
                 subject = f"{self._usage.nats_subject_prefix}.{fact['provider']}"
-                data = orjson.dumps(fact)
+                try:
+                    data = orjson.dumps(fact)
+                except (orjson.JSONEncodeError, TypeError) as exc:  # never sendable: counted, not retried
+                    self._tally.values[self._dropped] += 1
+                    log_event("usage_fact_unwritable", request_id=fact.get("request_id"), error=type(exc).__name__)
+                    continue
                 headers = {"Nats-Msg-Id": fact["request_id"]}
                 try:
                     if js is not None:
                         await js.publish(subject, data, headers=headers)
                     else:
                         await client.publish(subject, data, headers=headers)
-                except Exception:
-                    self._queue.appendleft(fact)  # sent again after the reconnect
+                except BaseException:  # a failure, or the task cancelled at shutdown mid-publish
+                    self._queue.appendleft(fact)  # sent again after the reconnect, or counted by abandon()
                     raise
                 self.published += 1
         finally:
             if not client.is_closed:
                 await client.close()
+
+    def abandon(self) -> int:
+        """At exit, after flush: what is still queued will never leave, and is counted as dropped and
+        logged, never lost silently. Later facts (a connection aborted at the drain's end) too."""
+        left = len(self._queue)
+        self._queue.clear()
+        self._usage = dataclasses.replace(self._usage, queue_size=0)  # enqueue now counts them dropped
+        if left:
+            self._tally.values[self._dropped] += left
+            log_event("usage_facts_lost", sink="nats", dropped=left, dropped_total=self.dropped)
+        return left
 
     async def flush(self, timeout: float) -> None:
         """At shutdown: give queued facts a bounded chance to leave."""

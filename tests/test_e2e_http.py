@@ -686,3 +686,76 @@ def test_a_refusal_to_head_has_no_body(egress_proc):
             received += data
     assert received.startswith(b"HTTP/1.1 431 ")
     assert received.endswith(b"\r\n\r\n") and received.count(b"\r\n\r\n") == 1, "a body after the head"
+
+
+class ClosingOnReuse:
+    """An upstream whose first `pooled` connections each answer one request, slowly enough that
+    egress opens them all at once, then close when the next request arrives on them (its keep-alive
+    timer firing as the request comes); every later connection answers every request."""
+
+    OK = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}"
+
+    def __init__(self, pooled: int) -> None:
+        import threading
+
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.pooled, self.accepted = pooled, 0
+        self.threads = [threading.Thread(target=self._accept, daemon=True)]
+        self.threads[0].start()
+
+    def _accept(self) -> None:
+        import threading
+
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            self.accepted += 1
+            thread = threading.Thread(target=self._serve, args=(conn, self.accepted <= self.pooled), daemon=True)
+            self.threads.append(thread)
+            thread.start()
+
+    def _serve(self, conn: socket.socket, closes_on_reuse: bool) -> None:
+        with conn:
+            conn.settimeout(10)
+            served = 0
+            try:
+                while data := conn.recv(65536):
+                    if b"\r\n\r\n" not in data:
+                        continue
+                    if closes_on_reuse and served:
+                        return  # closed as the next request arrives: it never reached the provider
+                    if closes_on_reuse:
+                        time.sleep(0.3)
+                    conn.sendall(self.OK)
+                    served += 1
+            except OSError:
+                return
+
+    def stop(self) -> None:
+        self.listener.close()
+
+
+def test_a_request_on_a_pooled_connection_the_upstream_closed_is_retried_on_a_new_one(start_egress):
+    """Two pooled connections, both closed by the upstream as they are reused: the one retry goes
+    to a new connection, not to the other pooled one, which is as likely to be closing."""
+    upstream = ClosingOnReuse(pooled=2)
+    try:
+        egress = start_egress(f'[providers.raw]\nbase_url = "http://127.0.0.1:{upstream.port}"\n')
+        clients = [RawClient(egress.port), RawClient(egress.port)]
+        for client in clients:  # both at once: egress opens two upstream connections, then pools both
+            client.send(request_bytes("GET", "/raw/v1/models"))
+        assert [client.read_response().status for client in clients] == [200, 200]
+        for client in clients:
+            client.close()
+        assert upstream.accepted == 2
+        with RawClient(egress.port) as client:
+            client.send(request_bytes("GET", "/raw/v1/models"))
+            response = client.read_response()
+        assert response.status == 200, response.body
+        assert response.headers.get("x-egress-attempts") in (None, "1")
+        assert upstream.accepted == 3, "the retry opened a new connection"
+    finally:
+        upstream.stop()

@@ -148,7 +148,8 @@ def test_cut_and_abandoned_streams_yield_partial_facts(metered, fake_provider):
         time.sleep(0.2)
     facts = facts_of(metered, 2)
     cut, abandoned = facts
-    assert (cut["usage"], cut["outcome"], cut["estimated_output_tokens"]) == ("partial", "upstream_cut", 1)
+    # One content delta and the role chunk before it: every chunk with a delta counts (usage.py _DELTA).
+    assert (cut["usage"], cut["outcome"], cut["estimated_output_tokens"]) == ("partial", "upstream_cut", 2)
     assert abandoned["usage"] == "partial" and abandoned["outcome"] == "client_gone"
     assert abandoned["estimated_output_tokens"] > 0
 
@@ -350,6 +351,59 @@ def run_sink(path: Path, disk: FullDisk, batches: list[int], monkeypatch, rooms:
 
     sink, emitted = asyncio.run(main())
     return sink, emitted, logged
+
+
+def test_a_fact_orjson_cannot_write_costs_itself_only(tmp_path, monkeypatch):
+    """An integer past 64 bits (the meter refuses such counts; this is the sink's own guard) makes
+    orjson refuse the fact: the rest of its batch is written, and it is counted and logged."""
+    from egress import facts
+
+    logged: list[dict] = []
+    monkeypatch.setattr(facts, "log_event", lambda event, **fields: logged.append({"event": event, **fields}))
+    path = tmp_path / "usage.jsonl"
+
+    async def main():
+        sink = facts.FactSink(str(path), rotate_bytes=1 << 30, keep_files=2, queue_size=100)
+        sink.emit(a_fact(1))
+        sink.emit({**a_fact(2), "input_tokens": 1 << 64})
+        sink.emit(a_fact(3))
+        sink.flush()
+        sink.close()
+        return sink
+
+    sink = asyncio.run(main())
+    assert [fact["request_id"] for fact in whole_facts(path)] == ["req-1", "req-3"]
+    assert sink.dropped == 1
+    assert [(entry["event"], entry["request_id"]) for entry in logged] == [("usage_fact_unwritable", "req-2")]
+
+
+def test_facts_the_broker_never_took_are_counted_and_logged_at_exit(start_egress, fake_provider, ca_file, tmp_path):
+    """NATS down through the whole run: at SIGTERM the queued facts are counted as dropped and
+    logged (`usage_facts_lost`), never lost without a word. The JSONL file has every one."""
+    usage_file = tmp_path / "usage.jsonl"
+    with socket.socket() as closed:  # a port nothing listens on: the broker is down
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    config = provider_config(
+        fake_provider,
+        ca_file,
+        extra=f"""
+[nats]
+url = "nats://127.0.0.1:{port}"
+snapshot = "{tmp_path / "revocations.snapshot"}"
+
+[usage]
+jsonl = "{usage_file}"
+nats_publish = true
+""",
+    )
+    egress = start_egress(config)
+    assert statuses(egress.port, 5) == [200] * 5
+    egress.signal(signal.SIGTERM)
+    assert egress.wait(timeout=15) == 0
+    lost = [orjson.loads(line) for line in egress.stderr_path.read_bytes().splitlines() if b"usage_facts_lost" in line]
+    assert [(event["sink"], event["dropped"]) for event in lost] == [("nats", 5)], egress.logs()
+    assert len(whole_lines(usage_file.read_bytes())) == 5
 
 
 def whole_facts(path: Path) -> list[dict]:
@@ -649,6 +703,80 @@ def test_a_stream_is_asked_for_usage_only_where_the_provider_documents_the_optio
     assert upstream.requests[0].endswith(body), "the request body went upstream unchanged"
     fact = facts_of(egress, 1)[0]
     assert (fact["usage"], fact["usage_reason"]) == ("missing", reason)
+
+
+def test_a_stored_response_read_back_is_not_billed_again(scripted_metered):
+    """POST bills the tokens; a GET of the same response (polling, or a retrieve after the POST)
+    carries the same usage, and is recorded as not metered rather than billed a second time."""
+    document = {
+        "id": "resp_1",
+        "object": "response",
+        "status": "completed",
+        "model": "gpt-5",
+        "usage": {"input_tokens": 80, "output_tokens": 40},
+    }
+    body = orjson.dumps(document)
+    reply = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n" % len(body) + body
+    egress, _ = scripted_metered([reply, reply, reply])
+    with RawClient(egress.port) as client:
+        client.send(
+            request_bytes("POST", "/openai/v1/responses", {"Content-Type": "application/json"}, b'{"model":"gpt-5"}')
+        )
+        assert client.read_response("POST").body == body
+        for _ in range(2):
+            client.send(request_bytes("GET", "/openai/v1/responses/resp_1"))
+            assert client.read_response().body == body  # relayed as ever
+    facts = facts_of(egress, 3)
+    assert [(f["path"], f["usage"], f["input_tokens"]) for f in facts] == [
+        ("/openai/v1/responses", "complete", 80),
+        ("/openai/v1/responses/resp_1", "missing", None),
+        ("/openai/v1/responses/resp_1", "missing", None),
+    ]
+    assert [f["usage_reason"] for f in facts[1:]] == ["not_metered", "not_metered"]
+    report = run_egress_cli("usage", "report", "--config", str(egress.config_path), "--json")
+    assert report.returncode == 0, report.stderr
+    totals = orjson.loads(report.stdout)["openai"]
+    assert (totals["requests"], totals["input_tokens"], totals["output_tokens"]) == (3, 80, 40), totals
+
+
+def test_a_background_response_says_why_its_usage_is_missing(scripted_metered):
+    queued = orjson.dumps({"id": "resp_2", "object": "response", "status": "queued", "model": "gpt-5", "usage": None})
+    reply = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n" % len(queued)
+    egress, _ = scripted_metered([reply + queued])
+    with RawClient(egress.port) as client:
+        request = b'{"model":"gpt-5","input":"hi","background": true}'
+        client.send(request_bytes("POST", "/openai/v1/responses", {"Content-Type": "application/json"}, request))
+        assert client.read_response("POST").status == 200
+    fact = facts_of(egress, 1)[0]
+    assert (fact["usage"], fact["usage_reason"]) == ("missing", "background")
+
+
+def test_a_responses_stream_with_a_huge_final_event_is_metered(scripted_metered):
+    """An image_generation_call's base64 result makes response.completed megabytes long: its usage
+    is still read, whatever the reads (before, it was dropped and labelled not_requested)."""
+    image = "A" * (3 << 20)
+    response = {
+        "id": "resp_3",
+        "model": "gpt-5",
+        "output": [{"type": "image_generation_call", "id": "ig_1", "result": image}],
+        "usage": {"input_tokens": 2000, "output_tokens": 1500},
+    }
+    events = [
+        {"type": "response.created", "response": {"id": "resp_3", "model": "gpt-5", "usage": None}},
+        {"type": "response.completed", "response": response},
+    ]
+    stream = b"".join(b"event: %s\ndata: %s\n\n" % (e["type"].encode(), orjson.dumps(e)) for e in events)
+    chunks = b"".join(
+        b"%x\r\n%s\r\n" % (len(stream[i : i + 16384]), stream[i : i + 16384]) for i in range(0, len(stream), 16384)
+    )
+    reply = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
+    egress, _ = scripted_metered([reply + chunks + b"0\r\n\r\n"])
+    with RawClient(egress.port) as client:
+        body = b'{"model":"gpt-5","input":"draw","stream":true}'
+        client.send(request_bytes("POST", "/openai/v1/responses", {"Content-Type": "application/json"}, body))
+        assert client.read_response("POST").body == stream
+    fact = facts_of(egress, 1)[0]
+    assert (fact["usage"], fact["input_tokens"], fact["output_tokens"]) == ("complete", 2000, 1500)
 
 
 def _lines(*paths: Path) -> list[dict]:

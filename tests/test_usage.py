@@ -109,10 +109,13 @@ def test_missing_unparseable_and_partial():
     assert meter("openai", [b"\x00binary"], b"application/octet-stream").state == MISSING
     cut = OPENAI_STREAM[: OPENAI_STREAM.index(b'"finish_reason":"stop"')]
     usage = meter("openai", [cut], complete=False)
-    assert usage.state == PARTIAL and usage.output_tokens is None and usage.estimated_output_tokens == 6
+    # Six content deltas and the role chunk: every chunk with a delta counts, reasoning and tool calls too.
+    assert usage.state == PARTIAL and usage.output_tokens is None and usage.estimated_output_tokens == 7
     anthropic_cut = ANTHROPIC_STREAM[: ANTHROPIC_STREAM.index(b"content_block_stop")]
     usage = meter("anthropic", [anthropic_cut], complete=False)
-    assert usage.state == PARTIAL and usage.input_tokens == 12 and usage.output_tokens == 1
+    # message_start's output_tokens (1) is a placeholder: with no message_delta, output is estimated.
+    assert (usage.state, usage.reason, usage.input_tokens, usage.output_tokens) == (PARTIAL, "cut", 12, None)
+    assert usage.estimated_output_tokens == ANTHROPIC_STREAM.count(b'"content_block_delta"') == 6
 
 
 def test_the_word_usage_inside_content_is_not_a_usage_event():
@@ -366,3 +369,135 @@ def test_usage_null_chunks_give_the_model_once_and_are_not_parsed_after():
     assert (cut.state, cut.model, cut.estimated_output_tokens) == (PARTIAL, "gpt-x", 1)
     # With no model known yet, a null chunk is parsed: a broken one says so.
     assert meter("openai", [broken, last]).state == UNPARSEABLE
+
+
+# -- streams that end early, huge events, odd values ---------------------------------------------
+
+
+ANTHROPIC_ERROR = b'event: error\ndata: {"type":"error","error":{"type":"overloaded_error","message":"Overloaded"}}\n\n'
+
+
+@pytest.mark.parametrize("pieces", [None, 1, 13])
+def test_an_anthropic_stream_ended_by_an_error_event_is_partial_not_complete(pieces):
+    """Anthropic's mid-stream `event: error` ends a stream with clean framing but no message_delta:
+    message_start's output_tokens is a placeholder, so the output is estimated from the deltas."""
+    stream = ANTHROPIC_STREAM[: ANTHROPIC_STREAM.index(b"event: message_delta")] + ANTHROPIC_ERROR
+    chunks = [stream] if pieces is None else cut_into(stream, [pieces] * (len(stream) // pieces + 1))
+    usage = meter("anthropic", [c for c in chunks if c], complete=True)
+    assert (usage.state, usage.reason, usage.input_tokens, usage.output_tokens) == (PARTIAL, "ended_early", 12, None)
+    assert usage.estimated_output_tokens == stream.count(b'"content_block_delta"') > 0
+    # The whole stream is complete, its message_delta's count the provider's, not estimated.
+    whole = meter("anthropic", [ANTHROPIC_STREAM], complete=True)
+    assert (whole.state, whole.output_tokens, whole.estimated_output_tokens) == (COMPLETE, 6, None)
+
+
+def test_an_anthropic_stream_cut_before_any_event_is_partial_with_nothing_known():
+    usage = meter("anthropic", [b'event: message_start\ndata: {"ty'], complete=False)
+    assert (usage.state, usage.reason, usage.output_tokens, usage.estimated_output_tokens) == (PARTIAL, "cut", None, 0)
+
+
+def _image_completed(size: int) -> bytes:
+    """A Responses stream whose response.completed carries an image_generation_call's base64 result,
+    `size` bytes of it: the event is one SSE line that long, its usage after `output` and `tools`."""
+    response = {
+        "id": "resp_img",
+        "object": "response",
+        "status": "completed",
+        "model": "gpt-5",
+        "output": [{"type": "image_generation_call", "id": "ig_1", "status": "completed", "result": "A" * size}],
+        "tools": [{"type": "image_generation"}],
+        "usage": RESPONSE_USAGE,
+        "user": None,
+        "metadata": {},
+    }
+    return sse(
+        {"type": "response.created", "response": {"id": "resp_img", "model": "gpt-5", "usage": None}},
+        {"type": "response.completed", "response": response},
+        named=True,
+    )
+
+
+@pytest.mark.parametrize("pieces", [None, 16 << 10, 64 << 10, 1 << 20, 3 << 20])
+def test_a_response_completed_event_over_a_mebibyte_is_metered(pieces):
+    stream = _image_completed(3 << 20)
+    chunks = [stream] if pieces is None else [stream[i : i + pieces] for i in range(0, len(stream), pieces)]
+    usage = meter("responses", chunks)
+    assert (usage.state, usage.model, usage.input_tokens, usage.output_tokens) == (COMPLETE, "gpt-5", 300, 90)
+    assert (usage.cache_read_tokens, usage.reasoning_tokens) == (256, 64)
+    # Without its last newline (the stream ends on the event), and cut inside it: partial, nothing read.
+    assert meter("responses", [stream[:-2]]).input_tokens == 300
+    cut = meter("responses", [stream[: len(stream) // 2]], complete=False)
+    assert (cut.state, cut.input_tokens) == (PARTIAL, None)
+
+
+def test_a_huge_line_keeps_bounded_memory():
+    import tracemalloc
+
+    stream = _image_completed(8 << 20)
+    usage_meter = UsageMeter()
+    usage_meter.start("responses", SSE)
+    tracemalloc.start()
+    try:
+        for i in range(0, len(stream), 16 << 10):
+            usage_meter.feed(stream[i : i + (16 << 10)])
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert usage_meter.result(True).input_tokens == 300
+    assert peak < 2 << 20, peak  # head and tail of the 8 MiB line, not the line
+
+
+@pytest.mark.parametrize(
+    ("dialect", "events", "at_least"),
+    [
+        # Reasoning (DeepSeek's reasoning_content, OpenRouter's reasoning) and tool-call arguments.
+        ("openai", [{"choices": [{"delta": {"reasoning_content": "r"}}]}] * 5, 5),
+        ("openai", [{"choices": [{"delta": {"reasoning": "r"}}]}] * 4, 4),
+        ("openai", [{"choices": [{"delta": {"tool_calls": [{"index": 0, "function": {"arguments": "{"}}]}}]}] * 3, 3),
+        ("responses", [{"type": "response.reasoning_summary_text.delta", "delta": "r"}] * 5, 5),
+        ("responses", [{"type": "response.function_call_arguments.delta", "delta": "{"}] * 3, 3),
+        ("responses", [{"type": "response.output_text.delta", "delta": 'a .delta" b'}] * 2, 2),
+    ],
+)
+def test_a_cut_stream_estimates_every_kind_of_output(dialect, events, at_least):
+    stream = sse(*events, named=dialect == "responses")
+    usage = meter(dialect, [stream], complete=False)
+    assert usage.state == PARTIAL and usage.estimated_output_tokens == at_least
+
+
+@pytest.mark.parametrize("value", [1 << 64, (1 << 64) - 1, 1 << 40, -1, 1.5, True, "12"])
+def test_a_token_count_out_of_range_is_refused_and_never_poisons_a_sum(value):
+    literal = str(value).encode() if value.__class__ is int else orjson.dumps(value)  # orjson writes no int > 2^64-1
+    body = b'{"model":"m","usage":{"prompt_tokens":' + literal + b',"completion_tokens":2}}'
+    usage = meter("openai", [body], b"application/json")
+    assert (usage.input_tokens, usage.output_tokens) == (None, 2)
+    start = {"type": "message_start", "message": {"model": "c", "usage": {"input_tokens": 5, "output_tokens": 1}}}
+    delta = {
+        "type": "message_delta",
+        "usage": {"output_tokens": 4, "cache_read_input_tokens": 7, "cache_creation_input_tokens": 1},
+    }
+    stream = sse(start, delta).replace(b'"cache_read_input_tokens":7', b'"cache_read_input_tokens":' + literal)
+    usage = meter("anthropic", [stream])
+    assert (usage.input_tokens, usage.cache_read_tokens, usage.output_tokens) == (6, None, 4)
+    orjson.dumps(usage.input_tokens)  # every sum stays a 64-bit integer
+
+
+def test_raw_deflate_is_read_whatever_the_size_of_its_first_read():
+    import zlib
+
+    document = _openai_completion({"model": "gpt-fake", "messages": []}, "chatcmpl-z")
+    document["padding"] = "x" * 4000
+    squeezer = zlib.compressobj(wbits=-15, level=0)  # stored: the coded body stays > 1 KiB
+    body = squeezer.compress(orjson.dumps(document)) + squeezer.flush()
+    assert len(body) > 2048
+    for pieces in (None, 1024, 1500, 7):
+        usage = compressed_meter(body, b"deflate", b"application/json", pieces)
+        assert (usage.state, usage.input_tokens) == (COMPLETE, document["usage"]["prompt_tokens"]), pieces
+
+
+def test_a_json_body_cut_short_is_missing_because_cut_not_unparseable():
+    body = orjson.dumps(_openai_completion({"model": "gpt-fake", "messages": []}, "chatcmpl-z"))
+    cut = meter("openai", [body[: len(body) // 2]], b"application/json", complete=False)
+    assert (cut.state, cut.reason) == (MISSING, "cut")
+    broken = meter("openai", [body[: len(body) // 2]], b"application/json", complete=True)
+    assert (broken.state, broken.reason) == (UNPARSEABLE, "not_json")
