@@ -5,9 +5,10 @@ Contract
       An OpenAI chat request becomes an Anthropic Messages request body, without `model` (the
       caller sets the upstream model). A malformed request raises EgressError("invalid_request");
       a parameter Anthropic can't honour raises EgressError("unsupported_parameter") naming it,
-      unless `drop_params`, when it is left out and its name returned. Nothing is dropped silently:
-      every top-level field is mapped, consumed, neutral (accepted, its value changes nothing), or
-      refused (`_NEUTRAL` and `_MAPPED` below are the whole policy).
+      unless `drop_params`, when it is left out and its name returned. Either error's `param` is the
+      field at fault as OpenAI spells it ("seed", "messages[0].content[1]"), when one field is.
+      Nothing is dropped silently: every top-level field is mapped, consumed, neutral (accepted, its
+      value changes nothing), or refused (`_NEUTRAL` and `_MAPPED` below are the whole policy).
   message_to_chat(message, model=, created=) -> an OpenAI `chat.completion` dict.
   StreamTranscoder(model=, created=, include_usage=): `feed(bytes) -> bytes` turns Anthropic SSE,
       cut anywhere, into OpenAI SSE chunks as soon as each event is whole; `finish()` at the end of
@@ -123,8 +124,10 @@ _MAPPED |= {"user", "safety_identifier", "reasoning_effort", "response_format", 
 _MAPPED |= {"tools", "tool_choice", "parallel_tool_calls"}
 
 
-def _invalid(message: str) -> EgressError:
-    return EgressError("invalid_request", message)
+def _invalid(message: str, param: str | None = None) -> EgressError:
+    # `param`: the field at fault as OpenAI names it ("temperature", "messages[0].content[1]"), so
+    # a client can point at it, as the Responses codec's refusals do.
+    return EgressError("invalid_request", message, param=param)
 
 
 class _Refusals:
@@ -138,7 +141,9 @@ class _Refusals:
 
     def __call__(self, name: str, why: str) -> None:
         if not self.drop:
-            raise EgressError("unsupported_parameter", f"'{name}' is not supported by Anthropic models: {why}")
+            raise EgressError(
+                "unsupported_parameter", f"'{name}' is not supported by Anthropic models: {why}", param=name
+            )
         self.dropped.append(name)
 
 
@@ -156,7 +161,7 @@ def chat_to_messages(body: dict, *, default_max_tokens: int, drop_params: bool =
             refuse(name, f"only the neutral value is accepted, got {orjson.dumps(value).decode()[:100]}")
 
     out: dict = {}
-    system, messages = _messages(body.get("messages"))
+    system, messages = _messages(body.get("messages"), refuse)
     if system:
         out["system"] = system
     out["messages"] = messages
@@ -167,7 +172,8 @@ def chat_to_messages(body: dict, *, default_max_tokens: int, drop_params: bool =
     if max_tokens is None:
         max_tokens = default_max_tokens
     elif max_tokens.__class__ is not int or max_tokens < 1:
-        raise _invalid("max_completion_tokens / max_tokens must be a positive integer")
+        param = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+        raise _invalid("max_completion_tokens / max_tokens must be a positive integer", param)
 
     budget = _thinking_budget(body.get("reasoning_effort"))
     if budget is not None:
@@ -179,17 +185,17 @@ def chat_to_messages(body: dict, *, default_max_tokens: int, drop_params: bool =
     out["max_tokens"] = max_tokens
 
     _sampling(body, out, thinking=budget is not None, refuse=refuse)
-    _stop(body.get("stop"), out)
+    _stop(body.get("stop"), out, refuse)
     user = body.get("safety_identifier") or body.get("user")
     if user is not None:
         if not isinstance(user, str):
-            raise _invalid("user must be a string")
+            raise _invalid("user must be a string", "safety_identifier" if body.get("safety_identifier") else "user")
         if user:
             out["metadata"] = {"user_id": user}
     stream = body.get("stream")
     if stream is not None:
         if stream.__class__ is not bool:
-            raise _invalid("stream must be a boolean")
+            raise _invalid("stream must be a boolean", "stream")
         out["stream"] = stream
     _tools(body, out, thinking=budget is not None, refuse=refuse)
     return out, refuse.dropped
@@ -199,7 +205,7 @@ def _thinking_budget(effort: object) -> int | None:
     if effort is None:
         return None
     if effort not in THINKING_BUDGETS:
-        raise _invalid(f"reasoning_effort must be one of {', '.join(THINKING_BUDGETS)}")
+        raise _invalid(f"reasoning_effort must be one of {', '.join(THINKING_BUDGETS)}", "reasoning_effort")
     return THINKING_BUDGETS[effort]
 
 
@@ -209,7 +215,7 @@ def _sampling(body: dict, out: dict, *, thinking: bool, refuse: _Refusals) -> No
     temperature = body.get("temperature")
     if temperature is not None:
         if not _number(temperature) or temperature < 0:
-            raise _invalid("temperature must be a non-negative number")
+            raise _invalid("temperature must be a non-negative number", "temperature")
         if temperature > 1:
             refuse("temperature", "Anthropic's temperature ranges from 0 to 1")
         elif thinking and temperature != 1:
@@ -220,7 +226,7 @@ def _sampling(body: dict, out: dict, *, thinking: bool, refuse: _Refusals) -> No
     top_p = body.get("top_p")
     if top_p is not None:
         if not _number(top_p) or not 0 <= top_p <= 1:
-            raise _invalid("top_p must be a number between 0 and 1")
+            raise _invalid("top_p must be a number between 0 and 1", "top_p")
         if thinking and top_p < 0.95:
             refuse("top_p", "with reasoning_effort (extended thinking) it must be between 0.95 and 1")
         else:
@@ -228,22 +234,27 @@ def _sampling(body: dict, out: dict, *, thinking: bool, refuse: _Refusals) -> No
     top_k = body.get("top_k")
     if top_k is not None:
         if top_k.__class__ is not int or top_k < 1:
-            raise _invalid("top_k must be a positive integer")
+            raise _invalid("top_k must be a positive integer", "top_k")
         if thinking:
             refuse("top_k", "it can't be changed with reasoning_effort (extended thinking)")
         else:
             out["top_k"] = top_k
 
 
-def _stop(stop: object, out: dict) -> None:
+def _stop(stop: object, out: dict, refuse: _Refusals) -> None:
     if stop is None:
         return
     if isinstance(stop, str):
         stop = [stop]
     if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
-        raise _invalid("stop must be a string or a list of strings")
-    # Anthropic refuses a stop sequence that is empty or only whitespace; OpenAI ignores them.
+        raise _invalid("stop must be a string or a list of strings", "stop")
+    # Anthropic answers 400 to a stop sequence that is empty ("each stop sequence must be non-empty")
+    # or only whitespace ("stop_sequences: each stop sequence must contain non-whitespace", quoted in
+    # BerriAI/litellm#3286), while OpenAI honours "\n" (a common one-line stop). Such an entry can't
+    # be honoured: it is refused, or with drop_params left out and "stop" listed.
     sequences = [s for s in stop if s.strip()]
+    if len(sequences) < len(stop):
+        refuse("stop", "Anthropic refuses whitespace-only stop sequences")
     if sequences:
         out["stop_sequences"] = sequences
 
@@ -253,11 +264,11 @@ def _stop(stop: object, out: dict) -> None:
 
 def _tools(body: dict, out: dict, *, thinking: bool, refuse: _Refusals) -> None:
     if body.get("tools") is not None and not isinstance(body["tools"], list):
-        raise _invalid("tools must be a list")
+        raise _invalid("tools must be a list", "tools")
     tools = []
     for position, tool in enumerate(body.get("tools") or ()):
         if not isinstance(tool, dict):
-            raise _invalid(f"tools[{position}] must be an object")
+            raise _invalid(f"tools[{position}] must be an object", f"tools[{position}]")
         if tool.get("type") != "function":
             refuse(f"tools[{position}]", f"only function tools translate, not {tool.get('type')!r}")
             continue
@@ -271,21 +282,23 @@ def _tools(body: dict, out: dict, *, thinking: bool, refuse: _Refusals) -> None:
 
     response_format = body.get("response_format")
     if response_format is not None and not isinstance(response_format, dict):
-        raise _invalid("response_format must be an object")
+        raise _invalid("response_format must be an object", "response_format")
     kind = response_format.get("type") if response_format is not None else None
     if kind == "json_schema" and isinstance(response_format.get("json_schema"), dict):
         spec = response_format["json_schema"]
         schema = spec.get("schema")
         if schema is not None:
             if not isinstance(schema, dict):
-                raise _invalid("response_format.json_schema.schema must be an object")
+                raise _invalid(
+                    "response_format.json_schema.schema must be an object", "response_format.json_schema.schema"
+                )
             # Structured outputs: output_config.format constrains the text itself (GA; the beta's
             # top-level `output_format` is deprecated). Works with thinking, unlike a forced tool.
             out["output_config"] = {"format": {"type": "json_schema", "schema": schema}}
         else:
             kind = "json_object"  # a schema-less json_schema asks for any JSON object
     elif kind == "json_schema":
-        raise _invalid("response_format json_schema needs a json_schema object")
+        raise _invalid("response_format json_schema needs a json_schema object", "response_format.json_schema")
     if kind == "json_object":
         if thinking:
             refuse("response_format", "JSON mode forces a tool, which extended thinking does not allow")
@@ -299,11 +312,11 @@ def _tools(body: dict, out: dict, *, thinking: bool, refuse: _Refusals) -> None:
             elif choice["type"] == "none":
                 choice = {"type": "tool", "name": JSON_TOOL}
     elif kind not in (None, "text", "json_schema"):
-        raise _invalid(f"unknown response_format type {kind!r}")
+        raise _invalid(f"unknown response_format type {kind!r}", "response_format.type")
 
     parallel = body.get("parallel_tool_calls")
     if parallel is not None and parallel.__class__ is not bool:
-        raise _invalid("parallel_tool_calls must be a boolean")
+        raise _invalid("parallel_tool_calls must be a boolean", "parallel_tool_calls")
     if tools:
         out["tools"] = tools
         if parallel is False:
@@ -318,15 +331,19 @@ def _tools(body: dict, out: dict, *, thinking: bool, refuse: _Refusals) -> None:
 def _tool(tool: dict, position: int) -> dict:
     function = tool.get("function")
     if not isinstance(function, dict) or not isinstance(function.get("name"), str) or not function["name"]:
-        raise _invalid(f"tools[{position}].function.name is required")
+        raise _invalid(f"tools[{position}].function.name is required", f"tools[{position}].function.name")
     name = function["name"]
     if name == JSON_TOOL:
-        raise _invalid(f"the tool name {JSON_TOOL!r} is reserved by egress for JSON mode")
+        raise _invalid(
+            f"the tool name {JSON_TOOL!r} is reserved by egress for JSON mode", f"tools[{position}].function.name"
+        )
     parameters = function.get("parameters")
     if parameters is None:
         parameters = {"type": "object", "properties": {}}  # OpenAI: omitted means no parameters
     elif not isinstance(parameters, dict):
-        raise _invalid(f"tools[{position}].function.parameters must be an object")
+        raise _invalid(
+            f"tools[{position}].function.parameters must be an object", f"tools[{position}].function.parameters"
+        )
     translated: dict = {"name": name}
     description = function.get("description")
     if description:
@@ -357,25 +374,30 @@ def _tool_choice(choice: object, tools: list) -> dict | None:
     ):
         translated = {"type": "tool", "name": choice["function"]["name"]}
     else:
-        raise _invalid("tool_choice must be auto, required, none or {type: function, function: {name}}")
+        raise _invalid("tool_choice must be auto, required, none or {type: function, function: {name}}", "tool_choice")
     if not tools and translated["type"] in ("any", "tool"):
-        raise _invalid("tool_choice requires tools")
+        raise _invalid("tool_choice requires tools", "tool_choice")
     return translated if tools else None
 
 
 # -- messages ------------------------------------------------------------------------------------
 
 
-def _messages(messages: object) -> tuple[list, list]:
+def _messages(messages: object, refuse: _Refusals) -> tuple[list, list]:
     if not isinstance(messages, list) or not messages:
-        raise _invalid("messages must be a non-empty list")
+        raise _invalid("messages must be a non-empty list", "messages")
     system: list = []
     turns: list[list] = []  # [role, blocks], consecutive same roles merged (Anthropic alternates)
     for position, message in enumerate(messages):
         if not isinstance(message, dict):
-            raise _invalid(f"messages[{position}] must be an object")
+            raise _invalid(f"messages[{position}] must be an object", f"messages[{position}]")
         role = message.get("role")
         where = f"messages[{position}]"
+        if message.get("name") is not None and role in ("system", "developer", "user", "assistant"):
+            # OpenAI's `name` tells the model which participant of a role spoke (ChatCompletion*MessageParam
+            # in openai/types/chat); Anthropic's messages carry no participant names, and folding the name
+            # into the text would change what was said. Left out, the model would lose who said what.
+            refuse(f"{where}.name", "Anthropic's messages have no participant names")
         if role in ("system", "developer"):
             # Anthropic has one system prompt: every system and developer message, in order.
             blocks = _text_blocks(message.get("content"), where)
@@ -383,12 +405,12 @@ def _messages(messages: object) -> tuple[list, list]:
         elif role == "user":
             blocks = _user_blocks(message.get("content"), where)
         elif role == "assistant":
-            blocks = _assistant_blocks(message, where)
+            blocks = _assistant_blocks(message, where, refuse)
         elif role == "tool":
             blocks = [_tool_result(message, where)]
             role = "user"  # tool results travel in a user turn, first in it (tool-use docs)
         else:
-            raise _invalid(f"{where}.role must be system, developer, user, assistant or tool")
+            raise _invalid(f"{where}.role must be system, developer, user, assistant or tool", f"{where}.role")
         cache_control = message.get("cache_control")
         if cache_control is not None and blocks:
             # A message-level mark means "cache up to the end of this message": its last block.
@@ -402,14 +424,14 @@ def _messages(messages: object) -> tuple[list, list]:
         else:
             turns.append([role, blocks])
     if not turns:
-        raise _invalid("messages must include a user or assistant message")
+        raise _invalid("messages must include a user or assistant message", "messages")
     return system, [{"role": role, "content": blocks} for role, blocks in turns]
 
 
 def _text_part(part: dict, where: str) -> dict | None:
     text = part.get("text")
     if not isinstance(text, str):
-        raise _invalid(f"{where}.text must be a string")
+        raise _invalid(f"{where}.text must be a string", f"{where}.text")
     if not text:
         return None  # Anthropic refuses empty text blocks
     block = {"type": "text", "text": text}
@@ -422,11 +444,11 @@ def _text_blocks(content: object, where: str) -> list:
     if isinstance(content, str):
         return [{"type": "text", "text": content}] if content else []
     if not isinstance(content, list):
-        raise _invalid(f"{where}.content must be a string or a list of parts")
+        raise _invalid(f"{where}.content must be a string or a list of parts", f"{where}.content")
     blocks = []
     for index, part in enumerate(content):
         if not isinstance(part, dict) or part.get("type") not in ("text", "refusal"):
-            raise _invalid(f"{where}.content[{index}] must be a text part")
+            raise _invalid(f"{where}.content[{index}] must be a text part", f"{where}.content[{index}]")
         if part["type"] == "refusal":  # an assistant's earlier refusal, shown as what it said
             part = {"text": part.get("refusal"), "cache_control": part.get("cache_control")}
         block = _text_part(part, f"{where}.content[{index}]")
@@ -439,7 +461,7 @@ def _user_blocks(content: object, where: str) -> list:
     if isinstance(content, str):
         return [{"type": "text", "text": content}] if content else []
     if not isinstance(content, list):
-        raise _invalid(f"{where}.content must be a string or a list of parts")
+        raise _invalid(f"{where}.content must be a string or a list of parts", f"{where}.content")
     blocks = []
     for index, part in enumerate(content):
         at = f"{where}.content[{index}]"
@@ -451,7 +473,9 @@ def _user_blocks(content: object, where: str) -> list:
         elif kind == "file":
             block = _file(part, at)
         else:
-            raise EgressError("unsupported_parameter", f"{at}: content part type {kind!r} has no Anthropic equivalent")
+            raise EgressError(
+                "unsupported_parameter", f"{at}: content part type {kind!r} has no Anthropic equivalent", param=at
+            )
         if block is not None:
             blocks.append(block)
     return blocks
@@ -461,7 +485,7 @@ def _data_uri(url: str, at: str) -> tuple[str, str]:
     header, comma, data = url[5:].partition(",")
     media_type, _, encoding = header.partition(";")
     if not comma or encoding.lower() != "base64" or not media_type:
-        raise _invalid(f"{at}: a data URL must be data:<media type>;base64,<data>")
+        raise _invalid(f"{at}: a data URL must be data:<media type>;base64,<data>", at)
     return media_type.lower(), data
 
 
@@ -469,14 +493,14 @@ def _image(part: dict, at: str) -> dict:
     image = part.get("image_url")
     url = image.get("url") if isinstance(image, dict) else image
     if not isinstance(url, str):
-        raise _invalid(f"{at}.image_url.url must be a string")
+        raise _invalid(f"{at}.image_url.url must be a string", f"{at}.image_url.url")
     if url.startswith("data:"):
         media_type, data = _data_uri(url, at)
         source = {"type": "base64", "media_type": media_type, "data": data}
     elif url.startswith(("https://", "http://")):
         source = {"type": "url", "url": url}  # Anthropic fetches it; egress never downloads
     else:
-        raise _invalid(f"{at}.image_url.url must be an http(s) or data: URL")
+        raise _invalid(f"{at}.image_url.url must be an http(s) or data: URL", f"{at}.image_url.url")
     # `detail` has no Anthropic counterpart: Anthropic sizes images itself (vision docs).
     block = {"type": "image", "source": source}
     if part.get("cache_control") is not None:
@@ -488,7 +512,11 @@ def _file(part: dict, at: str) -> dict:
     file = part.get("file")
     data = file.get("file_data") if isinstance(file, dict) else None
     if not isinstance(data, str) or not data.startswith("data:"):
-        raise EgressError("unsupported_parameter", f"{at}: only inline file_data (a data: URL) translates, not file_id")
+        raise EgressError(
+            "unsupported_parameter",
+            f"{at}: only inline file_data (a data: URL) translates, not file_id",
+            param=f"{at}.file",
+        )
     media_type, payload = _data_uri(data, at)
     block = {"type": "document", "source": {"type": "base64", "media_type": media_type, "data": payload}}
     if part.get("cache_control") is not None:
@@ -510,51 +538,62 @@ def _thinking_blocks(entries: object, where: str) -> list:
     the signature is checked against the text, so both travel exactly as they came.
     """
     if not isinstance(entries, list):
-        raise _invalid(f"{where}.thinking_blocks must be a list")
+        raise _invalid(f"{where}.thinking_blocks must be a list", f"{where}.thinking_blocks")
     blocks = []
     for position, entry in enumerate(entries):
         at = f"{where}.thinking_blocks[{position}]"
         kind = entry.get("type") if isinstance(entry, dict) else None
         fields = _THINKING_FIELDS.get(kind) if isinstance(kind, str) else None
         if fields is None:
-            raise _invalid(f"{at}.type must be thinking or redacted_thinking")
+            raise _invalid(f"{at}.type must be thinking or redacted_thinking", f"{at}.type")
         for name, value in entry.items():
             if name not in fields and name not in ("type", "index") and value is not None:
-                raise _invalid(f"{at}.{name} is not a field of a {kind} block")
+                raise _invalid(f"{at}.{name} is not a field of a {kind} block", f"{at}.{name}")
         block = {"type": kind}
         for name in fields:
             value = entry.get(name)
             # The thinking text may be empty (display "omitted"); a signature or data never is.
             if not isinstance(value, str) or (not value and name != "thinking"):
-                raise _invalid(f"{at}.{name} must be the string Anthropic returned")
+                raise _invalid(f"{at}.{name} must be the string Anthropic returned", f"{at}.{name}")
             block[name] = value
         blocks.append(block)
     return blocks
 
 
-def _assistant_blocks(message: dict, where: str) -> list:
+def _assistant_blocks(message: dict, where: str, refuse: _Refusals) -> list:
     thinking = message.get("thinking_blocks")
     blocks = [] if thinking is None else _thinking_blocks(thinking, where)
     content = message.get("content")
     if content is not None:
         blocks += _text_blocks(content, where)
+    refusal = message.get("refusal")
+    if refusal is not None:
+        # The assistant's earlier refusal (ChatCompletionAssistantMessageParam.refusal) is what it
+        # said that turn: kept as its text, as a refusal content part is, so the history stays whole.
+        if not isinstance(refusal, str):
+            raise _invalid(f"{where}.refusal must be a string", f"{where}.refusal")
+        if refusal:
+            blocks.append({"type": "text", "text": refusal})
+    if message.get("function_call") is not None:
+        # The deprecated single call, paired with `functions`, which is refused as well.
+        refuse(f"{where}.function_call", "the legacy function_call has no Anthropic equivalent; use tool_calls")
     tool_calls = message.get("tool_calls")
     if tool_calls is None:
         tool_calls = []
     elif not isinstance(tool_calls, list):
-        raise _invalid(f"{where}.tool_calls must be a list")
+        raise _invalid(f"{where}.tool_calls must be a list", f"{where}.tool_calls")
     for index, call in enumerate(tool_calls):
         at = f"{where}.tool_calls[{index}]"
         function = call.get("function") if isinstance(call, dict) else None
         if not isinstance(function, dict) or not isinstance(call.get("id"), str) or not function.get("name"):
-            raise _invalid(f"{at} needs an id and a function name")
+            raise _invalid(f"{at} needs an id and a function name", at)
         arguments = function.get("arguments") or "{}"
         try:
             parsed = orjson.loads(arguments)
         except (orjson.JSONDecodeError, TypeError):
-            raise _invalid(f"{at}.function.arguments is not valid JSON") from None
+            raise _invalid(f"{at}.function.arguments is not valid JSON", f"{at}.function.arguments") from None
         if not isinstance(parsed, dict):
-            raise _invalid(f"{at}.function.arguments must be a JSON object")
+            raise _invalid(f"{at}.function.arguments must be a JSON object", f"{at}.function.arguments")
         blocks.append({"type": "tool_use", "id": call["id"], "name": function["name"], "input": parsed})
     return blocks
 
@@ -562,7 +601,7 @@ def _assistant_blocks(message: dict, where: str) -> list:
 def _tool_result(message: dict, where: str) -> dict:
     tool_call_id = message.get("tool_call_id")
     if not isinstance(tool_call_id, str) or not tool_call_id:
-        raise _invalid(f"{where}.tool_call_id is required")
+        raise _invalid(f"{where}.tool_call_id is required", f"{where}.tool_call_id")
     content = message.get("content")
     block: dict = {"type": "tool_result", "tool_use_id": tool_call_id}
     if isinstance(content, str):
@@ -816,7 +855,8 @@ class StreamTranscoder(AnthropicEvents):
 
     State is what the mapping needs: the content-block index -> (kind, tool-call or thinking-block
     index) map, the next tool-call and thinking-block indexes (each counted on its own, densely,
-    whatever the block index), the usage so far, and whether the finish chunk went out. Each chunk
+    whatever the block index), the tool blocks whose input has not come yet (their arguments are
+    "{}" at their stop), the usage so far, and whether the finish chunk went out. Each chunk
     is written as soon as its event is whole, so the client sees tokens as Anthropic sends them.
     """
 
@@ -827,6 +867,7 @@ class StreamTranscoder(AnthropicEvents):
         "_head",
         "_include_usage",
         "_model",
+        "_no_input",
         "_raw_usage",
         "_thinking_blocks",
         "_thinking_tokens",
@@ -840,6 +881,7 @@ class StreamTranscoder(AnthropicEvents):
         self._created = created
         self._include_usage = include_usage
         self._blocks: dict[int, tuple[int, int]] = {}
+        self._no_input: dict[object, tuple[int, int]] = {}  # tool blocks whose input has not come yet
         self._tool_calls = 0
         self._thinking_blocks = 0
         self._usage = Usage()
@@ -887,6 +929,8 @@ class StreamTranscoder(AnthropicEvents):
             tool_index = self._tool_calls
             self._tool_calls += 1
         self._blocks[index] = (kind, tool_index)
+        if kind in (_TOOL, _JSON) and not block.get("input"):
+            self._no_input[index] = (kind, tool_index)
         if kind == _TOOL:
             # Input normally arrives as input_json_delta; one already whole here is sent at once.
             arguments = orjson.dumps(block["input"]).decode() if block.get("input") else ""
@@ -942,12 +986,27 @@ class StreamTranscoder(AnthropicEvents):
                 entry = {"type": "thinking", "thinking": "", "signature": delta["signature"]}
                 self._emit_thinking(event.get("index"), {}, entry, out)
         elif delta_type == "input_json_delta" and delta.get("partial_json"):
+            self._no_input.pop(event.get("index"), None)
             if kind == _TOOL:
                 call = {"index": tool_index, "function": {"arguments": delta["partial_json"]}}
                 self._emit({"tool_calls": [call]}, out)
             elif kind == _JSON:
                 self._emit({"content": delta["partial_json"]}, out)
         # citations_delta: nothing an OpenAI client has a field for.
+
+    def _on_block_stop(self, event: dict, out: list[bytes]) -> None:
+        entry = self._no_input.pop(event.get("index"), None)
+        if entry is not None:
+            self._empty_input(*entry, out)
+
+    def _empty_input(self, kind: int, tool_index: int, out: list[bytes]) -> None:
+        # A tool without parameters: Anthropic starts it with input {} and sends one input_json_delta
+        # of "" (streaming docs, "Input JSON delta"); its arguments are "{}", as message_to_chat and
+        # OpenAI give them, never "" (which is not JSON).
+        if kind == _TOOL:
+            self._emit({"tool_calls": [{"index": tool_index, "function": {"arguments": "{}"}}]}, out)
+        else:
+            self._emit({"content": "{}"}, out)
 
     def _on_message_delta(self, event: dict, out: list[bytes]) -> None:
         reduce_usage(self._usage, self._raw_usage, event, ANTHROPIC)  # cumulative: latest wins
@@ -963,6 +1022,9 @@ class StreamTranscoder(AnthropicEvents):
             self._thinking_tokens = thinking
 
     def _finish_chunk(self, stop_reason: str | None, out: list[bytes]) -> None:
+        for entry in self._no_input.values():  # blocks never stopped: their input is whole by now
+            self._empty_input(*entry, out)
+        self._no_input.clear()
         self._finished = True
         choice = {
             "index": 0,
@@ -994,6 +1056,7 @@ StreamTranscoder.HANDLERS = {
     "message_start": StreamTranscoder._on_message_start,
     "content_block_start": StreamTranscoder._on_block_start,
     "content_block_delta": StreamTranscoder._on_block_delta,
+    "content_block_stop": StreamTranscoder._on_block_stop,
     "message_delta": StreamTranscoder._on_message_delta,
     "message_stop": StreamTranscoder._on_message_stop,
     "error": StreamTranscoder._on_error,

@@ -1,7 +1,7 @@
 """OpenAI Responses API <-> Anthropic Messages, stateless (sans-IO): dicts and bytes in and out.
 
 Contract
-  responses_to_chat(body) -> (chat_body, warnings)
+  responses_to_chat(body, dropped=None) -> (chat_body, warnings)
       A Responses request becomes the Chat Completions request that means the same, which
       anthropic_codec.chat_to_messages then translates: one mapping of messages, images, tools,
       tool_choice, sampling, JSON schema and thinking blocks for both surfaces. Stateless by
@@ -10,7 +10,10 @@ Contract
       sends the whole history each time (Codex does). `store` of either value is processed
       statelessly and answered `store: false`. An unknown tool or input item type is a 400 naming
       it, never a silent rewrite. `warnings` name what was left out and why (a reasoning item
-      egress did not mint, `text.verbosity`): they go back in a `Warning` header.
+      egress did not mint, `text.verbosity`): they go back in a `Warning` header. Given a `dropped`
+      list (the route's drop_params), a parameter or tool Anthropic can't honour is left out and its
+      name appended, as chat_to_messages does; `responses_param` gives that codec's names (in its
+      refusals and dropped names) their Responses spelling.
   response_shell(body, model, created) -> the response object's request echo (id and output unset).
   message_to_response(message, shell) -> the Responses `response` object for an Anthropic message.
   ResponsesTranscoder(shell): `feed(bytes) -> bytes` turns Anthropic SSE, cut anywhere, into the
@@ -39,6 +42,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import secrets
 from collections.abc import Callable
 
 import orjson
@@ -64,12 +68,31 @@ def _unsupported(message: str, param: str) -> EgressError:
     return EgressError("unsupported_parameter", message, param=param)
 
 
+class _Refusals:
+    """Refuses what Anthropic can't honour, naming `param`; given a `dropped` list (a route's
+    drop_params, as anthropic_codec's own), leaves it out instead and appends its name (`name`, or
+    `param`), which the surface lists in x-egress-dropped-params with the chat codec's."""
+
+    __slots__ = ("dropped",)
+
+    def __init__(self, dropped: list[str] | None) -> None:
+        self.dropped = dropped
+
+    def __call__(self, message: str, param: str, name: str | None = None) -> None:
+        if self.dropped is None:
+            raise _unsupported(message, param)
+        self.dropped.append(name or param)
+
+
 # -- request -------------------------------------------------------------------------------------
 
 # Accepted, and change nothing on a stateless translation to Anthropic.
 _NEUTRAL: dict[str, Callable[[object], bool]] = {
     "store": lambda v: isinstance(v, bool),  # processed statelessly either way; answered store: false
-    "include": lambda v: isinstance(v, list),  # reasoning.encrypted_content is always included
+    # reasoning.encrypted_content is always included; the other values (response_includable.py) add
+    # results of OpenAI's own tools (refused with the tools) or echo inputs: nothing to add here.
+    # Logprobs are refused, as on every surface: Anthropic returns none.
+    "include": lambda v: isinstance(v, list) and "message.output_text.logprobs" not in v,
     "metadata": lambda v: isinstance(v, dict),
     "prompt_cache_key": lambda v: isinstance(v, str),
     "service_tier": lambda v: v in ("auto", "default"),
@@ -88,9 +111,10 @@ _MAPPED = frozenset(
 )
 
 
-def responses_to_chat(body: dict) -> tuple[dict, list[str]]:
+def responses_to_chat(body: dict, *, dropped: list[str] | None = None) -> tuple[dict, list[str]]:
     if not isinstance(body, dict):
         raise _invalid("the request body must be a JSON object")
+    refuse = _Refusals(dropped)
     warnings: list[str] = []
     for name in _STATEFUL:
         if body.get(name) is not None:
@@ -103,9 +127,9 @@ def responses_to_chat(body: dict) -> tuple[dict, list[str]]:
             continue
         neutral = _NEUTRAL.get(name)
         if neutral is None:
-            raise _unsupported(f"'{name}' is not supported by Anthropic models", name)
-        if not neutral(value):
-            raise _unsupported(f"'{name}' is not supported with the value {orjson.dumps(value).decode()[:100]}", name)
+            refuse(f"'{name}' is not supported by Anthropic models", name)
+        elif not neutral(value):
+            refuse(f"'{name}' is not supported with the value {orjson.dumps(value).decode()[:100]}", name)
     chat: dict = {name: body[name] for name in _PASSED if body.get(name) is not None}
     messages: list[dict] = []
     instructions = body.get("instructions")
@@ -119,7 +143,7 @@ def responses_to_chat(body: dict) -> tuple[dict, list[str]]:
     max_output = body.get("max_output_tokens")
     if max_output is not None:
         chat["max_completion_tokens"] = max_output
-    _tools(body, chat)
+    _tools(body, chat, refuse)
     _text(body.get("text"), chat, warnings)
     reasoning = body.get("reasoning")
     if reasoning is not None:
@@ -274,7 +298,7 @@ def _output(output: object, at: str) -> str | list:
     return _content(output, f"{at}.output", _text_part)
 
 
-def _tools(body: dict, chat: dict) -> None:
+def _tools(body: dict, chat: dict, refuse: _Refusals) -> None:
     tools = body.get("tools")
     if tools is not None:
         if not isinstance(tools, list):
@@ -291,15 +315,17 @@ def _tools(body: dict, chat: dict) -> None:
                 for inner, member in enumerate(tool["tools"]):
                     at = f"tools[{position}].tools[{inner}]"
                     if _kind(member) != "function":
-                        raise _unsupported(f"{at}: only function tools translate, not {_kind(member)!r}", f"{at}.type")
+                        refuse(f"{at}: only function tools translate, not {_kind(member)!r}", f"{at}.type", at)
+                        continue
                     translated.append(_function_tool({**member, "name": f"{space}{_SEPARATOR}{member.get('name')}"}))
                 continue
             if kind != "function":
                 # web_search, file_search, computer_use, mcp, custom, …: run by OpenAI itself.
-                raise _unsupported(
-                    f"tools[{position}]: {kind!r} tools are not supported by Anthropic models; only function tools",
-                    f"tools[{position}].type",
+                at = f"tools[{position}]"
+                refuse(
+                    f"{at}: {kind!r} tools are not supported by Anthropic models; only function tools", f"{at}.type", at
                 )
+                continue
             translated.append(_function_tool(tool))
         if translated:
             chat["tools"] = translated
@@ -311,7 +337,7 @@ def _tools(body: dict, chat: dict) -> None:
     elif isinstance(choice, dict) and choice.get("type") == "function" and isinstance(choice.get("name"), str):
         chat["tool_choice"] = {"type": "function", "function": {"name": choice["name"]}}
     else:
-        raise _unsupported("tool_choice must be auto, required, none or {type: function, name}", "tool_choice")
+        refuse("tool_choice must be auto, required, none or {type: function, name}", "tool_choice")
 
 
 def _function_tool(tool: dict) -> dict:
@@ -324,6 +350,24 @@ def _function_tool(tool: dict) -> dict:
 
 # Between a namespace and a tool's name in the Anthropic tool name (^[a-zA-Z0-9_-]{1,128}$).
 _SEPARATOR = "__"
+
+
+# A chat field's name in the Responses request it came from (responses_to_chat, read backwards).
+_FROM_CHAT = {
+    "max_completion_tokens": "max_output_tokens",
+    "reasoning_effort": "reasoning.effort",
+    "response_format": "text.format",
+    # Positions move (instructions become a message, items merge into turns, namespace members are
+    # flattened), so a path under these names the whole field rather than a wrong element.
+    "messages": "input",
+    "tools": "tools",
+}
+
+
+def responses_param(param: str) -> str:
+    """The Responses name of a field anthropic_codec names in a refusal or a dropped name."""
+    head = param.partition(".")[0].partition("[")[0]
+    return _FROM_CHAT.get(head, param)
 
 
 def namespaced(body: dict) -> dict[str, tuple[str, str]]:
@@ -455,7 +499,7 @@ def _finished(shell: dict, upstream_id: str, output: list, stop_reason: object, 
 
 def _message_item(item_id: str, text: str, status: str = "completed") -> dict:
     content = (
-        [{"type": "output_text", "text": text, "annotations": [], "logprobs": []}] if status == "completed" else []
+        [{"type": "output_text", "text": text, "annotations": [], "logprobs": []}] if status != "in_progress" else []
     )
     return {"id": item_id, "type": "message", "status": status, "role": "assistant", "content": content}
 
@@ -507,6 +551,20 @@ def message_to_response(message: dict, shell: dict, names: dict | None = None) -
 
 
 # -- stream --------------------------------------------------------------------------------------
+
+# An Anthropic error type (anthropic/types/shared/error_type.py) -> ResponseError.code, which
+# openai/types/responses/response_error.py makes a closed Literal (an Anthropic type there fails
+# ResponseFailedEvent validation). Any type not named here, or none, is "server_error": the rest
+# (authentication, permission, billing, not_found, conflict) are the gateway's or the account's
+# trouble, not the prompt's.
+_FAILURE_CODES = {
+    "api_error": "server_error",
+    "overloaded_error": "server_error",
+    "timeout_error": "server_error",
+    "rate_limit_error": "rate_limit_exceeded",
+    "invalid_request_error": "invalid_prompt",
+    "request_too_large": "invalid_prompt",
+}
 
 
 class _Item:
@@ -670,19 +728,22 @@ class ResponsesTranscoder(AnthropicEvents):
         if item is not None:
             self._close(item, out)
 
-    def _close(self, item: _Item, out: list[bytes]) -> None:
+    def _close(self, item: _Item, out: list[bytes], status: str = "completed") -> None:
         joined = "".join(item.parts)
         if item.kind == "message":
             self._emit("response.output_text.done", self._at(item, content_index=0, text=joined, logprobs=[]), out)
             part = {"type": "output_text", "text": joined, "annotations": [], "logprobs": []}
             self._emit("response.content_part.done", self._at(item, content_index=0, part=part), out)
-            done = _message_item(item.id, joined)
+            done = _message_item(item.id, joined, status)
         elif item.kind == "function_call":
             if not joined:
                 joined = "{}"  # a call without input: its arguments are an empty object
                 self._arguments(item, joined, out)
-            self._emit("response.function_call_arguments.done", self._at(item, arguments=joined, name=item.name), out)
             done = _call_item(item.id, item.call_id, item.name, joined, names=self._names)
+            # `name` (an extra the SDK's event model allows) as the item names it: a namespace
+            # tool's own name, its namespace beside it, never the flattened Anthropic name.
+            named = {key: done[key] for key in ("namespace", "name") if key in done}
+            self._emit("response.function_call_arguments.done", self._at(item, arguments=joined, **named), out)
         else:
             block = item.block or {}
             if block.get("type") == "thinking":
@@ -717,12 +778,28 @@ class ResponsesTranscoder(AnthropicEvents):
         error = event.get("error")
         detail = _openai_error(error if isinstance(error, dict) else {}, 500)
         if not self.started:
-            self._upstream_id = "error"
+            # No upstream message to name it after: an id of its own, through the one minter, so two
+            # failed requests never share a response id.
+            self._upstream_id = "failed_" + secrets.token_hex(16)
             self.started = True
             self._emit("response.created", {"response": self._response("in_progress")}, out)
+            self._emit("response.in_progress", {"response": self._response("in_progress")}, out)
+        for index in sorted(self._blocks, key=lambda key: self._blocks[key].output_index):
+            item = self._blocks[index]
+            # The text that came is the client's: its message closes, incomplete. A function call's
+            # arguments and an unsigned thinking block are not whole, so they stay open and out of
+            # `output` (arguments only ever arrive whole; a block without its signature can't go back).
+            if item.kind == "message":
+                self._close(item, out, "incomplete")
+        self._blocks.clear()
         response = self._response("failed")
         response["output"] = self._done
-        response["error"] = {"code": detail["code"] or "server_error", "message": detail["message"]}
+        kind = detail["code"]
+        response["error"] = {
+            "code": _FAILURE_CODES.get(kind, "server_error"),
+            "message": detail["message"],
+            "type": kind,  # ResponseError.type: "the original error type"
+        }
         self._emit("response.failed", {"response": response}, out)
         self.ended = True
 

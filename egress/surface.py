@@ -18,6 +18,7 @@ Errors are always in the OpenAI dialect, with the codes of errors.py.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 import orjson
@@ -101,8 +102,9 @@ def _aim(exchange: Exchange, document: dict, target: Target, requested: str, dro
     if translate and surface == "responses":
         shell = responses_codec.response_shell(document, requested, int(time.time()))
         names = responses_codec.namespaced(document)
-        document, warnings = responses_codec.responses_to_chat(document)
-        _translate(exchange, document, model, requested, drop_params)
+        dropped: list[str] | None = [] if drop_params else None  # the route's drop_params, as on chat
+        document, warnings = responses_codec.responses_to_chat(document, dropped=dropped)
+        _translate(exchange, document, model, requested, drop_params, dropped or (), responses_codec.responses_param)
         headers = exchange.body_filter.extra_headers + tuple((b"warning", _warning(text)) for text in warnings)
         exchange.body_filter = TranslatedResponses(shell, names, headers)
     elif translate:
@@ -187,11 +189,28 @@ def _upstream_route(provider: Provider, surface: str, translate: bool, query: by
     return route
 
 
-def _translate(exchange: Exchange, document: dict, model: str, requested: str, drop_params: bool) -> None:
+def _translate(
+    exchange: Exchange,
+    document: dict,
+    model: str,
+    requested: str,
+    drop_params: bool,
+    dropped_before: Sequence[str] = (),
+    rename: Callable[[str], str] | None = None,
+) -> None:
+    """A chat request to Anthropic Messages. For a Responses request, `dropped_before` is what its
+    own translation dropped (listed first) and `rename` gives a chat field its Responses name, in
+    an error's `param` and in the dropped names, so the client sees the names it sent."""
     provider = exchange.route.provider
-    body, dropped = anthropic_codec.chat_to_messages(
-        document, default_max_tokens=provider.default_max_tokens, drop_params=drop_params
-    )
+    try:
+        body, dropped = anthropic_codec.chat_to_messages(
+            document, default_max_tokens=provider.default_max_tokens, drop_params=drop_params
+        )
+    except EgressError as error:
+        if rename is not None and error.param is not None:
+            error.param = rename(error.param)
+        raise
+    dropped = [*dropped_before, *(map(rename, dropped) if rename is not None else dropped)]
     body["model"] = model
     exchange.body = orjson.dumps(body)
     facts = exchange.facts

@@ -298,8 +298,24 @@ REQUESTS = [
         },
     ),
     ("stop_string", request(stop="END"), expected(stop_sequences=["END"])),
-    ("stop_list_cleaned", request(stop=["a", "", "  ", "\n", "b"]), expected(stop_sequences=["a", "b"])),
-    ("stop_all_blank", request(stop=["", " "]), expected()),
+    ("stop_list", request(stop=["a", " b\n"]), expected(stop_sequences=["a", " b\n"])),
+    (
+        "assistant_refusal_kept_as_its_text",
+        {"messages": [HI, {"role": "assistant", "content": None, "refusal": "I can't help with that."}, HI]},
+        {
+            "messages": [
+                HI_OUT,
+                {"role": "assistant", "content": [{"type": "text", "text": "I can't help with that."}]},
+                HI_OUT,
+            ],
+            "max_tokens": 1000,
+        },
+    ),
+    (
+        "assistant_nulls_are_not_given",
+        {"messages": [HI, {"role": "assistant", "content": "ok", "refusal": None, "function_call": None}]},
+        {"messages": [HI_OUT, {"role": "assistant", "content": [{"type": "text", "text": "ok"}]}], "max_tokens": 1000},
+    ),
     ("max_tokens", request(max_tokens=50), expected(max_tokens=50)),
     ("max_completion_tokens_wins", request(max_tokens=50, max_completion_tokens=70), expected(max_tokens=70)),
     (
@@ -402,7 +418,7 @@ def test_request_translation(body, want):
     assert chat_to_messages(body, default_max_tokens=1000, drop_params=True) == (want, [])
 
 
-# (parameter, value): each refused by name, or dropped with drop_params.
+# (parameter, value): each refused by name (in the message and in `param`), or dropped with drop_params.
 UNSUPPORTED = [
     ("n", 2),
     ("presence_penalty", 0.5),
@@ -422,6 +438,10 @@ UNSUPPORTED = [
     ("verbosity", "low"),
     ("some_unknown_field", 1),
     ("temperature", 1.5),
+    # Anthropic refuses whitespace-only stop sequences; OpenAI honours them.
+    ("stop", "\n"),
+    ("stop", ["\n", "\n\n"]),
+    ("stop", [""]),
 ]
 
 
@@ -430,7 +450,7 @@ def test_unsupported_parameter_refused_or_dropped(name, value):
     with pytest.raises(EgressError) as caught:
         chat_to_messages(request(**{name: value}), default_max_tokens=1000)
     assert caught.value.code == "unsupported_parameter"
-    assert name in caught.value.message
+    assert name in caught.value.message and caught.value.param == name
     assert chat_to_messages(request(**{name: value}), default_max_tokens=1000, drop_params=True) == (expected(), [name])
 
 
@@ -451,15 +471,20 @@ def test_thinking_conflicts(fields, name, kept):
     body = request(reasoning_effort="low", max_tokens=4000, **fields)
     with pytest.raises(EgressError) as caught:
         chat_to_messages(body, default_max_tokens=1000)
-    assert (caught.value.code, name in caught.value.message) == ("unsupported_parameter", True)
+    assert (caught.value.code, name in caught.value.message, caught.value.param) == (
+        "unsupported_parameter",
+        True,
+        name,
+    )
     out, dropped = chat_to_messages(body, default_max_tokens=1000, drop_params=True)
     assert (out, dropped) == (expected(max_tokens=4000, thinking=THINKING, **kept), [name])
 
 
 def test_unsupported_tool_type_dropped_alone():
     body = request(tools=[TOOL, {"type": "custom", "custom": {"name": "x"}}])
-    with pytest.raises(EgressError, match="tools\\[1\\]"):
+    with pytest.raises(EgressError, match="tools\\[1\\]") as caught:
         chat_to_messages(body, default_max_tokens=1000)
+    assert caught.value.param == "tools[1]"
     assert chat_to_messages(body, default_max_tokens=1000, drop_params=True) == (
         expected(tools=[TOOL_OUT]),
         ["tools[1]"],
@@ -471,12 +496,60 @@ def test_several_dropped_in_order():
     assert chat_to_messages(body, default_max_tokens=1000, drop_params=True)[1] == ["seed", "n", "logprobs"]
 
 
+def test_a_whitespace_only_stop_sequence_beside_others_is_refused_or_dropped_alone():
+    body = request(stop=["END", "\n", " "])
+    with pytest.raises(EgressError) as caught:
+        chat_to_messages(body, default_max_tokens=1000)
+    assert (caught.value.code, caught.value.param) == ("unsupported_parameter", "stop")
+    assert "whitespace-only stop sequences" in caught.value.message
+    assert chat_to_messages(body, default_max_tokens=1000, drop_params=True) == (
+        expected(stop_sequences=["END"]),
+        ["stop"],
+    )
+
+
+# (id, message fields, refused field): assistant and user fields Anthropic has no place for.
+MESSAGE_FIELDS = [
+    (
+        "assistant_function_call",
+        {"role": "assistant", "function_call": {"name": "f", "arguments": "{}"}},
+        "function_call",
+    ),
+    ("assistant_name", {"role": "assistant", "content": "ok", "name": "bot"}, "name"),
+    ("user_name", {"role": "user", "content": "ok", "name": "alice"}, "name"),
+    ("system_name", {"role": "system", "content": "ok", "name": "rules"}, "name"),
+]
+
+
+@pytest.mark.parametrize(("fields", "field"), [case[1:] for case in MESSAGE_FIELDS], ids=[c[0] for c in MESSAGE_FIELDS])
+def test_message_fields_without_an_anthropic_place_are_refused_or_dropped(fields, field):
+    body = {"messages": [HI, fields]}
+    with pytest.raises(EgressError) as caught:
+        chat_to_messages(body, default_max_tokens=1000)
+    assert (caught.value.code, caught.value.param) == ("unsupported_parameter", f"messages[1].{field}")
+    without = {"messages": [HI, {key: value for key, value in fields.items() if key != field}]}
+    assert chat_to_messages(body, default_max_tokens=1000, drop_params=True) == (
+        chat_to_messages(without, default_max_tokens=1000)[0],
+        [f"messages[1].{field}"],
+    )
+
+
+def test_an_assistant_refusal_beside_content_follows_it():
+    assistant = {"role": "assistant", "content": "Partly:", "refusal": "no more."}
+    out, _ = chat_to_messages({"messages": [HI, assistant]}, default_max_tokens=1000)
+    assert out["messages"][1]["content"] == [{"type": "text", "text": "Partly:"}, {"type": "text", "text": "no more."}]
+    with pytest.raises(EgressError) as caught:
+        chat_to_messages({"messages": [HI, {**assistant, "refusal": 5}]}, default_max_tokens=1000)
+    assert (caught.value.code, caught.value.param) == ("invalid_request", "messages[1].refusal")
+
+
+# (id, request, the field at fault: OpenAI's `param`, None when no one field is)
 INVALID = [
-    ("not_a_dict", []),
-    ("no_messages", {"model": "x"}),
-    ("empty_messages", {"messages": []}),
-    ("only_system", {"messages": [{"role": "system", "content": "s"}]}),
-    ("bad_role", {"messages": [{"role": "wizard", "content": "x"}]}),
+    ("not_a_dict", [], None),
+    ("no_messages", {"model": "x"}, "messages"),
+    ("empty_messages", {"messages": []}, "messages"),
+    ("only_system", {"messages": [{"role": "system", "content": "s"}]}, "messages"),
+    ("bad_role", {"messages": [{"role": "wizard", "content": "x"}]}, "messages[0].role"),
     (
         "arguments_not_json",
         {
@@ -485,6 +558,7 @@ INVALID = [
                 {"role": "assistant", "tool_calls": [{"id": "c", "function": {"name": "f", "arguments": "{oops"}}]},
             ]
         },
+        "messages[1].tool_calls[0].function.arguments",
     ),
     (
         "arguments_not_an_object",
@@ -494,37 +568,44 @@ INVALID = [
                 {"role": "assistant", "tool_calls": [{"id": "c", "function": {"name": "f", "arguments": "[1]"}}]},
             ]
         },
+        "messages[1].tool_calls[0].function.arguments",
     ),
-    ("tool_without_id", {"messages": [HI, {"role": "tool", "content": "x"}]}),
+    ("tool_without_id", {"messages": [HI, {"role": "tool", "content": "x"}]}, "messages[1].tool_call_id"),
     (
         "image_ftp",
         {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "ftp://x/y.png"}}]}]},
+        "messages[0].content[0].image_url.url",
     ),
     (
         "data_uri_not_base64",
         {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png,xx"}}]}]},
+        "messages[0].content[0]",
     ),
-    ("max_tokens_zero", request(max_tokens=0)),
-    ("max_tokens_bool", request(max_tokens=True)),
-    ("reasoning_effort_unknown", request(reasoning_effort="extreme")),
-    ("stop_number", request(stop=5)),
-    ("temperature_string", request(temperature="hot")),
-    ("tool_choice_required_without_tools", request(tool_choice="required")),
-    ("tool_choice_garbage", request(tools=[TOOL], tool_choice={"type": "allowed_tools"})),
-    ("reserved_tool_name", request(tools=[{"type": "function", "function": {"name": JSON_TOOL}}])),
-    ("tool_without_name", request(tools=[{"type": "function", "function": {}}])),
-    ("response_format_unknown", request(response_format={"type": "yaml"})),
-    ("response_format_string", request(response_format="json_object")),
-    ("stream_not_bool", request(stream="yes")),
-    ("user_not_str", request(user=5)),
+    ("max_tokens_zero", request(max_tokens=0), "max_tokens"),
+    ("max_tokens_bool", request(max_tokens=True), "max_tokens"),
+    ("reasoning_effort_unknown", request(reasoning_effort="extreme"), "reasoning_effort"),
+    ("stop_number", request(stop=5), "stop"),
+    ("temperature_string", request(temperature="hot"), "temperature"),
+    ("tool_choice_required_without_tools", request(tool_choice="required"), "tool_choice"),
+    ("tool_choice_garbage", request(tools=[TOOL], tool_choice={"type": "allowed_tools"}), "tool_choice"),
+    (
+        "reserved_tool_name",
+        request(tools=[{"type": "function", "function": {"name": JSON_TOOL}}]),
+        "tools[0].function.name",
+    ),
+    ("tool_without_name", request(tools=[{"type": "function", "function": {}}]), "tools[0].function.name"),
+    ("response_format_unknown", request(response_format={"type": "yaml"}), "response_format.type"),
+    ("response_format_string", request(response_format="json_object"), "response_format"),
+    ("stream_not_bool", request(stream="yes"), "stream"),
+    ("user_not_str", request(user=5), "user"),
 ]
 
 
-@pytest.mark.parametrize("body", [case[1] for case in INVALID], ids=[case[0] for case in INVALID])
-def test_invalid_request(body):
+@pytest.mark.parametrize(("body", "param"), [case[1:] for case in INVALID], ids=[case[0] for case in INVALID])
+def test_invalid_request(body, param):
     with pytest.raises(EgressError) as caught:
         chat_to_messages(body, default_max_tokens=1000, drop_params=True)
-    assert caught.value.code == "invalid_request"
+    assert (caught.value.code, caught.value.param) == ("invalid_request", param)
 
 
 SIGNED = {"type": "thinking", "thinking": "t", "signature": "sig"}
@@ -568,6 +649,7 @@ def test_input_audio_part_is_unsupported():
     with pytest.raises(EgressError) as caught:
         chat_to_messages(body, default_max_tokens=1000)
     assert caught.value.code == "unsupported_parameter" and "input_audio" in caught.value.message
+    assert caught.value.param == "messages[0].content[0]"
 
 
 def test_budgets_are_valid_for_anthropic():
@@ -582,7 +664,7 @@ def test_budgets_are_valid_for_anthropic():
 def test_model_and_input_not_mutated():
     body = request(tools=[TOOL], parallel_tool_calls=False, stop=["a", ""])
     snapshot = orjson.dumps(body)
-    out, _ = chat_to_messages(body, default_max_tokens=1000)
+    out, _ = chat_to_messages(body, default_max_tokens=1000, drop_params=True)
     assert "model" not in out and orjson.dumps(body) == snapshot
 
 
@@ -921,10 +1003,24 @@ THINKING_TOOLS = sse(
     end("tool_use", 90),
     MESSAGE_STOP,
 )
+# A tool without parameters, as Anthropic streams one: input {} at its start, then one empty
+# input_json_delta; its arguments must be "{}" (JSON, as the JSON path gives them), never "".
+TOOL_WITHOUT_ARGUMENTS = sse(
+    start("msg_noargs"),
+    tool(0, "toolu_N", "get_time"),
+    args(0, ""),
+    stop(0),
+    tool(1, "toolu_W", "get_weather"),
+    args(1, '{"city": "Oslo"}'),
+    stop(1),
+    end("tool_use", 12),
+    MESSAGE_STOP,
+)
 SYNTHETIC = {
     "synthetic_parallel_tools": PARALLEL_TOOLS,
     "synthetic_json_mode": JSON_MODE,
     "synthetic_thinking_tools": THINKING_TOOLS,
+    "synthetic_tool_without_arguments": TOOL_WITHOUT_ARGUMENTS,
 }
 STREAMS = {name: r.body for name, r in RECORDINGS.items() if name.startswith("anthropic__stream_")} | SYNTHETIC
 assert len(STREAMS) >= 10
@@ -1034,7 +1130,7 @@ def test_stream_accumulates_to_the_recording(name):
         assert (message.content or "") == want["text"]
         calls = message.tool_calls or []
         assert [(c.id, c.function.name, c.function.arguments) for c in calls] == [
-            (c["id"], c["name"], c["arguments"]) for c in want["calls"]
+            (c["id"], c["name"], c["arguments"] or "{}") for c in want["calls"]
         ]
         for call in calls:
             orjson.loads(call.function.arguments)  # each arrives whole
@@ -1072,6 +1168,20 @@ def test_parallel_tool_indexes_are_dense_and_their_own():
     assert [orjson.loads(c.function.arguments) for c in calls] == [{"city": "Paris"}, {"tz": "Europe/Rome"}]
     assert completion.choices[0].message.content == "Let me check both. (and Rome)"
     assert completion.usage.prompt_tokens == 25 and completion.usage.completion_tokens == 77
+
+
+def test_input_that_never_came_is_an_empty_object_before_the_finish():
+    # Blocks never stopped (a stream that goes straight to message_delta): a tool call's arguments
+    # and JSON mode's answer are still "{}", in block order, before the finish chunk.
+    stream = sse(start(), tool(0, "toolu_1", "get_time"), tool(1, "toolu_2", "now"), end("tool_use", 3), MESSAGE_STOP)
+    chunks = chunks_of(transcode([stream])[0])
+    assert [c["choices"][0]["delta"] for c in chunks[-4:-2]] == [
+        {"tool_calls": [{"index": 0, "function": {"arguments": "{}"}}]},
+        {"tool_calls": [{"index": 1, "function": {"arguments": "{}"}}]},
+    ]
+    assert chunks[-2]["choices"][0]["finish_reason"] == "tool_calls"
+    json_mode = sse(start(), tool(0, "toolu_J", JSON_TOOL), args(0, ""), stop(0), end("tool_use", 3), MESSAGE_STOP)
+    assert accumulate(transcode([json_mode])[0]).choices[0].message.content == "{}"
 
 
 def test_one_chunk_per_event_written_at_once():

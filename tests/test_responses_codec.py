@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import orjson
 import pytest
+from openai.types.responses import ResponseFailedEvent
 
 from egress.anthropic_codec import chat_to_messages
 from egress.errors import EgressError
@@ -16,17 +17,26 @@ from egress.responses_codec import (
     mint_id,
     namespaced,
     response_shell,
+    responses_param,
     responses_to_chat,
 )
 from egress.usage import ANTHROPIC, Usage, reduce_usage
 from tests.responses_events import parse_sse, validate_stream
 from tests.test_anthropic_codec import (
     JSON_CASES,
+    MESSAGE_STOP,
     RECORDINGS,
     STREAMS,
     THINKING_TOOLS,
+    args,
+    end,
     recorded,
     recorded_json,
+    sse,
+    start,
+    stop,
+    text,
+    tool,
 )
 
 SHELL = response_shell({"model": "claude-x", "input": "hi"}, "claude-x", 1_700_000_000)
@@ -122,11 +132,64 @@ def test_store_and_include_are_accepted_verbosity_is_reported():
             "model": "m",
             "input": "x",
             "store": True,
-            "include": ["reasoning.encrypted_content"],
+            "include": ["reasoning.encrypted_content", "web_search_call.action.sources"],
             "text": {"verbosity": "low"},
         }
     )
     assert warnings == ["text.verbosity has no Anthropic equivalent and was not applied"]
+
+
+def test_drop_params_drops_what_cannot_be_honoured_and_names_it():
+    web = {"type": "web_search_preview"}
+    function = {"type": "function", "name": "f", "parameters": {"type": "object"}}
+    group = {"type": "namespace", "name": "ns", "tools": [{"type": "custom", "name": "c"}, function]}
+    body = {
+        "model": "m",
+        "input": "x",
+        "truncation": "auto",
+        "max_tool_calls": 3,
+        "top_logprobs": 2,
+        "include": ["message.output_text.logprobs"],
+        "tools": [web, function, group],
+        "tool_choice": {"type": "web_search_preview"},
+    }
+    dropped: list[str] = []
+    chat, _ = responses_to_chat(body, dropped=dropped)
+    assert dropped == [
+        "truncation",
+        "max_tool_calls",
+        "top_logprobs",
+        "include",
+        "tools[0]",
+        "tools[2].tools[0]",
+        "tool_choice",
+    ]
+    assert [tool["function"]["name"] for tool in chat["tools"]] == ["f", "ns__f"]
+    assert not {"truncation", "max_tool_calls", "top_logprobs", "include", "tool_choice"} & chat.keys()
+    chat_to_messages(chat, default_max_tokens=4096)  # what is left translates
+    with pytest.raises(EgressError) as raised:
+        responses_to_chat(body)  # without drop_params the first is refused
+    assert (raised.value.code, raised.value.param) == ("unsupported_parameter", "truncation")
+    # Never dropped: what would change the conversation itself.
+    for refused in ({"previous_response_id": "resp_1"}, {"input": [{"type": "web_search_call", "id": "ws_1"}]}):
+        with pytest.raises(EgressError):
+            responses_to_chat({"model": "m", "input": "x", **refused}, dropped=[])
+
+
+@pytest.mark.parametrize(
+    ("chat_param", "param"),
+    [
+        ("temperature", "temperature"),
+        ("tool_choice", "tool_choice"),
+        ("max_completion_tokens", "max_output_tokens"),
+        ("reasoning_effort", "reasoning.effort"),
+        ("response_format", "text.format"),
+        ("messages[2].content[0].image_url.url", "input"),
+        ("tools[0].function.name", "tools"),
+    ],
+)
+def test_chat_refusals_are_named_as_the_responses_request_named_them(chat_param, param):
+    assert responses_param(chat_param) == param
 
 
 @pytest.mark.parametrize(
@@ -141,6 +204,16 @@ def test_store_and_include_are_accepted_verbosity_is_reported():
         ({"tool_choice": {"type": "web_search_preview"}}, "unsupported_parameter", "tool_choice"),
         ({"background": True}, "unsupported_parameter", "background"),
         ({"max_tool_calls": 3}, "unsupported_parameter", "max_tool_calls"),
+        ({"truncation": "auto"}, "unsupported_parameter", "truncation"),
+        ({"top_logprobs": 2}, "unsupported_parameter", "top_logprobs"),
+        # Logprobs are refused however they are asked for (Anthropic returns none).
+        (
+            {"include": ["reasoning.encrypted_content", "message.output_text.logprobs"]},
+            "unsupported_parameter",
+            "include",
+        ),
+        # Refused by the chat translation, under the same name.
+        ({"temperature": 1.5}, "unsupported_parameter", "temperature"),
         ({"input": [{"role": "user", "content": [{"type": "input_image", "file_id": "f"}]}]}, None, None),
         ({"input": []}, "invalid_request", "input"),
         ({"input": [{"type": "reasoning", "encrypted_content": "egress.v1.%%%"}]}, "invalid_request", None),
@@ -265,15 +338,95 @@ def test_a_message_and_its_stream_give_the_same_ids():
     assert orjson.loads(streamed["output"][1]["arguments"]) == orjson.loads(whole["output"][1]["arguments"])
 
 
+ERROR = b'event: error\ndata: {"type":"error","error":{"type":"overloaded_error","message":"Overloaded"}}\n\n'
+
+
+def failed(output: bytes) -> tuple[list, dict]:
+    """The events of a failed stream, checked by the validator and by the SDK's own event model."""
+    events = parse_sse(output)
+    response = validate_stream(events)
+    assert response["status"] == "failed"
+    ResponseFailedEvent.model_validate(events[-1][1])  # error.code is a value the SDK's Literal allows
+    return events, response
+
+
 def test_an_error_after_the_first_event_fails_the_response_with_what_came():
     stream = THINKING_TOOLS.split(b"event: content_block_start", 1)[0]
-    error = b'event: error\ndata: {"type":"error","error":{"type":"overloaded_error","message":"Overloaded"}}\n\n'
-    output, transcoder = run([stream + error])
+    output, transcoder = run([stream + ERROR])
     assert transcoder.ended
-    events = parse_sse(output)
+    events, response = failed(output)
     assert [body["type"] for _, body in events] == ["response.created", "response.in_progress", "response.failed"]
-    failed = events[-1][1]["response"]
-    assert failed["status"] == "failed" and failed["error"]["code"] == "overloaded_error"
+    # Anthropic's type is not one of ResponseError.code's values: the nearest is, the type beside it.
+    assert response["error"] == {"code": "server_error", "message": "Overloaded", "type": "overloaded_error"}
+
+
+@pytest.mark.parametrize(
+    ("anthropic_type", "code"),
+    [
+        ("overloaded_error", "server_error"),
+        ("api_error", "server_error"),
+        ("timeout_error", "server_error"),
+        ("rate_limit_error", "rate_limit_exceeded"),
+        ("invalid_request_error", "invalid_prompt"),
+        ("request_too_large", "invalid_prompt"),
+        ("authentication_error", "server_error"),
+        ("billing_error", "server_error"),
+        ("a_type_from_the_future", "server_error"),
+        (None, "server_error"),
+    ],
+)
+def test_an_anthropic_error_type_becomes_a_response_error_code(anthropic_type, code):
+    error = {"type": "error", "error": {"message": "m", **({"type": anthropic_type} if anthropic_type else {})}}
+    output, _ = run([sse(start(), error)])
+    assert failed(output)[1]["error"]["code"] == code
+
+
+def test_an_error_before_message_start_gets_a_response_id_of_its_own():
+    outputs = [run([ERROR])[0] for _ in range(2)]
+    ids = []
+    for output in outputs:
+        events, response = failed(output)
+        assert [body["type"] for _, body in events] == ["response.created", "response.in_progress", "response.failed"]
+        assert response["id"].startswith("resp_")
+        ids.append(response["id"])
+    assert ids[0] != ids[1]  # two failed requests, two responses
+    garbage, _ = run([b"data: {oops\n\n"])  # an event egress can't read fails the same way
+    assert failed(garbage)[1]["error"]["code"] == "server_error"
+
+
+def test_an_error_mid_message_closes_it_with_the_text_that_came():
+    # Whole and byte by byte: the message closes (incomplete) with its text, which response.failed
+    # carries; the call whose arguments were cut stays open and out of the output.
+    stream = sse(
+        start("msg_cut"),
+        {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
+        text(0, "Hel"),
+        text(0, "lo"),
+        tool(1, "toolu_1", "get_weather"),
+        args(1, '{"ci'),
+    )
+    whole, transcoder = run([stream + ERROR])
+    assert transcoder.ended
+    assert run([(stream + ERROR)[i : i + 1] for i in range(len(stream + ERROR))])[0] == whole
+    events, response = failed(whole)
+    kinds = [body["type"] for _, body in events]
+    assert kinds[-4:] == [
+        "response.output_text.done",
+        "response.content_part.done",
+        "response.output_item.done",
+        "response.failed",
+    ]
+    assert "response.function_call_arguments.done" not in kinds
+    message = mint_id("msg", "msg_cut", 0)
+    assert response["output"] == [
+        {
+            "id": message,
+            "type": "message",
+            "status": "incomplete",
+            "role": "assistant",
+            "content": [{"type": "output_text", "text": "Hello", "annotations": [], "logprobs": []}],
+        }
+    ]
 
 
 def test_a_stream_cut_before_message_stop_never_ends():
@@ -312,6 +465,24 @@ def test_namespace_tools_are_flattened_and_their_calls_answered_with_their_names
     }
     call = message_to_response(message, SHELL, names)["output"][0]
     assert (call["namespace"], call["name"], call["call_id"]) == ("multi_agent_v1", "spawn_agent", "toolu_2")
+    # Streamed, every event that names the call names it so, function_call_arguments.done included.
+    stream = sse(
+        start("msg_ns"),
+        tool(0, "toolu_2", "multi_agent_v1__spawn_agent"),
+        args(0, '{"task": "x"}'),
+        stop(0),
+        end("tool_use", 3),
+        MESSAGE_STOP,
+    )
+    transcoder = ResponsesTranscoder(SHELL, names)
+    streamed = parse_sse(b"".join(transcoder.feed(stream[i : i + 1]) for i in range(len(stream))))
+    validate_stream(streamed)
+    named = [
+        (body.get("item", body).get("namespace"), body.get("item", body)["name"])
+        for _, body in streamed
+        if body["type"].startswith(("response.output_item.", "response.function_call_arguments.done"))
+    ]
+    assert named == [("multi_agent_v1", "spawn_agent")] * 3
     inner = {**body, "tools": [{"type": "namespace", "name": "n", "tools": [{"type": "custom", "name": "x"}]}]}
     with pytest.raises(EgressError) as raised:
         translate(inner)

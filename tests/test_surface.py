@@ -277,16 +277,44 @@ def test_an_unsupported_parameter_is_named_and_drop_params_lists_what_it_dropped
     with pytest.raises(openai.BadRequestError) as raised:
         client(surface).chat.completions.create(model="claude-fake", messages=MESSAGES, seed=7)
     assert raised.value.code == "unsupported_parameter" and "seed" in raised.value.message
+    assert raised.value.param == "seed"
     assert fake_provider.requests == []
     neutral = client(surface).chat.completions.create(model="claude-fake", messages=MESSAGES, n=1, presence_penalty=0)
     assert neutral.choices[0].message.content
     # A route with drop_params drops what Anthropic can't honour, and says so: nothing silently.
     raw = client(surface).chat.completions.with_raw_response.create(
-        model="claude-lenient-1", messages=MESSAGES, seed=7, logit_bias={"50256": -100}
+        model="claude-lenient-1", messages=MESSAGES, seed=7, logit_bias={"50256": -100}, stop=["END", "\n"]
     )
-    assert sorted(raw.headers["x-egress-dropped-params"].split(", ")) == ["logit_bias", "seed"]
+    assert sorted(raw.headers["x-egress-dropped-params"].split(", ")) == ["logit_bias", "seed", "stop"]
     body, _ = anthropic_request(fake_provider)
     assert "seed" not in body and "logit_bias" not in body and body["model"] == "claude-lenient-1"
+    assert body["stop_sequences"] == ["END"]
+
+
+def test_drop_params_applies_to_the_responses_api_too(surface, fake_provider):
+    ask = {"input": "hi", "truncation": "auto", "top_logprobs": 2, "include": ["message.output_text.logprobs"]}
+    with pytest.raises(openai.BadRequestError) as raised:
+        client(surface).responses.create(model="claude-fake", **ask)
+    assert raised.value.code == "unsupported_parameter" and raised.value.param in (
+        "truncation",
+        "top_logprobs",
+        "include",
+    )
+    assert fake_provider.requests == []
+    # The Responses translation's own refusals and the chat codec's (temperature) are dropped and
+    # listed together, by the names the client sent.
+    raw = client(surface).responses.with_raw_response.create(model="claude-lenient-1", temperature=1.5, **ask)
+    dropped = raw.headers["x-egress-dropped-params"].split(", ")
+    assert sorted(dropped) == ["include", "temperature", "top_logprobs", "truncation"]
+    assert raw.parse().output_text
+    body, _ = anthropic_request(fake_provider)
+    assert "temperature" not in body and body["model"] == "claude-lenient-1"
+    # A chat codec refusal of a Responses request names the Responses field.
+    with pytest.raises(openai.BadRequestError) as raised:
+        client(surface).responses.create(
+            model="claude-fake", input="hi", reasoning={"effort": "low"}, text={"format": {"type": "json_object"}}
+        )
+    assert (raised.value.code, raised.value.param) == ("unsupported_parameter", "text.format")
 
 
 def test_a_virtual_key_gets_the_anthropic_pool_key(surface, fake_provider):
