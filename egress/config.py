@@ -287,6 +287,8 @@ def parse_config(table: dict[str, Any]) -> Config:
             raise ConfigError(f"keys.trusted_issuers[{index}]: {exc}") from None
     if nats.url is not None and nats.snapshot is None:
         raise ConfigError("nats.snapshot is required when nats.url is set")
+    if nats.url is not None:
+        _check_nats_url(nats.url)
     limits = _build_limits(table.get("limits", {}))
     usage = _build(UsageConfig, table.get("usage", {}), "usage")
     if usage.nats_publish and nats.url is None:
@@ -358,8 +360,9 @@ def _build_limits(table: Any) -> LimitsConfig:
     tier_keys = {f.name for f in dataclasses.fields(TierConfig)}
     default_tier = _build(TierConfig, {k: v for k, v in table.items() if k in tier_keys}, "limits")
     base = _build(LimitsConfig, {k: v for k, v in table.items() if k not in tier_keys and k != "tiers"}, "limits")
-    if not 1 <= base.sketch_depth <= 8 or base.sketch_width < 64:
-        raise ConfigError("limits.sketch_depth must be 1..8 and limits.sketch_width at least 64")
+    # The sketches are one shared mapping made at start: 4 x width x depth x 4 bytes (1 GiB at most).
+    if not 1 <= base.sketch_depth <= 8 or not 64 <= base.sketch_width <= 1 << 23:
+        raise ConfigError("limits.sketch_depth must be 1..8 and limits.sketch_width 64..8388608")
     if base.byo_hash_key is not None and not _is_source(base.byo_hash_key):
         raise ConfigError(f"limits.byo_hash_key is not 'env:NAME' or 'file:PATH' ({_LITERAL_HINT})")
     tiers_table = table.get("tiers", {})
@@ -686,6 +689,29 @@ def _pool_key_entry(source: str, name: str, cap: int) -> str:
     if cap:
         parts.append(f"max_concurrent = {cap}")
     return "{ " + ", ".join(parts) + " }"
+
+
+def _check_nats_url(url: str) -> None:
+    """Refuse a NATS URL whose credentials a URL parser would read as its host: a token with a `/`,
+    `?` or `#` in it (base64 has `/`) ends the authority early, so the token would be dialled, sent
+    to DNS and printed as the broker's name. The message shows the URL redacted."""
+    _, sep, rest = url.partition("://")
+    userinfo, at, hostport = rest.rpartition("@")
+    if at and any(mark in userinfo for mark in "/?#"):
+        # nats-py does not percent-decode credentials, so %2F would be sent as it is written.
+        raise ConfigError(
+            f"nats.url {redact_url(url)}: its user, password or token has a '/', '?' or '#', which ends a "
+            "URL's host part; give the broker a credential without them"
+        )
+    try:
+        parsed = urlsplit(url)
+        parsed.port  # noqa: B018  (raises on a port that is not a number)
+    except ValueError:
+        parsed = None
+    if not sep or parsed is None or parsed.scheme not in ("nats", "tls", "ws", "wss") or not parsed.hostname:
+        raise ConfigError(f"nats.url {redact_url(url)} is not nats://host[:port] (or tls://, ws://, wss://)")
+    if at and parsed.netloc != f"{userinfo}@{hostport.split('/', 1)[0]}":
+        raise ConfigError(f"nats.url {redact_url(url)} is not nats://[user[:password]@]host[:port]")
 
 
 def redact_url(url: str) -> str:

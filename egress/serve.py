@@ -22,7 +22,7 @@ import time
 
 import uvloop
 
-from egress import accesslog
+from egress import accesslog, doctor
 from egress.accesslog import AccessLog, log_event
 from egress.accounts import AccountTable
 from egress.admin import start_admin
@@ -70,6 +70,12 @@ def serve(config: Config, config_path: str | None = None, worker: WorkerContext 
             raise  # the command line says it (cli.py), once, and exits non-zero
         log_event("worker_failed_to_start", worker=worker.index, error=str(exc))
         return STARTUP_FAILED
+    except OSError as exc:  # a file it could not open: said as the command line says it (cli.py)
+        if worker is None:
+            raise
+        where = f"{exc.filename}: " if exc.filename else ""
+        log_event("worker_failed_to_start", worker=worker.index, error=f"{where}{exc.strerror or exc}")
+        return STARTUP_FAILED
 
 
 def _usage_path(config: Config, worker: WorkerContext | None) -> str | None:
@@ -100,24 +106,33 @@ def reload_config(state: ServerState, config_path: str | None, box: ConfigBox | 
             log_event("reload_failed", error=raw.decode("utf-8", "replace"))
             config_loaded(state.metrics.tally, ok=False)
             return
+    old = state.config
     try:
-        new, pools = reloaded(state.config, config_path, raw)
+        written, new, pools = reloaded(old, config_path, raw)
+        # Everything the new config needs is made before any of it is put in place: a reload takes
+        # whole or not at all (a CA bundle that fails to load used to leave the new providers live
+        # under the old config, reported as a success).
+        auth = Authenticator(new, state.auth.denyset, pools, state.auth.accounts)
+        router = Router(new.providers)
+        model_routes = ModelRoutes(new.routes, dict(new.providers))
+        pool = UpstreamPool(new.upstream, state.metrics.tally) if new.upstream != old.upstream else None
     except (ConfigError, SecretSourceError) as exc:
         log_event("reload_failed", error=str(exc))  # the running configuration stays
         config_loaded(state.metrics.tally, ok=False)
         return
-    old = state.config
-    if (new.server.listen, new.server.admin_listen) != (old.server.listen, old.server.admin_listen):
-        log_event("reload_ignored", reason="listen addresses change only on restart")
-    new = kept_on_reload(old, new)
-    retired_auth = state.auth
-    state.auth = Authenticator(new, retired_auth.denyset, pools, retired_auth.accounts)
-    state.router = Router(new.providers)
-    state.model_routes = ModelRoutes(new.routes, dict(new.providers))
+    except Exception as exc:  # a bug, or a library's refusal: the running configuration stays too
+        log_event("reload_failed", error=f"{type(exc).__name__} while loading {config_path}")
+        config_loaded(state.metrics.tally, ok=False)
+        return
+    ignored = ignored_on_reload(old, written)
+    if ignored:
+        log_event("reload_ignored", settings=ignored, reason="these change only on restart")
+    state.auth = auth
+    state.router = router
+    state.model_routes = model_routes
     state.limiter.set_tiers(new.limits)
-    if new.upstream != old.upstream:
-        retired_pool = state.pool
-        state.pool = UpstreamPool(new.upstream, state.metrics.tally)
+    if pool is not None:
+        retired_pool, state.pool = state.pool, pool
         retired_pool.close_idle()
     state.config = new
     state.catalog.start(state)  # after state.auth and state.config: it reads both
@@ -132,23 +147,54 @@ def reload_config(state: ServerState, config_path: str | None, box: ConfigBox | 
     config_loaded(state.metrics.tally, ok=True, config=new)
 
 
-def reloaded(running: Config, config_path: str, raw: bytes | None = None) -> tuple[Config, dict]:
-    """The file's config (`raw`, its bytes, when already read) as a reload of `running`, and its
-    pools (loaded: a key source that fails refuses the reload); raises ConfigError or
-    SecretSourceError. The workers' SIGHUP and the supervisor's (which keeps the config a restarted
-    worker starts with) share it."""
-    new = load_config(config_path, running=running, raw=raw)  # a half-written file must not reload as defaults
-    return new, load_pools(new)
+def reloaded(running: Config, config_path: str, raw: bytes | None = None) -> tuple[Config, Config, dict]:
+    """The file's config (`raw`, its bytes, when already read) as a reload of `running`: as written,
+    as it will run (kept_on_reload), and its pools (loaded: a key source that fails refuses the
+    reload). Raises ConfigError or SecretSourceError, with the words `config check` uses for the
+    same fault. The workers' SIGHUP and the supervisor's (which keeps the config a restarted worker
+    starts with) share it."""
+    written = load_config(config_path, running=running, raw=raw)  # a half-written file must not reload as defaults
+    new = kept_on_reload(running, written)
+    doctor.preflight(new, doctor.RELOAD_CHECKS)
+    return written, new, load_pools(new)
+
+
+# What a reload cannot change in a running process, because it was made once at start: sockets,
+# files, the shared memory's layout, the deny file's watcher, the usage sinks and the NATS
+# connection. Kept from the running config; `reload_ignored` names those the file changed. A
+# section given as None is kept whole.
+RESTART_ONLY: dict[str, tuple[str, ...] | None] = {
+    "server": ("listen", "admin_listen", "access_log", "workers"),
+    "keys": ("deny_file", "deny_poll_interval"),
+    "limits": ("sketch_width", "sketch_depth", "byo_hash_key"),
+    "usage": None,
+    "nats": None,
+}
 
 
 def kept_on_reload(old: Config, new: Config) -> Config:
-    """`new` with what only a restart changes kept from `old`: listeners, usage sinks, NATS."""
-    return dataclasses.replace(
-        new,
-        server=dataclasses.replace(new.server, listen=old.server.listen, admin_listen=old.server.admin_listen),
-        usage=old.usage,
-        nats=old.nats,
-    )
+    """`new` with what only a restart changes kept from `old` (RESTART_ONLY)."""
+    sections = {}
+    for section, names in RESTART_ONLY.items():
+        running = getattr(old, section)
+        if names is None:
+            sections[section] = running
+        else:
+            sections[section] = dataclasses.replace(
+                getattr(new, section), **{name: getattr(running, name) for name in names}
+            )
+    return dataclasses.replace(new, **sections)
+
+
+def ignored_on_reload(old: Config, new: Config) -> list[str]:
+    """The restart-only settings `new` (the file as written) sets otherwise than `old`, by name."""
+    changed = []
+    for section, names in RESTART_ONLY.items():
+        running, written = getattr(old, section), getattr(new, section)
+        for name in names or [each.name for each in dataclasses.fields(running)]:
+            if getattr(running, name) != getattr(written, name):
+                changed.append(f"{section}.{name}")
+    return changed
 
 
 def load_denyset(config: Config, tally: Tally | None = None) -> DenySet:

@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from egress.accesslog import log_event
 from egress.accounts import table_bytes
 from egress.config import MAX_CONFIG_BYTES, Config, ConfigError, parse_listen, read_config_bytes
+from egress.errors import StartupError
 from egress.limiter import shared_bytes_needed
 from egress.sdnotify import notify
 from egress.tally import slab_bytes
@@ -112,10 +113,17 @@ class ConfigBox:
 
 
 def supervise(config: Config, config_path: str | None, workers: int) -> int:
+    # The serving code, imported now: a reload (SIGHUP) must not import it from disk later, after
+    # an upgrade in place replaced the files under the running supervisor.
+    import egress.serve  # noqa: F401
+
     placeholders = []
     for setting in ("listen", "admin_listen"):
         address = getattr(config.server, setting)
-        if address == "off" or parse_listen(address)[1] != 0:
+        if address == "off":
+            continue
+        if parse_listen(address)[1] != 0:
+            _ensure_free(setting, address)
             continue
         # Bound, never listening: it fixes the port for the workers and receives no connection.
         placeholder, address = _fix_port(address)
@@ -256,6 +264,23 @@ def _fix_port(address: str) -> tuple[socket.socket, str]:
     return placeholder, f"{shown}:{placeholder.getsockname()[1]}"
 
 
+def _ensure_free(setting: str, address: str) -> None:
+    """Raise StartupError if something already listens on `address`. The workers bind with
+    SO_REUSEPORT, which would let them join another process's listeners on the port (a second
+    egress of the same user): the kernel would then split connections between the two. A bind
+    without it fails while anyone listens there, as a single process's bind does."""
+    host, port = parse_listen(address)
+    probe = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the workers: TIME_WAIT is no owner
+        probe.bind((host, port))
+    except OSError as exc:
+        reason = os.strerror(exc.errno) if exc.errno else str(exc)
+        raise StartupError(f"server.{setting} {address}: cannot listen: {reason}") from None
+    finally:
+        probe.close()
+
+
 def _exited(children: dict[int, int]):
     """(worker, pid, exit code) of each worker that has exited, each taken out of `children`."""
     while children:
@@ -291,13 +316,16 @@ def _reload(config: Config, config_path: str | None, raw: bytes | None) -> Confi
     if config_path is None or raw is None:
         return config
     from egress.secrets import SecretSourceError
-    from egress.serve import kept_on_reload, reloaded
+    from egress.serve import reloaded  # imported before the fork (supervise): never from disk here
 
     try:
-        new, _ = reloaded(config, config_path, raw)
+        _, new, _ = reloaded(config, config_path, raw)
     except (ConfigError, SecretSourceError):
         return config
-    return kept_on_reload(config, new)
+    except Exception as exc:  # whatever it is, the supervisor and its workers go on
+        log_event("supervisor_reload_failed", error=type(exc).__name__)
+        return config
+    return new
 
 
 def _stop_in(received: list[int]) -> bool:

@@ -329,6 +329,28 @@ def test_a_file_over_the_size_bound_is_a_config_error_everywhere(tmp_path):
     assert load_config(str(path), raw=path.read_bytes()) == load_config(str(path))
 
 
+def test_a_nats_token_a_url_parser_would_read_as_a_host_is_refused_unshown(tmp_path):
+    """A base64 token has `/`: unrefused, `nats://TOKEN/x@host` dials TOKEN (and sends it to DNS),
+    and `keys revoke` printed it as the broker's name."""
+    path = tmp_path / "egress.toml"
+    path.write_text(f'[nats]\nurl = "nats://SECRETTOKEN/xyz@127.0.0.1:4222"\nsnapshot = "{tmp_path / "snapshot"}"\n')
+    with pytest.raises(ConfigError, match="has a '/', '\\?' or '#'") as refused:
+        load_config(str(path))
+    assert "SECRETTOKEN" not in str(refused.value)
+    for command in (("config", "check", str(path)), ("keys", "revoke", "--config", str(path), "0123456789abcdef")):
+        result = run_egress_cli(*command)
+        assert result.returncode == 2 and "SECRETTOKEN" not in result.stdout + result.stderr, result.stderr
+        assert "nats.url nats://<redacted>@127.0.0.1:4222" in result.stderr, result.stderr
+    path.write_text(f'[nats]\nurl = "nats://user:pa55@127.0.0.1:4222"\nsnapshot = "{tmp_path / "snapshot"}"\n')
+    assert load_config(str(path)).nats.url == "nats://user:pa55@127.0.0.1:4222"
+
+
+@pytest.mark.parametrize("width", [63, (1 << 23) + 1, 1 << 40])
+def test_a_sketch_width_out_of_bounds_is_refused_not_an_allocation_failure(width):
+    with pytest.raises(ConfigError, match=r"sketch_width 64\.\.8388608"):
+        parse_config({"limits": {"sketch_width": width}})
+
+
 # Operator paths never echo a secret: they name its place or its source instead.
 
 LITERAL = "sk-live-abcdef0123456789SECRET"

@@ -270,6 +270,31 @@ snapshot = "{snapshot}"
     assert "s3cret-nats-password" not in result.stdout + result.stderr
 
 
+@pytest.mark.parametrize(
+    ("setting", "section", "key"),
+    [
+        ("keys.deny_file", "keys", "deny_file"),
+        ("usage.jsonl", "usage", "jsonl"),
+        ("server.access_log", "server", "access_log"),
+    ],
+)
+def test_a_state_path_that_is_a_directory_fails_check_and_serve_alike(tmp_path: Path, setting, section, key) -> None:
+    """serve stops on a file setting that names a directory, with any number of workers: config
+    check, doctor and serve's preflight say so first, in the same words."""
+    directory = tmp_path / "a-directory"
+    directory.mkdir()
+    server = QUIET_PORTS if section != "server" else QUIET_PORTS.rstrip("\n") + f'\n{key} = "{directory}"\n'
+    config = server + (f'\n[{section}]\n{key} = "{directory}"\n' if section != "server" else "")
+    message = f"{setting} {directory}: is a directory"
+    result = doctor(tmp_path, config)
+    assert result.returncode == 2 and f"fail  state_paths  {message}" in result.stdout, result.stdout
+    path = tmp_path / "egress.toml"
+    for command in (["config", "check", str(path)], ["serve", "--config", str(path), "--workers", "2"]):
+        refused = subprocess.run([*egress_command(), *command], capture_output=True, text=True, timeout=30)
+        assert refused.returncode == 2 and message in refused.stderr, (command, refused.stderr)
+        assert "Traceback" not in refused.stderr
+
+
 def test_non_loopback_listen_warns_of_an_open_relay(tmp_path: Path) -> None:
     result = doctor(tmp_path, '[server]\nlisten = "0.0.0.0:0"\nadmin_listen = "off"\n')
     assert result.returncode == 1, result.stdout + result.stderr

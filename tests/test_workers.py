@@ -7,6 +7,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -176,6 +177,60 @@ def test_a_config_file_gone_at_reload_is_refused_by_every_worker_alike(start_egr
     assert statuses(egress.port, 4) == [200] * 4  # the running config serves on
 
 
+def test_a_reload_that_fails_half_way_changes_nothing_anywhere(start_egress, fake_provider, ca_file, tmp_path):
+    """A new provider and a CA bundle that does not load: every worker refuses the whole reload in
+    config check's words (before, the provider went live and the reload read as a success), and a
+    worker restarted afterwards starts, with the running config."""
+    config = provider_config(fake_provider, ca_file)
+    egress = start_egress(config, workers=2)
+    garbled = tmp_path / "garbled.pem"
+    garbled.write_text("not a certificate\n")
+    changed = config.replace(f'ca_file = "{ca_file}"', f'ca_file = "{garbled}"')
+    assert changed != config
+    egress.config_path.write_text(changed + f'\n[providers.added]\nbase_url = "{fake_provider.base_url}/added"\n')
+    egress.signal(signal.SIGHUP)
+    assert wait_until(lambda: egress.stderr_path.read_bytes().count(b'"event":"reload_failed"') == 2, timeout=5)
+    errors = {
+        orjson.loads(line)["error"] for line in egress.stderr_path.read_bytes().splitlines() if b"reload_failed" in line
+    }
+    assert errors == {f"upstream.ca_file {garbled}: no PEM certificates (NO_CERTIFICATE_OR_CRL_FOUND)"}, errors
+    check = subprocess.run(
+        [*egress_command(), "config", "check", str(egress.config_path)], capture_output=True, text=True
+    )
+    assert check.returncode == 2 and errors.pop() in check.stderr
+    found = samples(egress.admin_port)
+    assert value(found, "egress_config_last_reload_successful", worker="0") == 0
+    assert value(found, "egress_config_last_reload_successful", worker="1") == 0
+    victim = worker_indexes(egress)[1]
+    os.kill(victim, signal.SIGKILL)
+    assert wait_until(lambda: worker_indexes(egress)[1] != victim, timeout=5)
+    for provider, status in (("added", 404), ("openai", 200)):
+        answered = set()
+        for _ in range(20):
+            with RawClient(egress.port) as client:
+                client.send(request_bytes("GET", f"/{provider}/v1/models"))
+                answered.add(client.read_response().status)
+        assert answered == {status}, (provider, answered)
+    assert b"Traceback" not in egress.stderr_path.read_bytes()
+
+
+def test_a_reload_names_the_settings_only_a_restart_changes(start_egress, fake_provider, ca_file, tmp_path):
+    config = provider_config(fake_provider, ca_file)
+    egress = start_egress(config)
+    egress.config_path.write_text(
+        config
+        + f'\n[limits]\nsketch_width = 1024\nrequests_per_minute = 5\n[usage]\njsonl = "{tmp_path / "u.jsonl"}"\n'
+    )
+    egress.signal(signal.SIGHUP)
+    assert wait_until(lambda: b'"event":"reloaded"' in egress.stderr_path.read_bytes(), timeout=5)
+    (ignored,) = [
+        orjson.loads(line) for line in egress.stderr_path.read_bytes().splitlines() if b'"reload_ignored"' in line
+    ]
+    assert set(ignored["settings"]) == {"server.listen", "server.admin_listen", "limits.sketch_width", "usage.jsonl"}
+    results = statuses(egress.port, 7)  # the limit, which a reload does change, took
+    assert results.count(200) == 5 and results.count(429) == 2, results
+
+
 def test_config_box_hands_over_whole_writes_only():
     box = ConfigBox()
     assert box.take() is None  # nothing written yet
@@ -322,7 +377,7 @@ def test_a_port_in_use_is_one_clear_line_and_a_prompt_exit(tmp_path):
     assert seconds < 15
 
 
-def test_a_worker_that_cannot_bind_stops_the_start_at_once_and_says_why(tmp_path):
+def test_a_port_in_use_with_workers_is_one_clear_line_before_any_worker_starts(tmp_path):
     config = tmp_path / "egress.toml"
     config.write_text("")
     with socket.socket() as taken:  # the admin port, held by another process (no SO_REUSEPORT)
@@ -332,16 +387,49 @@ def test_a_worker_that_cannot_bind_stops_the_start_at_once_and_says_why(tmp_path
         args = ("--listen", "127.0.0.1:0", "--admin-listen", f"127.0.0.1:{port}", "--workers", "2")
         code, stderr, seconds = _serve_until_it_exits(config, *args)
     assert code == 1, stderr
-    events = [orjson.loads(line) for line in stderr.splitlines() if line.startswith("{")]
-    failed = [event for event in events if event["event"] == "worker_failed_to_start"]
-    assert failed and {event["worker"] for event in failed} <= {0, 1}
-    for event in failed:
-        assert event["error"] == f"server.admin_listen 127.0.0.1:{port}: cannot listen: Address already in use"
-    (summary,) = [event for event in events if event["event"] == "workers_failed_to_start"]
-    assert summary["reason"] == "exited" and summary["failed"]
-    assert all(entry["exit_code"] == 3 for entry in summary["failed"])
-    assert {entry["worker"] for entry in summary["failed"]} <= {event["worker"] for event in failed}
+    assert stderr.splitlines() == [
+        f"egress: server.admin_listen 127.0.0.1:{port}: cannot listen: Address already in use"
+    ]
     assert seconds < 15  # not the 30 s readiness wait
+
+
+def test_a_second_egress_on_a_port_in_use_is_refused_not_joined(start_egress, fake_provider, ca_file, tmp_path):
+    """Workers bind with SO_REUSEPORT, which would let a second egress of the same user join the
+    first's listeners and take half its connections: the supervisor refuses a port in use first."""
+    first = start_egress(provider_config(fake_provider, ca_file), workers=2)
+    config = tmp_path / "second.toml"
+    config.write_text("")  # no providers of the first's: any connection it took would answer 404
+    code, stderr, seconds = _serve_until_it_exits(
+        config, "--listen", f"127.0.0.1:{first.port}", "--admin-listen", "off", "--workers", "2"
+    )
+    assert code == 1 and seconds < 15, stderr
+    assert f"egress: server.listen 127.0.0.1:{first.port}: cannot listen: Address already in use" in stderr
+    assert statuses(first.port, 20) == [200] * 20
+
+
+def test_a_worker_that_cannot_open_a_file_says_which_and_why(tmp_path):
+    """A worker's start failing on a file (here the access log is a directory, past the preflight
+    that catches it in serve) logs the path and the reason, and exits with the start-up code."""
+    directory = tmp_path / "a-directory"
+    directory.mkdir()
+    program = f"""
+import mmap, multiprocessing, os, sys
+from egress.config import parse_config
+from egress.serve import serve
+from egress.workers import WorkerContext
+server = {{"listen": "127.0.0.1:0", "admin_listen": "off", "access_log": {str(directory)!r}}}
+config = parse_config({{"server": server}})
+ready_read, ready_write = os.pipe()
+shared = memoryview(mmap.mmap(-1, 1 << 24))
+context = WorkerContext(1, 2, shared, shared, multiprocessing.Lock(), shared, ready_write, b"k" * 32)
+sys.exit(serve(config, None, context))
+"""
+    done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=30, cwd=ROOT)
+    events = [orjson.loads(line) for line in done.stderr.splitlines() if line.startswith("{")]
+    assert done.returncode == 3, done.stderr
+    assert [(e["event"], e["worker"], e["error"]) for e in events] == [
+        ("worker_failed_to_start", 1, f"{directory}: Is a directory")
+    ], done.stderr
 
 
 def test_workers_stop_when_their_supervisor_is_killed(start_egress, fake_provider, ca_file):
