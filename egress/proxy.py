@@ -713,6 +713,7 @@ def emit_usage(
             "reasoning_tokens": usage.reasoning_tokens,
             "estimated_output_tokens": usage.estimated_output_tokens,
             "provider_cost": usage.provider_cost,
+            "web_search_requests": usage.web_search_requests,
             "usage_reason": usage.reason,
             "status": exchange.status,
             "stream": meter is not None and meter.streaming,

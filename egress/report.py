@@ -31,6 +31,7 @@ _COLUMNS = (
     "cache_write_tokens",
     "reasoning_tokens",
     "estimated_output_tokens",
+    "web_search_requests",
     "provider_cost",
     # Facts whose usage is not the provider's whole count, apart: a cut stream (partial), a
     # response that carried none (missing), one egress could not read (unparseable).
@@ -46,6 +47,7 @@ _TOKEN_COLUMNS = {
     "cache_creation_tokens": "cache_write_tokens",
     "reasoning_tokens": "reasoning_tokens",
     "estimated_output_tokens": "estimated_output_tokens",
+    "web_search_requests": "web_search_requests",
 }
 _STATES = ("partial", "missing", "unparseable")
 

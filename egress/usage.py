@@ -135,6 +135,9 @@ class Usage:
     reasoning_tokens: int | None = None
     # What the provider says the request cost (OpenRouter's `usage.cost`, in its credits/USD).
     provider_cost: float | None = None
+    # Web searches the provider ran for the request, billed per search beside the tokens: Anthropic's
+    # `usage.server_tool_use.web_search_requests`, the Responses API's `web_search_call` output items.
+    web_search_requests: int | None = None
     # For a stream cut short with no usage: content deltas seen, standing in for output tokens.
     estimated_output_tokens: int | None = None
     # Why usage is missing, partial or unparseable, when egress knows: a stable word.
@@ -426,6 +429,11 @@ def reduce_usage(usage: Usage, raw: dict[str, int], document: dict, api: str) ->
         inner = document.get("response")  # the stream's events wrap the Response object
         if isinstance(inner, dict):
             document = inner
+        output = document.get("output")
+        if output.__class__ is list:  # the whole Response: its web_search_call items, each billed
+            usage.web_search_requests = sum(
+                1 for item in output if item.__class__ is dict and item.get("type") == "web_search_call"
+            )
     model = document.get("model")
     if isinstance(model, str):
         usage.model = model
@@ -503,6 +511,12 @@ def _anthropic_counts(usage: Usage, raw: dict[str, int], counts: dict) -> None:
         value = _int(counts.get(name))
         if value is not None:
             raw[name] = value
+    server_tools = counts.get("server_tool_use")
+    if server_tools.__class__ is dict:  # cumulative in message_delta, like the token counts
+        value = _int(server_tools.get("web_search_requests"))
+        if value is not None:
+            raw["web_search"] = value
+    usage.web_search_requests = raw.get("web_search")
     split = counts.get("cache_creation")
     if isinstance(split, dict):
         for name, key in (("5m", "ephemeral_5m_input_tokens"), ("1h", "ephemeral_1h_input_tokens")):

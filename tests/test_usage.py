@@ -501,3 +501,23 @@ def test_a_json_body_cut_short_is_missing_because_cut_not_unparseable():
     assert (cut.state, cut.reason) == (MISSING, "cut")
     broken = meter("openai", [body[: len(body) // 2]], b"application/json", complete=True)
     assert (broken.state, broken.reason) == (UNPARSEABLE, "not_json")
+
+
+def test_web_searches_are_counted_latest_wins_and_null_where_the_api_is_silent():
+    start = {
+        "type": "message_start",
+        "message": {
+            "model": "c",
+            "usage": {"input_tokens": 5, "output_tokens": 1, "server_tool_use": {"web_search_requests": 0}},
+        },
+    }
+    deltas = [
+        {"type": "message_delta", "usage": {"output_tokens": 9, "server_tool_use": {"web_search_requests": n}}}
+        for n in (1, 3)
+    ]
+    assert meter("anthropic", [sse(start, *deltas)]).web_search_requests == 3  # cumulative, not 0 + 1 + 3
+    calls = [{"type": "web_search_call", "id": f"ws_{i}", "status": "completed"} for i in range(2)]
+    body = orjson.dumps({"model": "gpt-5", "output": [*calls, {"type": "message"}], "usage": RESPONSE_USAGE})
+    assert meter("responses", [body], b"application/json").web_search_requests == 2
+    assert meter("responses", [RESPONSES_STREAM]).web_search_requests is None  # no `output` said
+    assert meter("openai", [OPENAI_STREAM]).web_search_requests is None
