@@ -60,6 +60,7 @@ class Exchange:
 
     __slots__ = (
         "account",
+        "asked_model",
         "attempt",
         "body",
         "body_filter",
@@ -136,6 +137,9 @@ class Exchange:
         self.identity: bytes | None = None  # who is limited and billed: kid, or BYO key hash
         self.limit_slots: tuple[int, ...] | None = None
         self.dialect = "openai"
+        # The model the caller asked for, when the surface sends the provider another name
+        # (`provider:model`, a fallback, a translation): the fact's `requested_model`.
+        self.asked_model: str | None = None
         self.error: EgressError | None = None
         # response side
         self.out: list[bytes] = []  # bytes for the client, written at the end of the loop turn
@@ -388,7 +392,15 @@ class Exchange:
             self.attempt = 2
             dispatch(self, fresh=True)
             return
-        if failure is not None and not self.head_sent and not self.client_gone and retries.failed(self, failure):
+        if (
+            failure is not None
+            and not self.head_sent
+            and not self.client_gone
+            # Once the provider sent a byte of its answer, it had the request: sent again, a POST
+            # would be generated and billed twice (retries happen before the first byte only).
+            and (upstream is None or not upstream.received_any)
+            and retries.failed(self, failure)
+        ):
             return  # sent again, to another account or after a back-off (retries.py)
         self.settled = True
         try:
@@ -701,7 +713,7 @@ def emit_usage(
             "provider": provider,
             "surface": exchange.route.surface or "passthrough",
             "path": path,
-            "requested_model": requested_model(exchange.body),
+            "requested_model": exchange.asked_model or requested_model(exchange.body),
             "model": usage.model,
             "usage": usage.state,
             "input_tokens": usage.input_tokens,

@@ -179,27 +179,33 @@ class ClientConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self._parse_failed or self.closed:
             return
-        completed_before = self._completed
-        incoming = self.incoming
-        body_before = incoming.body_size if incoming is not None else -1
-        try:
-            self._parser.feed_data(data)
-        except httptools.HttpParserUpgrade as upgrade:
-            # The upgrade request itself was accepted as a plain request (Upgrade is hop-by-hop and
-            # never tunnelled); llhttp stops at it, so a fresh parser takes the bytes after it.
-            self._parser = httptools.HttpRequestParser(self)
-            self.data_received(data[upgrade.args[0] :])
-            return
-        except _StopParsing:
-            return
-        except httptools.HttpParserError as exc:
-            if not self._parse_failed:
-                if isinstance(exc, httptools.HttpParserCallbackError) and exc.__context__ is not None:
-                    self.log_internal_error(exc.__context__)  # a bug in a callback, not the client's fault
-                    self._fail(EgressError("internal_error", "internal error while reading the request"))
-                else:
-                    self._fail(_parser_error(exc))
-            return
+        while True:
+            completed_before = self._completed
+            incoming = self.incoming
+            body_before = incoming.body_size if incoming is not None else -1
+            try:
+                self._parser.feed_data(data)
+            except httptools.HttpParserUpgrade as upgrade:
+                # The upgrade request itself was accepted as a plain request (Upgrade is hop-by-hop and
+                # never tunnelled); llhttp stops at it, so a fresh parser takes the bytes after it. A
+                # loop, not a call per upgrade: one read can pipeline thousands (RecursionError, and
+                # a connection left unanswered); a view, so the rest is never copied once per request.
+                self._parser = httptools.HttpRequestParser(self)
+                data = memoryview(data)[upgrade.args[0] :]
+                if self._parse_failed or self.closed:
+                    return
+                continue
+            except _StopParsing:
+                return
+            except httptools.HttpParserError as exc:
+                if not self._parse_failed:
+                    if isinstance(exc, httptools.HttpParserCallbackError) and exc.__context__ is not None:
+                        self.log_internal_error(exc.__context__)  # a bug in a callback, not the client's fault
+                        self._fail(EgressError("internal_error", "internal error while reading the request"))
+                    else:
+                        self._fail(_parser_error(exc))
+                return
+            break
         incoming = self.incoming
         if incoming is not None:
             if not incoming.head_done:
@@ -379,8 +385,16 @@ class ClientConnection(asyncio.Protocol):
                     proxy.respond_health(exchange)
                 else:
                     self.loop.call_soon(proxy.forward, exchange)
-        finally:
+        except Exception as exc:
+            # A bug while answering: the exchange it left active may never finish, and everything
+            # queued behind it would wait forever (a RecursionError here once left a pipelining
+            # client unanswered and unclosed). The connection is closed instead, never left hanging.
             self._dispatching = False
+            self.log_internal_error(exc)
+            self._parse_failed = True
+            self._close()
+            return
+        self._dispatching = False
         if not self._pending and self._reading_paused and not self._parse_failed and not self.closed:
             self._reading_paused = False
             self.transport.resume_reading()

@@ -66,6 +66,8 @@ def _route_by_model(exchange: Exchange) -> None:
     if not isinstance(document, dict):
         raise EgressError("invalid_request", "the request body must be a JSON object")
     requested = document.get("model")
+    if requested.__class__ is str:
+        exchange.asked_model = requested  # the fact's requested_model, whatever goes upstream
     target = state.model_routes.resolve(requested)
     body, headers = exchange.body, exchange.facts.forward_headers
     route = target.route

@@ -6,11 +6,13 @@ Contract:
       upstream_timeout).
   `conn.send(exchange, data)` writes one request; the connection then calls, in order,
       exchange.upstream_head(status, headers) once, exchange.upstream_body(bytes) per read,
-      and exactly one of exchange.upstream_end() or exchange.upstream_failed(error). The end is
-      reported after the read that completed the response is parsed, so the exchange may hand
-      the connection to the next request at once.
-  `pool.release(conn)` returns it; it is kept only after a complete, well-framed response that
-      the provider did not ask to close, and closed when idle past `pool_idle_timeout`.
+      and exactly one of exchange.upstream_end() or exchange.upstream_failed(error); the end only
+      once the exchange took a final head (exchange.head_sent). The end is reported after the read
+      that completed the response is parsed, so the exchange may hand the connection to the next
+      request at once.
+  `pool.release(conn)` returns it; it is kept only after a complete, well-framed response with
+      nothing but CRLF after it, that the provider did not ask to close; closed when idle past
+      `pool_idle_timeout`, or when a byte arrives while idle.
 Deadlines: connect (DNS + TCP + TLS), first byte after the request is written, then idle between reads.
 """
 
@@ -159,6 +161,10 @@ class UpstreamPool:
         return EgressError(code, message)
 
 
+# Framing fields that would give an interim response a body (_interim), as llhttp reads names.
+_FRAMING_FIELDS = frozenset((b"content-length", b"transfer-encoding"))
+
+
 class _ResponseAfterEnd(Exception):
     """Stops the parser: nothing after the end of the response belongs to it."""
 
@@ -266,8 +272,8 @@ class UpstreamConnection(asyncio.BufferedProtocol):
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
-            # A 101 (or a 2xx to CONNECT): egress asked for no upgrade and tunnels nothing, so the
-            # connection now speaks another protocol. HttpParserUpgrade is not an HttpParserError.
+            # A 2xx to CONNECT, which egress never sends (a 101 is refused at its head, _interim):
+            # the connection would now speak another protocol. Not an HttpParserError.
             self._fail(EgressError("upstream_protocol_error", "the upstream switched protocols unasked"))
             self.abort()
             return
@@ -277,6 +283,7 @@ class UpstreamConnection(asyncio.BufferedProtocol):
             else:
                 self._fail(EgressError("upstream_protocol_error", "the upstream response is not valid HTTP/1.1"))
                 self.abort()
+                return
         if self._head_size > _MAX_RESPONSE_HEAD:
             self._fail(EgressError("upstream_protocol_error", "the upstream response head is too large"))
             self.abort()
@@ -320,24 +327,22 @@ class UpstreamConnection(asyncio.BufferedProtocol):
             self._fail(EgressError("upstream_protocol_error", f"{self.origin.host} closed the connection early"))
 
     # -- httptools callbacks: record state only --------------------------------------------
+    def on_message_begin(self) -> None:
+        if self._message_done:
+            # A byte other than CRLF after the end of the response, with no request outstanding:
+            # the connection must not be reused (RFC 9112 §9.3; llhttp skips stray CRLF, which is
+            # harmless, without calling us). Stopped here, before llhttp buffers half of a head
+            # that the next request on this connection would be read through.
+            self.reusable = False
+            raise _ResponseAfterEnd
+
     def on_header(self, name: bytes, value: bytes) -> None:
         self._headers.append((name, value))  # after the head: the trailer sink, which keeps nothing
 
     def on_headers_complete(self) -> None:
-        if self._message_done:
-            raise _ResponseAfterEnd  # a second response in the read that ended the first
         status = self._parser.get_status_code()
         if status < 200 or status > 599:
-            if status < 100 or status > 599:
-                # RFC 9110 §15: a three-digit code of classes 1xx-5xx. Below 100 it would pass for
-                # an interim response, and the client would wait for the idle deadline.
-                self._fail(EgressError("upstream_protocol_error", "the upstream sent an invalid status code"))
-                raise _ResponseAfterEnd
-            if status == 101:
-                return  # llhttp stops at its end with HttpParserUpgrade: refused in data_received
-            # Interim responses (103 Early Hints) are not relayed, as nginx does not relay them.
-            self._skipping_interim = True
-            self._headers = []
+            self._interim(status)  # raises unless a 1xx to skip
             return
         self._head_size = -1
         exchange = self.exchange
@@ -368,12 +373,44 @@ class UpstreamConnection(asyncio.BufferedProtocol):
         self._message_done = True
 
     # -- internals -------------------------------------------------------------------------
+    def _interim(self, status: int) -> None:
+        """A status outside 200-599: an interim response to skip, or a refusal (_ResponseAfterEnd)."""
+        if status < 100 or status > 599:
+            # RFC 9110 §15: a three-digit code of classes 1xx-5xx. Below 100 it would pass for an
+            # interim response, and the client would wait for the idle deadline.
+            reason = "the upstream sent an invalid status code"
+        elif status == 101:
+            # RFC 9110 §15.2.2: only an answer to a request that asked to upgrade, and egress asks
+            # for none and tunnels nothing. llhttp ends a 101 without Upgrade fields as a complete
+            # message, which would settle the exchange with no response at all.
+            reason = "the upstream switched protocols unasked"
+        elif status not in (100, 102, 103) and any(name.lower() in _FRAMING_FIELDS for name, _ in self._headers):
+            # RFC 9110 §15.2, RFC 9112 §6.3 ¶2: a 1xx ends at its blank line and has no content. llhttp
+            # ignores framing fields on 100, 102 and 103 only; on any other 1xx it would read the
+            # final response as this one's body.
+            reason = "the upstream sent an informational response with a body"
+        else:
+            # Interim responses (103 Early Hints) are not relayed, as nginx does not relay them.
+            self._skipping_interim = True
+            self._headers = []
+            return
+        self._fail(EgressError("upstream_protocol_error", reason))
+        raise _ResponseAfterEnd
+
     def _finish(self) -> None:
         exchange = self.exchange
-        self.exchange = None
         self._deadline.clear()
-        if exchange is not None:
-            exchange.upstream_end()
+        if exchange is None:
+            return
+        if not exchange.head_sent:
+            # A message ended with no final response head relayed (an interim code llhttp took for
+            # a whole response): settling that as a success would answer the client nothing and
+            # hand its next pipelined request this request's answer.
+            self._fail(EgressError("upstream_protocol_error", "the upstream response ended without a final head"))
+            self.abort()
+            return
+        self.exchange = None
+        exchange.upstream_end()
 
     def _fail(self, error: EgressError) -> None:
         exchange = self.exchange

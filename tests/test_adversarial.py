@@ -279,8 +279,21 @@ HOSTILE_RESPONSES: dict[str, Shape] = {
     "101 Switching Protocols": Shape(
         keep(b"HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\nupgrade: websocket\r\n\r\n"), "error"
     ),
+    # llhttp ends a 101 without Upgrade fields as a whole message: once settled with no answer at all.
+    "101 without Upgrade fields": Shape(keep(b"HTTP/1.1 101 Switching Protocols\r\n\r\n"), "error"),
+    # RFC 9110 §15.2: a 1xx has no content; llhttp would read the 200 as this one's body.
+    "150 with Content-Length, then 200": Shape(keep(b"HTTP/1.1 150 X\r\ncontent-length: 5\r\n\r\n" + OK), "error"),
+    "150 chunked, then 200": Shape(
+        keep(b"HTTP/1.1 150 X\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\n" + OK), "error"
+    ),
     # lengths
     "Content-Length shorter than body": Shape(keep(H200 + b"content-length: 2\r\n\r\n{}EXTRA"), "relay", 200, b"{}"),
+    # RFC 9112 §9.3: bytes past the end, no request outstanding: the connection is not reused (the
+    # follow-up request would be read through this half head). A stray CRLF is skipped, harmless.
+    "Content-Length body, then half a head": Shape(
+        keep(H200 + b"content-length: 2\r\n\r\n{}HTTP/1.1 200 OK\r\ncontent-length: 4\r\n"), "relay", 200, b"{}"
+    ),
+    "Content-Length body, then CRLF": Shape(keep(H200 + b"content-length: 2\r\n\r\n{}\r\n"), "relay", 200, b"{}"),
     "Content-Length longer, then FIN": Shape(close_after(H200 + b"content-length: 100\r\n\r\n{}"), "cut"),
     "Content-Length longer, then RST": Shape(reset_after(H200 + b"content-length: 100\r\n\r\n{}"), "cut"),
     "Content-Length longer, then silence": Shape(silent_after(H200 + b"content-length: 100\r\n\r\n{}"), "cut"),
@@ -805,6 +818,20 @@ def test_pipelined_requests_behind_a_slow_upstream_request(egress_proc, hostile,
         client.send(first + b"GET /healthz HTTP/1.1\r\nHost: a\r\n\r\n" * count)
         statuses = [read_answer(client, "GET").response.status_code for _ in range(count + 1)]
     assert statuses == [200] * (count + 1)
+    watch.assert_healthy()
+
+
+@pytest.mark.parametrize("name", params(["3000 pipelined Upgrade requests in one write"]))
+def test_pipelined_upgrade_requests_are_all_answered(egress_proc, name):
+    # llhttp stops at each Upgrade request and a fresh parser takes the rest of the read: once a
+    # recursive call per request, so ~985 were answered, then RecursionError and a hung connection.
+    watch = Watch(egress_proc)
+    count = 3000
+    upgrade = b"GET /healthz HTTP/1.1\r\nHost: a\r\nConnection: upgrade\r\nUpgrade: a\r\n\r\n"
+    with RawClient(egress_proc.port, timeout=8) as client:
+        client.send(upgrade * count)
+        statuses = [read_answer(client, "GET").response.status_code for _ in range(count)]
+    assert statuses == [200] * count
     watch.assert_healthy()
 
 

@@ -10,7 +10,9 @@ import socket
 import time
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from egress.vkeys import mint, public_key_text
 from tests.conftest import provider_config, start_fake_provider
 from tests.support import EgressProcess, RawClient, ScriptedUpstream, request_bytes, wait_until
 
@@ -757,5 +759,41 @@ def test_a_request_on_a_pooled_connection_the_upstream_closed_is_retried_on_a_ne
         assert response.status == 200, response.body
         assert response.headers.get("x-egress-attempts") in (None, "1")
         assert upstream.accepted == 3, "the retry opened a new connection"
+    finally:
+        upstream.stop()
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        pytest.param((b"HTTP/1.1 200 OK\r\n", "close"), id="status line then close"),
+        pytest.param((b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n", "reset"), id="half a head then reset"),
+        pytest.param(
+            b"HTTP/1.1 200 OK\r\ncontent-type : application/json\r\ncontent-length: 2\r\n\r\n{}", id="malformed head"
+        ),
+    ],
+)
+def test_a_post_the_provider_began_to_answer_is_never_sent_again(start_egress, tmp_path, reply):
+    """A pooled POST whose answer broke after its first byte reached the provider: sent again (to
+    another account) it would be generated and billed twice. One attempt, one 502."""
+    upstream = ScriptedUpstream([reply] * 3)
+    try:
+        for name in ("a", "b"):
+            (tmp_path / f"{name}.key").write_text(f"sk-pool-{name}\n")
+        issuer = Ed25519PrivateKey.generate()
+        egress = start_egress(
+            f'[providers.raw]\nbase_url = "{upstream.base_url}"\n'
+            f'pool_keys = ["file:{tmp_path / "a.key"}", "file:{tmp_path / "b.key"}"]\n'
+            f'[keys]\ntrusted_issuers = ["{public_key_text(issuer.public_key())}"]\n'
+            "[accounts]\nmax_attempts = 3\n"
+        )
+        key = mint(issuer, "replay")[0]  # a pooled request: a failure before any byte moves accounts
+        with RawClient(egress.port) as client:
+            headers = {"Authorization": f"Bearer {key}"}
+            client.send(request_bytes("POST", "/raw/v1/chat/completions", headers, b'{"model":"m"}'))
+            response = client.read_response("POST")
+        assert response.status == 502 and response.error_code == "upstream_protocol_error"
+        assert response.headers.get("x-egress-attempts") == "1"
+        assert [request.split(b" ", 1)[0] for request in upstream.requests] == [b"POST"]
     finally:
         upstream.stop()

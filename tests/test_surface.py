@@ -90,6 +90,9 @@ def test_a_gpt_model_is_routed_to_openai_and_the_model_stays_the_callers(surface
 def test_provider_colon_model_sends_the_providers_own_name(surface, fake_provider):
     client(surface).chat.completions.create(model="openai:gpt-fake", messages=[{"role": "user", "content": "hi"}])
     assert orjson.loads(fake_provider.requests[-1].body)["model"] == "gpt-fake"
+    # The fact keeps what the caller asked for; `model` is what the provider says it ran.
+    fact = facts(surface, 1)[0]
+    assert (fact["requested_model"], fact["provider"]) == ("openai:gpt-fake", "openai")
 
 
 def test_errors_of_the_surface(surface, fake_provider):
