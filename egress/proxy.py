@@ -29,7 +29,7 @@ from egress.errors import EgressError, render_error
 from egress.hints import HINT_NAMES
 from egress.http1 import CHUNKED, NO_BODY, UNTIL_CLOSE
 from egress.metrics import sse_events
-from egress.routes import check_model
+from egress.routes import body_models, check_model
 from egress.stream_usage import InjectedUsageFilter, inject_include_usage
 from egress.usage import MISSING, OPENAI, RESPONSES, Usage, UsageMeter
 
@@ -462,12 +462,19 @@ def send_first(exchange: Exchange) -> None:
 
 
 def _passthrough_model_refused(exchange: Exchange) -> EgressError | None:
-    """The same model policy on a provider-prefixed request whose JSON body names a model."""
-    model = requested_model(exchange.body)
-    if model is None:
-        return None
+    """The same model policy on a provider-prefixed request: every model its body names, read as
+    the provider reads them (routes.body_models). A body whose models can't be read is refused:
+    under a policy, a model hidden past a regular expression's sight must not pass as no model."""
+    content_type = next((value for name, value in exchange.facts.forward_headers if name == b"content-type"), b"")
+    models = body_models(exchange.body, content_type)
+    if models is None:
+        return EgressError(
+            "model_not_permitted",
+            "a model policy applies here, and this body's model can't be read (send JSON or a multipart form)",
+        )
     try:
-        check_model(exchange.route.provider, model, exchange.claims)
+        for model in models:
+            check_model(exchange.route.provider, model, exchange.claims)
     except EgressError as error:
         return error
     return None

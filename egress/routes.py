@@ -13,14 +13,20 @@ Contract:
       is exactly what is served (LiteLLM #8113, #8688: the two drifted apart).
 A refused model is 403 model_not_permitted and never falls through to a later route: a deny must
 not turn into "another provider serves it".
+  `body_models(body, content_type)` -> every model a provider-prefixed request's body names, read
+      as the provider reads it, or None when it can't be read; the call path refuses the latter
+      where a policy applies (unknown must not mean permitted).
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from typing import TYPE_CHECKING
+
+import orjson
 
 from egress.errors import EgressError
 
@@ -197,3 +203,43 @@ def _routes_to(routes: ModelRoutes, model: str, provider: Provider) -> bool:
         return routes.resolve(model).provider.name == provider.name
     except EgressError:
         return False
+
+
+# A multipart form's `model` field (audio transcriptions, image edits): its value up to the boundary.
+_FORM_MODEL = re.compile(
+    rb'content-disposition:[^\r\n]*\bname="model"[^\r\n]*\r\n(?:[^\r\n]+\r\n)*\r\n(.{0,256}?)\r\n--',
+    re.IGNORECASE | re.DOTALL,
+)
+
+
+def body_models(body: bytes | bytearray, content_type: bytes) -> list[str] | None:
+    """Every model a request body names, as the provider reads them; None if it can't be read.
+
+    JSON: parsed whole, as the provider parses it (escapes decoded, the last of a repeated key, a
+    model after 64 KiB of messages), and every string under a `model` key at any depth: Anthropic's
+    message batches carry one per request (`requests[].params.model`). A multipart form: its
+    `model` fields. No body: no model. Any other body: None. An OpenAI batch's models sit in an
+    uploaded file, which is not read here.
+    """
+    if not body:
+        return []
+    media = content_type.split(b";", 1)[0].strip().lower()
+    if media == b"multipart/form-data":
+        return [value.decode("utf-8", "replace") for value in _FORM_MODEL.findall(body)]
+    try:
+        document = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+    models: list[str] = []
+    pending = [document]
+    while pending:  # a loop, not recursion: JSON may nest as deep as orjson allows
+        value = pending.pop()
+        if value.__class__ is dict:
+            for key, item in value.items():
+                if key == "model" and item.__class__ is str:
+                    models.append(item)
+                elif item.__class__ is dict or item.__class__ is list:
+                    pending.append(item)
+        elif value.__class__ is list:
+            pending.extend(item for item in value if item.__class__ is dict or item.__class__ is list)
+    return models

@@ -111,3 +111,30 @@ def test_an_id_two_providers_serve_is_listed_per_provider():
     assert ids == ["groq:shared-model", "openai:shared-model"]
     for shown in ids:
         assert routes.resolve(shown).provider.name == shown.split(":")[0]
+
+
+@pytest.mark.parametrize(
+    ("body", "content_type", "models"),
+    [
+        (b"", b"application/json", []),
+        (b'{"model":"a","model":"b"}', b"application/json", ["b"]),
+        (b'{"model":"a\\u0062"}', b"application/json; charset=utf-8", ["ab"]),
+        (b'{"requests":[{"params":{"model":"x"}},{"params":{"model":"y"}}]}', b"application/json", ["x", "y"]),
+        (b'{"tools":[{"input_schema":{"properties":{"model":{"type":"string"}}}}]}', b"application/json", []),
+        (b'{"model":5,"input":"hi"}', b"application/json", []),
+        (b"[[[[" * 100 + b'{"model":"deep"}' + b"]]]]" * 100, b"application/json", ["deep"]),
+        (b"not json", b"application/json", None),
+        (b"model=a", b"application/x-www-form-urlencoded", None),
+        (
+            b'--b\r\nContent-Disposition: form-data; name="file"; filename="a.wav"\r\n\r\nRIFF\r\n'
+            b'--b\r\ncontent-disposition: form-data; name="model"\r\n\r\nwhisper-1\r\n--b--\r\n',
+            b"multipart/form-data; boundary=b",
+            ["whisper-1"],
+        ),
+    ],
+)
+def test_body_models_reads_every_model_as_the_provider_would(body, content_type, models):
+    from egress.routes import body_models
+
+    found = body_models(body, content_type)
+    assert (sorted(found) if found is not None else None) == models  # any order: each is checked

@@ -124,6 +124,49 @@ def test_a_denied_model_is_refused_on_the_passthrough_too(surface, fake_provider
     assert len(fake_provider.requests) == 1
 
 
+FILLER = [{"role": "user", "content": "x" * 70_000}]
+
+
+@pytest.mark.parametrize(
+    ("target", "content_type", "body"),
+    [
+        # The provider reads the last of a repeated key, as orjson does; the first was permitted.
+        ("/openai/v1/chat/completions", "application/json", b'{"model":"gpt-fake","model":"gpt-denied"}'),
+        ("/openai/v1/chat/completions", "application/json", b'{"metadata":{"model":"gpt-fake"},"model":"gpt-denied"}'),
+        # Past 64 KiB of messages, and spelled with a JSON escape.
+        ("/openai/v1/chat/completions", "application/json", orjson.dumps({"messages": FILLER, "model": "gpt-denied"})),
+        ("/openai/v1/chat/completions", "application/json", b'{"model":"gpt-d\\u0065nied"}'),
+        # A multipart form's model field, and a batch whose second request names another model.
+        (
+            "/openai/v1/audio/transcriptions",
+            "multipart/form-data; boundary=XyZ",
+            b'--XyZ\r\nContent-Disposition: form-data; name="model"\r\n\r\ngpt-denied\r\n--XyZ--\r\n',
+        ),
+        (
+            "/openai/v1/messages/batches",
+            "application/json",
+            orjson.dumps({"requests": [{"params": {"model": "gpt-fake"}}, {"params": {"model": "gpt-denied"}}]}),
+        ),
+        # A body whose model can't be read is not taken for one without a model.
+        ("/openai/v1/chat/completions", "application/x-www-form-urlencoded", b"model=gpt-denied"),
+    ],
+    ids=["repeated", "nested-first", "past-64k", "escaped", "multipart", "batch", "unreadable"],
+)
+def test_the_passthrough_reads_the_model_as_the_provider_does(surface, fake_provider, target, content_type, body):
+    with RawClient(surface.port) as raw:
+        raw.send(request_bytes("POST", target, {"Authorization": "Bearer sk-byo", "Content-Type": content_type}, body))
+        response = raw.read_response("POST")
+    assert (response.status, response.error_code) == (403, "model_not_permitted"), response.body
+    assert fake_provider.requests == []
+    # The same shapes naming a permitted model pass.
+    allowed = body.replace(b"gpt-d\\u0065nied", b"gpt-fake").replace(b"gpt-denied", b"gpt-fake")
+    if content_type != "application/x-www-form-urlencoded":
+        with RawClient(surface.port) as raw:
+            headers = {"Authorization": "Bearer sk-byo", "Content-Type": content_type}
+            raw.send(request_bytes("POST", target, headers, allowed))
+            assert raw.read_response("POST").status != 403
+
+
 def test_models_lists_what_the_call_path_serves(surface, fake_provider):
     listed = sorted(model.id for model in client(surface).models.list())
     assert listed == ["claude-fake", "gpt-4o", "gpt-fake"]  # gpt-denied is denied, so never listed
