@@ -8,9 +8,11 @@ Contract, for the proxy phases:
       request with neither never comes here. True: go on: the account is taken (in flight, its
       credential in the forward headers) and the provider's gate entered, in one step under the
       accounts' lock, so the caps hold across workers. False: the request was answered here, or
-      it waits: the `Waiting` queue of this process sends it on (`proxy.send_first`) when a slot
-      frees, answers 503 `provider_busy` with Retry-After after the provider's `queue_timeout`, and
-      drops it silently if the caller left meanwhile (its log phase already ran).
+      it waits, with a ticket in its provider's line (accounts.py): the `Waiting` queue of this
+      process sends it on (`proxy.send_first`) when a slot frees and no older ticket of any worker
+      is out, answers 503 `provider_busy` with Retry-After after the provider's `queue_timeout`, and
+      drops it silently if the caller left meanwhile (its log phase already ran). While anyone
+      waits, a new request waits too: it never takes the place an older one is owed.
   `fall_back(exchange, retry) -> bool`: the exchange moves to the next fallback of its model route
       that can serve it (surface.aim: capabilities, the model policy with the caller's key,
       translation) and has an account free now; False when none is left. A BYO key never falls
@@ -36,30 +38,42 @@ if TYPE_CHECKING:
     from egress.proxy import Exchange
 
 OK = "ok"
+_NO_GATE = (0, 0)
 # How often waiting requests look for a slot freed in another worker (a release in this worker
-# wakes them at once).
+# wakes them at once). Only the oldest request of the host may take it, so a place freed in
+# another worker stays empty until its next look: at most this long.
 _POLL = 0.01
 
 
-def take(exchange: Exchange, now: float, retry: bool = False) -> object:
-    """OK (the account and gate are the exchange's now), BUSY, or None (no account usable)."""
+def take(exchange: Exchange, now: float, retry: bool = False, ticket: float = 0.0) -> object:
+    """OK (the account and gate are the exchange's now), BUSY, or None (no account usable).
+    `ticket`: the request's place in the provider's line, when it waits (accounts.AccountTable.wait)."""
     state = exchange.client.state
-    provider = exchange.route.provider
     table = state.accounts
-    gate, cap = state.auth.gates.get(provider.name, (0, 0)) if provider.max_concurrent else (0, 0)
     pool = exchange.lease
     if pool is None:
-        if gate and not table.enter(gate, cap):
+        gate, cap = state.auth.gates.get(exchange.route.provider.name, _NO_GATE)
+        if gate and not table.enter(gate, cap, ticket):
             return BUSY
         exchange.gate = gate
         return OK
-    account = table.take(pool.accounts, now, retry=retry, gate=gate, cap=cap)
+    gate, cap = pool.gate
+    account = table.take(pool.accounts, now, (), retry, gate, cap, ticket)
     if account is None or account is BUSY:
         return account
     exchange.account = account
-    exchange.gate = gate
-    exchange.facts.forward_headers = [*exchange.facts.forward_headers, account.credential()]
+    exchange.gate = gate if cap else 0  # a place held in the provider's count, given back at the end
+    facts = exchange.facts
+    facts.forward_headers = [*facts.forward_headers, account.credential()]
     return OK
+
+
+def _line(exchange: Exchange) -> int:
+    """The provider's slot whose line this request waits in (0: none, it waits unordered)."""
+    pool = exchange.lease
+    if pool is not None:
+        return pool.gate[0]
+    return exchange.client.state.auth.gates.get(exchange.route.provider.name, _NO_GATE)[0]
 
 
 def admit(exchange: Exchange) -> bool:
@@ -76,7 +90,9 @@ def admit(exchange: Exchange) -> bool:
     if provider.queue_timeout <= 0:
         _busy(exchange)
         return False
-    exchange.client.state.waiting.add(exchange, now + provider.queue_timeout)
+    state = exchange.client.state
+    line = _line(exchange)
+    state.waiting.add(exchange, now + provider.queue_timeout, line, state.accounts.wait(line) if line else 0.0)
     return False
 
 
@@ -135,20 +151,25 @@ def fall_back(exchange: Exchange, retry: bool) -> bool:
 
 
 class Waiting:
-    """This process's requests waiting for a concurrency slot, oldest first."""
+    """This process's requests waiting for a concurrency slot, oldest first across the host: each
+    holds a ticket in its provider's line (accounts.py), and a place goes to the oldest ticket of
+    every worker's, never to a request that came later (README: "waits up to queue_timeout, oldest
+    first"). A release here wakes this process's waiters at once; one in another worker is seen
+    by the next poll."""
 
     __slots__ = ("_loop", "_queue", "_timer")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
-        self._queue: deque[tuple[Exchange, float]] = deque()
+        # (exchange, deadline, its provider's slot, its ticket there), in the order they came.
+        self._queue: deque[tuple[Exchange, float, int, float]] = deque()
         self._timer: asyncio.TimerHandle | None = None
 
     def __len__(self) -> int:
         return len(self._queue)
 
-    def add(self, exchange: Exchange, deadline: float) -> None:
-        self._queue.append((exchange, deadline))
+    def add(self, exchange: Exchange, deadline: float, line: int = 0, ticket: float = 0.0) -> None:
+        self._queue.append((exchange, deadline, line, ticket))
         if self._timer is None:
             self._timer = self._loop.call_later(_POLL, self.wake)
 
@@ -164,30 +185,38 @@ class Waiting:
             self._timer.cancel()
             self._timer = None
         now = time.monotonic()
-        still: deque[tuple[Exchange, float]] = deque()
-        busy: set[str] = set()  # providers that refused this pass: later waiters for them wait on
+        still: deque[tuple[Exchange, float, int, float]] = deque()
+        busy: set[object] = set()  # lines that refused this pass: later waiters in them wait on
         queue = self._queue
         self._queue = still
         while queue:
-            exchange, deadline = queue.popleft()
+            entry = queue.popleft()
+            exchange, deadline, line, ticket = entry
+            table = exchange.client.state.accounts
             if exchange.settled or exchange.client_gone:
-                continue  # the caller left: its log phase ran when it did
-            name = exchange.route.provider.name
+                if ticket:
+                    table.unwait(line, ticket)  # the caller left: its log phase ran when it did
+                continue
+            key = line or exchange.route.provider.name
             try:
-                got = BUSY if name in busy else take(exchange, now)
+                got = BUSY if key in busy else take(exchange, now, ticket=ticket)
                 if got is OK:
-                    proxy.send_first(exchange)
-                elif got is None:
-                    if fall_back(exchange, retry=False):
+                    proxy.send_first(exchange)  # its ticket was retired with the place taken
+                elif got is None or now >= deadline:
+                    if ticket:
+                        table.unwait(line, ticket)  # out of the line before a fallback is tried
+                    if got is not None:
+                        _busy(exchange)
+                    elif fall_back(exchange, retry=False):
                         proxy.send_first(exchange)
                     else:
                         _answer(exchange, _no_account(exchange, now))
-                elif now >= deadline:
-                    _busy(exchange)
                 else:
-                    busy.add(name)
-                    still.append((exchange, deadline))
+                    busy.add(key)
+                    still.append(entry)
             except Exception as exc:  # a bug must cost one request, not every request waiting
+                if ticket:
+                    table.unwait(line, ticket)
                 exchange.client.log_internal_error(exc)
                 if not exchange.settled and not exchange.head_sent:
                     _answer(exchange, EgressError("internal_error", f"internal error ({type(exc).__name__})"))

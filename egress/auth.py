@@ -7,14 +7,19 @@ raises EgressError: 401 missing_key / invalid_key / key_expired / key_not_yet_va
 
 Order for a `bai_` token (in `Authorization: Bearer` or `x-api-key`, where the Anthropic SDK puts
 it): verify the signature (cached) -> expiry and not-before -> deny-set -> provider allowlist ->
-strip the caller's credential headers -> add a pool key in the provider's own scheme. Expiry and
-the deny-set are checked on every request, cached or not, so a revocation takes effect on the very
-next request. Any other token is the caller's own provider key and passes through untouched.
+strip every credential the caller sent (the headers of http1.CREDENTIAL_HEADERS and a `key=` query
+parameter) -> add a pool key in the provider's own scheme. Expiry and the deny-set are checked on
+every request, cached or not, so a revocation takes effect on the very next request. Any other
+token is the caller's own provider key and passes through untouched, with everything it came with.
 
 The cost of a forged key is bounded: structure, canonical encoding and a trusted issuer id are
 checked before the signature (microseconds); a token that failed is remembered, so repeating it
 costs a dict look-up; and each client address may fail at most `invalid_key_burst` verifications,
 refilled at `invalid_key_rate` per second, after which its unknown keys are refused unverified.
+That allowance is each worker process's own (the buckets are a plain dict): the kernel spreads an
+address's connections over the workers (SO_REUSEPORT), so a host of N workers lets one address
+fail up to N x burst at once, refilled at N x rate. Still bounded, and a verification is only
+~0.1-0.3 ms; sharing the buckets would add a shared table to every worker for that factor.
 
 Pool-key lifetime: each exchange that took a pool key holds its `PoolRotation` (`exchange.lease`).
 A rotation retired by a reload is wiped when the last exchange holding it is gone (a finalizer),
@@ -32,7 +37,8 @@ from typing import TYPE_CHECKING
 
 from egress.accounts import Account, AccountTable, account_id
 from egress.errors import EgressError
-from egress.http1 import bearer_token
+from egress.http1 import CREDENTIAL_HEADERS, bearer_token
+from egress.providers import without_query_credential
 from egress.secrets import Secret, load_secrets
 from egress.vkeys import PREFIX, Claims, Verifier, parse_public_key
 
@@ -42,7 +48,6 @@ if TYPE_CHECKING:
     from egress.providers import Provider
     from egress.proxy import Exchange
 
-_CREDENTIAL_HEADERS = (b"authorization", b"x-api-key")
 # Longer than any key `mint` makes (a payload of a few hundred bytes): refused before decoding.
 _MAX_TOKEN = 4096
 _FAILED_CACHE_SIZE = 4096
@@ -59,7 +64,7 @@ def _wipe_headers(headers: list[tuple[bytes, Secret]]) -> None:
 class PoolRotation:
     """A provider's pool keys: its accounts (accounts.py), each with its ready credential header."""
 
-    __slots__ = ("__weakref__", "_headers", "accounts")
+    __slots__ = ("__weakref__", "_headers", "accounts", "gate")
 
     def __init__(self, provider: Provider, secrets: list[tuple]) -> None:
         """`secrets`: each key with the operator's name for it ("" for none: the id is a key hash),
@@ -79,6 +84,8 @@ class PoolRotation:
             )
             for (secret, label, *rest), header in zip(secrets, self._headers, strict=True)
         ]
+        # The provider's slot and cap (Authenticator): (0, 0) when no cap can make a request wait.
+        self.gate = (0, 0)
         # Runs when the last reference goes: the live Authenticator's, or the last exchange's lease.
         weakref.finalize(self, _wipe_headers, self._headers)
         _ALL_ROTATIONS.add(self)
@@ -186,6 +193,14 @@ class Authenticator:
             for provider in config.providers.values()
             if provider.max_concurrent
         }
+        # A pool's requests wait in its provider's line when a cap can make them (cap 0: the
+        # accounts' caps alone, the slot is the line and counts nothing).
+        for name, pool in pools.items():
+            gate = self.gates.get(name)
+            if gate is None and any(account.max_concurrent for account in pool.accounts):
+                gate = (table.bind_gate(name), 0)
+            if gate is not None:
+                pool.gate = gate
 
     def authenticate(self, exchange: Exchange, provider: Provider | None) -> Claims | None:
         """The caller's credential, for `provider`: a virtual key's claims (and, with a provider,
@@ -219,9 +234,12 @@ class Authenticator:
         pool = self.pools.get(provider.name)
         if pool is None:
             raise EgressError("no_pool_key", f"no pool key is configured for {provider.name}")
-        # The caller's credential goes; which account's key replaces it is chosen when the request
-        # goes upstream (admission.py), where a busy provider can be waited for.
-        facts.forward_headers = [header for header in facts.forward_headers if header[0] not in _CREDENTIAL_HEADERS]
+        # Every credential the caller sent goes, in any header or as `?key=`; which account's key
+        # replaces them is chosen when the request goes upstream (admission.py), where a busy
+        # provider can be waited for.
+        facts.forward_headers = [header for header in facts.forward_headers if header[0] not in CREDENTIAL_HEADERS]
+        if b"?" in exchange.route.upstream_target:  # rare: most SDKs send no query
+            exchange.route = without_query_credential(exchange.route)
         exchange.lease = pool  # keeps the key's bytes alive (unwiped) as long as this exchange
         return claims
 

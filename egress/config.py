@@ -115,6 +115,7 @@ class KeysConfig:
     # Failed signature verifications (about 0.1-0.3 ms of CPU each) allowed per client address: a
     # token bucket refilled at this rate per second, holding at most `invalid_key_burst`. Past it,
     # unknown `bai_` keys from that address get 429 too_many_invalid_keys without a verification.
+    # The bucket is per worker process: with N workers an address may fail N x burst (auth.py).
     invalid_key_rate: float = 2.0
     invalid_key_burst: int = 20
     # Any credential that is not a virtual key is the caller's own provider key, passed through
@@ -151,6 +152,7 @@ class TierConfig:
 class LimitsConfig:
     default_tier: TierConfig = field(default_factory=TierConfig)
     # Keys name their tier in the `tier` claim; a tier not listed here falls back to the default.
+    # A tier takes each limit it leaves unset from the default tier (0 written in a tier: unlimited).
     tiers: MappingProxyType[str, TierConfig] = field(default_factory=lambda: MappingProxyType({}))
     # Two sliding-window sketches each of requests and tokens; 32768 x 4 x 4 bytes = 512 KiB apiece.
     sketch_width: int = 32768
@@ -368,8 +370,17 @@ def _build_limits(table: Any) -> LimitsConfig:
     tiers_table = table.get("tiers", {})
     if not isinstance(tiers_table, dict):
         raise ConfigError("limits.tiers must be a table of [limits.tiers.<name>] tables")
-    tiers = {name: _build(TierConfig, row, f"limits.tiers.{name}") for name, row in tiers_table.items()}
+    tiers = {name: _build_tier(row, default_tier, f"limits.tiers.{name}") for name, row in tiers_table.items()}
     return dataclasses.replace(base, default_tier=default_tier, tiers=MappingProxyType(tiers))
+
+
+def _build_tier(row: Any, default_tier: TierConfig, where: str) -> TierConfig:
+    """A tier is the default tier with the limits it sets replaced: `[limits.tiers.batch]
+    requests_per_minute = 60` under a default of 1M tokens a minute keeps the 1M. Built from the
+    field defaults instead, every limit the tier leaves out was 0, unlimited. A 0 the tier writes
+    itself still means unlimited."""
+    tier = _build(TierConfig, row, where)  # strict: unknown keys and bad values are refused here
+    return dataclasses.replace(default_tier, **{key: getattr(tier, key) for key in row})
 
 
 _PROVIDER_KEYS = {

@@ -11,6 +11,7 @@ Contract (sans-IO: no I/O, no clock, no randomness; `now` and `rand` come from t
   `cooldown(status, hints, failures, rand)` is how long an account rests after a response;
   `exhausted_until(hints)` how long until every spent dimension has refilled (to skip an account
       before it earns a 429).
+  `should_retry(headers)` the provider's `x-should-retry` (True, False, or None: the status decides).
 
 The headers, each checked against its provider's page:
   retry-after       RFC 9110 §10.2.3 (https://www.rfc-editor.org/rfc/rfc9110#section-10.2.3):
@@ -95,8 +96,14 @@ for _dim in DIMENSIONS:
     _HINTS[_wire + b"-remaining"] = (_REMAINING, _dim)
     _HINTS[_wire + b"-reset"] = (_RESET_DATE, _dim)
 del _dim, _wire
+# Whether the provider wants the request retried at all, in no RFC: openai-python and
+# anthropic-sdk-python obey it before looking at the status (`_should_retry`,
+# src/openai/_base_client.py:932-941, src/anthropic/_base_client.py:940-949: "If the server
+# explicitly says whether or not to retry, obey"). Read by `should_retry`, not by read_hints: only
+# an error response needs it.
+SHOULD_RETRY = b"x-should-retry"
 # Every hint's name, lower-case: the response head's one pass picks these out (http1.inspect_response).
-HINT_NAMES = frozenset(_HINTS)
+HINT_NAMES = frozenset((*_HINTS, SHOULD_RETRY))
 
 # Bytes patterns: `[0-9]`, never `\d`, so that no non-ASCII digit is ever a number.
 _DECIMAL = re.compile(rb"[0-9]+(?:\.[0-9]+)?")
@@ -247,6 +254,16 @@ def backoff(failures: int, rand: float) -> float:
     if not 0.0 <= rand < 1.0:  # out of contract (or NaN): the shortest wait, never an exception
         rand = 0.0
     return step * (0.5 + 0.5 * rand)
+
+
+def should_retry(headers: Iterable[tuple[bytes, bytes]]) -> bool | None:
+    """The provider's `x-should-retry`: True for `true`, False for `false`, None when absent or
+    anything else, as the SDKs read it: `response.headers.get("x-should-retry") == "true"` (httpx
+    joins repeated fields with ", ", so two of them match neither), case-sensitive value, the name
+    matched as HTTP field names are (RFC 9110 §5.1)."""
+    values = [value.strip() for name, value in headers if name == SHOULD_RETRY or name.lower() == SHOULD_RETRY]
+    value = values[0] if len(values) == 1 else None
+    return True if value == b"true" else False if value == b"false" else None
 
 
 def exhausted_until(hints: RateHints) -> float | None:

@@ -48,6 +48,13 @@ _NOT_RELAYED_DOWNSTREAM = _HOP_BY_HOP | EGRESS_RESPONSE_HEADERS | {b"content-len
 # Connection tokens that name nothing else to drop: the common `keep-alive` and `close`.
 _HOP_BY_HOP_TOKENS = _HOP_BY_HOP | {b"close", b""}
 
+# Every header a caller may put a provider credential in: the OpenAI SDK's Authorization, the
+# Anthropic SDK's x-api-key, Gemini's x-goog-api-key (ai.google.dev/api#authentication), Azure
+# OpenAI's api-key (learn.microsoft.com/azure/ai-services/openai/reference#authentication). When
+# egress sends a pool key in a virtual key's place, all of them go (auth.py): a second credential
+# beside the pool key would reach a provider that reads it.
+CREDENTIAL_HEADERS = (b"authorization", b"x-api-key", b"x-goog-api-key", b"api-key")
+
 # What a request header means to egress; a header not listed is forwarded as it is.
 _HOP, _HOST, _CONTENT_LENGTH, _TRANSFER_ENCODING, _CONNECTION, _EXPECT = range(6)
 _AUTHORIZATION, _API_KEY, _ANTHROPIC_VERSION, _ACCEPT_ENCODING, _REQUEST_ID = range(6, 11)

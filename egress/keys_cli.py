@@ -3,8 +3,9 @@
 issuer-new  writes an Ed25519 private key (PEM, 0600, never overwritten) and prints its public key
             for `[keys] trusted_issuers`.
 mint        prints one `bai_` key (stdout, alone, for scripts); its kid goes to stderr.
-inspect     decodes a key and says valid / expired / revoked / bad signature / untrusted issuer,
-            using the config's trusted issuers and deny-set; never needs a private key.
+inspect     decodes a key and says valid / expired / not yet valid / revoked / bad signature /
+            untrusted issuer, using the config's trusted issuers, clock_skew and deny-set and the
+            server's own checks (auth.check_claims); never needs a private key.
 revoke      adds a kid (or a whole key's kid) to the deny file and, when NATS is configured, publishes it
             to the stream; a broker that cannot be reached within 2 x connect_timeout is one line and exit 1.
 """
@@ -22,11 +23,14 @@ import orjson
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from egress.auth import check_claims
 from egress.config import ConfigError, load_config
 from egress.denyset import append_deny_file, normalize_kid
 from egress.errors import EgressError
 from egress.vkeys import Verifier, decode_unverified, issuer_id, mint, parse_public_key, public_key_text
 
+# What inspect prints for each refusal check_claims makes (no provider is named, so no allowlist one).
+_INSPECT_STATUS = {"key_expired": "expired", "key_not_yet_valid": "not yet valid", "key_revoked": "revoked"}
 _TTL = re.compile(r"^(\d+)([smhd])$")
 _TTL_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
@@ -94,12 +98,22 @@ def _mint(args: argparse.Namespace) -> int:
         if match is None:
             raise ConfigError(f"--ttl takes a number and one of s, m, h, d (like 30d), not {args.ttl!r}")
         ttl = int(match.group(1)) * _TTL_SECONDS[match.group(2)]
-    providers = [name.strip() for name in args.providers.split(",") if name.strip()] if args.providers else None
-    models = [glob.strip() for glob in args.models.split(",") if glob.strip()] if args.models else None
+    providers = _names(args.providers)
+    models = _names(args.models)
+    # An allowlist that names nothing would mint a key with no allowlist at all: unrestricted.
+    for option, names, what in (("--providers", providers, "provider"), ("--models", models, "model")):
+        if names == []:
+            print(f"egress: {option} names no {what}; leave it out for a key without that restriction", file=sys.stderr)
+            return 2
     token, claims = mint(private_key, args.sub, providers=providers, ttl_seconds=ttl, tier=args.tier, models=models)
     print(token)
     print(f"kid {claims.kid} for {claims.sub}", file=sys.stderr)
     return 0
+
+
+def _names(option: str | None) -> list[str] | None:
+    """A comma-separated option's names; None when it was not given, [] when it names none (' , ')."""
+    return None if option is None else [name.strip() for name in option.split(",") if name.strip()]
 
 
 def _inspect(args: argparse.Namespace) -> int:
@@ -133,11 +147,11 @@ def _inspect(args: argparse.Namespace) -> int:
         return 1
     from egress.serve import load_denyset
 
-    if claims.kid in load_denyset(config):
-        print("status: revoked")
-        return 1
-    if claims.exp is not None and claims.exp <= time.time():
-        print("status: expired")
+    try:
+        # The server's own per-request checks, so the two cannot disagree on what is valid.
+        check_claims(claims, time.time(), load_denyset(config).kids, None, config.keys.clock_skew)
+    except EgressError as error:
+        print(f"status: {_INSPECT_STATUS.get(error.code, error.code)}")
         return 1
     print("status: valid")
     return 0

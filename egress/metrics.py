@@ -322,7 +322,7 @@ _COUNTERS = (
     (
         "upstream_connections",
         "egress_upstream_connections",
-        "New upstream connections by outcome (ok, timeout, tls_error, error): pool churn and dial failures",
+        "New upstream connections by outcome (ok, timeout, dns_error, tls_error, error): pool churn and dial failures",
         ("host", "outcome"),
     ),
     (

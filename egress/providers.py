@@ -3,13 +3,15 @@
 Contract: `Router.resolve(target)` maps a raw request-target (bytes, origin-form, query included) to a
 `Route` (provider + the exact upstream request-target) or raises `EgressError("unknown_provider")`.
 The path after the provider segment goes upstream verbatim: no decoding, no normalisation, no
-per-provider rewriting, so any endpoint a provider adds tomorrow works today.
+per-provider rewriting, so any endpoint a provider adds tomorrow works today. The one exception is
+`without_query_credential(route)`, for a request that sends a pool key: the caller's own `key=`
+query parameter is dropped, every other byte of the target kept.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from urllib.parse import urlsplit
+from dataclasses import dataclass, field, replace
+from urllib.parse import unquote_to_bytes, urlsplit
 
 from egress.errors import EgressError
 from egress.usage import api_of
@@ -238,6 +240,32 @@ class Router:
             "unknown_provider",
             f"unknown provider {segment.decode('latin-1')!r}; known providers: {self._known}",
         )
+
+
+# Google's APIs take an API key in the query (`?key=`, cloud.google.com/docs/authentication/api-keys-use),
+# and Gemini's OpenAI-compatible endpoint is one of them: the query's only credential a caller sends.
+_QUERY_CREDENTIAL = b"key"
+
+
+def without_query_credential(route: Route) -> Route:
+    """`route` with no `key` parameter in its upstream query, for a request egress sends a pool key
+    on: the caller's own key must not reach the provider beside it. The rest of the target is kept
+    byte for byte (order, encoding, empty parameters); a query left empty goes with its `?`. The
+    same Route comes back when there is nothing to drop, as for every target without a query."""
+    target = route.upstream_target
+    path, mark, query = target.partition(b"?")
+    if not mark:
+        return route
+    kept = [part for part in query.split(b"&") if _parameter_name(part) != _QUERY_CREDENTIAL]
+    if len(kept) == query.count(b"&") + 1:
+        return route
+    return replace(route, upstream_target=path + b"?" + b"&".join(kept) if kept else path)
+
+
+def _parameter_name(part: bytes) -> bytes:
+    name = part.partition(b"=")[0]
+    # `%6Bey` is `key` to a server that decodes the query (WHATWG URL's urlencoded parser does).
+    return unquote_to_bytes(name) if b"%" in name else name
 
 
 def _api(target: bytes, provider: Provider) -> str:

@@ -433,6 +433,11 @@ def _safe_to_retry(exchange: Exchange, upstream: UpstreamConnection | None) -> b
 
 def forward(exchange: Exchange) -> None:
     """The upstream request phase for one routed request, when its turn on the connection comes."""
+    if exchange.settled:
+        # Its client left between the turn being given (call_soon) and now, and client_left logged
+        # it: sent on, it would take a place under the caps that nothing gives back, and a pooled
+        # connection, for an answer no one bills.
+        return
     try:
         route = exchange.route
         if route.surface is not None:

@@ -8,6 +8,8 @@ Contract, for the proxy phases:
       dropped and the request sent again: to the account with the most headroom at once, or to the
       same account after a jittered back-off when no other one is usable and this one is not
       cooling (a 500, 502, 504). Nothing has reached the caller then, so nothing is replayed twice.
+      The provider's `x-should-retry` on an error overrules the status, as in the SDKs: `false`, the
+      answer goes to the caller (the account still cools or is disabled); `true`, it is retried.
   `failed(exchange, error) -> bool` runs when the upstream failed before any response byte: a
       connect failure or a reset is retried the same way; a timeout never is (the provider may be
       generating). A BYO key is never moved to another account: only its connect failure, where
@@ -28,7 +30,7 @@ import orjson
 from egress import admission, proxy
 from egress.accesslog import log_event
 from egress.accounts import BUSY, HEALTHY
-from egress.hints import RateHints, cooldown, read_hints
+from egress.hints import RateHints, cooldown, read_hints, should_retry
 
 if TYPE_CHECKING:
     from egress.accounts import Account
@@ -53,28 +55,40 @@ def answered(exchange: Exchange, status: int, headers: list[tuple[bytes, bytes]]
     state = exchange.client.state
     table = state.accounts
     account = exchange.account
-    now = time.monotonic()
     wall = time.time()
     hints = read_hints(headers, wall)  # the head's hint headers alone (http1.inspect_response keeps them)
     if hints.remaining or hints.limit:
-        table.observe(account, hints, now, wall)
+        table.observe(account, hints, time.monotonic(), wall)
+    if status < 400:
+        table.succeeded(account)
+        state.metrics.tally.add(("attempts", account.provider, account.id, "success"))
+        return False
+    # egress stands in for the SDKs, which obey the provider's x-should-retry before the status:
+    # openai-python src/openai/_base_client.py:932-941 and anthropic-sdk-python
+    # src/anthropic/_base_client.py:940-949, `_should_retry` ("If the server explicitly says whether
+    # or not to retry, obey"). `false`: the answer goes back, sent nowhere else; the account still
+    # cools or is disabled, which is about the key, not this request. `true`: retried like a 5xx.
+    told = should_retry(headers)
+    now = time.monotonic()
     reason = RETRY_STATUSES.get(status)
     if reason is None:
         reason = DISABLE_STATUSES.get(status)
         if reason is None:
-            if status < 400:
-                table.succeeded(account)
-            outcome = "success" if status < 400 else "not_retryable"
-            state.metrics.tally.add(("attempts", account.provider, account.id, outcome))
-            return False
-        if table.disable(account, reason):
-            log_event("account_disabled", provider=account.provider, account=account.id, status=status)
-        table.failed(account, reason, wall)
+            if told is not True:
+                state.metrics.tally.add(("attempts", account.provider, account.id, "not_retryable"))
+                return False
+        else:
+            if table.disable(account, reason):
+                log_event("account_disabled", provider=account.provider, account=account.id, status=status)
+            table.failed(account, reason, wall)
     else:
         seconds = cooldown(status, hints, table.failures(account), random.random())
         table.failed(account, reason, wall)
         if seconds is not None:
             table.cool(account, seconds, reason, now)
+    if told is False:
+        state.metrics.tally.add(("attempts", account.provider, account.id, "not_retryable"))
+        return False
     return _again(exchange, account, now)
 
 

@@ -281,7 +281,9 @@ async def _serve(config: Config, config_path: str | None, worker: WorkerContext 
         slabs, workers = memoryview(bytearray(slab_bytes())), 1
         tally = Tally(slabs, os.getpid())
     denyset = load_denyset(config, tally)
-    accounts = AccountTable(worker.accounts, worker.accounts_lock) if worker is not None else AccountTable()
+    accounts = (
+        AccountTable(worker.accounts, worker.accounts_lock, worker.index) if worker is not None else AccountTable()
+    )
     auth = Authenticator(config, denyset, load_pools(config), accounts)
     state = ServerState(
         config,

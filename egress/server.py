@@ -44,6 +44,13 @@ if TYPE_CHECKING:
     from egress.upstream import UpstreamPool
 
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+# Bytes read past a pipelined request and held unparsed until its turn (then reading pauses): a
+# few requests' worth, so a pipelining client is read on (and its leaving seen) at a bounded cost.
+_HOLD_LIMIT = 64 * 1024
+# Reads larger than this are parsed in slices of it (data_received), and once this many requests
+# of one read are parsed, the rest waits for the loop's next turn.
+_SLICE = 16 * 1024
+_TURN_REQUESTS = 64
 
 
 class ServerState:
@@ -114,7 +121,10 @@ class ClientConnection(asyncio.Protocol):
         "_dispatching",
         "_framing_bytes",
         "_head_bytes",
+        "_held",
+        "_holding",
         "_parse_failed",
+        "_parse_scheduled",
         "_parser",
         "_pending",
         "_reading_paused",
@@ -143,6 +153,12 @@ class ClientConnection(asyncio.Protocol):
         self.active: proxy.Exchange | None = None  # being answered
         self._parse_failed = False
         self._reading_paused = False
+        # Pipelining: while a request waits its turn, later reads are held here unparsed (at most
+        # _HOLD_LIMIT, then reading pauses). Reading goes on meanwhile, so a client that leaves is
+        # seen at once and its upstream aborted, pipelined request or not.
+        self._holding = False
+        self._held: bytearray | None = None
+        self._parse_scheduled = False
         self._head_bytes = 0
         self._framing_bytes = 0  # bytes read in a body phase since the last body byte
         self._body_wire = 0  # bytes read in this body phase, framing included
@@ -179,6 +195,41 @@ class ClientConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self._parse_failed or self.closed:
             return
+        if self._holding:
+            held = self._held
+            if held is None:
+                held = self._held = bytearray()
+            held += data
+            if len(held) > _HOLD_LIMIT and not self._reading_paused:
+                self._reading_paused = True
+                self.transport.pause_reading()
+            return
+        if len(data) <= _SLICE:
+            self._feed(data)
+            return
+        # A large read goes to the parser a slice at a time, so that once requests are left
+        # waiting (a pipelining client that does not read its answers) the rest is held unparsed:
+        # a 256 KiB read of tiny requests would otherwise queue thousands of them at once.
+        view = memoryview(data)
+        first = self._completed
+        for start in range(0, len(view), _SLICE):
+            self._feed(view[start : start + _SLICE])
+            if self._parse_failed or self.closed:
+                return
+            rest = view[start + _SLICE :]
+            if not rest:
+                return
+            if not self._holding and self._completed - first >= _TURN_REQUESTS:
+                # Enough requests from one read for one turn of the loop: the rest waits for the
+                # next, so one pipelining client neither starves the others nor makes egress
+                # answer (and log) tens of thousands of requests in one unbroken run.
+                self._holding = True
+                self._release_held()
+            if self._holding:
+                self.data_received(rest)  # held
+                return
+
+    def _feed(self, data: bytes | memoryview) -> None:
         while True:
             completed_before = self._completed
             incoming = self.incoming
@@ -247,6 +298,8 @@ class ClientConnection(asyncio.Protocol):
         self.backpressure.resume()
         self._stalled = False
         self._send_deadline.clear()
+        if self.active is None and self._pending and not self.closed:
+            self._run_pending()  # the answers that waited for the client to read
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -361,10 +414,8 @@ class ClientConnection(asyncio.Protocol):
         self._pending.append(exchange)
         if self.active is None:
             self._run_pending()
-        elif not self._reading_paused:
-            # Pipelined: one request waits; stop reading more until its turn comes.
-            self._reading_paused = True
-            self.transport.pause_reading()
+        else:
+            self._holding = True  # pipelined: later reads wait, unparsed, until its turn comes
 
     # -- running exchanges -----------------------------------------------------------------
     def _run_pending(self) -> None:
@@ -375,7 +426,9 @@ class ClientConnection(asyncio.Protocol):
             return
         self._dispatching = True
         try:
-            while self.active is None and self._pending and not self.closed:
+            # Not while the client's write buffer is over its high mark: a client that pipelines and
+            # never reads would have egress answer (and buffer) without end. resume_writing goes on.
+            while self.active is None and self._pending and not self.closed and not self.backpressure.client_paused:
                 exchange = self._pending.popleft()
                 self.active = exchange
                 self._deadline.clear()
@@ -395,9 +448,29 @@ class ClientConnection(asyncio.Protocol):
             self._close()
             return
         self._dispatching = False
-        if not self._pending and self._reading_paused and not self._parse_failed and not self.closed:
+        if self._pending:
+            self._holding = True
+        elif self._holding and not self._parse_failed and not self.closed:
+            self._release_held()
+
+    def _release_held(self) -> None:
+        """The pipeline is empty: the reads held meanwhile are parsed on the loop's next turn (not
+        from inside this call, which may be inside the parser's own callback), and reading goes on."""
+        if not self._parse_scheduled:
+            self._parse_scheduled = True
+            self.loop.call_soon(self._parse_held)
+
+    def _parse_held(self) -> None:
+        self._parse_scheduled = False
+        if self.closed or self._parse_failed or self.active is not None or self._pending:
+            return  # still busy: the pipeline's end (_run_pending) schedules this again
+        self._holding = False
+        held, self._held = self._held, None
+        if self._reading_paused:
             self._reading_paused = False
             self.transport.resume_reading()
+        if held:
+            self.data_received(bytes(held))
 
     def exchange_finished(self, exchange: proxy.Exchange) -> None:
         """Called by the log phase once the exchange's response is fully written or abandoned."""

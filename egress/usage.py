@@ -81,7 +81,7 @@ _BIG_TAIL = 256 << 10
 _MODEL_IN_HEAD = re.compile(rb'"model"\s*:\s*"((?:[^"\\]|\\.){1,200})"')
 # Token counts past this are not counts: refused like a negative one. It also keeps every sum of
 # them (Anthropic's input is three fields) far inside the 64-bit integers orjson writes.
-_MAX_TOKENS = 1 << 40
+_MAX_TOKENS = 1 << 40  # spelled out in _int
 _MAX_JSON = 8 << 20
 _MAX_DECODED = 64 << 20  # a decoded stream past this is not metered further (a compression bomb)
 # A raw deflate body (no zlib header) fails at its first bytes, before any output: what came until
@@ -453,7 +453,8 @@ def reduce_usage(usage: Usage, raw: dict[str, int], document: dict, api: str) ->
 
 def _int(value: object) -> int | None:
     # `__class__ is int` and not isinstance: a bool is an int too, and one check is cheaper than two.
-    return value if value.__class__ is int and 0 <= value < _MAX_TOKENS else None
+    # The bound written out (_MAX_TOKENS, 2^40): a constant costs one opcode less than a global.
+    return value if value.__class__ is int and 0 <= value < 1099511627776 else None
 
 
 def _openai_counts(usage: Usage, counts: dict) -> None:

@@ -17,7 +17,8 @@ differently is refused, so no two texts carry one signature.
 
 Contract: `Verifier.verify(token)` returns `Claims` or raises `EgressError("invalid_key")`;
 expiry, revocation and provider checks are the caller's, at request time, so a cached `Claims`
-stays correct. `mint()` is used by the CLI only.
+stays correct. `mint()` is used by the CLI only; it refuses an empty allowlist (ValueError), which
+a key could only carry as no allowlist at all.
 """
 
 from __future__ import annotations
@@ -79,6 +80,9 @@ def mint(
     now: int | None = None,
     models: list[str] | None = None,
 ) -> tuple[str, Claims]:
+    if (providers is not None and not providers) or (models is not None and not models):
+        # An empty allowlist would be left out of the key, which would then allow everything.
+        raise ValueError("an allowlist of providers or models must name at least one; pass None for no allowlist")
     issued = int(time.time()) if now is None else now
     document: dict = {"v": 1, "kid": secrets.token_hex(8), "iss": issuer_id(private_key.public_key()), "sub": sub}
     document["iat"] = issued

@@ -34,7 +34,7 @@ import time
 from dataclasses import dataclass
 
 from egress.accesslog import log_event
-from egress.accounts import table_bytes
+from egress.accounts import table_bytes, worker_gone
 from egress.config import MAX_CONFIG_BYTES, Config, ConfigError, parse_listen, read_config_bytes
 from egress.errors import StartupError
 from egress.limiter import shared_bytes_needed
@@ -131,7 +131,7 @@ def supervise(config: Config, config_path: str | None, workers: int) -> int:
         config = dataclasses.replace(config, server=dataclasses.replace(config.server, **{setting: address}))
     shared = mmap.mmap(-1, shared_bytes_needed(config.limits))  # MAP_SHARED | MAP_ANONYMOUS
     tallies = mmap.mmap(-1, slab_bytes() * workers)  # untouched pages cost no memory
-    accounts = mmap.mmap(-1, table_bytes())
+    accounts = mmap.mmap(-1, table_bytes(workers))  # a ledger per worker in each slot (accounts.py)
     accounts_lock = multiprocessing.Lock()  # a POSIX semaphore in shared memory: works across fork
     config_box = ConfigBox()
     byo_hash_key = os.urandom(32)
@@ -228,6 +228,10 @@ def supervise(config: Config, config_path: str | None, workers: int) -> int:
                 stopping = True
                 _signal_all(children, signal.SIGTERM)  # a second one makes workers abort their drain
         for index in _reap(children, stopping):
+            # What it held (requests in flight, places in a line) goes back before its successor
+            # starts: a killed worker never ran the code that gives them back (accounts.py).
+            if worker_gone(memoryview(accounts), accounts_lock, index):
+                log_event("accounts_lock_recovered", worker=index)
             wait = last_start[index] + 1.0 - time.monotonic()
             if wait > 0:
                 time.sleep(wait)

@@ -339,7 +339,10 @@ class LoopbackServer:
     def _requests(self, conn: socket.socket, parse):
         """Each request `parse(buffer) -> (request, rest) | None` finds on `conn`, until it closes or
         the server stops."""
-        conn.settimeout(0.2)
+        try:
+            conn.settimeout(0.2)
+        except OSError:  # closed by stop() before this thread got to it
+            return
         buffer = b""
         while not self._stop.is_set():
             parsed = parse(buffer)

@@ -102,6 +102,33 @@ def test_a_disabled_account_stays_out_until_a_reload():
     assert table.snapshot(a, 100.0, 0.0)["state"] == "healthy"
 
 
+def test_a_restarted_worker_keeps_a_refused_account_disabled_until_a_reload():
+    buffer = memoryview(bytearray(table_bytes()))
+    lock = multiprocessing.Lock()
+    first, (a, _) = bound("a", "b", table=AccountTable(buffer, lock))
+    assert first.disable(a, "unauthorized")  # the provider refused the key: a 401
+    restarted, (a2, b2) = bound("a", "b", table=AccountTable(buffer, lock))  # a worker killed, started again
+    assert restarted.snapshot(a2, 100.0, 0.0)["state"] == "disabled"  # README: "until the next reload"
+    assert restarted.choose([a2, b2], 100.0).id == "b"
+    restarted.bind([a2, b2])  # a reload (SIGHUP) in that worker: the operator's word to try it again
+    assert first.snapshot(a, 100.0, 0.0)["state"] == "healthy"
+
+
+@pytest.mark.parametrize("left", [0, 1])
+def test_a_remaining_count_without_its_reset_locks_nothing_out(left):
+    # hints.exhausted_until: "A dimension at 0 whose reset the provider did not give adds nothing to
+    # wait for"; nothing here may make one up (it was 60 s).
+    table, (a,) = bound("a")
+    table.observe(a, RateHints(remaining={"requests": left}, limit={"requests": 100}), 100.0, 0.0)
+    table.begin(a)  # one in flight: a remaining of 1 would be spent too
+    assert table.choose([a], 100.5) is a
+    assert table.soonest([a], 100.5) == 0.0
+    assert table.snapshot(a, 100.5, 0.0)["quota"] == {}
+    table.observe(a, quota(0, 100, reset=20.0), 101.0, 0.0)  # with its reset it counts, until then
+    assert table.choose([a], 101.0) is None
+    assert table.soonest([a], 101.0) == pytest.approx(20.0)
+
+
 def test_workers_share_one_state_through_the_buffer():
     buffer = memoryview(bytearray(table_bytes()))
     lock = multiprocessing.Lock()
@@ -199,7 +226,8 @@ def rate_limited(headers: dict | None = None):
     return 429, headers if headers is not None else hints, _error("rate_limit_exceeded", "Rate limit reached")
 
 
-def accounts_config(upstream: KeyedProvider, tmp_path: Path, extra: str = "") -> str:
+def accounts_config(upstream, tmp_path: Path, extra: str = "", row: str = "") -> str:
+    """Two named accounts (team-a, team-b) on the openai row; `row` adds to that row, `extra` after."""
     for name, key in (("a", KEY_A), ("b", KEY_B)):
         (tmp_path / f"{name}.key").write_text(key + "\n")
     return f"""
@@ -210,6 +238,7 @@ pool_keys = [
     {{ name = "team-b", key = "file:{tmp_path / "b.key"}" }},
 ]
 models = ["gpt-4o"]
+{row}
 
 [keys]
 trusted_issuers = ["{public_key_text(ISSUER.public_key())}"]
@@ -350,6 +379,36 @@ def test_the_retry_budget_stops_a_storm(start_egress, keyed, tmp_path):
     assert len(upstream.seen) <= requests + 2 + 0.2 * requests + 1
     found = samples(egress.admin_port)
     assert value(found, "egress_retry_budget_exhausted_total") >= 1
+
+
+def test_x_should_retry_false_is_obeyed_as_the_sdks_obey_it(start_egress, keyed, tmp_path):
+    # openai-python _base_client.py:932-941, anthropic-sdk-python :940-949: "If the server
+    # explicitly says whether or not to retry, obey". A 429 alone would go to the other account.
+    def refused(n: int):
+        return 429, {"x-should-retry": "false", "retry-after": "20"}, _error("rate_limit_exceeded", "Do not retry")
+
+    upstream = keyed({KEY_A: refused, KEY_B: refused})
+    egress = start_egress(accounts_config(upstream, tmp_path))
+    response = chat(egress)
+    assert response.status == 429 and response.error_code == "rate_limit_exceeded"
+    assert response.headers["x-egress-attempts"] == "1"
+    assert len(upstream.seen) == 1  # sent nowhere else
+    found = samples(egress.admin_port)
+    assert value(found, "egress_upstream_attempts_total", outcome="not_retryable") == 1
+
+
+def test_x_should_retry_true_retries_what_the_status_alone_would_not(start_egress, keyed, tmp_path):
+    def conflict_once(n: int):  # a 409, which egress never retries on its own
+        if n == 0:
+            return 409, {"x-should-retry": "true"}, _error("conflict", "Try again")
+        return completion(n)
+
+    upstream = keyed({KEY_A: conflict_once, KEY_B: conflict_once})
+    egress = start_egress(accounts_config(upstream, tmp_path))
+    response = chat(egress)
+    assert response.status == 200
+    assert response.headers["x-egress-attempts"] == "3"  # a, then b, each 409 once; then a again
+    assert sorted((upstream.served(KEY_A), upstream.served(KEY_B))) == [1, 2]
 
 
 def test_a_byo_key_is_never_moved_to_another_account(start_egress, keyed, tmp_path):

@@ -258,6 +258,31 @@ def test_keys_cli_round_trip(tmp_path, fake_provider, ca_file, pool_files):
     assert inspected.returncode == 1 and "status: bad signature" in inspected.stdout
 
 
+def test_keys_cli_agrees_with_the_server_and_refuses_empty_allowlists(keyed, fake_provider, tmp_path):
+    later, _ = mint(ISSUER, "app", now=int(time.time()) + 600)  # signed, but issued in the future
+    within_skew, _ = mint(ISSUER, "app", now=int(time.time()) + 20)
+    config = str(keyed.config_path)
+    inspected = run_egress_cli("keys", "inspect", later, "--config", config)
+    assert inspected.returncode == 1 and inspected.stdout.endswith("status: not yet valid\n"), inspected.stdout
+    assert _error(keyed, later).code == "key_not_yet_valid"  # what the server says of it
+    inspected = run_egress_cli("keys", "inspect", within_skew, "--config", config)
+    assert inspected.returncode == 0 and inspected.stdout.endswith("status: valid\n"), inspected.stdout
+    expired, _ = mint(ISSUER, "app", ttl_seconds=60, now=1_700_000_000)
+    assert run_egress_cli("keys", "inspect", expired, "--config", config).stdout.endswith("status: expired\n")
+    # An allowlist option that names nothing used to mint a key with no allowlist: unrestricted.
+    issuer = tmp_path / "cli-issuer.pem"
+    assert run_egress_cli("keys", "issuer-new", "--out", str(issuer)).returncode == 0
+    for option, message in [
+        (("--models", " , "), "--models names no model"),
+        (("--models", ""), "--models names no model"),
+        (("--providers", ","), "--providers names no provider"),
+    ]:
+        minted = run_egress_cli("keys", "mint", "--issuer-key", str(issuer), "--sub", "app", *option)
+        assert minted.returncode == 2 and message in minted.stderr and minted.stdout == "", minted.stderr
+    minted = run_egress_cli("keys", "mint", "--issuer-key", str(issuer), "--sub", "app", "--models", " gpt-4o* , ")
+    assert minted.returncode == 0 and minted.stdout.startswith("bai_")
+
+
 # -- what an adversarial review found ---------------------------------------------------------
 
 
@@ -365,3 +390,33 @@ def test_a_request_authenticated_before_a_reload_sends_its_pool_key_whole(
         assert client.read_response().status == 200
     sent = fake_provider.requests[-1].header("authorization")
     assert sent in {f"Bearer {pool}" for pool in OPENAI_POOL}, repr(sent)
+
+
+def test_a_virtual_key_request_sends_the_pool_key_and_no_credential_of_the_callers(keyed, fake_provider):
+    """Gemini's x-goog-api-key and `?key=`, Azure OpenAI's api-key: a caller's own key sent beside
+    a virtual key used to reach the provider next to the pool key."""
+    token, _ = mint(ISSUER, "app")
+    callers = {"x-goog-api-key": "sk-caller-goog", "api-key": "sk-caller-azure", "Content-Type": "application/json"}
+    body = b'{"model":"gpt-fake","messages":[{"role":"user","content":"hi"}]}'
+    # The rest of the query goes as it came: order, encoding, an empty parameter, a `keys`.
+    query = "?api-version=2024-06-01&key=sk-caller-query&x=%20y+z&&keys=1&%6Bey=sk-caller-encoded"
+    cases = [
+        ("/openai/v1/chat/completions" + query, "/v1/chat/completions?api-version=2024-06-01&x=%20y+z&&keys=1"),
+        ("/v1/chat/completions" + query, "/v1/chat/completions?api-version=2024-06-01&x=%20y+z&&keys=1"),  # by model
+        ("/openai/v1/chat/completions?key=sk-caller-query", "/v1/chat/completions"),
+    ]
+    with RawClient(keyed.port) as client:
+        for target, _ in cases:
+            client.send(request_bytes("POST", target, {"Authorization": f"Bearer {token}", **callers}, body))
+            assert client.read_response("POST").status == 200
+        # A BYO key is the caller's business: everything it sent goes as it came.
+        client.send(request_bytes("POST", "/openai/v1/chat/completions" + query, callers, body))
+        assert client.read_response("POST").status == 200
+    *pooled, byo = fake_provider.requests
+    assert [request.target for request in pooled] == [upstream for _, upstream in cases]
+    for request in pooled:
+        assert request.header("authorization") in {f"Bearer {pool}" for pool in OPENAI_POOL}
+        assert "sk-caller" not in repr(request.headers) and token not in repr(request.headers)
+    assert byo.target == "/v1/chat/completions" + query
+    assert byo.header("x-goog-api-key") == "sk-caller-goog" and byo.header("api-key") == "sk-caller-azure"
+    assert_secrets_absent(keyed, token, "sk-caller-goog", "sk-caller-azure", "sk-caller-query")

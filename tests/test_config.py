@@ -200,7 +200,8 @@ def test_deploy_example_states_the_real_defaults():
         example = parse_config(tomllib.load(fh))
     assert example.server == dataclasses.replace(Config().server, listen="0.0.0.0:8787")
     assert example.upstream == Config().upstream
-    assert example.keys == Config().keys
+    # allow_byo is the one other key set otherwise: a listener off loopback must not be an open relay.
+    assert example.keys == dataclasses.replace(Config().keys, allow_byo=False)
     assert example.nats == Config().nats
     assert example.limits == Config().limits
     assert example.usage == Config().usage
@@ -349,6 +350,35 @@ def test_a_nats_token_a_url_parser_would_read_as_a_host_is_refused_unshown(tmp_p
 def test_a_sketch_width_out_of_bounds_is_refused_not_an_allocation_failure(width):
     with pytest.raises(ConfigError, match=r"sketch_width 64\.\.8388608"):
         parse_config({"limits": {"sketch_width": width}})
+
+
+def test_a_tier_takes_the_limits_it_leaves_unset_from_the_default_tier():
+    config = parse_config(
+        tomllib.loads(
+            """
+[limits]
+requests_per_minute = 600
+tokens_per_minute = 1000000
+
+[limits.tiers.batch]
+requests_per_minute = 60
+
+[limits.tiers.bulk]
+tokens_per_minute = 0
+
+[limits.tiers.open]
+"""
+        )
+    )
+    tiers = config.limits.tiers
+    assert (tiers["batch"].requests_per_minute, tiers["batch"].tokens_per_minute) == (60, 1_000_000)
+    assert (tiers["bulk"].requests_per_minute, tiers["bulk"].tokens_per_minute) == (600, 0)  # 0 written: unlimited
+    assert tiers["open"] == config.limits.default_tier
+    # Still strict: a tier's own keys are checked, not hidden by the defaults it takes.
+    with pytest.raises(ConfigError, match=r"unknown key 'limits.tiers.batch.request_per_minute'"):
+        parse_config({"limits": {"tokens_per_minute": 5, "tiers": {"batch": {"request_per_minute": 1}}}})
+    with pytest.raises(ConfigError, match=r"limits.tiers.batch.tokens_per_minute must be a non-negative integer"):
+        parse_config({"limits": {"tokens_per_minute": 5, "tiers": {"batch": {"tokens_per_minute": -1}}}})
 
 
 # Operator paths never echo a secret: they name its place or its source instead.

@@ -7,14 +7,25 @@ also proves that what egress wrote is well-formed.
 from __future__ import annotations
 
 import socket
+import struct
 import time
 
+import orjson
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from egress.vkeys import mint, public_key_text
 from tests.conftest import provider_config, start_fake_provider
-from tests.support import EgressProcess, RawClient, ScriptedUpstream, request_bytes, wait_until
+from tests.support import (
+    EgressProcess,
+    LoopbackServer,
+    RawClient,
+    ScriptedUpstream,
+    _split_request,
+    admin_get,
+    request_bytes,
+    wait_until,
+)
 
 
 @pytest.fixture(scope="module")
@@ -690,7 +701,7 @@ def test_a_refusal_to_head_has_no_body(egress_proc):
     assert received.endswith(b"\r\n\r\n") and received.count(b"\r\n\r\n") == 1, "a body after the head"
 
 
-class ClosingOnReuse:
+class ClosingOnReuse(LoopbackServer):
     """An upstream whose first `pooled` connections each answer one request, slowly enough that
     egress opens them all at once, then close when the next request arrives on them (its keep-alive
     timer firing as the request comes); every later connection answers every request."""
@@ -698,46 +709,25 @@ class ClosingOnReuse:
     OK = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}"
 
     def __init__(self, pooled: int) -> None:
-        import threading
+        self.pooled = pooled
+        super().__init__()
 
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self.listener.getsockname()[1]
-        self.pooled, self.accepted = pooled, 0
-        self.threads = [threading.Thread(target=self._accept, daemon=True)]
-        self.threads[0].start()
+    @property
+    def accepted(self) -> int:
+        return self.connections
 
-    def _accept(self) -> None:
-        import threading
-
-        while True:
+    def _serve(self, conn: socket.socket) -> None:
+        closes_on_reuse = self.connections <= self.pooled  # counted before this thread started
+        for served, _ in enumerate(self._requests(conn, _split_request)):
+            if closes_on_reuse and served:
+                conn.close()  # closed as the next request arrives: it never reached the provider
+                return
+            if closes_on_reuse:
+                time.sleep(0.3)
             try:
-                conn, _ = self.listener.accept()
+                conn.sendall(self.OK)
             except OSError:
                 return
-            self.accepted += 1
-            thread = threading.Thread(target=self._serve, args=(conn, self.accepted <= self.pooled), daemon=True)
-            self.threads.append(thread)
-            thread.start()
-
-    def _serve(self, conn: socket.socket, closes_on_reuse: bool) -> None:
-        with conn:
-            conn.settimeout(10)
-            served = 0
-            try:
-                while data := conn.recv(65536):
-                    if b"\r\n\r\n" not in data:
-                        continue
-                    if closes_on_reuse and served:
-                        return  # closed as the next request arrives: it never reached the provider
-                    if closes_on_reuse:
-                        time.sleep(0.3)
-                    conn.sendall(self.OK)
-                    served += 1
-            except OSError:
-                return
-
-    def stop(self) -> None:
-        self.listener.close()
 
 
 def test_a_request_on_a_pooled_connection_the_upstream_closed_is_retried_on_a_new_one(start_egress):
@@ -745,7 +735,7 @@ def test_a_request_on_a_pooled_connection_the_upstream_closed_is_retried_on_a_ne
     to a new connection, not to the other pooled one, which is as likely to be closing."""
     upstream = ClosingOnReuse(pooled=2)
     try:
-        egress = start_egress(f'[providers.raw]\nbase_url = "http://127.0.0.1:{upstream.port}"\n')
+        egress = start_egress(f'[providers.raw]\nbase_url = "{upstream.base_url}"\n')
         clients = [RawClient(egress.port), RawClient(egress.port)]
         for client in clients:  # both at once: egress opens two upstream connections, then pools both
             client.send(request_bytes("GET", "/raw/v1/models"))
@@ -795,5 +785,96 @@ def test_a_post_the_provider_began_to_answer_is_never_sent_again(start_egress, t
         assert response.status == 502 and response.error_code == "upstream_protocol_error"
         assert response.headers.get("x-egress-attempts") == "1"
         assert [request.split(b" ", 1)[0] for request in upstream.requests] == [b"POST"]
+    finally:
+        upstream.stop()
+
+
+# -- pipelining clients that misbehave ------------------------------------------------------------
+
+
+def test_a_pipelining_client_that_never_reads_holds_bounded_memory(start_egress):
+    """Answers egress gives itself (here /healthz) used to be made and buffered for as long as the
+    client kept sending: ~40 MB/s. Now it stops answering above the write buffer's high mark and
+    holds at most 64 KiB of unread requests, so the client's sends soon block."""
+    egress = start_egress("")
+    before = egress.rss_kib()
+    request = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n" * 500
+    sent = 0
+    with socket.create_connection(("127.0.0.1", egress.port)) as sock:  # and never reads
+        sock.settimeout(0.2)
+        give_up_at = time.monotonic() + 3
+        while time.monotonic() < give_up_at:
+            try:
+                sent += sock.send(request)
+            except TimeoutError:
+                continue  # egress stopped reading for now: the send buffer is full
+        time.sleep(1.0)  # what egress read, it has answered (and buffered) by now
+        grown = egress.rss_kib() - before
+    assert sent < 8 << 20, "egress kept reading a client that never reads"
+    assert grown < 24 * 1024, f"{grown} KiB more after {sent} bytes of pipelined requests"
+
+
+class _HeldOpen(LoopbackServer):
+    """An upstream that reads a request and never answers, noting how long each connection stayed
+    open once its request came: how soon egress aborted it."""
+
+    def __init__(self) -> None:
+        self.open_for: list[float] = []
+        super().__init__()
+
+    def _serve(self, conn: socket.socket) -> None:
+        started = None
+        for _ in self._requests(conn, _split_request):
+            started = time.monotonic()
+        if started is not None and not self._stop.is_set():
+            self.open_for.append(time.monotonic() - started)
+
+
+def test_a_client_that_leaves_with_a_pipelined_request_queued_ends_the_upstream_at_once(start_egress):
+    """The provider is generating (no first byte yet) and a second request waits its turn: the
+    client leaving must still abort the upstream, not leave it to first_byte_timeout."""
+    upstream = _HeldOpen()
+    try:
+        egress = start_egress(f'[providers.raw]\nbase_url = "http://127.0.0.1:{upstream.port}"\n')
+        request = request_bytes("POST", "/raw/v1/chat/completions", {"Authorization": "Bearer x"}, b'{"model":"m"}')
+        with socket.create_connection(("127.0.0.1", egress.port)) as sock:
+            sock.sendall(request * 2)
+            time.sleep(0.5)
+        assert wait_until(lambda: upstream.open_for, timeout=5), "the upstream connection stayed open"
+        assert upstream.open_for[0] < 2.0
+        assert wait_until(lambda: egress.access_records(), timeout=3)
+        assert [(r["status"], r["outcome"]) for r in egress.access_records()] == [(0, "client_gone")]
+    finally:
+        upstream.stop()
+
+
+def test_a_pipelined_request_whose_client_left_is_never_sent(start_egress):
+    """Two pipelined POSTs, then a reset while the first one's answer goes out: the second, whose
+    turn came as the client left, must not go upstream holding a place under the provider's cap
+    that nothing gives back (the cap of 5 was used up for good after a few such clients)."""
+    upstream = ScriptedUpstream([ClosingOnReuse.OK] * 200)
+    try:
+        egress = start_egress(
+            f'[providers.raw]\nbase_url = "{upstream.base_url}"\nmax_concurrent = 5\nqueue_timeout = 1.0\n'
+        )
+        request = request_bytes("POST", "/raw/v1/chat/completions", {"Authorization": "Bearer x"}, b'{"model":"m"}')
+        for _ in range(30):
+            sock = socket.create_connection(("127.0.0.1", egress.port))
+            sock.sendall(request * 2)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            sock.close()
+            time.sleep(0.002)
+
+        def in_flight() -> int:
+            document = orjson.loads(admin_get(egress.admin_port, "/status")[1])
+            return document["providers"]["raw"]["in_flight"]
+
+        assert wait_until(lambda: in_flight() == 0, timeout=5), in_flight()
+        with RawClient(egress.port) as client:
+            client.send(request)
+            assert client.read_response("POST").status == 200
+        # Every request that reached the provider is logged: none went out after its log line.
+        assert wait_until(lambda: len(egress.access_records()) >= 31, timeout=3)
+        assert len(upstream.requests) <= len(egress.access_records())
     finally:
         upstream.stop()

@@ -22,6 +22,7 @@ from egress.hints import (
     parse_retry_after,
     parse_rfc3339,
     read_hints,
+    should_retry,
 )
 
 RECORDINGS = Path(__file__).parent / "recordings"
@@ -737,3 +738,34 @@ def test_hint_names_are_matched_in_any_case_and_a_head_without_one_shares_no_hin
         "requests": 7
     }
     assert read_hints([(b"Server", b"nginx"), (b"Date", b"x")], 0.0) is NO_HINTS
+
+
+# x-should-retry, as openai-python (_base_client.py:932-941) and anthropic-sdk-python (:940-949)
+# read it: `response.headers.get("x-should-retry")` compared with "true" and "false" exactly; httpx
+# joins a repeated field with ", ", which is neither.
+SHOULD_RETRY = [
+    ([], None),
+    ([("x-should-retry", "true")], True),
+    ([("x-should-retry", "false")], False),
+    ([("X-Should-Retry", "false")], False),
+    ([("x-should-retry", " true ")], True),  # optional whitespace is no part of a field value (RFC 9110 §5.5)
+    ([("x-should-retry", "True")], None),
+    ([("x-should-retry", "1")], None),
+    ([("x-should-retry", "")], None),
+    ([("x-should-retry", "true"), ("x-should-retry", "true")], None),
+    ([("retry-after", "2"), ("x-should-retry", "false")], False),
+]
+
+
+@pytest.mark.parametrize(("pairs", "answer"), SHOULD_RETRY)
+def test_should_retry(pairs, answer):
+    assert should_retry(head(*pairs)) is answer
+    assert read_hints(head(*pairs), NOW) == read_hints(
+        head(*(pair for pair in pairs if pair[0].lower() != "x-should-retry")), NOW
+    )
+
+
+def test_should_retry_is_kept_from_the_head():
+    from egress.hints import HINT_NAMES
+
+    assert b"x-should-retry" in HINT_NAMES  # http1.inspect_response keeps it for retries.answered

@@ -1,11 +1,17 @@
-"""Rate limits against the real process: one key over its limit, its neighbours untouched."""
+"""Rate limits against the real process (one key over its limit, its neighbours untouched), and
+the limiter in process where a case needs token counts the fake provider can't make cheaply."""
 
 from __future__ import annotations
+
+from types import SimpleNamespace
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from egress.vkeys import mint, public_key_text
+from egress.config import parse_config
+from egress.errors import EgressError
+from egress.limiter import RateLimiter
+from egress.vkeys import Claims, mint, public_key_text
 from tests.conftest import virtual_key_config
 from tests.support import RawClient, request_bytes
 
@@ -74,3 +80,30 @@ def test_anthropic_dialect_429(limited):
             response = client.read_response("POST")
     assert response.status == 429
     assert response.json()["error"]["type"] == "rate_limit_error" and response.json()["type"] == "error"
+
+
+def test_a_tier_keeps_the_default_limits_it_does_not_set():
+    """README's example: `[limits.tiers.batch] requests_per_minute = 60` under a default token
+    limit. The batch key was limited in requests only, and spent 50 x the default's tokens."""
+    tiers = {"batch": {"requests_per_minute": 2}}
+    limits = parse_config({"limits": {"requests_per_minute": 600, "tokens_per_minute": 1000, "tiers": tiers}}).limits
+    limiter = RateLimiter(limits)
+
+    def exchange(kid: str) -> SimpleNamespace:
+        claims = Claims(kid, "0" * 16, "app", 0, tier="batch")
+        return SimpleNamespace(claims=claims, facts=None, route=None, identity=None, limit_slots=None)
+
+    spender = exchange("00112233445566aa")
+    limiter.admit(spender, "openai", 100.0)
+    limiter.record_tokens(spender, 50_000, 100.5)
+    with pytest.raises(EgressError) as refused:
+        limiter.admit(spender, "openai", 101.0)
+    assert refused.value.code == "rate_limited"
+    assert dict(refused.value.headers)[b"x-ratelimit-limit-tokens"] == b"1000"  # the default's
+    # And the tier's own limit is the one that counts requests.
+    caller = exchange("00112233445566bb")
+    limiter.admit(caller, "openai", 100.0)
+    limiter.admit(caller, "openai", 100.1)
+    with pytest.raises(EgressError) as refused:
+        limiter.admit(caller, "openai", 100.2)
+    assert dict(refused.value.headers)[b"x-ratelimit-limit-requests"] == b"2"

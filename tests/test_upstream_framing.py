@@ -253,6 +253,10 @@ def feed_client(data: bytes) -> tuple[bytes, RecordingTransport, ClientConnectio
         connection.connection_made(transport)
         connection.data_received(data)
         await asyncio.sleep(0)
+        for _ in range(10_000):  # a long pipeline is parsed 64 requests a loop turn
+            if not connection._parse_scheduled:
+                break
+            await asyncio.sleep(0)
         connection._deadline.cancel()
         return b"".join(transport.writes), transport, connection
 
@@ -268,6 +272,27 @@ def test_thousands_of_pipelined_upgrade_requests_in_one_read_are_all_answered():
     written, transport, connection = feed_client(UPGRADE_HEALTHZ * 3000)
     assert written.count(b"HTTP/1.1 200 OK\r\n") == 3000
     assert connection.active is None and not connection._pending and not transport.closing
+
+
+def test_a_long_pipeline_is_answered_a_bounded_number_per_loop_turn():
+    """One read of 3000 pipelined requests is not answered (and logged) in one unbroken run: a
+    bounded number per turn of the loop, so other connections are served in between."""
+
+    async def run():
+        connection, transport = ClientConnection(_server_state()), RecordingTransport()
+        connection.connection_made(transport)
+        connection.data_received(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n" * 3000)
+        first_turn = b"".join(transport.writes).count(b"HTTP/1.1 200 OK\r\n")
+        turns = 0
+        while connection._parse_scheduled and turns < 10_000:
+            await asyncio.sleep(0)
+            turns += 1
+        connection._deadline.cancel()
+        return first_turn, turns, b"".join(transport.writes).count(b"HTTP/1.1 200 OK\r\n")
+
+    first_turn, turns, answered = asyncio.run(run())
+    assert first_turn < 1000 and turns > 1, (first_turn, turns)
+    assert answered == 3000
 
 
 def test_an_internal_error_while_answering_closes_the_connection(monkeypatch, capfd):

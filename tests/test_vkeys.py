@@ -105,8 +105,12 @@ def test_any_byte_flipped_anywhere_fails(data):
     assert raised.value.code == "invalid_key"
 
 
+# No allowlist, or one naming at least one provider: mint refuses an empty one.
+ALLOWLISTS = st.none() | st.lists(st.sampled_from(["openai", "groq", "xai"]), min_size=1, max_size=3)
+
+
 @settings(max_examples=50, deadline=None)
-@given(st.text(min_size=1, max_size=40), st.lists(st.sampled_from(["openai", "groq", "xai"]), max_size=3))
+@given(st.text(min_size=1, max_size=40), ALLOWLISTS)
 def test_any_minted_key_verifies_and_an_untrusted_issuer_never_does(sub, providers):
     token, claims = mint(ISSUER, sub, providers=providers)
     assert VERIFIER.verify(token.encode()) == claims
@@ -136,3 +140,10 @@ def test_revocation_and_allowlist_checks():
         with pytest.raises(EgressError) as raised:
             check_claims(claims, 2000, revoked, provider)
         assert raised.value.code == code
+
+
+@pytest.mark.parametrize("allowlist", [{"providers": []}, {"models": []}, {"providers": ["openai"], "models": ()}])
+def test_an_empty_allowlist_is_refused_not_minted_as_none(allowlist):
+    # The key carries no `prv`/`mdl` for an empty list, and a key with none may use everything.
+    with pytest.raises(ValueError, match="must name at least one"):
+        mint(ISSUER, "app", **allowlist)
