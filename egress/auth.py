@@ -7,7 +7,8 @@ raises EgressError: 401 missing_key / invalid_key / key_expired / key_not_yet_va
 
 Order for a `bai_` token (in `Authorization: Bearer` or `x-api-key`, where the Anthropic SDK puts
 it): verify the signature (cached) -> expiry and not-before -> deny-set -> provider allowlist ->
-strip every credential the caller sent (the headers of http1.CREDENTIAL_HEADERS and a `key=` query
+strip every credential the caller sent (the headers of http1.CREDENTIAL_HEADERS, with the billing
+scope headers of POOL_KEY_DROPPED_HEADERS, and a `key=` query
 parameter) -> add a pool key in the provider's own scheme. Expiry and the deny-set are checked on
 every request, cached or not, so a revocation takes effect on the very next request. Any other
 token is the caller's own provider key and passes through untouched, with everything it came with.
@@ -37,7 +38,7 @@ from typing import TYPE_CHECKING
 
 from egress.accounts import Account, AccountTable, account_id
 from egress.errors import EgressError
-from egress.http1 import CREDENTIAL_HEADERS, bearer_token
+from egress.http1 import POOL_KEY_DROPPED_HEADERS, bearer_token
 from egress.providers import without_query_credential
 from egress.secrets import Secret, load_secrets
 from egress.vkeys import PREFIX, Claims, Verifier, parse_public_key
@@ -237,7 +238,9 @@ class Authenticator:
         # Every credential the caller sent goes, in any header or as `?key=`; which account's key
         # replaces them is chosen when the request goes upstream (admission.py), where a busy
         # provider can be waited for.
-        facts.forward_headers = [header for header in facts.forward_headers if header[0] not in CREDENTIAL_HEADERS]
+        facts.forward_headers = [
+            header for header in facts.forward_headers if header[0] not in POOL_KEY_DROPPED_HEADERS
+        ]
         if b"?" in exchange.route.upstream_target:  # rare: most SDKs send no query
             exchange.route = without_query_credential(exchange.route)
         exchange.lease = pool  # keeps the key's bytes alive (unwiped) as long as this exchange

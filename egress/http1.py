@@ -54,6 +54,10 @@ _HOP_BY_HOP_TOKENS = _HOP_BY_HOP | {b"close", b""}
 # egress sends a pool key in a virtual key's place, all of them go (auth.py): a second credential
 # beside the pool key would reach a provider that reads it.
 CREDENTIAL_HEADERS = (b"authorization", b"x-api-key", b"x-goog-api-key", b"api-key")
+# And the headers that pick which of a key's organizations or projects is billed: with the pool
+# key, that is the operator's choice (the key's own scope), never the caller's.
+# https://platform.openai.com/docs/api-reference/authentication (OpenAI-Organization, OpenAI-Project)
+POOL_KEY_DROPPED_HEADERS = (*CREDENTIAL_HEADERS, b"openai-organization", b"openai-project")
 
 # What a request header means to egress; a header not listed is forwarded as it is.
 _HOP, _HOST, _CONTENT_LENGTH, _TRANSFER_ENCODING, _CONNECTION, _EXPECT = range(6)

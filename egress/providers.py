@@ -274,15 +274,26 @@ def _api(target: bytes, provider: Provider) -> str:
 
 
 def _refuse_dot_segments(target: bytes) -> None:
-    """`.` and `..` segments, literal or %2e-encoded, are refused: the target goes upstream
-    verbatim under the provider's base path, and an upstream that resolves them (RFC 3986 §5.2.4,
-    as most servers do) would serve a path outside that base (`/bp/../admin` -> `/admin`). nginx
-    normalises instead; refusing keeps the relay byte for byte. Cached routes skip this."""
-    path = target.split(b"?", 1)[0]
-    if b"/." not in path and b"%2" not in path:
+    """A path that could leave the provider's base path upstream is refused: `.` and `..` segments,
+    literal or %2e-encoded, and `..;x` (a path parameter, as Tomcat reads it). The target goes
+    upstream verbatim under the base path, and an upstream that resolves them (RFC 3986 §5.2.4, as
+    most servers do) would serve a path outside that base (`/bp/../admin` -> `/admin`). So is a
+    slash egress can't see: `%2f` (nginx decodes it before resolving dots) and a backslash, `\\`
+    or `%5c` (WHATWG URL parsers, node's among them, read it as `/`): `/bp/..%2fadmin`. And a
+    fragment, which a request target never has (RFC 9112 §3.2.1). nginx normalises instead;
+    refusing keeps the relay byte for byte. Cached routes skip this."""
+    path, _, query = target.partition(b"?")
+    if b"#" in query:
+        raise EgressError("bad_request", "a request target has no fragment ('#')")
+    if b"/." not in path and b"%" not in path and b"\\" not in path and b";" not in path and b"#" not in path:
         return
-    for segment in path.split(b"/"):
-        if segment.replace(b"%2e", b".").replace(b"%2E", b".") in (b".", b".."):
+    lowered = path.lower()
+    if b"#" in path:
+        raise EgressError("bad_request", "a request target has no fragment ('#')")
+    if b"\\" in path or b"%2f" in lowered or b"%5c" in lowered:
+        raise EgressError("bad_request", "the path must not contain an encoded slash or a backslash")
+    for segment in lowered.split(b"/"):
+        if segment.partition(b";")[0].replace(b"%2e", b".") in (b".", b".."):
             raise EgressError("bad_request", "the path must not contain '.' or '..' segments")
 
 

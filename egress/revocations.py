@@ -143,7 +143,7 @@ async def start_feed(config: NatsConfig, denyset: DenySet) -> tuple[RevocationFe
     else:
         log_event(
             "revocations_start_without_broker",
-            reason="unreachable" if feed.settled.is_set() else "timeout",
+            reason=(feed.last_failure or "unreachable") if feed.settled.is_set() else "timeout",
             last_sequence=denyset.last_sequence,
             deny_set_size=len(denyset),
             waited_ms=waited_ms,
@@ -152,7 +152,7 @@ async def start_feed(config: NatsConfig, denyset: DenySet) -> tuple[RevocationFe
 
 
 class RevocationFeed:
-    __slots__ = ("_config", "_denyset", "_dirty", "_generation", "_writer", "caught_up", "settled")
+    __slots__ = ("_config", "_denyset", "_dirty", "_generation", "_writer", "caught_up", "last_failure", "settled")
 
     def __init__(self, config: NatsConfig, denyset: DenySet) -> None:
         self._config = config
@@ -166,6 +166,7 @@ class RevocationFeed:
         self.caught_up = asyncio.Event()
         # Start-up may go on: caught up, or the first attempt at the broker failed.
         self.settled = asyncio.Event()
+        self.last_failure: str | None = None  # describe_failure of the last attempt that failed
 
     async def run(self) -> None:
         backoff = _FIRST_BACKOFF
@@ -176,7 +177,13 @@ class RevocationFeed:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # any broker trouble: keep serving, retry later
-                log_event("revocations_unavailable", error=type(exc).__name__, retry_in_s=round(backoff, 2))
+                log_event(
+                    "revocations_unavailable",
+                    error=type(exc).__name__,
+                    reason=describe_failure(exc),  # "not authorized" tells a wrong password from a down broker
+                    retry_in_s=round(backoff, 2),
+                )
+                self.last_failure = describe_failure(exc)
                 self.settled.set()
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, self._config.max_reconnect_wait)

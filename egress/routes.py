@@ -25,6 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from typing import TYPE_CHECKING
+from urllib.parse import unquote_to_bytes
 
 import orjson
 
@@ -205,11 +206,37 @@ def _routes_to(routes: ModelRoutes, model: str, provider: Provider) -> bool:
         return False
 
 
-# A multipart form's `model` field (audio transcriptions, image edits): its value up to the boundary.
-_FORM_MODEL = re.compile(
-    rb'content-disposition:[^\r\n]*\bname="model"[^\r\n]*\r\n(?:[^\r\n]+\r\n)*\r\n(.{0,256}?)\r\n--',
-    re.IGNORECASE | re.DOTALL,
-)
+# multipart/form-data (RFC 7578): the boundary, and a Content-Disposition's `name` parameter, as
+# a token, a quoted string or RFC 5987's `name*=charset'lang'value` (what Werkzeug and others read).
+_BOUNDARY = re.compile(rb'boundary=(?:"([^"]{1,200})"|([^";\s]{1,200}))', re.IGNORECASE)
+_DISPOSITION_NAME = re.compile(rb'(?:^|;)\s*name(\*?)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^;\s]*))', re.IGNORECASE)
+_DISPOSITION = b"content-disposition:"
+
+
+def _form_models(body: bytes | bytearray, content_type: bytes) -> list[str] | None:
+    """The values of a multipart form's `model` fields; None when the form can't be read whole."""
+    found = _BOUNDARY.search(content_type)
+    if found is None:
+        return None
+    delimiter = b"--" + (found.group(1) or found.group(2))
+    parts = bytes(body).split(delimiter)
+    if len(parts) < 2 or not parts[-1].startswith(b"--"):
+        return None  # no closing delimiter: not a form a server would read as this one
+    models = []
+    for part in parts[1:-1]:
+        head, blank, value = part.partition(b"\r\n\r\n")
+        if not blank:
+            return None
+        for line in head.split(b"\r\n"):
+            if not line.lower().startswith(_DISPOSITION):
+                continue
+            for star, quoted, token in _DISPOSITION_NAME.findall(line[len(_DISPOSITION) :]):
+                name = re.sub(rb"\\(.)", rb"\1", quoted) if quoted else token
+                if star:  # RFC 5987: charset'language'percent-encoded
+                    name = unquote_to_bytes(name.split(b"'", 2)[-1])
+                if name == b"model":
+                    models.append(value.removesuffix(b"\r\n").decode("utf-8", "replace"))
+    return models
 
 
 def body_models(body: bytes | bytearray, content_type: bytes) -> list[str] | None:
@@ -225,7 +252,7 @@ def body_models(body: bytes | bytearray, content_type: bytes) -> list[str] | Non
         return []
     media = content_type.split(b";", 1)[0].strip().lower()
     if media == b"multipart/form-data":
-        return [value.decode("utf-8", "replace") for value in _FORM_MODEL.findall(body)]
+        return _form_models(body, content_type)
     try:
         document = orjson.loads(body)
     except orjson.JSONDecodeError:

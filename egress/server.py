@@ -298,7 +298,13 @@ class ClientConnection(asyncio.Protocol):
         self.backpressure.resume()
         self._stalled = False
         self._send_deadline.clear()
-        if self.active is None and self._pending and not self.closed:
+        if self.closed:
+            if self.transport.get_write_buffer_size():
+                # Closing, with a tail still unsent: a client that read a little and stopped again
+                # must not hold the connection open, as _close's deadline already made sure once.
+                self._arm_send_deadline()
+            return
+        if self.active is None and self._pending:
             self._run_pending()  # the answers that waited for the client to read
 
     def connection_lost(self, exc: Exception | None) -> None:

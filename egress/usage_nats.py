@@ -21,7 +21,7 @@ from nats.js.errors import NotFoundError
 
 from egress.accesslog import log_event
 from egress.config import NatsConfig, UsageConfig
-from egress.revocations import connect
+from egress.revocations import connect, describe_failure
 from egress.tally import Tally
 
 _FIRST_BACKOFF = 0.2
@@ -66,7 +66,12 @@ class UsagePublisher:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # broker trouble: facts wait in the bounded queue
-                log_event("usage_publisher_unavailable", error=type(exc).__name__, queued=len(self._queue))
+                log_event(
+                    "usage_publisher_unavailable",
+                    error=type(exc).__name__,
+                    reason=describe_failure(exc),
+                    queued=len(self._queue),
+                )
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, self._nats.max_reconnect_wait)
 

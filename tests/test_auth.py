@@ -396,7 +396,14 @@ def test_a_virtual_key_request_sends_the_pool_key_and_no_credential_of_the_calle
     """Gemini's x-goog-api-key and `?key=`, Azure OpenAI's api-key: a caller's own key sent beside
     a virtual key used to reach the provider next to the pool key."""
     token, _ = mint(ISSUER, "app")
-    callers = {"x-goog-api-key": "sk-caller-goog", "api-key": "sk-caller-azure", "Content-Type": "application/json"}
+    callers = {
+        "x-goog-api-key": "sk-caller-goog",
+        "api-key": "sk-caller-azure",
+        # Which organization or project of the pool key is billed is the operator's, not the caller's.
+        "OpenAI-Organization": "org-caller",
+        "OpenAI-Project": "proj-caller",
+        "Content-Type": "application/json",
+    }
     body = b'{"model":"gpt-fake","messages":[{"role":"user","content":"hi"}]}'
     # The rest of the query goes as it came: order, encoding, an empty parameter, a `keys`.
     query = "?api-version=2024-06-01&key=sk-caller-query&x=%20y+z&&keys=1&%6Bey=sk-caller-encoded"
@@ -417,6 +424,8 @@ def test_a_virtual_key_request_sends_the_pool_key_and_no_credential_of_the_calle
     for request in pooled:
         assert request.header("authorization") in {f"Bearer {pool}" for pool in OPENAI_POOL}
         assert "sk-caller" not in repr(request.headers) and token not in repr(request.headers)
+        assert request.header("openai-organization") is None and request.header("openai-project") is None
     assert byo.target == "/v1/chat/completions" + query
     assert byo.header("x-goog-api-key") == "sk-caller-goog" and byo.header("api-key") == "sk-caller-azure"
+    assert byo.header("openai-project") == "proj-caller"
     assert_secrets_absent(keyed, token, "sk-caller-goog", "sk-caller-azure", "sk-caller-query")

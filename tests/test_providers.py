@@ -58,6 +58,24 @@ def test_dot_segments_are_refused(target):
     assert raised.value.code == "bad_request" and "'..'" in raised.value.message
 
 
+@pytest.mark.parametrize(
+    ("target", "says"),
+    [
+        (b"/vllm/..%2fadmin", "encoded slash"),  # nginx decodes %2F, then resolves the dots
+        (b"/vllm/%2e%2e%2Fadmin", "encoded slash"),
+        (b"/vllm/..\\admin", "backslash"),  # WHATWG URL parsers (node) read \\ as /
+        (b"/vllm/%2e%2e%5cadmin", "backslash"),
+        (b"/vllm/..;/admin", "'..'"),  # a path parameter: Tomcat's reading of ..
+        (b"/vllm/v1/x#frag", "fragment"),
+        (b"/vllm/v1/x?y#frag", "fragment"),
+    ],
+)
+def test_slashes_egress_cannot_see_and_fragments_are_refused(target, says):
+    with pytest.raises(EgressError) as raised:
+        ROUTER.resolve(target)
+    assert raised.value.code == "bad_request" and says in raised.value.message
+
+
 def test_target_must_be_origin_form():
     with pytest.raises(EgressError) as raised:
         ROUTER.resolve(b"http://evil.test/openai/v1")

@@ -411,6 +411,34 @@ def test_revoke_refused_by_the_broker_says_so_in_one_line(tmp_path):
     )
 
 
+def test_serve_with_a_wrong_nats_password_says_not_authorized_not_unreachable(tmp_path, fake_provider, ca_file):
+    port = free_port()
+    broker = subprocess.Popen(
+        [
+            *(nats_server_binary(), "-js", "-a", "127.0.0.1", "-p", str(port), "-sd", str(tmp_path / "js")),
+            *("--user", "operator", "--pass", "right-password"),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    egress = None
+    try:
+        assert wait_until(lambda: _accepting(port), timeout=10, interval=0.05)
+        url = f"nats://operator:wrong-password@127.0.0.1:{port}"
+        egress = start(tmp_path, fake_provider, ca_file, url, "wrongpw")
+        events = [orjson.loads(line) for line in egress.stderr_path.read_bytes().splitlines()]
+        started = [e for e in events if e.get("event") == "revocations_start_without_broker"]
+        assert [e["reason"] for e in started] == ["not authorized"], egress.logs()
+        failed = [e for e in events if e.get("event") == "revocations_unavailable"]
+        assert failed and {e["reason"] for e in failed} == {"not authorized"}
+        assert "wrong-password" not in egress.logs()
+    finally:
+        if egress is not None:
+            egress.stop()
+        broker.kill()
+        broker.wait(timeout=10)
+
+
 def _accepting(port: int) -> bool:
     try:
         socket.create_connection(("127.0.0.1", port), timeout=0.2).close()

@@ -131,6 +131,25 @@ def test_an_id_two_providers_serve_is_listed_per_provider():
             b"multipart/form-data; boundary=b",
             ["whisper-1"],
         ),
+        # The `name` parameter as a token and as RFC 5987's name*=, as Werkzeug reads them both.
+        (
+            b"--b\r\nContent-Disposition: form-data; name=model\r\n\r\ngpt-4o\r\n--b--\r\n",
+            b"multipart/form-data; boundary=b",
+            ["gpt-4o"],
+        ),
+        (
+            b"--b\r\nContent-Disposition: form-data; name*=UTF-8''%6Dodel\r\n\r\n" + b"g" * 400 + b"\r\n--b--\r\n",
+            b'multipart/form-data; boundary="b"',
+            ["g" * 400],
+        ),
+        (
+            b'--b\r\nContent-Disposition: form-data; name="file"; filename="model"\r\n\r\nx\r\n--b--\r\n',
+            b"multipart/form-data; boundary=b",
+            [],
+        ),
+        # A form with no closing delimiter, or no boundary: not readable, so not "no model".
+        (b"--b\r\nContent-Disposition: form-data; name=model\r\n\r\ngpt-4o", b"multipart/form-data; boundary=b", None),
+        (b"--b\r\n\r\n--b--", b"multipart/form-data", None),
     ],
 )
 def test_body_models_reads_every_model_as_the_provider_would(body, content_type, models):

@@ -453,3 +453,25 @@ def test_an_informational_response_llhttp_frames_right_is_skipped(scripted, inte
         client.send(request_bytes("GET", "/raw/v1/models"))
         assert client.read_response().body == b"{}"
     assert raw.connections == 1
+
+
+def test_a_closing_connection_whose_client_reads_a_little_then_stops_is_still_cut():
+    """_close waits for the write buffer to drain, bounded by send_timeout. A client that read a
+    little (resume_writing) and stopped again must not hold the connection open for ever."""
+
+    class Buffered(RecordingTransport):
+        def get_write_buffer_size(self) -> int:
+            return 100_000  # a tail the client has not read
+
+    async def run():
+        connection, transport = ClientConnection(_server_state()), Buffered()
+        connection.connection_made(transport)
+        connection.pause_writing()
+        connection._close()
+        connection.resume_writing()  # it read a little
+        armed = connection._stalled and connection._send_deadline is not None
+        connection._send_deadline.cancel()
+        connection._deadline.cancel()
+        return armed
+
+    assert asyncio.run(run())
