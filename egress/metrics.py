@@ -53,7 +53,17 @@ _TOKEN_KINDS = (
 _KIND_NAMES = tuple(kind for kind, _ in _TOKEN_KINDS)
 _token_counts = operator.attrgetter(*(attribute for _, attribute in _TOKEN_KINDS))
 _AUTH_CODES = frozenset(
-    {"missing_key", "invalid_key", "key_expired", "key_revoked", "provider_not_permitted", "no_pool_key"}
+    {
+        "missing_key",
+        "invalid_key",
+        "key_expired",
+        "key_not_yet_valid",
+        "key_revoked",
+        "byo_not_allowed",
+        "too_many_invalid_keys",
+        "provider_not_permitted",
+        "no_pool_key",
+    }
 )
 
 
@@ -120,7 +130,8 @@ class Metrics:
         if ttfb is not None:
             values[at + _TTFB + _bucket(BUCKETS, ttfb)] += 1
             values[at + _TTFB_SUM] += ttfb
-            upstream_ttfb = exchange.upstream_ttfb
+        upstream_ttfb = exchange.upstream_ttfb
+        if upstream_ttfb is not None and ttfb is not None:  # the provider's head, relayed
             values[at + _UPSTREAM_TTFB + _bucket(BUCKETS, upstream_ttfb)] += 1
             values[at + _UPSTREAM_TTFB_SUM] += upstream_ttfb
             streamed = exchange.streamed

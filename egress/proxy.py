@@ -94,6 +94,7 @@ class Exchange:
         "out",
         "out_size",
         "outcome",
+        "provider_elapsed",
         "raw_headers",
         "request",
         "request_id",
@@ -162,6 +163,8 @@ class Exchange:
         self.sent_at = 0.0
         self.upstream_ttfb: float | None = None
         self.upstream_time: float | None = None
+        # The provider's time on attempts dropped for a retry: part of upstream_time, never overhead.
+        self.provider_elapsed = 0.0
         # The head's hint and id headers (http1.inspect_response's `kept`): the provider's id for
         # its response is read off them in the log phase, only when something logs it.
         self.upstream_kept: http1.Headers | tuple = ()
@@ -231,7 +234,6 @@ class Exchange:
         self.framing = framing
         self.head_sent = True
         now = time.monotonic()
-        self.ttfb = now - self.started
         self.upstream_ttfb = now - self.sent_at
         self.streamed = facts.content_type.startswith(b"text/event-stream")
         self.out.append(
@@ -241,6 +243,9 @@ class Exchange:
         )
         if self.account is not None and framing != NO_BODY:
             retries.hold_stream(self, status)
+        if self.held is None:
+            self.ttfb = now - self.started
+        # else: the caller gets the head once the first event is judged (retries.unhold sets it)
 
     def upstream_body(self, data: bytes) -> None:
         if self.held is not None:
@@ -336,7 +341,7 @@ class Exchange:
         if self.framing == CHUNKED:
             self.out.append(b"0\r\n\r\n")
         self.upstream_done = True
-        self.upstream_time = time.monotonic() - self.sent_at
+        self.upstream_time = time.monotonic() - self.sent_at + self.provider_elapsed
         self.upstream_read_done()
 
     def upstream_failed(self, error: EgressError) -> None:
@@ -355,6 +360,10 @@ class Exchange:
             return
         self.client_gone = True
         self.outcome = "client_gone"
+        if self.held is not None:  # its head was held (retries.hold_stream): the caller got nothing
+            self.head_sent = False
+            retries.unhold(self)
+            self.status = 0
         upstream = self.upstream
         if upstream is not None and not self.upstream_done:
             upstream.exchange = None  # its close must not report back to an exchange already settled
@@ -363,6 +372,7 @@ class Exchange:
 
     def forget_response(self) -> None:
         """The answer so far is dropped before any byte of it left (a retry): as if none came."""
+        self.provider_elapsed += time.monotonic() - self.sent_at  # the provider's, not egress's
         self.head_sent = False
         retries.unhold(self)
         self.status = 0
@@ -390,6 +400,7 @@ class Exchange:
             # closes its idle connections, their FINs are in flight together, and the next pooled
             # one is as likely to be closing (RFC 9112 §9.3.1).
             self.attempt = 2
+            self.provider_elapsed += time.monotonic() - self.sent_at
             dispatch(self, fresh=True)
             return
         if (
@@ -401,6 +412,8 @@ class Exchange:
             and (upstream is None or not upstream.received_any)
             and retries.failed(self, failure)
         ):
+            if self.sent_at:
+                self.provider_elapsed += time.monotonic() - self.sent_at  # the failed attempt's wait
             return  # sent again, to another account or after a back-off (retries.py)
         self.settled = True
         try:
@@ -573,7 +586,8 @@ def respond_health(exchange: Exchange) -> None:
 def respond(exchange: Exchange, status: int, body: bytes, extra_headers: tuple = ()) -> None:
     exchange.status = status
     exchange.head_sent = True
-    exchange.bytes_out = len(body)
+    exchange.bytes_out = 0 if exchange.head_request else len(body)  # a HEAD's answer has no body
+    exchange.ttfb = time.monotonic() - exchange.started  # egress's own answer: its head goes now
     exchange.client.transport.write(
         http1.simple_response(
             status,
@@ -601,7 +615,9 @@ def finish(exchange: Exchange) -> None:
         state.waiting.released()
     total = time.monotonic() - exchange.started
     state.metrics.observe(exchange, total)
-    billable = exchange.ttfb is not None and state.metering  # the provider answered
+    # Sent to the provider: it may have generated, whatever came back (a client gone before the
+    # answer gets a fact too, its usage missing for `no_answer`).
+    billable = exchange.sent_at != 0.0 and state.metering
     if state.access_log.enabled or billable:
         # Shared by the access-log line and the usage fact. Milliseconds via int(): round() formats
         # the float to round it, a measurable cost at this rate.
@@ -678,7 +694,9 @@ _BACKGROUND = re.compile(rb'"background"\s*:\s*true')
 def _missing_reason(exchange: Exchange, usage: Usage, meter: UsageMeter | None) -> str | None:
     """Why a response carried no usage, where egress can tell (the billing contract's reasons)."""
     if meter is None:
-        return "not_metered" if exchange.method != b"POST" else usage.reason
+        if exchange.method != b"POST":
+            return "not_metered"
+        return "no_answer" if exchange.upstream_ttfb is None else usage.reason
     if meter.api == OPENAI and meter.streaming and exchange.body_filter is None:
         if exchange.route.provider.stream_usage != "always":
             return "not_requested"  # this provider's chat streams carry usage only when asked

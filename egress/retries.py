@@ -218,6 +218,9 @@ def unhold(exchange: Exchange) -> None:
     """Nothing held any more: the deadline goes too. Left to fire, it kept the exchange (its body,
     its request) alive for `first_event_timeout` after every pooled stream began."""
     exchange.held = None
+    if exchange.head_sent and exchange.ttfb is None:
+        # The head goes to the caller now, with the first event: that is its time to first byte.
+        exchange.ttfb = time.monotonic() - exchange.started
     timer = exchange.hold_timer
     if timer is not None:
         exchange.hold_timer = None

@@ -185,6 +185,9 @@ class ClientConnection(asyncio.Protocol):
             # Refuse the newcomer gracefully; connections already open are left untouched.
             code = "draining" if state.draining else "too_many_connections"
             error = EgressError(code, "egress is shutting down" if state.draining else "too many open connections")
+            # Answered before any request is read, so never through the log phase: counted here,
+            # the signal an operator alerts on under overload (egress_errors_total).
+            state.metrics.tally.add(("errors", "none", code))
             transport.write(
                 http1.simple_response(error.status, render_error(error, "openai"), state.new_request_id(), False)
             )

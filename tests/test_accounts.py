@@ -532,6 +532,7 @@ class _HeldExchange:
         )()
         self.streamed, self.tries, self.settled = True, 1, False
         self.held = self.hold_timer = None
+        self.head_sent, self.ttfb, self.started = True, None, time.monotonic()
         self.relayed: list[bytes] = []
 
     def upstream_body(self, data: bytes) -> None:

@@ -878,3 +878,49 @@ def test_a_pipelined_request_whose_client_left_is_never_sent(start_egress):
         assert len(upstream.requests) <= len(egress.access_records())
     finally:
         upstream.stop()
+
+
+class _SlowFirstEvent(LoopbackServer):
+    """An SSE answer whose head comes at once and whose first event comes `delay` seconds later,
+    as a provider's does: the time to first token is in the wait for the event."""
+
+    def __init__(self, delay: float) -> None:
+        self.delay = delay
+        super().__init__()
+
+    def _serve(self, conn: socket.socket) -> None:
+        for _ in self._requests(conn, _split_request):
+            event = b'data: {"choices":[{"index":0,"delta":{"content":"hi"}}]}\n\ndata: [DONE]\n\n'
+            try:
+                conn.sendall(
+                    b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
+                )
+                time.sleep(self.delay)
+                conn.sendall(b"%x\r\n%s\r\n0\r\n\r\n" % (len(event), event))
+            except OSError:
+                return
+
+
+def test_a_held_streams_time_to_first_byte_is_when_the_caller_got_its_head(start_egress, tmp_path):
+    """A pooled stream's head is held until its first event is judged: the caller's time to first
+    byte (access log, egress_ttfb_seconds) is that moment, not the provider's head's."""
+    upstream = _SlowFirstEvent(0.5)
+    try:
+        (tmp_path / "a.key").write_text("sk-pool-a\n")
+        issuer = Ed25519PrivateKey.generate()
+        egress = start_egress(
+            f'[providers.raw]\nbase_url = "{upstream.base_url}"\npool_keys = ["file:{tmp_path / "a.key"}"]\n'
+            f'[keys]\ntrusted_issuers = ["{public_key_text(issuer.public_key())}"]\n'
+        )
+        headers = {"Authorization": f"Bearer {mint(issuer, 'ttfb')[0]}"}
+        with RawClient(egress.port) as client:
+            started = time.monotonic()
+            client.send(request_bytes("POST", "/raw/v1/chat/completions", headers, b'{"model":"m","stream":true}'))
+            response = client.read_response("POST")
+            took = time.monotonic() - started
+        assert response.status == 200 and took >= 0.5
+        assert wait_until(lambda: egress.access_records(), timeout=3)
+        (record,) = egress.access_records()
+        assert 450 <= record["ttfb_ms"] <= record["total_ms"], record
+    finally:
+        upstream.stop()
