@@ -154,6 +154,28 @@ def test_cut_and_abandoned_streams_yield_partial_facts(metered, fake_provider):
     assert abandoned["estimated_output_tokens"] > 0
 
 
+def test_a_request_whose_client_left_before_the_answer_still_yields_a_fact(metered):
+    """It reached the provider, which may have generated: a fact says so (missing, no_answer), so
+    billing can reconcile with the provider's own invoice."""
+    with RawClient(metered.port) as client:
+        client.send(
+            request_bytes(
+                "POST",
+                "/openai/v1/chat/completions",
+                {"Content-Type": "application/json", "x-fake-scenario": "slow-head"},
+                b'{"model":"gpt-fake","messages":[]}',
+            )
+        )
+        time.sleep(0.3)
+    (fact,) = facts_of(metered, 1)
+    assert (fact["usage"], fact["usage_reason"], fact["outcome"], fact["status"]) == (
+        "missing",
+        "no_answer",
+        "client_gone",
+        0,
+    )
+
+
 def test_token_limit_fed_by_the_meter(metered):
     key, _ = mint(ISSUER, "small-app", tier="small")  # 30 tokens a minute; each call costs 12 + 7
     client = openai.OpenAI(base_url=metered.url + "/openai/v1", api_key=key, max_retries=0)
