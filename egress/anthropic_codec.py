@@ -814,10 +814,20 @@ class AnthropicEvents:
         out: list[bytes] = []
         if not self.ended:
             if self._buffer:  # a last line without its newline
-                self._line(bytes(self._buffer), out)
+                line = bytes(self._buffer)
                 self._buffer.clear()
-            if not self.ended:
-                self._line(b"", out)  # and an event without its blank line
+                if line.strip(b"\r"):
+                    self._line(line, out)
+            if not self.ended and self._data:  # and an event without its blank line
+                payload = b"\n".join(self._data)
+                self._data.clear()
+                try:
+                    orjson.loads(payload)
+                except orjson.JSONDecodeError:
+                    # Cut inside its last event (a close at a byte boundary): not an event, and not
+                    # an error the provider sent. `ended` stays False: the caller sees a cut.
+                    return b"".join(out)
+                self._event(payload, out)
         return b"".join(out)
 
     # -- SSE framing (https://html.spec.whatwg.org/multipage/server-sent-events.html) ------------

@@ -358,6 +358,17 @@ class Exchange:
     def client_left(self) -> None:
         if self.settled:
             return
+        body_filter = self.body_filter
+        if body_filter is not None and body_filter.answered and not self.out:
+            # The caller had its whole answer and closed, as the OpenAI SDK does at [DONE], before
+            # the provider's terminating chunk: a complete response (outcome and usage), though
+            # the provider's tail goes unread and its connection is not pooled.
+            upstream = self.upstream
+            if upstream is not None and not self.upstream_done:
+                upstream.exchange = None
+                upstream.abort()
+            self.settle(None)
+            return
         self.client_gone = True
         self.outcome = "client_gone"
         if self.held is not None:  # its head was held (retries.hold_stream): the caller got nothing
@@ -725,7 +736,8 @@ def emit_usage(
     """
     meter = exchange.meter
     # Complete when the provider's response was, even if the client left before the last write.
-    usage = meter.result(exchange.upstream_done) if meter is not None else Usage()
+    # (or when the caller had its whole answer and closed before the provider's last bytes)
+    usage = meter.result(exchange.upstream_done or exchange.outcome == "complete") if meter is not None else Usage()
     row = exchange.route.provider
     provider = row.name
     if usage.state == MISSING:

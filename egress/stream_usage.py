@@ -49,6 +49,7 @@ class InjectedUsageFilter:
     __slots__ = ("_carry", "_drop_blank")
 
     extra_headers: tuple = ()
+    answered = False  # the filter seam's (proxy.Exchange.client_left): only a translation knows
 
     def __init__(self) -> None:
         self._carry = b""

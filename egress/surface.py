@@ -104,11 +104,12 @@ def _aim(exchange: Exchange, document: dict, target: Target, requested: str, dro
     if translate and surface == "responses":
         shell = responses_codec.response_shell(document, requested, int(time.time()))
         names = responses_codec.namespaced(document)
+        stream = bool(document.get("stream"))
         dropped: list[str] | None = [] if drop_params else None  # the route's drop_params, as on chat
         document, warnings = responses_codec.responses_to_chat(document, dropped=dropped)
         _translate(exchange, document, model, requested, drop_params, dropped or (), responses_codec.responses_param)
         headers = exchange.body_filter.extra_headers + tuple((b"warning", _warning(text)) for text in warnings)
-        exchange.body_filter = TranslatedResponses(shell, names, headers)
+        exchange.body_filter = TranslatedResponses(shell, names, headers, stream)
     elif translate:
         _translate(exchange, document, model, requested, drop_params)
     elif model != document.get("model"):
@@ -249,13 +250,22 @@ class _Translated:
     upstream's retry headers (a 429 stays a 429).
     """
 
-    __slots__ = ("_held", "_status", "_transcoder", "extra_headers")
+    __slots__ = ("_held", "_status", "_stream", "_transcoder", "extra_headers")
 
-    def __init__(self, extra_headers: tuple) -> None:
+    def __init__(self, extra_headers: tuple, stream: bool) -> None:
         self._transcoder = None
         self._held = bytearray()
         self._status = 0
+        self._stream = stream
         self.extra_headers = extra_headers
+
+    @property
+    def answered(self) -> bool:
+        """The caller has its whole answer: the stream's end ([DONE], response.completed) went out.
+        The OpenAI SDK closes at [DONE], before the provider's terminating chunk arrives: that
+        close is the end of a complete response, not a client gone (proxy.Exchange.client_left)."""
+        transcoder = self._transcoder
+        return transcoder is not None and transcoder.ended
 
     def head(self, status: int, content_type: bytes) -> bool:
         self._status = status
@@ -281,6 +291,11 @@ class _Translated:
                 raise EgressError("upstream_protocol_error", "the provider's stream ended before its message_stop")
             return rest
         if 200 <= self._status < 300:
+            if self._stream:
+                # A stream was asked for and a whole message came: relayed as it is, the SDK's
+                # stream would end cleanly with no chunk at all. A cut says the answer was not one,
+                # as a 200 that is not SSE at all does.
+                raise EgressError("upstream_protocol_error", "the provider answered a stream request with no stream")
             try:
                 message = orjson.loads(self._held)
             except orjson.JSONDecodeError:
@@ -303,7 +318,7 @@ class TranslatedChat(_Translated):
     __slots__ = ("_include_usage", "_model")
 
     def __init__(self, model: str, stream: bool, include_usage: bool, dropped: list[bytes]) -> None:
-        super().__init__(((_DROPPED_HEADER, b", ".join(dropped)),) if dropped else ())
+        super().__init__(((_DROPPED_HEADER, b", ".join(dropped)),) if dropped else (), stream)
         self._model = model
         self._include_usage = include_usage
 
@@ -321,8 +336,8 @@ class TranslatedResponses(_Translated):
 
     __slots__ = ("_names", "_shell")
 
-    def __init__(self, shell: dict, names: dict, extra_headers: tuple) -> None:
-        super().__init__(extra_headers)
+    def __init__(self, shell: dict, names: dict, extra_headers: tuple, stream: bool) -> None:
+        super().__init__(extra_headers, stream)
         self._shell = shell
         self._names = names
 
