@@ -201,7 +201,12 @@ class Waiting:
             try:
                 got = BUSY if key in busy else take(exchange, now, ticket=ticket)
                 if got is OK:
-                    proxy.send_first(exchange)  # its ticket was retired with the place taken
+                    if ticket:
+                        # Retired with the place taken, as a rule; but a reload that lifted the
+                        # provider's cap lets take() pass with no gate, and the ticket would stay
+                        # out in the shared line for good, refusing everyone after it.
+                        table.unwait(line, ticket)
+                    proxy.send_first(exchange)
                 elif got is None or now >= deadline:
                     if ticket:
                         table.unwait(line, ticket)  # out of the line before a fallback is tried

@@ -200,7 +200,9 @@ class Exchange:
         else:
             # The rate-limit hints are picked out in the same pass over the head.
             facts = http1.inspect_response(headers, _HINT_AND_ID_NAMES)
+            sent = self.sent_at  # answered() may send the request again, from a new sent_at
             if retries.answered(self, status, facts.kept):
+                self.provider_elapsed += time.monotonic() - sent  # the provider's time, not overhead
                 return  # not relayed: the request goes to another account (retries.py)
         self.upstream_kept = facts.kept  # the provider's response id is among them, read if logged
         content_length = facts.content_length

@@ -490,7 +490,10 @@ class ClientConnection(asyncio.Protocol):
             self._close()
             return
         self._run_pending()
-        if self.active is None and not self.closed:
+        if self.active is None and not self.closed and not self._pending:
+            # Only once the pipeline is empty (answers held back while the client reads slowly
+            # still wait in it): the next request's deadline, and its owed 100 Continue, are its
+            # own turn's, never ahead of an earlier request's answer.
             server = self.state.config.server
             incoming = self.incoming
             if incoming is None:
@@ -558,8 +561,8 @@ class ClientConnection(asyncio.Protocol):
             self.transport.abort()
 
     def _on_deadline(self) -> None:
-        if self.closed or self.active is not None:
-            return
+        if self.closed or self.active is not None or self._pending:
+            return  # a request still to answer: send_timeout bounds a client that does not read
         incoming = self.incoming
         if incoming is None:
             self._close()  # idle keep-alive, or a fresh connection that never spoke

@@ -24,6 +24,7 @@ from egress.accounts import Account, AccountTable, account_id, table_bytes
 from egress.hints import RateHints
 from egress.secrets import Secret
 from egress.vkeys import mint, public_key_text
+from tests import support
 from tests.support import LoopbackServer, RawClient, _split_request, admin_get, request_bytes, samples, value
 
 ISSUER = Ed25519PrivateKey.generate()
@@ -560,3 +561,33 @@ def test_the_first_events_deadline_is_cancelled_once_it_is_judged(reads):
         assert exchange.held is None and exchange.hold_timer is None and timer.cancelled()
     finally:
         loop.close()
+
+
+def test_the_providers_time_on_a_retried_attempt_is_not_egress_overhead(start_egress, tmp_path):
+    """A 429 after 0.4 s, then the other account's 200 after 0.4 s: egress's overhead is its own
+    few milliseconds, not the first attempt's wait (egress_overhead_seconds)."""
+    slow429 = (
+        b"HTTP/1.1 429 Too Many Requests\r\ncontent-type: application/json\r\n"
+        b"retry-after: 5\r\ncontent-length: 2\r\n\r\n{}"
+    )
+    ok = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}"
+
+    class Slow(support.ScriptedUpstream):
+        def _serve(self, conn) -> None:
+            time.sleep(0.4)  # the provider's time before its head, on every attempt
+            super()._serve(conn)
+
+    upstream = Slow([slow429, ok])
+    try:
+        egress = start_egress(accounts_config(upstream, tmp_path))
+        body = orjson.dumps({"model": "gpt-4o", "messages": [{"role": "user", "content": "x"}]})
+        with RawClient(egress.port, timeout=20) as client:
+            headers = {"Authorization": f"Bearer {mint(ISSUER, 'overhead')[0]}"}
+            client.send(request_bytes("POST", "/openai/v1/chat/completions", headers, body))
+            response = client.read_response("POST")
+        assert (response.status, response.headers.get("x-egress-attempts")) == (200, "2")
+        found = samples(egress.admin_port)
+        assert value(found, "egress_request_duration_seconds_sum", provider="openai") >= 0.8
+        assert value(found, "egress_overhead_seconds_sum", provider="openai") < 0.3
+    finally:
+        upstream.stop()

@@ -351,3 +351,51 @@ def test_waiting_requests_are_served_oldest_first_across_workers(start_egress, o
             client.close()
     assert [response.status for response in responses] == [200] * 7
     assert upstream.seen == ["holder", *(f"waiter-{index}" for index in range(6))]
+
+
+def _reloads(egress) -> int:
+    return egress.stderr_path.read_bytes().count(b'"event":"reloaded"')
+
+
+def _reload(egress, text: str) -> None:
+    before = _reloads(egress)
+    egress.config_path.write_text(text)
+    egress.signal(signal.SIGHUP)
+    assert wait_until(lambda: _reloads(egress) > before, timeout=5), egress.logs()
+
+
+def test_a_waiter_whose_cap_a_reload_lifted_leaves_the_line(start_egress, tmp_path):
+    """c2 waits behind c1 (cap 1); a reload lifts the cap and c2 goes; a later reload caps the
+    provider again. c2's ticket must have left the shared line: before, it stayed, and every
+    request after it was refused provider_busy while nothing was in flight."""
+    upstream = OrderedProvider(hung=1)
+    try:
+        extra = "\n[upstream]\nfirst_byte_timeout = 60.0\n"
+
+        def config(row: str) -> str:
+            return accounts_config(upstream, tmp_path, extra=extra, row=row)
+
+        egress = start_egress(config("max_concurrent = 1\nqueue_timeout = 30"))
+        byo = {"Authorization": "Bearer sk-byo-1"}
+
+        def chat(name: str) -> bytes:
+            body = orjson.dumps({"model": "gpt-4o", "messages": [{"role": "user", "content": name}]})
+            return request_bytes("POST", "/openai/v1/chat/completions", byo, body)
+
+        first, waiter = RawClient(egress.port, timeout=30), RawClient(egress.port, timeout=30)
+        first.send(chat("first"))
+        assert wait_until(lambda: len(upstream.seen) == 1, timeout=10)
+        waiter.send(chat("waiter"))
+        time.sleep(0.5)  # it waits, with a ticket in the line
+        _reload(egress, config("max_concurrent = 0\nqueue_timeout = 30"))
+        upstream.release.set()
+        assert first.read_response("POST").status == 200 and waiter.read_response("POST").status == 200
+        first.close()
+        waiter.close()
+        _reload(egress, config("max_concurrent = 1\nqueue_timeout = 3"))
+        with RawClient(egress.port, timeout=30) as later:
+            later.send(chat("later"))
+            response = later.read_response("POST")
+        assert response.status == 200, response.body
+    finally:
+        upstream.stop()

@@ -227,14 +227,15 @@ def test_an_end_with_no_head_taken_is_a_protocol_error_never_a_success():
 # -- in process: the client's parse loop --------------------------------------------------------
 
 
-def _server_state() -> ServerState:
-    config = parse_config(
-        {
-            "providers": {"raw": {"base_url": "http://127.0.0.1:9"}},
-            "server": {"access_log": "off"},
-            "usage": {"enabled": False},
-        }
-    )
+def _server_state(config=None) -> ServerState:
+    if config is None:
+        config = parse_config(
+            {
+                "providers": {"raw": {"base_url": "http://127.0.0.1:9"}},
+                "server": {"access_log": "off"},
+                "usage": {"enabled": False},
+            }
+        )
     usage = config.usage
     return ServerState(
         config,
@@ -475,3 +476,44 @@ def test_a_closing_connection_whose_client_reads_a_little_then_stops_is_still_cu
         return armed
 
     assert asyncio.run(run())
+
+
+def test_a_pipelined_request_held_behind_a_slow_reader_keeps_its_order_and_its_time():
+    """A finishes while the client is not reading; B waits its turn; C's head (Expect: 100-continue)
+    came with B and its body after. C's 100 Continue must not go out before B's answer, and C must
+    not time out while its body waits held: its deadline is its own turn's."""
+    config = parse_config(
+        {
+            "providers": {"raw": {"base_url": "http://127.0.0.1:9"}},
+            "server": {"access_log": "off", "body_timeout": 0.2, "header_timeout": 0.2},
+            "usage": {"enabled": False},
+        }
+    )
+
+    async def run():
+        connection, transport = ClientConnection(_server_state(config)), RecordingTransport()
+        connection.connection_made(transport)
+        first = proxy.Exchange(connection, b"A", time.monotonic())
+        first.keep_alive = True
+        connection.active = first  # A is being answered
+        connection.data_received(
+            b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+            b"POST /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n"
+        )
+        connection.pause_writing()  # the client stops reading A's large answer
+        connection.exchange_finished(first)
+        before = b"".join(transport.writes)
+        connection.data_received(b"hello")
+        await asyncio.sleep(0.4)  # past body_timeout
+        connection.resume_writing()
+        for _ in range(10):
+            await asyncio.sleep(0)
+        connection._deadline.cancel()
+        return before, b"".join(transport.writes), transport.closing
+
+    before, written, closing = asyncio.run(run())
+    assert before == b"", "nothing may go out for B or C before the client reads again"
+    assert b"408" not in written and not closing
+    answer = written.index(b"HTTP/1.1 200 OK")
+    assert written.index(b"HTTP/1.1 100 Continue") > answer, "C's 100 Continue went out before B's answer"
+    assert written.count(b"HTTP/1.1 200 OK") == 2
