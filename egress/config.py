@@ -28,6 +28,7 @@ from urllib.parse import urlsplit
 from egress.errors import EgressError
 from egress.providers import BUILTIN_PROVIDERS, RESERVED_NAMES, STREAM_USAGE_MODES, Provider
 from egress.routes import CAPABILITIES, DEFAULT_ROUTES, Fallback, ModelRoute, ModelRoutes
+from egress.secrets import read_regular_file
 from egress.vkeys import parse_public_key
 
 KiB = 1024
@@ -207,8 +208,7 @@ def read_config_bytes(path: str) -> bytes:
     """The file's bytes, read once; raises ConfigError. A reload under the supervisor reads them
     here once for the whole host and hands the same bytes to every worker (workers.ConfigBox)."""
     try:
-        with open(path, "rb") as fh:
-            raw = fh.read(MAX_CONFIG_BYTES + 1)
+        raw = read_regular_file(path)  # a FIFO would block; a device would never end
     except OSError as exc:
         raise ConfigError(f"cannot read config file {path!r}: {exc.strerror}") from None
     if len(raw) > MAX_CONFIG_BYTES:
@@ -295,9 +295,13 @@ def parse_config(table: dict[str, Any]) -> Config:
     usage = _build(UsageConfig, table.get("usage", {}), "usage")
     if usage.nats_publish and nats.url is None:
         raise ConfigError("usage.nats_publish needs nats.url")
-    parse_listen(server.listen)
+    listen_host, listen_port = parse_listen(server.listen)
     if server.admin_listen != "off":
-        parse_listen(server.admin_listen)
+        admin_host, admin_port = parse_listen(server.admin_listen, "server.admin_listen")
+        if admin_port == listen_port and admin_port != 0 and _hosts_overlap(listen_host, admin_host):
+            # Both bind with SO_REUSEPORT under workers: the kernel would share connections between
+            # the traffic and the admin listener (API calls answered 405, /metrics on the traffic port).
+            raise ConfigError(f"server.admin_listen {server.admin_listen} is server.listen's port: give it its own")
     if server.write_buffer_low > server.write_buffer_high:
         raise ConfigError("server.write_buffer_low must not exceed server.write_buffer_high")
     providers = dict(BUILTIN_PROVIDERS)
@@ -409,6 +413,11 @@ def _build_routes(rows: Any, providers: dict[str, Provider]) -> tuple[ModelRoute
         return DEFAULT_ROUTES
     if not isinstance(rows, list):
         raise ConfigError("routes must be an array of [[routes]] tables")
+    if not rows:
+        # Not "the defaults": every model would be model_not_found. Leave `routes` out for those.
+        raise ConfigError(
+            "routes = [] routes no model: name at least one [[routes]], or leave routes out for the defaults"
+        )
     routes = []
     for index, row in enumerate(rows):
         where = f"routes[{index}]"
@@ -461,8 +470,15 @@ def _fallbacks(entries: Any, where: str) -> tuple[Fallback, ...]:
 _LITERAL_HINT = "a literal key? keys never go in the config file"
 
 
+def _is_visible_ascii(text: str) -> bool:
+    return all(33 <= ord(char) < 127 for char in text)
+
+
 def _is_source(text: str) -> bool:
-    return text.startswith(("env:", "file:")) and len(text) > len("file:")
+    # Something after the prefix: `env:K` (a one-letter variable) is a source too.
+    return (text.startswith("env:") and len(text) > len("env:")) or (
+        text.startswith("file:") and len(text) > len("file:")
+    )
 
 
 def _build_provider(name: str, row: Any, builtin: Provider | None) -> Provider:
@@ -472,7 +488,8 @@ def _build_provider(name: str, row: Any, builtin: Provider | None) -> Provider:
     if name in RESERVED_NAMES:
         # The first path segment names the provider: these segments are egress's own paths.
         raise ConfigError(f"{where}: {name!r} is reserved (egress serves /{name} itself); name the provider otherwise")
-    if not name.replace("-", "").replace("_", "").isalnum() or name != name.lower():
+    # ASCII only: str.isalnum takes any script's letters, and the name goes into paths and labels.
+    if not name.isascii() or not name.replace("-", "").replace("_", "").isalnum() or name != name.lower():
         raise ConfigError(f"{where}: provider names are lowercase letters, digits, '-' and '_', not {name!r}")
     _reject_unknown(row, _PROVIDER_KEYS, where)
     for key in ("base_url", "auth", "dialect"):
@@ -501,8 +518,13 @@ def _build_provider(name: str, row: Any, builtin: Provider | None) -> Provider:
     )
     models = _coerce(row.get("models", list(builtin.models) if builtin else []), "tuple[str, ...]", f"{where}.models")
     api_root = row.get("api_root", builtin.api_root if builtin else "/v1")
-    if not isinstance(api_root, str) or not api_root.startswith("/") or api_root.endswith("/"):
-        raise ConfigError(f"{where}.api_root is a path like /v1 (no trailing slash)")
+    if (
+        not isinstance(api_root, str)
+        or not api_root.startswith("/")
+        or api_root.endswith("/")
+        or not _is_visible_ascii(api_root)
+    ):
+        raise ConfigError(f"{where}.api_root is a path like /v1 (no trailing slash, ASCII with no spaces)")
     default_max_tokens = _coerce(
         row.get("default_max_tokens", builtin.default_max_tokens if builtin else 4096),
         "int",
@@ -536,6 +558,11 @@ def _build_provider(name: str, row: Any, builtin: Provider | None) -> Provider:
         raise ConfigError(f"{where}.base_url host is ASCII with no spaces (an IDN in its xn-- form)")
     if parts.query or parts.fragment or parts.username or parts.password:
         raise ConfigError(f"{where}.base_url must not carry a query, fragment or credentials")
+    if parts.port == 0:
+        raise ConfigError(f"{where}.base_url port 0 is no port to connect to")
+    if not _is_visible_ascii(parts.path):
+        # The path goes into the request line as is: a space or a raw UTF-8 byte breaks every request.
+        raise ConfigError(f"{where}.base_url path is ASCII with no spaces (percent-encode the rest)")
     return Provider(
         name,
         base_url,
@@ -577,11 +604,36 @@ def _build(cls: type, table: Any, where: str) -> Any:
     return cls(**values)
 
 
+# Integers whose 0 would not mean "no limit" but refuse everything (every connection a 503, every
+# body a 413, every virtual key a 429 before its check, every fact dropped): at least 1.
+_AT_LEAST_ONE = frozenset(
+    {
+        "server.max_connections",
+        "server.max_body_bytes",
+        "server.max_request_line_bytes",
+        "server.max_header_bytes",
+        "server.max_header_count",
+        "server.write_buffer_high",
+        "keys.invalid_key_burst",
+        "usage.queue_size",
+        "usage.rotate_bytes",
+    }
+)
+# And at most: a transport's buffer limits are C ints (a larger one made every connection hang).
+_AT_MOST = {"server.write_buffer_high": 1 << 30, "server.write_buffer_low": 1 << 30}
+# Paths and names that can't be empty: "" would open nothing, and the error would name no key.
+_NON_EMPTY = frozenset({"server.access_log", "usage.jsonl", "keys.deny_file", "nats.snapshot", "upstream.ca_file"})
+
+
 def _coerce(value: Any, expected: str, name: str) -> Any:
     # Field types are strings under `from __future__ import annotations`.
     if expected == "int":
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise ConfigError(f"{name} must be a non-negative integer")
+        if value == 0 and name in _AT_LEAST_ONE:
+            raise ConfigError(f"{name} must be at least 1 (0 would refuse everything, not lift the limit)")
+        if value > _AT_MOST.get(name, value):
+            raise ConfigError(f"{name} must be at most {_AT_MOST[name]}")
         return value
     if expected == "float":
         # TOML has nan and inf; a nan deadline is never reached, which would switch a timeout off.
@@ -591,6 +643,8 @@ def _coerce(value: Any, expected: str, name: str) -> Any:
     if expected in ("str", "str | None"):
         if not isinstance(value, str):
             raise ConfigError(f"{name} must be a string")
+        if not value and name in _NON_EMPTY:
+            raise ConfigError(f"{name} must not be empty (leave it out for the default)")
         return value
     if expected == "bool":
         if not isinstance(value, bool):
@@ -603,17 +657,26 @@ def _coerce(value: Any, expected: str, name: str) -> Any:
     raise AssertionError(f"no coercion for {expected}")  # pragma: no cover
 
 
-def parse_listen(listen: str) -> tuple[str, int]:
+def parse_listen(listen: str, setting: str = "server.listen") -> tuple[str, int]:
     """'127.0.0.1:8787' or '[::1]:8787' -> (host, port)."""
     host, sep, port_text = listen.rpartition(":")
-    if not sep or not port_text.isdigit() or not host:
-        raise ConfigError(f"server.listen must be HOST:PORT, not {listen!r}")
+    # isascii: str.isdigit takes superscripts and other scripts' digits, which int() refuses.
+    if not sep or not port_text.isascii() or not port_text.isdigit() or not host:
+        raise ConfigError(f"{setting} must be HOST:PORT, not {listen!r}")
     port = int(port_text)
     if port > 65535:
-        raise ConfigError(f"server.listen port out of range: {port}")
+        raise ConfigError(f"{setting} port out of range: {port}")
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
     return host, port
+
+
+_ANY_HOST = ("0.0.0.0", "::", "")
+
+
+def _hosts_overlap(one: str, other: str) -> bool:
+    """Two listen hosts that can both receive one connection: the same, or either a wildcard."""
+    return one == other or one in _ANY_HOST or other in _ANY_HOST
 
 
 def config_digest(config: Config) -> str:
@@ -645,7 +708,9 @@ def render_config(config: Config) -> str:
     )
     lines.append("")
     for name, tier in limits.tiers.items():
-        lines.append(f"[limits.tiers.{name}]")
+        # A bare key only when TOML takes it as one: `Gold Tier` or `a.b` must be quoted.
+        bare = name and all(char.isascii() and (char.isalnum() or char in "-_") for char in name)
+        lines.append(f"[limits.tiers.{name if bare else _toml_value(name)}]")
         lines.append(f"requests_per_minute = {tier.requests_per_minute}")
         lines.append(f"tokens_per_minute = {tier.tokens_per_minute}")
         lines.append("")

@@ -26,6 +26,7 @@ import time
 
 import orjson
 
+from egress.secrets import read_regular_file
 from egress.tally import Tally
 
 _KID = re.compile(r"[0-9a-f]{16}")
@@ -183,8 +184,7 @@ def parse_deny_file(data: bytes) -> tuple[frozenset[str], tuple[int, ...]]:
 def read_deny_file(path: str) -> tuple[frozenset[str], tuple[int, ...]]:
     """`parse_deny_file` of the file; a missing file is empty, other OSErrors are the caller's."""
     try:
-        with open(path, "rb") as fh:
-            data = fh.read()
+        data = read_regular_file(path)  # a FIFO would block the loop: refused instead
     except FileNotFoundError:
         return frozenset(), ()
     return parse_deny_file(data)

@@ -370,6 +370,8 @@ def _file_fault(path: str, writes: bool) -> str | None:
     a file serve writes must be writable, one it reads readable. A missing file is no fault here."""
     if os.path.isdir(path):
         return "is a directory"
+    if os.path.exists(path) and not os.path.isfile(path):
+        return "is not a regular file (a FIFO or a device would block serve)"
     if os.path.exists(path) and not os.access(path, os.W_OK if writes else os.R_OK):
         return f"is not {'writable' if writes else 'readable'} by this user (uid {os.geteuid()})"
     return None

@@ -8,8 +8,10 @@ file itself, so the config can be printed, committed and logged.
 
 from __future__ import annotations
 
+import errno
 import hmac
 import os
+import stat
 
 
 class SecretSourceError(ValueError):
@@ -46,6 +48,26 @@ class Secret:
         raise TypeError("a Secret can't be pickled")
 
 
+def read_regular_file(path: str) -> bytes:
+    """The bytes of `path`, which must be a regular file: opening a FIFO blocks until a writer
+    comes (the event loop with it, for good), and a device never ends. Opened without blocking,
+    checked, then read; raises OSError naming the file, as open() would."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), path)
+        if not stat.S_ISREG(mode):
+            raise OSError(errno.EINVAL, "not a regular file", path)
+        os.set_blocking(fd, True)
+        chunks = []
+        while chunk := os.read(fd, 1 << 20):
+            chunks.append(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
 def load_secrets(source: str) -> list[Secret]:
     """`env:NAME` -> one secret; `file:PATH` -> one per non-blank, non-comment line."""
     kind, _, where = source.partition(":")
@@ -56,8 +78,7 @@ def load_secrets(source: str) -> list[Secret]:
         return [Secret(value.strip().encode(), source)]
     if kind == "file":
         try:
-            with open(where, "rb") as fh:
-                lines = fh.read().splitlines()
+            lines = read_regular_file(where).splitlines()
         except OSError as exc:
             raise SecretSourceError(f"cannot read key file {where}: {exc.strerror}") from None
         secrets = [Secret(line.strip(), source) for line in lines if line.strip() and not line.startswith(b"#")]

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
+import subprocess
 import tomllib
 from pathlib import Path
 
 import pytest
 
 from egress.config import MAX_CONFIG_BYTES, Config, ConfigError, load_config, parse_config, parse_listen, render_config
-from tests.support import run_egress_cli
+from tests.support import egress_command, run_egress_cli
 
 
 def test_empty_config_is_the_builtin_default():
@@ -441,3 +443,61 @@ def test_a_nested_too_deeply_file_is_a_config_error(tmp_path, value):
     path.write_text(f"x = {value}\n")
     with pytest.raises(ConfigError, match="invalid TOML: nested too deeply"):
         load_config(str(path))
+
+
+# -- values that were accepted, then broke serve ------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("table", "says"),
+    [
+        ({"server": {"listen": "127.0.0.1:27301", "admin_listen": "127.0.0.1:27301"}}, "its own"),
+        ({"server": {"listen": "0.0.0.0:27301", "admin_listen": "127.0.0.1:27301"}}, "its own"),
+        ({"server": {"write_buffer_high": 1 << 31}}, "at most"),
+        ({"server": {"max_connections": 0}}, "at least 1"),
+        ({"server": {"max_body_bytes": 0}}, "at least 1"),
+        ({"server": {"max_header_count": 0}}, "at least 1"),
+        ({"keys": {"invalid_key_burst": 0}}, "at least 1"),
+        ({"usage": {"queue_size": 0}}, "at least 1"),
+        ({"server": {"access_log": ""}}, "must not be empty"),
+        ({"usage": {"jsonl": ""}}, "must not be empty"),
+        ({"providers": {"lok\u00e1l": {"base_url": "http://127.0.0.1:9"}}}, "lowercase letters"),
+        ({"providers": {"x": {"base_url": "http://127.0.0.1:9/\u00e9"}}}, "ASCII"),
+        ({"providers": {"x": {"base_url": "http://127.0.0.1:9/a b"}}}, "ASCII"),
+        ({"providers": {"x": {"base_url": "http://127.0.0.1:0"}}}, "port 0"),
+        ({"providers": {"x": {"base_url": "http://127.0.0.1:9", "api_root": "/v 1"}}}, "api_root"),
+        ({"server": {"listen": "127.0.0.1:80\u2078"}}, "server.listen must be HOST:PORT"),
+        ({"server": {"admin_listen": "OFF"}}, "server.admin_listen must be HOST:PORT"),
+        ({"routes": []}, "routes no model"),
+    ],
+)
+def test_a_value_that_would_break_serve_is_refused_naming_its_key(table, says):
+    with pytest.raises(ConfigError, match=re.escape(says)):
+        parse_config(table)
+
+
+def test_values_near_the_bounds_still_load():
+    config = parse_config(
+        {
+            "server": {"listen": "127.0.0.1:27301", "admin_listen": "127.0.0.1:27302", "max_connections": 1},
+            "providers": {"x": {"base_url": "http://127.0.0.1:9/a%20b", "pool_keys": ["env:K"]}},
+            "limits": {"tiers": {"Gold Tier": {"requests_per_minute": 5}}},
+        }
+    )
+    assert config.providers["x"].pool_keys == ("env:K",)
+    # config check prints TOML that reads back as the same tiers.
+    assert "Gold Tier" in tomllib.loads(render_config(config))["limits"]["tiers"]
+
+
+def test_a_fifo_where_a_file_is_read_is_refused_not_waited_on(tmp_path):
+    """Opening a FIFO blocks until a writer comes: config check (a key file) and serve (the deny
+    file, before binding) hung on one. Now it is refused as not a regular file."""
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    path = tmp_path / "egress.toml"
+    path.write_text(f'[providers.openai]\npool_keys = ["file:{fifo}"]\n[keys]\ndeny_file = "{fifo}"\n')
+    result = subprocess.run(
+        [*egress_command(), "config", "check", str(path)], capture_output=True, text=True, timeout=20
+    )
+    assert result.returncode == 2, result.stderr
+    assert "not a regular file" in result.stderr and "Traceback" not in result.stderr
