@@ -207,32 +207,10 @@ class ClientConnection(asyncio.Protocol):
                 self._reading_paused = True
                 self.transport.pause_reading()
             return
-        if len(data) <= _SLICE:
-            self._feed(data)
+        if len(data) > _SLICE:
+            self._feed_slices(data)
             return
-        # A large read goes to the parser a slice at a time, so that once requests are left
-        # waiting (a pipelining client that does not read its answers) the rest is held unparsed:
-        # a 256 KiB read of tiny requests would otherwise queue thousands of them at once.
-        view = memoryview(data)
-        first = self._completed
-        for start in range(0, len(view), _SLICE):
-            self._feed(view[start : start + _SLICE])
-            if self._parse_failed or self.closed:
-                return
-            rest = view[start + _SLICE :]
-            if not rest:
-                return
-            if not self._holding and self._completed - first >= _TURN_REQUESTS:
-                # Enough requests from one read for one turn of the loop: the rest waits for the
-                # next, so one pipelining client neither starves the others nor makes egress
-                # answer (and log) tens of thousands of requests in one unbroken run.
-                self._holding = True
-                self._release_held()
-            if self._holding:
-                self.data_received(rest)  # held
-                return
-
-    def _feed(self, data: bytes | memoryview) -> None:
+        # A read of at most one slice (most are a request or less): parsed here, with no call more.
         while True:
             completed_before = self._completed
             incoming = self.incoming
@@ -289,6 +267,29 @@ class ClientConnection(asyncio.Protocol):
                     self._fail(EgressError("body_too_large", "request body framing too large"))
                     return
                 self._deadline.set(self.loop.time() + server.body_timeout)
+
+    def _feed_slices(self, data: bytes) -> None:
+        """A large read goes to the parser a slice at a time, so that once requests are left
+        waiting (a pipelining client that does not read its answers) the rest is held unparsed: a
+        256 KiB read of tiny requests would otherwise queue thousands of them at once."""
+        view = memoryview(data)
+        first = self._completed
+        for start in range(0, len(view), _SLICE):
+            self.data_received(view[start : start + _SLICE])  # parsed, or held once holding began
+            if self._parse_failed or self.closed:
+                return
+            rest = view[start + _SLICE :]
+            if not rest:
+                return
+            if not self._holding and self._completed - first >= _TURN_REQUESTS:
+                # Enough requests from one read for one turn of the loop: the rest waits for the
+                # next, so one pipelining client neither starves the others nor makes egress
+                # answer (and log) tens of thousands of requests in one unbroken run.
+                self._holding = True
+                self._release_held()
+            if self._holding:
+                self.data_received(rest)  # held
+                return
 
     def eof_received(self) -> bool:
         return False  # a client that half-closes is treated as gone, as nginx does by default
