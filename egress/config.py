@@ -617,6 +617,7 @@ _AT_LEAST_ONE = frozenset(
         "keys.invalid_key_burst",
         "usage.queue_size",
         "usage.rotate_bytes",
+        "usage.keep_files",  # 0 deleted every fact at each rotation
     }
 )
 # And at most: a transport's buffer limits are C ints (a larger one made every connection hang).

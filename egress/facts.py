@@ -234,6 +234,11 @@ class FactSink:
     def _rotate(self) -> None:
         os.close(self._fd)
         self._fd = -1  # its number may be reused at once (a socket): never write to it again
+        oldest = f"{self._path}.{self._keep}"
+        if os.path.exists(oldest):
+            # Retention (usage.keep_files) ends it now: said, so that facts never shipped elsewhere
+            # are not deleted without a word.
+            log_event("usage_file_rotated_out", path=oldest, bytes=os.path.getsize(oldest), keep_files=self._keep)
         for index in range(self._keep - 1, 0, -1):
             older = f"{self._path}.{index}"
             if os.path.exists(older):

@@ -14,6 +14,7 @@ import re
 import sys
 import time
 from collections import defaultdict
+from collections.abc import Callable
 
 import orjson
 
@@ -76,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--since takes a number and one of s, m, h, d (like 24h), not {args.since!r}")
     cutoff = time.time() - int(match.group(1)) * _SECONDS[match.group(2)]
     skipped: dict[str, int] = {}
-    totals = aggregate(files_of(path), cutoff, _GROUPS[args.by], skipped)
+    totals = aggregate(files_of(path), cutoff, _GROUPS[args.by], skipped, relist=lambda: files_of(path))
     for name, count in skipped.items():
         print(f"egress: skipped {count} unreadable lines in {name}", file=sys.stderr)
     if args.json:
@@ -114,48 +115,90 @@ def _is_fact(fact: object, field: str) -> bool:
 
 
 def aggregate(
-    paths: list[str], cutoff: float, field: str, skipped: dict[str, int] | None = None
+    paths: list[str],
+    cutoff: float,
+    field: str,
+    skipped: dict[str, int] | None = None,
+    relist: Callable[[], list[str]] | None = None,
 ) -> dict[str, dict[str, int]]:
-    """Totals by `field` since `cutoff`; `skipped`, when given, gets the unreadable lines per file."""
+    """Totals by `field` since `cutoff`; `skipped`, when given, gets the unreadable lines per file.
+
+    Files are read by what they are (device and inode), not by name: egress rotates while a
+    report reads (usage.jsonl -> .1 -> .2 ...), and a file renamed between two opens would be read
+    twice under one name and missed under the other. With `relist`, the names are listed again
+    after each pass, and a pass reads only what no earlier one did (a renamed file is not read
+    again; a file that grew is read on from where it stopped), until a pass finds nothing new. Each
+    pass takes whole lines only; a last line without its newline (a write under way, or a crash's
+    torn line) is judged at the end.
+    """
     totals: dict[str, dict[str, int | float]] = defaultdict(lambda: dict.fromkeys(_COLUMNS, 0))
     seen: set[str] = set()
-    for path in paths:
-        bad = 0
-        for line in _lines(path):
-            if not line.strip():
+    done: dict[tuple[int, int], int] = {}  # (device, inode) -> bytes read
+    tails: dict[tuple[int, int], tuple[str, bytes]] = {}
+    bad: dict[str, int] = defaultdict(int)
+
+    def add(path: str, line: bytes) -> None:
+        if not line.strip():
+            return
+        try:
+            fact = orjson.loads(line)
+        except orjson.JSONDecodeError:
+            bad[path] += 1
+            return
+        if not _is_fact(fact, field):
+            bad[path] += 1
+            return
+        if fact["ts"] < cutoff or fact["request_id"] in seen:
+            return
+        seen.add(fact["request_id"])
+        row = totals[fact.get(field) or "-"]
+        row["requests"] += 1
+        for field_name, column in _TOKEN_COLUMNS.items():
+            row[column] += fact.get(field_name) or 0
+        cost = fact.get("provider_cost")
+        if isinstance(cost, int | float) and not isinstance(cost, bool):
+            row["provider_cost"] += cost
+        state = fact.get("usage")
+        if state in _STATES:
+            row[state] += 1
+
+    listing = list(paths)
+    for _ in range(1000):  # bounded: each pass but the last reads something new
+        progressed = False
+        for path in listing:
+            read = _read_on(path, done)
+            if read is None:
                 continue
-            try:
-                fact = orjson.loads(line)
-            except orjson.JSONDecodeError:
-                bad += 1
-                continue
-            if not _is_fact(fact, field):
-                bad += 1
-                continue
-            if fact["ts"] < cutoff or fact["request_id"] in seen:
-                continue
-            seen.add(fact["request_id"])
-            row = totals[fact.get(field) or "-"]
-            row["requests"] += 1
-            for field_name, column in _TOKEN_COLUMNS.items():
-                row[column] += fact.get(field_name) or 0
-            cost = fact.get("provider_cost")
-            if isinstance(cost, int | float) and not isinstance(cost, bool):
-                row["provider_cost"] += cost
-            state = fact.get("usage")
-            if state in _STATES:
-                row[state] += 1
-        if bad and skipped is not None:
-            skipped[path] = bad
+            key, offset, data = read
+            whole = data.rfind(b"\n") + 1
+            done[key] = offset + whole
+            tails[key] = (path, data[whole:])
+            progressed = progressed or whole > 0
+            for line in data[:whole].split(b"\n"):
+                add(path, line)
+        if relist is None or not progressed:
+            break
+        listing = relist()
+    for path, tail in tails.values():
+        add(path, tail)  # a torn last line counts as unreadable; a whole one (no newline yet) as a fact
+    if skipped is not None:
+        skipped.update({path: count for path, count in bad.items() if count})
     return dict(sorted(totals.items()))
 
 
-def _lines(path: str):
+def _read_on(path: str, done: dict) -> tuple[tuple[int, int], int, bytes] | None:
+    """What `path` holds past what was read of the same file (by device and inode), or None."""
     try:
         with open(path, "rb") as fh:
-            yield from fh
-    except FileNotFoundError:  # rotated away since it was listed: its facts are in the next name
-        return
+            status = os.fstat(fh.fileno())
+            key = (status.st_dev, status.st_ino)
+            offset = done.get(key, 0)
+            if status.st_size <= offset:
+                return None
+            fh.seek(offset)
+            return key, offset, fh.read(status.st_size - offset)
+    except FileNotFoundError:  # rotated away since it was listed: the next listing has it
+        return None
 
 
 def render_table(totals: dict[str, dict[str, int]], by: str) -> str:

@@ -459,6 +459,7 @@ def test_a_nested_too_deeply_file_is_a_config_error(tmp_path, value):
         ({"server": {"max_header_count": 0}}, "at least 1"),
         ({"keys": {"invalid_key_burst": 0}}, "at least 1"),
         ({"usage": {"queue_size": 0}}, "at least 1"),
+        ({"usage": {"keep_files": 0}}, "at least 1"),
         ({"server": {"access_log": ""}}, "must not be empty"),
         ({"usage": {"jsonl": ""}}, "must not be empty"),
         ({"providers": {"lok\u00e1l": {"base_url": "http://127.0.0.1:9"}}}, "lowercase letters"),

@@ -292,6 +292,59 @@ def test_report_reads_every_workers_file_and_rotation(tmp_path):
     assert aggregate(files_of(base), 0, "provider")["openai"]["requests"] == 4
 
 
+def test_report_reads_every_fact_when_egress_rotates_while_it_reads(tmp_path, monkeypatch):
+    """Rotation renames usage.jsonl -> .1 -> .2 between two of the report's opens: read by name,
+    the facts that moved into a name already read were missed (a billing job run during traffic
+    got a low bill). Read by inode, and listed again until nothing is new, every fact counts once."""
+    from egress import report
+
+    base = tmp_path / "usage.jsonl"
+
+    def write(path, numbers) -> None:
+        with open(path, "ab") as fh:
+            for number in numbers:
+                fact = {"ts": time.time(), "request_id": f"r{number}", "provider": "p", "usage": "complete"}
+                fh.write(orjson.dumps(fact) + b"\n")
+
+    write(f"{base}.1", range(10))
+    write(base, range(10, 20))
+    real, rotated = report._read_on, []
+
+    def racing(path: str, done: dict):
+        read = real(path, done)
+        if not rotated:  # egress rotates right after the report read its first file
+            rotated.append(path)
+            os.replace(f"{base}.1", f"{base}.2")
+            os.replace(base, f"{base}.1")
+            write(base, range(20, 30))
+        return read
+
+    monkeypatch.setattr(report, "_read_on", racing)
+    totals = report.aggregate(report.files_of(str(base)), 0, "provider", relist=lambda: report.files_of(str(base)))
+    assert totals["p"]["requests"] == 30
+
+
+def test_a_file_retention_ends_is_said(tmp_path, monkeypatch):
+    """keep_files bounds the rotations kept: the oldest goes at the next rotation, with a line
+    that names it, never without a word."""
+    from egress import facts
+
+    logged: list[dict] = []
+    monkeypatch.setattr(facts, "log_event", lambda event, **fields: logged.append({"event": event, **fields}))
+    path = tmp_path / "usage.jsonl"
+
+    async def main():
+        sink = facts.FactSink(str(path), rotate_bytes=10, keep_files=1, queue_size=100)
+        for number in range(3):  # each fact is over rotate_bytes: a rotation after each batch
+            sink.emit(a_fact(number))
+            sink.flush()
+        sink.close()
+
+    asyncio.run(main())
+    gone = [entry for entry in logged if entry["event"] == "usage_file_rotated_out"]
+    assert gone and gone[0]["path"] == f"{path}.1" and gone[0]["bytes"] > 0, logged
+
+
 def test_report_has_cache_write_reasoning_and_cost_and_keeps_the_states_apart(tmp_path):
     from egress.report import aggregate, render_table
 
