@@ -163,11 +163,18 @@ def _input(items: object, warnings: list[str]) -> list[dict]:
         raise _invalid("input must be a string or a non-empty list of items", "input")
     messages: list[dict] = []
     assistant: dict | None = None  # the assistant turn being gathered: reasoning, text, calls
+    # Results of that turn's calls came already (function_call_output). A later call still joins
+    # the turn: an agent appends each result right after its call, and parallel calls sent back as
+    # [call A, output A, call B, output B] are one Anthropic turn, its thinking first (a call moved
+    # to a turn of its own would start with no thinking, which Anthropic refuses). Reasoning or
+    # text after results opens the next turn.
+    answered = False
 
     def turn() -> dict:
-        nonlocal assistant
+        nonlocal assistant, answered
         if assistant is None:
             assistant = {"role": "assistant", "content": None}
+            answered = False
             messages.append(assistant)
         return assistant
 
@@ -180,6 +187,8 @@ def _input(items: object, warnings: list[str]) -> list[dict]:
             role = item.get("role")
             if role == "assistant":
                 text = _assistant_text(item.get("content"), at)
+                if answered:
+                    assistant = None  # after the results: the model's next turn
                 current = turn()
                 if text:
                     if current.get("tool_calls"):
@@ -187,7 +196,11 @@ def _input(items: object, warnings: list[str]) -> list[dict]:
                         # within one message, so a new assistant message keeps it after the call.
                         assistant = None
                         current = turn()
-                    current["content"] = (current["content"] or "") + text
+                    # Each message item its own text part: joined into one string, two paragraphs
+                    # would run together ("First.Second.").
+                    parts = current["content"] or []
+                    parts.append({"type": "text", "text": text})
+                    current["content"] = parts
                 continue
             assistant = None
             if role in ("system", "developer"):
@@ -208,7 +221,7 @@ def _input(items: object, warnings: list[str]) -> list[dict]:
             call = {"id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}}
             turn().setdefault("tool_calls", []).append(call)
         elif kind == "function_call_output":
-            assistant = None
+            answered = assistant is not None
             call_id = item.get("call_id")
             if not isinstance(call_id, str) or not call_id:
                 raise _invalid(f"{at}.call_id is required", f"{at}.call_id")
@@ -219,7 +232,7 @@ def _input(items: object, warnings: list[str]) -> list[dict]:
                 warnings.append(f"{at}: a reasoning item egress did not mint was dropped")
                 continue
             current = turn()
-            if current.get("tool_calls") or current["content"]:
+            if current.get("tool_calls") or current["content"] or answered:
                 assistant = None  # thinking opens a turn (a new Anthropic message keeps the order)
                 current = turn()
             current.setdefault("thinking_blocks", []).extend(blocks)

@@ -106,6 +106,44 @@ def test_reasoning_items_carry_the_exact_blocks_back_and_others_are_dropped_with
     assert body["thinking"] == {"type": "enabled", "budget_tokens": 2048}
 
 
+def test_calls_sent_back_each_followed_by_its_output_stay_one_turn_with_their_thinking():
+    """An agent appends each result right after its call: [thinking, call A, output A, call B,
+    output B]. Split at each output, call B opened a turn with no thinking, which Anthropic refuses
+    ("Expected 'thinking' or 'redacted_thinking', but found 'tool_use'")."""
+    thinking = {"type": "thinking", "thinking": "Both.", "signature": "EqQBsig=="}
+    history = [
+        {"role": "user", "content": "weather and time?"},
+        {"type": "reasoning", "id": "rs_1", "summary": [], "encrypted_content": envelope(thinking)},
+        {"type": "function_call", "call_id": "toolu_1", "name": "get_weather", "arguments": '{"city":"Paris"}'},
+        {"type": "function_call_output", "call_id": "toolu_1", "output": "sunny"},
+        {"type": "function_call", "call_id": "toolu_2", "name": "get_time", "arguments": "{}"},
+        {"type": "function_call_output", "call_id": "toolu_2", "output": "noon"},
+        # The model's next turn: its reasoning opens a turn of its own, after the results.
+        {"type": "reasoning", "id": "rs_2", "summary": [], "encrypted_content": envelope(thinking)},
+        {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "Sunny, noon."}]},
+    ]
+    body, _ = translate({"model": "m", "input": history, "reasoning": {"effort": "low"}})
+    assert [turn["role"] for turn in body["messages"]] == ["user", "assistant", "user", "assistant"]
+    assert body["messages"][1]["content"] == [
+        thinking,
+        {"type": "tool_use", "id": "toolu_1", "name": "get_weather", "input": {"city": "Paris"}},
+        {"type": "tool_use", "id": "toolu_2", "name": "get_time", "input": {}},
+    ]
+    assert [block["tool_use_id"] for block in body["messages"][2]["content"]] == ["toolu_1", "toolu_2"]
+    assert body["messages"][3]["content"] == [thinking, {"type": "text", "text": "Sunny, noon."}]
+
+
+def test_assistant_message_items_sent_back_stay_apart():
+    history = [
+        {"role": "user", "content": "two paragraphs"},
+        {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "First."}]},
+        {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "Second."}]},
+        {"role": "user", "content": "thanks"},
+    ]
+    body, _ = translate({"model": "m", "input": history})
+    assert body["messages"][1]["content"] == [{"type": "text", "text": "First."}, {"type": "text", "text": "Second."}]
+
+
 def test_tools_tool_choice_and_json_schema():
     tool = {"type": "function", "name": "f", "description": "d", "parameters": {"type": "object"}, "strict": True}
     schema = {"type": "object", "properties": {"a": {"type": "string"}}}
