@@ -553,7 +553,7 @@ def _build_provider(name: str, row: Any, builtin: Provider | None) -> Provider:
         hostname = None
     if not hostname or parts.scheme not in ("http", "https"):
         raise ConfigError(f"{where}.base_url must be an absolute http(s) URL like https://host[:port][/path]")
-    if not all(33 <= ord(char) < 127 for char in hostname):
+    if not _is_visible_ascii(hostname):
         # It becomes the Host header and the TLS server name as is.
         raise ConfigError(f"{where}.base_url host is ASCII with no spaces (an IDN in its xn-- form)")
     if parts.query or parts.fragment or parts.username or parts.password:

@@ -31,7 +31,7 @@ from egress.http1 import CHUNKED, NO_BODY, UNTIL_CLOSE
 from egress.metrics import sse_events
 from egress.routes import body_models, check_model
 from egress.stream_usage import InjectedUsageFilter, inject_include_usage
-from egress.usage import MISSING, OPENAI, RESPONSES, Usage, UsageMeter
+from egress.usage import MISSING, MODEL_FIELD, OPENAI, RESPONSES, Usage, UsageMeter
 
 if TYPE_CHECKING:
     import asyncio
@@ -692,12 +692,10 @@ def _text(value: bytes | None) -> str | None:
     return value[: http1.MAX_ID_BYTES].decode("latin-1") if value is not None else None
 
 
-_REQUESTED_MODEL = re.compile(rb'"model"\s*:\s*"((?:[^"\\]|\\.){1,200})"')
-
-
 def requested_model(body: bytes | bytearray) -> str | None:
-    """The `model` a JSON request body names, found without parsing it (the fact, the policy)."""
-    found = _REQUESTED_MODEL.search(body, 0, 65536) if body else None
+    """The `model` a JSON request body names, found without parsing it: the usage fact's, on the
+    log phase's budget. The model policy reads every model as the provider would (routes.body_models)."""
+    found = MODEL_FIELD.search(body, 0, 65536) if body else None
     return found.group(1).decode("utf-8", "replace") if found is not None else None
 
 

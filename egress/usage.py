@@ -78,7 +78,9 @@ _DELTA = {
 _MAX_CARRY = 1 << 20
 _BIG_HEAD = 64 << 10
 _BIG_TAIL = 256 << 10
-_MODEL_IN_HEAD = re.compile(rb'"model"\s*:\s*"((?:[^"\\]|\\.){1,200})"')
+# A `"model": "..."` field found without parsing (the head of a huge event here; a request body's
+# model for its usage fact in proxy.requested_model): one pattern for both.
+MODEL_FIELD = re.compile(rb'"model"\s*:\s*"((?:[^"\\]|\\.){1,200})"')
 # Token counts past this are not counts: refused like a negative one. It also keeps every sum of
 # them (Anthropic's input is three fields) far inside the 64-bit integers orjson writes.
 _MAX_TOKENS = 1 << 40  # spelled out in _int
@@ -375,7 +377,7 @@ class UsageMeter:
                 except ValueError:
                     break
                 document = {"usage": counts}
-                found = _MODEL_IN_HEAD.search(head)
+                found = MODEL_FIELD.search(head)
                 if found is not None:
                     document["model"] = found.group(1).decode("utf-8", "replace")
                 if self._api == ANTHROPIC:
