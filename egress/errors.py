@@ -15,6 +15,7 @@ The stable egress `code` rides inside `error` in both, where the SDKs expose it 
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import orjson
@@ -109,3 +110,10 @@ def render_error(error: EgressError, dialect: str) -> bytes:
 
 class StartupError(Exception):
     """egress can't start: the message says what, where and why (an address and the errno text)."""
+
+
+def cannot_listen(setting: str, address: str, exc: OSError) -> StartupError:
+    """The one line for a listener that can't be had: the setting, the address, the errno's text
+    (asyncio's own message repeats the address). The workers' pre-fork probe and the bind say it alike."""
+    reason = os.strerror(exc.errno) if exc.errno else (exc.strerror or str(exc))
+    return StartupError(f"server.{setting} {address}: cannot listen: {reason}")

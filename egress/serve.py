@@ -29,7 +29,7 @@ from egress.admin import start_admin
 from egress.auth import Authenticator, load_pools, wipe_all_pool_keys
 from egress.config import Config, ConfigError, config_digest, load_config, parse_listen
 from egress.denyset import DenySet, read_deny_file
-from egress.errors import StartupError
+from egress.errors import StartupError, cannot_listen
 from egress.facts import FactSink, worker_path
 from egress.limiter import RateLimiter
 from egress.metrics import Metrics, config_loaded, publish_gauges
@@ -51,9 +51,7 @@ async def _bound(setting: str, address: str, opening):
     try:
         return await opening
     except OSError as exc:
-        # asyncio's own message repeats the address; the errno's text is the reason alone.
-        reason = os.strerror(exc.errno) if exc.errno else (exc.strerror or str(exc))
-        raise StartupError(f"server.{setting} {address}: cannot listen: {reason}") from None
+        raise cannot_listen(setting, address, exc) from None
 
 
 def serve(config: Config, config_path: str | None = None, worker: WorkerContext | None = None) -> int:

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from egress.accesslog import log_event
 from egress.accounts import table_bytes, worker_gone
 from egress.config import MAX_CONFIG_BYTES, Config, ConfigError, parse_listen, read_config_bytes
-from egress.errors import StartupError
+from egress.errors import cannot_listen
 from egress.limiter import shared_bytes_needed
 from egress.sdnotify import notify
 from egress.tally import slab_bytes
@@ -279,8 +279,7 @@ def _ensure_free(setting: str, address: str) -> None:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the workers: TIME_WAIT is no owner
         probe.bind((host, port))
     except OSError as exc:
-        reason = os.strerror(exc.errno) if exc.errno else str(exc)
-        raise StartupError(f"server.{setting} {address}: cannot listen: {reason}") from None
+        raise cannot_listen(setting, address, exc) from None
     finally:
         probe.close()
 
