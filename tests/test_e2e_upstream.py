@@ -115,11 +115,12 @@ def test_an_endless_response_head_is_refused_with_bounded_memory(start_egress, f
 
 @pytest.fixture
 def scripted(start_egress, request):
-    """A ScriptedUpstream with the test's replies, and an egress routing `/raw/` to it."""
+    """A ScriptedUpstream (or `kind`, one of its kind) with the test's replies, and an egress
+    routing `/raw/` to it."""
     started = []
 
-    def start(replies: list, upstream: str = "") -> tuple:
-        raw = ScriptedUpstream(replies)
+    def start(replies: list, upstream: str = "", kind: type = ScriptedUpstream) -> tuple:
+        raw = kind(replies)
         started.append(raw)
         egress = start_egress(f'[upstream]\n{upstream}\n[providers.raw]\nbase_url = "{raw.base_url}"\n')
         return egress, raw

@@ -13,6 +13,7 @@ ScriptedUpstream that answers byte for byte.
 from __future__ import annotations
 
 import asyncio
+import functools
 import socket
 import time
 
@@ -28,6 +29,7 @@ from egress.providers import Router
 from egress.serve import load_denyset
 from egress.server import ClientConnection, ServerState
 from egress.upstream import UpstreamConnection, UpstreamPool
+from tests import test_e2e_upstream
 from tests.support import RawClient, ScriptedUpstream, request_bytes, wait_until
 
 OK_KEEP_ALIVE = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}"
@@ -332,19 +334,13 @@ def _one_request(buffer: bytes):
     return (buffer[: end + 4], buffer[end + 4 :]) if end >= 0 else None
 
 
+scripted = test_e2e_upstream.scripted  # the fixture `paced` builds on
+
+
 @pytest.fixture
-def scripted(start_egress):
-    started = []
-
-    def start(replies: list, upstream: str = "") -> tuple:
-        raw = PacedUpstream(replies)
-        started.append(raw)
-        egress = start_egress(f'[upstream]\n{upstream}\n[providers.raw]\nbase_url = "{raw.base_url}"\n')
-        return egress, raw
-
-    yield start
-    for raw in started:
-        raw.stop()
+def paced(scripted):
+    """test_e2e_upstream's `scripted`, whose replies may also pause (PacedUpstream)."""
+    return functools.partial(scripted, kind=PacedUpstream)
 
 
 def _assert_no_internal_error(egress) -> None:
@@ -361,8 +357,8 @@ def _assert_no_internal_error(egress) -> None:
         ),
     ],
 )
-def test_a_101_is_a_502_and_the_pipelined_request_behind_it_gets_its_own_answer(scripted, reply):
-    egress, _ = scripted([reply, b'HTTP/1.1 200 OK\r\ncontent-length: 9\r\n\r\n{"b":[2]}'])
+def test_a_101_is_a_502_and_the_pipelined_request_behind_it_gets_its_own_answer(paced, reply):
+    egress, _ = paced([reply, b'HTTP/1.1 200 OK\r\ncontent-length: 9\r\n\r\n{"b":[2]}'])
     started = time.monotonic()
     with RawClient(egress.port) as client:
         client.send(request_bytes("GET", "/raw/v1/a") + request_bytes("GET", "/raw/v1/b"))
@@ -387,8 +383,8 @@ def test_a_101_is_a_502_and_the_pipelined_request_behind_it_gets_its_own_answer(
         pytest.param(b"\r\n", True, id="a stray CRLF"),
     ],
 )
-def test_bytes_after_a_response_never_reach_the_next_client(scripted, after, reused):
-    egress, raw = scripted([HI + after, OK_KEEP_ALIVE])
+def test_bytes_after_a_response_never_reach_the_next_client(paced, after, reused):
+    egress, raw = paced([HI + after, OK_KEEP_ALIVE])
     with RawClient(egress.port) as client:
         client.send(request_bytes("GET", "/raw/v1/first"))
         assert client.read_response().body == b"hi"
@@ -401,8 +397,8 @@ def test_bytes_after_a_response_never_reach_the_next_client(scripted, after, reu
     _assert_no_internal_error(egress)
 
 
-def test_bytes_arriving_while_pooled_close_the_connection(scripted):
-    egress, raw = scripted([[HI, 0.3, b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\nEVIL"], OK_KEEP_ALIVE])
+def test_bytes_arriving_while_pooled_close_the_connection(paced):
+    egress, raw = paced([[HI, 0.3, b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\nEVIL"], OK_KEEP_ALIVE])
     with RawClient(egress.port) as client:
         client.send(request_bytes("GET", "/raw/v1/first"))
         assert client.read_response().body == b"hi"
@@ -422,9 +418,9 @@ def test_bytes_arriving_while_pooled_close_the_connection(scripted):
         pytest.param(b"HTTP/1.1 199 X\r\ntransfer-encoding: gzip\r\n\r\n", id="199 gzip"),
     ],
 )
-def test_an_informational_response_with_framing_fields_is_a_502(scripted, interim):
+def test_an_informational_response_with_framing_fields_is_a_502(paced, interim):
     # RFC 9110 §15.2: a 1xx has no content. llhttp would read one, and with it the final response.
-    egress, _ = scripted([[interim + OK_KEEP_ALIVE, 30.0]])
+    egress, _ = paced([[interim + OK_KEEP_ALIVE, 30.0]])
     started = time.monotonic()
     with RawClient(egress.port) as client:
         client.send(request_bytes("GET", "/raw/v1/models"))
@@ -445,8 +441,8 @@ def test_an_informational_response_with_framing_fields_is_a_502(scripted, interi
         pytest.param(b"HTTP/1.1 103 Early Hints\r\ntransfer-encoding: chunked\r\n\r\n", id="103 chunked"),
     ],
 )
-def test_an_informational_response_llhttp_frames_right_is_skipped(scripted, interim):
-    egress, raw = scripted([interim + OK_KEEP_ALIVE, OK_KEEP_ALIVE])
+def test_an_informational_response_llhttp_frames_right_is_skipped(paced, interim):
+    egress, raw = paced([interim + OK_KEEP_ALIVE, OK_KEEP_ALIVE])
     with RawClient(egress.port) as client:
         client.send(request_bytes("GET", "/raw/v1/models"))
         response = client.read_response()
