@@ -537,25 +537,38 @@ def _reasoning_item(item_id: str, block: dict | None, summary: str | None) -> di
     return item
 
 
+def _item_status(stop_reason: object) -> str:
+    """The status of the output item a response's generation ended in: `incomplete` when the
+    response is (cut at max_output_tokens, or refused), as OpenAI marks it. A function call cut
+    there has half a JSON value for arguments: its `completed` would have the caller run it."""
+    return "incomplete" if _ENDINGS.get(stop_reason, ("completed",))[0] == "incomplete" else "completed"
+
+
 def message_to_response(message: dict, shell: dict, names: dict | None = None) -> dict:
     upstream_id = str(message.get("id") or "")
     output = []
-    for index, block in enumerate(message.get("content") or ()):
+    blocks = message.get("content") or ()
+    last = None  # the item the last block made, if it made one: where generation stopped
+    for index, block in enumerate(blocks):
+        last = None
         kind = block.get("type") if isinstance(block, dict) else None
         if kind == "text":
-            output.append(_message_item(mint_id("msg", upstream_id, index), block.get("text") or ""))
+            last = _message_item(mint_id("msg", upstream_id, index), block.get("text") or "")
+            output.append(last)
         elif kind == "tool_use":
             arguments = orjson.dumps(block.get("input") or {}).decode()
             if block.get("name") == JSON_TOOL:
-                output.append(_message_item(mint_id("msg", upstream_id, index), arguments))
+                last = _message_item(mint_id("msg", upstream_id, index), arguments)
             else:
                 item_id = mint_id("fc", upstream_id, index)
-                call = _call_item(item_id, str(block.get("id")), str(block.get("name")), arguments, names=names)
-                output.append(call)
+                last = _call_item(item_id, str(block.get("id")), str(block.get("name")), arguments, names=names)
+            output.append(last)
         elif kind in ("thinking", "redacted_thinking"):
             summary = block.get("thinking") if kind == "thinking" else None
             output.append(_reasoning_item(mint_id("rs", upstream_id, index), block, summary))
         # server tools' blocks: nothing a Responses client of function tools has a place for.
+    if last is not None:
+        last["status"] = _item_status(message.get("stop_reason"))
     usage = Usage()
     reduce_usage(usage, {}, message, ANTHROPIC)
     return _finished(
@@ -603,6 +616,7 @@ class ResponsesTranscoder(AnthropicEvents):
     __slots__ = (
         "_blocks",
         "_done",
+        "_held",
         "_names",
         "_raw_usage",
         "_sequence",
@@ -621,6 +635,10 @@ class ResponsesTranscoder(AnthropicEvents):
         self._sequence = 0
         self._blocks: dict[object, _Item] = {}
         self._done: list[dict] = []  # items done, in output_index order
+        # The last block stopped, its item's done held until the stop reason says whether
+        # generation ended inside it (max_tokens stops a block like any other: content_block_stop,
+        # then message_delta with the reason). A next block's start releases it, completed.
+        self._held: _Item | None = None
         self._upstream_id = ""
         self._usage = Usage()
         self._raw_usage: dict[str, int] = {}
@@ -652,11 +670,18 @@ class ResponsesTranscoder(AnthropicEvents):
         self._emit("response.created", {"response": self._response("in_progress")}, out)
         self._emit("response.in_progress", {"response": self._response("in_progress")}, out)
 
+    def _release(self, status: str, out: list[bytes]) -> None:
+        held = self._held
+        if held is not None:
+            self._held = None
+            self._close(held, out, status)
+
     def _on_block_start(self, event: dict, out: list[bytes]) -> None:
         block = event.get("content_block")
         index = event.get("index")
         if not isinstance(block, dict) or index.__class__ is not int:
             return
+        self._release("completed", out)  # generation went on past it
         kind = block.get("type")
         position = len(self._done) + len(self._blocks)
         upstream = self._upstream_id
@@ -739,7 +764,11 @@ class ResponsesTranscoder(AnthropicEvents):
     def _on_block_stop(self, event: dict, out: list[bytes]) -> None:
         item = self._blocks.pop(event.get("index"), None)
         if item is not None:
-            self._close(item, out)
+            self._release("completed", out)
+            if item.kind == "reasoning":
+                self._close(item, out)
+            else:
+                self._held = item
 
     def _close(self, item: _Item, out: list[bytes], status: str = "completed") -> None:
         joined = "".join(item.parts)
@@ -752,7 +781,7 @@ class ResponsesTranscoder(AnthropicEvents):
             if not joined:
                 joined = "{}"  # a call without input: its arguments are an empty object
                 self._arguments(item, joined, out)
-            done = _call_item(item.id, item.call_id, item.name, joined, names=self._names)
+            done = _call_item(item.id, item.call_id, item.name, joined, status, self._names)
             # `name` (an extra the SDK's event model allows) as the item names it: a namespace
             # tool's own name, its namespace beside it, never the flattened Anthropic name.
             named = {key: done[key] for key in ("namespace", "name") if key in done}
@@ -777,10 +806,13 @@ class ResponsesTranscoder(AnthropicEvents):
         delta = event.get("delta")
         if isinstance(delta, dict) and delta.get("stop_reason") is not None:
             self._stop_reason = delta["stop_reason"]
+            self._release(_item_status(self._stop_reason), out)
 
     def _on_message_stop(self, event: dict, out: list[bytes]) -> None:
+        status = _item_status(self._stop_reason)
+        self._release(status, out)
         for index in sorted(self._blocks, key=lambda key: self._blocks[key].output_index):
-            self._close(self._blocks[index], out)  # a block never stopped is closed with what came
+            self._close(self._blocks[index], out, status)  # a block never stopped is closed with what came
         self._blocks.clear()
         usage = _usage(self._usage, self._thinking_tokens)
         response = _finished(self._shell, self._upstream_id, self._done, self._stop_reason, usage)
@@ -797,6 +829,7 @@ class ResponsesTranscoder(AnthropicEvents):
             self.started = True
             self._emit("response.created", {"response": self._response("in_progress")}, out)
             self._emit("response.in_progress", {"response": self._response("in_progress")}, out)
+        self._release("completed", out)  # it stopped before the error: whole
         for index in sorted(self._blocks, key=lambda key: self._blocks[key].output_index):
             item = self._blocks[index]
             # The text that came is the client's: its message closes, incomplete. A function call's

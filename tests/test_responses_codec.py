@@ -303,6 +303,12 @@ def test_every_recorded_stream_whole_and_byte_by_byte(name):
             assert item["summary"] == [{"type": "summary_text", "text": block["thinking"]}]
     status = "incomplete" if want["stop"] == "max_tokens" else "completed"
     assert response["status"] == status
+    # Only the item generation ended in is incomplete, when the response is.
+    statuses = [item["status"] for item in output if item["type"] in ("message", "function_call")]
+    if statuses and output[-1]["type"] in ("message", "function_call"):
+        assert statuses[-1] == status
+        statuses.pop()
+    assert set(statuses) <= {"completed"}
     if name in RECORDINGS:
         expected = RECORDINGS[name].meta["expected"]
         assert response["usage"]["input_tokens"] == expected["input_tokens"]
@@ -374,6 +380,76 @@ def test_a_message_and_its_stream_give_the_same_ids():
     assert [item["id"] for item in streamed["output"]] == [item["id"] for item in whole["output"]]
     assert streamed["id"] == whole["id"]
     assert orjson.loads(streamed["output"][1]["arguments"]) == orjson.loads(whole["output"][1]["arguments"])
+
+
+def _cut_calls() -> bytes:
+    """Two parallel calls, the second cut by max_tokens inside its arguments: Anthropic stops the
+    block as usual, and only message_delta's stop reason says it was cut."""
+    return sse(
+        start("msg_cut_call"),
+        tool(0, "toolu_1", "get_weather"),
+        args(0, '{"city": "Paris"}'),
+        stop(0),
+        tool(1, "toolu_2", "get_weather"),
+        args(1, '{"city": "Lon'),
+        stop(1),
+        end("max_tokens", 40),
+        MESSAGE_STOP,
+    )
+
+
+def test_a_call_cut_by_max_tokens_is_incomplete_and_the_calls_before_it_complete():
+    stream = _cut_calls()
+    whole, transcoder = run([stream])
+    assert transcoder.ended
+    assert run([stream[i : i + 1] for i in range(len(stream))])[0] == whole
+    events = parse_sse(whole)
+    response = validate_stream(events)  # the openai SDK's event models, and the schedule
+    assert response["status"] == "incomplete"
+    assert response["incomplete_details"] == {"reason": "max_output_tokens"}
+    assert [(item["call_id"], item["status"]) for item in response["output"]] == [
+        ("toolu_1", "completed"),
+        ("toolu_2", "incomplete"),
+    ]
+    done = [body["item"] for _, body in events if body["type"] == "response.output_item.done"]
+    assert [item["status"] for item in done] == ["completed", "incomplete"]
+    # The first call's done went out when the second began, not held to the end.
+    kinds = [(body["type"], body.get("output_index")) for _, body in events]
+    assert kinds.index(("response.output_item.done", 0)) < kinds.index(("response.output_item.added", 1))
+
+
+def test_a_message_cut_by_max_tokens_is_incomplete_and_one_ended_by_the_model_completed():
+    for reason, status in (("max_tokens", "incomplete"), ("end_turn", "completed"), ("refusal", "incomplete")):
+        stream = sse(
+            start("msg_text"),
+            {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
+            text(0, "Once upon"),
+            stop(0),
+            end(reason, 3),
+            MESSAGE_STOP,
+        )
+        response = validate_stream(parse_sse(run([stream])[0]))
+        assert [item["status"] for item in response["output"]] == [status], reason
+
+
+def test_a_whole_message_cut_by_max_tokens_marks_its_last_item_incomplete():
+    message = {
+        "id": "msg_whole_cut",
+        "type": "message",
+        "role": "assistant",
+        "content": [
+            {"type": "text", "text": "Checking both."},
+            {"type": "tool_use", "id": "toolu_1", "name": "get_weather", "input": {"city": "Paris"}},
+            {"type": "tool_use", "id": "toolu_2", "name": "get_weather", "input": {}},
+        ],
+        "stop_reason": "max_tokens",
+        "usage": {"input_tokens": 10, "output_tokens": 40},
+    }
+    response = message_to_response(message, SHELL)
+    assert response["status"] == "incomplete"
+    assert [item["status"] for item in response["output"]] == ["completed", "completed", "incomplete"]
+    message["stop_reason"] = "tool_use"
+    assert {item["status"] for item in message_to_response(message, SHELL)["output"]} == {"completed"}
 
 
 ERROR = b'event: error\ndata: {"type":"error","error":{"type":"overloaded_error","message":"Overloaded"}}\n\n'
