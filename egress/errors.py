@@ -16,6 +16,7 @@ The stable egress `code` rides inside `error` in both, where the SDKs expose it 
 from __future__ import annotations
 
 import os
+import socket
 from dataclasses import dataclass
 
 import orjson
@@ -115,5 +116,8 @@ class StartupError(Exception):
 def cannot_listen(setting: str, address: str, exc: OSError) -> StartupError:
     """The one line for a listener that can't be had: the setting, the address, the errno's text
     (asyncio's own message repeats the address). The workers' pre-fork probe and the bind say it alike."""
-    reason = os.strerror(exc.errno) if exc.errno else (exc.strerror or str(exc))
+    # A resolver's error (socket.gaierror) numbers its codes apart from errno: os.strerror(-2)
+    # reads "Unknown error -2" where its own text says "Name or service not known".
+    resolver = isinstance(exc, socket.gaierror)
+    reason = os.strerror(exc.errno) if exc.errno and not resolver else (exc.strerror or str(exc))
     return StartupError(f"server.{setting} {address}: cannot listen: {reason}")

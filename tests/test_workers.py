@@ -15,6 +15,7 @@ import orjson
 import pytest
 
 from egress.config import MAX_CONFIG_BYTES
+from egress.errors import cannot_listen
 from egress.workers import ConfigBox
 from tests.conftest import provider_config
 from tests.support import (
@@ -375,6 +376,15 @@ def test_a_port_in_use_is_one_clear_line_and_a_prompt_exit(tmp_path):
     assert code == 1, stderr
     assert f"egress: server.listen 127.0.0.1:{port}: cannot listen: Address already in use" in stderr.splitlines()
     assert seconds < 15
+
+
+def test_a_listen_host_the_resolver_refuses_reads_the_resolver_s_own_words():
+    # getaddrinfo's codes are not errno values: strerror(-2) would read "Unknown error -2".
+    refused = socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+    line = str(cannot_listen("listen", "nosuchhost.invalid:8787", refused))
+    assert line == "server.listen nosuchhost.invalid:8787: cannot listen: Name or service not known"
+    busy = OSError(98, "Address already in use")
+    assert str(cannot_listen("admin_listen", "127.0.0.1:1", busy)).endswith("cannot listen: Address already in use")
 
 
 def test_a_port_in_use_with_workers_is_one_clear_line_before_any_worker_starts(tmp_path):
