@@ -66,6 +66,7 @@ writes about them; citations are dropped with their deltas.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 
 import orjson
@@ -231,6 +232,17 @@ def _sampling(body: dict, out: dict, *, thinking: bool, refuse: _Refusals) -> No
             refuse("top_p", "with reasoning_effort (extended thinking) it must be between 0.95 and 1")
         else:
             out["top_p"] = top_p
+    if "temperature" in out and "top_p" in out:
+        # Anthropic: "You should either alter temperature or top_p, but not both"
+        # (https://docs.anthropic.com/en/api/messages, top_p), and Claude Sonnet 4.5, Haiku 4.5, Opus 4.1
+        # and later refuse the pair ("`temperature` and `top_p` cannot both be specified for this
+        # model", BerriAI/litellm#15097). OpenAI's playground exports both (temperature=..., top_p=1).
+        # top_p 1 keeps the whole distribution and temperature 1 is both APIs' default: either, beside
+        # the other, changes nothing, so it is not sent. Two chosen values go as given.
+        if out["top_p"] == 1:
+            del out["top_p"]
+        elif out["temperature"] == 1:
+            del out["temperature"]
     top_k = body.get("top_k")
     if top_k is not None:
         if top_k.__class__ is not int or top_k < 1:
@@ -496,6 +508,11 @@ def _image(part: dict, at: str) -> dict:
         raise _invalid(f"{at}.image_url.url must be a string", f"{at}.image_url.url")
     if url.startswith("data:"):
         media_type, data = _data_uri(url, at)
+        # "image/jpg" (file-extension and browser code's name for a JPEG) is not a registered type and
+        # Anthropic takes only image/jpeg, image/png, image/gif and image/webp (vision docs; 400
+        # "media_type: Input should be 'image/jpeg', ..."): the same image, by its registered name.
+        if media_type == "image/jpg":
+            media_type = "image/jpeg"
         source = {"type": "base64", "media_type": media_type, "data": data}
     elif url.startswith(("https://", "http://")):
         source = {"type": "url", "url": url}  # Anthropic fetches it; egress never downloads
@@ -585,7 +602,8 @@ def _assistant_blocks(message: dict, where: str, refuse: _Refusals) -> list:
     for index, call in enumerate(tool_calls):
         at = f"{where}.tool_calls[{index}]"
         function = call.get("function") if isinstance(call, dict) else None
-        if not isinstance(function, dict) or not isinstance(call.get("id"), str) or not function.get("name"):
+        tool_id = call.get("id") if isinstance(function, dict) else None
+        if not isinstance(tool_id, str) or not tool_id or not function.get("name"):
             raise _invalid(f"{at} needs an id and a function name", at)
         arguments = function.get("arguments") or "{}"
         try:
@@ -594,8 +612,25 @@ def _assistant_blocks(message: dict, where: str, refuse: _Refusals) -> list:
             raise _invalid(f"{at}.function.arguments is not valid JSON", f"{at}.function.arguments") from None
         if not isinstance(parsed, dict):
             raise _invalid(f"{at}.function.arguments must be a JSON object", f"{at}.function.arguments")
-        blocks.append({"type": "tool_use", "id": call["id"], "name": function["name"], "input": parsed})
+        blocks.append({"type": "tool_use", "id": _tool_id(tool_id), "name": function["name"], "input": parsed})
     return blocks
+
+
+_ID_CHARACTERS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-")
+
+
+def _tool_id(tool_id: str) -> str:
+    """A tool call id as Anthropic takes it: `^[a-zA-Z0-9_-]+$` ("String should match pattern", the
+    400 for anything else). Ids from other providers and clients break it (Kimi's
+    "functions.get_weather:0", MCP-style "server/tool"), and a history carries them back on every
+    turn. An id that fits goes as it is; one that does not gets its other characters replaced and a
+    digest of the whole id appended, the same for its tool_use and its tool_result and on every turn,
+    and distinct for ids that differ only in the replaced characters (LiteLLM's
+    _sanitize_anthropic_tool_use_id replaces alone, so "a.b" and "a:b" become one id)."""
+    if _ID_CHARACTERS.issuperset(tool_id):
+        return tool_id
+    kept = "".join(character if character in _ID_CHARACTERS else "_" for character in tool_id)
+    return f"{kept}_{hashlib.blake2b(tool_id.encode(), digest_size=6).hexdigest()}"
 
 
 def _tool_result(message: dict, where: str) -> dict:
@@ -603,7 +638,7 @@ def _tool_result(message: dict, where: str) -> dict:
     if not isinstance(tool_call_id, str) or not tool_call_id:
         raise _invalid(f"{where}.tool_call_id is required", f"{where}.tool_call_id")
     content = message.get("content")
-    block: dict = {"type": "tool_result", "tool_use_id": tool_call_id}
+    block: dict = {"type": "tool_result", "tool_use_id": _tool_id(tool_call_id)}
     if isinstance(content, str):
         if content:
             block["content"] = content
@@ -740,9 +775,25 @@ def _type_for_status(status: int) -> str:
     return "server_error" if status >= 500 else "invalid_request_error"
 
 
+# How Anthropic words a request that does not fit the model's context window (400
+# invalid_request_error): "prompt is too long: 208656 tokens > 200000 maximum", and "input length and
+# `max_tokens` exceed context limit: 178959 + 64000 > 200000, decrease input length or `max_tokens`
+# and try again" (both quoted from the API in anthropics/claude-code#12186 and docker/docker-agent#569).
+# OpenAI says the same with code "context_length_exceeded" and param "messages", the code clients
+# look for to trim or compact their history and retry (LiteLLM maps both to ContextWindowExceededError).
+_CONTEXT_EXCEEDED = ("prompt is too long", "input length and `max_tokens` exceed context limit")
+
+
 def _openai_error(error: dict, status: int) -> dict:
     kind = error.get("type")
     message = error.get("message")
+    if kind == "invalid_request_error" and isinstance(message, str) and message.startswith(_CONTEXT_EXCEEDED):
+        return {
+            "message": message,
+            "type": "invalid_request_error",
+            "param": "messages",
+            "code": "context_length_exceeded",
+        }
     return {
         "message": message if isinstance(message, str) else "upstream error",
         "type": ERROR_TYPES.get(kind, _type_for_status(status)) if isinstance(kind, str) else _type_for_status(status),
