@@ -18,7 +18,6 @@ A phase that returns a response ends the request early (errors, /healthz).
 
 from __future__ import annotations
 
-import re
 import time
 from typing import TYPE_CHECKING
 
@@ -226,8 +225,14 @@ class Exchange:
         if framing == UNTIL_CLOSE or client.draining:
             self.keep_alive = False
         # Only a POST generates tokens: a GET of a stored response (`/v1/responses/{id}`, a chat
-        # completion read back) carries the usage of the request that made it, billed already.
-        if 200 <= status < 300 and client.state.metering and self.method == b"POST":
+        # completion read back) carries the usage of the request that made it, billed already. But
+        # a background response's tokens come only in the GETs that poll it: those are read too,
+        # and billed once per response id (emit_usage).
+        if (
+            200 <= status < 300
+            and client.state.metering
+            and (self.method == b"POST" or (self.method == b"GET" and self.route.api == RESPONSES))
+        ):
             meter = UsageMeter()
             meter.start(self.route.api, facts.content_type, facts.content_encoding)
             if meter.active:
@@ -699,9 +704,6 @@ def requested_model(body: bytes | bytearray) -> str | None:
     return found.group(1).decode("utf-8", "replace") if found is not None else None
 
 
-_BACKGROUND = re.compile(rb'"background"\s*:\s*true')
-
-
 def _missing_reason(exchange: Exchange, usage: Usage, meter: UsageMeter | None) -> str | None:
     """Why a response carried no usage, where egress can tell (the billing contract's reasons)."""
     if meter is None:
@@ -711,9 +713,9 @@ def _missing_reason(exchange: Exchange, usage: Usage, meter: UsageMeter | None) 
     if meter.api == OPENAI and meter.streaming and exchange.body_filter is None:
         if exchange.route.provider.stream_usage != "always":
             return "not_requested"  # this provider's chat streams carry usage only when asked
-    elif meter.api == RESPONSES and _BACKGROUND.search(exchange.body, 0, 65536) is not None:
-        # `background: true`: the POST answers at once, queued; the tokens are generated later and
-        # reported by the GETs that poll it, which are not metered (each would bill them again).
+    elif usage.background:
+        # `background: true`, still queued or running: the POST answers at once; the tokens are
+        # generated later and reported by the GET that finds it done (or a stream resumed by GET).
         return "background"
     return usage.reason
 
@@ -740,7 +742,9 @@ def emit_usage(
     usage = meter.result(exchange.upstream_done or exchange.outcome == "complete") if meter is not None else Usage()
     row = exchange.route.provider
     provider = row.name
-    if usage.state == MISSING:
+    if meter is not None and exchange.method != b"POST" and not usage.background:
+        usage = Usage(reason="not_metered")  # a stored response read back: its POST billed it
+    elif usage.state == MISSING:
         usage.reason = _missing_reason(exchange, usage, meter)
     identity = exchange.identity or state.limiter.identity(exchange)
     state.limiter.record_tokens(exchange, usage.total_tokens, state.loop_time())
@@ -768,6 +772,9 @@ def emit_usage(
             "estimated_output_tokens": usage.estimated_output_tokens,
             "provider_cost": usage.provider_cost,
             "web_search_requests": usage.web_search_requests,
+            # Every fact of one background response (its POST, each GET, a cancel) carries its id:
+            # bill its tokens once per id, from a complete fact if there is one (the usage report does).
+            "background_response_id": usage.response_id if usage.background else None,
             "usage_reason": usage.reason,
             "status": exchange.status,
             "stream": meter is not None and meter.streaming,

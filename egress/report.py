@@ -14,7 +14,8 @@ import re
 import sys
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from typing import BinaryIO
 
 import orjson
 
@@ -133,9 +134,12 @@ def aggregate(
     """
     totals: dict[str, dict[str, int | float]] = defaultdict(lambda: dict.fromkeys(_COLUMNS, 0))
     seen: set[str] = set()
-    done: dict[tuple[int, int], int] = {}  # (device, inode) -> bytes read
+    done = _Done()
     tails: dict[tuple[int, int], tuple[str, bytes]] = {}
     bad: dict[str, int] = defaultdict(int)
+    # A background response's id -> the fact its tokens are billed from, and that fact's rank: its
+    # tokens come in the GET that finds it done, and every later read repeats them (billed once).
+    background: dict[str, tuple[int, dict]] = {}
 
     def add(path: str, line: bytes) -> None:
         if not line.strip():
@@ -153,52 +157,118 @@ def aggregate(
         seen.add(fact["request_id"])
         row = totals[fact.get(field) or "-"]
         row["requests"] += 1
-        for field_name, column in _TOKEN_COLUMNS.items():
-            row[column] += fact.get(field_name) or 0
-        cost = fact.get("provider_cost")
-        if isinstance(cost, int | float) and not isinstance(cost, bool):
-            row["provider_cost"] += cost
         state = fact.get("usage")
         if state in _STATES:
             row[state] += 1
+        response_id = fact.get("background_response_id")
+        if isinstance(response_id, str):
+            # The first complete fact of the id; failing one, the first with any count (a stream cut).
+            rank = 2 if state == "complete" else 1 if _counts(fact) else 0
+            if rank > background.get(response_id, (0, None))[0]:
+                background[response_id] = (rank, fact)
+            return
+        _add_counts(row, fact)
 
     listing = list(paths)
     for _ in range(1000):  # bounded: each pass but the last reads something new
         progressed = False
         for path in listing:
-            read = _read_on(path, done)
-            if read is None:
-                continue
-            key, offset, data = read
-            whole = data.rfind(b"\n") + 1
-            done[key] = offset + whole
-            tails[key] = (path, data[whole:])
-            progressed = progressed or whole > 0
-            for line in data[:whole].split(b"\n"):
-                add(path, line)
+            for key, consumed, lines, tail, overlong in _read_on(path, done):
+                tails[key] = (path, tail)
+                progressed = progressed or consumed > 0
+                bad[path] += overlong
+                if lines:
+                    for line in lines.split(b"\n"):
+                        add(path, line)
         if relist is None or not progressed:
             break
         listing = relist()
     for path, tail in tails.values():
         add(path, tail)  # a torn last line counts as unreadable; a whole one (no newline yet) as a fact
+    for _, fact in background.values():
+        _add_counts(totals[fact.get(field) or "-"], fact)
     if skipped is not None:
         skipped.update({path: count for path, count in bad.items() if count})
     return dict(sorted(totals.items()))
 
 
-def _read_on(path: str, done: dict) -> tuple[tuple[int, int], int, bytes] | None:
-    """What `path` holds past what was read of the same file (by device and inode), or None."""
+def _add_counts(row: dict[str, int | float], fact: dict) -> None:
+    for field_name, column in _TOKEN_COLUMNS.items():
+        row[column] += fact.get(field_name) or 0
+    cost = fact.get("provider_cost")
+    if isinstance(cost, int | float) and not isinstance(cost, bool):
+        row["provider_cost"] += cost
+
+
+def _counts(fact: dict) -> bool:
+    return any(fact.get(field_name) for field_name in _TOKEN_COLUMNS)
+
+
+# A report holds at most a chunk and a line in memory, however large the files: a usage file is
+# rotated at usage.rotate_bytes, which may be set to gigabytes, and each was read whole before.
+CHUNK_BYTES = 8 << 20
+# A fact is a few KiB; the longest egress could write holds a model name out of a metered JSON
+# body (usage._MAX_JSON, 8 MiB), escaped. A longer "line" is not a fact: skipped, not held.
+MAX_LINE_BYTES = 64 << 20
+
+
+class _Done(dict):
+    """(device, inode) -> bytes read of that file; `skipping`: the files whose next bytes finish
+    an over-long line."""
+
+    __slots__ = ("skipping",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.skipping: set[tuple[int, int]] = set()
+
+
+def _read_on(path: str, done: _Done) -> Iterator[tuple[tuple[int, int], int, bytes, bytes, bool]]:
+    """What `path` holds past what was read of the same file (by device and inode), as chunks of
+    whole lines: (key, bytes consumed, the lines, the unfinished line after them, whether a line
+    over MAX_LINE_BYTES was skipped) each. `done[key]` moves on past each chunk's whole lines. The
+    file is opened now, and read as the chunks are taken."""
     try:
-        with open(path, "rb") as fh:
-            status = os.fstat(fh.fileno())
-            key = (status.st_dev, status.st_ino)
-            offset = done.get(key, 0)
-            if status.st_size <= offset:
-                return None
-            fh.seek(offset)
-            return key, offset, fh.read(status.st_size - offset)
+        fh = open(path, "rb")  # noqa: SIM115  (closed by _chunks)
     except FileNotFoundError:  # rotated away since it was listed: the next listing has it
-        return None
+        return iter(())
+    return _chunks(fh, done)
+
+
+def _chunks(fh: BinaryIO, done: _Done) -> Iterator[tuple[tuple[int, int], int, bytes, bytes, bool]]:
+    with fh:
+        status = os.fstat(fh.fileno())
+        key = (status.st_dev, status.st_ino)
+        offset = done.get(key, 0)
+        skipping = done.skipping
+        end = status.st_size  # what was written by now; later writes are the next pass's
+        fh.seek(offset)
+        carry = b""
+        while offset + len(carry) < end:
+            chunk = fh.read(min(CHUNK_BYTES, end - offset - len(carry)))
+            if not chunk:
+                return  # truncated under us
+            start = offset
+            if key in skipping:  # the rest of an over-long line, up to its newline
+                newline = chunk.find(b"\n")
+                if newline < 0:
+                    offset = done[key] = offset + len(chunk)
+                    yield key, offset - start, b"", b"", False
+                    continue
+                skipping.discard(key)
+                offset += newline + 1
+                chunk = chunk[newline + 1 :]
+            data = carry + chunk if carry else chunk
+            whole = data.rfind(b"\n") + 1
+            lines, carry = data[:whole], data[whole:]
+            offset += whole
+            overlong = len(carry) > MAX_LINE_BYTES
+            if overlong:
+                skipping.add(key)
+                offset += len(carry)
+                carry = b""
+            done[key] = offset
+            yield key, offset - start, lines, carry, overlong
 
 
 def render_table(totals: dict[str, dict[str, int]], by: str) -> str:

@@ -144,6 +144,10 @@ class Usage:
     estimated_output_tokens: int | None = None
     # Why usage is missing, partial or unparseable, when egress knows: a stable word.
     reason: str | None = None
+    # A Responses API response's id, and whether it runs in the background (`background: true`):
+    # its tokens then come in the GETs that poll it (and a stream resumed by GET), billed once per id.
+    response_id: str | None = None
+    background: bool = False
 
     @property
     def total_tokens(self) -> int:
@@ -431,6 +435,11 @@ def reduce_usage(usage: Usage, raw: dict[str, int], document: dict, api: str) ->
         inner = document.get("response")  # the stream's events wrap the Response object
         if isinstance(inner, dict):
             document = inner
+        response_id = document.get("id")
+        if response_id.__class__ is str:
+            usage.response_id = response_id
+        if document.get("background") is True:
+            usage.background = True
         output = document.get("output")
         if output.__class__ is list:  # the whole Response: its web_search_call items, each billed
             usage.web_search_requests = sum(

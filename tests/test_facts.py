@@ -814,16 +814,84 @@ def test_a_stored_response_read_back_is_not_billed_again(scripted_metered):
     assert (totals["requests"], totals["input_tokens"], totals["output_tokens"]) == (3, 80, 40), totals
 
 
-def test_a_background_response_says_why_its_usage_is_missing(scripted_metered):
-    queued = orjson.dumps({"id": "resp_2", "object": "response", "status": "queued", "model": "gpt-5", "usage": None})
-    reply = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n" % len(queued)
-    egress, _ = scripted_metered([reply + queued])
+def _json_reply(document: dict) -> bytes:
+    body = orjson.dumps(document)
+    return b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n" % len(body) + body
+
+
+@pytest.mark.parametrize(
+    ("facts", "billed"),
+    [
+        # A cut background stream (partial, estimated), then the GET that found it done: the complete one.
+        ([("partial", 900, None, 40), ("complete", 900, 7000, None), ("complete", 900, 7000, None)], (900, 7000, 0)),
+        # Never read again: the cut stream's own counts stand.
+        ([("missing", None, None, None), ("partial", 900, None, 40)], (900, 0, 40)),
+        # Queued and never read: nothing to bill.
+        ([("missing", None, None, None)], (0, 0, 0)),
+    ],
+)
+def test_the_report_bills_a_background_response_once_from_its_best_fact(tmp_path, facts, billed):
+    path = tmp_path / "usage.jsonl"
+    lines = [
+        {"ts": time.time(), "request_id": f"r{index}", "provider": "openai", "usage": state,
+         "input_tokens": given, "output_tokens": made, "estimated_output_tokens": guessed,
+         "background_response_id": "resp_bg"}
+        for index, (state, given, made, guessed) in enumerate(facts)
+    ]  # fmt: skip
+    ordinary = {"ts": time.time(), "request_id": "other", "provider": "openai", "usage": "complete", "input_tokens": 5}
+    path.write_bytes(b"".join(orjson.dumps(line) + b"\n" for line in [*lines, ordinary]))
+    from egress.report import aggregate
+
+    row = aggregate([str(path)], 0, "provider")["openai"]
+    assert row["requests"] == len(facts) + 1
+    assert (row["input_tokens"] - 5, row["output_tokens"], row["estimated_output_tokens"]) == billed
+
+
+def test_a_background_response_is_billed_from_the_get_that_finds_it_done(scripted_metered):
+    """`background: true` answers at once, queued; the tokens come in the GET that finds the response
+    done, or in a stream resumed by GET. Every fact of it carries its id, and the usage report bills
+    the id once, however many times it is read (https://platform.openai.com/docs/guides/background)."""
+    shell = {"id": "resp_bg", "object": "response", "model": "gpt-5", "background": True, "usage": None}
+    done = {**shell, "status": "completed", "usage": {"input_tokens": 900, "output_tokens": 7000}}
+    events = [
+        {"type": "response.in_progress", "sequence_number": 5, "response": {**shell, "status": "in_progress"}},
+        {"type": "response.completed", "sequence_number": 6, "response": done},
+    ]
+    stream = b"".join(b"event: %s\ndata: %s\n\n" % (e["type"].encode(), orjson.dumps(e)) for e in events)
+    resumed = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncontent-length: %d\r\n\r\n" % len(stream)
+    replies = [
+        _json_reply({**shell, "status": "queued"}),
+        _json_reply({**shell, "status": "in_progress"}),
+        _json_reply(done),
+        _json_reply(done),  # read again later
+        resumed + stream,  # a stream resumed by GET after the response ended
+        _json_reply({**done, "id": "resp_fg", "background": False}),  # an ordinary response read back
+    ]
+    egress, _ = scripted_metered(replies)
     with RawClient(egress.port) as client:
         request = b'{"model":"gpt-5","input":"hi","background": true}'
         client.send(request_bytes("POST", "/openai/v1/responses", {"Content-Type": "application/json"}, request))
         assert client.read_response("POST").status == 200
-    fact = facts_of(egress, 1)[0]
-    assert (fact["usage"], fact["usage_reason"]) == ("missing", "background")
+        for target in ["/openai/v1/responses/resp_bg"] * 3 + [
+            "/openai/v1/responses/resp_bg?stream=true&starting_after=4",
+            "/openai/v1/responses/resp_fg",
+        ]:
+            client.send(request_bytes("GET", target))
+            assert client.read_response().status == 200
+    facts = facts_of(egress, 6)
+    assert [(f["usage"], f["usage_reason"], f["input_tokens"], f["output_tokens"]) for f in facts] == [
+        ("missing", "background", None, None),
+        ("missing", "background", None, None),
+        ("complete", None, 900, 7000),
+        ("complete", None, 900, 7000),
+        ("complete", None, 900, 7000),
+        ("missing", "not_metered", None, None),
+    ]
+    assert [f["background_response_id"] for f in facts] == ["resp_bg"] * 5 + [None]
+    report = run_egress_cli("usage", "report", "--config", str(egress.config_path), "--json")
+    assert report.returncode == 0, report.stderr
+    totals = orjson.loads(report.stdout)["openai"]
+    assert (totals["requests"], totals["input_tokens"], totals["output_tokens"]) == (6, 900, 7000), totals
 
 
 def test_a_responses_stream_with_a_huge_final_event_is_metered(scripted_metered):
