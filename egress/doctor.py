@@ -9,7 +9,8 @@ Checks, by id:
   config        the file parses and validates; a failure stops here, as nothing else can be read
   routes        every [[routes]] entry names a configured provider; a route that can never match
                 because an earlier route matches every model it does (`covers`, below)
-  pool_keys     every pool-key source loads; a key file that group or others can read
+  pool_keys     every pool-key source loads, each key one a header can carry (named by its line,
+                never shown); a key file that group or others can read
   state_paths   the directories of the deny file, the NATS snapshot, the usage file and an access
                 log file exist and are writable by this user
   ca_file       [upstream] ca_file exists and holds PEM certificates
@@ -48,7 +49,7 @@ from egress.auth import PoolRotation, load_pools
 from egress.catalog import list_headers, list_target
 from egress.config import Config, ConfigError, load_config, parse_listen, redact_url
 from egress.providers import Provider
-from egress.secrets import SecretSourceError, load_secrets
+from egress.secrets import SecretSourceError, header_fault, load_secrets
 from egress.upstream import make_tls_context
 
 LEVELS = ("ok", "warn", "fail")
@@ -291,7 +292,7 @@ def check_pool_keys(config: Config) -> list[Finding]:
         for index, (source, name) in enumerate(zip(provider.pool_keys, provider.pool_key_names, strict=True)):
             where = f"providers.{provider.name}.pool_keys[{index}]" + (f" ({name})" if name else "")
             details = {"provider": provider.name, "index": index, "source": source}
-            findings += _source_findings("pool_keys", where, source, details)
+            findings += _source_findings("pool_keys", where, source, details, header=True)
     if not findings:
         findings.append(Finding("pool_keys", "ok", "no provider has pool keys"))
     return findings
@@ -304,14 +305,26 @@ def check_byo_hash_key(config: Config) -> list[Finding]:
     return _source_findings("byo_hash_key", "limits.byo_hash_key", source, {"source": source})
 
 
-def _source_findings(check: str, where: str, source: str, details: dict[str, Any]) -> list[Finding]:
+def _source_findings(
+    check: str, where: str, source: str, details: dict[str, Any], header: bool = False
+) -> list[Finding]:
+    """`header`: each key is sent in a header (a pool key), so must be one a header can carry; the
+    BYO hash key is only hashed with, so any bytes do."""
     try:
         secrets = load_secrets(source)
     except SecretSourceError as exc:  # names the source, never a value
         return [Finding(check, "fail", f"{where}: {exc}", details)]
     count = len(secrets)
+    faults = []
     for secret in secrets:
+        fault = header_fault(secret.reveal()) if header else None
+        if fault is not None:
+            # Named by its line, never shown: serve refuses it (preflight) rather than send it.
+            line = f" line {secret.line}" if secret.line else ""
+            faults.append(Finding(check, "fail", f"{where}: the key at {source}{line} {fault}", details))
         secret.wipe()
+    if faults:
+        return faults
     findings = [Finding(check, "ok", f"{where}: {source} holds {count} key{'s' if count > 1 else ''}", details)]
     kind, _, path = source.partition(":")
     if kind == "file":

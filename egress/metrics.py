@@ -9,7 +9,7 @@ never goes backwards). Gauges and process figures are per live worker, with a `w
 
 Cardinality is bounded: labels are provider names (from config), surfaces, status classes, error
 codes and token kinds, and models. Models are capped per provider (`MODEL_CAP`), and later ones fold
-into `other`. Key ids and paths are never labels.
+into `other`, as do names longer than `MODEL_LABEL_MAX`. Key ids and paths are never labels.
 """
 
 from __future__ import annotations
@@ -39,6 +39,10 @@ if TYPE_CHECKING:
     from egress.usage import Usage
 
 MODEL_CAP = 50
+# A model label's longest: the provider names the model in its response, and an OpenAI-compatible
+# server may echo whatever the caller asked for (llama.cpp's does); a longer name is `other`. As
+# long as the longest model usage.MODEL_FIELD finds in a request.
+MODEL_LABEL_MAX = 200
 # Seconds; from sub-millisecond errors to multi-minute generations.
 BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 # The `kind` label of egress_tokens, and the Usage field it counts.
@@ -187,7 +191,7 @@ class Metrics:
         label = "unknown" if model is None else model
         seen = self._models.setdefault(provider, set())
         if label not in seen:
-            if len(seen) >= MODEL_CAP:
+            if len(seen) >= MODEL_CAP or len(label) > MODEL_LABEL_MAX:
                 # Not cached: a provider answering with ever new model names must not grow it.
                 return self.tally.index(("tokens", provider, "other"), len(_KIND_NAMES))
             seen.add(label)

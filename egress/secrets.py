@@ -3,7 +3,9 @@
 Contract: a `Secret` never shows its value in `repr`, `str`, `format` or pickling; `equals()`
 compares in constant time; `wipe()` overwrites the bytes (a bytearray, so Python lets us) and is
 called at shutdown. Values are loaded from `env:NAME` or `file:PATH` sources, never from the config
-file itself, so the config can be printed, committed and logged.
+file itself, so the config can be printed, committed and logged. `header_fault(value)` says why a
+key can't be sent in a header (doctor's pool_keys check, which serve and a reload run first), by
+its source and line, never by its bytes.
 """
 
 from __future__ import annotations
@@ -19,11 +21,12 @@ class SecretSourceError(ValueError):
 
 
 class Secret:
-    __slots__ = ("_value", "source")
+    __slots__ = ("_value", "line", "source")
 
-    def __init__(self, value: bytes | bytearray, source: str) -> None:
+    def __init__(self, value: bytes | bytearray, source: str, line: int = 0) -> None:
         self._value = bytearray(value)
         self.source = source  # "env:NAME" or "file:PATH": safe to show
+        self.line = line  # its line in a key file (0: not from a file), to name it without showing it
 
     def reveal(self) -> bytearray:
         """The value itself (not a copy), for the one place that must send it upstream."""
@@ -68,20 +71,30 @@ def read_regular_file(path: str) -> bytes:
         os.close(fd)
 
 
+_BOM = b"\xef\xbb\xbf"
+
+
 def load_secrets(source: str) -> list[Secret]:
     """`env:NAME` -> one secret; `file:PATH` -> one per non-blank, non-comment line."""
     kind, _, where = source.partition(":")
     if kind == "env":
-        value = os.environ.get(where)
+        # As bytes: a value that is not UTF-8 (os.environ holds it as surrogates, which .encode()
+        # refuses with a traceback) is the bytes the operator set; header_fault judges them.
+        value = os.environb.get(os.fsencode(where), b"").strip()
         if not value:
             raise SecretSourceError(f"environment variable {where} is unset or empty")
-        return [Secret(value.strip().encode(), source)]
+        return [Secret(value, source)]
     if kind == "file":
         try:
-            lines = read_regular_file(where).splitlines()
+            # Editors on Windows save a byte order mark: it is no part of the first key.
+            lines = read_regular_file(where).removeprefix(_BOM).splitlines()
         except OSError as exc:
             raise SecretSourceError(f"cannot read key file {where}: {exc.strerror}") from None
-        secrets = [Secret(line.strip(), source) for line in lines if line.strip() and not line.startswith(b"#")]
+        secrets = [
+            Secret(line.strip(), source, number)
+            for number, line in enumerate(lines, 1)
+            if line.strip() and not line.lstrip().startswith(b"#")
+        ]
         if not secrets:
             raise SecretSourceError(f"key file {where} holds no key")
         return secrets
@@ -90,3 +103,21 @@ def load_secrets(source: str) -> list[Secret]:
         "a key source is 'env:NAME' or 'file:PATH', and this one is neither "
         "(a literal key? keys never go in the config file)"
     )
+
+
+def header_fault(value: bytes | bytearray) -> str | None:
+    """Why `value` can't be sent as a provider key in a header, never quoting it; None if it can.
+
+    A key is a token (RFC 9110 section 11.2, token68: visible ASCII, no space): a control byte
+    would make the provider (or any HTTP parser on the way) refuse the request, and a space or a
+    non-ASCII byte is a paste gone wrong ("Bearer sk-...", two keys on one line, a stray
+    character), which the provider refuses as an invalid key once traffic reaches it.
+    """
+    for byte in value:
+        if byte < 0x21 or byte > 0x7E:
+            if byte in (0x20, 0x09):
+                return "holds a space or tab (a 'Bearer ' prefix, or two keys on one line?)"
+            if byte > 0x7E:
+                return "holds a byte that is not ASCII"
+            return "holds a control character"
+    return None

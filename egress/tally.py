@@ -108,7 +108,14 @@ class Tally:
         )
         encoded = orjson.dumps(key)
         size = _RECORD.size + len(encoded)
-        if used + width > value_capacity or directory_used + size > directory_capacity or width > 0xFFFF:
+        # A record's width and key length are u16: a longer key is refused as overflow, never a
+        # struct.error out of the log phase (which lost the request's usage fact with it).
+        if (
+            used + width > value_capacity
+            or directory_used + size > directory_capacity
+            or width > 0xFFFF
+            or len(encoded) > 0xFFFF
+        ):
             self.overflow_keys += 1
             _HEADER.pack_into(buffer, 0, *_HEADER.unpack_from(buffer, 0)[:7], overflow + 1)
             return 0  # the spare cell; `values[0]` may be added to, never read
