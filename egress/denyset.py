@@ -5,12 +5,13 @@ Contract:
   `replace_file_kids()` installs what the deny file says now (lines may be removed to un-revoke).
   `apply_stream(kid, sequence)` applies one stream message; sequences at or below the last one
       applied are ignored, so a redelivery changes nothing. A message that is no kid (`None`) still
-      moves the sequence on.
+      moves the sequence on, and is counted (`stream_messages_ignored`, the worker's tally).
   `adopt_stream(created, last_sequence)` is called on every subscription with the stream's identity:
       a stream recreated under the same name restarts its sequences, so the sequence held here means
       nothing there; it says so and rewinds to 0, and the replay merges (no kid is ever forgotten).
-  `snapshot_bytes()` / `load_snapshot()` persist what came from the stream, its last sequence and the
-      stream's identity; `load_snapshot()` raises ValueError for anything else and then changes nothing.
+  `snapshot_bytes()` / `load_snapshot()` persist what came from the stream, its last sequence, the
+      stream's identity and when it was last known complete (`synced_at`, so a restart during a broker
+      outage keeps its age); `load_snapshot()` raises ValueError for anything else and then changes nothing.
       `write_snapshot()` is atomic (temp file, fsync, rename, fsync dir) and 0600.
   `parse_deny_file()` never raises: a line that is not UTF-8 or not a kid is skipped and its number
       returned, never its text (an operator may paste a whole key there).
@@ -32,6 +33,7 @@ from egress.tally import Tally
 _KID = re.compile(r"[0-9a-f]{16}")
 _BOM = b"\xef\xbb\xbf"
 _BAD_LINES = ("deny_file_bad_lines",)  # its key in the worker's tally
+_IGNORED = ("revocation_messages_ignored",)  # stream messages that were no kid, in the worker's tally
 
 
 def is_kid(text: str) -> bool:
@@ -42,6 +44,7 @@ class DenySet:
     __slots__ = (
         "_bad_lines",
         "_file_kids",
+        "_ignored",
         "_stream_kids",
         "_tally",
         "connected",
@@ -65,6 +68,7 @@ class DenySet:
         # Deny-file lines skipped, counted on every read of the file, in the worker's tally.
         self._tally = tally if tally is not None else Tally()
         self._bad_lines = self._tally.index(_BAD_LINES)
+        self._ignored = self._tally.index(_IGNORED)
 
     def __contains__(self, kid: str) -> bool:
         return kid in self.kids
@@ -88,7 +92,13 @@ class DenySet:
         if kid is not None and is_kid(kid):
             self._stream_kids.add(kid)
             self.kids.add(kid)
+        else:
+            self._tally.values[self._ignored] += 1  # logged by the feed too, by sequence, never by body
         return True
+
+    @property
+    def stream_messages_ignored(self) -> int:
+        return int(self._tally.get(_IGNORED))
 
     def is_other_stream(self, created: str | None, last_sequence: int) -> bool:
         """True when `last_sequence` held here cannot be a position in the stream described."""
@@ -110,12 +120,18 @@ class DenySet:
         return 0.0 if self.connected else max(0.0, time.time() - self.synced_at)
 
     def snapshot_bytes(self) -> bytes:
+        now = time.time()
+        # When the stream part was last known complete, not when this was written: the snapshot a
+        # graceful stop writes an hour into a broker outage must not make the next start's
+        # `age_seconds` (egress_deny_set_age_seconds) read 0 and clear a staleness alert.
+        synced_at = now if self.connected else self.synced_at
         document = {
             "version": 1,
             "last_sequence": self.last_sequence,
             "stream_created": self.stream_created,
             "kids": sorted(self._stream_kids),
-            "written_at": round(time.time(), 3),
+            "written_at": round(now, 3),
+            "synced_at": round(synced_at, 3) if synced_at is not None else None,
         }
         return orjson.dumps(document)
 
@@ -127,6 +143,8 @@ class DenySet:
         listed = document.get("kids")
         created = document.get("stream_created")
         written_at = document.get("written_at", 0)
+        # Snapshots written before `synced_at` existed: their write time is the best guess there is.
+        synced_at = document.get("synced_at", written_at)
         # `bool` is an `int`: a snapshot saying `true` was not written by egress.
         if type(last_sequence) is not int or last_sequence < 0:
             raise ValueError("last_sequence is not a sequence")
@@ -136,12 +154,14 @@ class DenySet:
             raise ValueError("stream_created is not a timestamp")
         if isinstance(written_at, bool) or not isinstance(written_at, int | float):
             raise ValueError("written_at is not a time")
+        if synced_at is not None and (isinstance(synced_at, bool) or not isinstance(synced_at, int | float)):
+            raise ValueError("synced_at is not a time")
         kids = {kid for kid in listed if isinstance(kid, str) and is_kid(kid)}
         self._stream_kids = kids
         self.kids = set(self._file_kids) | kids
         self.last_sequence = last_sequence
         self.stream_created = created
-        self.synced_at = float(written_at) or None
+        self.synced_at = float(synced_at) if synced_at else None  # None: never in step with the stream
 
 
 def normalize_kid(text: str) -> str | None:

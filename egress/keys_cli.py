@@ -20,6 +20,7 @@ import sys
 import time
 
 import orjson
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
@@ -33,6 +34,7 @@ from egress.vkeys import Verifier, decode_unverified, issuer_id, mint, parse_pub
 _INSPECT_STATUS = {"key_expired": "expired", "key_not_yet_valid": "not yet valid", "key_revoked": "revoked"}
 _TTL = re.compile(r"^(\d+)([smhd])$")
 _TTL_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+_MAX_TTL = 36_500 * 86400  # a century
 
 
 def add_parsers(commands: argparse._SubParsersAction) -> None:
@@ -89,15 +91,28 @@ def _issuer_new(args: argparse.Namespace) -> int:
 
 def _mint(args: argparse.Namespace) -> int:
     with open(args.issuer_key, "rb") as fh:
-        private_key = serialization.load_pem_private_key(fh.read(), password=None)
+        pem = fh.read()
+    try:
+        private_key = serialization.load_pem_private_key(pem, password=None)
+    except (ValueError, TypeError, UnsupportedAlgorithm):
+        # Not PEM, a public key, or encrypted (TypeError): one line naming the file, not a traceback
+        # ending in the library's "MalformedFraming".
+        private_key = None
     if not isinstance(private_key, Ed25519PrivateKey):
-        raise ConfigError(f"{args.issuer_key} is not an Ed25519 private key")
+        raise ConfigError(
+            f"{args.issuer_key} is not an unencrypted Ed25519 private key (PEM, as `egress keys issuer-new` writes)"
+        )
+    if not args.sub.strip():
+        raise ConfigError("--sub names the app or team the key is for: it cannot be empty")
     ttl = None
-    if args.ttl:
+    if args.ttl is not None:
         match = _TTL.match(args.ttl)
         if match is None:
             raise ConfigError(f"--ttl takes a number and one of s, m, h, d (like 30d), not {args.ttl!r}")
         ttl = int(match.group(1)) * _TTL_SECONDS[match.group(2)]
+        if not 0 < ttl <= _MAX_TTL:
+            # 0 would mint a key expired at birth; more than a century is a typo (leave --ttl out for no expiry).
+            raise ConfigError(f"--ttl must be between 1s and {_MAX_TTL // 86400}d, not {args.ttl!r}")
     providers = _names(args.providers)
     models = _names(args.models)
     # An allowlist that names nothing would mint a key with no allowlist at all: unrestricted.

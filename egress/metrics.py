@@ -353,6 +353,12 @@ _COUNTERS = (
         "Deny-file lines skipped (not UTF-8, not a kid), each read",
         (),
     ),
+    (
+        "revocation_messages_ignored",
+        "egress_revocation_messages_ignored",
+        "Revocation stream messages that were no key id, skipped (counted by each worker)",
+        (),
+    ),
 )
 
 

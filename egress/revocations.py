@@ -152,7 +152,18 @@ async def start_feed(config: NatsConfig, denyset: DenySet) -> tuple[RevocationFe
 
 
 class RevocationFeed:
-    __slots__ = ("_config", "_denyset", "_dirty", "_generation", "_writer", "caught_up", "last_failure", "settled")
+    __slots__ = (
+        "_config",
+        "_denyset",
+        "_dirty",
+        "_failures",
+        "_generation",
+        "_reported",
+        "_writer",
+        "caught_up",
+        "last_failure",
+        "settled",
+    )
 
     def __init__(self, config: NatsConfig, denyset: DenySet) -> None:
         self._config = config
@@ -167,6 +178,11 @@ class RevocationFeed:
         # Start-up may go on: caught up, or the first attempt at the broker failed.
         self.settled = asyncio.Event()
         self.last_failure: str | None = None  # describe_failure of the last attempt that failed
+        # One `revocations_unavailable` line per outage and reason, not one per retry (a broker down
+        # for an hour was 720 lines a worker at a 5 s max_reconnect_wait); the attempts are counted
+        # and `revocations_following` says how many failed once the broker is back.
+        self._reported: str | None = None
+        self._failures = 0
 
     async def run(self) -> None:
         backoff = _FIRST_BACKOFF
@@ -177,13 +193,18 @@ class RevocationFeed:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # any broker trouble: keep serving, retry later
-                log_event(
-                    "revocations_unavailable",
-                    error=type(exc).__name__,
-                    reason=describe_failure(exc),  # "not authorized" tells a wrong password from a down broker
-                    retry_in_s=round(backoff, 2),
-                )
-                self.last_failure = describe_failure(exc)
+                reason = describe_failure(exc)  # "not authorized" tells a wrong password from a down broker
+                self._failures += 1
+                if reason != self._reported:
+                    log_event(
+                        "revocations_unavailable",
+                        error=type(exc).__name__,
+                        reason=reason,
+                        retry_in_s=round(backoff, 2),
+                        max_retry_wait_s=self._config.max_reconnect_wait,
+                    )
+                    self._reported = reason
+                self.last_failure = reason
                 self.settled.set()
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, self._config.max_reconnect_wait)
@@ -261,7 +282,15 @@ class RevocationFeed:
             ordered_consumer=True,
             config=api.ConsumerConfig(deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=start),
         )
-        log_event("revocations_following", stream=config.stream, from_sequence=start, deny_set_size=len(denyset))
+        log_event(
+            "revocations_following",
+            stream=config.stream,
+            from_sequence=start,
+            deny_set_size=len(denyset),
+            failed_attempts=self._failures,  # since the last time it followed the stream
+        )
+        self._failures = 0
+        self._reported = None  # the next outage is logged again
         if target <= denyset.last_sequence:
             self._mark_caught_up()
         else:

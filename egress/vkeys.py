@@ -17,8 +17,8 @@ differently is refused, so no two texts carry one signature.
 
 Contract: `Verifier.verify(token)` returns `Claims` or raises `EgressError("invalid_key")`;
 expiry, revocation and provider checks are the caller's, at request time, so a cached `Claims`
-stays correct. `mint()` is used by the CLI only; it refuses an empty allowlist (ValueError), which
-a key could only carry as no allowlist at all.
+stays correct. `mint()` is used by the CLI only; it refuses (ValueError) an empty allowlist, which
+a key could only carry as no allowlist at all, and a lifetime under 1 s, which would be expired at birth.
 """
 
 from __future__ import annotations
@@ -83,6 +83,8 @@ def mint(
     if (providers is not None and not providers) or (models is not None and not models):
         # An empty allowlist would be left out of the key, which would then allow everything.
         raise ValueError("an allowlist of providers or models must name at least one; pass None for no allowlist")
+    if ttl_seconds is not None and ttl_seconds <= 0:
+        raise ValueError("a key's lifetime is at least 1 s; pass None for no expiry")  # else expired at birth
     issued = int(time.time()) if now is None else now
     document: dict = {"v": 1, "kid": secrets.token_hex(8), "iss": issuer_id(private_key.public_key()), "sub": sub}
     document["iat"] = issued

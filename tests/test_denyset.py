@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import time
+
 import orjson
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from egress.denyset import DenySet, append_deny_file, parse_deny_file, read_deny_file, stream_kid
+from egress.tally import Tally
 
 KID_A = "0123456789abcdef"
 KID_B = "fedcba9876543210"
@@ -76,6 +79,19 @@ def test_apply_stream_ignores_redeliveries_and_garbage_moves_the_sequence() -> N
     assert denyset.last_sequence == 3 and len(denyset) == 1
 
 
+def test_stream_messages_that_are_no_kid_are_counted_in_the_workers_tally() -> None:
+    """They were only logged, one line each: the deny file's skipped lines had a counter, these none."""
+    tally = Tally()
+    denyset = DenySet(tally)
+    denyset.apply_stream(KID_A, 1)
+    denyset.apply_stream(None, 2)  # not UTF-8, or not a kid: stream_kid gives None
+    denyset.apply_stream("not a kid", 3)
+    denyset.apply_stream(None, 3)  # a redelivery is not counted again
+    assert denyset.stream_messages_ignored == 2
+    assert tally.get(("revocation_messages_ignored",)) == 2
+    assert DenySet(tally).stream_messages_ignored == 2  # a restarted worker goes on from its slab
+
+
 # (our stream id, our last sequence, the stream's id, its last sequence, is it another stream)
 STREAMS = [
     ("2024-01-01T00:00:00Z", 15, "2024-01-01T00:00:00Z", 15, False),
@@ -142,6 +158,8 @@ BAD_SNAPSHOTS = [
     b'{"version":1,"last_sequence":-4,"kids":[]}',
     b'{"version":1,"last_sequence":2,"kids":[],"written_at":"yesterday"}',
     b'{"version":1,"last_sequence":2,"kids":[],"stream_created":5}',
+    b'{"version":1,"last_sequence":2,"kids":[],"synced_at":"an hour ago"}',
+    b'{"version":1,"last_sequence":2,"kids":[],"synced_at":true}',
 ]
 
 
@@ -166,3 +184,22 @@ def test_kids_in_a_snapshot_that_are_not_kids_are_dropped() -> None:
     denyset = DenySet()
     denyset.load_snapshot(b'{"version":1,"last_sequence":2,"kids":["0123456789abcdef",7,"nope",null]}')
     assert set(denyset.kids) == {KID_A}
+
+
+def test_a_snapshot_keeps_when_the_stream_was_last_in_step_not_when_it_was_written() -> None:
+    """A stop an hour into a broker outage writes the snapshot; the next start must still say an hour."""
+    denyset = DenySet()
+    denyset.apply_stream(KID_A, 1)
+    denyset.connected = False
+    denyset.synced_at = time.time() - 3600  # the broker went away an hour ago
+    restored = DenySet()
+    restored.load_snapshot(denyset.snapshot_bytes())
+    assert restored.age_seconds() > 3500
+    # While connected the stream part is complete as of the write.
+    denyset.connected = True
+    restored.load_snapshot(denyset.snapshot_bytes())
+    assert restored.age_seconds() < 60
+    # Never in step with any stream: no age is made up for it.
+    never = DenySet()
+    restored.load_snapshot(never.snapshot_bytes())
+    assert restored.age_seconds() is None

@@ -29,6 +29,8 @@ from tests.support import (
     nats_server_binary,
     request_bytes,
     run_egress_cli,
+    samples,
+    value,
     wait_until,
 )
 
@@ -553,6 +555,8 @@ def test_stream_messages_are_normalised_and_garbage_is_skipped(
     logged = egress.stderr_path.read_bytes()
     assert logged.count(b'"event":"revocation_message_ignored"') == 4
     assert b"bai_" not in logged and b"eyJub3Qi" not in logged
+    # Counted, not only logged (each worker's tally, summed on /metrics).
+    assert value(samples(egress.admin_port), "egress_revocation_messages_ignored_total") == 4
     egress.stop()
     snapshot = orjson.loads((tmp_path / "egress.snapshot").read_bytes())
     assert sorted(snapshot["kids"]) == sorted(kid.decode() for kid in kids) and snapshot["last_sequence"] == 9

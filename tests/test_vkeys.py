@@ -147,3 +147,9 @@ def test_an_empty_allowlist_is_refused_not_minted_as_none(allowlist):
     # The key carries no `prv`/`mdl` for an empty list, and a key with none may use everything.
     with pytest.raises(ValueError, match="must name at least one"):
         mint(ISSUER, "app", **allowlist)
+
+
+@pytest.mark.parametrize("ttl", [0, -1])
+def test_a_key_expired_at_birth_is_refused_not_minted(ttl):
+    with pytest.raises(ValueError):
+        mint(ISSUER, "app", ttl_seconds=ttl)
