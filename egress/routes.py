@@ -179,12 +179,17 @@ def listed_models(
     """`GET /v1/models`: each routed provider's models that the same policy permits.
 
     A provider's models are its row's `models` when set, else `fetched(name)`: the last list the
-    provider itself gave (catalog.py). An id two providers serve is listed once per provider as
+    provider itself gave (catalog.py). A virtual key is offered only the providers it can be served
+    by: those its `prv` names, with a pool key to swap in. An id two providers serve is listed once per provider as
     `provider:model`, which the call path accepts; patterns are never listed, only literal ids.
     """
     offered: list[tuple[Provider, str]] = []
     for provider in routes.routed_providers():
-        if claims is not None and claims.providers is not None and provider.name not in claims.providers:
+        if claims is not None and (
+            (claims.providers is not None and provider.name not in claims.providers) or not provider.pool_keys
+        ):
+            # What the call path refuses a virtual key (auth.check_claims: provider_not_permitted;
+            # no pool to swap in: no_pool_key) is not offered to it either.
             continue
         models = provider.models or fetched(provider.name)
         offered += [(provider, model) for model in models if model_permitted(provider, model, claims)]
@@ -208,35 +213,87 @@ def _routes_to(routes: ModelRoutes, model: str, provider: Provider) -> bool:
 
 # multipart/form-data (RFC 7578): the boundary, and a Content-Disposition's `name` parameter, as
 # a token, a quoted string or RFC 5987's `name*=charset'lang'value` (what Werkzeug and others read).
-_BOUNDARY = re.compile(rb'boundary=(?:"([^"]{1,200})"|([^";\s]{1,200}))', re.IGNORECASE)
+# The media type's parameters one by one (RFC 9110 §5.6.6: `;` name `=` token / quoted-string), so
+# `boundary` is the parameter of that name, never the tail of another (`xboundary=A; boundary=B`:
+# Werkzeug, Go's mime.ParseMediaType and Python's email package all read B).
+_TOKEN = rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
+_PARAMETER = re.compile(rb"[ \t]*;[ \t]*(?:(" + _TOKEN + rb")[ \t]*=[ \t]*(" + _TOKEN + rb'|"(?:[^"\\]|\\.)*"))?')
 _DISPOSITION_NAME = re.compile(rb'(?:^|;)\s*name(\*?)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^;\s]*))', re.IGNORECASE)
-_DISPOSITION = b"content-disposition:"
+# A part's head as the lenient parsers read it (Werkzeug's sansio multipart: a line break is CRLF,
+# LF or CR; a line that starts with a space or tab continues the one before; whitespace may sit
+# before the colon): a head egress read more strictly would hide a `model` field the provider sees.
+_BLANK_LINE = re.compile(rb"\r\n\r\n|\r\r|\n\n")
+_LINE_BREAK = re.compile(rb"\r\n|\n|\r")
+
+
+def _header_lines(head: bytes) -> list[bytes]:
+    lines: list[bytes] = []
+    for line in _LINE_BREAK.split(head):
+        if line[:1] in (b" ", b"\t") and lines:
+            lines[-1] += b" " + line.strip()  # obs-fold (RFC 5322 §2.2.3), as Werkzeug unfolds it
+        else:
+            lines.append(line)
+    return lines
+
+
+def _boundary(content_type: bytes) -> bytes | None:
+    """The `boundary` parameter of a media type; None when it has none, has two (which one a
+    provider reads is anyone's guess) or its parameters can't be read whole."""
+    position = content_type.find(b";")
+    if position == -1:
+        return None
+    end = len(content_type.rstrip(b" \t"))
+    boundary = None
+    while position < end:
+        found = _PARAMETER.match(content_type, position)
+        if found is None:
+            return None
+        position = found.end()
+        name, value = found.group(1), found.group(2)
+        if name is not None and name.lower() == b"boundary":
+            if boundary is not None:
+                return None
+            boundary = re.sub(rb"\\(.)", rb"\1", value[1:-1]) if value.startswith(b'"') else value
+    # RFC 2046 §5.1.1: 1 to 70 characters; a longer one is still read, within reason.
+    return boundary if boundary and len(boundary) <= 200 else None
 
 
 def _form_models(body: bytes | bytearray, content_type: bytes) -> list[str] | None:
     """The values of a multipart form's `model` fields; None when the form can't be read whole."""
-    found = _BOUNDARY.search(content_type)
-    if found is None:
+    boundary = _boundary(content_type)
+    if boundary is None:
         return None
-    delimiter = b"--" + (found.group(1) or found.group(2))
+    delimiter = b"--" + boundary
     parts = bytes(body).split(delimiter)
     if len(parts) < 2 or not parts[-1].startswith(b"--"):
         return None  # no closing delimiter: not a form a server would read as this one
     models = []
     for part in parts[1:-1]:
-        head, blank, value = part.partition(b"\r\n\r\n")
-        if not blank:
+        blank = _BLANK_LINE.search(part)
+        if blank is None:
             return None
-        for line in head.split(b"\r\n"):
-            if not line.lower().startswith(_DISPOSITION):
+        head, value = part[: blank.start()], part[blank.end() :]
+        for line in _header_lines(head):
+            name, colon, rest = line.partition(b":")
+            if not colon or name.strip().lower() != b"content-disposition":
                 continue
-            for star, quoted, token in _DISPOSITION_NAME.findall(line[len(_DISPOSITION) :]):
+            for star, quoted, token in _DISPOSITION_NAME.findall(rest):
                 name = re.sub(rb"\\(.)", rb"\1", quoted) if quoted else token
                 if star:  # RFC 5987: charset'language'percent-encoded
                     name = unquote_to_bytes(name.split(b"'", 2)[-1])
                 if name == b"model":
-                    models.append(value.removesuffix(b"\r\n").decode("utf-8", "replace"))
+                    # The line break before the next delimiter is the delimiter's, whichever it is.
+                    models.append(value.removesuffix(b"\n").removesuffix(b"\r").decode("utf-8", "replace"))
     return models
+
+
+# Keys whose value no provider reads a model from: the conversation (`messages` at any depth, so in
+# Anthropic's batches too; a list-valued `input`: the Responses API's items, embedding inputs), the
+# caller's tags (`metadata`: https://platform.openai.com/docs/api-reference/chat/create#chat-create-metadata),
+# a tool's JSON Schema and examples (`parameters`, `input_schema`, `input_examples`, and
+# `response_format.json_schema.schema`). A dict-valued `input` is still read: a realtime session's
+# `audio.input.transcription.model` is a model the provider runs.
+_NOT_READ_FOR_MODELS = frozenset({"messages", "metadata", "parameters", "input_schema", "input_examples", "schema"})
 
 
 def body_models(body: bytes | bytearray, content_type: bytes) -> list[str] | None:
@@ -244,9 +301,13 @@ def body_models(body: bytes | bytearray, content_type: bytes) -> list[str] | Non
 
     JSON: parsed whole, as the provider parses it (escapes decoded, the last of a repeated key, a
     model after 64 KiB of messages), and every string under a `model` key at any depth: Anthropic's
-    message batches carry one per request (`requests[].params.model`). A multipart form: its
-    `model` fields. No body: no model. Any other body: None. An OpenAI batch's models sit in an
-    uploaded file, which is not read here.
+    message batches carry one per request (`requests[].params.model`), OpenAI's Responses tools
+    (`tools[].model` of image_generation) and realtime sessions (`session.audio.input.transcription.model`)
+    nest theirs. Except inside what is conversation or the caller's own data (_NOT_READ_FOR_MODELS):
+    a tool call's arguments sent back (Claude Code's Task tool takes `"model": "haiku"`), `metadata`
+    tags, a tool's JSON Schema; no provider reads a model there, and refusing one would refuse every
+    later turn of that conversation. A multipart form: its `model` fields. No body: no model. Any
+    other body: None. An OpenAI batch's models sit in an uploaded file, which is not read here.
     """
     if not body:
         return []
@@ -266,6 +327,8 @@ def body_models(body: bytes | bytearray, content_type: bytes) -> list[str] | Non
                 if key == "model" and item.__class__ is str:
                     models.append(item)
                 elif item.__class__ is dict or item.__class__ is list:
+                    if key in _NOT_READ_FOR_MODELS or (key == "input" and item.__class__ is list):
+                        continue  # the conversation or the caller's own data: no provider reads a model there
                     pending.append(item)
         elif value.__class__ is list:
             pending.extend(item for item in value if item.__class__ is dict or item.__class__ is list)

@@ -9,17 +9,25 @@ from egress.providers import BUILTIN_PROVIDERS, Provider
 from egress.routes import DEFAULT_ROUTES, ModelRoute, ModelRoutes, check_model, listed_models, model_permitted
 from egress.vkeys import Claims
 
+POOL = ("env:POOL_KEY",)  # a virtual key is served only where a pool key can be swapped in
 PROVIDERS = {
     **BUILTIN_PROVIDERS,
-    "openai": Provider("openai", "https://api.openai.com", models=("gpt-4o", "gpt-4o-mini", "o3")),
+    "openai": Provider("openai", "https://api.openai.com", models=("gpt-4o", "gpt-4o-mini", "o3"), pool_keys=POOL),
     "anthropic": Provider(
         "anthropic",
         "https://api.anthropic.com",
         dialect="anthropic",
         models=("claude-sonnet-4-5", "claude-opus-4-1"),
         deny_models=("claude-opus-*",),
+        pool_keys=POOL,
     ),
-    "groq": Provider("groq", "https://api.groq.com", models=("llama-3.3-70b", "gpt-4o"), allow_models=("llama-*",)),
+    "groq": Provider(
+        "groq",
+        "https://api.groq.com",
+        models=("llama-3.3-70b", "gpt-4o"),
+        allow_models=("llama-*",),
+        pool_keys=POOL,
+    ),
 }
 ROUTES = ModelRoutes(
     (ModelRoute("claude-*", "anthropic"), ModelRoute("llama-*", "groq"), ModelRoute("*", "openai")),
@@ -101,6 +109,15 @@ def test_the_listing_is_what_the_call_path_serves():
     assert {e["id"] for e in listed_models(ROUTES, claims(models=("gpt-4o*",)))} == {"gpt-4o", "gpt-4o-mini"}
 
 
+def test_a_virtual_key_is_not_offered_a_provider_with_no_pool_key():
+    # The call path refuses it one (auth: no_pool_key); a BYO key may still call it with its own.
+    providers = {**PROVIDERS, "local": Provider("local", "http://127.0.0.1:8000", models=("local-model",))}
+    routes = ModelRoutes((ModelRoute("local-*", "local"), ModelRoute("*", "openai")), providers)
+    assert "local-model" in {entry["id"] for entry in listed_models(routes, None)}
+    for key in (claims(), claims(models=("local-*", "gpt-4o")), claims(providers=frozenset({"local", "openai"}))):
+        assert {entry["id"] for entry in listed_models(routes, key)} <= {"gpt-4o", "gpt-4o-mini", "o3"}
+
+
 def test_an_id_two_providers_serve_is_listed_per_provider():
     providers = {
         "openai": Provider("openai", "https://api.openai.com", models=("shared-model",)),
@@ -113,6 +130,13 @@ def test_an_id_two_providers_serve_is_listed_per_provider():
         assert routes.resolve(shown).provider.name == shown.split(":")[0]
 
 
+DECOY_FORM = (
+    b'--B\r\nContent-Disposition: form-data; name="model"\r\n\r\ngpt-4o-transcribe\r\n'
+    b'--B\r\nContent-Disposition: form-data; name="file"; filename="a.wav"\r\n\r\n'
+    b'--A\r\nContent-Disposition: form-data; name="model"\r\n\r\nwhisper-1\r\n--A--\r\n\r\n--B--\r\n'
+)
+
+
 @pytest.mark.parametrize(
     ("body", "content_type", "models"),
     [
@@ -122,6 +146,40 @@ def test_an_id_two_providers_serve_is_listed_per_provider():
         (b'{"requests":[{"params":{"model":"x"}},{"params":{"model":"y"}}]}', b"application/json", ["x", "y"]),
         (b'{"tools":[{"input_schema":{"properties":{"model":{"type":"string"}}}}]}', b"application/json", []),
         (b'{"model":5,"input":"hi"}', b"application/json", []),
+        # A tool call sent back in the conversation is the model's output, not a model choice:
+        # Claude Code's Task tool takes `"model": "haiku"` (anthropics/claude-code#16554).
+        (
+            b'{"model":"claude-x","messages":[{"role":"assistant","content":[{"type":"tool_use","id":"t",'
+            b'"name":"Task","input":{"prompt":"p","model":"haiku"}}]}]}',
+            b"application/json",
+            ["claude-x"],
+        ),
+        (
+            b'{"requests":[{"params":{"model":"x","messages":[{"role":"assistant","content":[{"type":"tool_use",'
+            b'"input":{"model":"haiku"}}]}]}}]}',
+            b"application/json",
+            ["x"],
+        ),
+        (b'{"model":"gpt-4o","input":[{"type":"message","content":{"model":"y"}}]}', b"application/json", ["gpt-4o"]),
+        (b'{"model":"gpt-4o","metadata":{"model":"my-tag"}}', b"application/json", ["gpt-4o"]),
+        (
+            b'{"model":"gpt-4o","tools":[{"type":"function","function":{"name":"f","parameters":{"type":"object",'
+            b'"properties":{"model":{"type":"string","default":"a"}},"examples":[{"model":"b"}]}}}]}',
+            b"application/json",
+            ["gpt-4o"],
+        ),
+        # Models the provider runs, nested: a Responses image_generation tool, a realtime session's
+        # transcription (a dict-valued `input`: still read).
+        (
+            b'{"model":"gpt-4o","tools":[{"type":"image_generation","model":"gpt-image-1"}]}',
+            b"application/json",
+            ["gpt-4o", "gpt-image-1"],
+        ),
+        (
+            b'{"session":{"model":"gpt-realtime","audio":{"input":{"transcription":{"model":"whisper-1"}}}}}',
+            b"application/json",
+            ["gpt-realtime", "whisper-1"],
+        ),
         (b"[[[[" * 100 + b'{"model":"deep"}' + b"]]]]" * 100, b"application/json", ["deep"]),
         (b"not json", b"application/json", None),
         (b"model=a", b"application/x-www-form-urlencoded", None),
@@ -147,6 +205,36 @@ def test_an_id_two_providers_serve_is_listed_per_provider():
             b"multipart/form-data; boundary=b",
             [],
         ),
+        # The boundary is the parameter of that name, as the provider's parser reads it, never the
+        # tail of another parameter: the decoy form between --A delimiters is the file's content.
+        (DECOY_FORM, b"multipart/form-data; xboundary=A; boundary=B", ["gpt-4o-transcribe"]),
+        (DECOY_FORM, b'multipart/form-data; charset="x; boundary=A"; boundary=B', ["gpt-4o-transcribe"]),
+        (DECOY_FORM, b'multipart/form-data;boundary="B" ; x-a=1', ["gpt-4o-transcribe"]),
+        # A part's head as lenient parsers read it (Werkzeug reads `model` in each of these): a
+        # bare LF, a folded line, space before the colon, a folded first line, an LF before the
+        # next delimiter (the value is "gpt-denied", which a deny list must see as such).
+        *(
+            (
+                b"--B\r\n" + head + b"\r\n\r\ngpt-denied" + end + b"--B--\r\n",
+                b"multipart/form-data; boundary=B",
+                ["gpt-denied"],
+            )
+            for head, end in (
+                (b'X-Pad: y\nContent-Disposition: form-data; name="model"', b"\r\n"),
+                (b'Content-Disposition: form-data;\r\n name="model"', b"\r\n"),
+                (b'Content-Disposition : form-data; name="model"', b"\r\n"),
+                (b' Content-Disposition: form-data; name="model"', b"\r\n"),
+                (b'Content-Disposition: form-data; name="model"', b"\n"),
+            )
+        ),
+        (
+            b'--B\nContent-Disposition: form-data; name="model"\n\ngpt-denied\n--B--\n',
+            b"multipart/form-data; boundary=B",
+            ["gpt-denied"],
+        ),
+        # Two boundaries, or parameters that can't be read whole: which one the provider takes is a guess.
+        (DECOY_FORM, b"multipart/form-data; boundary=A; boundary=B", None),
+        (DECOY_FORM, b"multipart/form-data; boundary=B junk", None),
         # A form with no closing delimiter, or no boundary: not readable, so not "no model".
         (b"--b\r\nContent-Disposition: form-data; name=model\r\n\r\ngpt-4o", b"multipart/form-data; boundary=b", None),
         (b"--b\r\n\r\n--b--", b"multipart/form-data", None),

@@ -1,0 +1,138 @@
+"""Routing by model and the one model policy, through the real process and the official SDKs: what
+`/v1/models` offers a virtual key is what the call path serves it, and the passthrough reads a
+body's models as the provider reads them, no more (a tool call sent back is not a model choice)
+and no less (a multipart form read with the boundary and head rules the provider's parser uses)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import anthropic
+import openai
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from egress.vkeys import mint, public_key_text
+from tests.support import RawClient, request_bytes
+
+ISSUER = Ed25519PrivateKey.generate()
+OPENAI_POOL = "sk-pool-rr-openai-0123"
+ANTHROPIC_POOL = "sk-ant-pool-rr-0123456"
+MESSAGES = [{"role": "user", "content": "Say hi"}]
+
+
+@pytest.fixture
+def gateway(start_egress, fake_provider, ca_file, tmp_path: Path):
+    (tmp_path / "openai.key").write_text(OPENAI_POOL + "\n")
+    (tmp_path / "anthropic.key").write_text(ANTHROPIC_POOL + "\n")
+    config = f"""
+[upstream]
+ca_file = "{ca_file}"
+
+[providers.openai]
+base_url = "{fake_provider.base_url}"
+pool_keys = ["file:{tmp_path / "openai.key"}"]
+models = ["gpt-fake", "gpt-other"]
+
+[providers.anthropic]
+base_url = "{fake_provider.base_url}"
+pool_keys = ["file:{tmp_path / "anthropic.key"}"]
+models = ["claude-fake"]
+
+[providers.nokeys]
+base_url = "{fake_provider.base_url}"
+models = ["nk-model"]
+
+[keys]
+trusted_issuers = ["{public_key_text(ISSUER.public_key())}"]
+
+[[routes]]
+match = "claude-fake"
+provider = "anthropic"
+fallbacks = ["openai:gpt-fake"]
+
+[[routes]]
+match = "nk-*"
+provider = "nokeys"
+
+[[routes]]
+match = "gpt-*"
+provider = "openai"
+fallbacks = ["claude-fake"]
+"""
+    return start_egress(config)
+
+
+def test_a_virtual_key_is_offered_only_what_the_call_path_serves_it(gateway, fake_provider):
+    # `nokeys` has no pool key: a virtual key's call there is 403 no_pool_key, so it is not listed.
+    key = mint(ISSUER, "app", models=["gpt-fake", "claude-*", "nk-*"])[0]
+    sdk = openai.OpenAI(base_url=gateway.url + "/v1", api_key=key, max_retries=0)
+    listed = sorted(model.id for model in sdk.models.list())
+    assert listed == ["claude-fake", "gpt-fake"]
+    for model in listed:
+        assert sdk.chat.completions.create(model=model, messages=MESSAGES).choices[0].message.content
+    with pytest.raises(openai.PermissionDeniedError) as raised:
+        sdk.chat.completions.create(model="nk-model", messages=MESSAGES)
+    assert raised.value.code == "no_pool_key"
+    # A BYO key may call it with its own credential: listed for it.
+    byo = openai.OpenAI(base_url=gateway.url + "/v1", api_key="sk-byo-caller", max_retries=0)
+    assert "nk-model" in {model.id for model in byo.models.list()}
+
+
+TASK_CALL = [
+    {"role": "user", "content": "review this"},
+    {
+        "role": "assistant",
+        "content": [
+            {
+                "type": "tool_use",
+                "id": "toolu_01",
+                "name": "Task",
+                "input": {"description": "look", "prompt": "go", "subagent_type": "general-purpose", "model": "haiku"},
+            }
+        ],
+    },
+    {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_01", "content": "done"}]},
+]
+
+
+def test_a_tool_call_sent_back_is_not_taken_for_a_model_choice(gateway, fake_provider):
+    # Claude Code's Task tool takes `"model": "haiku"`: every turn after one such call carries it.
+    key = mint(ISSUER, "app", models=["claude-*"])[0]
+    client = anthropic.Anthropic(base_url=gateway.url + "/anthropic", api_key=key, max_retries=0)
+    message = client.messages.create(model="claude-fake", max_tokens=10, messages=TASK_CALL)
+    assert message.content
+    assert [request.json()["model"] for request in fake_provider.requests] == ["claude-fake"]
+    # The model the request does choose is still the key's to allow.
+    with pytest.raises(anthropic.PermissionDeniedError) as raised:
+        client.messages.create(model="haiku", max_tokens=10, messages=TASK_CALL)
+    assert raised.value.body["error"]["code"] == "model_not_permitted"
+    assert len(fake_provider.requests) == 1
+
+
+@pytest.mark.parametrize(
+    ("content_type", "body"),
+    [
+        # The provider's parser takes the parameter named boundary (B); A is the tail of another.
+        (
+            "multipart/form-data; xboundary=A; boundary=B",
+            b'--B\r\nContent-Disposition: form-data; name="model"\r\n\r\ngpt-4o-transcribe\r\n'
+            b'--B\r\nContent-Disposition: form-data; name="file"; filename="a.wav"\r\n\r\n'
+            b'--A\r\nContent-Disposition: form-data; name="model"\r\n\r\nwhisper-1\r\n--A--\r\n\r\n--B--\r\n',
+        ),
+        # A folded Content-Disposition line (Werkzeug unfolds it and reads `model`).
+        (
+            "multipart/form-data; boundary=B",
+            b'--B\r\nContent-Disposition: form-data;\r\n name="model"\r\n\r\ngpt-4o-transcribe\r\n--B--\r\n',
+        ),
+    ],
+    ids=["decoy-boundary", "folded-head"],
+)
+def test_a_form_is_read_as_the_providers_parser_reads_it(gateway, fake_provider, content_type, body):
+    key = mint(ISSUER, "app", models=["whisper-1"])[0]
+    headers = {"Authorization": f"Bearer {key}", "Content-Type": content_type}
+    with RawClient(gateway.port) as raw:
+        raw.send(request_bytes("POST", "/openai/v1/audio/transcriptions", headers, body))
+        response = raw.read_response("POST")
+    assert (response.status, response.error_code) == (403, "model_not_permitted"), response.body
+    assert fake_provider.requests == []
