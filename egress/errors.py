@@ -69,6 +69,9 @@ ERROR_KINDS: dict[str, ErrorKind] = {
     # Accounts (accounts.py): every pool key of the provider is cooling, or refused by it.
     "all_accounts_cooling": ErrorKind(429, "rate_limit_error", "rate_limit_error", closes=False),
     "all_accounts_disabled": ErrorKind(503, "server_error", "overloaded_error", closes=False),
+    # The provider refused the pool key egress sent (401, 402, 403) and no other account could take
+    # the request: its own body, about that key, is not relayed (retries.py disables the account).
+    "pool_key_refused": ErrorKind(502, "server_error", "api_error", closes=False),
     # Every account, or the provider itself, stayed at its max_concurrent for the queue_timeout.
     "provider_busy": ErrorKind(503, "server_error", "overloaded_error", closes=False),
     "draining": ErrorKind(503, "server_error", "overloaded_error", closes=True),

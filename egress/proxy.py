@@ -203,6 +203,14 @@ class Exchange:
             if retries.answered(self, status, facts.kept):
                 self.provider_elapsed += time.monotonic() - sent  # the provider's time, not overhead
                 return  # not relayed: the request goes to another account (retries.py)
+            if status in retries.DISABLE_STATUSES:
+                # The provider refused the pool key, not the caller: its body is about that key, and
+                # OpenAI's quotes it ("Incorrect API key provided: sk-proj-****wxyz", a short key
+                # whole). The caller gets egress's own answer; the operator, account_disabled.
+                raise EgressError(
+                    "pool_key_refused",
+                    f"{self.route.provider.name} refused egress's key for it ({status}); the operator is told",
+                )
         self.upstream_kept = facts.kept  # the provider's response id is among them, read if logged
         content_length = facts.content_length
         if status == 204:

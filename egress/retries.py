@@ -16,7 +16,9 @@ Contract, for the proxy phases:
       nothing was sent, is retried, to the same provider.
 Limits: `[accounts] max_attempts` counts every attempt of one request, and the host-wide budget
 (`AccountTable.may_retry`) stops storms. When either runs out, the last upstream response goes to
-the caller unchanged: status, body and the provider's retry headers (a 429 stays a 429).
+the caller unchanged: status, body and the provider's retry headers (a 429 stays a 429); but a
+refusal of the pool key itself (401, 402, 403) is egress's own 502 `pool_key_refused` (proxy.py):
+the provider's body is about egress's key, and OpenAI's quotes it.
 """
 
 from __future__ import annotations

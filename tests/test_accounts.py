@@ -363,6 +363,27 @@ def test_a_key_the_provider_refuses_is_disabled_and_the_request_still_answered(s
     assert '"event":"account_disabled"' in egress.logs()
 
 
+def test_a_pool_key_the_provider_refuses_is_never_quoted_back_to_the_caller(start_egress, keyed, tmp_path):
+    # OpenAI's 401 quotes the key it refused: "Incorrect API key provided: sk-proj-****wxyz" (and a
+    # short key whole). With no other account to take it, the caller gets egress's own answer.
+    def refused(count: int):
+        message = f"Incorrect API key provided: {KEY_A[:8]}****{KEY_A[-4:]}. You can find your API key at ..."
+        return 401, {"x-should-retry": "false"}, _error("invalid_api_key", message, "invalid_request_error")
+
+    upstream = keyed({KEY_A: refused, KEY_B: refused})
+    egress = start_egress(accounts_config(upstream, tmp_path))
+    first, second, third = (chat(egress) for _ in range(3))
+    for response in (first, second):  # each account refused in turn: x-should-retry false keeps it there
+        assert response.status == 502, response.body
+        error = orjson.loads(response.body)["error"]
+        assert error["code"] == "pool_key_refused" and "401" in error["message"]
+        assert KEY_A[-4:].encode() not in response.body and b"Incorrect API key" not in response.body
+    assert third.status == 503 and orjson.loads(third.body)["error"]["code"] == "all_accounts_disabled"
+    assert upstream.served(KEY_A) == 1 and upstream.served(KEY_B) == 1
+    assert egress.logs().count('"event":"account_disabled"') == 2
+    assert KEY_A[-4:] not in egress.logs()
+
+
 def test_the_retry_budget_stops_a_storm(start_egress, keyed, tmp_path):
     def down(n: int):  # a 500: no cooldown, so every request would otherwise retry
         return 500, {}, _error("server_error", "The server had an error", "server_error")

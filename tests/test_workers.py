@@ -346,6 +346,18 @@ def test_the_unit_runs_the_egress_the_readme_installs():
     assert "/usr/local/bin" not in section
 
 
+def test_the_readme_lists_every_error_egress_answers_with_its_status_and_connection():
+    from egress.errors import ERROR_KINDS
+
+    readme = (ROOT / "README.md").read_text()
+    table = readme.split("## Errors egress answers itself", 1)[1].split("\n## ", 1)[0]
+    rows = [line.split("|")[1:4] for line in table.splitlines() if line.startswith("| ") and "`" in line]
+    for code, kind in ERROR_KINDS.items():
+        found = [(status.strip(), connection.strip()) for status, codes, connection in rows if f"`{code}`" in codes]
+        assert found, f"{code} is missing from the README's errors table"
+        assert found == [(str(kind.status), "closed" if kind.closes else "kept")], (code, found)
+
+
 def _serve_until_it_exits(config: Path, *args: str) -> tuple[int, str, float]:
     started = time.monotonic()
     process = subprocess.Popen(
