@@ -189,8 +189,13 @@ class Exchange:
     # -- phases driven by the upstream connection ------------------------------------------
     @property
     def path(self) -> bytes:
-        """The request target without its query string (which may carry a credential)."""
-        return self.target.split(b"?", 1)[0]
+        """The request target without its query string (which may carry a credential), for the log
+        and the fact. A target refused as malformed is logged too: without its `#fragment`, and an
+        absolute-form one (`http://user:key@host/...`) without its userinfo."""
+        path = self.target.split(b"?", 1)[0]
+        if path[:1] != b"/" or b"#" in path:
+            path = _without_credentials(path)
+        return path
 
     def upstream_head(self, status: int, headers: http1.Headers) -> None:
         if self.account is None:
@@ -640,7 +645,6 @@ def finish(exchange: Exchange) -> None:
         state.accounts.leave(exchange.gate)
         state.waiting.released()
     total = time.monotonic() - exchange.started
-    state.metrics.observe(exchange, total)
     # Sent to the provider: it may have generated, whatever came back (a client gone before the
     # answer gets a fact too, its usage missing for `no_answer`).
     billable = exchange.sent_at != 0.0 and state.metering
@@ -685,7 +689,20 @@ def finish(exchange: Exchange) -> None:
             )
         if billable:
             emit_usage(exchange, state, ts, request_id, path, kid, sub, ttfb_ms, total_ms, ids)
+    # After the fact and the line: a fault in a metric must never cost the bill.
+    state.metrics.observe(exchange, total)
     client.exchange_finished(exchange)
+
+
+def _without_credentials(path: bytes) -> bytes:
+    path = path.split(b"#", 1)[0]
+    if path[:1] == b"/":
+        return path
+    scheme, separator, rest = path.partition(b"://")
+    if not separator:  # authority-form (CONNECT's host:port)
+        scheme, rest = b"", scheme
+    authority, slash, tail = rest.partition(b"/")
+    return scheme + separator + authority.rpartition(b"@")[2] + slash + tail
 
 
 def upstream_id(kept: http1.Headers | tuple) -> bytes | None:
@@ -755,8 +772,6 @@ def emit_usage(
     elif usage.state == MISSING:
         usage.reason = _missing_reason(exchange, usage, meter)
     identity = exchange.identity or state.limiter.identity(exchange)
-    state.limiter.record_tokens(exchange, usage.total_tokens, state.loop_time())
-    state.metrics.observe_usage(provider, usage)
     state.facts.emit(
         {
             "ts": ts,
@@ -793,3 +808,6 @@ def emit_usage(
             "upstream_request_id": ids[1],
         }
     )
+    # After the fact: what feeds the limit and the metrics must never cost the bill.
+    state.limiter.record_tokens(exchange, usage.total_tokens, state.loop_time())
+    state.metrics.observe_usage(provider, usage)

@@ -447,7 +447,9 @@ def reduce_usage(usage: Usage, raw: dict[str, int], document: dict, api: str) ->
             )
     model = document.get("model")
     if isinstance(model, str):
-        usage.model = model
+        # At most MODEL_FIELD's 200 characters: a server that echoes the caller's model (llama.cpp)
+        # would otherwise put megabytes of it in every fact.
+        usage.model = model if len(model) <= 200 else model[:200]
     counts = document.get("usage")
     if not isinstance(counts, dict):
         x_groq = document.get("x_groq")  # Groq's streams report it here
