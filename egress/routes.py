@@ -155,7 +155,10 @@ def model_permitted(provider: Provider, model: str, claims: Claims | None) -> bo
     if allow is not None and not any(fnmatchcase(model, pattern) for pattern in allow):
         return False
     if claims is not None and claims.models is not None:
-        return any(fnmatchcase(model, pattern) for pattern in claims.models)
+        # A key's patterns name a model as the caller may (`gpt-4o`), or as /v1/models lists an id
+        # two providers serve (`groq:gpt-4o`, `groq:*`): a model of that provider only.
+        qualified = f"{provider.name}:{model}"
+        return any(fnmatchcase(model, pattern) or fnmatchcase(qualified, pattern) for pattern in claims.models)
     return True
 
 

@@ -76,6 +76,21 @@ def test_default_routes_send_claude_to_anthropic_and_the_rest_to_openai():
     assert routes.resolve("gpt-5").provider.name == "openai"
 
 
+def test_a_key_may_name_a_model_of_one_provider_as_the_listing_does():
+    # /v1/models lists an id two providers serve as provider:model; a key minted with that form, or
+    # with provider:*, permits the model there and nowhere else.
+    openai, groq, anthropic = PROVIDERS["openai"], PROVIDERS["groq"], PROVIDERS["anthropic"]
+    only_openai = claims(("openai:gpt-4o",))
+    assert model_permitted(openai, "gpt-4o", only_openai)
+    assert not model_permitted(openai, "o3", only_openai)
+    assert not model_permitted(anthropic, "gpt-4o", only_openai)
+    groq_only = claims(("groq:*",))
+    assert model_permitted(groq, "llama-3.3-70b", groq_only) and not model_permitted(openai, "o3", groq_only)
+    assert not model_permitted(groq, "gpt-4o", groq_only)  # the provider's own allow list still holds
+    assert [entry["id"] for entry in listed_models(ROUTES, only_openai)] == ["gpt-4o"]
+    assert [entry["id"] for entry in listed_models(ROUTES, groq_only)] == ["llama-3.3-70b"]
+
+
 def test_policy_deny_beats_allow_and_the_key_narrows_further():
     anthropic, groq = PROVIDERS["anthropic"], PROVIDERS["groq"]
     assert model_permitted(anthropic, "claude-sonnet-4-5", None)
