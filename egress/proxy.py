@@ -28,7 +28,7 @@ from egress.errors import EgressError, render_error
 from egress.hints import HINT_NAMES
 from egress.http1 import CHUNKED, NO_BODY, UNTIL_CLOSE
 from egress.metrics import sse_events
-from egress.routes import body_models, check_model
+from egress.routes import body_models, check_model, has_model_policy
 from egress.stream_usage import InjectedUsageFilter, inject_include_usage
 from egress.usage import MISSING, MODEL_FIELD, OPENAI, RESPONSES, Usage, UsageMeter
 
@@ -488,8 +488,7 @@ def forward(exchange: Exchange) -> None:
             if not surface.prepare(exchange):
                 return  # answered: the model list, or an error
         else:
-            claims = exchange.claims
-            if route.provider.model_policy or (claims is not None and claims.models is not None):
+            if has_model_policy(route.provider, exchange.claims):
                 error = _passthrough_model_refused(exchange)
                 if error is not None:
                     respond_error(exchange, error)

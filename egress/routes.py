@@ -147,7 +147,7 @@ def can_serve(fallback: Fallback, needed: frozenset[str]) -> bool:
 
 def model_permitted(provider: Provider, model: str, claims: Claims | None) -> bool:
     """The one model policy: provider deny beats allow, then the virtual key's own model list."""
-    if not provider.model_policy and (claims is None or claims.models is None):
+    if not has_model_policy(provider, claims):
         return True  # no policy anywhere: most requests
     if any(fnmatchcase(model, pattern) for pattern in provider.deny_models):
         return False
@@ -164,11 +164,7 @@ def model_permitted(provider: Provider, model: str, claims: Claims | None) -> bo
 
 def has_model_policy(provider: Provider, claims: Claims | None) -> bool:
     """Whether a passthrough request must be read for its model at all (most pay nothing)."""
-    return (
-        bool(provider.deny_models)
-        or provider.allow_models is not None
-        or (claims is not None and claims.models is not None)
-    )
+    return provider.model_policy or (claims is not None and claims.models is not None)
 
 
 def check_model(provider: Provider, model: str, claims: Claims | None) -> None:
