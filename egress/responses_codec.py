@@ -9,7 +9,9 @@ Contract
       `item_reference` input is a 400 naming the param, since egress keeps no history; the client
       sends the whole history each time (Codex does). `store` of either value is processed
       statelessly and answered `store: false`. An unknown tool or input item type is a 400 naming
-      it, never a silent rewrite. `warnings` name what was left out and why (a reasoning item
+      it, never a silent rewrite; a malformed field it maps is a 400 under its Responses name
+      (`max_output_tokens`, `reasoning.effort`, `input[3].arguments`, `tools[0].name`), never
+      under a chat field the caller did not send. `warnings` name what was left out and why (a reasoning item
       egress did not mint, `text.verbosity`): they go back in a `Warning` header. Given a `dropped`
       list (the route's drop_params), a parameter or tool Anthropic can't honour is left out and its
       name appended, as chat_to_messages does; `responses_param` gives that codec's names (in its
@@ -47,7 +49,7 @@ from collections.abc import Callable
 
 import orjson
 
-from egress.anthropic_codec import JSON_TOOL, AnthropicEvents, _openai_error, _thinking_tokens
+from egress.anthropic_codec import JSON_TOOL, THINKING_BUDGETS, AnthropicEvents, _openai_error, _thinking_tokens
 from egress.errors import EgressError
 from egress.usage import ANTHROPIC, Usage, reduce_usage
 
@@ -140,8 +142,13 @@ def responses_to_chat(body: dict, *, dropped: list[str] | None = None) -> tuple[
             messages.append({"role": "system", "content": instructions})
     messages += _input(body.get("input"), warnings)
     chat["messages"] = messages
+    # What is mapped is checked here, under its Responses name: the chat translation's message would
+    # name its own fields (max_completion_tokens, reasoning_effort, messages[2]...), which the caller
+    # never sent.
     max_output = body.get("max_output_tokens")
     if max_output is not None:
+        if max_output.__class__ is not int or max_output < 1:
+            raise _invalid("max_output_tokens must be a positive integer", "max_output_tokens")
         chat["max_completion_tokens"] = max_output
     _tools(body, chat, refuse)
     _text(body.get("text"), chat, warnings)
@@ -151,6 +158,8 @@ def responses_to_chat(body: dict, *, dropped: list[str] | None = None) -> tuple[
             raise _invalid("reasoning must be an object", "reasoning")
         effort = reasoning.get("effort")
         if effort is not None:
+            if effort.__class__ is not str or effort not in THINKING_BUDGETS:  # a list is no dict key
+                raise _invalid(f"reasoning.effort must be one of {', '.join(THINKING_BUDGETS)}", "reasoning.effort")
             chat["reasoning_effort"] = effort
         # `summary` (auto, concise, detailed): the summary is the thinking text Anthropic streams.
     return chat, warnings
@@ -215,6 +224,13 @@ def _input(items: object, warnings: list[str]) -> list[dict]:
                 raise _invalid(f"{at} needs a call_id and a name", at)
             if not isinstance(arguments, str):
                 raise _invalid(f"{at}.arguments must be a string of JSON", f"{at}.arguments")
+            if arguments:  # "" is a call without arguments
+                try:
+                    parsed = orjson.loads(arguments)
+                except orjson.JSONDecodeError:
+                    parsed = None
+                if not isinstance(parsed, dict):
+                    raise _invalid(f"{at}.arguments must be a JSON object", f"{at}.arguments")
             space = item.get("namespace")
             if isinstance(space, str) and space:
                 name = f"{space}{_SEPARATOR}{name}"
@@ -259,7 +275,14 @@ def _kind(part: object) -> object:
 def _text_part(part: object, where: str) -> dict:
     if _kind(part) not in ("input_text", "output_text", "text"):
         raise _unsupported(f"{where} must be a text part, not {_kind(part)!r}", where)
-    return {"type": "text", "text": part.get("text")}
+    return {"type": "text", "text": _string(part, "text", where)}
+
+
+def _string(part: dict, field: str, where: str) -> str:
+    value = part.get(field)
+    if not isinstance(value, str):
+        raise _invalid(f"{where}.{field} must be a string", f"{where}.{field}")
+    return value
 
 
 def _text_parts(content: object, at: str) -> str | list:
@@ -269,14 +292,10 @@ def _text_parts(content: object, at: str) -> str | list:
 def _assistant_piece(part: object, where: str) -> str:
     kind = _kind(part)
     if kind in ("output_text", "input_text", "text"):
-        text = part.get("text")
-    elif kind == "refusal":
-        text = part.get("refusal")
-    else:
-        raise _unsupported(f"{where} of type {kind!r} has no Anthropic equivalent", where)
-    if not isinstance(text, str):
-        raise _invalid(f"{where}.text must be a string", where)
-    return text
+        return _string(part, "text", where)
+    if kind == "refusal":
+        return _string(part, "refusal", where)
+    raise _unsupported(f"{where} of type {kind!r} has no Anthropic equivalent", where)
 
 
 def _assistant_text(content: object, at: str) -> str:
@@ -287,7 +306,7 @@ def _assistant_text(content: object, at: str) -> str:
 def _user_part(part: object, where: str) -> dict:
     kind = _kind(part)
     if kind in ("input_text", "text"):
-        return {"type": "text", "text": part.get("text")}
+        return {"type": "text", "text": _string(part, "text", where)}
     if kind == "input_image":
         url = part.get("image_url")
         if not isinstance(url, str):
@@ -330,7 +349,7 @@ def _tools(body: dict, chat: dict, refuse: _Refusals) -> None:
                     if _kind(member) != "function":
                         refuse(f"{at}: only function tools translate, not {_kind(member)!r}", f"{at}.type", at)
                         continue
-                    translated.append(_function_tool({**member, "name": f"{space}{_SEPARATOR}{member.get('name')}"}))
+                    translated.append(_function_tool(member, at, f"{space}{_SEPARATOR}"))
                 continue
             if kind != "function":
                 # web_search, file_search, computer_use, mcp, custom, …: run by OpenAI itself.
@@ -339,7 +358,7 @@ def _tools(body: dict, chat: dict, refuse: _Refusals) -> None:
                     f"{at}: {kind!r} tools are not supported by Anthropic models; only function tools", f"{at}.type", at
                 )
                 continue
-            translated.append(_function_tool(tool))
+            translated.append(_function_tool(tool, f"tools[{position}]"))
         if translated:
             chat["tools"] = translated
     choice = body.get("tool_choice")
@@ -353,8 +372,16 @@ def _tools(body: dict, chat: dict, refuse: _Refusals) -> None:
         refuse("tool_choice must be auto, required, none or {type: function, name}", "tool_choice")
 
 
-def _function_tool(tool: dict) -> dict:
-    function = {key: tool[key] for key in ("name", "description", "parameters", "strict") if key in tool}
+def _function_tool(tool: dict, at: str, prefix: str = "") -> dict:
+    """A Responses function tool (`prefix`: a namespace's, for its members) as a chat tool."""
+    name = tool.get("name")
+    if not isinstance(name, str) or not name:
+        raise _invalid(f"{at}.name is required", f"{at}.name")
+    parameters = tool.get("parameters")
+    if parameters is not None and not isinstance(parameters, dict):
+        raise _invalid(f"{at}.parameters must be an object", f"{at}.parameters")
+    function = {key: tool[key] for key in ("description", "parameters", "strict") if key in tool}
+    function["name"] = prefix + name
     entry = {"type": "function", "function": function}
     if tool.get("cache_control") is not None:
         entry["cache_control"] = tool["cache_control"]
@@ -386,7 +413,8 @@ def responses_param(param: str) -> str:
 def namespaced(body: dict) -> dict[str, tuple[str, str]]:
     """Anthropic tool name -> (namespace, name) for the namespace tools of a Responses request."""
     found = {}
-    for tool in body.get("tools") or ():
+    tools = body.get("tools")
+    for tool in tools if isinstance(tools, list) else ():
         if _kind(tool) == "namespace" and isinstance(tool.get("tools"), list):
             for member in tool["tools"]:
                 if isinstance(member, dict) and isinstance(member.get("name"), str):

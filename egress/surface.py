@@ -102,11 +102,13 @@ def _aim(exchange: Exchange, document: dict, target: Target, requested: str, dro
     if admit and state.limiter.enabled:
         state.limiter.admit(exchange, provider.name, state.loop_time())
     if translate and surface == "responses":
+        dropped: list[str] | None = [] if drop_params else None  # the route's drop_params, as on chat
+        # Translated first: it refuses a malformed request (400) before anything else reads it.
+        chat, warnings = responses_codec.responses_to_chat(document, dropped=dropped)
         shell = responses_codec.response_shell(document, requested, int(time.time()))
         names = responses_codec.namespaced(document)
         stream = bool(document.get("stream"))
-        dropped: list[str] | None = [] if drop_params else None  # the route's drop_params, as on chat
-        document, warnings = responses_codec.responses_to_chat(document, dropped=dropped)
+        document = chat
         _translate(exchange, document, model, requested, drop_params, dropped or (), responses_codec.responses_param)
         headers = exchange.body_filter.extra_headers + tuple((b"warning", _warning(text)) for text in warnings)
         exchange.body_filter = TranslatedResponses(shell, names, headers, stream)

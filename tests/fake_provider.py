@@ -45,6 +45,8 @@ message_stop; every event with its `event:` line):
                   `tool-call`
   echo-images     a text block "images=N base64=B url=U media_types=..." counting the image blocks of
                   the request (message content and tool_result content)
+  (output_config.format json_schema) the answer text of any scenario is `minimal_instance(schema)`
+                  as JSON instead of the default text
   json-tool       when tool_choice forces a tool (`tool`: that one, `any`: the first), its tool_use
                   with a minimal valid input and no text; a plain text answer otherwise
   rate-limited    429 rate_limit_error with retry-after and anthropic-ratelimit-* headers
@@ -573,6 +575,10 @@ def _anthropic_plan(payload: dict, scenario: str, response_id: str) -> tuple[lis
     choice = payload.get("tool_choice") or {"type": "auto"}
     thinking = (payload.get("thinking") or {}).get("type") in ("enabled", "adaptive")
     text = {"type": "text", "text": _DEFAULT_TEXT}
+    form = (payload.get("output_config") or {}).get("format") or {}
+    if form.get("type") == "json_schema":
+        # Structured outputs: the answer is JSON valid for the schema (the service constrains the text).
+        text = {"type": "text", "text": orjson.dumps(minimal_instance(form.get("schema"))).decode()}
 
     def call(tool: dict, number: int) -> dict:
         tool_id = f"toolu_{response_id}_{number}"
