@@ -205,7 +205,7 @@ def chat_to_messages(body: dict, *, default_max_tokens: int, drop_params: bool =
 def _thinking_budget(effort: object) -> int | None:
     if effort is None:
         return None
-    if effort not in THINKING_BUDGETS:
+    if effort.__class__ is not str or effort not in THINKING_BUDGETS:  # a list or object can't be looked up
         raise _invalid(f"reasoning_effort must be one of {', '.join(THINKING_BUDGETS)}", "reasoning_effort")
     return THINKING_BUDGETS[effort]
 
@@ -643,7 +643,9 @@ def _tool_result(message: dict, where: str) -> dict:
         if content:
             block["content"] = content
     elif content is not None:
-        block["content"] = _text_blocks(content, where)
+        # Text, and images and documents: a tool_result's content takes all three
+        # (https://docs.anthropic.com/en/docs/agents-and-tools/tool-use/implement-tool-use, tool results).
+        block["content"] = _user_blocks(content, where)
     return block
 
 

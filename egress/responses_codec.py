@@ -326,8 +326,16 @@ def _user_parts(content: object, at: str) -> str | list:
     return _content(content, f"{at}.content", _user_part)
 
 
+def _output_part(part: object, where: str) -> dict:
+    """A function_call_output's part: text, or an image or file the tool returned (Codex's view_image,
+    an MCP tool's image), which Anthropic takes in a tool_result's content."""
+    if _kind(part) in ("input_image", "input_file"):
+        return _user_part(part, where)
+    return _text_part(part, where)
+
+
 def _output(output: object, at: str) -> str | list:
-    return _content(output, f"{at}.output", _text_part)
+    return _content(output, f"{at}.output", _output_part)
 
 
 def _tools(body: dict, chat: dict, refuse: _Refusals) -> None:

@@ -85,6 +85,34 @@ def test_a_history_of_calls_and_outputs_groups_every_result_after_its_call():
     ]
 
 
+def test_a_tool_output_with_an_image_is_a_tool_result_with_the_image():
+    # Codex's view_image and MCP tools return images in a function_call_output; a tool_result takes
+    # text, image and document blocks.
+    pixel = "iVBORw0KGgo="
+    body = {
+        "model": "claude-x",
+        "input": [
+            {"role": "user", "content": "look"},
+            {"type": "function_call", "call_id": "call_1", "name": "view_image", "arguments": '{"path":"a.png"}'},
+            {
+                "type": "function_call_output",
+                "call_id": "call_1",
+                "output": [
+                    {"type": "input_text", "text": "a.png:"},
+                    {"type": "input_image", "image_url": f"data:image/png;base64,{pixel}"},
+                ],
+            },
+        ],
+    }
+    messages, _ = translate(body)
+    (result,) = messages["messages"][-1]["content"]
+    assert result["type"] == "tool_result" and result["tool_use_id"] == "call_1"
+    assert result["content"] == [
+        {"type": "text", "text": "a.png:"},
+        {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": pixel}},
+    ]
+
+
 def test_reasoning_items_carry_the_exact_blocks_back_and_others_are_dropped_with_a_warning():
     thinking = {"type": "thinking", "thinking": "Call it.", "signature": "EqQBsig=="}
     redacted = {"type": "redacted_thinking", "data": "EmwKAhgBEgy3"}
