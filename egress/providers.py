@@ -179,8 +179,8 @@ class Route:
     provider: Provider
     upstream_target: bytes  # request-target to send upstream, query included
     api: str = "openai"  # the API its bodies speak, for the usage meter (usage.api_of)
-    # The unified surface, routed by model once the body is read: "chat", "responses", "embeddings",
-    # "models".
+    # The unified surface, routed by model once the body is read: "chat", "responses", "embeddings";
+    # and the model list, "models" (`/v1/models`, and one of it: `/v1/models/{id}`).
     surface: str | None = None
 
 
@@ -227,19 +227,30 @@ class Router:
                 rest = b"/" + rest  # "/openai" or "/openai?x" -> "/" or "/?x"
             return Route(provider, provider.origin.base_path + rest, _api(rest, provider))
         if segment == b"v1":
-            surface = _SURFACES.get(target.split(b"?", 1)[0])
+            path = target.split(b"?", 1)[0]
+            surface = _SURFACES.get(path)
+            if surface is None and path.startswith(b"/v1/models/") and path.count(b"/") == 3 and len(path) > 11:
+                surface = "models"  # one model of the list: answered as the list has it
             if surface is not None and self._drop_in_openai is not None:
                 # Routed by the body's model once it is read (surface.py); the OpenAI row stands in
                 # until then, for the dialect of an early error.
                 return Route(self._drop_in_openai, target, "openai", surface)
-            # Drop-in default for SDKs pointed at egress with no provider prefix.
-            provider = self._drop_in_anthropic if _is_messages(target) else self._drop_in_openai
-            if provider is not None:
-                return Route(provider, provider.origin.base_path + target, _api(target, provider))
+            route = self.drop_in(target)
+            if route is not None:
+                return route
         raise EgressError(
             "unknown_provider",
             f"unknown provider {segment.decode('latin-1')!r}; known providers: {self._known}",
         )
+
+    def drop_in(self, target: bytes) -> Route | None:
+        """A `/v1/...` target as the drop-in default sends it, unrouted by model: to anthropic for
+        `/v1/messages…`, else to openai (what a surface path's other methods are: OpenAI's stored
+        chat completions listed by GET, a fine-tuned model deleted)."""
+        provider = self._drop_in_anthropic if _is_messages(target) else self._drop_in_openai
+        if provider is None:
+            return None
+        return Route(provider, provider.origin.base_path + target, _api(target, provider))
 
 
 # Google's APIs take an API key in the query (`?key=`, cloud.google.com/docs/authentication/api-keys-use),

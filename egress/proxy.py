@@ -28,7 +28,7 @@ from egress.errors import EgressError, render_error
 from egress.hints import HINT_NAMES
 from egress.http1 import CHUNKED, NO_BODY, UNTIL_CLOSE
 from egress.metrics import sse_events
-from egress.routes import body_models, check_model, has_model_policy
+from egress.routes import body_models, check_model, has_model_policy, path_model
 from egress.stream_usage import InjectedUsageFilter, inject_include_usage
 from egress.usage import MISSING, MODEL_FIELD, OPENAI, RESPONSES, Usage, UsageMeter
 
@@ -483,16 +483,15 @@ def forward(exchange: Exchange) -> None:
         # connection, for an answer no one bills.
         return
     try:
+        if exchange.route.surface is not None and not surface.prepare(exchange):
+            return  # answered: the model list, or an error
         route = exchange.route
-        if route.surface is not None:
-            if not surface.prepare(exchange):
-                return  # answered: the model list, or an error
-        else:
-            if has_model_policy(route.provider, exchange.claims):
-                error = _passthrough_model_refused(exchange)
-                if error is not None:
-                    respond_error(exchange, error)
-                    return
+        # A provider's route, or a surface path's request sent as the drop-in sends it (surface.prepare).
+        if route.surface is None and has_model_policy(route.provider, exchange.claims):
+            error = _passthrough_model_refused(exchange)
+            if error is not None:
+                respond_error(exchange, error)
+                return
         # The select-account phase: a pooled request's account, a capped provider's place.
         if (exchange.lease is not None or exchange.route.provider.max_concurrent) and not admission.admit(exchange):
             return  # answered, or waiting for a place (admission.Waiting sends it on)
@@ -515,6 +514,9 @@ def _passthrough_model_refused(exchange: Exchange) -> EgressError | None:
     under a policy, a model hidden past a regular expression's sight must not pass as no model."""
     content_type = next((value for name, value in exchange.facts.forward_headers if name == b"content-type"), b"")
     models = body_models(exchange.body, content_type)
+    named = path_model(exchange.path)
+    if named is not None and models is not None:
+        models.append(named)  # `/v1/models/{id}` read or deleted (a fine-tuned model's DELETE)
     if models is None:
         return EgressError(
             "model_not_permitted",

@@ -295,6 +295,35 @@ def _form_models(body: bytes | bytearray, content_type: bytes) -> list[str] | No
 _NOT_READ_FOR_MODELS = frozenset({"messages", "metadata", "parameters", "input_schema", "input_examples", "schema"})
 
 
+def path_model(path: bytes) -> str | None:
+    """The model a path names (`.../models/{id}`: read one, or delete a fine-tuned one), percent-
+    decoded; None when it names none. Under a policy it is checked like a body's model."""
+    _, found, model = path.rpartition(b"/models/")
+    if not found or not model or b"/" in model:
+        return None
+    name = unquote_to_bytes(model).decode("utf-8", "replace")
+    base, colon, action = name.rpartition(":")
+    if colon and action in _MODEL_ACTIONS:
+        return base  # Gemini's `models/{model}:generateContent`; an OpenAI ft: id keeps its colons
+    return name
+
+
+# The methods Gemini's API calls on a model in its path (https://ai.google.dev/api), after a colon.
+_MODEL_ACTIONS = frozenset(
+    {
+        "generateContent",
+        "streamGenerateContent",
+        "countTokens",
+        "embedContent",
+        "batchEmbedContents",
+        "batchGenerateContent",
+        "predict",
+        "predictLongRunning",
+        "generateAnswer",
+    }
+)
+
+
 def body_models(body: bytes | bytearray, content_type: bytes) -> list[str] | None:
     """Every model a request body names, as the provider reads them; None if it can't be read.
 

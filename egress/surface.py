@@ -20,6 +20,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
+from urllib.parse import unquote
 
 import orjson
 
@@ -39,10 +40,20 @@ _DROPPED_HEADER = b"x-egress-dropped-params"
 def prepare(exchange: Exchange) -> bool:
     from egress import proxy  # the phases module; imported here to keep this module's import light
 
+    surface = exchange.route.surface
     try:
-        if exchange.route.surface == "models":
-            proxy.respond(exchange, 200, _model_list(exchange))
-            return False
+        if surface == "models":
+            whole = exchange.path == b"/v1/models"
+            if exchange.method in (b"GET", b"HEAD"):
+                proxy.respond(exchange, 200, _model_list(exchange) if whole else _one_model(exchange))
+                return False
+            if whole:
+                raise EgressError("method_not_allowed", "the model list is read with GET")
+            return _passthrough(exchange)  # DELETE /v1/models/{id}: OpenAI's, the model policy on its id
+        if exchange.method != b"POST":
+            # Only a POST is routed by its body's model. OpenAI's other methods on these paths
+            # (GET /v1/chat/completions lists stored completions) go where the drop-in sends them.
+            return _passthrough(exchange)
         _route_by_model(exchange)
     except EgressError as error:
         exchange.dialect = "openai"
@@ -55,6 +66,30 @@ def _model_list(exchange: Exchange) -> bytes:
     state = exchange.client.state
     claims = state.auth.authenticate(exchange, None)  # a key is required; no provider yet
     return orjson.dumps({"object": "list", "data": listed_models(state.model_routes, claims, state.catalog.models)})
+
+
+def _one_model(exchange: Exchange) -> bytes:
+    """`GET /v1/models/{id}`: the list's own entry for the id, or 404: what the list shows, one by one."""
+    state = exchange.client.state
+    claims = state.auth.authenticate(exchange, None)
+    wanted = unquote(exchange.path.rsplit(b"/", 1)[1].decode("latin-1"))
+    for entry in listed_models(state.model_routes, claims, state.catalog.models):
+        if entry["id"] == wanted:
+            return orjson.dumps(entry)
+    raise EgressError("model_not_found", f"no model {wanted!r} is listed for this key", param="model")
+
+
+def _passthrough(exchange: Exchange) -> bool:
+    """A surface path's request that is not routed by model: sent as the drop-in sends it, with
+    what the head phase does for a provider's route (server.py): authenticate, limit."""
+    state = exchange.client.state
+    route = state.router.drop_in(exchange.target)  # a surface route exists only beside an openai row
+    exchange.route = route
+    exchange.dialect = route.provider.dialect
+    state.auth.authenticate(exchange, route.provider)
+    if state.limiter.enabled:
+        state.limiter.admit(exchange, route.provider.name, state.loop_time())
+    return True
 
 
 def _route_by_model(exchange: Exchange) -> None:

@@ -6,7 +6,15 @@ import pytest
 
 from egress.errors import EgressError
 from egress.providers import BUILTIN_PROVIDERS, Provider
-from egress.routes import DEFAULT_ROUTES, ModelRoute, ModelRoutes, check_model, listed_models, model_permitted
+from egress.routes import (
+    DEFAULT_ROUTES,
+    ModelRoute,
+    ModelRoutes,
+    check_model,
+    listed_models,
+    model_permitted,
+    path_model,
+)
 from egress.vkeys import Claims
 
 POOL = ("env:POOL_KEY",)  # a virtual key is served only where a pool key can be swapped in
@@ -260,3 +268,20 @@ def test_body_models_reads_every_model_as_the_provider_would(body, content_type,
 
     found = body_models(body, content_type)
     assert (sorted(found) if found is not None else None) == models  # any order: each is checked
+
+
+@pytest.mark.parametrize(
+    ("path", "model"),
+    [
+        (b"/v1/models/gpt-4o", "gpt-4o"),
+        (b"/v1/models/ft:gpt-4o-mini:org::abc", "ft:gpt-4o-mini:org::abc"),  # OpenAI's fine-tuned ids keep colons
+        (b"/v1/models/ft%3Agpt-4o%3Aorg%3A%3Aabc", "ft:gpt-4o:org::abc"),
+        (b"/v1beta/models/gemini-2.5-pro:generateContent", "gemini-2.5-pro"),  # Gemini's model:method
+        (b"/v1/models", None),
+        (b"/v1/models/", None),
+        (b"/v1/models/a/b", None),
+        (b"/v1/chat/completions", None),
+    ],
+)
+def test_path_model(path, model):
+    assert path_model(path) == model

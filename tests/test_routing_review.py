@@ -136,3 +136,61 @@ def test_a_form_is_read_as_the_providers_parser_reads_it(gateway, fake_provider,
         response = raw.read_response("POST")
     assert (response.status, response.error_code) == (403, "model_not_permitted"), response.body
     assert fake_provider.requests == []
+
+
+def test_one_model_is_answered_as_the_list_has_it(gateway, fake_provider):
+    # GET /v1/models/{id} is the list's own entry for the key, or 404: never OpenAI's answer for a
+    # model egress lists from another provider, nor one the key may not use.
+    key = mint(ISSUER, "app", models=["gpt-fake", "claude-*"])[0]
+    sdk = openai.OpenAI(base_url=gateway.url + "/v1", api_key=key, max_retries=0)
+    listed = {model.id: model for model in sdk.models.list()}
+    for model_id in ("claude-fake", "gpt-fake"):
+        assert sdk.models.retrieve(model_id) == listed[model_id]
+    for model_id in ("gpt-other", "no-such-model"):
+        with pytest.raises(openai.NotFoundError) as raised:
+            sdk.models.retrieve(model_id)
+        assert raised.value.code == "model_not_found"
+    assert fake_provider.requests == []
+
+
+def test_the_model_list_is_only_read(gateway, fake_provider):
+    key = mint(ISSUER, "app")[0]
+    with RawClient(gateway.port) as raw:
+        raw.send(request_bytes("POST", "/v1/models", {"Authorization": f"Bearer {key}"}, b"{}"))
+        response = raw.read_response("POST")
+    assert (response.status, response.error_code) == (405, "method_not_allowed")
+    assert fake_provider.requests == []
+
+
+def test_a_surface_path_s_other_methods_go_where_the_drop_in_sends_them(gateway, fake_provider):
+    # Only a POST is routed by its body's model; GET /v1/chat/completions (OpenAI's stored
+    # completions, the SDK's chat.completions.list()) goes to the openai row with its pool key.
+    key = mint(ISSUER, "app")[0]
+    with RawClient(gateway.port) as raw:
+        raw.send(request_bytes("GET", "/v1/chat/completions?limit=2", {"Authorization": f"Bearer {key}"}))
+        response = raw.read_response()
+    assert response.status == 404 and b"Unknown path /v1/chat/completions" in response.body  # the fake's own
+    (sent,) = fake_provider.requests
+    assert (sent.method, sent.target) == ("GET", "/v1/chat/completions?limit=2")
+    assert sent.header("authorization") == f"Bearer {OPENAI_POOL}"
+
+
+@pytest.mark.parametrize(
+    ("method", "target", "allowed"),
+    [
+        ("DELETE", "/v1/models/ft:gpt-other:org::abc123", False),  # a fine-tuned model the key may not touch
+        ("DELETE", "/openai/v1/models/ft%3Agpt-other%3Aorg%3A%3Aabc123", False),  # the passthrough, encoded
+        ("GET", "/openai/v1/models/gpt-other", False),
+        ("DELETE", "/v1/models/ft:gpt-fake:org::abc123", True),
+    ],
+)
+def test_a_model_a_path_names_is_under_the_policy(gateway, fake_provider, method, target, allowed):
+    key = mint(ISSUER, "app", models=["gpt-fake", "ft:gpt-fake:*"])[0]
+    with RawClient(gateway.port) as raw:
+        raw.send(request_bytes(method, target, {"Authorization": f"Bearer {key}"}))
+        response = raw.read_response()
+    if allowed:
+        assert len(fake_provider.requests) == 1 and fake_provider.requests[0].method == method
+    else:
+        assert (response.status, response.error_code) == (403, "model_not_permitted"), response.body
+        assert fake_provider.requests == []
