@@ -11,7 +11,8 @@ Contract:
       disabled (a restarted worker); a later one, a reload, enables it again.
   `choose(accounts, now, exclude)` picks the healthy account with the most headroom: per
       dimension (requests, tokens, input and output tokens), the provider's last `remaining` over
-      its `limit`, less the requests in flight on it; one whose remaining is spent is skipped until
+      its `limit`, less the requests sent on it whose answer has not come (those the provider's
+      count may not hold yet); one whose remaining is spent is skipped until
       its reset; with no quota headers at all, round-robin. None when every account is cooling,
       disabled or spent; then `soonest(accounts, now)` says when the first comes back.
   `take(accounts, now, exclude, retry, gate)` is choose and begin in one step under the lock, so
@@ -91,6 +92,8 @@ _UNUSABLE, _AT_CAP = -1.0, -2.0
 #   6 last error, 7 its wall time                                    failed (the last one wins)
 #   8-11 remaining, 12-15 limit, 16-19 reset at, by dimension        observe (the last response wins)
 #   20 seen at (wall), 21 requests so far, 22 its cap                observe, take, bind
+#   23 awaiting: of word 4, the attempts whose answer has not come   take, begin, heard, resend, end; the lock
+#      (the provider's quota headers may not count them yet; one whose answer came is in its count)
 # A provider's slot (bind_gate: its gate, and the line of requests waiting for it) uses four:
 #   0 owner; 4 in flight through the gate (every request to the provider, when it has a cap);
 #   5 the last ticket handed out; 6 tickets out (requests waiting, host-wide)     the lock
@@ -111,7 +114,7 @@ _UNUSABLE, _AT_CAP = -1.0, -2.0
 # never one too few.
 _OWNER, _STATE, _UNTIL, _REASON, _IN_FLIGHT, _FAILURES, _LAST_ERROR, _LAST_ERROR_AT = range(8)
 _REMAINING, _LIMIT, _RESET_AT = 8, 12, 16  # 4 dimensions each
-_SEEN_AT, _REQUESTS, _CAP = 20, 21, 22
+_SEEN_AT, _REQUESTS, _CAP, _AWAITING = 20, 21, 22, 23
 _LAST_TICKET, _WAITERS = 5, 6  # a provider's slot only
 SLOT_DOUBLES = 24
 LEDGER_WORDS = 4
@@ -314,6 +317,7 @@ class AccountTable:
             words[account.held] += 1
             base = account.slot
             words[base + _IN_FLIGHT] += 1
+            words[base + _AWAITING] += 1
             words[base + _REQUESTS] += 1
             if not retry:
                 words[_B_REQ] += 1
@@ -408,6 +412,7 @@ class AccountTable:
             if held or tickets or oldest:
                 if held:
                     words[base + _IN_FLIGHT] = max(0.0, words[base + _IN_FLIGHT] - held)
+                    words[base + _AWAITING] = min(words[base + _AWAITING], words[base + _IN_FLIGHT])
                 if tickets:  # a provider's slot: an account's word 6 is its last error
                     words[base + _WAITERS] = max(0.0, words[base + _WAITERS] - tickets)
                 words[own] = words[own + _TICKETS_HELD] = words[own + _OLDEST] = 0.0
@@ -460,7 +465,11 @@ class AccountTable:
             if remaining < 0 or row[dim + 8] <= now:
                 continue  # unknown, or refilled since
             if dim == 0:
-                remaining -= in_flight
+                # Less the requests the provider may not have counted yet: those sent whose answer
+                # has not come. One whose answer came (a stream under way) is in the count that
+                # answer carried; subtracted again, a remaining of 1 with one stream running
+                # refused the next request (429 all_accounts_cooling) the provider would serve.
+                remaining -= words[base + _AWAITING]
             if remaining <= 0:
                 return _UNUSABLE
             limit = row[dim + 4]
@@ -482,7 +491,7 @@ class AccountTable:
             for dim in range(4):
                 remaining = words[base + _REMAINING + dim]
                 reset_at = words[base + _RESET_AT + dim]
-                if remaining >= 0 and reset_at > now and remaining - (words[base + _IN_FLIGHT] if dim == 0 else 0) <= 0:
+                if remaining >= 0 and reset_at > now and remaining - (words[base + _AWAITING] if dim == 0 else 0) <= 0:
                     until = max(until, reset_at)
             soonest = min(soonest, until)
         return None if soonest == math.inf else max(0.0, soonest - now)
@@ -494,6 +503,7 @@ class AccountTable:
             words = self._words
             words[account.held] += 1
             words[account.slot + _IN_FLIGHT] += 1
+            words[account.slot + _AWAITING] += 1
             words[account.slot + _REQUESTS] += 1
             if not retry:
                 words[_B_REQ] += 1
@@ -504,6 +514,10 @@ class AccountTable:
             at = account.slot + _IN_FLIGHT
             if words[at] > 0:  # the host's count first, then the ledger: see the layout
                 words[at] -= 1
+            # An attempt that ended with no answer (timed out, the caller gone) was awaiting: the
+            # count can't say which of the rest were, so it comes down to those left in flight.
+            if words[account.slot + _AWAITING] > words[at]:
+                words[account.slot + _AWAITING] = words[at]
             at = account.held
             if words[at] > 0:
                 words[at] -= 1
@@ -513,6 +527,19 @@ class AccountTable:
                 at = gate + self._own
                 if words[at] > 0:
                     words[at] -= 1
+
+    def heard(self, account: Account) -> None:
+        """An attempt on `account` has its answer (or has failed before one): the provider counted it
+        in the quota it reports, or never will; either way it is no longer subtracted from it."""
+        with self._lock:
+            at = account.slot + _AWAITING
+            if self._words[at] > 0:
+                self._words[at] -= 1
+
+    def resend(self, account: Account) -> None:
+        """The request goes to `account` again (a retry on the same account): awaiting once more."""
+        with self._lock:
+            self._words[account.slot + _AWAITING] += 1
 
     def observe(self, account: Account, hints: RateHints, now: float, wall: float) -> None:
         """Quota from a response: single-word writes, no lock (the last response wins).

@@ -57,6 +57,7 @@ def answered(exchange: Exchange, status: int, headers: list[tuple[bytes, bytes]]
     state = exchange.client.state
     table = state.accounts
     account = exchange.account
+    table.heard(account)  # its answer came: in the quota the provider reports from now on
     wall = time.time()
     hints = read_hints(headers, wall)  # the head's hint headers alone (http1.inspect_response keeps them)
     if hints.remaining or hints.limit:
@@ -95,10 +96,12 @@ def answered(exchange: Exchange, status: int, headers: list[tuple[bytes, bytes]]
 
 
 def failed(exchange: Exchange, error: EgressError) -> bool:
+    account = exchange.account
+    if account is not None:
+        exchange.client.state.accounts.heard(account)  # this attempt is over, with no answer
     code = error.code
     if code not in ("upstream_connect_error", "upstream_protocol_error"):
         return False  # a timeout: the provider may be generating, and a replay would bill twice
-    account = exchange.account
     if account is None:
         if code != "upstream_connect_error":
             return False  # a BYO request may have reached the provider: never sent twice
@@ -140,6 +143,8 @@ def _again(exchange: Exchange, account: Account | None, now: float) -> bool:
             state.metrics.tally.add(("attempts", *label, "retry_exhausted"))
             return False  # every account is cooling or spent: the provider's own answer goes back
     table.may_retry(now)  # counted now that it is sure (checked above, before anything moved)
+    if not moved and account is not None:
+        table.resend(account)  # sent to it again: awaiting an answer once more
     if not moved:
         delay = random.uniform(0.5, 1.0) * min(_BACKOFF_CAP, _BACKOFF_BASE * 2 ** (exchange.tries - 1))
     state.metrics.tally.add(("attempts", *label, "retry_scheduled"))
