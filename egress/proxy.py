@@ -208,10 +208,11 @@ class Exchange:
             if retries.answered(self, status, facts.kept):
                 self.provider_elapsed += time.monotonic() - sent  # the provider's time, not overhead
                 return  # not relayed: the request goes to another account (retries.py)
-            if status in retries.DISABLE_STATUSES:
-                # The provider refused the pool key, not the caller: its body is about that key, and
-                # OpenAI's quotes it ("Incorrect API key provided: sk-proj-****wxyz", a short key
-                # whole). The caller gets egress's own answer; the operator, account_disabled.
+            if status == 402:
+                # The provider refused the pool key (its account's billing), not the caller: the
+                # caller gets egress's own answer; the operator, account_disabled. A 401's body is
+                # held and judged first (retries.refused): OpenAI's quotes the key ("Incorrect API
+                # key provided: sk-proj-****wxyz", a short key whole).
                 raise EgressError(
                     "pool_key_refused",
                     f"{self.route.provider.name} refused egress's key for it ({status}); the operator is told",
@@ -349,6 +350,8 @@ class Exchange:
 
     def upstream_end(self) -> None:
         if self.held is not None:
+            if retries.refused(self):
+                return  # a 401 refusing the pool key: another account, or egress's own answer
             retries.release(self)  # the whole stream came before its first event was judged
         if self.body_filter is not None:
             try:
@@ -365,8 +368,12 @@ class Exchange:
         self.upstream_read_done()
 
     def upstream_failed(self, error: EgressError) -> None:
-        if self.held is not None:
-            retries.release(self)
+        held = self.held
+        if held is not None:
+            if held.__class__ is retries.Refusal:
+                self.forget_response()  # a 401 cut before it could be judged: never relayed
+            else:
+                retries.release(self)
         if self.head_sent:
             # Mid-response: the client must see a truncated body, never a clean end.
             self.flush()

@@ -2,14 +2,15 @@
 
 Contract, for the proxy phases:
   `answered(exchange, status, headers) -> bool` runs first in the upstream-response phase of a
-      request that carries a pool key (`exchange.account`). It records the response's quota hints
-      on the account (successes too), cools it on 429/503/529 (the provider's hint, else a jittered
-      default: hints.cooldown), disables it on 401/402/403, and returns True when this response is
-      dropped and the request sent again: to the account with the most headroom at once, or to the
-      same account after a jittered back-off when no other one is usable and this one is not
-      cooling (a 500, 502, 504). Nothing has reached the caller then, so nothing is replayed twice.
-      The provider's `x-should-retry` on an error overrules the status, as in the SDKs: `false`, the
-      answer goes to the caller (the account still cools or is disabled); `true`, it is retried.
+      request that carries a pool key (`exchange.account`). It records the response's quota hints on
+      the account (successes too), cools it on 429/503/529 (the provider's hint, else a jittered
+      default: hints.cooldown), disables it on a 402 (a 401 is judged on its body: `refused`), and
+      returns True when this response is dropped and the request sent again: to the account with the
+      most headroom at once, or to the same account after a jittered back-off when no other one is
+      usable and this one is not cooling (a 500, 502, 504). Nothing has reached the caller then, so
+      nothing is replayed twice. The provider's `x-should-retry` on an error overrules the status,
+      as in the SDKs: `false`, the answer goes to the caller (the account still cools or is
+      disabled); `true`, it is retried.
   `failed(exchange, error) -> bool` runs when the upstream failed before any response byte: a
       connect failure or a reset is retried the same way; a timeout never is (the provider may be
       generating). A BYO key is never moved to another account: only its connect failure, where
@@ -17,7 +18,7 @@ Contract, for the proxy phases:
 Limits: `[accounts] max_attempts` counts every attempt of one request, and the host-wide budget
 (`AccountTable.may_retry`) stops storms. When either runs out, the last upstream response goes to
 the caller unchanged: status, body and the provider's retry headers (a 429 stays a 429); but a
-refusal of the pool key itself (401, 402, 403) is egress's own 502 `pool_key_refused` (proxy.py):
+refusal of the pool key itself (a 402, a 401 about the key) is egress's own 502 `pool_key_refused`:
 the provider's body is about egress's key, and OpenAI's quotes it.
 """
 
@@ -32,11 +33,11 @@ import orjson
 from egress import admission, proxy
 from egress.accesslog import log_event
 from egress.accounts import BUSY, HEALTHY
+from egress.errors import EgressError
 from egress.hints import RateHints, cooldown, read_hints, should_retry
 
 if TYPE_CHECKING:
     from egress.accounts import Account
-    from egress.errors import EgressError
     from egress.proxy import Exchange
 
 RETRY_STATUSES = {
@@ -47,8 +48,11 @@ RETRY_STATUSES = {
     504: "server_error",
     529: "overloaded",  # Anthropic's overloaded_error: https://docs.anthropic.com/en/api/errors
 }
-# The provider refuses this key itself: no use sending it more traffic until the operator acts.
-DISABLE_STATUSES = {401: "unauthorized", 402: "payment_required", 403: "forbidden"}
+# The provider refuses this key itself: no use sending it more traffic until the operator acts. A
+# 401 is judged on its body first (refused): a restricted key's missing scope for one endpoint is
+# a 401 too, and disabling every account for it would let any caller take the provider down. A
+# 403 is about what was asked (a model the project can't use, a region), not the key: relayed.
+DISABLE_STATUSES = {401: "unauthorized", 402: "payment_required"}
 _BACKOFF_BASE = 0.1
 _BACKOFF_CAP = 2.0
 
@@ -75,7 +79,7 @@ def answered(exchange: Exchange, status: int, headers: list[tuple[bytes, bytes]]
     now = time.monotonic()
     reason = RETRY_STATUSES.get(status)
     if reason is None:
-        reason = DISABLE_STATUSES.get(status)
+        reason = DISABLE_STATUSES.get(status) if status != 401 else None  # 401: on its body (refused)
         if reason is None:
             if told is not True:
                 state.metrics.tally.add(("attempts", account.provider, account.id, "not_retryable"))
@@ -181,7 +185,14 @@ def _send_again(exchange: Exchange) -> None:
 _HOLD_LIMIT = 64 * 1024
 
 
+class Refusal(bytearray):
+    """A held 401's body (`exchange.held`), read whole before the key is judged (refused)."""
+
+
 def hold_stream(exchange: Exchange, status: int) -> None:
+    if status == 401:
+        exchange.held = Refusal()  # never relayed before it is judged: it may quote the key
+        return
     if not (200 <= status < 300 and exchange.streamed):
         return
     exchange.held = bytearray()
@@ -191,6 +202,10 @@ def hold_stream(exchange: Exchange, status: int) -> None:
 
 def held_body(exchange: Exchange, data: bytes) -> None:
     held = exchange.held
+    if held.__class__ is Refusal:
+        if len(held) < _HOLD_LIMIT:
+            held += data[: _HOLD_LIMIT - len(held)]
+        return
     if held:
         held += data
         buffer = held
@@ -211,6 +226,58 @@ def held_body(exchange: Exchange, data: bytes) -> None:
     else:
         release(exchange)
     exchange.upstream_read_done()
+
+
+def refused(exchange: Exchange) -> bool:
+    """At the end of a held 401 (proxy.Exchange.upstream_end): True when the body says the key
+    itself is refused; the account is disabled, and the request goes to another account or is
+    answered `pool_key_refused` (its body, which may quote the key, never relayed). False for any
+    other hold, and for a 401 about this request alone (a restricted key's missing scope), which is
+    then relayed as it came, the account untouched."""
+    held = exchange.held
+    if held.__class__ is not Refusal or not key_refused(held):
+        return False
+    state = exchange.client.state
+    table = state.accounts
+    account = exchange.account
+    if table.disable(account, "unauthorized"):
+        log_event("account_disabled", provider=account.provider, account=account.id, status=401)
+    table.failed(account, "unauthorized", time.time())
+    told = should_retry(exchange.upstream_kept)  # the provider's x-should-retry, as in answered
+    exchange.forget_response()
+    if told is not False and _again(exchange, account, time.monotonic()):
+        return True
+    upstream = exchange.upstream  # whole and well framed: back to the pool
+    exchange.upstream = None
+    if upstream is not None:
+        state.pool.release(upstream)
+    exchange.client.backpressure.detach()
+    exchange.settled = True
+    if exchange.client_gone:
+        proxy.finish(exchange)
+    else:
+        name = exchange.route.provider.name
+        error = EgressError("pool_key_refused", f"{name} refused egress's key for it (401); the operator is told")
+        proxy.respond_error(exchange, error)
+    return True
+
+
+def key_refused(body: bytes | bytearray) -> bool:
+    """Whether a 401's body refuses the key itself (sans-IO). Not when it names a permission this
+    one request lacks: OpenAI's restricted keys answer "You have insufficient permissions for this
+    operation. Missing scopes: api.responses.write" (code null) for an endpoint outside their scopes
+    (continuedev/continue#10059), where a revoked key says `invalid_api_key`. A body egress can't
+    read refuses the key, as the status says."""
+    try:
+        document = orjson.loads(bytes(body))  # orjson takes no subclass of bytearray (Refusal)
+    except orjson.JSONDecodeError:
+        return True
+    error = document.get("error") if isinstance(document, dict) else None
+    message = error.get("message") if isinstance(error, dict) else None
+    if not isinstance(message, str):
+        return True
+    message = message.lower()
+    return "missing scopes" not in message and "insufficient permissions" not in message
 
 
 def release(exchange: Exchange) -> None:

@@ -384,6 +384,61 @@ def test_a_pool_key_the_provider_refuses_is_never_quoted_back_to_the_caller(star
     assert KEY_A[-4:] not in egress.logs()
 
 
+def test_a_401_for_a_scope_one_endpoint_lacks_disables_no_account(start_egress, keyed, tmp_path):
+    # A restricted key without api.responses.write gets a 401 on /v1/responses only (OpenAI's body,
+    # continuedev/continue#10059); chat still works. Disabling on it let any caller disable every key.
+    scope = (
+        "You have insufficient permissions for this operation. Missing scopes: api.responses.write. "
+        "Check that you have the correct role in your organization (Reader, Writer, Owner)."
+    )
+    upstream = None
+
+    def restricted(count: int):
+        if upstream.seen[-1][1].endswith("/responses"):
+            return (
+                401,
+                {},
+                orjson.dumps(
+                    {"error": {"message": scope, "type": "invalid_request_error", "param": None, "code": None}}
+                ),
+            )
+        if upstream.seen[-1][1].endswith("/models/gpt-4o"):
+            message = "Project `proj_x` does not have access to model `gpt-4o`"
+            return 403, {}, _error("model_not_found", message, "invalid_request_error")
+        return completion(count)
+
+    upstream = keyed({KEY_A: restricted, KEY_B: restricted})
+    egress = start_egress(accounts_config(upstream, tmp_path))
+    key = mint(ISSUER, "accounts-app")[0]
+    with RawClient(egress.port) as client:
+        body = b'{"model":"gpt-4o","input":"hi"}'
+        client.send(request_bytes("POST", "/openai/v1/responses", {"Authorization": f"Bearer {key}"}, body))
+        refused = client.read_response("POST")
+        client.send(request_bytes("GET", "/openai/v1/models/gpt-4o", {"Authorization": f"Bearer {key}"}))
+        forbidden = client.read_response()
+    assert refused.status == 401 and b"Missing scopes" in refused.body  # the provider's own word, relayed
+    assert forbidden.status == 403 and b"does not have access" in forbidden.body
+    assert [chat(egress, key).status for _ in range(4)] == [200] * 4
+    status = orjson.loads(admin_get(egress.admin_port, "/status")[1])
+    assert {row["state"] for row in status["providers"]["openai"]["accounts"]} == {"healthy"}
+    assert '"event":"account_disabled"' not in egress.logs()
+
+
+@pytest.mark.parametrize(
+    ("body", "refused"),
+    [
+        (_error("invalid_api_key", "Incorrect API key provided: sk-abc****wxyz."), True),
+        (b'{"type":"error","error":{"type":"authentication_error","message":"invalid x-api-key"}}', True),
+        (b"<html>401 Authorization Required</html>", True),
+        (b"", True),
+        (_error(None, "You have insufficient permissions for this operation. Missing scopes: model.request."), False),
+    ],
+)
+def test_a_401_refuses_the_key_unless_it_names_a_missing_permission(body, refused):
+    assert retries.key_refused(body) is refused
+    assert retries.key_refused(retries.Refusal(body)) is refused  # as held (a bytearray subclass)
+
+
 def test_the_retry_budget_stops_a_storm(start_egress, keyed, tmp_path):
     def down(n: int):  # a 500: no cooldown, so every request would otherwise retry
         return 500, {}, _error("server_error", "The server had an error", "server_error")
