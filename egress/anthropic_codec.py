@@ -286,7 +286,10 @@ def _tools(body: dict, out: dict, *, thinking: bool, refuse: _Refusals) -> None:
             continue
         tools.append(_tool(tool, position))
 
-    choice = _tool_choice(body.get("tool_choice"), tools)
+    raw_choice = body.get("tool_choice")
+    if isinstance(raw_choice, dict) and raw_choice.get("type") == "allowed_tools":
+        tools, raw_choice = _allowed_tools(raw_choice.get("allowed_tools"), tools)
+    choice = _tool_choice(raw_choice, tools)
     if choice is not None and choice["type"] in ("any", "tool") and thinking:
         # "Tool use with thinking only supports tool_choice auto or none" (extended-thinking docs).
         refuse("tool_choice", "a forced tool can't be combined with reasoning_effort (extended thinking)")
@@ -367,6 +370,27 @@ def _tool(tool: dict, position: int) -> dict:
     if cache_control is not None:
         translated["cache_control"] = cache_control
     return translated
+
+
+def _allowed_tools(allowed: object, tools: list) -> tuple[list, str]:
+    """OpenAI's `tool_choice: {type: allowed_tools, allowed_tools: {mode, tools}}` (openai-python
+    types/chat/chat_completion_allowed_tools_param.py): the model may call only those tools, `mode`
+    auto or required. Anthropic has no such choice: the other tools are left out of the request,
+    and the mode is its tool_choice."""
+    at = "tool_choice.allowed_tools"
+    if not isinstance(allowed, dict) or allowed.get("mode") not in ("auto", "required"):
+        raise _invalid(f"{at} needs a mode of auto or required", f"{at}.mode")
+    listed = allowed.get("tools")
+    if not isinstance(listed, list) or not listed:
+        raise _invalid(f"{at}.tools must be a non-empty list", f"{at}.tools")
+    names = set()
+    for index, entry in enumerate(listed):
+        function = entry.get("function") if isinstance(entry, dict) else None
+        name = function.get("name") if isinstance(function, dict) else None
+        if not isinstance(name, str) or not any(tool["name"] == name for tool in tools):
+            raise _invalid(f"{at}.tools[{index}] must name a function of `tools`", f"{at}.tools[{index}]")
+        names.add(name)
+    return [tool for tool in tools if tool["name"] in names], allowed["mode"]
 
 
 def _tool_choice(choice: object, tools: list) -> dict | None:

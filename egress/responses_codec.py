@@ -376,6 +376,17 @@ def _tools(body: dict, chat: dict, refuse: _Refusals) -> None:
         chat["tool_choice"] = choice
     elif isinstance(choice, dict) and choice.get("type") == "function" and isinstance(choice.get("name"), str):
         chat["tool_choice"] = {"type": "function", "function": {"name": choice["name"]}}
+    elif isinstance(choice, dict) and choice.get("type") == "allowed_tools":
+        # The Responses shape (types/responses/tool_choice_allowed_param.py) to the chat one.
+        listed = choice.get("tools")
+        functions = [
+            {"type": "function", "function": {"name": tool.get("name")}} if isinstance(tool, dict) else tool
+            for tool in (listed if isinstance(listed, list) else ())
+        ]
+        chat["tool_choice"] = {
+            "type": "allowed_tools",
+            "allowed_tools": {"mode": choice.get("mode"), "tools": functions},
+        }
     else:
         refuse("tool_choice must be auto, required, none or {type: function, name}", "tool_choice")
 

@@ -589,7 +589,23 @@ INVALID = [
     ("stop_number", request(stop=5), "stop"),
     ("temperature_string", request(temperature="hot"), "temperature"),
     ("tool_choice_required_without_tools", request(tool_choice="required"), "tool_choice"),
-    ("tool_choice_garbage", request(tools=[TOOL], tool_choice={"type": "allowed_tools"}), "tool_choice"),
+    ("tool_choice_garbage", request(tools=[TOOL], tool_choice={"type": "nosuch"}), "tool_choice"),
+    (
+        "allowed_tools_without_mode",
+        request(tools=[TOOL], tool_choice={"type": "allowed_tools"}),
+        "tool_choice.allowed_tools.mode",
+    ),
+    (
+        "allowed_tools_naming_no_tool",
+        request(
+            tools=[TOOL],
+            tool_choice={
+                "type": "allowed_tools",
+                "allowed_tools": {"mode": "auto", "tools": [{"type": "function", "function": {"name": "nosuch"}}]},
+            },
+        ),
+        "tool_choice.allowed_tools.tools[0]",
+    ),
     (
         "reserved_tool_name",
         request(tools=[{"type": "function", "function": {"name": JSON_TOOL}}]),
@@ -601,6 +617,17 @@ INVALID = [
     ("stream_not_bool", request(stream="yes"), "stream"),
     ("user_not_str", request(user=5), "user"),
 ]
+
+
+@pytest.mark.parametrize(("mode", "choice"), [("auto", {"type": "auto"}), ("required", {"type": "any"})])
+def test_allowed_tools_leave_the_others_out(mode, choice):
+    # OpenAI's allowed_tools: the model may call only those; Anthropic gets only those, and the mode.
+    other = {"type": "function", "function": {"name": "other", "parameters": {"type": "object"}}}
+    allowed = {"mode": mode, "tools": [{"type": "function", "function": {"name": TOOL["function"]["name"]}}]}
+    body = request(tools=[TOOL, other], tool_choice={"type": "allowed_tools", "allowed_tools": allowed})
+    messages, _ = chat_to_messages(body, default_max_tokens=1000)
+    assert [tool["name"] for tool in messages["tools"]] == [TOOL["function"]["name"]]
+    assert messages["tool_choice"] == choice
 
 
 @pytest.mark.parametrize(("body", "param"), [case[1:] for case in INVALID], ids=[case[0] for case in INVALID])

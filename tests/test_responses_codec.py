@@ -113,6 +113,17 @@ def test_a_tool_output_with_an_image_is_a_tool_result_with_the_image():
     ]
 
 
+def test_allowed_tools_in_the_responses_shape():
+    tools = [
+        {"type": "function", "name": name, "parameters": {"type": "object", "properties": {}}}
+        for name in ("shell", "apply_patch")
+    ]
+    choice = {"type": "allowed_tools", "mode": "required", "tools": [{"type": "function", "name": "shell"}]}
+    messages, _ = translate({"model": "claude-x", "input": "hi", "tools": tools, "tool_choice": choice})
+    assert [tool["name"] for tool in messages["tools"]] == ["shell"]
+    assert messages["tool_choice"] == {"type": "any"}
+
+
 def test_reasoning_items_carry_the_exact_blocks_back_and_others_are_dropped_with_a_warning():
     thinking = {"type": "thinking", "thinking": "Call it.", "signature": "EqQBsig=="}
     redacted = {"type": "redacted_thinking", "data": "EmwKAhgBEgy3"}
