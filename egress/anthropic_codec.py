@@ -67,6 +67,7 @@ writes about them; citations are dropped with their deltas.
 from __future__ import annotations
 
 import hashlib
+import secrets
 from collections.abc import Callable
 
 import orjson
@@ -756,7 +757,7 @@ def message_to_chat(message: dict, *, model: str, created: int) -> dict:
     reduce_usage(usage, {}, message, ANTHROPIC)
     stop_reason = message.get("stop_reason")
     return {
-        "id": "chatcmpl-" + str(message.get("id") or ""),
+        "id": "chatcmpl-" + message_id(message),
         "object": "chat.completion",
         "created": created,
         "model": model,
@@ -808,6 +809,15 @@ def _type_for_status(status: int) -> str:
 # OpenAI says the same with code "context_length_exceeded" and param "messages", the code clients
 # look for to trim or compact their history and retry (LiteLLM maps both to ContextWindowExceededError).
 _CONTEXT_EXCEEDED = ("prompt is too long", "input length and `max_tokens` exceed context limit")
+
+
+def message_id(message: dict) -> str:
+    """The upstream message's id, which every id egress shows for it is made from (chat's
+    `chatcmpl-…`, the Responses ids through responses_codec.mint_id). A message without one (an
+    Anthropic-compatible server may leave it out) gets a fresh one: never one shared by every such
+    response, and by their items."""
+    found = message.get("id")
+    return found if isinstance(found, str) and found else "gen_" + secrets.token_hex(16)
 
 
 def _openai_error(error: dict, status: int) -> dict:
@@ -998,7 +1008,7 @@ class StreamTranscoder(AnthropicEvents):
     def _on_message_start(self, event: dict, out: list[bytes]) -> None:
         message = event.get("message")
         if isinstance(message, dict):
-            self._head = self._chunk_head("chatcmpl-" + str(message.get("id") or ""))
+            self._head = self._chunk_head("chatcmpl-" + message_id(message))
             self._count_thinking(message.get("usage"))
         reduce_usage(self._usage, self._raw_usage, event, ANTHROPIC)
         out.append(b"".join((self._head, _ROLE, b"]}\n\n")))

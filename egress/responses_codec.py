@@ -49,7 +49,14 @@ from collections.abc import Callable
 
 import orjson
 
-from egress.anthropic_codec import JSON_TOOL, THINKING_BUDGETS, AnthropicEvents, _openai_error, _thinking_tokens
+from egress.anthropic_codec import (
+    JSON_TOOL,
+    THINKING_BUDGETS,
+    AnthropicEvents,
+    _openai_error,
+    _thinking_tokens,
+    message_id,
+)
 from egress.errors import EgressError
 from egress.usage import ANTHROPIC, Usage, reduce_usage
 
@@ -592,7 +599,7 @@ def _item_status(stop_reason: object) -> str:
 
 
 def message_to_response(message: dict, shell: dict, names: dict | None = None) -> dict:
-    upstream_id = str(message.get("id") or "")
+    upstream_id = message_id(message)
     output = []
     blocks = message.get("content") or ()
     last = None  # the item the last block made, if it made one: where generation stopped
@@ -708,7 +715,7 @@ class ResponsesTranscoder(AnthropicEvents):
     def _on_message_start(self, event: dict, out: list[bytes]) -> None:
         message = event.get("message")
         if isinstance(message, dict):
-            self._upstream_id = str(message.get("id") or "")
+            self._upstream_id = message_id(message)
             thinking = _thinking_tokens(message.get("usage"))
             if thinking is not None:
                 self._thinking_tokens = thinking

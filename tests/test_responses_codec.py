@@ -8,7 +8,7 @@ import orjson
 import pytest
 from openai.types.responses import ResponseFailedEvent
 
-from egress.anthropic_codec import chat_to_messages
+from egress.anthropic_codec import chat_to_messages, message_to_chat
 from egress.errors import EgressError
 from egress.responses_codec import (
     ResponsesTranscoder,
@@ -382,6 +382,28 @@ def test_every_recorded_message(name):
     assert response["usage"]["output_tokens"] == usage.output_tokens
     assert response["usage"]["total_tokens"] == usage.input_tokens + usage.output_tokens
     assert response["store"] is False
+
+
+def test_a_message_without_an_id_gets_ids_of_its_own():
+    # An Anthropic-compatible server may leave the id out: each response its own ids, never shared.
+    message = {"type": "message", "role": "assistant", "content": [{"type": "text", "text": "hi"}],
+               "stop_reason": "end_turn", "usage": {"input_tokens": 1, "output_tokens": 1}}  # fmt: skip
+    first, second = (message_to_response(message, SHELL) for _ in range(2))
+    assert first["id"] != second["id"] and first["output"][0]["id"] != second["output"][0]["id"]
+    chats = {message_to_chat(message, model="m", created=1)["id"] for _ in range(2)}
+    assert len(chats) == 2 and all(chat.startswith("chatcmpl-gen_") for chat in chats)
+    stream = sse(
+        start(None),
+        {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
+        text(0, "hi"),
+        stop(0),
+        end("end_turn", 1),
+        MESSAGE_STOP,
+    )
+    ids = {validate_stream(parse_sse(run([stream])[0]))["id"] for _ in range(2)}
+    assert len(ids) == 2
+    named = {**message, "id": "msg_named"}
+    assert message_to_response(named, SHELL)["id"] == message_to_response(named, SHELL)["id"]
 
 
 def test_a_message_and_its_stream_give_the_same_ids():
