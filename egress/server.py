@@ -51,6 +51,8 @@ _HOLD_LIMIT = 64 * 1024
 # of one read are parsed, the rest waits for the loop's next turn.
 _SLICE = 16 * 1024
 _TURN_REQUESTS = 64
+# ClientConnection._upgrade_body: where an Upgrade request with a body is (0: none).
+_UPGRADE_HEAD, _UPGRADE_ENDED, _UPGRADE_RESUMED = 1, 2, 3
 
 
 class ServerState:
@@ -130,6 +132,7 @@ class ClientConnection(asyncio.Protocol):
         "_reading_paused",
         "_send_deadline",
         "_stalled",
+        "_upgrade_body",
         "active",
         "backpressure",
         "closed",
@@ -166,6 +169,10 @@ class ClientConnection(asyncio.Protocol):
         self._send_deadline: Deadline | None = None  # made on the first stall only
         self._stalled = False
         self._completed = 0  # messages parsed so far
+        # An Upgrade request with a body, whose body llhttp skips (see on_headers_complete):
+        # _UPGRADE_HEAD its head is parsed, _UPGRADE_ENDED llhttp ended it there, _UPGRADE_RESUMED a
+        # fresh parser is reading a stand-in head of the same framing, then the body itself.
+        self._upgrade_body = 0
         self.closed = False
 
     @property
@@ -226,6 +233,11 @@ class ClientConnection(asyncio.Protocol):
                 data = memoryview(data)[upgrade.args[0] :]
                 if self._parse_failed or self.closed:
                     return
+                if self._upgrade_body == _UPGRADE_ENDED:
+                    # Its body comes next: the fresh parser reads it as the body of a stand-in head
+                    # of the same framing, so chunked decoding and every limit apply as to any body.
+                    self._upgrade_body = _UPGRADE_RESUMED
+                    self._parser.feed_data(self._stand_in_head())
                 continue
             except _StopParsing:
                 return
@@ -319,9 +331,13 @@ class ClientConnection(asyncio.Protocol):
         self.state.connections.discard(self)
         if self.active is not None:
             self.active.client_left()
+        if self._pending or (self.incoming is not None and self.incoming.head_done):
+            self._log_abandoned()
 
     # -- httptools callbacks: record state only --------------------------------------------
     def on_message_begin(self) -> None:
+        if self._upgrade_body:
+            return  # the stand-in head before an Upgrade request's body: that request goes on
         self._body_wire = 0
         exchange = proxy.Exchange(self, self.state.new_request_id(), time.monotonic())
         self.incoming = exchange
@@ -329,6 +345,8 @@ class ClientConnection(asyncio.Protocol):
             self._deadline.set(self.loop.time() + self.state.config.server.header_timeout)
 
     def on_url(self, url: bytes) -> None:
+        if self._upgrade_body:
+            return
         incoming = self.incoming
         incoming.target += url
         if len(incoming.target) > self.state.config.server.max_request_line_bytes:
@@ -341,6 +359,9 @@ class ClientConnection(asyncio.Protocol):
         self.incoming.raw_headers.append((name, value))
 
     def on_headers_complete(self) -> None:
+        if self._upgrade_body:
+            self._upgrade_body = 0  # the stand-in head is over: its body is the Upgrade request's
+            return
         exchange = self.incoming
         exchange.head_done = True
         self._head_bytes = 0
@@ -363,7 +384,6 @@ class ClientConnection(asyncio.Protocol):
         try:
             facts = http1.inspect_request(raw_headers, version)
         except EgressError as error:
-            exchange.dialect = guess_dialect(exchange.target, False)
             self._fail(error)
             raise _StopParsing from None
         exchange.facts = facts
@@ -371,10 +391,6 @@ class ClientConnection(asyncio.Protocol):
         target = exchange.target
         if method == b"CONNECT":
             self._fail(EgressError("method_not_allowed", "CONNECT is not supported"))
-            raise _StopParsing
-        if parser.should_upgrade() and (facts.chunked or facts.content_length):
-            # llhttp would skip the body of an upgrade request; refuse rather than misframe it.
-            self._fail(EgressError("bad_request", "Upgrade is not supported on requests with a body"))
             raise _StopParsing
         if facts.content_length is not None and facts.content_length > server.max_body_bytes:
             self._fail(EgressError("body_too_large", f"request body exceeds {server.max_body_bytes} bytes"))
@@ -405,6 +421,12 @@ class ClientConnection(asyncio.Protocol):
                 self.transport.write(_CONTINUE)
             else:
                 exchange.continue_owed = True
+        if (facts.chunked or facts.content_length) and parser.should_upgrade():
+            # An Upgrade egress ignores (RFC 9110 §7.8: a server MAY), as nginx does and Envoy does
+            # for h2c: Java's HttpClient and `curl --http2` put `Upgrade: h2c` on a plain-http POST.
+            # httptools makes llhttp skip such a request's body and end the message at its head
+            # (on_message_complete, then HttpParserUpgrade): the body is read on (data_received).
+            self._upgrade_body = _UPGRADE_HEAD
         # The body deadline is set by data_received if this read ends before the body does.
 
     def on_body(self, body: bytes) -> None:
@@ -417,6 +439,9 @@ class ClientConnection(asyncio.Protocol):
             exchange.body = http1.grow(exchange.body, body)
 
     def on_message_complete(self) -> None:
+        if self._upgrade_body:
+            self._upgrade_body = _UPGRADE_ENDED  # llhttp's end of an Upgrade request, before its body
+            return
         exchange = self.incoming
         self.incoming = None
         self._completed += 1
@@ -507,6 +532,26 @@ class ClientConnection(asyncio.Protocol):
                     incoming.continue_owed = False
                     self.transport.write(_CONTINUE)
 
+    def _log_abandoned(self) -> None:
+        """Requests read but never answered when the client left (queued behind the one running, or
+        their body still arriving): each gets its log phase as client_gone, as the running one does.
+        A request whose head was read is a request (authenticated, counted by the limiter): without
+        this it had no access-log line and no count, as nginx logs one cut mid-body (400)."""
+        abandoned = list(self._pending)
+        self._pending.clear()
+        incoming = self.incoming
+        if incoming is not None and incoming.head_done:
+            self.incoming = None
+            abandoned.append(incoming)
+        for exchange in abandoned:
+            exchange.client_gone = True
+            exchange.outcome = "client_gone"
+            exchange.settled = True
+            try:
+                proxy.finish(exchange)
+            except Exception as exc:  # one bad line must not cost the others theirs
+                self.log_internal_error(exc)
+
     def cut(self) -> None:
         """End the connection after what is buffered, without completing the response."""
         self._close()
@@ -521,13 +566,25 @@ class ClientConnection(asyncio.Protocol):
         log_event("internal_error", error=type(exc).__name__, detail=str(exc)[:200])
 
     # -- internals -------------------------------------------------------------------------
+    def _stand_in_head(self) -> bytes:
+        """A head framed as the Upgrade request being read, for the parser that reads its body."""
+        facts = self.incoming.facts
+        if facts.chunked:
+            return b"POST / HTTP/1.1\r\nhost: egress\r\ntransfer-encoding: chunked\r\n\r\n"
+        return b"POST / HTTP/1.1\r\nhost: egress\r\ncontent-length: %d\r\n\r\n" % facts.content_length
+
     def _fail(self, error: EgressError) -> None:
         """Queue a final error response for the request being parsed; parse nothing after it."""
         self._parse_failed = True
+        self._upgrade_body = 0
         exchange = self.incoming
         if exchange is None:
             exchange = proxy.Exchange(self, self.state.new_request_id(), time.monotonic())
             exchange.dialect = "openai"
+        elif exchange.route is None:
+            # Refused before it was routed (a head too large, a Content-Length over the cap, a
+            # timeout): still in the caller's dialect, as the same error later in the body is.
+            exchange.dialect = self._dialect_of(exchange)
         self.incoming = None
         exchange.error = error
         exchange.keep_alive = False
@@ -538,6 +595,14 @@ class ClientConnection(asyncio.Protocol):
             self.transport.pause_reading()
         if self.active is None:
             self._run_pending()
+
+    def _dialect_of(self, exchange: proxy.Exchange) -> str:
+        """The dialect of the provider the target names, else a guess (providers.guess_dialect)."""
+        try:
+            return self.state.router.resolve(exchange.target).provider.dialect
+        except EgressError:
+            facts = exchange.facts
+            return guess_dialect(exchange.target, facts is not None and facts.has_anthropic_headers)
 
     def _close(self) -> None:
         if not self.closed:

@@ -767,10 +767,19 @@ HOSTILE_REQUESTS: dict[str, tuple[bytes, int | None, bool | None]] = {
         401,
         False,
     ),
+    # The Upgrade is ignored and the body read (test_http_review.py): Java's HttpClient sends this.
     "Upgrade with a body": (
         post(b"Connection: Upgrade\r\nUpgrade: h2c\r\nContent-Length: 2\r\n", b"{}"),
-        400,
-        False,
+        200,
+        True,
+    ),
+    "Upgrade with a chunked body smuggling a request": (
+        post(
+            b"Connection: Upgrade\r\nUpgrade: h2c\r\n" + TE,
+            b"22\r\nGET /healthz HTTP/1.1\r\nHost: a\r\n\r\n\r\n0\r\n\r\n",
+        ),
+        200,
+        True,
     ),
     "websocket bytes after an Upgrade GET": (
         get(b"/hostile/v1/realtime", b"Connection: Upgrade\r\nUpgrade: websocket\r\n") + b"\x81\x85garbage",

@@ -353,10 +353,7 @@ STRICTNESS_CASES = {
     "two Host headers": (b"GET /openai/v1/models HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", 400),
     "absolute-form target": (b"GET http://evil.test/x HTTP/1.1\r\nHost: a\r\n\r\n", 400),
     "CONNECT": (b"CONNECT api.openai.com:443 HTTP/1.1\r\nHost: api.openai.com:443\r\n\r\n", 405),
-    "upgrade with a body": (
-        b"POST /openai/v1/x HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: h2c\r\nContent-Length: 3\r\n\r\nabc",
-        400,
-    ),
+    # An Upgrade on a request with a body is no violation: it is ignored (test_http_review.py).
     "HTTP/2.0 version": (b"GET /openai/v1/models HTTP/2.0\r\nHost: a\r\n\r\n", 505),
     "HTTP/1.2 version": (b"GET /openai/v1/models HTTP/1.2\r\nHost: a\r\n\r\n", 505),
     "HTTP/0.9 version": (b"GET /openai/v1/models HTTP/0.9\r\nHost: a\r\n\r\n", 505),
@@ -842,8 +839,9 @@ def test_a_client_that_leaves_with_a_pipelined_request_queued_ends_the_upstream_
             time.sleep(0.5)
         assert wait_until(lambda: upstream.open_for, timeout=5), "the upstream connection stayed open"
         assert upstream.open_for[0] < 2.0
-        assert wait_until(lambda: egress.access_records(), timeout=3)
-        assert [(r["status"], r["outcome"]) for r in egress.access_records()] == [(0, "client_gone")]
+        assert wait_until(lambda: len(egress.access_records()) == 2, timeout=3)
+        # The queued one, never sent, is logged too (test_http_review.py): each request read has its line.
+        assert [(r["status"], r["outcome"]) for r in egress.access_records()] == [(0, "client_gone")] * 2
     finally:
         upstream.stop()
 
