@@ -360,6 +360,11 @@ def _tool(tool: dict, position: int) -> dict:
         raise _invalid(
             f"tools[{position}].function.parameters must be an object", f"tools[{position}].function.parameters"
         )
+    elif "type" not in parameters:
+        # `{}` or properties without a type (MCP tools with no arguments, hand-written schemas):
+        # OpenAI takes it as an object's schema, Anthropic refuses an input_schema without
+        # `type: object` ("input_schema.type: Field required").
+        parameters = {"type": "object", **parameters}
     translated: dict = {"name": name}
     description = function.get("description")
     if description:

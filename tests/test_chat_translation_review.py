@@ -206,3 +206,20 @@ def test_a_jpeg_labelled_image_jpg_is_sent_as_image_jpeg(surface, fake_provider)
     assert answer.choices[0].message.content
     source = sent(fake_provider)["messages"][0]["content"][1]["source"]
     assert source == {"type": "base64", "media_type": "image/jpeg", "data": JPEG}
+
+
+@pytest.mark.parametrize(
+    "parameters",
+    [{}, {"properties": {"path": {"type": "string"}}, "required": ["path"]}],
+    ids=["empty", "untyped"],
+)
+def test_a_tool_schema_without_a_type_is_an_object_s(surface, fake_provider, parameters):
+    # MCP tools with no arguments send `{}`; OpenAI takes a schema without `type` as an object's,
+    # Anthropic refuses it ("input_schema.type: Field required").
+    tool = {"type": "function", "function": {"name": "list_files", "parameters": parameters}}
+    completion = client(surface).chat.completions.create(
+        model="claude-fake", messages=[{"role": "user", "content": "hi"}], tools=[tool]
+    )
+    assert completion.choices[0].message is not None
+    (schema,) = [tool["input_schema"] for tool in sent(fake_provider)["tools"]]
+    assert schema == {"type": "object", **parameters}
