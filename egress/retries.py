@@ -135,6 +135,7 @@ def _again(exchange: Exchange, account: Account | None, now: float) -> bool:
         following = table.take(pool.accounts, now, exclude=(account,), retry=True, gate=0)
         if following is not None and following is not BUSY:
             table.end(account)  # the provider's gate place stays with the request
+            state.waiting.released()  # the account's place: a waiter here takes it now, not at its next poll
             exchange.account = following
             name = following.header[0]
             facts = exchange.facts
