@@ -13,6 +13,8 @@ Contract:
       stream's identity and when it was last known complete (`synced_at`, so a restart during a broker
       outage keeps its age); `load_snapshot()` raises ValueError for anything else and then changes nothing.
       `write_snapshot()` is atomic (temp file, fsync, rename, fsync dir) and 0600.
+  `count_lost(n)` and `count_snapshot_failure()` tally revocations purged from the stream before
+      this worker read them, and snapshot writes that failed: both logged by the feed, and counted.
   `parse_deny_file()` never raises: a line that is not UTF-8 or not a kid is skipped and its number
       returned, never its text (an operator may paste a whole key there).
 No asyncio here: the watchers that feed it live in serve.py and revocations.py.
@@ -34,6 +36,8 @@ _KID = re.compile(r"[0-9a-f]{16}")
 _BOM = b"\xef\xbb\xbf"
 _BAD_LINES = ("deny_file_bad_lines",)  # its key in the worker's tally
 _IGNORED = ("revocation_messages_ignored",)  # stream messages that were no kid, in the worker's tally
+_LOST = ("revocations_lost",)  # purged from the stream (or aged out) before this worker read them
+_SNAPSHOT_FAILED = ("snapshot_write_failures",)
 
 
 def is_kid(text: str) -> bool:
@@ -99,6 +103,12 @@ class DenySet:
     @property
     def stream_messages_ignored(self) -> int:
         return int(self._tally.get(_IGNORED))
+
+    def count_lost(self, count: int) -> None:
+        self._tally.add(_LOST, count)
+
+    def count_snapshot_failure(self) -> None:
+        self._tally.add(_SNAPSHOT_FAILED)
 
     def is_other_stream(self, created: str | None, last_sequence: int) -> bool:
         """True when `last_sequence` held here cannot be a position in the stream described."""

@@ -359,6 +359,18 @@ _COUNTERS = (
         "Revocation stream messages that were no key id, skipped (counted by each worker)",
         (),
     ),
+    (
+        "revocations_lost",
+        "egress_revocations_lost",
+        "Revocations purged from the stream (limits, a purge) before a worker read them: a revoked key may pass",
+        (),
+    ),
+    (
+        "snapshot_write_failures",
+        "egress_snapshot_write_failures",
+        "Deny-set snapshot writes that failed (a restart then replays the stream from further back)",
+        (),
+    ),
 )
 
 

@@ -274,6 +274,7 @@ class RevocationFeed:
         if info.state.first_seq > start <= info.state.last_seq:
             # Purged, or aged out by the stream's limits: those revocations are gone for good.
             log_event("revocations_gap", from_sequence=start, stream_first=info.state.first_seq)
+            denyset.count_lost(info.state.first_seq - start)  # a revoked key among them may still pass
         self._generation += 1
         subscription = await js.subscribe(
             config.subject,
@@ -341,6 +342,7 @@ class RevocationFeed:
                 await asyncio.to_thread(write_snapshot, self._config.snapshot, data)
             except OSError as exc:
                 log_event("snapshot_write_failed", error=exc.strerror)
+                self._denyset.count_snapshot_failure()
 
     async def flush(self) -> None:
         """Write the snapshot now (at shutdown), whatever the writer task is doing."""

@@ -291,6 +291,32 @@ def test_stream_recreated_while_egress_was_down(nats_server, fake_provider, ca_f
     assert refused(again, tokens) == 40
 
 
+def test_revocations_purged_before_a_worker_read_them_are_counted(
+    nats_server, fake_provider, ca_file, tmp_path, processes
+):
+    # Stopped at sequence 3; five more revocations, then the stream purged down to its last one (an
+    # operator's purge, or its limits): sequences 4..7 are gone, and a revoked key among them may pass.
+    egress = start(tmp_path, fake_provider, ca_file, nats_server, "egress")
+    processes.append(egress)
+    assert wait_until(lambda: following(egress), timeout=10)
+    tokens, kids = keys(8)
+    publish_bodies(nats_server, kids[:3])
+    assert wait_until(lambda: refused(egress, tokens[:3]) == 3, timeout=3)
+    egress.stop()
+    publish_bodies(nats_server, kids[3:])
+
+    async def purge(js) -> None:
+        await js.purge_stream(STREAM.stream, keep=1)
+
+    _on_broker(nats_server, purge)
+    restarted = start(tmp_path, fake_provider, ca_file, nats_server, "egress")
+    processes.append(restarted)
+    assert wait_until(lambda: following(restarted), timeout=10)
+    assert b'"event":"revocations_gap"' in restarted.stderr_path.read_bytes()
+    assert value(samples(restarted.admin_port), "egress_revocations_lost_total") == 4
+    assert refused(restarted, tokens) == 4  # the first three, from the snapshot, and the last one
+
+
 def test_stream_deleted_and_re_added_while_connected(nats_server, fake_provider, ca_file, tmp_path, processes):
     egress = start(tmp_path, fake_provider, ca_file, nats_server, "egress")
     processes.append(egress)
