@@ -162,13 +162,22 @@ def _inspect(args: argparse.Namespace) -> int:
         return 1
     from egress.serve import load_denyset
 
+    denyset = load_denyset(config)
     try:
         # The server's own per-request checks, so the two cannot disagree on what is valid.
-        check_claims(claims, time.time(), load_denyset(config).kids, None, config.keys.clock_skew)
+        check_claims(claims, time.time(), denyset.kids, None, config.keys.clock_skew)
     except EgressError as error:
         print(f"status: {_INSPECT_STATUS.get(error.code, error.code)}")
         return 1
     print("status: valid")
+    if config.nats.url is not None:
+        # What was checked, said plainly: the stream itself is not read here, only what the local
+        # snapshot kept of it; a key revoked on the stream since is not seen.
+        if denyset.synced_at is None:
+            print("revocation stream: not checked (no local snapshot of it here; this host's egress keeps one)")
+        else:
+            synced = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(denyset.synced_at))
+            print(f"revocation stream: checked as of {synced} (the local snapshot), not since")
     return 0
 
 

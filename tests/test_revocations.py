@@ -317,6 +317,24 @@ def test_revocations_purged_before_a_worker_read_them_are_counted(
     assert refused(restarted, tokens) == 4  # the first three, from the snapshot, and the last one
 
 
+def test_keys_inspect_says_how_far_it_checked_the_stream(nats_server, fake_provider, ca_file, tmp_path, processes):
+    egress = start(tmp_path, fake_provider, ca_file, nats_server, "egress")
+    processes.append(egress)
+    assert wait_until(lambda: following(egress), timeout=10)
+    tokens, kids = keys(2)
+    publish_bodies(nats_server, kids[:1])
+    assert wait_until(lambda: refused(egress, tokens[:1]) == 1, timeout=3)
+    egress.stop()  # its snapshot holds the revocation
+    revoked = run_egress_cli("keys", "inspect", tokens[0], "--config", str(egress.config_path))
+    assert revoked.returncode == 1 and "status: revoked" in revoked.stdout, revoked.stdout
+    valid = run_egress_cli("keys", "inspect", tokens[1], "--config", str(egress.config_path))
+    assert valid.returncode == 0 and "status: valid" in valid.stdout
+    assert "revocation stream: checked as of" in valid.stdout and "(the local snapshot), not since" in valid.stdout
+    (tmp_path / "egress.snapshot").unlink()  # another host: no snapshot of the stream here
+    elsewhere = run_egress_cli("keys", "inspect", tokens[0], "--config", str(egress.config_path))
+    assert "status: valid" in elsewhere.stdout and "revocation stream: not checked" in elsewhere.stdout
+
+
 def test_stream_deleted_and_re_added_while_connected(nats_server, fake_provider, ca_file, tmp_path, processes):
     egress = start(tmp_path, fake_provider, ca_file, nats_server, "egress")
     processes.append(egress)
