@@ -519,8 +519,12 @@ def _passthrough_model_refused(exchange: Exchange) -> EgressError | None:
     """The same model policy on a provider-prefixed request: every model its body names, read as
     the provider reads them (routes.body_models). A body whose models can't be read is refused:
     under a policy, a model hidden past a regular expression's sight must not pass as no model."""
-    content_type = next((value for name, value in exchange.facts.forward_headers if name == b"content-type"), b"")
-    models = body_models(exchange.body, content_type)
+    types = [value for name, value in exchange.facts.forward_headers if name == b"content-type"]
+    if len(types) > 1:
+        # A singleton field (RFC 9110 §8.3): which one the provider reads (gunicorn: the last) is
+        # not which one the policy would; a form read with the other boundary would hide a model.
+        return EgressError("model_not_permitted", "a model policy applies here, and the request has two Content-Types")
+    models = body_models(exchange.body, types[0] if types else b"")
     named = path_model(exchange.path)
     if named is not None and models is not None:
         models.append(named)  # `/v1/models/{id}` read or deleted (a fine-tuned model's DELETE)

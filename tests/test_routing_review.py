@@ -194,3 +194,23 @@ def test_a_model_a_path_names_is_under_the_policy(gateway, fake_provider, method
     else:
         assert (response.status, response.error_code) == (403, "model_not_permitted"), response.body
         assert fake_provider.requests == []
+
+
+def test_a_second_content_type_is_refused_under_a_policy(gateway, fake_provider):
+    # The policy would read the form with the first boundary; the provider's parser may take the
+    # last (gunicorn does) and find a model the policy never saw.
+    key = mint(ISSUER, "app", models=["whisper-1"])[0]
+    body = (
+        b'--B\r\nContent-Disposition: form-data; name="model"\r\n\r\ngpt-4o-transcribe\r\n--B--\r\n'
+        b'--A\r\nContent-Disposition: form-data; name="model"\r\n\r\nwhisper-1\r\n--A--\r\n'
+    )
+    head = (
+        f"POST /openai/v1/audio/transcriptions HTTP/1.1\r\nHost: egress\r\nAuthorization: Bearer {key}\r\n"
+        "Content-Type: multipart/form-data; boundary=A\r\nContent-Type: multipart/form-data; boundary=B\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    )
+    with RawClient(gateway.port) as raw:
+        raw.send(head.encode() + body)
+        response = raw.read_response("POST")
+    assert (response.status, response.error_code) == (403, "model_not_permitted"), response.body
+    assert fake_provider.requests == []
