@@ -194,7 +194,9 @@ def aim_next(exchange: Exchange, fallbacks: Fallbacks) -> tuple | None:
         exchange.body = fallbacks.body
         exchange.body_filter = None
         facts.forward_headers = fallbacks.headers
-        _aim(exchange, document, target, target.upstream_model, fallbacks.drop_params, admit=False)
+        # The fallback's own route says whether its translation may drop what it can't honour.
+        drop_params = target.route.drop_params if target.route is not None else fallbacks.drop_params
+        _aim(exchange, document, target, target.upstream_model, drop_params, admit=False)
     except EgressError:
         restore(exchange, saved)
         return None

@@ -269,3 +269,43 @@ def test_what_a_request_needs_of_a_fallback(document, needed):
     from egress.routes import needs
 
     assert needs(document) == needed
+
+
+def test_a_fallback_drops_what_its_own_route_says_it_may(start_egress, fake_provider, ca_file, tmp_path):
+    # gpt-fake's route keeps every parameter; claude-fake's drops what Anthropic can't honour (seed).
+    # Falling back to it, its own route decides: seed is dropped, and the caller answered.
+    (tmp_path / "openai.key").write_text(OPENAI_POOL + "\n")
+    (tmp_path / "anthropic.key").write_text(ANTHROPIC_POOL + "\n")
+    egress = start_egress(
+        f"""
+[upstream]
+ca_file = "{ca_file}"
+
+[providers.openai]
+base_url = "{fake_provider.base_url}"
+pool_keys = ["file:{tmp_path / "openai.key"}"]
+
+[providers.anthropic]
+base_url = "{fake_provider.base_url}"
+pool_keys = ["file:{tmp_path / "anthropic.key"}"]
+
+[keys]
+trusted_issuers = ["{public_key_text(ISSUER.public_key())}"]
+
+[[routes]]
+match = "claude-fake"
+provider = "anthropic"
+drop_params = true
+
+[[routes]]
+match = "gpt-fake"
+provider = "openai"
+fallbacks = ["claude-fake"]
+"""
+    )
+    raw = sdk(egress).chat.completions.with_raw_response.create(
+        model="gpt-fake", messages=MESSAGES, seed=7, extra_headers=overloaded("gpt-fake")
+    )
+    assert raw.parse().model == "claude-fake"
+    assert [call[:2] for call in upstream_calls(fake_provider)] == [("chat", "gpt-fake"), ("messages", "claude-fake")]
+    assert "seed" not in fake_provider.requests[1].json()
