@@ -301,11 +301,13 @@ class AccountTable:
         caps); `ticket`: the caller's place in that line, if it waits."""
         with self._lock:
             words = self._words
-            if gate and cap and words[gate + _IN_FLIGHT] >= cap:
-                return BUSY
+            # The accounts first: with none usable (every one disabled, cooling or spent) the answer
+            # is None now (all_accounts_*), not a wait for a place that would end in provider_busy.
             account = self._pick(accounts, now, exclude)
             if account is None or account is BUSY:
                 return account
+            if gate and cap and words[gate + _IN_FLIGHT] >= cap:
+                return BUSY
             if gate:
                 if words[gate + _WAITERS] and ticket != self._oldest(gate, ticket):
                     return BUSY  # older requests wait for this provider: they go first (README)

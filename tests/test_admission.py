@@ -68,6 +68,18 @@ def test_what_a_worker_held_goes_back_when_it_exits():
     assert second.in_flight(gate) == 1  # nothing of worker 1's was left to give back
 
 
+def test_with_no_account_usable_a_full_gate_is_no_reason_to_wait():
+    # Every account disabled while the provider's place is taken: None (all_accounts_disabled at
+    # once), never BUSY, which waited queue_timeout to end in provider_busy.
+    _, _, (table,) = host(1)
+    gate = table.bind_gate("openai")
+    (account,) = rows(table, 0)
+    assert table.take([account], 100.0, gate=gate, cap=1) is account
+    assert table.take([account], 100.0, gate=gate, cap=1) is BUSY  # usable, the place taken: wait
+    table.disable(account, "unauthorized")
+    assert table.take([account], 100.0, gate=gate, cap=1) is None
+
+
 def test_a_worker_killed_mid_request_leaks_no_place():
     buffer, lock, (first, _) = host()
     gate = first.bind_gate("openai")
