@@ -236,18 +236,23 @@ class FactSink:
         self._fd = -1  # its number may be reused at once (a socket): never write to it again
         oldest = f"{self._path}.{self._keep}"
         if os.path.exists(oldest):
-            # Retention (usage.keep_files) ends it now: said, so that facts never shipped elsewhere
-            # are not deleted without a word.
-            log_event("usage_file_rotated_out", path=oldest, bytes=os.path.getsize(oldest), keep_files=self._keep)
+            _rotated_out(oldest, self._keep)
         for index in range(self._keep - 1, 0, -1):
             older = f"{self._path}.{index}"
             if os.path.exists(older):
                 os.replace(older, f"{self._path}.{index + 1}")
         os.replace(self._path, f"{self._path}.1")
-        stale = f"{self._path}.{self._keep + 1}"
+        stale = f"{self._path}.{self._keep + 1}"  # left by a larger keep_files before a restart
         if os.path.exists(stale):
+            _rotated_out(stale, self._keep)
             os.remove(stale)
         self._open()
+
+
+def _rotated_out(path: str, keep: int) -> None:
+    # Retention (usage.keep_files) ends it now: said, so that facts never shipped elsewhere are
+    # not deleted without a word.
+    log_event("usage_file_rotated_out", path=path, bytes=os.path.getsize(path), keep_files=keep)
 
 
 def _last_byte(path: str, size: int) -> bytes | None:

@@ -4,8 +4,16 @@ Contract: `UsagePublisher.enqueue(batch)` is a FactSink listener: it never block
 bounded queue; past it they are dropped and counted (`dropped`). `run()` is a task that connects
 (with capped backoff, like the revocation feed), makes sure the stream exists when one is named,
 and publishes each fact with `Nats-Msg-Id: <request id>`. JetStream drops a repeated id within its
-duplicate window, so a fact republished after a reconnect is never billed twice. A fact whose
-publish failed goes back to the head of the queue and is sent again after the reconnect.
+duplicate window, so a fact republished after a reconnect is never billed twice.
+
+A fact counts as published only once the broker has confirmed it: JetStream's ack, or, without a
+stream (core NATS has no ack), the PONG to a PING sent after a batch of them, which the broker
+answers only once it has read every message before it. Until then it is in flight: a failure (a
+broker killed with the fact in its socket buffer, an ack that never comes) puts it back at the head
+of the queue, sent again after the reconnect; the shutdown flush waits for it too. A JetStream
+publish names the stream it expects, so a fact is never stored in another stream that happens to
+take the subject. Trouble is logged once per outage and reason (`usage_publisher_unavailable`),
+and the line that ends it (`usage_publisher_connected` or `_publishing`) counts the attempts.
 """
 
 from __future__ import annotations
@@ -17,7 +25,7 @@ from typing import Any
 
 import orjson
 from nats.js import api
-from nats.js.errors import NotFoundError
+from nats.js.errors import APIError, NoStreamResponseError, NotFoundError
 
 from egress.accesslog import log_event
 from egress.config import NatsConfig, UsageConfig
@@ -25,32 +33,57 @@ from egress.revocations import connect, describe_failure
 from egress.tally import Tally
 
 _FIRST_BACKOFF = 0.2
+# Seconds to wait for the broker's confirmation: nats-py's own default for a JetStream ack.
+_ACK_TIMEOUT = 5.0
+# Core NATS facts confirmed by one PING/PONG: a round trip per batch, not per fact.
+_BATCH = 256
 _DROPPED = ("usage_facts_dropped", "nats")  # its key in the worker's tally
 
 
 class UsagePublisher:
-    __slots__ = ("_dropped", "_nats", "_queue", "_ready", "_tally", "_usage", "published")
+    __slots__ = (
+        "_connected",
+        "_dropped",
+        "_failures",
+        "_nats",
+        "_publish_failed",
+        "_queue",
+        "_ready",
+        "_reported",
+        "_sending",
+        "_tally",
+        "_usage",
+        "published",
+    )
 
     @property
     def queued(self) -> int:
-        return len(self._queue)
+        """Facts not yet confirmed by the broker: waiting, or sent and waiting for its word."""
+        return len(self._queue) + len(self._sending)
 
     def __init__(self, usage: UsageConfig, nats_config: NatsConfig, tally: Tally | None = None) -> None:
         self._usage = usage
         self._nats = nats_config
         self._queue: deque[dict[str, Any]] = deque()
+        self._sending: list[dict[str, Any]] = []  # published, not yet confirmed
         self._ready = asyncio.Event()
         # Dropped facts are counted in the worker's tally: the count outlives a worker restart.
         self._tally = tally if tally is not None else Tally()
         self._dropped = self._tally.index(_DROPPED)
         self.published = 0
+        self._connected = False  # this attempt got as far as publishing
+        # The failure last logged, till facts flow again; whether it came after connecting (a stream
+        # that refuses them); and the attempts that failed since facts last flowed.
+        self._reported: str | None = None
+        self._publish_failed = False
+        self._failures = 0
 
     @property
     def dropped(self) -> int:
         return int(self._tally.get(_DROPPED))
 
     def enqueue(self, batch: list[dict[str, Any]]) -> None:
-        room = self._usage.queue_size - len(self._queue)
+        room = self._usage.queue_size - self.queued
         if room < len(batch):
             self._tally.values[self._dropped] += len(batch) - max(room, 0)
             batch = batch[: max(room, 0)]
@@ -60,20 +93,36 @@ class UsagePublisher:
     async def run(self) -> None:
         backoff = _FIRST_BACKOFF
         while True:
+            self._connected = False
             try:
                 await self._publish_while_connected()
-                backoff = _FIRST_BACKOFF
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # broker trouble: facts wait in the bounded queue
-                log_event(
-                    "usage_publisher_unavailable",
-                    error=type(exc).__name__,
-                    reason=describe_failure(exc),
-                    queued=len(self._queue),
-                )
+                if self._connected:
+                    backoff = _FIRST_BACKOFF  # it had connected: start over quickly
+                reason = _describe(exc, self._usage.nats_subject_prefix)
+                self._failures += 1
+                # One line per outage and reason, not one per retry (720 an hour a worker at the
+                # default 5 s max_reconnect_wait); the attempts are counted in the line that ends it.
+                self._publish_failed = self._connected
+                if reason != self._reported:
+                    log_event(
+                        "usage_publisher_unavailable",
+                        error=type(exc).__name__,
+                        reason=reason,
+                        queued=self.queued,
+                        retry_in_s=round(backoff, 2),
+                        max_retry_wait_s=self._nats.max_reconnect_wait,
+                    )
+                    self._reported = reason
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, self._nats.max_reconnect_wait)
+
+    def _recovered(self, event: str, **fields: Any) -> None:
+        log_event(event, failed_attempts=self._failures, **fields)
+        self._failures = 0
+        self._reported = None
 
     async def _publish_while_connected(self) -> None:
         # Bounded: nats-py's own first connect retries a refused broker for about 120 s.
@@ -90,38 +139,68 @@ class UsagePublisher:
                             name=stream, subjects=[f"{self._usage.nats_subject_prefix}.>"], storage=api.StorageType.FILE
                         )
                     )
-            log_event("usage_publisher_connected", jetstream=js is not None)
+            self._connected = True
+            # After a failure to publish on a connection, connecting again is no news: the first
+            # fact the broker takes is (`usage_publisher_publishing`).
+            if self._reported is None or not self._publish_failed:
+                self._recovered("usage_publisher_connected", jetstream=js is not None)
             while True:
                 if not self._queue:
                     self._ready.clear()
                     await self._ready.wait()
+                await self._send(client, js)
+        finally:
+            if not client.is_closed:
+                await client.close()
+
+    async def _send(self, client, js) -> None:
+        """Publish the head of the queue: one fact through JetStream, which acks each, or up to
+        _BATCH through core NATS, confirmed together. On any failure, or the task cancelled at
+        shutdown, the unconfirmed facts go back to the head of the queue in their order."""
+        sending = self._sending
+        limit = 1 if js is not None else _BATCH
+        try:
+            while self._queue and len(sending) < limit:
                 fact = self._queue.popleft()
-                subject = f"{self._usage.nats_subject_prefix}.{fact['provider']}"
                 try:
                     data = orjson.dumps(fact)
                 except (orjson.JSONEncodeError, TypeError) as exc:  # never sendable: counted, not retried
                     self._tally.values[self._dropped] += 1
                     log_event("usage_fact_unwritable", request_id=fact.get("request_id"), error=type(exc).__name__)
                     continue
+                sending.append(fact)
+                subject = f"{self._usage.nats_subject_prefix}.{fact['provider']}"
                 headers = {"Nats-Msg-Id": fact["request_id"]}
-                try:
-                    if js is not None:
-                        await js.publish(subject, data, headers=headers)
-                    else:
-                        await client.publish(subject, data, headers=headers)
-                except BaseException:  # a failure, or the task cancelled at shutdown mid-publish
-                    self._queue.appendleft(fact)  # sent again after the reconnect, or counted by abandon()
-                    raise
-                self.published += 1
-        finally:
-            if not client.is_closed:
-                await client.close()
+                # Each wait bounded here too: nats-py's own timeouts run from its write, and a
+                # connection closing under a write can leave that write waiting for good (seen under
+                # load: the publisher wedged, every later fact queued until counted dropped).
+                if js is not None:
+                    # Expected stream: a fact another stream's subjects caught would be stored where
+                    # billing does not read, and its id deduplicated there, not in ours.
+                    publish = js.publish(
+                        subject, data, headers=headers, timeout=_ACK_TIMEOUT, stream=self._usage.nats_stream
+                    )
+                    await asyncio.wait_for(publish, _ACK_TIMEOUT + 1.0)
+                else:
+                    await asyncio.wait_for(client.publish(subject, data, headers=headers), _ACK_TIMEOUT)
+            if js is None and sending:
+                # Written to a socket is not received: a broker killed now loses what it had not read.
+                await asyncio.wait_for(client.flush(timeout=_ACK_TIMEOUT), _ACK_TIMEOUT + 1.0)
+        except BaseException:  # a failure, or the task cancelled at shutdown mid-publish
+            self._queue.extendleft(reversed(sending))  # sent again after the reconnect, or counted by abandon()
+            sending.clear()
+            raise
+        self.published += len(sending)
+        sending.clear()
+        if self._reported is not None:
+            self._recovered("usage_publisher_publishing")
 
     def abandon(self) -> int:
         """At exit, after flush: what is still queued will never leave, and is counted as dropped and
         logged, never lost silently. Later facts (a connection aborted at the drain's end) too."""
-        left = len(self._queue)
+        left = self.queued
         self._queue.clear()
+        self._sending.clear()
         self._usage = dataclasses.replace(self._usage, queue_size=0)  # enqueue now counts them dropped
         if left:
             self._tally.values[self._dropped] += left
@@ -129,8 +208,21 @@ class UsagePublisher:
         return left
 
     async def flush(self, timeout: float) -> None:
-        """At shutdown: give queued facts a bounded chance to leave."""
+        """At shutdown: give queued facts, and those waiting for the broker's word, a bounded chance
+        to be confirmed. Cancelling a publish whose ack is on its way would count a fact the broker
+        has as lost."""
         loop = asyncio.get_running_loop()
         give_up_at = loop.time() + timeout
-        while self._queue and loop.time() < give_up_at:
+        while self.queued and loop.time() < give_up_at:
             await asyncio.sleep(0.02)
+
+
+def _describe(exc: BaseException, prefix: str) -> str:
+    """describe_failure, and what JetStream said when it refused a fact or the stream: its own
+    words (never a URL or a credential), so a stream whose subjects miss ours, or a full one, is
+    told from a broker that is down."""
+    if isinstance(exc, NoStreamResponseError):
+        return f"no JetStream stream takes {prefix}.<provider>"
+    if isinstance(exc, APIError) and exc.description:
+        return f"JetStream refused: {exc.description[:200]}"
+    return describe_failure(exc)
