@@ -13,7 +13,8 @@ Contract:
   `pool.release(conn)` returns it; it is kept only after a complete, well-framed response with
       nothing but CRLF after it, that the provider did not ask to close; closed when idle past
       `pool_idle_timeout`, or when a byte arrives while idle.
-Deadlines: connect (DNS + TCP + TLS), first byte after the request is written, then idle between reads.
+Deadlines: connect (DNS + TCP + TLS, shared by a name's addresses in turn, each its share of what is
+left), first byte after the request is written, then idle between reads.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import httptools
 
 from egress.config import UpstreamConfig
 from egress.deadline import Deadline
-from egress.dns import Resolver
+from egress.dns import STALE_AFTER, Resolver
 from egress.errors import EgressError
 from egress.http1 import DISCARD_FIELDS
 from egress.providers import Origin
@@ -37,6 +38,8 @@ _MAX_RESPONSE_HEAD = 64 * 1024
 # Only request bodies (at most max_body_bytes, already in memory) are written upstream.
 _WRITE_BUFFER_HIGH = 256 * 1024
 _WRITE_BUFFER_LOW = 64 * 1024
+# The least one address of several gets to connect, of connect_timeout's remainder (Go: 2 s).
+_MIN_ATTEMPT = 2.0
 
 
 def make_tls_context(ca_file: str | None) -> ssl.SSLContext:
@@ -55,7 +58,8 @@ class UpstreamPool:
         self._config = config
         self._tally = tally if tally is not None else Tally()  # new connections by outcome (metrics.py)
         self._loop = asyncio.get_running_loop()
-        self._resolver = Resolver(config.dns_ttl)
+        # A stale answer must come in time to leave the connect its part of connect_timeout.
+        self._resolver = Resolver(config.dns_ttl, stale_after=min(STALE_AFTER, config.connect_timeout / 2))
         self._tls = make_tls_context(config.ca_file)
         self._idle: dict[str, list[UpstreamConnection]] = {}  # by Origin.pool_key
         self._hosts: dict[str, str] = {}  # Origin.pool_key -> host, for the idle-connection gauge
@@ -129,9 +133,19 @@ class UpstreamPool:
         except OSError:
             raise self._failed(host, "dns_error", "upstream_connect_error", f"cannot resolve {host}") from None
         failure, outcome = "no address", "error"
+        left = len(addresses)
         for family, sockaddr in addresses:
+            # Each address gets an equal share of the time left, at least _MIN_ATTEMPT (Go's
+            # net.Dialer, partialDeadline): one that drops SYNs (a dead IPv6 route, a firewalled
+            # node) used to spend the whole connect_timeout, a 504 while the next address answered.
+            now = loop.time()
+            if now >= give_up_at:
+                failure, outcome = "timed out", "timeout"
+                break
+            attempt_until = min(give_up_at, now + max((give_up_at - now) / left, _MIN_ATTEMPT))
+            left -= 1
             try:
-                async with asyncio.timeout_at(give_up_at):
+                async with asyncio.timeout_at(attempt_until):
                     opened = await loop.create_connection(
                         factory,
                         host=sockaddr[0],
@@ -141,7 +155,8 @@ class UpstreamPool:
                         server_hostname=host if origin.tls else None,
                     )
             except TimeoutError:
-                raise self._failed(host, "timeout", "upstream_timeout", f"connecting to {host} timed out") from None
+                failure, outcome = "timed out", "timeout"
+                self._resolver.demote(host, origin.port, sockaddr)
             except ssl.SSLCertVerificationError as exc:
                 message = f"TLS certificate of {host} failed verification: {exc.verify_message}"
                 raise self._failed(host, "tls_error", "upstream_connect_error", message) from None
@@ -149,9 +164,12 @@ class UpstreamPool:
                 failure, outcome = exc.strerror or type(exc).__name__, "tls_error"
             except OSError as exc:
                 failure, outcome = exc.strerror or type(exc).__name__, "error"
+                self._resolver.demote(host, origin.port, sockaddr)
             else:
                 self._tally.add(("upstream_connections", host, "ok"))
                 return opened
+        if outcome == "timeout":
+            raise self._failed(host, "timeout", "upstream_timeout", f"connecting to {host} timed out")
         message = f"cannot connect to {host}:{origin.port}: {failure}"
         raise self._failed(host, outcome, "upstream_connect_error", message)
 
@@ -182,6 +200,7 @@ class UpstreamConnection(asyncio.BufferedProtocol):
     __slots__ = (
         "_body_seen",
         "_deadline",
+        "_eof",
         "_framing_bytes",
         "_head_size",
         "_headers",
@@ -215,6 +234,7 @@ class UpstreamConnection(asyncio.BufferedProtocol):
         self._body_seen = False
         self._skipping_interim = False
         self._message_done = False  # the response ended inside the read being parsed
+        self._eof = False  # the provider closed in order (eof_received)
         self._parser = httptools.HttpResponseParser(self)
         self._deadline = Deadline(self._loop, self._on_deadline)
 
@@ -307,6 +327,9 @@ class UpstreamConnection(asyncio.BufferedProtocol):
             exchange.upstream_read_done()
 
     def eof_received(self) -> bool:
+        # The provider's orderly close: a TCP FIN, or over TLS its close_notify alert. A TLS
+        # connection closed without the alert (a truncation) reaches connection_lost without this.
+        self._eof = True
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -315,10 +338,12 @@ class UpstreamConnection(asyncio.BufferedProtocol):
         self.pool.forget(self)
         if self.exchange is None:
             return
-        if exc is None and not self.timed_out and self._parser_awaits_eof():
+        if exc is None and self._eof and not self.timed_out and self._parser_awaits_eof():
             # A response framed by the connection's close (no length, not chunked) ends here, on an
             # orderly close only: a reset or egress's own abort at the idle deadline cuts it short,
-            # and the client must see a cut, never a clean end.
+            # and the client must see a cut, never a clean end. Over TLS, only a close_notify is
+            # orderly (RFC 9112 §9.8: such a response "is complete only if a valid closure alert
+            # has been received"); a bare TCP close may be a middlebox's or an attacker's cut.
             self._finish()
             return
         if self.timed_out:
