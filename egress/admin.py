@@ -19,6 +19,7 @@ from egress.status import status_document
 from egress.tally import read_slabs
 
 _MAX_HEAD = 8192
+_ALLOW = ((b"allow", b"GET, HEAD"),)
 
 
 class AdminConnection(asyncio.Protocol):
@@ -48,7 +49,8 @@ class AdminConnection(asyncio.Protocol):
         method, target = request_line[0], request_line[1].split(b"?", 1)[0]
         head = method == b"HEAD"
         if method not in (b"GET", b"HEAD"):
-            self._answer(405, b'{"error":"method not allowed"}', b"application/json", False)
+            # RFC 9110 §15.5.6: a 405 MUST carry Allow, the methods the resource supports.
+            self._answer(405, b'{"error":"method not allowed"}', b"application/json", False, _ALLOW)
         elif target == b"/metrics":
             self._answer(200, generate_latest(self._registry), CONTENT_TYPE_LATEST.encode(), head)
         elif target == b"/status":
@@ -65,10 +67,12 @@ class AdminConnection(asyncio.Protocol):
         else:
             self._answer(404, b'{"error":"not found"}', b"application/json", head)
 
-    def _answer(self, status: int, body: bytes, content_type: bytes, head: bool) -> None:
+    def _answer(self, status: int, body: bytes, content_type: bytes, head: bool, extra: tuple = ()) -> None:
         request_id = self._state.new_request_id()
         self._transport.write(
-            http1.simple_response(status, body, request_id, False, content_type=content_type, head_request=head)
+            http1.simple_response(
+                status, body, request_id, False, content_type=content_type, head_request=head, extra_headers=extra
+            )
         )
         self._transport.close()
         self._buffer = b""

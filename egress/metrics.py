@@ -8,8 +8,9 @@ one target serves them all, and a restarted worker goes on from its predecessor'
 never goes backwards). Gauges and process figures are per live worker, with a `worker` label.
 
 Cardinality is bounded: labels are provider names (from config), surfaces, status classes, error
-codes and token kinds, and models. Models are capped per provider (`MODEL_CAP`), and later ones fold
-into `other`, as do names longer than `MODEL_LABEL_MAX`. Key ids and paths are never labels.
+codes and token kinds, and models. Models are capped per provider on the host (`MODEL_CAP`, the
+workers' labels counted together), and later ones fold into `other`, as do names longer than
+`MODEL_LABEL_MAX`. Key ids and paths are never labels.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from egress import __version__
 from egress.accounts import COOLING, STATE_NAMES
 from egress.config import config_digest
-from egress.tally import Tally, read_slabs, sum_counters
+from egress.tally import Tally, keys_of, read_slabs, slab_of, sum_counters
 
 if TYPE_CHECKING:
     from egress.config import Config
@@ -105,7 +106,7 @@ _PROVIDER_COUNTERS = (
 class Metrics:
     """This process's counters, kept in its slab of the host's tally (tally.py)."""
 
-    __slots__ = ("_models", "_providers", "_tokens", "tally", "values")
+    __slots__ = ("_host", "_models", "_providers", "_tokens", "tally", "values")
 
     def __init__(self, tally: Tally | None = None) -> None:
         self.tally = tally = tally if tally is not None else Tally()
@@ -113,9 +114,18 @@ class Metrics:
         self._providers: dict[tuple[str, str], int] = {}  # (provider, surface) -> first value
         self._tokens: dict[tuple[str, str | None], int] = {}  # (provider, model) -> its six kinds' first
         self._models: dict[str, set[str]] = {}
+        # The host's tally and its number of slabs (see_host): the model cap is the host's.
+        self._host: tuple[memoryview, int] | None = None
         for key in tally:  # a restarted worker's model labels count towards the cap again
-            if key[0] == "tokens":
+            if key[0] == "tokens" and key[2] != "other":
                 self._models.setdefault(key[1], set()).add(key[2])
+
+    def see_host(self, slabs: memoryview, workers: int) -> None:
+        """Every worker's slab (the collector's, which sums them): the model labels the other workers
+        made count towards this one's cap, so the host exposes MODEL_CAP per provider, not
+        MODEL_CAP per worker (a scrape sums the slabs: each worker's own 50 added up to 50 x workers)."""
+        if workers > 1:
+            self._host = (slabs, workers)
 
     def observe(self, exchange: Exchange, seconds: float) -> None:
         route = exchange.route
@@ -142,6 +152,10 @@ class Metrics:
             if streamed:
                 values[at + _SSE_EVENTS] += exchange.events
             upstream = exchange.upstream_time
+            if upstream is None and exchange.outcome == "complete" and exchange.error is None:
+                # The caller had its whole answer and closed before the provider's end came (the
+                # OpenAI SDK at [DONE], proxy.Exchange.client_left): the provider's part ran to now.
+                upstream = exchange.started + seconds - exchange.sent_at + exchange.provider_elapsed
             if upstream is not None:  # the provider's answer came whole: what egress added to it
                 overhead = seconds - upstream
                 if overhead < 0.0:
@@ -191,12 +205,26 @@ class Metrics:
         label = "unknown" if model is None else model
         seen = self._models.setdefault(provider, set())
         if label not in seen:
-            if len(seen) >= MODEL_CAP or len(label) > MODEL_LABEL_MAX:
-                # Not cached: a provider answering with ever new model names must not grow it.
-                return self.tally.index(("tokens", provider, "other"), len(_KIND_NAMES))
-            seen.add(label)
+            if len(seen) < MODEL_CAP and len(label) <= MODEL_LABEL_MAX and self._host is not None:
+                # A label new to this worker, under the cap: the other workers' labels first (read
+                # at most MODEL_CAP times a provider; two workers adding at once may pass it by one).
+                seen |= self._host_models(provider)
+            if label not in seen:
+                if len(seen) >= MODEL_CAP or len(label) > MODEL_LABEL_MAX:
+                    # Not cached: a provider answering with ever new model names must not grow it.
+                    return self.tally.index(("tokens", provider, "other"), len(_KIND_NAMES))
+                seen.add(label)
         at = self._tokens[(provider, model)] = self.tally.index(("tokens", provider, label), len(_KIND_NAMES))
         return at
+
+    def _host_models(self, provider: str) -> set[str]:
+        slabs, workers = self._host
+        return {
+            key[2]
+            for index in range(workers)
+            for key in keys_of(slab_of(slabs, workers, index))
+            if key[0] == "tokens" and key[1] == provider and key[2] != "other"
+        }
 
 
 _NO_ROUTE = ("none", "none")
@@ -232,7 +260,13 @@ def publish_gauges(state: ServerState) -> None:
     denyset = state.auth.denyset
     tally.set_gauge(("deny_set_size",), len(denyset))
     age = denyset.age_seconds()
-    tally.set_gauge(("deny_set_age",), age if age is not None else math.nan)
+    if age is None:
+        # Never in step with a revocation stream: with none configured there is no staleness to
+        # report (NaN, not exposed); with one configured but never reached (no snapshot, broker
+        # down since start) the set is as stale as can be, and an alert on the age must fire, not
+        # find no series.
+        age = math.inf if state.config.nats.url is not None else math.nan
+    tally.set_gauge(("deny_set_age",), age)
     idle = state.pool.idle_counts()
     for key in [key for key in tally if key[0] == "upstream_idle" and key[1] not in idle]:
         tally.set_gauge(key, 0)  # a host with no idle connection left
@@ -282,6 +316,10 @@ class MetricsCollector:
         self._state = state
         self._slabs = slabs
         self._workers = workers
+        # The supervisor: this worker's parent when its admin listener starts (workers.supervise
+        # checks it before serving). PID 1 in a container, where egress is the entrypoint.
+        self._supervisor = os.getppid() if workers > 1 else 0
+        state.metrics.see_host(slabs, workers)
 
     def collect(self):
         state = self._state
@@ -308,7 +346,7 @@ class MetricsCollector:
             value=sum(slab.overflow for slab in slabs),
         )
         yield from _account_families(state)
-        yield from _worker_families(slabs)
+        yield from _worker_families(slabs, self._supervisor)
         build = GaugeMetricFamily("egress_build_info", "egress's version, always 1", labels=["version", "python"])
         build.add_metric([__version__, platform.python_version()], 1)
         yield build
@@ -440,7 +478,7 @@ def worker_digest(slab: Slab) -> str | None:
     return None if value is None or math.isnan(value) else f"{int(value):012x}"
 
 
-def _worker_families(slabs):
+def _worker_families(slabs, supervisor: int):
     """Per worker: up, its gauges (from its slab, while it lives), and its process's figures."""
     up = GaugeMetricFamily("egress_worker_up", "1 for each worker process running", labels=["worker"])
     live = []
@@ -476,9 +514,10 @@ def _worker_families(slabs):
                 idle.add_metric([worker, key[1]], count)
     yield idle
     processes = [(worker, slab.pid) for worker, slab in live]
-    parent = os.getppid()
-    if len(slabs) > 1 and parent > 1:
-        processes.append(("supervisor", parent))
+    # Only while it is still this worker's parent: a worker outliving it (draining after its
+    # death) must not report init, or a subreaper, as the supervisor.
+    if supervisor and os.getppid() == supervisor:
+        processes.append(("supervisor", supervisor))
     yield from _process_families(processes)
 
 

@@ -2,11 +2,12 @@
 
 Contract: `status_document(state, slabs)` -> a JSON-ready dict: build, config hash, uptime, the worker
 that answered, every worker of the host (pid, running, its open connections, waiters, draining, its
-config's hash: from the host's tally, `slabs`, tally.py), and per provider with pool keys its
-accounts (state, until, reason, quota and reset, in flight, last error class and age:
-accounts.AccountTable.snapshot, the host's shared view), the deny-set and its NATS feed, the usage
-sinks' queues and drops, and the model lists. It never calls a provider, and never holds a secret:
-accounts appear by id or operator name, NATS by whether it is configured.
+config's hash, its usage file's drops: from the host's tally, `slabs`, tally.py), and per provider
+with pool keys its accounts (state, until, reason, quota and reset, in flight, last error class and
+age: accounts.AccountTable.snapshot, the host's shared view), the deny-set and its NATS feed, the
+usage sinks' queues (this worker's) and drops (the host's), and the model lists. It never calls a
+provider, and never holds a secret: accounts appear by id or operator name, NATS by whether it is
+configured.
 """
 
 from __future__ import annotations
@@ -41,6 +42,9 @@ def status_document(state: ServerState, slabs: list[Slab] = ()) -> dict:
     age = denyset.age_seconds()
     facts = state.facts
     publisher = facts.publisher
+    nats_dropped = None
+    if publisher is not None:
+        nats_dropped = _host_total(slabs, _NATS_DROPPED) if slabs else publisher.dropped
     return {
         "build": {"version": __version__, "python": sys.version.split()[0]},
         # Of the effective configuration as `egress config check` prints it (sources, never keys).
@@ -59,14 +63,30 @@ def status_document(state: ServerState, slabs: list[Slab] = ()) -> dict:
             "stream_connected": denyset.connected,
             "age_s": round(age, 3) if age is not None else None,
         },
+        # The queues are this worker's; the drops the host's, whichever worker answers: each worker
+        # has its own sinks, and one that can't write (its file gone) must not read 0 on a sibling.
         "usage": {
             "jsonl_queue": facts.queued,
-            "jsonl_dropped": facts.dropped,
+            "jsonl_dropped": _host_total(slabs, _JSONL_DROPPED) if slabs else facts.dropped,
             "nats_queue": publisher.queued if publisher is not None else None,
-            "nats_dropped": publisher.dropped if publisher is not None else None,
+            "nats_dropped": nats_dropped,
         },
         "model_lists": {name: len(models) for name, models in state.catalog.snapshot().items()},
     }
+
+
+# The usage sinks' drops in a worker's tally (facts.py, usage_nats.py).
+_JSONL_DROPPED = ("usage_facts_dropped", "jsonl")
+_NATS_DROPPED = ("usage_facts_dropped", "nats")
+
+
+def _count(slab: Slab, key: tuple) -> int:
+    return int(slab.counters.get(key, (0,))[0])
+
+
+def _host_total(slabs: list[Slab], key: tuple) -> int:
+    """A counter summed over every slab: the host's, a dead or restarted worker's part included."""
+    return sum(_count(slab, key) for slab in slabs)
 
 
 def _worker(index: int, slab: Slab) -> dict:
@@ -83,4 +103,7 @@ def _worker(index: int, slab: Slab) -> dict:
         "draining": bool(gauges.get(("draining",), 0)),
         # The same as every other worker's once a reload has gone round (workers.ConfigBox).
         "config_hash": worker_digest(slab),
+        # Facts its usage file could not take, since the host started (a restarted worker's slot
+        # goes on from its predecessor's count).
+        "jsonl_dropped": _count(slab, _JSONL_DROPPED),
     }

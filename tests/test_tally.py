@@ -12,8 +12,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from egress.metrics import alive, sse_events
+from egress.metrics import MODEL_CAP, Metrics, alive, sse_events
 from egress.tally import Tally, read_slabs, slab_bytes, slab_of, sum_counters
+from egress.usage import Usage
 from tests.replay import load_recordings
 from tests.support import cut_into
 
@@ -57,6 +58,28 @@ def test_counters_are_summed_over_the_workers_and_gauges_kept_apart():
     assert [slab.gauges[("open_connections",)] for slab in slabs] == [0, 5, 10]
     assert [slab.pid for slab in slabs] == [1000, 0, 1002]  # worker 1 left: its gauges are not read
     assert ("open_connections",) not in totals
+
+
+def test_the_model_cap_is_the_hosts_whichever_worker_meets_a_model():
+    shared = memoryview(mmap.mmap(-1, slab_bytes() * 2))
+    workers = [Metrics(Tally(slab_of(shared, 2, index), pid=1000 + index)) for index in range(2)]
+    for metrics in workers:
+        metrics.see_host(shared, 2)
+    for index in range(2 * MODEL_CAP):  # alternately, as the kernel spreads connections
+        usage = Usage()
+        usage.model, usage.input_tokens = f"model-{index}", 1
+        workers[index % 2].observe_usage("local", usage)
+    again = Usage()
+    again.model, again.input_tokens = "model-1", 1  # a label worker 1 made, met by worker 0
+    workers[0].observe_usage("local", again)
+    totals = sum_counters(read_slabs(shared, 2))
+    labels = {key[2] for key in totals if key[:2] == ("tokens", "local")}
+    assert len(labels - {"other"}) == MODEL_CAP and "other" in labels
+    assert totals[("tokens", "local", "model-1")][0] == 2
+    assert sum(values[0] for key, values in totals.items() if key[:2] == ("tokens", "local")) == 2 * MODEL_CAP + 1
+    # A restarted worker counts its predecessor's labels again, never the `other` bucket as one.
+    restarted = Metrics(Tally(slab_of(shared, 2, 0), pid=2000))
+    assert restarted._models["local"] == {f"model-{index}" for index in range(0, MODEL_CAP, 2)} | {"model-1"}
 
 
 def test_a_full_slab_counts_what_it_could_not_keep_and_never_raises():
