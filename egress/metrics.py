@@ -158,6 +158,9 @@ class Metrics:
                 upstream = exchange.started + seconds - exchange.sent_at + exchange.provider_elapsed
             if upstream is not None:  # the provider's answer came whole: what egress added to it
                 overhead = seconds - upstream
+                waited = exchange.turn_at - exchange.started
+                if waited > 0.0:  # the caller's own upload, and its pipeline's wait: before its turn
+                    overhead -= waited
                 if overhead < 0.0:
                     overhead = 0.0
                 values[at + _OVERHEAD + _bucket(BUCKETS, overhead)] += 1

@@ -107,6 +107,7 @@ class Exchange:
         "target",
         "tries",
         "ttfb",
+        "turn_at",
         "upstream",
         "upstream_done",
         "upstream_kept",
@@ -158,6 +159,9 @@ class Exchange:
         self.hold_timer: asyncio.TimerHandle | None = None  # the deadline of `held` (retries.py)
         self.bytes_out = 0
         self.ttfb: float | None = None  # request start -> the response head, which goes out at once
+        # When the request, whole, had its turn on the connection (forward): before it, the caller's
+        # upload and its pipeline's wait, which are no part of egress's overhead.
+        self.turn_at = 0.0
         # The provider's own part: the request written (the last attempt) -> its head, -> its end.
         self.sent_at = 0.0
         self.upstream_ttfb: float | None = None
@@ -489,6 +493,7 @@ def forward(exchange: Exchange) -> None:
         # it: sent on, it would take a place under the caps that nothing gives back, and a pooled
         # connection, for an answer no one bills.
         return
+    exchange.turn_at = time.monotonic()
     try:
         if exchange.route.surface is not None and not surface.prepare(exchange):
             return  # answered: the model list, or an error

@@ -7,6 +7,7 @@ import os
 import signal
 import socket
 import subprocess
+import time
 from pathlib import Path
 
 import openai
@@ -192,3 +193,24 @@ def test_the_supervisor_has_its_process_figures_when_it_is_pid_1(fake_provider, 
         if not children:
             process.kill()
         process.wait(timeout=15)
+
+
+def test_a_slow_upload_is_no_part_of_egress_s_overhead(start_egress, fake_provider, ca_file):
+    # The caller's body trickling in (and a pipelined request's wait behind the one before) comes
+    # before the request's turn: egress_overhead_seconds counted it as egress's own time.
+    egress = start_egress(provider_config(fake_provider, ca_file))
+    body = b'{"model":"gpt-4o","messages":[{"role":"user","content":"hi"}]}'
+    head = (
+        b"POST /openai/v1/chat/completions HTTP/1.1\r\nHost: egress\r\nAuthorization: Bearer sk-byo-upload\r\n"
+        b"Content-Type: application/json\r\nConnection: close\r\nContent-Length: %d\r\n\r\n" % len(body)
+    )
+    with socket.create_connection(("127.0.0.1", egress.port), timeout=10) as sock:
+        sock.sendall(head + body[:10])
+        time.sleep(0.7)
+        sock.sendall(body[10:])
+        while sock.recv(65536):
+            pass
+    found = samples(egress.admin_port)
+    assert value(found, "egress_overhead_seconds_count", provider="openai") == 1
+    assert value(found, "egress_overhead_seconds_sum", provider="openai") < 0.3
+    assert value(found, "egress_request_duration_seconds_sum", provider="openai") >= 0.7  # the whole, as ever
