@@ -170,7 +170,8 @@ class Metrics:
                     values[at + _STREAM + _bucket(BUCKETS, streaming)] += 1
                     values[at + _STREAM_SUM] += streaming
         error = exchange.error
-        if error is not None:
+        outcome = exchange.outcome
+        if error is not None and outcome != "upstream_cut":  # a cut is no answer egress made
             code = error.code
             if code == "rate_limited":
                 values[at + _RATE_LIMITED] += 1
@@ -179,8 +180,8 @@ class Metrics:
             # Every answer egress made itself, by its stable code: a 502 of egress's own
             # (upstream_connect_error) is told apart from a provider's.
             self.tally.add(("errors", key[0], code))
-        elif exchange.outcome != "complete":  # client_gone, upstream_cut: a response not whole
-            self.tally.add(("outcomes", key[0], exchange.outcome))
+        elif outcome != "complete":  # client_gone, upstream_cut: a response not whole
+            self.tally.add(("outcomes", key[0], outcome))
 
     def observe_usage(self, provider: str, usage: Usage) -> None:
         at = self._tokens.get((provider, usage.model))

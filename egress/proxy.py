@@ -382,6 +382,7 @@ class Exchange:
             # Mid-response: the client must see a truncated body, never a clean end.
             self.flush()
             self.outcome = "upstream_cut"
+            self.error = error  # the log line's code: why it was cut (a timeout, a reset, bad framing)
             self.keep_alive = False
             self.client.cut()
         self.settle(error)

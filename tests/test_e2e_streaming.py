@@ -80,6 +80,8 @@ def test_upstream_cut_mid_stream_never_looks_complete(egress, fake_provider):
         assert response.body == fake_provider.sent_bodies[response.headers["x-request-id"]]
         assert response.body.count(b"data: ") == 2
     assert wait_until(lambda: any(r.get("outcome") == "upstream_cut" for r in egress.access_records()), timeout=3)
+    (cut,) = [r for r in egress.access_records() if r.get("outcome") == "upstream_cut"]
+    assert cut["code"] == "upstream_protocol_error", cut  # why: the provider's connection ended mid-body
 
 
 def test_upstream_cut_is_an_error_for_the_official_sdk(egress, fake_provider):
