@@ -632,13 +632,13 @@ class AccountTable:
         state = self.state_of(account, now)
         until = words[base + _UNTIL]
         quota = {}
+        live = self.remaining(account, now)  # as egress_account_remaining: a quota past its reset is refilled
         for dim, name in enumerate(DIMENSIONS):
-            remaining = words[base + _REMAINING + dim]
-            if remaining >= 0:
+            if name in live:
                 reset_at = words[base + _RESET_AT + dim]
                 limit = words[base + _LIMIT + dim]
                 quota[name] = {
-                    "remaining": int(remaining),
+                    "remaining": live[name],
                     "limit": int(limit) if limit >= 0 else None,
                     "reset_in_s": round(max(0.0, reset_at - now), 3),
                 }

@@ -69,6 +69,15 @@ def test_the_account_with_the_most_headroom_is_chosen():
     assert table.choose([a, b], 100.0).id == "a"
 
 
+def test_status_and_metrics_show_a_quota_until_its_reset_and_not_after():
+    table, (a,) = bound("a")
+    table.observe(a, quota(0, 100, reset=20.0), 100.0, 0.0)
+    assert table.snapshot(a, 110.0, 0.0)["quota"]["requests"]["remaining"] == 0
+    assert table.remaining(a, 110.0) == {"requests": 0}
+    # Past its reset the provider has refilled it: neither /status nor the gauge shows the stale 0.
+    assert table.snapshot(a, 121.0, 0.0)["quota"] == {} and table.remaining(a, 121.0) == {}
+
+
 def test_a_spent_account_is_skipped_until_its_reset():
     table, (a, b) = bound("a", "b")
     table.observe(a, quota(0, 100, reset=20.0, dim="tokens"), 100.0, 0.0)
