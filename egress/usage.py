@@ -290,7 +290,11 @@ class UsageMeter:
         elif self._big_head is not None:
             self._big_line(bytes(self._carry))  # a last event without its newline
         elif self._carry and self._carry.find(_USAGE_KEY) != -1:
-            self._scan_lines(bytes(self._carry) + b"\n")  # a last event without its newline
+            # A last event without its newline. In a stream cut short it is most likely cut too: a
+            # truncated line is no provider's bad JSON (an incomplete event is not dispatched, WHATWG
+            # HTML §9.2.6), and calling it unparseable hid Anthropic's cut below, billing
+            # message_start's placeholder output_tokens.
+            self._scan_lines(bytes(self._carry) + b"\n", strict=complete)
         if (
             self._sse
             and self._raw is not _NO_RAW
@@ -390,7 +394,7 @@ class UsageMeter:
                 return
             start = tail.rfind(_USAGE_KEY, 0, start)
 
-    def _scan_lines(self, buffer: bytes) -> None:
+    def _scan_lines(self, buffer: bytes, strict: bool = True) -> None:
         position = buffer.find(_USAGE_KEY)
         end = len(buffer)
         while position != -1:
@@ -408,7 +412,8 @@ class UsageMeter:
                 try:
                     document = orjson.loads(line[5:])
                 except orjson.JSONDecodeError:
-                    self._fail(UNPARSEABLE, "not_json")
+                    if strict:
+                        self._fail(UNPARSEABLE, "not_json")
                 else:
                     if isinstance(document, dict):
                         reduce_usage(self._usage, self._raw, document, self._api)
