@@ -391,7 +391,12 @@ class Exchange:
         if self.settled:
             return
         body_filter = self.body_filter
-        if body_filter is not None and body_filter.answered and not self.out:
+        meter = self.meter
+        if not self.out and (
+            body_filter.answered
+            if body_filter is not None
+            else meter is not None and self.upstream_ttfb is not None and meter.done_sent
+        ):
             # The caller had its whole answer and closed, as the OpenAI SDK does at [DONE], before
             # the provider's terminating chunk: a complete response (outcome and usage), though
             # the provider's tail goes unread and its connection is not pooled.

@@ -267,6 +267,14 @@ class UsageMeter:
             else:
                 self._keep_ends(chunk[last_newline + 1 :])
 
+    @property
+    def done_sent(self) -> bool:
+        """A chat stream whose bytes so far end with its `data: [DONE]` event: the answer is whole,
+        and the OpenAI SDK closes there, before the provider's terminating chunk. Read off the last
+        bytes the estimate keeps (`_delta_edge`), so a read pays nothing for it. A data line of JSON
+        ends in `}`: only [DONE]'s ends in `DONE]` before its blank line."""
+        return self._sse and self._delta_edge.endswith((b"DONE]\n\n", b"DONE]\r\n\r\n"))
+
     def result(self, complete: bool) -> Usage:
         if not self.active:
             return Usage(MISSING)

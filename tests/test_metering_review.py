@@ -102,3 +102,32 @@ def test_an_sdk_closing_at_done_on_an_injected_usage_stream_is_a_complete_respon
         assert got == ("complete", "complete", 53, 15), fact
     finally:
         upstream.stop()
+
+
+def test_an_sdk_closing_at_done_on_a_relayed_stream_is_a_complete_response(start_egress, tmp_path):
+    """The same close at [DONE] on a stream relayed as it came (the caller asked for usage itself:
+    no filter): the provider's usage chunk was read whole, so the response is complete, not
+    client_gone with its usage partial."""
+    recorded = _recorded("openai__chat_stream_tools_small")
+    upstream = _LateEnd(recorded, b"0\r\n\r\n", pause=0.5)
+    usage_file = tmp_path / "usage.jsonl"
+    try:
+        config = f'[providers.openai]\nbase_url = "{upstream.base_url}"\n[usage]\njsonl = "{usage_file}"\n'
+        egress = start_egress(config)
+        client = openai.OpenAI(base_url=egress.url + "/openai/v1", api_key="sk-byo", max_retries=0)
+        chunks = list(
+            client.chat.completions.create(
+                model="gpt-4o-mini",
+                messages=[{"role": "user", "content": "hi"}],
+                stream=True,
+                stream_options={"include_usage": True},
+            )
+        )
+        assert chunks[-1].usage is not None and chunks[-1].usage.prompt_tokens == 53  # asked for, relayed
+        assert wait_until(lambda: usage_file.exists() and whole_lines(usage_file.read_bytes()), timeout=3)
+        (line,) = whole_lines(usage_file.read_bytes())
+        fact = orjson.loads(line)
+        got = (fact["usage"], fact["outcome"], fact["input_tokens"], fact["output_tokens"])
+        assert got == ("complete", "complete", 53, 15), fact
+    finally:
+        upstream.stop()
