@@ -7,7 +7,7 @@ import os
 import sys
 
 from egress import doctor, keys_cli, report
-from egress.config import Config, ConfigError, load_config, parse_listen, render_config
+from egress.config import ConfigError, load_config, render_config, with_overrides
 from egress.errors import StartupError
 from egress.secrets import SecretSourceError
 
@@ -58,14 +58,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def _serve(path: str | None, listen: str | None, admin_listen: str | None, workers: int | None) -> int:
     config = load_config(path)
+    flags = {"listen": listen, "admin_listen": admin_listen}
+    # Checked as the file's own addresses are: `--listen` on the file's admin port used to start,
+    # and under workers the kernel shared each port's connections between the two listeners.
+    config = with_overrides(config, **{name: value for name, value in flags.items() if value is not None})
     doctor.preflight(config)  # what config check refuses, serve refuses, in the same words
-    if listen is not None:
-        parse_listen(listen)
-        config = _with_server(config, listen=listen)
-    if admin_listen is not None:
-        if admin_listen != "off":
-            parse_listen(admin_listen)
-        config = _with_server(config, admin_listen=admin_listen)
     _raise_open_file_limit()
     workers = workers or config.server.workers or os.cpu_count() or 1
     if workers < 1:
@@ -86,12 +83,6 @@ def _raise_open_file_limit() -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-
-
-def _with_server(config: Config, **changes: str) -> Config:
-    import dataclasses
-
-    return dataclasses.replace(config, server=dataclasses.replace(config.server, **changes))
 
 
 def _check(path: str) -> int:

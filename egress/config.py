@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import math
+import os
 import re
 import tomllib
 from dataclasses import dataclass, field
@@ -196,6 +197,8 @@ class Config:
     # Every table and key the file itself set, as paths ("providers", "openai", "base_url"): what a
     # reload must not lose. Not part of equality: the same settings spelled differently are equal.
     settings: frozenset[tuple[str, ...]] = field(default=frozenset(), compare=False, repr=False)
+    # Settings the command line set over the file's ("server.listen"): `with_overrides`.
+    overrides: frozenset[str] = field(default=frozenset(), compare=False, repr=False)
 
 
 _BOM = b"\xef\xbb\xbf"
@@ -295,13 +298,10 @@ def parse_config(table: dict[str, Any]) -> Config:
     usage = _build(UsageConfig, table.get("usage", {}), "usage")
     if usage.nats_publish and nats.url is None:
         raise ConfigError("usage.nats_publish needs nats.url")
-    listen_host, listen_port = parse_listen(server.listen)
-    if server.admin_listen != "off":
-        admin_host, admin_port = parse_listen(server.admin_listen, "server.admin_listen")
-        if admin_port == listen_port and admin_port != 0 and _hosts_overlap(listen_host, admin_host):
-            # Both bind with SO_REUSEPORT under workers: the kernel would share connections between
-            # the traffic and the admin listener (API calls answered 405, /metrics on the traffic port).
-            raise ConfigError(f"server.admin_listen {server.admin_listen} is server.listen's port: give it its own")
+    _check_nats_names(nats, usage)
+    check_metering(limits, usage)
+    _check_apart_files(server, keys, nats, usage)
+    check_listeners(server)
     if server.write_buffer_low > server.write_buffer_high:
         raise ConfigError("server.write_buffer_low must not exceed server.write_buffer_high")
     providers = dict(BUILTIN_PROVIDERS)
@@ -658,6 +658,70 @@ def _coerce(value: Any, expected: str, name: str) -> Any:
     raise AssertionError(f"no coercion for {expected}")  # pragma: no cover
 
 
+def check_metering(limits: LimitsConfig, usage: UsageConfig) -> None:
+    """What only metering feeds, asked for with metering off: a token limit (tokens are counted from
+    the metered usage: with `usage.enabled = false` every request passed, the limit never applied),
+    a usage file or NATS publishing (no fact is ever made). serve.reloaded asks it of the config a
+    reload runs too, whose [usage] is the start's."""
+    if usage.enabled:
+        return
+    tiers = [("limits", limits.default_tier), *((f"limits.tiers.{name}", tier) for name, tier in limits.tiers.items())]
+    for where, tier in tiers:
+        if tier.tokens_per_minute:
+            raise ConfigError(
+                f"{where}.tokens_per_minute is set, but usage.enabled = false: tokens are counted by metering, "
+                "so the limit would never apply"
+            )
+    for setting, wanted in (("usage.jsonl", usage.jsonl is not None), ("usage.nats_publish", usage.nats_publish)):
+        if wanted:
+            raise ConfigError(f"{setting} is set, but usage.enabled = false makes no usage fact")
+
+
+def _check_apart_files(server: ServerConfig, keys: KeysConfig, nats: NatsConfig, usage: UsageConfig) -> None:
+    """Each file egress writes (or reads, the deny file) its own: two writers on one file mix their
+    lines. Access-log lines carry the facts' request ids, so `usage report` billed whichever of the
+    two it read first, the access line with no tokens; the deny file read them as bad lines."""
+    files = [
+        ("server.access_log", None if server.access_log in ("stdout", "stderr", "off") else server.access_log),
+        ("usage.jsonl", usage.jsonl),
+        ("nats.snapshot", nats.snapshot if nats.url is not None else None),
+        ("keys.deny_file", keys.deny_file),
+    ]
+    seen: dict[str, str] = {}
+    for setting, path in files:
+        if path is None:
+            continue
+        real = os.path.realpath(path)  # the same file however it is spelled: ./, .., a symlink
+        if real in seen:
+            raise ConfigError(f"{setting} {path} is {seen[real]}'s file: give each its own")
+        seen[real] = setting
+
+
+def check_listeners(server: ServerConfig, names: tuple[str, str] = ("server.listen", "server.admin_listen")) -> None:
+    """The two addresses, each HOST:PORT (the admin one may be "off"), on ports of their own.
+    `names`: what a message calls them (the command line's flags, when they set them)."""
+    listen_host, listen_port = parse_listen(server.listen, names[0])
+    if server.admin_listen != "off":
+        admin_host, admin_port = parse_listen(server.admin_listen, names[1])
+        if admin_port == listen_port and admin_port != 0 and _hosts_overlap(listen_host, admin_host):
+            # Both bind with SO_REUSEPORT under workers: the kernel would share connections between
+            # the traffic and the admin listener (API calls answered 405, /metrics on the traffic port).
+            raise ConfigError(f"{names[1]} {server.admin_listen} is {names[0]}'s port: give it its own")
+
+
+def with_overrides(config: Config, **server: str) -> Config:
+    """`config` with [server] settings the command line gives (`listen`, `admin_listen`), checked as
+    the file's are: a flag must not bring back what the file would be refused for. They are kept
+    on reload and never reported as changes only a restart makes (the flag wins at a restart too)."""
+    if not server:
+        return config
+    changed = dataclasses.replace(config.server, **server)
+    flag = {"listen": "--listen", "admin_listen": "--admin-listen"}
+    check_listeners(changed, tuple(flag[n] if n in server else f"server.{n}" for n in ("listen", "admin_listen")))
+    overrides = config.overrides | {f"server.{name}" for name in server}
+    return dataclasses.replace(config, server=changed, overrides=frozenset(overrides))
+
+
 def parse_listen(listen: str, setting: str = "server.listen") -> tuple[str, int]:
     """'127.0.0.1:8787' or '[::1]:8787' -> (host, port)."""
     host, sep, port_text = listen.rpartition(":")
@@ -789,6 +853,67 @@ def _check_nats_url(url: str) -> None:
         raise ConfigError(f"nats.url {redact_url(url)} is not nats://host[:port] (or tls://, ws://, wss://)")
     if at and parsed.netloc != f"{userinfo}@{hostport.split('/', 1)[0]}":
         raise ConfigError(f"nats.url {redact_url(url)} is not nats://[user[:password]@]host[:port]")
+
+
+# NATS names, as the broker takes them (docs.nats.io/nats-concepts/subjects, and for streams
+# docs.nats.io/running-a-nats-service/nats_admin/jetstream_admin/naming; nats-server's
+# isValidAssetName and JSMaxNameLen). Refused here, each naming its key: at run time a bad one was
+# a publisher or a revocation feed retrying forever (nats-py raises ValueError on a stream with a
+# '.'), or, for a subject with a space, a PUB line the broker read as subject plus reply subject.
+_STREAM_FORBIDDEN = frozenset(".*>/\\")
+_MAX_STREAM_NAME_BYTES = 255
+
+
+def _name_fault(text: str) -> str | None:
+    if not text:
+        return "is empty"
+    if any(char.isspace() or not char.isprintable() for char in text):
+        return "has whitespace or a control character"
+    return None
+
+
+def _check_subject(setting: str, subject: str) -> None:
+    """A subject egress publishes on (a prefix of one, for usage): dot-separated tokens, none empty,
+    no wildcard (publishers never use `*` or `>`), not `$`-prefixed (reserved for the system:
+    $SYS, $JS, $KV)."""
+    fault = _name_fault(subject)
+    if fault is None and "" in subject.split("."):
+        fault = "has an empty token (a leading, trailing or doubled '.')"
+    if fault is None and ("*" in subject or ">" in subject):
+        fault = "has a wildcard ('*' or '>'), which a publisher never uses"
+    if fault is None and subject.startswith("$"):
+        fault = "starts with '$', which NATS reserves for the system ($SYS, $JS, $KV)"
+    if fault is not None:
+        raise ConfigError(f"{setting} {subject!r} {fault} (a NATS subject is dot-separated tokens, like egress.usage)")
+
+
+def _check_stream(setting: str, stream: str) -> None:
+    fault = _name_fault(stream)
+    if fault is None and any(char in _STREAM_FORBIDDEN for char in stream):
+        fault = "has one of . * > / \\"
+    if fault is None and len(stream.encode()) > _MAX_STREAM_NAME_BYTES:
+        fault = f"is over {_MAX_STREAM_NAME_BYTES} bytes"
+    if fault is not None:
+        raise ConfigError(f"{setting} {stream!r} {fault} (a JetStream stream is named like EGRESS_USAGE)")
+
+
+def _check_nats_names(nats: NatsConfig, usage: UsageConfig) -> None:
+    _check_stream("nats.stream", nats.stream)
+    _check_subject("nats.subject", nats.subject)
+    _check_subject("usage.nats_subject_prefix", usage.nats_subject_prefix)
+    if usage.nats_stream is not None:
+        _check_stream("usage.nats_stream", usage.nats_stream)
+    if not usage.nats_publish or nats.url is None:
+        return
+    # One broker carries both: a stream's subjects may not overlap another's (JetStream refuses the
+    # second stream), and a fact published on the revocation subject would be read as a revoked kid.
+    if usage.nats_stream == nats.stream:
+        raise ConfigError(f"usage.nats_stream {usage.nats_stream!r} is nats.stream, the revocations' own: name another")
+    if nats.subject.startswith(usage.nats_subject_prefix + "."):
+        raise ConfigError(
+            f"nats.subject {nats.subject!r} is under usage.nats_subject_prefix {usage.nats_subject_prefix!r}: "
+            "usage facts would land among the revocations; give them apart subjects"
+        )
 
 
 def redact_url(url: str) -> str:

@@ -27,7 +27,7 @@ from egress.accesslog import AccessLog, log_event
 from egress.accounts import AccountTable
 from egress.admin import start_admin
 from egress.auth import Authenticator, load_pools, wipe_all_pool_keys
-from egress.config import Config, ConfigError, config_digest, load_config, parse_listen
+from egress.config import Config, ConfigError, check_metering, config_digest, load_config, parse_listen
 from egress.denyset import DenySet, read_deny_file
 from egress.errors import StartupError, cannot_listen
 from egress.facts import FactSink, worker_path
@@ -153,6 +153,10 @@ def reloaded(running: Config, config_path: str, raw: bytes | None = None) -> tup
     starts with) share it."""
     written = load_config(config_path, running=running, raw=raw)  # a half-written file must not reload as defaults
     new = kept_on_reload(running, written)
+    try:
+        check_metering(new.limits, new.usage)  # the file's limits with the start's [usage]
+    except ConfigError as exc:
+        raise ConfigError(f"{exc} ([usage] stays as it was at start until a restart)") from None
     doctor.preflight(new, doctor.RELOAD_CHECKS)
     return written, new, load_pools(new)
 
@@ -181,18 +185,34 @@ def kept_on_reload(old: Config, new: Config) -> Config:
             sections[section] = dataclasses.replace(
                 getattr(new, section), **{name: getattr(running, name) for name in names}
             )
-    return dataclasses.replace(new, **sections)
+    return dataclasses.replace(new, overrides=old.overrides, **sections)
 
 
 def ignored_on_reload(old: Config, new: Config) -> list[str]:
-    """The restart-only settings `new` (the file as written) sets otherwise than `old`, by name."""
+    """The restart-only settings `new` (the file as written) sets otherwise than `old`, by name.
+    Not those the command line sets (`old.overrides`: the flag wins at a restart too), nor a port 0
+    the supervisor has fixed to the port it bound: the file did not change them, and every SIGHUP
+    of `serve --listen` said they would change only on restart."""
     changed = []
     for section, names in RESTART_ONLY.items():
         running, written = getattr(old, section), getattr(new, section)
         for name in names or [each.name for each in dataclasses.fields(running)]:
-            if getattr(running, name) != getattr(written, name):
-                changed.append(f"{section}.{name}")
+            setting = f"{section}.{name}"
+            was, now = getattr(running, name), getattr(written, name)
+            if was == now or setting in old.overrides or _port_fixed(setting, was, now):
+                continue
+            changed.append(setting)
     return changed
+
+
+def _port_fixed(setting: str, running: object, written: object) -> bool:
+    """`written` is HOST:0 and `running` the same host on the port bound for it (workers.supervise)."""
+    if setting not in ("server.listen", "server.admin_listen") or "off" in (running, written):
+        return False
+    try:
+        return parse_listen(written)[1] == 0 and parse_listen(written)[0] == parse_listen(running)[0]
+    except ConfigError:
+        return False
 
 
 def load_denyset(config: Config, tally: Tally | None = None) -> DenySet:
@@ -407,8 +427,11 @@ async def _serve(config: Config, config_path: str | None, worker: WorkerContext 
     state.draining = True
     server.close()
     in_flight = [conn for conn in list(state.connections) if not conn.close_if_idle()]
-    log_event("draining", in_flight=len(in_flight), timeout_s=config.server.drain_timeout)
-    give_up_at = loop.time() + config.server.drain_timeout
+    # The running config's, not the start's: a reload that changed drain_timeout used to be logged
+    # as taken while the drain waited the old one.
+    drain_timeout = state.config.server.drain_timeout
+    log_event("draining", in_flight=len(in_flight), timeout_s=drain_timeout)
+    give_up_at = loop.time() + drain_timeout
     while state.connections and loop.time() < give_up_at and not abort_requested.is_set():
         await asyncio.sleep(0.05)
         for conn in list(state.connections):
