@@ -213,4 +213,5 @@ def test_a_slow_upload_is_no_part_of_egress_s_overhead(start_egress, fake_provid
     found = samples(egress.admin_port)
     assert value(found, "egress_overhead_seconds_count", provider="openai") == 1
     assert value(found, "egress_overhead_seconds_sum", provider="openai") < 0.3
-    assert value(found, "egress_request_duration_seconds_sum", provider="openai") >= 0.7  # the whole, as ever
+    # The whole, as ever: from the head's first byte (the 0.7 s sleep, less the head's own way there).
+    assert value(found, "egress_request_duration_seconds_sum", provider="openai") >= 0.6
