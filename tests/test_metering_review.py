@@ -8,6 +8,7 @@ from pathlib import Path
 
 import openai
 import orjson
+import pytest
 
 from egress.stream_usage import InjectedUsageFilter
 from egress.usage import ANTHROPIC, PARTIAL, UsageMeter
@@ -78,10 +79,12 @@ def test_a_long_line_in_small_reads_is_filtered_in_linear_time():
 # -- the OpenAI SDK closes at [DONE] ---------------------------------------------------------------
 
 
-def test_an_sdk_closing_at_done_on_an_injected_usage_stream_is_a_complete_response(start_egress, tmp_path):
+@pytest.mark.parametrize("asked", [False, True], ids=["usage-injected", "usage-asked-relayed"])
+def test_an_sdk_closing_at_done_is_a_complete_response(start_egress, tmp_path, asked):
     """The OpenAI SDK closes its response at [DONE] (openai/_streaming.py, Stream.__stream__), before
-    the provider's terminating chunk arrives. With include_usage added by egress, that close was a
-    client_gone with usage partial/cut, although the provider's usage chunk had been read whole."""
+    the provider's terminating chunk arrives. That close was a client_gone with usage partial/cut,
+    although the provider's usage chunk had been read whole: with include_usage added by egress
+    (filtered for the caller), and on a stream relayed as it came (the caller asked for usage)."""
     recorded = _recorded("openai__chat_stream_tools_small")
     upstream = _LateEnd(recorded, b"0\r\n\r\n", pause=0.5)
     usage_file = tmp_path / "usage.jsonl"
@@ -89,41 +92,16 @@ def test_an_sdk_closing_at_done_on_an_injected_usage_stream_is_a_complete_respon
         config = f'[providers.openai]\nbase_url = "{upstream.base_url}"\n[usage]\njsonl = "{usage_file}"\n'
         egress = start_egress(config)
         client = openai.OpenAI(base_url=egress.url + "/openai/v1", api_key="sk-byo", max_retries=0)
+        options = {"stream_options": {"include_usage": True}} if asked else {}
         chunks = list(
             client.chat.completions.create(
-                model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}], stream=True
+                model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}], stream=True, **options
             )
         )
-        assert chunks and chunks[-1].choices and chunks[-1].usage is None  # no usage chunk it didn't ask for
-        assert wait_until(lambda: usage_file.exists() and whole_lines(usage_file.read_bytes()), timeout=3)
-        (line,) = whole_lines(usage_file.read_bytes())
-        fact = orjson.loads(line)
-        got = (fact["usage"], fact["outcome"], fact["input_tokens"], fact["output_tokens"])
-        assert got == ("complete", "complete", 53, 15), fact
-    finally:
-        upstream.stop()
-
-
-def test_an_sdk_closing_at_done_on_a_relayed_stream_is_a_complete_response(start_egress, tmp_path):
-    """The same close at [DONE] on a stream relayed as it came (the caller asked for usage itself:
-    no filter): the provider's usage chunk was read whole, so the response is complete, not
-    client_gone with its usage partial."""
-    recorded = _recorded("openai__chat_stream_tools_small")
-    upstream = _LateEnd(recorded, b"0\r\n\r\n", pause=0.5)
-    usage_file = tmp_path / "usage.jsonl"
-    try:
-        config = f'[providers.openai]\nbase_url = "{upstream.base_url}"\n[usage]\njsonl = "{usage_file}"\n'
-        egress = start_egress(config)
-        client = openai.OpenAI(base_url=egress.url + "/openai/v1", api_key="sk-byo", max_retries=0)
-        chunks = list(
-            client.chat.completions.create(
-                model="gpt-4o-mini",
-                messages=[{"role": "user", "content": "hi"}],
-                stream=True,
-                stream_options={"include_usage": True},
-            )
-        )
-        assert chunks[-1].usage is not None and chunks[-1].usage.prompt_tokens == 53  # asked for, relayed
+        if asked:
+            assert chunks[-1].usage is not None and chunks[-1].usage.prompt_tokens == 53  # relayed
+        else:
+            assert chunks and chunks[-1].choices and chunks[-1].usage is None  # no chunk it didn't ask for
         assert wait_until(lambda: usage_file.exists() and whole_lines(usage_file.read_bytes()), timeout=3)
         (line,) = whole_lines(usage_file.read_bytes())
         fact = orjson.loads(line)
