@@ -204,8 +204,17 @@ def hold_stream(exchange: Exchange, status: int) -> None:
 def held_body(exchange: Exchange, data: bytes) -> None:
     held = exchange.held
     if held.__class__ is Refusal:
-        if len(held) < _HOLD_LIMIT:
-            held += data[: _HOLD_LIMIT - len(held)]
+        if len(held) + len(data) <= _HOLD_LIMIT:
+            held += data
+            return
+        # No provider's 401 is this long: not relayed (a part of it would misframe the body, the
+        # whole might quote the key), and the key not judged on it.
+        upstream = exchange.upstream
+        exchange.upstream = None
+        if upstream is not None:
+            upstream.exchange = None
+            upstream.abort()
+        exchange.upstream_failed(EgressError("upstream_protocol_error", "the provider's 401 had a body over 64 KiB"))
         return
     if held:
         held += data

@@ -433,6 +433,18 @@ def test_a_401_for_a_scope_one_endpoint_lacks_disables_no_account(start_egress, 
     assert '"event":"account_disabled"' not in egress.logs()
 
 
+def test_a_401_with_a_body_too_long_to_judge_is_a_502_never_a_part_of_it(start_egress, keyed, tmp_path):
+    def huge(count: int):
+        return 401, {}, b'{"error":{"message":"' + b"x" * 100_000 + b'"}}'
+
+    upstream = keyed({KEY_A: huge, KEY_B: huge})
+    egress = start_egress(accounts_config(upstream, tmp_path))
+    response = chat(egress)
+    assert response.status == 502 and orjson.loads(response.body)["error"]["code"] == "upstream_protocol_error"
+    assert chat(egress).status == 502  # and the connection pool is fine for the next
+    assert '"event":"account_disabled"' not in egress.logs()
+
+
 @pytest.mark.parametrize(
     ("body", "refused"),
     [
