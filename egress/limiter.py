@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 from egress.errors import EgressError
 from egress.http1 import bearer_token
 from egress.secrets import load_secrets
-from egress.sketch import SlidingWindow
+from egress.sketch import HALF, SlidingWindow
 
 if TYPE_CHECKING:
     from egress.config import LimitsConfig, TierConfig
@@ -121,7 +121,8 @@ class RateLimiter:
         # Counted only if admitted: a refused request is not, so a client that backs off recovers.
         used = self._requests.take(slots, now, tier.requests_per_minute)
         if used is not None:
-            wait = self._requests.seconds_until_below(slots, tier.requests_per_minute - 1, now)
+            # When `take` would admit it: the estimate at most limit - HALF (sketch.py).
+            wait = self._requests.seconds_until_below(slots, tier.requests_per_minute - HALF, now)
             raise _limited("requests", tier.requests_per_minute, used, wait)
 
     def record_tokens(self, exchange: Exchange, tokens: int, now: float) -> None:

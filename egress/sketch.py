@@ -78,6 +78,7 @@ def _conservative_add(counters: memoryview, slots: tuple[int, ...], amount: int)
 
 
 _HEADER_BYTES = 16  # two int64: the window number each of the two sketches holds
+HALF = 0.5  # `take` admits while the windowed count, rounded to whole events, is under the limit
 
 
 class SlidingWindow:
@@ -146,7 +147,15 @@ class SlidingWindow:
 
     def take(self, slots: tuple[int, ...], now: float, limit: int) -> float | None:
         """One event counted unless the windowed count would pass `limit` (0: no limit): None when
-        counted, else the count that refused it. `estimate` then `add` in one pass (the hot path)."""
+        counted, else the count that refused it. `estimate` then `add` in one pass (the hot path).
+
+        The previous window's share is a fraction of its events, and the event is admitted while
+        that share, rounded to the nearest whole event, leaves room (`used <= limit - HALF`). Held
+        to `used + 1 <= limit`, any part of an event from the previous window blocked the last slot
+        of the current one until that window ended: a busy caller got limit - 1 per window, and a
+        limit of 1 one event every two windows. nginx's limit_req, Envoy's token bucket and
+        LiteLLM's per-minute counters all let `limit` through per minute; rounding does too, and
+        paces a steady caller at one event every window / limit."""
         window = self.window
         number = math.floor(now / window)
         index = number % 2
@@ -158,7 +167,7 @@ class SlidingWindow:
             if held[1 - index] == number - 1:
                 previous = min(map(self._counters[1 - index].__getitem__, slots))
                 used = current + previous * max(0.0, 1.0 - (now - number * window) / window)
-            if used + 1 > limit:
+            if used > limit - HALF:
                 return used
         if held[index] != number:
             self._sketches[index].clear()

@@ -119,7 +119,7 @@ def test_take_is_estimate_then_add_in_one_pass(steps):
         now += advance
         slots = fused.slots(key)
         used = plain.estimate(slots, now)
-        if limit and used + 1 > limit:
+        if limit and used > limit - 0.5:  # the previous window's share rounded to whole events
             expected = used
         else:
             plain.add(slots, 1, now)
