@@ -149,6 +149,8 @@ def _aim(exchange: Exchange, document: dict, target: Target, requested: str, dro
         exchange.body_filter = TranslatedResponses(shell, names, headers, stream)
     elif translate:
         _translate(exchange, document, model, requested, drop_params)
+    if translate:
+        exchange.body_filter.exchange = exchange  # its head() reads the provider's id (x-request-id)
     elif model != document.get("model"):
         # `provider:model`, or a fallback: the provider's own name for the model goes upstream.
         document["model"] = model
@@ -289,7 +291,7 @@ class _Translated:
     upstream's retry headers (a 429 stays a 429).
     """
 
-    __slots__ = ("_held", "_status", "_stream", "_transcoder", "extra_headers")
+    __slots__ = ("_held", "_status", "_stream", "_transcoder", "exchange", "extra_headers")
 
     def __init__(self, extra_headers: tuple, stream: bool) -> None:
         self._transcoder = None
@@ -297,6 +299,7 @@ class _Translated:
         self._status = 0
         self._stream = stream
         self.extra_headers = extra_headers
+        self.exchange: Exchange | None = None  # set by _aim; let go of at head()
 
     @property
     def answered(self) -> bool:
@@ -308,6 +311,9 @@ class _Translated:
 
     def head(self, status: int, content_type: bytes) -> bool:
         self._status = status
+        exchange, self.exchange = self.exchange, None
+        if exchange is not None:
+            self.extra_headers += _openai_request_id(exchange.upstream_kept)
         if 200 <= status < 300 and content_type.startswith(b"text/event-stream"):
             self._transcoder = self._new_transcoder()
         return True
@@ -342,7 +348,10 @@ class _Translated:
             if not isinstance(message, dict):
                 raise EgressError("upstream_protocol_error", "the provider's answer is not a whole message")
             return orjson.dumps(self._message(message))
-        return anthropic_codec.error_to_openai(self._status, bytes(self._held))
+        return self._error(anthropic_codec.error_to_openai(self._status, bytes(self._held)))
+
+    def _error(self, body: bytes) -> bytes:
+        return body
 
     def _new_transcoder(self):
         raise NotImplementedError
@@ -385,6 +394,29 @@ class TranslatedResponses(_Translated):
 
     def _message(self, message: dict) -> dict:
         return responses_codec.message_to_response(message, self._shell, self._names)
+
+    def _error(self, body: bytes) -> bytes:
+        """The error's `param` under the Responses name the caller sent (a prompt too long for the
+        model is `messages` on chat, `input` here), as a refusal egress makes itself names it."""
+        document = orjson.loads(body)  # error_to_openai's own output: always an object with "error"
+        param = document["error"].get("param")
+        if param is None:
+            return body
+        document["error"]["param"] = responses_codec.responses_param(param)
+        return orjson.dumps(document)
+
+
+def _openai_request_id(kept) -> tuple:
+    """The provider's id for its response under OpenAI's name, `x-request-id`, when it sent it under
+    another (Anthropic's `request-id`): the OpenAI SDKs read their `_request_id` (node: `request_id`,
+    an error's `requestID`) off `x-request-id` alone (openai-node src/core/error.ts, openai-python
+    _base_client.py; https://platform.openai.com/docs/api-reference/debugging-requests), so a
+    translated answer gave them none. The provider's own header is relayed as well."""
+    found = dict(kept)
+    value = found.get(b"request-id")
+    if value is None or b"x-request-id" in found:
+        return ()
+    return ((b"x-request-id", value),)
 
 
 def _warning(text: str) -> bytes:
