@@ -30,7 +30,7 @@ from egress.http1 import CHUNKED, NO_BODY, UNTIL_CLOSE
 from egress.metrics import sse_events
 from egress.routes import body_models, check_model, has_model_policy, path_model
 from egress.stream_usage import InjectedUsageFilter, inject_include_usage
-from egress.usage import MISSING, MODEL_FIELD, OPENAI, RESPONSES, Usage, UsageMeter
+from egress.usage import MISSING, MODEL_FIELD, OPENAI, PARTIAL, RESPONSES, Usage, UsageMeter
 
 if TYPE_CHECKING:
     import asyncio
@@ -832,5 +832,11 @@ def emit_usage(
         }
     )
     # After the fact: what feeds the limit and the metrics must never cost the bill.
-    state.limiter.record_tokens(exchange, usage.total_tokens, state.loop_time())
+    tokens = usage.total_tokens
+    if usage.state == PARTIAL and usage.input_tokens is None:
+        # A stream cut before its usage: the limit still takes its prompt, estimated from the body
+        # (about four bytes a token), or cutting streams would spend a token limit for free. The
+        # fact says what is known, no estimate of input.
+        tokens += len(exchange.body) >> 2
+    state.limiter.record_tokens(exchange, tokens, state.loop_time())
     state.metrics.observe_usage(provider, usage)

@@ -761,6 +761,27 @@ def test_a_responses_stream_feeds_the_token_limit(scripted_metered):
     assert statuses == [(200, None), (429, "100")]
 
 
+def test_a_stream_cut_before_its_usage_still_spends_the_token_limit_on_its_prompt(scripted_metered):
+    # Cut after one delta, before any usage: its output is estimated (1), and its prompt, never
+    # reported, is estimated for the limit from the body (about 4 bytes a token): 1,000 bytes of
+    # input pass a limit of 100. Counting the output alone let a caller that cuts its streams go on.
+    events = [{"type": "response.output_text.delta", "delta": "Hello"}]
+    stream = b"".join(b"event: %s\ndata: %s\n\n" % (e["type"].encode(), orjson.dumps(e)) for e in events)
+    head = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
+    cut = (head + b"%x\r\n%s\r\n" % (len(stream), stream), "close")
+    egress, _ = scripted_metered([cut, cut], extra="[limits]\ntokens_per_minute = 100\n")
+    body = orjson.dumps({"model": "gpt-5", "input": "x" * 1000, "stream": True})
+    statuses = []
+    for _ in range(2):
+        with RawClient(egress.port) as client:
+            client.send(request_bytes("POST", "/openai/v1/responses", {"Content-Type": "application/json"}, body))
+            statuses.append(client.read_response("POST").status)
+        if len(statuses) == 1:
+            fact = facts_of(egress, 1)[0]
+            assert (fact["usage"], fact["input_tokens"], fact["estimated_output_tokens"]) == ("partial", None, 1)
+    assert statuses == [200, 429]
+
+
 @pytest.mark.parametrize(("provider", "reason"), [("together", "not_requested"), ("mistral", "not_reported")])
 def test_a_stream_is_asked_for_usage_only_where_the_provider_documents_the_option(scripted_metered, provider, reason):
     # together: what asking adds is undocumented, so egress doesn't ask and says why usage is
