@@ -212,7 +212,7 @@ class Exchange:
             if retries.answered(self, status, facts.kept):
                 self.provider_elapsed += time.monotonic() - sent  # the provider's time, not overhead
                 return  # not relayed: the request goes to another account (retries.py)
-            if status == 402:
+            if status in retries.DISABLE_STATUSES:
                 # The provider refused the pool key (its account's billing), not the caller: the
                 # caller gets egress's own answer; the operator, account_disabled. A 401's body is
                 # held and judged first (retries.refused): OpenAI's quotes the key ("Incorrect API

@@ -49,10 +49,10 @@ RETRY_STATUSES = {
     529: "overloaded",  # Anthropic's overloaded_error: https://docs.anthropic.com/en/api/errors
 }
 # The provider refuses this key itself: no use sending it more traffic until the operator acts. A
-# 401 is judged on its body first (refused): a restricted key's missing scope for one endpoint is
-# a 401 too, and disabling every account for it would let any caller take the provider down. A
-# 403 is about what was asked (a model the project can't use, a region), not the key: relayed.
-DISABLE_STATUSES = {401: "unauthorized", 402: "payment_required"}
+# 401 is not among them: it is judged on its body (refused), as a restricted key's missing scope for
+# one endpoint is a 401 too, and disabling every account for it would let any caller take the
+# provider down. A 403 is about what was asked (a model the project can't use, a region): relayed.
+DISABLE_STATUSES = {402: "payment_required"}
 _BACKOFF_BASE = 0.1
 _BACKOFF_CAP = 2.0
 
@@ -79,7 +79,7 @@ def answered(exchange: Exchange, status: int, headers: list[tuple[bytes, bytes]]
     now = time.monotonic()
     reason = RETRY_STATUSES.get(status)
     if reason is None:
-        reason = DISABLE_STATUSES.get(status) if status != 401 else None  # 401: on its body (refused)
+        reason = DISABLE_STATUSES.get(status)
         if reason is None:
             if told is not True:
                 state.metrics.tally.add(("attempts", account.provider, account.id, "not_retryable"))
