@@ -492,6 +492,19 @@ def _safe_to_retry(exchange: Exchange, upstream: UpstreamConnection | None) -> b
     )
 
 
+def take_route(exchange: Exchange, route: Route) -> None:
+    """The head phase's part once a request has its route: its dialect, and for a provider's route
+    (not the unified surface's, which waits for the body's model) the credential and the limit.
+    Raises the EgressError to answer. The server's head phase and surface.prepare's drop-in alike."""
+    exchange.route = route
+    exchange.dialect = route.provider.dialect
+    if route.surface is None:
+        state = exchange.client.state
+        state.auth.authenticate(exchange, route.provider)
+        if state.limiter.enabled:
+            state.limiter.admit(exchange, route.provider.name, state.loop_time())
+
+
 def forward(exchange: Exchange) -> None:
     """The upstream request phase for one routed request, when its turn on the connection comes."""
     if exchange.settled:

@@ -399,13 +399,8 @@ class ClientConnection(asyncio.Protocol):
             exchange.health_check = True
         else:
             try:
-                exchange.route = route = state.router.resolve(target)
-                exchange.dialect = route.provider.dialect
-                if route.surface is None:
-                    state.auth.authenticate(exchange, route.provider)
-                    if state.limiter.enabled:
-                        state.limiter.admit(exchange, route.provider.name, self.loop.time())
                 # The unified surface authenticates once its body names the model (surface.py).
+                proxy.take_route(exchange, state.router.resolve(target))
             except EgressError as error:
                 if exchange.route is None:
                     exchange.dialect = guess_dialect(target, facts.has_anthropic_headers)

@@ -82,13 +82,10 @@ def _one_model(exchange: Exchange) -> bytes:
 def _passthrough(exchange: Exchange) -> bool:
     """A surface path's request that is not routed by model: sent as the drop-in sends it, with
     what the head phase does for a provider's route (server.py): authenticate, limit."""
-    state = exchange.client.state
-    route = state.router.drop_in(exchange.target)  # a surface route exists only beside an openai row
-    exchange.route = route
-    exchange.dialect = route.provider.dialect
-    state.auth.authenticate(exchange, route.provider)
-    if state.limiter.enabled:
-        state.limiter.admit(exchange, route.provider.name, state.loop_time())
+    from egress import proxy
+
+    # A surface route exists only beside an openai row: drop_in finds it.
+    proxy.take_route(exchange, exchange.client.state.router.drop_in(exchange.target))
     return True
 
 
