@@ -29,7 +29,7 @@ from urllib.parse import urlsplit
 from egress.errors import EgressError
 from egress.providers import BUILTIN_PROVIDERS, RESERVED_NAMES, STREAM_USAGE_MODES, Provider
 from egress.routes import CAPABILITIES, DEFAULT_ROUTES, Fallback, ModelRoute, ModelRoutes
-from egress.secrets import read_regular_file
+from egress.secrets import BOM, read_regular_file
 from egress.vkeys import parse_public_key
 
 KiB = 1024
@@ -201,7 +201,6 @@ class Config:
     overrides: frozenset[str] = field(default=frozenset(), compare=False, repr=False)
 
 
-_BOM = b"\xef\xbb\xbf"
 # A config file is a few KiB; deny lists and keys live in files of their own. The bound is what the
 # supervisor's shared buffer holds for a reload (workers.ConfigBox).
 MAX_CONFIG_BYTES = 1 * MiB
@@ -211,7 +210,8 @@ def read_config_bytes(path: str) -> bytes:
     """The file's bytes, read once; raises ConfigError. A reload under the supervisor reads them
     here once for the whole host and hands the same bytes to every worker (workers.ConfigBox)."""
     try:
-        raw = read_regular_file(path)  # a FIFO would block; a device would never end
+        # A FIFO would block; a device would never end; a file over the bound is not read whole.
+        raw = read_regular_file(path, MAX_CONFIG_BYTES + 1)
     except OSError as exc:
         raise ConfigError(f"cannot read config file {path!r}: {exc.strerror}") from None
     if len(raw) > MAX_CONFIG_BYTES:
@@ -230,7 +230,7 @@ def load_config(path: str | None, running: Config | None = None, raw: bytes | No
     if raw is None:
         raw = read_config_bytes(path)
     # Editors on Windows save a byte order mark that tomllib refuses; it means nothing in UTF-8.
-    raw = raw.removeprefix(_BOM)
+    raw = raw.removeprefix(BOM)
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:

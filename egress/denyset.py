@@ -29,11 +29,10 @@ import time
 
 import orjson
 
-from egress.secrets import read_regular_file
+from egress.secrets import BOM, read_regular_file
 from egress.tally import Tally
 
 _KID = re.compile(r"[0-9a-f]{16}")
-_BOM = b"\xef\xbb\xbf"
 _BAD_LINES = ("deny_file_bad_lines",)  # its key in the worker's tally
 _IGNORED = ("revocation_messages_ignored",)  # stream messages that were no kid, in the worker's tally
 _LOST = ("revocations_lost",)  # purged from the stream (or aged out) before this worker read them
@@ -189,8 +188,7 @@ def stream_kid(body: bytes) -> str | None:
 
 def parse_deny_file(data: bytes) -> tuple[frozenset[str], tuple[int, ...]]:
     """Key ids, one per line; blank lines and '#' comments ignored. Returns (kids, bad line numbers)."""
-    if data.startswith(_BOM):
-        data = data[len(_BOM) :]
+    data = data.removeprefix(BOM)
     kids: set[str] = set()
     bad: list[int] = []
     # bytes.splitlines splits at \n, \r\n and \r only, so one bad byte spoils one line, not the file.

@@ -51,10 +51,11 @@ class Secret:
         raise TypeError("a Secret can't be pickled")
 
 
-def read_regular_file(path: str) -> bytes:
+def read_regular_file(path: str, limit: int = -1) -> bytes:
     """The bytes of `path`, which must be a regular file: opening a FIFO blocks until a writer
     comes (the event loop with it, for good), and a device never ends. Opened without blocking,
-    checked, then read; raises OSError naming the file, as open() would."""
+    checked, then read; raises OSError naming the file, as open() would. With `limit`, at most that
+    many bytes are read (a caller refusing a file over a size reads one byte past it)."""
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     try:
         mode = os.fstat(fd).st_mode
@@ -64,14 +65,19 @@ def read_regular_file(path: str) -> bytes:
             raise OSError(errno.EINVAL, "not a regular file", path)
         os.set_blocking(fd, True)
         chunks = []
-        while chunk := os.read(fd, 1 << 20):
+        size = 0
+        while limit < 0 or size < limit:
+            chunk = os.read(fd, 1 << 20 if limit < 0 else min(limit - size, 1 << 20))
+            if not chunk:
+                break
             chunks.append(chunk)
+            size += len(chunk)
         return b"".join(chunks)
     finally:
         os.close(fd)
 
 
-_BOM = b"\xef\xbb\xbf"
+BOM = b"\xef\xbb\xbf"  # the UTF-8 byte order mark some editors save: no part of the text
 
 
 def load_secrets(source: str) -> list[Secret]:
@@ -87,7 +93,7 @@ def load_secrets(source: str) -> list[Secret]:
     if kind == "file":
         try:
             # Editors on Windows save a byte order mark: it is no part of the first key.
-            lines = read_regular_file(where).removeprefix(_BOM).splitlines()
+            lines = read_regular_file(where).removeprefix(BOM).splitlines()
         except OSError as exc:
             raise SecretSourceError(f"cannot read key file {where}: {exc.strerror}") from None
         secrets = [
