@@ -536,6 +536,7 @@ _ENDINGS = {
     "model_context_window_exceeded": ("incomplete", "max_output_tokens"),
     "refusal": ("incomplete", "content_filter"),
 }
+_COMPLETED = ("completed", None)  # any other stop reason
 
 
 def _usage(usage: Usage, thinking_tokens: int | None) -> dict:
@@ -556,7 +557,7 @@ def _usage(usage: Usage, thinking_tokens: int | None) -> dict:
 def _finished(shell: dict, upstream_id: str, output: list, stop_reason: object, usage: dict) -> dict:
     response = dict(shell)
     response["id"] = mint_id("resp", upstream_id)
-    status, reason = _ENDINGS.get(stop_reason, ("completed", None))
+    status, reason = _ENDINGS.get(stop_reason, _COMPLETED)
     response["status"] = status
     response["incomplete_details"] = {"reason": reason} if reason else None
     response["output"] = output
@@ -595,7 +596,7 @@ def _item_status(stop_reason: object) -> str:
     """The status of the output item a response's generation ended in: `incomplete` when the
     response is (cut at max_output_tokens, or refused), as OpenAI marks it. A function call cut
     there has half a JSON value for arguments: its `completed` would have the caller run it."""
-    return "incomplete" if _ENDINGS.get(stop_reason, ("completed",))[0] == "incomplete" else "completed"
+    return _ENDINGS.get(stop_reason, _COMPLETED)[0]
 
 
 def message_to_response(message: dict, shell: dict, names: dict | None = None) -> dict:

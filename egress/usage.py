@@ -462,7 +462,7 @@ def reduce_usage(usage: Usage, raw: dict[str, int], document: dict, api: str) ->
     if isinstance(model, str):
         # At most MODEL_FIELD's 200 characters: a server that echoes the caller's model (llama.cpp)
         # would otherwise put megabytes of it in every fact.
-        usage.model = model if len(model) <= 200 else model[:200]
+        usage.model = model[:200]
     counts = document.get("usage")
     if not isinstance(counts, dict):
         x_groq = document.get("x_groq")  # Groq's streams report it here
