@@ -914,12 +914,12 @@ class AnthropicEvents:
                 payload = b"\n".join(self._data)
                 self._data.clear()
                 try:
-                    orjson.loads(payload)
+                    event = orjson.loads(payload)
                 except orjson.JSONDecodeError:
                     # Cut inside its last event (a close at a byte boundary): not an event, and not
                     # an error the provider sent. `ended` stays False: the caller sees a cut.
                     return b"".join(out)
-                self._event(payload, out)
+                self._dispatch(event, out)
         return b"".join(out)
 
     # -- SSE framing (https://html.spec.whatwg.org/multipage/server-sent-events.html) ------------
@@ -940,6 +940,9 @@ class AnthropicEvents:
             event = orjson.loads(payload)
         except orjson.JSONDecodeError:
             event = None
+        self._dispatch(event, out)
+
+    def _dispatch(self, event: object, out: list[bytes]) -> None:
         if not isinstance(event, dict):
             error = {"type": "api_error", "message": "egress could not parse an event from the upstream stream"}
             self._on_error({"error": error}, out)
