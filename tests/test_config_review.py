@@ -15,26 +15,14 @@ import signal
 import subprocess
 import time
 
-import orjson
 import pytest
 
 from egress.config import ConfigError, parse_config, with_overrides
 from tests.conftest import provider_config
 from tests.support import RawClient, egress_command, free_port, run_egress_cli, wait_until
+from tests.test_reload import events
 
 NATS = {"url": "nats://127.0.0.1:4222", "snapshot": "/tmp/egress-review.snapshot"}
-
-
-def events(egress, name: str) -> list[dict]:
-    found = []
-    for line in egress.stderr_path.read_bytes().splitlines():
-        try:
-            event = orjson.loads(line)
-        except orjson.JSONDecodeError:
-            continue
-        if event.get("event") == name:
-            found.append(event)
-    return found
 
 
 @pytest.mark.parametrize(
