@@ -11,8 +11,8 @@ orjson) part alone, and it moves far less than a wrk run on a small shared machi
 Usage: python3 bench/micro.py [--mode MODE] [--headers N] [--requests N] [--opcodes]
   bare    BYO key, limiter and meter off, no access log (bench/run's `egress` row)
   key     bare with a virtual key (verified once, then cached) swapped for a pool key
-  limits  key with the request and token limits on
-  meter   limits with the usage meter and its JSONL usage file on
+  limits  key with the request limit on (the token limit, counted by metering, comes with `meter`)
+  meter   limits with the usage meter, its JSONL usage file and the token limit on
   full    meter with the access log to a file: bench/run's `egress, full` row
   translated         bare, but the unified surface: `POST /v1/chat/completions` for a Claude model,
                      translated to Anthropic Messages, the upstream answering with bench/run's
@@ -145,7 +145,9 @@ def make_state(mode: str, workdir: Path) -> tuple[ServerState, bytes]:
         raw["keys"] = {"trusted_issuers": [issuer]}
         raw["providers"]["bench"]["pool_keys"] = [f"file:{workdir / 'pool.keys'}"]
     if "limits" in layers:
-        raw["limits"] = {"requests_per_minute": 10**9, "tokens_per_minute": 10**9}
+        raw["limits"] = {"requests_per_minute": 10**9}
+        if "meter" in layers:  # a token limit is counted by metering: config refuses it without
+            raw["limits"]["tokens_per_minute"] = 10**9
     config = parse_config(raw)
     usage = config.usage
     state = ServerState(
