@@ -14,6 +14,12 @@ of the queue, sent again after the reconnect; the shutdown flush waits for it to
 publish names the stream it expects, so a fact is never stored in another stream that happens to
 take the subject. Trouble is logged once per outage and reason (`usage_publisher_unavailable`),
 and the line that ends it (`usage_publisher_connected` or `_publishing`) counts the attempts.
+
+A fact the broker refuses for itself, not for its state (larger than the server's `max_payload`,
+or than the stream's `max_msg_size`: JetStream's err_code 10054), is never sendable: it is
+counted as dropped and logged (`usage_fact_refused`, at most one line per FAILURE_LOG_INTERVAL,
+with how many it held back), and the facts behind it go on. Retried, it was sent again after every
+reconnect and held every later fact back until the queue overflowed. It stays in the JSONL file.
 """
 
 from __future__ import annotations
@@ -25,10 +31,12 @@ from typing import Any
 
 import orjson
 from nats.js import api
+from nats.errors import MaxPayloadError
 from nats.js.errors import APIError, NoStreamResponseError, NotFoundError
 
 from egress.accesslog import log_event
 from egress.config import NatsConfig, UsageConfig
+from egress.facts import FAILURE_LOG_INTERVAL, Throttle
 from egress.revocations import connect, describe_failure
 from egress.tally import Tally
 
@@ -38,6 +46,10 @@ _ACK_TIMEOUT = 5.0
 # Core NATS facts confirmed by one PING/PONG: a round trip per batch, not per fact.
 _BATCH = 256
 _DROPPED = ("usage_facts_dropped", "nats")  # its key in the worker's tally
+# JetStream's "message size exceeds maximum allowed" (the stream's max_msg_size): this message
+# will never be stored, however often it is sent. Other refusals (a full stream, a missing one)
+# are the stream's state, and the fact waits for it to change.
+_TOO_LARGE = 10054
 
 
 class UsagePublisher:
@@ -49,6 +61,7 @@ class UsagePublisher:
         "_publish_failed",
         "_queue",
         "_ready",
+        "_refusals",
         "_reported",
         "_sending",
         "_tally",
@@ -77,6 +90,7 @@ class UsagePublisher:
         self._reported: str | None = None
         self._publish_failed = False
         self._failures = 0
+        self._refusals = Throttle(FAILURE_LOG_INTERVAL)
 
     @property
     def dropped(self) -> int:
@@ -174,15 +188,21 @@ class UsagePublisher:
                 # Each wait bounded here too: nats-py's own timeouts run from its write, and a
                 # connection closing under a write can leave that write waiting for good (seen under
                 # load: the publisher wedged, every later fact queued until counted dropped).
-                if js is not None:
-                    # Expected stream: a fact another stream's subjects caught would be stored where
-                    # billing does not read, and its id deduplicated there, not in ours.
-                    publish = js.publish(
-                        subject, data, headers=headers, timeout=_ACK_TIMEOUT, stream=self._usage.nats_stream
-                    )
-                    await asyncio.wait_for(publish, _ACK_TIMEOUT + 1.0)
-                else:
-                    await asyncio.wait_for(client.publish(subject, data, headers=headers), _ACK_TIMEOUT)
+                try:
+                    if js is not None:
+                        # Expected stream: a fact another stream's subjects caught would be stored where
+                        # billing does not read, and its id deduplicated there, not in ours.
+                        publish = js.publish(
+                            subject, data, headers=headers, timeout=_ACK_TIMEOUT, stream=self._usage.nats_stream
+                        )
+                        await asyncio.wait_for(publish, _ACK_TIMEOUT + 1.0)
+                    else:
+                        await asyncio.wait_for(client.publish(subject, data, headers=headers), _ACK_TIMEOUT)
+                except (MaxPayloadError, APIError) as exc:
+                    if isinstance(exc, APIError) and exc.err_code != _TOO_LARGE:
+                        raise
+                    sending.pop()  # this fact, the last sent: the ones before it wait for their word
+                    self._refused(fact, len(data), exc)
             if js is None and sending:
                 # Written to a socket is not received: a broker killed now loses what it had not read.
                 await asyncio.wait_for(client.flush(timeout=_ACK_TIMEOUT), _ACK_TIMEOUT + 1.0)
@@ -194,6 +214,20 @@ class UsagePublisher:
         sending.clear()
         if self._reported is not None:
             self._recovered("usage_publisher_publishing")
+
+    def _refused(self, fact: dict[str, Any], size: int, exc: Exception) -> None:
+        """A fact the broker will never take: counted as dropped, logged (throttled), passed over."""
+        self._tally.values[self._dropped] += 1
+        held = self._refusals.due(asyncio.get_running_loop().time())
+        if held is not None:
+            log_event(
+                "usage_fact_refused",
+                request_id=fact.get("request_id"),
+                bytes=size,
+                reason=_describe(exc, self._usage.nats_subject_prefix),
+                held_back=held,
+                dropped_total=self.dropped,
+            )
 
     def abandon(self) -> int:
         """At exit, after flush: what is still queued will never leave, and is counted as dropped and
@@ -223,6 +257,8 @@ def _describe(exc: BaseException, prefix: str) -> str:
     told from a broker that is down."""
     if isinstance(exc, NoStreamResponseError):
         return f"no JetStream stream takes {prefix}.<provider>"
+    if isinstance(exc, MaxPayloadError):
+        return "larger than the server's max_payload"
     if isinstance(exc, APIError) and exc.description:
         return f"JetStream refused: {exc.description[:200]}"
     return describe_failure(exc)

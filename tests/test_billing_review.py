@@ -14,7 +14,7 @@ from pathlib import Path
 import orjson
 
 from tests.conftest import provider_config
-from tests.support import wait_until, whole_lines
+from tests.support import RawClient, request_bytes, wait_until, whole_lines
 from tests.test_workers import statuses
 
 
@@ -265,3 +265,43 @@ def test_a_rotation_past_a_lowered_keep_files_says_what_it_deletes(tmp_path, mon
     assert gone == [f"{path}.2", f"{path}.3"], logged  # the oldest kept, replaced; the one past the setting
     assert [Path(f"{path}.{index}").exists() for index in (1, 2, 3)] == [True, True, False]
     assert orjson.loads(Path(f"{path}.1").read_bytes())["request_id"] == "req-0"
+
+
+def test_a_fact_the_stream_will_never_take_is_counted_and_passed_over(
+    start_egress, fake_provider, ca_file, tmp_path, nats_server
+):
+    """A fact over the stream's `max_msg_size` (an operator's stream; here a long request path) was
+    put back at the head of the queue and sent again after every reconnect: every later fact waited
+    behind it until the queue overflowed. Now it is counted as dropped and logged, and the facts
+    behind it are stored."""
+    import nats
+    from nats.js import api
+
+    async def add_small_stream() -> None:
+        connection = await nats.connect(nats_server.url)
+        try:
+            config = api.StreamConfig(name="BILLING", subjects=["egress.usage.>"], max_msg_size=1500)
+            await connection.jetstream().add_stream(config)
+        finally:
+            await connection.close()
+
+    asyncio.run(add_small_stream())
+    config = usage_config(fake_provider, ca_file, tmp_path, nats_server.url, stream="BILLING")
+    egress = start_egress(config.replace("[usage]", "max_reconnect_wait = 0.5\n\n[usage]"))
+    assert wait_until(lambda: logged(egress, "usage_publisher_connected"), timeout=10)
+    assert statuses(egress.port, 1) == [200]
+    with RawClient(egress.port) as client:
+        client.send(request_bytes("GET", "/openai/v1/models/" + "m" * 2000))
+        assert client.read_response().status == 404
+    assert statuses(egress.port, 2) == [200, 200]
+    assert wait_until(lambda: stream_messages(nats_server.url, "BILLING") == 3, timeout=10, interval=0.2), egress.logs()
+    refused = logged(egress, "usage_fact_refused")
+    assert len(refused) == 1, egress.logs()
+    assert refused[0]["bytes"] > 1500 and refused[0]["dropped_total"] == 1
+    assert "message size exceeds maximum allowed" in refused[0]["reason"]
+    assert logged(egress, "usage_publisher_unavailable") == []
+    egress.signal(signal.SIGTERM)
+    assert egress.wait(timeout=15) == 0
+    assert logged(egress, "usage_facts_lost") == []
+    facts = [orjson.loads(line) for line in whole_lines((tmp_path / "usage.jsonl").read_bytes())]
+    assert len(facts) == 4 and refused[0]["request_id"] == facts[1]["request_id"]  # the file keeps it
