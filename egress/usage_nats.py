@@ -30,8 +30,8 @@ from collections import deque
 from typing import Any
 
 import orjson
-from nats.js import api
 from nats.errors import MaxPayloadError
+from nats.js import api
 from nats.js.errors import APIError, NoStreamResponseError, NotFoundError
 
 from egress.accesslog import log_event
