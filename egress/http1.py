@@ -419,7 +419,12 @@ def simple_response(
     extra_headers: Headers | tuple = (),
     attempts: int = 0,
 ) -> bytes:
-    """A whole response egress answers itself (errors, health), header block and body in one buffer."""
+    """A whole response egress answers itself (errors, health), header block and body in one buffer.
+
+    Its id goes under egress's name and under the names the SDKs read a request id from: OpenAI's
+    `x-request-id` (an error's `request_id`; openai-python _exceptions.py, openai-node
+    src/core/error.ts) and Anthropic's `request-id` (anthropic-sdk-python _exceptions.py). An
+    egress error read through an SDK then names the access-log line that explains it."""
     parts = [
         STATUS_LINE.get(status) or b"HTTP/1.1 %d \r\n" % status,
         b"date: ",
@@ -427,6 +432,10 @@ def simple_response(
         b"\r\ncontent-type: ",
         content_type,
         b"\r\ncontent-length: %d\r\nx-egress-request-id: " % len(body),
+        request_id,
+        b"\r\nx-request-id: ",
+        request_id,
+        b"\r\nrequest-id: ",
         request_id,
         _ATTEMPTS[attempts] if attempts < 10 else b"\r\nx-egress-attempts: %d\r\n" % attempts,
     ]

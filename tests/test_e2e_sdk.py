@@ -50,19 +50,19 @@ class RecordingTransport(httpx.HTTPTransport):
         )
 
 
-def _openai(egress, transport, prefix="/openai/v1") -> openai.OpenAI:
+def _openai(egress, transport, prefix="/openai/v1", api_key=BYO_OPENAI_KEY) -> openai.OpenAI:
     return openai.OpenAI(
         base_url=egress.url + prefix,
-        api_key=BYO_OPENAI_KEY,
+        api_key=api_key,
         max_retries=0,
         http_client=httpx.Client(transport=transport),
     )
 
 
-def _anthropic(egress, transport) -> anthropic.Anthropic:
+def _anthropic(egress, transport, api_key=BYO_ANTHROPIC_KEY) -> anthropic.Anthropic:
     return anthropic.Anthropic(
         base_url=egress.url + "/anthropic",
-        api_key=BYO_ANTHROPIC_KEY,
+        api_key=api_key,
         max_retries=0,
         http_client=httpx.Client(transport=transport),
     )
@@ -189,3 +189,25 @@ def test_keep_alive_reuses_upstream_connection(egress, fake_provider):
     for _ in range(5):
         client.chat.completions.create(model="gpt-fake", messages=[{"role": "user", "content": "hi"}])
     assert fake_provider.connections_opened == 1
+
+
+def test_an_egress_error_names_its_request_id_where_the_sdks_read_it(egress):
+    """egress's own answers carried their id as `x-egress-request-id` only: an SDK's error said
+    `request_id=None` (the OpenAI SDKs read `x-request-id`, Anthropic's `request-id`), and the
+    access-log line explaining the error could not be found from it."""
+    transport = RecordingTransport()
+    client = _openai(egress, transport, api_key="bai_not-a-real-key")
+    with pytest.raises(openai.AuthenticationError) as raised:
+        client.chat.completions.create(model="gpt-fake", messages=[{"role": "user", "content": "hi"}])
+    openai_id = raised.value.request_id
+    assert openai_id and openai_id == transport.responses[-1].headers["x-egress-request-id"]
+    assert raised.value.code == "invalid_key"
+    transport = RecordingTransport()
+    client = _anthropic(egress, transport, api_key="bai_not-a-real-key")
+    with pytest.raises(anthropic.AuthenticationError) as raised:
+        client.messages.create(model="claude-fake", max_tokens=8, messages=[{"role": "user", "content": "hi"}])
+    anthropic_id = raised.value.request_id
+    assert anthropic_id and anthropic_id == transport.responses[-1].headers["x-egress-request-id"]
+    assert anthropic_id != openai_id
+    assert wait_until(lambda: f'"request_id":"{anthropic_id}"' in egress.logs(), timeout=5)
+    assert f'"request_id":"{openai_id}"' in egress.logs()
