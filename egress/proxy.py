@@ -30,7 +30,18 @@ from egress.http1 import CHUNKED, NO_BODY, UNTIL_CLOSE
 from egress.metrics import sse_events
 from egress.routes import body_models, check_model, has_model_policy, path_model
 from egress.stream_usage import InjectedUsageFilter, inject_include_usage
-from egress.usage import MISSING, MODEL_FIELD, OPENAI, PARTIAL, RESPONSES, Usage, UsageMeter
+from egress.usage import (
+    ANTHROPIC_BATCH_RESULTS,
+    MISSING,
+    MODEL_FIELD,
+    OPENAI,
+    PARTIAL,
+    READ_BACK,
+    BatchResultsMeter,
+    Usage,
+    UsageMeter,
+    batch_id_of,
+)
 
 if TYPE_CHECKING:
     import asyncio
@@ -244,15 +255,20 @@ class Exchange:
             self.keep_alive = False
         # Only a POST generates tokens: a GET of a stored response (`/v1/responses/{id}`, a chat
         # completion read back) carries the usage of the request that made it, billed already. But
-        # a background response's tokens come only in the GETs that poll it: those are read too,
-        # and billed once per response id (emit_usage).
+        # a background response's tokens come only in the GETs that poll it, and a batch's in the
+        # GET that finds it done or reads its results: those are read too, and billed once per id
+        # (emit_usage, the report).
         if (
             200 <= status < 300
             and client.state.metering
-            and (self.method == b"POST" or (self.method == b"GET" and self.route.api == RESPONSES))
+            and (self.method == b"POST" or (self.method == b"GET" and self.route.api in READ_BACK))
         ):
-            meter = UsageMeter()
-            meter.start(self.route.api, facts.content_type, facts.content_encoding)
+            api = self.route.api
+            if api == ANTHROPIC_BATCH_RESULTS:
+                meter = BatchResultsMeter(batch_id_of(self.route.upstream_target.split(b"?", 1)[0]))
+            else:
+                meter = UsageMeter()
+            meter.start(api, facts.content_type, facts.content_encoding)
             if meter.active:
                 self.meter = meter
         self.status = status
@@ -803,7 +819,7 @@ def emit_usage(
     usage = meter.result(exchange.upstream_done or exchange.outcome == "complete") if meter is not None else Usage()
     row = exchange.route.provider
     provider = row.name
-    if meter is not None and exchange.method != b"POST" and not usage.background:
+    if meter is not None and exchange.method != b"POST" and not usage.background and not usage.batch:
         usage = Usage(reason="not_metered")  # a stored response read back: its POST billed it
     elif usage.state == MISSING:
         usage.reason = _missing_reason(exchange, usage, meter)
@@ -834,6 +850,9 @@ def emit_usage(
             # Every fact of one background response (its POST, each GET, a cancel) carries its id:
             # bill its tokens once per id, from a complete fact if there is one (the usage report does).
             "background_response_id": usage.response_id if usage.background else None,
+            # Every fact of one batch (its POST, each GET, its results read, a cancel) carries its
+            # id: bill its tokens once per id, from a complete fact when there is one (the report).
+            "batch_id": usage.response_id if usage.batch else None,
             "usage_reason": usage.reason,
             "status": exchange.status,
             "stream": meter is not None and meter.streaming,

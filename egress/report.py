@@ -137,9 +137,10 @@ def aggregate(
     done = _Done()
     tails: dict[tuple[int, int], tuple[str, bytes]] = {}
     bad: dict[str, int] = defaultdict(int)
-    # A background response's id -> the fact its tokens are billed from, and that fact's rank: its
-    # tokens come in the GET that finds it done, and every later read repeats them (billed once).
-    background: dict[str, tuple[int, dict]] = {}
+    # A background response's or a batch's id -> the fact its tokens are billed from, and that
+    # fact's rank: its tokens come in the GET that finds it done (a batch's results, read), and
+    # every later read repeats them (billed once).
+    deferred: dict[tuple[str, str], tuple[int, dict]] = {}
 
     def add(path: str, line: bytes) -> None:
         if not line.strip():
@@ -160,12 +161,12 @@ def aggregate(
         state = fact.get("usage")
         if state in _STATES:
             row[state] += 1
-        response_id = fact.get("background_response_id")
-        if isinstance(response_id, str):
+        key = _deferred_key(fact)
+        if key is not None:
             # The first complete fact of the id; failing one, the first with any count (a stream cut).
             rank = 2 if state == "complete" else 1 if _counts(fact) else 0
-            if rank > background.get(response_id, (0, None))[0]:
-                background[response_id] = (rank, fact)
+            if rank > deferred.get(key, (0, None))[0]:
+                deferred[key] = (rank, fact)
             return
         _add_counts(row, fact)
 
@@ -185,11 +186,23 @@ def aggregate(
         listing = relist()
     for path, tail in tails.values():
         add(path, tail)  # a torn last line counts as unreadable; a whole one (no newline yet) as a fact
-    for _, fact in background.values():
+    for _, fact in deferred.values():
         _add_counts(totals[fact.get(field) or "-"], fact)
     if skipped is not None:
         skipped.update({path: count for path, count in bad.items() if count})
     return dict(sorted(totals.items()))
+
+
+def _deferred_key(fact: dict) -> tuple[str, str] | None:
+    """The id a fact's tokens are billed once under: a background response's, or a batch's (a
+    provider's own: two providers' batch ids never stand for one batch)."""
+    response_id = fact.get("background_response_id")
+    if isinstance(response_id, str):
+        return ("background", response_id)
+    batch_id = fact.get("batch_id")
+    if isinstance(batch_id, str):
+        return (f"batch:{fact.get('provider')}", batch_id)
+    return None
 
 
 def _add_counts(row: dict[str, int | float], fact: dict) -> None:

@@ -34,6 +34,15 @@ provider can serve several (Anthropic serves an OpenAI-compatible /chat/completi
              latter split by `cache_creation.ephemeral_5m_input_tokens` / `_1h_`), and
              `message_delta.usage` is cumulative.
              https://docs.anthropic.com/en/docs/build-with-claude/streaming
+  batch      OpenAI's Batch object (`/v1/batches`): its `usage` (the Responses API's names) once
+             the batch is done (`completed`, `failed`, `expired`, `cancelled`), on batches created
+             since September 2025; every read of it repeats them, so each fact carries the batch's
+             id and the report bills it once. https://platform.openai.com/docs/api-reference/batch/object
+  anthropic_batch, anthropic_batch_results
+             Anthropic's Message Batch object (no usage: its id only), and its results
+             (`/v1/messages/batches/{id}/results`): JSONL, a line per request, whose succeeded
+             ones carry a Message with its usage; `BatchResultsMeter` reads each line with this
+             reducer and sums them. https://docs.anthropic.com/en/api/retrieving-message-batch-results
 Normalised: `input_tokens` counts every input token once (cached ones included); the cache
 fields say how many of those were read from or written to the cache.
 
@@ -70,6 +79,10 @@ _DELTA = {
     "openai": b'"delta":{"',
     "anthropic": b'"content_block_delta"',
     "responses": b'.delta"',
+    # No batch endpoint streams; a provider that did would be read as chat's is.
+    "batch": b'"delta":{"',
+    "anthropic_batch": b'"content_block_delta"',
+    "anthropic_batch_results": b'"content_block_delta"',
 }
 # An SSE line longer than this is kept as its head and its tail only: a Responses stream's
 # `response.completed` carries the whole Response, so an image_generation_call's base64 result makes
@@ -111,17 +124,34 @@ COMPLETE, PARTIAL, MISSING, UNPARSEABLE = "complete", "partial", "missing", "unp
 
 # The APIs a body can speak, as far as usage goes.
 OPENAI, ANTHROPIC, RESPONSES = "openai", "anthropic", "responses"
+BATCH, ANTHROPIC_BATCH, ANTHROPIC_BATCH_RESULTS = "batch", "anthropic_batch", "anthropic_batch_results"
+# The APIs whose GETs carry tokens no POST reported: a background response polled, a batch found
+# done, a batch's results read. Each is billed once per id (the report), however often it is read.
+READ_BACK = frozenset((RESPONSES, BATCH, ANTHROPIC_BATCH_RESULTS))
+# A batch whose tokens are all counted: its status then, on OpenAI's Batch object.
+_BATCH_DONE = frozenset(("completed", "failed", "expired", "cancelled"))
 
 
 def api_of(path: bytes, dialect: str) -> str:
     """The API a response body speaks, from the request path; the provider's dialect otherwise."""
     if b"/messages" in path:
+        if b"/messages/batches" in path:
+            return ANTHROPIC_BATCH_RESULTS if path.endswith(b"/results") else ANTHROPIC_BATCH
         return ANTHROPIC
     if b"/responses" in path:
         return RESPONSES
     if b"/chat/completions" in path or b"/embeddings" in path or b"/completions" in path:
         return OPENAI
+    if b"/batches" in path:
+        return BATCH
     return ANTHROPIC if dialect == "anthropic" else OPENAI
+
+
+def batch_id_of(path: bytes) -> str | None:
+    """The batch a `/v1/messages/batches/{id}/results` path names: its results don't say."""
+    rest = path.partition(b"/messages/batches/")[2]
+    batch_id = rest.split(b"/", 1)[0][:200].decode("latin-1")
+    return batch_id or None
 
 
 @dataclass(slots=True)
@@ -146,8 +176,11 @@ class Usage:
     reason: str | None = None
     # A Responses API response's id, and whether it runs in the background (`background: true`):
     # its tokens then come in the GETs that poll it (and a stream resumed by GET), billed once per id.
+    # For a batch (`batch`), the batch's id: its tokens come in the GET that finds it done (OpenAI),
+    # or in its results (Anthropic), billed once per id too.
     response_id: str | None = None
     background: bool = False
+    batch: bool = False
 
     @property
     def total_tokens(self) -> int:
@@ -209,16 +242,19 @@ class UsageMeter:
         self._usage = Usage()
         self._decoder = None
         if content_encoding:
-            self._decoded = 0
-            self._coded_head = b""
-            coding = content_encoding.strip().lower()
-            if coding in (b"gzip", b"x-gzip", b"deflate"):
-                # 32 + 15: zlib or gzip, told apart by the header. A raw deflate stream (what some
-                # servers send for `deflate`) is caught on the first error and retried.
-                self._decoder = zlib.decompressobj(32 + zlib.MAX_WBITS)
-            elif coding != b"identity":
-                self._fail(UNPARSEABLE, "content_encoding")
-                self._decoder = _IGNORE
+            self._decode_as(content_encoding)
+
+    def _decode_as(self, content_encoding: bytes) -> None:
+        self._decoded = 0
+        self._coded_head = b""
+        coding = content_encoding.strip().lower()
+        if coding in (b"gzip", b"x-gzip", b"deflate"):
+            # 32 + 15: zlib or gzip, told apart by the header. A raw deflate stream (what some
+            # servers send for `deflate`) is caught on the first error and retried.
+            self._decoder = zlib.decompressobj(32 + zlib.MAX_WBITS)
+        elif coding != b"identity":
+            self._fail(UNPARSEABLE, "content_encoding")
+            self._decoder = _IGNORE
 
     def feed(self, chunk: bytes) -> None:
         if self._decoder is not None:
@@ -328,7 +364,7 @@ class UsageMeter:
             usage.state = PARTIAL
             usage.reason = "cut"
             usage.estimated_output_tokens = self._deltas
-        elif usage.state == MISSING:
+        elif usage.state == MISSING and usage.reason is None:  # a batch not done has said why
             usage.reason = "not_reported"
         return usage
 
@@ -428,6 +464,140 @@ class UsageMeter:
             position = buffer.find(_USAGE_KEY, line_end, end)
 
 
+# A batch result line longer than this is not read (its request's tokens are then missing from
+# the sum, and the fact says so): the longest Message a request can produce is far shorter.
+_MAX_RESULT_LINE = 8 << 20
+# The Usage fields a batch's results add up, request by request.
+_SUMMED = (
+    "input_tokens",
+    "output_tokens",
+    "cache_read_tokens",
+    "cache_creation_tokens",
+    "cache_creation_5m_tokens",
+    "cache_creation_1h_tokens",
+    "reasoning_tokens",
+    "web_search_requests",
+)
+
+
+class BatchResultsMeter(UsageMeter):
+    """Anthropic's Message Batch results (`GET /v1/messages/batches/{id}/results`), summed into one
+    Usage: a line per request, in any order; a `succeeded` one carries its Message, whose usage
+    `reduce_usage` reads as it reads any Message; `errored`, `canceled` and `expired` ones cost
+    nothing. The body is JSONL whatever its Content-Type, relayed untouched like any other.
+
+    The fact bills the whole batch; every read of the results repeats it, so it carries the batch's
+    id and the report bills one complete read per id. A read cut short is `partial` (the requests
+    read so far), and a line that can't be read (not JSON, or over _MAX_RESULT_LINE) makes it
+    `partial` too, with the reason, its request's tokens left out. `model` is the batch's when every
+    request names the same one, else null (billing by model needs a fact per model)."""
+
+    __slots__ = ("_bad", "_batch_id", "_lines", "_models", "_skipping", "_sum")
+
+    def __init__(self, batch_id: str | None) -> None:
+        super().__init__()
+        self._batch_id = batch_id
+
+    def start(self, api: str, content_type: bytes, content_encoding: bytes = b"") -> None:
+        self.active = True
+        self._api = api
+        self._sse = False
+        self._carry = bytearray()
+        self._usage = Usage()
+        self._sum = Usage()
+        self._models: set[str] = set()
+        self._lines = 0  # result lines read
+        self._bad: str | None = None  # why a line went unread, if one did
+        self._skipping = False  # inside a line over _MAX_RESULT_LINE, until its newline
+        self._decoder = None
+        if content_encoding:
+            self._decode_as(content_encoding)
+
+    def feed(self, chunk: bytes) -> None:
+        if self._decoder is not None:
+            chunk = self._decode(chunk)
+            if not chunk:
+                return
+        carry = self._carry
+        start = 0
+        newline = chunk.find(b"\n")
+        while newline != -1:
+            if self._skipping:
+                self._skipping = False
+            elif len(carry) + newline - start > _MAX_RESULT_LINE:
+                carry.clear()  # the same line judged alike however the body was cut
+                self._bad = "too_large"
+                self._lines += 1
+            elif carry:
+                carry += memoryview(chunk)[start:newline]
+                self._line(bytes(carry))
+                carry.clear()
+            else:
+                self._line(chunk[start:newline])
+            start = newline + 1
+            newline = chunk.find(b"\n", start)
+        if start < len(chunk) and not self._skipping:
+            if len(carry) + len(chunk) - start > _MAX_RESULT_LINE:
+                carry.clear()
+                self._skipping = True
+                self._bad = "too_large"
+                self._lines += 1
+            else:
+                carry += memoryview(chunk)[start:]
+
+    def _line(self, line: bytes) -> None:
+        if not line.strip():
+            return
+        self._lines += 1
+        if line.find(b'"usage"') == -1:
+            return  # errored, canceled, expired: no Message, nothing billed
+        try:
+            document = orjson.loads(line)
+        except orjson.JSONDecodeError:
+            self._bad = "not_json"
+            return
+        result = document.get("result") if document.__class__ is dict else None
+        message = result.get("message") if result.__class__ is dict and result.get("type") == "succeeded" else None
+        if message.__class__ is not dict:
+            return
+        one = Usage()
+        reduce_usage(one, {}, message, ANTHROPIC)
+        if one.model is not None:
+            self._models.add(one.model)
+        total = self._sum
+        for name in _SUMMED:
+            value = getattr(one, name)
+            if value is not None:
+                before = getattr(total, name)
+                setattr(total, name, value if before is None else before + value)
+
+    def result(self, complete: bool) -> Usage:
+        usage = self._usage
+        if self._decoder is not None:
+            if self._decoder is _IGNORE:
+                return usage
+            if complete and not self._decoder.eof:
+                return self._fail(UNPARSEABLE, "content_encoding")
+        if self._carry and not self._skipping and complete:
+            self._line(bytes(self._carry))  # a last line without its newline
+        total = self._sum
+        total.response_id = self._batch_id
+        total.batch = self._batch_id is not None
+        total.model = next(iter(self._models)) if len(self._models) == 1 else None
+        if not complete:
+            total.state, total.reason = PARTIAL, "cut"
+        elif self._bad is not None:
+            total.state, total.reason = PARTIAL, self._bad
+        elif self._lines:
+            total.state = COMPLETE  # every request read: the ones that failed cost nothing
+            for name in ("input_tokens", "output_tokens"):
+                if getattr(total, name) is None:
+                    setattr(total, name, 0)
+        else:
+            total.reason = "not_reported"
+        return total
+
+
 def reduce_usage(usage: Usage, raw: dict[str, int], document: dict, api: str) -> None:
     """Fold one provider document into `usage`: every field takes the latest value, never a sum.
 
@@ -458,6 +628,21 @@ def reduce_usage(usage: Usage, raw: dict[str, int], document: dict, api: str) ->
             usage.web_search_requests = sum(
                 1 for item in output if item.__class__ is dict and item.get("type") == "web_search_call"
             )
+    elif api in (BATCH, ANTHROPIC_BATCH):
+        # A batch object (its POST, each GET, a cancel): its id on each of its facts. OpenAI's carries
+        # the batch's tokens once it is done; Anthropic's never does (its results do).
+        if api == BATCH:
+            if document.get("object") != "batch":
+                return  # a list of batches: each one's tokens are billed from its own GET
+        elif document.get("type") != "message_batch":
+            return
+        batch_id = document.get("id")
+        if batch_id.__class__ is str:
+            usage.response_id = batch_id[:200]
+            usage.batch = True
+        if api == ANTHROPIC_BATCH or document.get("status") not in _BATCH_DONE:
+            usage.reason = "batch"  # queued or running: the tokens come later
+            return
     model = document.get("model")
     if isinstance(model, str):
         # At most MODEL_FIELD's 200 characters: a server that echoes the caller's model (llama.cpp)

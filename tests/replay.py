@@ -78,7 +78,8 @@ class Recording:
 
     @property
     def request_body(self) -> bytes:
-        return orjson.dumps(self.meta["request"]["body"])
+        body = self.meta["request"]["body"]
+        return b"" if body is None else orjson.dumps(body)  # None: a GET, no body
 
 
 def load_recordings() -> dict[str, Recording]:

@@ -1028,3 +1028,94 @@ def test_the_deployed_logrotate_config_rotates_a_running_egress(start_egress, fa
     assert wait_until(lambda: len(_lines(access)) == 4, timeout=5)
     assert len(_lines(Path(f"{access}.1"))) == 4
     assert access.stat().st_mode & 0o007 == 0  # created by egress itself (nocreate): 0640, never world-readable
+
+
+def test_a_batch_is_billed_once_from_the_get_that_finds_it_done(scripted_metered):
+    """OpenAI's Batch API: the POST answers with the batch queued, and its tokens come in the Batch
+    object once it is done (`usage`), which every later GET repeats. Every fact of the batch carries
+    its id, and the report bills the id once. Before, the GETs were not metered: a batch's tokens
+    were never billed (https://platform.openai.com/docs/api-reference/batch/object)."""
+    batch = {"id": "batch_1", "object": "batch", "endpoint": "/v1/chat/completions", "model": "gpt-4o-mini",
+             "input_file_id": "file-1", "completion_window": "24h"}  # fmt: skip
+    done = {**batch, "status": "completed", "usage": {"input_tokens": 1500, "output_tokens": 500}}
+    replies = [
+        _json_reply({**batch, "status": "validating"}),
+        _json_reply({**batch, "status": "in_progress"}),
+        _json_reply(done),
+        _json_reply(done),  # read again later
+        _json_reply({"object": "list", "data": [done], "has_more": False}),  # the list: billed by each GET
+    ]
+    egress, _ = scripted_metered(replies)
+    with RawClient(egress.port) as client:
+        request = b'{"input_file_id":"file-1","endpoint":"/v1/chat/completions","completion_window":"24h"}'
+        client.send(request_bytes("POST", "/openai/v1/batches", {"Content-Type": "application/json"}, request))
+        assert client.read_response("POST").status == 200
+        for target in ["/openai/v1/batches/batch_1"] * 3 + ["/openai/v1/batches"]:
+            client.send(request_bytes("GET", target))
+            assert client.read_response().status == 200
+    facts = facts_of(egress, 5)
+    assert [(f["usage"], f["usage_reason"], f["input_tokens"], f["output_tokens"], f["batch_id"]) for f in facts] == [
+        ("missing", "batch", None, None, "batch_1"),
+        ("missing", "batch", None, None, "batch_1"),
+        ("complete", None, 1500, 500, "batch_1"),
+        ("complete", None, 1500, 500, "batch_1"),
+        ("missing", "not_metered", None, None, None),
+    ]
+    report = run_egress_cli("usage", "report", "--config", str(egress.config_path), "--json")
+    assert report.returncode == 0, report.stderr
+    totals = orjson.loads(report.stdout)["openai"]
+    assert (totals["requests"], totals["input_tokens"], totals["output_tokens"]) == (5, 1500, 500), totals
+
+
+def test_an_anthropic_batch_is_billed_once_from_its_results(scripted_metered):
+    """Anthropic's Message Batches: the batch object never carries tokens; its results (JSONL, a line
+    per request) do, and every read of them repeats them. The results read is metered, summed, and
+    billed once per batch id (https://docs.anthropic.com/en/api/retrieving-message-batch-results)."""
+    counts = {"processing": 2, "succeeded": 0, "errored": 0, "canceled": 0, "expired": 0}
+    batch = {"id": "msgbatch_1", "type": "message_batch", "processing_status": "in_progress", "request_counts": counts}
+    lines = b"".join(
+        orjson.dumps({"custom_id": name, "result": {"type": "succeeded", "message": {
+            "id": f"msg_{name}", "type": "message", "role": "assistant", "model": "claude-sonnet-4-5",
+            "content": [{"type": "text", "text": "Hi"}], "stop_reason": "end_turn", "stop_sequence": None,
+            "usage": {"input_tokens": given, "output_tokens": made}}}}) + b"\n"
+        for name, given, made in (("a", 11, 36), ("b", 10, 34))
+    )  # fmt: skip
+    results = b"HTTP/1.1 200 OK\r\ncontent-type: application/binary\r\ncontent-length: %d\r\n\r\n" % len(lines)
+    replies = [
+        _json_reply(batch),
+        _json_reply({**batch, "processing_status": "ended"}),
+        results + lines,
+        results + lines,
+    ]
+    egress, _ = scripted_metered(replies, provider="anthropic")
+    headers = {"x-api-key": "sk-ant-test", "anthropic-version": "2023-06-01"}
+    with RawClient(egress.port) as client:
+        request = (
+            b'{"requests":[{"custom_id":"a","params":{"model":"claude-sonnet-4-5","max_tokens":8,"messages":[]}}]}'
+        )
+        client.send(
+            request_bytes(
+                "POST", "/anthropic/v1/messages/batches", {**headers, "Content-Type": "application/json"}, request
+            )
+        )
+        assert client.read_response("POST").status == 200
+        for target in ["/anthropic/v1/messages/batches/msgbatch_1"] + [
+            "/anthropic/v1/messages/batches/msgbatch_1/results"
+        ] * 2:
+            client.send(request_bytes("GET", target, headers))
+            response = client.read_response()
+            assert response.status == 200
+        assert response.body == lines  # relayed untouched
+    facts = facts_of(egress, 4)
+    assert [
+        (f["usage"], f["usage_reason"], f["input_tokens"], f["output_tokens"], f["model"], f["batch_id"]) for f in facts
+    ] == [
+        ("missing", "batch", None, None, None, "msgbatch_1"),
+        ("missing", "not_metered", None, None, None, None),
+        ("complete", None, 21, 70, "claude-sonnet-4-5", "msgbatch_1"),
+        ("complete", None, 21, 70, "claude-sonnet-4-5", "msgbatch_1"),
+    ]
+    report = run_egress_cli("usage", "report", "--config", str(egress.config_path), "--json")
+    assert report.returncode == 0, report.stderr
+    totals = orjson.loads(report.stdout)["anthropic"]
+    assert (totals["requests"], totals["input_tokens"], totals["output_tokens"]) == (4, 21, 70), totals

@@ -80,7 +80,7 @@ def send(egress: EgressProcess, recording: Recording, piece: int):
 
 def may_ask_for_usage(recording: Recording) -> bool:
     """An OpenAI-style chat stream whose caller didn't ask for usage: egress may add the option."""
-    body = recording.meta["request"]["body"]
+    body = recording.meta["request"]["body"] or {}
     asked = (body.get("stream_options") or {}).get("include_usage") is True
     chat = recording.meta["request"]["path"].split("?", 1)[0].endswith("/chat/completions")
     return recording.provider != "anthropic" and chat and body.get("stream") is True and not asked

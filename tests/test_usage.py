@@ -521,3 +521,159 @@ def test_web_searches_are_counted_latest_wins_and_null_where_the_api_is_silent()
     assert meter("responses", [body], b"application/json").web_search_requests == 2
     assert meter("responses", [RESPONSES_STREAM]).web_search_requests is None  # no `output` said
     assert meter("openai", [OPENAI_STREAM]).web_search_requests is None
+
+
+# -- batches ----------------------------------------------------------------------------------------
+
+_RESULT_TEXT = "Hello! How can I help?"
+
+
+def _result_line(custom_id: str, outcome: str = "succeeded", model: str = "claude-sonnet-4-5", **counts) -> bytes:
+    """One line of Anthropic's Message Batch results, in the shape of the API reference's example."""
+    if outcome != "succeeded":
+        error = {"type": "error", "error": {"type": "invalid_request_error", "message": "bad"}}
+        result = {"type": outcome, **({"error": error} if outcome == "errored" else {})}
+    else:
+        usage = {"input_tokens": 10, "output_tokens": 30, **counts}
+        message = {"id": f"msg_{custom_id}", "type": "message", "role": "assistant", "model": model,
+                   "content": [{"type": "text", "text": _RESULT_TEXT}], "stop_reason": "end_turn",
+                   "stop_sequence": None, "usage": usage}  # fmt: skip
+        result = {"type": "succeeded", "message": message}
+    return orjson.dumps({"custom_id": custom_id, "result": result}) + b"\n"
+
+
+def batch_results(chunks: list[bytes], complete: bool = True, coding: bytes = b""):
+    from egress.usage import ANTHROPIC_BATCH_RESULTS, BatchResultsMeter
+
+    results_meter = BatchResultsMeter("msgbatch_01")
+    results_meter.start(ANTHROPIC_BATCH_RESULTS, b"application/binary", coding)
+    for chunk in chunks:
+        results_meter.feed(chunk)
+    return results_meter.result(complete)
+
+
+RESULTS = b"".join(
+    [
+        _result_line(
+            "a",
+            cache_read_input_tokens=100,
+            cache_creation_input_tokens=50,
+            cache_creation={"ephemeral_5m_input_tokens": 50, "ephemeral_1h_input_tokens": 0},
+        ),
+        _result_line("b", outcome="errored"),
+        _result_line("c", output_tokens=7, server_tool_use={"web_search_requests": 2}),
+        _result_line("d", outcome="expired"),
+        _result_line("e", outcome="canceled"),
+    ]
+)
+
+
+def _summed(usage) -> tuple:
+    return (
+        usage.state,
+        usage.reason,
+        usage.model,
+        usage.input_tokens,
+        usage.output_tokens,
+        usage.cache_read_tokens,
+        usage.cache_creation_tokens,
+        usage.cache_creation_5m_tokens,
+        usage.web_search_requests,
+        usage.response_id,
+        usage.batch,
+    )
+
+
+def test_a_batchs_results_are_summed_request_by_request_in_any_reads():
+    """Each succeeded line's Message is read as any Message is (cache reads and writes count as
+    input once), and the lines add up; errored, expired and canceled requests cost nothing."""
+    whole = batch_results([RESULTS])
+    assert _summed(whole) == (COMPLETE, None, "claude-sonnet-4-5", 170, 37, 100, 50, 50, 2, "msgbatch_01", True)
+    for size in (1, 7, 100):
+        assert _summed(batch_results([RESULTS[i : i + size] for i in range(0, len(RESULTS), size)])) == _summed(whole)
+    # The last line without its newline is read at the end.
+    assert _summed(batch_results([RESULTS.rstrip(b"\n")])) == _summed(whole)
+
+
+@given(st.lists(st.integers(min_value=1, max_value=400), max_size=12))
+@settings(max_examples=60, deadline=None)
+def test_a_batchs_results_read_the_same_however_they_are_cut(sizes):
+    assert _summed(batch_results(cut_into(RESULTS, sizes))) == _summed(batch_results([RESULTS]))
+
+
+def test_a_batchs_results_cut_short_or_with_an_unreadable_line_say_so():
+    cut = batch_results([RESULTS[: len(RESULTS) // 2]], complete=False)
+    assert (cut.state, cut.reason, cut.input_tokens) == (PARTIAL, "cut", 160)  # line a only: the rest never came
+    garbled = batch_results([_result_line("a"), b'{"custom_id":"x","result":{"usage": \n', _result_line("b")])
+    assert (garbled.state, garbled.reason, garbled.input_tokens, garbled.output_tokens) == (PARTIAL, "not_json", 20, 60)
+    mixed = batch_results([_result_line("a"), _result_line("b", model="claude-haiku-4-5")])
+    assert (mixed.state, mixed.model, mixed.input_tokens) == (COMPLETE, None, 20)  # two models: none named
+    failed = batch_results([_result_line("a", outcome="errored")])
+    assert (failed.state, failed.input_tokens, failed.output_tokens) == (COMPLETE, 0, 0)  # nothing billed
+    empty = batch_results([b""])
+    assert (empty.state, empty.reason) == (MISSING, "not_reported")
+
+
+def test_a_batch_result_line_over_the_bound_is_left_out_with_bounded_memory(monkeypatch):
+    import egress.usage as usage_module
+
+    monkeypatch.setattr(usage_module, "_MAX_RESULT_LINE", 4096)
+    huge = _result_line("big").replace(_RESULT_TEXT.encode(), b"x" * 10_000)
+    body = _result_line("a") + huge + _result_line("b")
+    for size in (len(body), 1000, 333):
+        usage = batch_results([body[i : i + size] for i in range(0, len(body), size)])
+        assert (usage.state, usage.reason, usage.input_tokens) == (PARTIAL, "too_large", 20)
+
+
+def test_a_gzip_batchs_results_are_read_from_a_decoded_copy():
+    usage = batch_results([gzip_bytes(RESULTS)], coding=b"gzip")
+    assert _summed(usage) == _summed(batch_results([RESULTS]))
+
+
+def test_an_openai_batch_object_bills_its_tokens_once_it_is_done():
+    """OpenAI's Batch object carries its tokens (`usage`, Responses API names) once the batch is done;
+    queued or running, it says why its usage is missing. A list of batches bills nothing."""
+    batch = {"id": "batch_1", "object": "batch", "endpoint": "/v1/chat/completions", "model": "gpt-4o-mini"}
+    counts = {"input_tokens": 1500, "input_tokens_details": {"cached_tokens": 1024}, "output_tokens": 500,
+              "output_tokens_details": {"reasoning_tokens": 300}, "total_tokens": 2000}  # fmt: skip
+
+    def read(document: dict):
+        return meter("batch", [orjson.dumps(document)], b"application/json")
+
+    for status in ("validating", "in_progress", "finalizing", "cancelling"):
+        usage = read({**batch, "status": status, "usage": counts})
+        assert (usage.state, usage.reason, usage.input_tokens, usage.response_id, usage.batch) == (
+            MISSING, "batch", None, "batch_1", True,
+        )  # fmt: skip
+    for status in ("completed", "failed", "expired", "cancelled"):
+        usage = read({**batch, "status": status, "usage": counts})
+        assert (usage.state, usage.model, usage.input_tokens, usage.output_tokens) == (
+            COMPLETE,
+            "gpt-4o-mini",
+            1500,
+            500,
+        )
+        assert (usage.cache_read_tokens, usage.reasoning_tokens, usage.response_id) == (1024, 300, "batch_1")
+    old = read({**batch, "status": "completed"})  # created before batches carried usage
+    assert (old.state, old.reason, old.batch) == (MISSING, "not_reported", True)
+    listing = read({"object": "list", "data": [{**batch, "status": "completed", "usage": counts}]})
+    assert (listing.state, listing.input_tokens, listing.batch) == (MISSING, None, False)
+    anthropic = meter(
+        "anthropic_batch", [orjson.dumps({"id": "msgbatch_1", "type": "message_batch"})], b"application/json"
+    )
+    assert (anthropic.state, anthropic.reason, anthropic.response_id, anthropic.batch) == (
+        MISSING, "batch", "msgbatch_1", True,
+    )  # fmt: skip
+
+
+def test_batch_paths_name_their_api():
+    from egress.usage import api_of, batch_id_of
+
+    assert api_of(b"/v1/batches", "openai") == "batch"
+    assert api_of(b"/v1/batches/batch_1/cancel", "openai") == "batch"
+    assert api_of(b"/v1/messages/batches", "anthropic") == "anthropic_batch"
+    assert api_of(b"/v1/messages/batches/msgbatch_1", "anthropic") == "anthropic_batch"
+    assert api_of(b"/v1/messages/batches/msgbatch_1/results", "anthropic") == "anthropic_batch_results"
+    assert api_of(b"/v1/messages", "anthropic") == "anthropic"
+    assert batch_id_of(b"/v1/messages/batches/msgbatch_1/results") == "msgbatch_1"
+    assert batch_id_of(b"/v1/messages/batches//results") is None
