@@ -463,3 +463,16 @@ def value(found, name: str, **labels: str) -> float:
     """The sum of `name`'s samples that carry `labels` (and any others), as PromQL's sum() would."""
     wanted = frozenset(labels.items())
     return sum(sample for (sample_name, have), sample in found.items() if sample_name == name and wanted <= have)
+
+
+def run_node_script(script: Path, args: list[str], env: dict[str, str]) -> dict:
+    """Run one scenario of a tests/node script, as a Node app runs it: its last line out is JSON."""
+    node = shutil.which("node")
+    assert node is not None, "node is not on PATH: `.ci/run` installs it"
+    done = subprocess.run(
+        [node, str(script), *args], cwd=script.parent, env=env, capture_output=True, text=True, timeout=30, check=False
+    )
+    shown = f"node {' '.join(args)} exited {done.returncode}\nstdout:\n{done.stdout}\nstderr:\n{done.stderr}"
+    print(shown)
+    assert done.returncode == 0 and done.stdout.strip(), shown
+    return orjson.loads(done.stdout.strip().splitlines()[-1])

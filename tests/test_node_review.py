@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import os
-import shutil
-import subprocess
 from pathlib import Path
 
 import orjson
 import pytest
 
 from tests import test_surface
-from tests.support import ScriptedUpstream, wait_until, whole_lines
+from tests.support import ScriptedUpstream, run_node_script, wait_until, whole_lines
 from tests.test_surface_cuts import _AnthropicStream
 
 surface = test_surface.surface
@@ -24,24 +22,10 @@ KEY = "sk-byo-node-review"
 
 
 def run_node(egress, scenario: str, base: str = "/v1", **env_extra: str) -> dict:
-    node = shutil.which("node")
-    assert node is not None, "node is not on PATH: `.ci/run` installs it"
     env = {name: value for name, value in os.environ.items() if not name.startswith("OPENAI_")}
     env["EGRESS_API_KEY"] = KEY
     env.update(env_extra)
-    done = subprocess.run(
-        [node, str(SCRIPT), egress.url + base, scenario],
-        cwd=NODE_DIR,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
-    shown = f"node {scenario} exited {done.returncode}\nstdout:\n{done.stdout}\nstderr:\n{done.stderr}"
-    print(shown)
-    assert done.returncode == 0 and done.stdout.strip(), shown
-    return orjson.loads(done.stdout.strip().splitlines()[-1])
+    return run_node_script(SCRIPT, [egress.url + base, scenario], env)
 
 
 def test_the_sdks_request_id_is_the_providers_on_a_translated_answer(surface, fake_provider):
