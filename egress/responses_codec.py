@@ -157,7 +157,7 @@ def responses_to_chat(body: dict, *, dropped: list[str] | None = None) -> tuple[
         if max_output.__class__ is not int or max_output < 1:
             raise _invalid("max_output_tokens must be a positive integer", "max_output_tokens")
         chat["max_completion_tokens"] = max_output
-    _tools(body, chat, refuse)
+    _tools(body, chat, refuse, warnings)
     _text(body.get("text"), chat, warnings)
     reasoning = body.get("reasoning")
     if reasoning is not None:
@@ -345,7 +345,7 @@ def _output(output: object, at: str) -> str | list:
     return _content(output, f"{at}.output", _output_part)
 
 
-def _tools(body: dict, chat: dict, refuse: _Refusals) -> None:
+def _tools(body: dict, chat: dict, refuse: _Refusals, warnings: list[str]) -> None:
     tools = body.get("tools")
     if tools is not None:
         if not isinstance(tools, list):
@@ -365,6 +365,16 @@ def _tools(body: dict, chat: dict, refuse: _Refusals) -> None:
                         refuse(f"{at}: only function tools translate, not {_kind(member)!r}", f"{at}.type", at)
                         continue
                     translated.append(_function_tool(member, at, f"{space}{_SEPARATOR}"))
+                continue
+            if kind == "web_search" and tool.get("external_web_access") is False:
+                # Codex's default (`web_search = "cached"`): a search of OpenAI's own index, with no
+                # live access to the web. Anthropic has no such search, and its live one would do
+                # what the caller turned off: left out, and said in a Warning. Refused, it made every
+                # Codex pointed at a Claude model fail until its config changed.
+                warnings.append(
+                    f"tools[{position}]: a web_search without external web access (a cached search) has no "
+                    "Anthropic equivalent and was left out"
+                )
                 continue
             if kind != "function":
                 # web_search, file_search, computer_use, mcp, custom, …: run by OpenAI itself.

@@ -31,9 +31,8 @@ def codex_home(root: Path, base_url: str, scenario: str) -> Path:
         f"""
 model = "claude-fake"
 model_provider = "egress"
-# Codex's web search runs at OpenAI: egress refuses that tool for a Claude model (400, never a
-# silent rewrite), so a Codex pointed at Claude through egress turns it off.
-web_search = "disabled"
+# Codex's default web search is its cached one (`external_web_access: false`): egress leaves it out
+# for a Claude model, with a Warning, so a Codex config needs nothing more than the provider.
 
 [model_providers.egress]
 name = "egress"

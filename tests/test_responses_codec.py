@@ -216,6 +216,27 @@ def test_store_and_include_are_accepted_verbosity_is_reported():
     assert warnings == ["text.verbosity has no Anthropic equivalent and was not applied"]
 
 
+def test_codexs_cached_web_search_is_left_out_with_a_warning_a_live_one_refused():
+    """Codex sends `{"type": "web_search", "external_web_access": false}` by default (its cached
+    search): refused, it made every Codex on a Claude model fail until its config changed. No
+    external access was asked for, so leaving it out does nothing the caller turned off; a live
+    search still has no translation and is refused, naming it."""
+    function = {"type": "function", "name": "f", "parameters": {"type": "object"}}
+    cached = {"type": "web_search", "external_web_access": False}
+    chat, warnings = translate({"model": "m", "input": "x", "tools": [function, cached], "tool_choice": "auto"})
+    assert [tool["name"] for tool in chat["tools"]] == ["f"]
+    assert warnings == [
+        "tools[1]: a web_search without external web access (a cached search) has no Anthropic equivalent "
+        "and was left out"
+    ]
+    alone, _ = translate({"model": "m", "input": "x", "tools": [cached]})
+    assert "tools" not in alone
+    for live in ({"type": "web_search"}, {"type": "web_search", "external_web_access": True}):
+        with pytest.raises(EgressError) as raised:
+            responses_to_chat({"model": "m", "input": "x", "tools": [function, live]})
+        assert (raised.value.code, raised.value.param) == ("unsupported_parameter", "tools[1].type")
+
+
 def test_drop_params_drops_what_cannot_be_honoured_and_names_it():
     web = {"type": "web_search_preview"}
     function = {"type": "function", "name": "f", "parameters": {"type": "object"}}
