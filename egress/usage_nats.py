@@ -20,6 +20,9 @@ or than the stream's `max_msg_size`: JetStream's err_code 10054), is never senda
 counted as dropped and logged (`usage_fact_refused`, at most one line per FAILURE_LOG_INTERVAL,
 with how many it held back), and the facts behind it go on. Retried, it was sent again after every
 reconnect and held every later fact back until the queue overflowed. It stays in the JSONL file.
+The server's `max_payload` counts the headers too, and nats-py checks the payload alone: a fact
+the headers push over it is refused here, before it is sent, since the server answers it by
+closing the connection (the facts before it on core NATS sent again, each time, for good).
 """
 
 from __future__ import annotations
@@ -50,6 +53,8 @@ _DROPPED = ("usage_facts_dropped", "nats")  # its key in the worker's tally
 # will never be stored, however often it is sent. Other refusals (a full stream, a missing one)
 # are the stream's state, and the fact waits for it to change.
 _TOO_LARGE = 10054
+# nats-py's header block around `key: value\r\n` lines: `NATS/1.0\r\n` before, a blank line after.
+_HEADER_FRAME = len(b"NATS/1.0\r\n\r\n")
 
 
 class UsagePublisher:
@@ -182,9 +187,17 @@ class UsagePublisher:
                     self._tally.values[self._dropped] += 1
                     log_event("usage_fact_unwritable", request_id=fact.get("request_id"), error=type(exc).__name__)
                     continue
-                sending.append(fact)
                 subject = f"{self._usage.nats_subject_prefix}.{fact['provider']}"
                 headers = {"Nats-Msg-Id": fact["request_id"]}
+                if js is not None:
+                    headers[api.Header.EXPECTED_STREAM] = self._usage.nats_stream  # as js.publish adds it
+                size = len(data) + _header_size(headers)
+                # The server's limit counts the headers, nats-py's check does not: past it, the server
+                # closes the connection (and a JetStream request's reply future leaks in nats-py).
+                if size > client.max_payload:
+                    self._refused(fact, size, f"larger than the server's max_payload ({client.max_payload} bytes)")
+                    continue
+                sending.append(fact)
                 # Each wait bounded here too: nats-py's own timeouts run from its write, and a
                 # connection closing under a write can leave that write waiting for good (seen under
                 # load: the publisher wedged, every later fact queued until counted dropped).
@@ -198,11 +211,11 @@ class UsagePublisher:
                         await asyncio.wait_for(publish, _ACK_TIMEOUT + 1.0)
                     else:
                         await asyncio.wait_for(client.publish(subject, data, headers=headers), _ACK_TIMEOUT)
-                except (MaxPayloadError, APIError) as exc:
+                except (MaxPayloadError, APIError) as exc:  # MaxPayloadError: the check above, in nats-py
                     if isinstance(exc, APIError) and exc.err_code != _TOO_LARGE:
                         raise
                     sending.pop()  # this fact, the last sent: the ones before it wait for their word
-                    self._refused(fact, len(data), exc)
+                    self._refused(fact, size, _describe(exc, self._usage.nats_subject_prefix))
             if js is None and sending:
                 # Written to a socket is not received: a broker killed now loses what it had not read.
                 await asyncio.wait_for(client.flush(timeout=_ACK_TIMEOUT), _ACK_TIMEOUT + 1.0)
@@ -215,7 +228,7 @@ class UsagePublisher:
         if self._reported is not None:
             self._recovered("usage_publisher_publishing")
 
-    def _refused(self, fact: dict[str, Any], size: int, exc: Exception) -> None:
+    def _refused(self, fact: dict[str, Any], size: int, reason: str) -> None:
         """A fact the broker will never take: counted as dropped, logged (throttled), passed over."""
         self._tally.values[self._dropped] += 1
         held = self._refusals.due(asyncio.get_running_loop().time())
@@ -224,7 +237,7 @@ class UsagePublisher:
                 "usage_fact_refused",
                 request_id=fact.get("request_id"),
                 bytes=size,
-                reason=_describe(exc, self._usage.nats_subject_prefix),
+                reason=reason,
                 held_back=held,
                 dropped_total=self.dropped,
             )
@@ -249,6 +262,11 @@ class UsagePublisher:
         give_up_at = loop.time() + timeout
         while self.queued and loop.time() < give_up_at:
             await asyncio.sleep(0.02)
+
+
+def _header_size(headers: dict[str, str]) -> int:
+    """The bytes nats-py frames these headers in, which the server counts against max_payload."""
+    return _HEADER_FRAME + sum(len(key) + len(value.encode()) + 4 for key, value in headers.items())
 
 
 def _describe(exc: BaseException, prefix: str) -> str:

@@ -7,14 +7,16 @@ import asyncio
 import selectors
 import signal
 import socket
+import subprocess
 import threading
 import time
 from pathlib import Path
 
 import orjson
+import pytest
 
 from tests.conftest import provider_config
-from tests.support import RawClient, request_bytes, wait_until, whole_lines
+from tests.support import NatsServer, RawClient, nats_server_binary, request_bytes, wait_until, whole_lines
 from tests.test_workers import statuses
 
 
@@ -305,3 +307,101 @@ def test_a_fact_the_stream_will_never_take_is_counted_and_passed_over(
     assert logged(egress, "usage_facts_lost") == []
     facts = [orjson.loads(line) for line in whole_lines((tmp_path / "usage.jsonl").read_bytes())]
     assert len(facts) == 4 and refused[0]["request_id"] == facts[1]["request_id"]  # the file keeps it
+
+
+SMALL_PAYLOAD = 2048
+
+
+class SmallPayloadNats(NatsServer):
+    """A nats-server (JetStream on) whose `max_payload` is SMALL_PAYLOAD: only a config file sets it."""
+
+    def start(self) -> SmallPayloadNats:
+        config = self.log.parent / "small-payload.conf"
+        config.write_text(f"max_payload: {SMALL_PAYLOAD}\n")
+        with open(self.log, "ab") as log:
+            command = [nats_server_binary(), "-c", str(config), "-js", "-a", "127.0.0.1", "-p", str(self.port)]
+            self.process = subprocess.Popen(
+                [*command, "-sd", str(self.store)],
+                stdout=log,
+                stderr=log,
+                stdin=subprocess.DEVNULL,
+            )
+        assert wait_until(self._accepting, timeout=10, interval=0.05), self.log.read_text()
+        return self
+
+
+@pytest.fixture
+def small_payload_nats(tmp_path):
+    server = SmallPayloadNats(tmp_path)
+    try:
+        yield server.start()
+    finally:
+        server.kill()
+
+
+def sized_fact(number: int, size: int) -> dict:
+    """A fact whose JSON is `size` bytes."""
+    fact = a_fact(number) | {"path": ""}
+    fact["path"] = "p" * (size - len(orjson.dumps(fact)))
+    assert len(orjson.dumps(fact)) == size
+    return fact
+
+
+@pytest.mark.parametrize("stream", [None, "BILLING"])
+def test_a_fact_its_headers_push_over_max_payload_is_refused_not_sent_forever(small_payload_nats, monkeypatch, stream):
+    """nats-py checks a message's payload against the server's `max_payload`, the server checks the
+    payload and the headers (`Nats-Msg-Id`, `Nats-Expected-Stream`): a fact a few bytes under the
+    limit passed the check, and the server closed the connection over it ("maximum payload
+    exceeded"). It was logged as `broker unreachable` and sent again after every reconnect, with the
+    facts before it in its batch (on core NATS, a copy each time), and every fact behind it waited.
+    Now it is counted as dropped, logged once, and the facts around it go out once each."""
+    import nats
+
+    from egress import usage_nats
+    from egress.config import NatsConfig, UsageConfig
+
+    events: list[dict] = []
+    monkeypatch.setattr(usage_nats, "log_event", lambda event, **fields: events.append({"event": event, **fields}))
+    url = small_payload_nats.url
+    facts = [
+        a_fact(0),
+        sized_fact(1, SMALL_PAYLOAD - 5),  # under the limit, the headers over it
+        a_fact(2),
+        sized_fact(3, SMALL_PAYLOAD + 1),  # over it alone: nats-py's MaxPayloadError
+        a_fact(4),
+    ]
+
+    async def main() -> tuple[list[str], usage_nats.UsagePublisher]:
+        reader = await nats.connect(url)
+        received: list[str] = []
+
+        async def receive(message) -> None:
+            received.append(message.headers["Nats-Msg-Id"])
+
+        await reader.subscribe("egress.usage.>", cb=receive)
+        await reader.flush()
+        usage = UsageConfig(nats_publish=True, nats_stream=stream)
+        publisher = usage_nats.UsagePublisher(usage, NatsConfig(url=url, max_reconnect_wait=0.3))
+        task = asyncio.create_task(publisher.run())
+        try:
+            publisher.enqueue(facts)
+            give_up_at = time.monotonic() + 5
+            while publisher.queued and time.monotonic() < give_up_at:
+                await asyncio.sleep(0.05)
+            await asyncio.sleep(0.5)  # a copy sent again would arrive by now
+            await reader.flush()
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            await reader.close()
+        return received, publisher
+
+    received, publisher = asyncio.run(main())
+    assert received == ["req-0", "req-2", "req-4"], events
+    assert (publisher.queued, publisher.published, publisher.dropped) == (0, 3, 2)
+    assert [event["event"] for event in events] == ["usage_publisher_connected", "usage_fact_refused"], events
+    refused = events[1]
+    assert refused["request_id"] == "req-1" and refused["bytes"] > SMALL_PAYLOAD, refused
+    assert refused["reason"] == f"larger than the server's max_payload ({SMALL_PAYLOAD} bytes)"
+    if stream is not None:
+        assert stream_messages(url, stream) == 3
