@@ -61,6 +61,7 @@ import json
 import re
 import zlib
 from dataclasses import dataclass
+from urllib.parse import unquote_to_bytes
 
 import orjson
 
@@ -132,11 +133,21 @@ READ_BACK = frozenset((RESPONSES, BATCH, ANTHROPIC_BATCH_RESULTS))
 _BATCH_DONE = frozenset(("completed", "failed", "expired", "cancelled"))
 
 
+def _as_routed(path: bytes) -> bytes:
+    """The path as a provider routes it: a %-escaped byte decoded (`/results` may come as
+    `/result%73`, `/batches` as `/batche%73`), as servers decode a path before routing it. A form
+    the provider does not route that way fails there, and a failed answer is not metered: reading
+    the path as the provider may is the safe side. `%2f` never gets here (providers.py refuses it).
+    Cached on the Route: once per path, not per request."""
+    return unquote_to_bytes(path) if b"%" in path else path
+
+
 def api_of(path: bytes, dialect: str) -> str:
     """The API a response body speaks, from the request path; the provider's dialect otherwise."""
+    path = _as_routed(path)
     if b"/messages" in path:
         if b"/messages/batches" in path:
-            return ANTHROPIC_BATCH_RESULTS if path.endswith(b"/results") else ANTHROPIC_BATCH
+            return ANTHROPIC_BATCH_RESULTS if path.rstrip(b"/").endswith(b"/results") else ANTHROPIC_BATCH
         return ANTHROPIC
     if b"/responses" in path:
         return RESPONSES
@@ -148,8 +159,10 @@ def api_of(path: bytes, dialect: str) -> str:
 
 
 def batch_id_of(path: bytes) -> str | None:
-    """The batch a `/v1/messages/batches/{id}/results` path names: its results don't say."""
-    rest = path.partition(b"/messages/batches/")[2]
+    """The batch a `/v1/messages/batches/{id}/results` path names: its results don't say. As the
+    provider reads it (`msgbatch_%31` is `msgbatch_1`): the id the batch object gave its POST and
+    GETs, which the report bills once."""
+    rest = _as_routed(path).partition(b"/messages/batches/")[2]
     batch_id = rest.split(b"/", 1)[0][:200].decode("latin-1")
     return batch_id or None
 
@@ -467,6 +480,17 @@ class UsageMeter:
 # A batch result line longer than this is not read (its request's tokens are then missing from
 # the sum, and the fact says so): the longest Message a request can produce is far shorter.
 _MAX_RESULT_LINE = 8 << 20
+# A compressed results body is decoded this much at a time, the rest of a read left in zlib's
+# `unconsumed_tail` for the next step: memory stays bounded whatever the ratio.
+_RESULTS_STEP = 1 << 20
+# A batch's results are not one JSON document held whole but lines read as they pass, so
+# _MAX_DECODED (64 MiB, a body's bound) would cut a real one short: a batch holds up to 100,000
+# requests (https://docs.anthropic.com/en/docs/build-with-claude/batch-processing), a few KiB of
+# JSONL each, and one whose output is long runs to gigabytes. Gzip gives no way to tell a bomb from
+# a body (a degenerate answer repeated compresses 300 to 1; deflate's most is 1032), so the bound
+# is on the work: past 4 GiB decoded (seconds of CPU, spread over the reads) the reading stops, and
+# the fact is partial with the requests read so far.
+_MAX_RESULTS_DECODED = 4 << 30
 # The Usage fields a batch's results add up, request by request.
 _SUMMED = (
     "input_tokens",
@@ -489,10 +513,13 @@ class BatchResultsMeter(UsageMeter):
     The fact bills the whole batch; every read of the results repeats it, so it carries the batch's
     id and the report bills one complete read per id. A read cut short is `partial` (the requests
     read so far), and a line that can't be read (not JSON, or over _MAX_RESULT_LINE) makes it
-    `partial` too, with the reason, its request's tokens left out. `model` is the batch's when every
-    request names the same one, else null (billing by model needs a fact per model)."""
+    `partial` too, with the reason, its request's tokens left out; so does a compressed body that
+    can't be decoded to its end (`content_encoding`, or `too_large` past _MAX_RESULTS_DECODED), or
+    `unparseable` when not one line was read. Every such fact keeps the batch's id: a gap in the bill
+    is one the facts name. `model` is the batch's when every request names the same one, else null
+    (billing by model needs a fact per model). Memory is bounded: a line, a decoding step, a model."""
 
-    __slots__ = ("_bad", "_batch_id", "_lines", "_models", "_skipping", "_sum")
+    __slots__ = ("_bad", "_batch_id", "_lines", "_mixed", "_model", "_skipping", "_sum")
 
     def __init__(self, batch_id: str | None) -> None:
         super().__init__()
@@ -505,7 +532,8 @@ class BatchResultsMeter(UsageMeter):
         self._carry = bytearray()
         self._usage = Usage()
         self._sum = Usage()
-        self._models: set[str] = set()
+        self._model: str | None = None  # the model every Message read so far named
+        self._mixed = False  # two Messages named different models
         self._lines = 0  # result lines read
         self._bad: str | None = None  # why a line went unread, if one did
         self._skipping = False  # inside a line over _MAX_RESULT_LINE, until its newline
@@ -514,10 +542,39 @@ class BatchResultsMeter(UsageMeter):
             self._decode_as(content_encoding)
 
     def feed(self, chunk: bytes) -> None:
-        if self._decoder is not None:
-            chunk = self._decode(chunk)
-            if not chunk:
+        decoder = self._decoder
+        if decoder is None:
+            self._feed_lines(chunk)
+            return
+        if decoder is _IGNORE:
+            return
+        if self._decoded == 0 and len(self._coded_head) < _MAX_CODED_HEAD:
+            self._coded_head += chunk  # what to feed again if this turns out to be raw deflate
+        try:
+            data = decoder.decompress(chunk, _RESULTS_STEP)
+            while True:
+                if data:
+                    self._feed_lines(data)
+                    self._decoded += len(data)
+                    if self._decoded > _MAX_RESULTS_DECODED:  # one step past it at most
+                        self._fail(UNPARSEABLE, "too_large")
+                        self._decoder = _IGNORE
+                        return
+                tail = decoder.unconsumed_tail
+                if not tail:
+                    return
+                data = decoder.decompress(tail, _RESULTS_STEP)
+        except zlib.error:
+            if self._decoded:
+                self._fail(UNPARSEABLE, "content_encoding")
+                self._decoder = _IGNORE
                 return
+        # Not zlib nor gzip from its first bytes: raw deflate, as some servers send `deflate`.
+        data = self._retry_raw_deflate()
+        if data:
+            self._feed_lines(data)
+
+    def _feed_lines(self, chunk: bytes) -> None:
         carry = self._carry
         start = 0
         newline = chunk.find(b"\n")
@@ -562,8 +619,12 @@ class BatchResultsMeter(UsageMeter):
             return
         one = Usage()
         reduce_usage(one, {}, message, ANTHROPIC)
-        if one.model is not None:
-            self._models.add(one.model)
+        if one.model is not None and not self._mixed:
+            if self._model is None:
+                self._model = one.model
+            elif one.model != self._model:
+                self._mixed = True  # one flag, not a set: 100,000 models named would be held
+                self._model = None
         total = self._sum
         for name in _SUMMED:
             value = getattr(one, name)
@@ -572,19 +633,21 @@ class BatchResultsMeter(UsageMeter):
                 setattr(total, name, value if before is None else before + value)
 
     def result(self, complete: bool) -> Usage:
-        usage = self._usage
-        if self._decoder is not None:
-            if self._decoder is _IGNORE:
-                return usage
-            if complete and not self._decoder.eof:
-                return self._fail(UNPARSEABLE, "content_encoding")
-        if self._carry and not self._skipping and complete:
+        failed = None  # why the body could not be decoded to its end
+        decoder = self._decoder
+        if decoder is _IGNORE:
+            failed = self._usage.reason  # content_encoding, too_large
+        elif decoder is not None and complete and not decoder.eof:
+            failed = "content_encoding"  # a compressed body that never ended
+        if self._carry and not self._skipping and complete and failed is None:
             self._line(bytes(self._carry))  # a last line without its newline
         total = self._sum
         total.response_id = self._batch_id
         total.batch = self._batch_id is not None
-        total.model = next(iter(self._models)) if len(self._models) == 1 else None
-        if not complete:
+        total.model = self._model
+        if failed is not None:
+            total.state, total.reason = (PARTIAL if self._lines else UNPARSEABLE), failed
+        elif not complete:
             total.state, total.reason = PARTIAL, "cut"
         elif self._bad is not None:
             total.state, total.reason = PARTIAL, self._bad
@@ -640,7 +703,10 @@ def reduce_usage(usage: Usage, raw: dict[str, int], document: dict, api: str) ->
         if batch_id.__class__ is str:
             usage.response_id = batch_id[:200]
             usage.batch = True
-        if api == ANTHROPIC_BATCH or document.get("status") not in _BATCH_DONE:
+        status = document.get("status")
+        # A status that is not a string is no state of a batch: not done (and never hashed: a list
+        # in a frozenset raised, and the fact was lost).
+        if api == ANTHROPIC_BATCH or status.__class__ is not str or status not in _BATCH_DONE:
             usage.reason = "batch"  # queued or running: the tokens come later
             return
     model = document.get("model")

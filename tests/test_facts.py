@@ -1119,3 +1119,36 @@ def test_an_anthropic_batch_is_billed_once_from_its_results(scripted_metered):
     assert report.returncode == 0, report.stderr
     totals = orjson.loads(report.stdout)["anthropic"]
     assert (totals["requests"], totals["input_tokens"], totals["output_tokens"]) == (4, 21, 70), totals
+
+
+def test_an_anthropic_batchs_results_are_billed_however_their_path_is_spelled(scripted_metered):
+    """The results path as the provider routes it: `result%73` is `results` to a server that decodes
+    the path (most do), `msgbatch_%31` is `msgbatch_1`, and the unified surface's drop-in route
+    reaches the same results. Before, `result%73` was read as a batch object's GET: not metered, no
+    batch id, the batch's tokens never billed; and `msgbatch_%31` made a second id, billed again."""
+    line = orjson.dumps({"custom_id": "a", "result": {"type": "succeeded", "message": {
+        "id": "msg_a", "type": "message", "role": "assistant", "model": "claude-sonnet-4-5",
+        "content": [{"type": "text", "text": "Hi"}], "stop_reason": "end_turn", "stop_sequence": None,
+        "usage": {"input_tokens": 11, "output_tokens": 36}}}}) + b"\n"  # fmt: skip
+    results = b"HTTP/1.1 200 OK\r\ncontent-type: application/binary\r\ncontent-length: %d\r\n\r\n" % len(line)
+    targets = [
+        "/anthropic/v1/messages/batches/msgbatch_1/results",
+        "/anthropic/v1/messages/batches/msgbatch_1/result%73",
+        "/anthropic/v1/messages/batches/msgbatch_%31/results?beta=true",
+        "/v1/messages/batches/msgbatch_1/results",  # the drop-in default route
+    ]
+    egress, _ = scripted_metered([results + line] * len(targets), provider="anthropic")
+    headers = {"x-api-key": "sk-ant-test", "anthropic-version": "2023-06-01"}
+    with RawClient(egress.port) as client:
+        for target in targets:
+            client.send(request_bytes("GET", target, headers))
+            response = client.read_response()
+            assert (response.status, response.body) == (200, line)
+    facts = facts_of(egress, len(targets))
+    assert [(f["usage"], f["input_tokens"], f["output_tokens"], f["batch_id"]) for f in facts] == [
+        ("complete", 11, 36, "msgbatch_1")
+    ] * len(targets)
+    report = run_egress_cli("usage", "report", "--config", str(egress.config_path), "--json")
+    assert report.returncode == 0, report.stderr
+    totals = orjson.loads(report.stdout)["anthropic"]
+    assert (totals["requests"], totals["input_tokens"], totals["output_tokens"]) == (4, 11, 36), totals

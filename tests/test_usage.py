@@ -677,3 +677,107 @@ def test_batch_paths_name_their_api():
     assert api_of(b"/v1/messages", "anthropic") == "anthropic"
     assert batch_id_of(b"/v1/messages/batches/msgbatch_1/results") == "msgbatch_1"
     assert batch_id_of(b"/v1/messages/batches//results") is None
+
+
+def test_a_compressed_batchs_results_are_read_past_a_json_bodys_bound(monkeypatch):
+    """A results body is read line by line, never held: a JSON body's decoded bound (_MAX_DECODED,
+    64 MiB) cut a real one short. A batch of 100,000 requests runs past it; its gzip read was
+    `unparseable`, with no batch id, and the proxy then called it a read back, `not_metered`: never
+    billed. Decoded a step at a time, memory bounded however well it compresses."""
+    import egress.usage as usage_module
+
+    monkeypatch.setattr(usage_module, "_MAX_DECODED", 4096)
+    body = RESULTS * 40  # 29 KiB decoded: past the bound, as 64 MiB is past the real one
+    expected = _summed(batch_results([body]))
+    assert expected[:2] == (COMPLETE, None) and expected[3] == 170 * 40
+    coded = gzip_bytes(body)
+    for size in (len(coded), 1000, 7):
+        assert _summed(batch_results([coded[i : i + size] for i in range(0, len(coded), size)], coding=b"gzip")) == (
+            expected
+        )
+    monkeypatch.setattr(usage_module, "_RESULTS_STEP", 100)  # a read's output left in zlib's tail, a step at a time
+    assert _summed(batch_results([coded], coding=b"gzip")) == expected
+
+
+def test_a_batchs_results_that_cannot_be_decoded_say_why_and_keep_the_batch_id(monkeypatch):
+    """Before, each of these lost the batch id (the fact became `not_metered`, the gap unnamed) and
+    the requests read so far."""
+    import egress.usage as usage_module
+
+    coded = gzip_bytes(RESULTS)
+    unended = batch_results([coded[:-8]], coding=b"gzip")  # the framing ended, the gzip stream did not
+    assert _summed(unended) == (PARTIAL, "content_encoding", *_summed(batch_results([RESULTS]))[2:])
+    cut = batch_results([coded[:-8]], complete=False, coding=b"gzip")
+    assert (cut.state, cut.reason, cut.input_tokens, cut.response_id) == (PARTIAL, "cut", 170, "msgbatch_01")
+    garbage = batch_results([b"\x1f\x8b\x08\x00garbage-not-gzip" * 4], coding=b"gzip")
+    assert (garbage.state, garbage.reason, garbage.input_tokens, garbage.batch) == (
+        UNPARSEABLE, "content_encoding", None, True,
+    )  # fmt: skip
+    unknown = batch_results([b"\x28\xb5\x2f\xfd" + b"x" * 30], coding=b"zstd")
+    assert (unknown.state, unknown.reason, unknown.response_id) == (UNPARSEABLE, "content_encoding", "msgbatch_01")
+    raw = batch_results([zlib_raw_deflate(RESULTS)], coding=b"deflate")  # `deflate` sent without its zlib header
+    assert _summed(raw) == _summed(batch_results([RESULTS]))
+    monkeypatch.setattr(usage_module, "_MAX_RESULTS_DECODED", len(RESULTS))  # a bomb's bound
+    monkeypatch.setattr(usage_module, "_RESULTS_STEP", 256)  # passed by one step at most: not a line more
+    bomb = batch_results([gzip_bytes(RESULTS * 3)], coding=b"gzip")
+    assert (bomb.state, bomb.reason, bomb.input_tokens, bomb.response_id) == (PARTIAL, "too_large", 170, "msgbatch_01")
+
+
+def zlib_raw_deflate(data: bytes) -> bytes:
+    import zlib
+
+    coder = zlib.compressobj(wbits=-15)
+    return coder.compress(data) + coder.flush()
+
+
+def test_a_batchs_results_naming_many_models_hold_none_of_them():
+    """`model` is the batch's when every request names one, else null: told by a flag, not a set of
+    every model named, which held each of 100,000 lines' model (memory without bound)."""
+    import tracemalloc
+
+    body = b"".join(_result_line(str(n), model="m" * 150 + str(n)) for n in range(20_000))
+    tracemalloc.start()
+    try:
+        results_meter = __import__("egress.usage", fromlist=["BatchResultsMeter"]).BatchResultsMeter("msgbatch_01")
+        results_meter.start("anthropic_batch_results", b"application/binary")
+        before = tracemalloc.get_traced_memory()[0]
+        for start in range(0, len(body), 65536):
+            results_meter.feed(body[start : start + 65536])
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert held < 256 << 10, held
+    usage = results_meter.result(True)
+    assert (usage.state, usage.model, usage.input_tokens) == (COMPLETE, None, 200_000)
+
+
+def test_a_batch_objects_status_of_any_json_type_never_raises():
+    """`status` looked up in a frozenset: a list or an object there raised TypeError (unhashable),
+    out of the log phase, and the fact was lost. Not a string, it is no state of a batch: not done."""
+    for status in ([], {"done": True}, None, 3):
+        body = orjson.dumps({"id": "batch_1", "object": "batch", "status": status, "usage": {"input_tokens": 5}})
+        usage = meter("batch", [body], b"application/json")
+        assert (usage.state, usage.reason, usage.input_tokens, usage.batch) == (MISSING, "batch", None, True)
+
+
+@pytest.mark.parametrize(
+    ("path", "api", "batch_id"),
+    [
+        (b"/v1/messages/batches/msgbatch_1/result%73", "anthropic_batch_results", "msgbatch_1"),
+        (b"/v1/messages/batches/msgbatch_%31/results", "anthropic_batch_results", "msgbatch_1"),
+        (b"/v1/messages/batches/msgbatch_1/results/", "anthropic_batch_results", "msgbatch_1"),
+        (b"/v1/%6Dessages/batches/msgbatch_1/results", "anthropic_batch_results", "msgbatch_1"),
+        (b"/v1/messages/batches/msgbatch_1/cancel", "anthropic_batch", "msgbatch_1"),
+        (b"/v1/batche%73/batch_1", "batch", None),
+        (b"/v1/batches/batch_1/", "batch", None),
+        (b"/v1/vector_stores/vs_1/file_batches/vsfb_1", "openai", None),  # not a Batch API object
+    ],
+)
+def test_batch_paths_are_read_as_the_provider_routes_them(path, api, batch_id):
+    """A server that decodes %-escapes before routing (most do) serves these as the plain paths:
+    read otherwise, a batch's results went unmetered, or one batch was billed under two ids."""
+    from egress.usage import api_of, batch_id_of
+
+    assert api_of(path, "openai") == api
+    if api.startswith("anthropic"):
+        assert batch_id_of(path) == batch_id
