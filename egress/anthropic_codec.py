@@ -123,7 +123,7 @@ _CONSUMED = frozenset({"model", "stream_options"})
 # Translated below, one step each. `top_k` is Anthropic's own sampling field, sent as given.
 _MAPPED = frozenset(("messages", "max_tokens", "max_completion_tokens", "stop", "temperature", "top_p", "top_k"))
 _MAPPED |= {"user", "safety_identifier", "reasoning_effort", "response_format", "stream"}
-_MAPPED |= {"tools", "tool_choice", "parallel_tool_calls"}
+_MAPPED |= {"tools", "tool_choice", "parallel_tool_calls", "web_search_options"}
 
 
 def _invalid(message: str, param: str | None = None) -> EgressError:
@@ -290,6 +290,9 @@ def _tools(body: dict, out: dict, *, thinking: bool, refuse: _Refusals) -> None:
     raw_choice = body.get("tool_choice")
     if isinstance(raw_choice, dict) and raw_choice.get("type") == "allowed_tools":
         tools, raw_choice = _allowed_tools(raw_choice.get("allowed_tools"), tools)
+    search = body.get("web_search_options")
+    if search is not None:
+        tools.append(web_search_tool(search, refuse))
     choice = _tool_choice(raw_choice, tools)
     if choice is not None and choice["type"] in ("any", "tool") and thinking:
         # "Tool use with thinking only supports tool_choice auto or none" (extended-thinking docs).
@@ -342,6 +345,68 @@ def _tools(body: dict, out: dict, *, thinking: bool, refuse: _Refusals) -> None:
                 choice["disable_parallel_tool_use"] = True
         if choice is not None:
             out["tool_choice"] = choice
+
+
+# OpenAI's search_context_size as Anthropic's max_uses (searches a request may run), as LiteLLM
+# maps it (litellm/llms/anthropic/chat/transformation.py, map_web_search_tool).
+_SEARCH_USES = {"low": 1, "medium": 5, "high": 10}
+_PLACE = ("city", "region", "country", "timezone")
+WEB_SEARCH = "web_search"  # the server tool's name, in its server_tool_use blocks too
+
+
+def web_search_tool(options: object, refuse: Callable[[str, str], None]) -> dict:
+    """Chat Completions' `web_search_options` as Anthropic's web search server tool
+    (https://docs.anthropic.com/en/docs/agents-and-tools/tool-use/web-search-tool): the search runs
+    at Anthropic, billed per search (usage.server_tool_use.web_search_requests), and the text built
+    on it carries citations, which the answer gives back as `url_citation` annotations. Also the
+    Responses API's `web_search` tool, whose `filters.allowed_domains` rides along here."""
+    if not isinstance(options, dict):
+        raise _invalid("web_search_options must be an object", "web_search_options")
+    tool: dict = {"type": "web_search_20250305", "name": WEB_SEARCH}
+    size = options.get("search_context_size")
+    if size is not None:
+        if size.__class__ is not str or size not in _SEARCH_USES:
+            param = "web_search_options.search_context_size"
+            raise _invalid("search_context_size must be low, medium or high", param)
+        tool["max_uses"] = _SEARCH_USES[size]
+    location = options.get("user_location")
+    if location is not None:
+        approximate = location.get("approximate") if isinstance(location, dict) else None
+        if not isinstance(approximate, dict):
+            raise _invalid("user_location.approximate must be an object", "web_search_options.user_location")
+        place = {"type": "approximate"}
+        for name in _PLACE:
+            value = approximate.get(name)
+            if value is not None:
+                if not isinstance(value, str):
+                    raise _invalid(
+                        f"user_location.approximate.{name} must be a string", "web_search_options.user_location"
+                    )
+                place[name] = value
+        tool["user_location"] = place
+    filters = options.get("filters")
+    if filters is not None:
+        domains = filters.get("allowed_domains") if isinstance(filters, dict) else None
+        if not isinstance(domains, list) or not all(isinstance(domain, str) and domain for domain in domains):
+            raise _invalid("filters.allowed_domains must be a list of domains", "web_search_options.filters")
+        if domains:
+            tool["allowed_domains"] = domains
+    for name in options:
+        if name not in ("search_context_size", "user_location", "filters"):
+            refuse(f"web_search_options.{name}", "Anthropic's web search has no equivalent")
+    return tool
+
+
+def web_citations(block: dict) -> list[tuple[str, str]]:
+    """The (url, title) of each web search result a text block cites (`web_search_result_location`)."""
+    found = []
+    for citation in block.get("citations") or ():
+        if isinstance(citation, dict) and citation.get("type") == "web_search_result_location":
+            url = citation.get("url")
+            if isinstance(url, str):
+                title = citation.get("title")
+                found.append((url, title if isinstance(title, str) else ""))
+    return found
 
 
 def _tool(tool: dict, position: int) -> dict:
@@ -733,10 +798,17 @@ def message_to_chat(message: dict, *, model: str, created: int) -> dict:
     reasoning: list[str] = []
     thinking_blocks: list[dict] = []
     tool_calls = []
+    annotations = []
+    length = 0  # of the text so far: where a cited block starts
     for block in message.get("content") or ():
         kind = block.get("type") if isinstance(block, dict) else None
         if kind == "text":
-            text.append(block.get("text") or "")
+            piece = block.get("text") or ""
+            for url, title in web_citations(block):
+                place = {"start_index": length, "end_index": length + len(piece), "url": url, "title": title}
+                annotations.append({"type": "url_citation", "url_citation": place})
+            length += len(piece)
+            text.append(piece)
         elif kind == "thinking":
             reasoning.append(block.get("thinking") or "")
             signed = {"type": kind, "thinking": block.get("thinking"), "signature": block.get("signature")}
@@ -747,11 +819,15 @@ def message_to_chat(message: dict, *, model: str, created: int) -> dict:
             arguments = orjson.dumps(block.get("input") or {}).decode()
             if block.get("name") == JSON_TOOL:
                 text.append(arguments)
+                length += len(arguments)
             else:
                 function = {"name": block.get("name"), "arguments": arguments}
                 tool_calls.append({"id": block.get("id"), "type": "function", "function": function})
-        # server_tool_use and server tool results: nothing the client can use.
+        # server_tool_use and server tool results: nothing a chat client has a place for; the
+        # text built on a web search cites it (annotations).
     reply: dict = {"role": "assistant", "content": "".join(text) if text else None}
+    if annotations:
+        reply["annotations"] = annotations
     if tool_calls:
         reply["tool_calls"] = tool_calls
     if reasoning:

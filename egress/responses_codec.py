@@ -52,10 +52,12 @@ import orjson
 from egress.anthropic_codec import (
     JSON_TOOL,
     THINKING_BUDGETS,
+    WEB_SEARCH,
     AnthropicEvents,
     _openai_error,
     _thinking_tokens,
     message_id,
+    web_citations,
 )
 from egress.errors import EgressError
 from egress.usage import ANTHROPIC, Usage, reduce_usage
@@ -259,6 +261,10 @@ def _input(items: object, warnings: list[str]) -> list[dict]:
                 assistant = None  # thinking opens a turn (a new Anthropic message keeps the order)
                 current = turn()
             current.setdefault("thinking_blocks", []).extend(blocks)
+        elif kind == "web_search_call":
+            # A search run earlier in the conversation: its results (Anthropic's encrypted content)
+            # are not in the item, so it can't be sent back; the answer built on it still is.
+            warnings.append(f"{at}: a web_search_call can't be sent back to Anthropic and was left out")
         elif kind == "item_reference":
             raise _invalid(f"{at}: item_reference is not supported: egress keeps no items; send the item itself", at)
         else:
@@ -345,6 +351,32 @@ def _output(output: object, at: str) -> str | list:
     return _content(output, f"{at}.output", _output_part)
 
 
+# The Responses API's web search tool, by each name it has had (openai-python types/responses/
+# web_search_tool.py, web_search_preview_tool.py): Anthropic's web search server tool, through chat's
+# web_search_options (anthropic_codec.web_search_tool).
+_WEB_SEARCH_TOOLS = frozenset(
+    ("web_search", "web_search_2025_08_26", "web_search_preview", "web_search_preview_2025_03_11")
+)
+
+
+def _web_search_options(tool: dict, at: str, refuse: _Refusals) -> dict:
+    options: dict = {}
+    for name, value in tool.items():
+        if name in ("type", "external_web_access") or value is None:
+            continue
+        if name in ("search_context_size", "filters"):
+            options[name] = value
+        elif name == "user_location":
+            if not isinstance(value, dict):
+                raise _invalid(f"{at}.user_location must be an object", f"{at}.user_location")
+            # The Responses tool's location is flat; chat's nests it under `approximate`.
+            place = {key: value[key] for key in ("city", "region", "country", "timezone") if key in value}
+            options[name] = {"type": "approximate", "approximate": place}
+        else:
+            refuse(f"{at}.{name} has no Anthropic equivalent", f"{at}.{name}")
+    return options
+
+
 def _tools(body: dict, chat: dict, refuse: _Refusals, warnings: list[str]) -> None:
     tools = body.get("tools")
     if tools is not None:
@@ -375,6 +407,11 @@ def _tools(body: dict, chat: dict, refuse: _Refusals, warnings: list[str]) -> No
                     f"tools[{position}]: a web_search without external web access (a cached search) has no "
                     "Anthropic equivalent and was left out"
                 )
+                continue
+            if kind in _WEB_SEARCH_TOOLS:
+                if "web_search_options" in chat:
+                    raise _invalid(f"tools[{position}]: one web_search tool at most", f"tools[{position}]")
+                chat["web_search_options"] = _web_search_options(tool, f"tools[{position}]", refuse)
                 continue
             if kind != "function":
                 # web_search, file_search, computer_use, mcp, custom, …: run by OpenAI itself.
@@ -575,11 +612,47 @@ def _finished(shell: dict, upstream_id: str, output: list, stop_reason: object, 
     return response
 
 
-def _message_item(item_id: str, text: str, status: str = "completed") -> dict:
+def _message_item(item_id: str, text: str, status: str = "completed", annotations: list | None = None) -> dict:
     content = (
-        [{"type": "output_text", "text": text, "annotations": [], "logprobs": []}] if status != "in_progress" else []
+        [{"type": "output_text", "text": text, "annotations": annotations or [], "logprobs": []}]
+        if status != "in_progress"
+        else []
     )
     return {"id": item_id, "type": "message", "status": status, "role": "assistant", "content": content}
+
+
+def _url_annotations(citations: list[tuple[str, str]], text: str) -> list[dict]:
+    """A text block's web citations as the Responses API's url_citation annotations: Anthropic cites
+    for a whole block, and each block is an item of its own, so each spans the item's text."""
+    end = len(text)
+    return [
+        {"type": "url_citation", "start_index": 0, "end_index": end, "url": url, "title": title}
+        for url, title in citations
+    ]
+
+
+def _search_item(item_id: str, search: dict, status: str) -> dict:
+    """A web search Anthropic ran (its server_tool_use block, `query` in its input) as a
+    `web_search_call` item, with the pages its web_search_tool_result found (`sources`)."""
+    action: dict = {"type": "search", "query": search.get("query")}
+    if search.get("sources"):
+        action["sources"] = [{"type": "url", "url": url} for url in search["sources"]]
+    return {"id": item_id, "type": "web_search_call", "status": status, "action": action}
+
+
+def _search_found(block: dict) -> tuple[list[str], str]:
+    """A web_search_tool_result's page urls, and the search's status: a result carrying an error
+    (`web_search_tool_result_error`: too many requests, max uses, …) instead of a list failed."""
+    content = block.get("content")
+    if not isinstance(content, list):
+        return [], "failed"
+    urls = [page["url"] for page in content if isinstance(page, dict) and isinstance(page.get("url"), str)]
+    return urls, "completed"
+
+
+def _query(block_input: object) -> str | None:
+    query = block_input.get("query") if isinstance(block_input, dict) else None
+    return query if isinstance(query, str) else None
 
 
 def _call_item(
@@ -614,11 +687,14 @@ def message_to_response(message: dict, shell: dict, names: dict | None = None) -
     output = []
     blocks = message.get("content") or ()
     last = None  # the item the last block made, if it made one: where generation stopped
+    searches: dict[object, dict] = {}  # a web search's server_tool_use id -> its item, till its result
     for index, block in enumerate(blocks):
         last = None
         kind = block.get("type") if isinstance(block, dict) else None
         if kind == "text":
-            last = _message_item(mint_id("msg", upstream_id, index), block.get("text") or "")
+            text = block.get("text") or ""
+            annotations = _url_annotations(web_citations(block), text)
+            last = _message_item(mint_id("msg", upstream_id, index), text, annotations=annotations)
             output.append(last)
         elif kind == "tool_use":
             arguments = orjson.dumps(block.get("input") or {}).decode()
@@ -631,7 +707,19 @@ def message_to_response(message: dict, shell: dict, names: dict | None = None) -
         elif kind in ("thinking", "redacted_thinking"):
             summary = block.get("thinking") if kind == "thinking" else None
             output.append(_reasoning_item(mint_id("rs", upstream_id, index), block, summary))
-        # server tools' blocks: nothing a Responses client of function tools has a place for.
+        elif kind == "server_tool_use" and block.get("name") == WEB_SEARCH:
+            # Without its result (the answer cut at max_tokens right after it), incomplete.
+            item = _search_item(mint_id("ws", upstream_id, index), {"query": _query(block.get("input"))}, "incomplete")
+            searches[block.get("id")] = item
+            output.append(item)
+        elif kind == "web_search_tool_result":
+            item = searches.pop(block.get("tool_use_id"), None)
+            if item is not None:
+                sources, item["status"] = _search_found(block)
+                item.update(
+                    _search_item(item["id"], {"query": item["action"]["query"], "sources": sources}, item["status"])
+                )
+        # Other server tools' blocks: nothing a Responses client of function tools has a place for.
     if last is not None:
         last["status"] = _item_status(message.get("stop_reason"))
     usage = Usage()
@@ -684,6 +772,7 @@ class ResponsesTranscoder(AnthropicEvents):
         "_held",
         "_names",
         "_raw_usage",
+        "_searching",
         "_sequence",
         "_shell",
         "_stop_reason",
@@ -700,6 +789,8 @@ class ResponsesTranscoder(AnthropicEvents):
         self._sequence = 0
         self._blocks: dict[object, _Item] = {}
         self._done: list[dict] = []  # items done, in output_index order
+        # Web searches whose server_tool_use block ended, by its id: done when their result comes.
+        self._searching: dict[object, _Item] = {}
         # The last block stopped, its item's done held until the stop reason says whether
         # generation ended inside it (max_tokens stops a block like any other: content_block_stop,
         # then message_delta with the reason). A next block's start releases it, completed.
@@ -748,10 +839,12 @@ class ResponsesTranscoder(AnthropicEvents):
             return
         self._release("completed", out)  # generation went on past it
         kind = block.get("type")
-        position = len(self._done) + len(self._blocks)
+        position = len(self._done) + len(self._blocks) + len(self._searching)
         upstream = self._upstream_id
         if kind == "text" or (kind == "tool_use" and block.get("name") == JSON_TOOL):
             item = _Item(position, mint_id("msg", upstream, index), "message")
+            if isinstance(block.get("citations"), list) and block["citations"]:
+                item.block = {"citations": list(block["citations"])}  # cited at its start (citations_delta: later)
             self._blocks[index] = item
             self._emit(
                 "response.output_item.added",
@@ -785,7 +878,20 @@ class ResponsesTranscoder(AnthropicEvents):
                     self._thinking(item, block["thinking"], out)
                 if block.get("signature"):
                     item.block["signature"] = block["signature"]
-        # server_tool_use, web_search_tool_result, …: not output items a function-tool client knows.
+        elif kind == "server_tool_use" and block.get("name") == WEB_SEARCH:
+            item = _Item(position, mint_id("ws", upstream, index), "web_search_call")
+            item.call_id = block.get("id")
+            item.block = {"query": _query(block.get("input"))}
+            self._blocks[index] = item
+            added = {"id": item.id, "type": "web_search_call", "status": "in_progress"}  # as OpenAI's stream has it
+            self._emit("response.output_item.added", {"output_index": position, "item": added}, out)
+            self._emit("response.web_search_call.in_progress", self._at(item), out)
+        elif kind == "web_search_tool_result":
+            item = self._searching.pop(block.get("tool_use_id"), None)
+            if item is not None:
+                item.block["sources"], status = _search_found(block)
+                self._close(item, out, status)
+        # Other server tools' blocks: not output items a function-tool client knows.
 
     def _at(self, item: _Item, **fields) -> dict:
         return {"item_id": item.id, "output_index": item.output_index, **fields}
@@ -820,6 +926,13 @@ class ResponsesTranscoder(AnthropicEvents):
                 self._arguments(item, delta["partial_json"], out)
             elif item.kind == "message":
                 self._output_text(item, delta["partial_json"], out)  # JSON mode: the tool input is the answer
+            elif item.kind == "web_search_call":
+                item.parts.append(delta["partial_json"])  # the search's input: its query
+        elif kind == "citations_delta" and item.kind == "message":
+            # Cited before its text comes: annotated once the text is whole (the span is the block's).
+            if item.block is None:
+                item.block = {"citations": []}
+            item.block["citations"].append(delta.get("citation"))
         elif kind == "thinking_delta" and item.kind == "reasoning":
             if delta.get("thinking"):
                 self._thinking(item, delta["thinking"], out)
@@ -832,16 +945,32 @@ class ResponsesTranscoder(AnthropicEvents):
             self._release("completed", out)
             if item.kind == "reasoning":
                 self._close(item, out)
+            elif item.kind == "web_search_call":
+                if item.parts:
+                    try:
+                        item.block["query"] = _query(orjson.loads("".join(item.parts)))
+                    except orjson.JSONDecodeError:
+                        pass  # a query that never came whole: the search says none
+                self._emit("response.web_search_call.searching", self._at(item), out)
+                self._searching[item.call_id] = item
             else:
                 self._held = item
 
     def _close(self, item: _Item, out: list[bytes], status: str = "completed") -> None:
         joined = "".join(item.parts)
         if item.kind == "message":
+            annotations = _url_annotations(web_citations(item.block), joined) if item.block is not None else []
+            for position, annotation in enumerate(annotations):
+                fields = self._at(item, content_index=0, annotation_index=position, annotation=annotation)
+                self._emit("response.output_text.annotation.added", fields, out)
             self._emit("response.output_text.done", self._at(item, content_index=0, text=joined, logprobs=[]), out)
-            part = {"type": "output_text", "text": joined, "annotations": [], "logprobs": []}
+            part = {"type": "output_text", "text": joined, "annotations": annotations, "logprobs": []}
             self._emit("response.content_part.done", self._at(item, content_index=0, part=part), out)
-            done = _message_item(item.id, joined, status)
+            done = _message_item(item.id, joined, status, annotations)
+        elif item.kind == "web_search_call":
+            if status == "completed":
+                self._emit("response.web_search_call.completed", self._at(item), out)
+            done = _search_item(item.id, item.block, status)
         elif item.kind == "function_call":
             if not joined:
                 joined = "{}"  # a call without input: its arguments are an empty object
@@ -876,9 +1005,13 @@ class ResponsesTranscoder(AnthropicEvents):
     def _on_message_stop(self, event: dict, out: list[bytes]) -> None:
         status = _item_status(self._stop_reason)
         self._release(status, out)
-        for index in sorted(self._blocks, key=lambda key: self._blocks[key].output_index):
-            self._close(self._blocks[index], out, status)  # a block never stopped is closed with what came
+        # A block never stopped is closed with what came; a search whose result never came, incomplete.
+        left = [(item, status) for item in self._blocks.values()]
+        left += [(item, "incomplete") for item in self._searching.values()]
+        for item, ending in sorted(left, key=lambda pair: pair[0].output_index):
+            self._close(item, out, "incomplete" if item.kind == "web_search_call" else ending)
         self._blocks.clear()
+        self._searching.clear()
         usage = _usage(self._usage, self._thinking_tokens)
         response = _finished(self._shell, self._upstream_id, self._done, self._stop_reason, usage)
         self._emit(f"response.{response['status']}", {"response": response}, out)

@@ -430,7 +430,6 @@ UNSUPPORTED = [
     ("audio", {"voice": "alloy", "format": "wav"}),
     ("modalities", ["text", "audio"]),
     ("prediction", {"type": "content", "content": "x"}),
-    ("web_search_options", {}),
     ("store", True),
     ("service_tier", "flex"),
     ("functions", [{"name": "f"}]),
@@ -452,6 +451,40 @@ def test_unsupported_parameter_refused_or_dropped(name, value):
     assert caught.value.code == "unsupported_parameter"
     assert name in caught.value.message and caught.value.param == name
     assert chat_to_messages(request(**{name: value}), default_max_tokens=1000, drop_params=True) == (expected(), [name])
+
+
+def test_web_search_options_are_anthropics_web_search_tool_and_its_citations_annotations():
+    """Chat's `web_search_options` (https://platform.openai.com/docs/guides/tools-web-search) run
+    Anthropic's web search; the text built on it cites pages, and the chat answer names them as
+    OpenAI's search models do, in `message.annotations` (url_citation, spans in the content)."""
+    options = {"search_context_size": "high", "user_location": {"type": "approximate", "approximate": {"city": "Oslo"}}}
+    body, dropped = chat_to_messages(request(web_search_options=options), default_max_tokens=1000)
+    assert body["tools"] == [
+        {"type": "web_search_20250305", "name": "web_search", "max_uses": 10,
+         "user_location": {"type": "approximate", "city": "Oslo"}},
+    ]  # fmt: skip
+    assert dropped == []
+    with pytest.raises(EgressError) as caught:
+        chat_to_messages(request(web_search_options={"user_location": "Oslo"}), default_max_tokens=1000)
+    assert (caught.value.code, caught.value.param) == ("invalid_request", "web_search_options.user_location")
+    cite = {"type": "web_search_result_location", "url": "https://example.com/a", "title": "A", "cited_text": "…"}
+    message = {
+        "id": "msg_1", "type": "message", "role": "assistant", "model": "claude-x", "stop_reason": "end_turn",
+        "content": [
+            {"type": "server_tool_use", "id": "srvtoolu_1", "name": "web_search", "input": {"query": "a"}},
+            {"type": "web_search_tool_result", "tool_use_id": "srvtoolu_1",
+             "content": [{"type": "web_search_result", "url": "https://example.com/a", "title": "A"}]},
+            {"type": "text", "text": "Intro. "},
+            {"type": "text", "text": "A is true.", "citations": [cite]},
+        ],
+        "usage": {"input_tokens": 10, "output_tokens": 5, "server_tool_use": {"web_search_requests": 1}},
+    }  # fmt: skip
+    reply = message_to_chat(message, model="claude-x", created=1)["choices"][0]["message"]
+    assert reply["content"] == "Intro. A is true."
+    assert reply["annotations"] == [
+        {"type": "url_citation",
+         "url_citation": {"start_index": 7, "end_index": 17, "url": "https://example.com/a", "title": "A"}},
+    ]  # fmt: skip
 
 
 THINKING = {"type": "enabled", "budget_tokens": 2048}

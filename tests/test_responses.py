@@ -183,7 +183,7 @@ def test_json_schema_output(gateway, fake_provider):
     [
         ({"previous_response_id": "resp_123"}, "previous_response_id"),
         ({"input": [{"type": "item_reference", "id": "msg_1"}]}, "input[0]"),
-        ({"tools": [{"type": "web_search"}]}, "tools[0].type"),
+        ({"tools": [{"type": "file_search", "vector_store_ids": ["vs_1"]}]}, "tools[0].type"),
         ({"conversation": "conv_1"}, "conversation"),
     ],
 )

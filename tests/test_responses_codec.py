@@ -216,11 +216,10 @@ def test_store_and_include_are_accepted_verbosity_is_reported():
     assert warnings == ["text.verbosity has no Anthropic equivalent and was not applied"]
 
 
-def test_codexs_cached_web_search_is_left_out_with_a_warning_a_live_one_refused():
+def test_codexs_cached_web_search_is_left_out_with_a_warning():
     """Codex sends `{"type": "web_search", "external_web_access": false}` by default (its cached
     search): refused, it made every Codex on a Claude model fail until its config changed. No
-    external access was asked for, so leaving it out does nothing the caller turned off; a live
-    search still has no translation and is refused, naming it."""
+    external access was asked for, so leaving it out does nothing the caller turned off."""
     function = {"type": "function", "name": "f", "parameters": {"type": "object"}}
     cached = {"type": "web_search", "external_web_access": False}
     chat, warnings = translate({"model": "m", "input": "x", "tools": [function, cached], "tool_choice": "auto"})
@@ -231,14 +230,65 @@ def test_codexs_cached_web_search_is_left_out_with_a_warning_a_live_one_refused(
     ]
     alone, _ = translate({"model": "m", "input": "x", "tools": [cached]})
     assert "tools" not in alone
-    for live in ({"type": "web_search"}, {"type": "web_search", "external_web_access": True}):
-        with pytest.raises(EgressError) as raised:
-            responses_to_chat({"model": "m", "input": "x", "tools": [function, live]})
-        assert (raised.value.code, raised.value.param) == ("unsupported_parameter", "tools[1].type")
+
+
+@pytest.mark.parametrize("kind", ["web_search", "web_search_preview", "web_search_2025_08_26"])
+def test_a_live_web_search_is_anthropics_web_search_tool(kind):
+    """The search runs at Anthropic (https://docs.anthropic.com/en/docs/agents-and-tools/tool-use/
+    web-search-tool): its allowed domains, the caller's approximate location, and the context size
+    as a number of searches (LiteLLM's mapping)."""
+    function = {"type": "function", "name": "f", "parameters": {"type": "object"}}
+    live = {
+        "type": kind,
+        "search_context_size": "low",
+        "user_location": {"type": "approximate", "city": "Paris", "country": "FR", "timezone": "Europe/Paris"},
+        "filters": {"allowed_domains": ["example.com"]},
+    }
+    if kind == "web_search":
+        live["external_web_access"] = True
+    body, warnings = translate({"model": "m", "input": "x", "tools": [function, live]})
+    assert body["tools"][1] == {
+        "type": "web_search_20250305",
+        "name": "web_search",
+        "max_uses": 1,
+        "user_location": {"type": "approximate", "city": "Paris", "country": "FR", "timezone": "Europe/Paris"},
+        "allowed_domains": ["example.com"],
+    }
+    assert warnings == []
+    plain, _ = translate({"model": "m", "input": "x", "tools": [{"type": kind}]})
+    assert plain["tools"] == [{"type": "web_search_20250305", "name": "web_search"}]
+    with pytest.raises(EgressError) as raised:
+        responses_to_chat({"model": "m", "input": "x", "tools": [{"type": kind, "search_content_types": ["image"]}]})
+    assert (raised.value.code, raised.value.param) == ("unsupported_parameter", "tools[0].search_content_types")
+    with pytest.raises(EgressError) as raised:
+        translate({"model": "m", "input": "x", "tools": [{"type": kind, "search_context_size": "huge"}]})
+    assert raised.value.code == "invalid_request"
+    with pytest.raises(EgressError) as raised:
+        responses_to_chat({"model": "m", "input": "x", "tools": [{"type": kind}, {"type": kind}]})
+    assert raised.value.param == "tools[1]"
+
+
+def test_a_web_search_call_sent_back_is_left_out_with_a_warning():
+    """Codex sends the whole conversation back: a search run on an earlier turn comes back as a
+    web_search_call item, whose results Anthropic can't take back (they are its encrypted content,
+    which the item doesn't carry). The answer built on it stays."""
+    items = [
+        {"role": "user", "content": "news?"},
+        {"type": "web_search_call", "id": "ws_1", "status": "completed", "action": {"type": "search", "query": "news"}},
+        {
+            "type": "message",
+            "role": "assistant",
+            "content": [{"type": "output_text", "text": "Here.", "annotations": []}],
+        },
+        {"role": "user", "content": "more"},
+    ]
+    body, warnings = translate({"model": "m", "input": items})
+    assert [message["role"] for message in body["messages"]] == ["user", "assistant", "user"]
+    assert warnings == ["input[1]: a web_search_call can't be sent back to Anthropic and was left out"]
 
 
 def test_drop_params_drops_what_cannot_be_honoured_and_names_it():
-    web = {"type": "web_search_preview"}
+    web = {"type": "file_search", "vector_store_ids": ["vs_1"]}
     function = {"type": "function", "name": "f", "parameters": {"type": "object"}}
     group = {"type": "namespace", "name": "ns", "tools": [{"type": "custom", "name": "c"}, function]}
     body = {
@@ -269,7 +319,7 @@ def test_drop_params_drops_what_cannot_be_honoured_and_names_it():
         responses_to_chat(body)  # without drop_params the first is refused
     assert (raised.value.code, raised.value.param) == ("unsupported_parameter", "truncation")
     # Never dropped: what would change the conversation itself.
-    for refused in ({"previous_response_id": "resp_1"}, {"input": [{"type": "web_search_call", "id": "ws_1"}]}):
+    for refused in ({"previous_response_id": "resp_1"}, {"input": [{"type": "file_search_call", "id": "fs_1"}]}):
         with pytest.raises(EgressError):
             responses_to_chat({"model": "m", "input": "x", **refused}, dropped=[])
 
@@ -296,8 +346,8 @@ def test_chat_refusals_are_named_as_the_responses_request_named_them(chat_param,
         ({"previous_response_id": "resp_1"}, "invalid_request", "previous_response_id"),
         ({"conversation": {"id": "conv_1"}}, "invalid_request", "conversation"),
         ({"input": [{"type": "item_reference", "id": "msg_1"}]}, "invalid_request", "input[0]"),
-        ({"input": [{"type": "web_search_call", "id": "ws_1"}]}, "unsupported_parameter", "input[0].type"),
-        ({"tools": [{"type": "web_search_preview"}]}, "unsupported_parameter", "tools[0].type"),
+        ({"input": [{"type": "file_search_call", "id": "fs_1"}]}, "unsupported_parameter", "input[0].type"),
+        ({"tools": [{"type": "file_search", "vector_store_ids": ["vs_1"]}]}, "unsupported_parameter", "tools[0].type"),
         ({"tools": [{"type": "computer_use_preview"}]}, "unsupported_parameter", "tools[0].type"),
         ({"tool_choice": {"type": "web_search_preview"}}, "unsupported_parameter", "tool_choice"),
         ({"background": True}, "unsupported_parameter", "background"),
@@ -683,3 +733,103 @@ def test_namespace_tools_are_flattened_and_their_calls_answered_with_their_names
     with pytest.raises(EgressError) as raised:
         translate(inner)
     assert raised.value.param == "tools[0].tools[0].type"
+
+
+# -- web search ------------------------------------------------------------------------------------
+
+WEB_SEARCH = "anthropic__stream_web_search_server_tool"  # pydantic-ai's recording (SOURCES.md)
+
+
+def _assembled(stream: bytes) -> dict:
+    """The Message a recorded stream builds, block by block (text, tool input JSON, citations), as
+    the Anthropic SDK's stream helper assembles it: what the JSON answer of the same request is."""
+    message: dict = {}
+    for line in stream.split(b"\n"):
+        if not line.startswith(b"data:"):
+            continue
+        event = orjson.loads(line[5:])
+        kind = event["type"]
+        if kind == "message_start":
+            message = dict(event["message"], content=[])
+        elif kind == "content_block_start":
+            block = dict(event["content_block"])
+            if block["type"] == "server_tool_use":
+                block["input"], block["_json"] = {}, ""
+            message["content"].append(block)
+        elif kind == "content_block_delta":
+            block, delta = message["content"][event["index"]], event["delta"]
+            if delta["type"] == "text_delta":
+                block["text"] += delta["text"]
+            elif delta["type"] == "input_json_delta":
+                block["_json"] += delta["partial_json"]
+            elif delta["type"] == "citations_delta":
+                block.setdefault("citations", []).append(delta["citation"])
+        elif kind == "content_block_stop":
+            block = message["content"][event["index"]]
+            if "_json" in block:
+                block["input"] = orjson.loads(block.pop("_json") or "{}")
+        elif kind == "message_delta":
+            message.update(event["delta"])
+            message["usage"] = {**message["usage"], **event["usage"]}
+    return message
+
+
+@pytest.mark.parametrize("piece", [0, 7, 1])
+def test_a_recorded_web_search_streams_as_web_search_calls_and_url_citations(piece):
+    """Anthropic's web search (server_tool_use, then web_search_tool_result, then text blocks that
+    cite pages) as the Responses API streams OpenAI's: a web_search_call item per search (its query,
+    the pages found as sources; in_progress, searching, completed), and each cited text's
+    url_citation annotations (output_text.annotation.added, then in the part and the item)."""
+    stream = STREAMS[WEB_SEARCH]
+    pieces = [stream] if not piece else [stream[i : i + piece] for i in range(0, len(stream), piece)]
+    whole, _ = run(pieces)
+    parsed = parse_sse(whole)
+    response = validate_stream(parsed)
+    events = [body for _, body in parsed]
+    message = _assembled(stream)
+    searches = [block for block in message["content"] if block["type"] == "server_tool_use"]
+    found = {
+        block["tool_use_id"]: block["content"]
+        for block in message["content"]
+        if block["type"] == "web_search_tool_result"
+    }
+    calls = [item for item in response["output"] if item["type"] == "web_search_call"]
+    assert len(calls) == len(searches) == 2
+    for call, search in zip(calls, searches, strict=True):
+        assert call["status"] == "completed" and call["id"].startswith("ws_")
+        assert call["action"]["query"] == search["input"]["query"]
+        assert call["action"]["sources"] == [{"type": "url", "url": page["url"]} for page in found[search["id"]]]
+        kinds = [event["type"] for event in events if event.get("item_id") == call["id"]]
+        assert kinds == [
+            "response.web_search_call.in_progress",
+            "response.web_search_call.searching",
+            "response.web_search_call.completed",
+        ]
+    texts = [block for block in message["content"] if block["type"] == "text"]
+    items = [item for item in response["output"] if item["type"] == "message"]
+    assert len(items) == len(texts)
+    cited = 0
+    for item, block in zip(items, texts, strict=True):
+        part = item["content"][0]
+        assert part["text"] == block["text"]
+        want = [(c["url"], c["title"]) for c in block.get("citations", [])]
+        assert [(a["url"], a["title"]) for a in part["annotations"]] == want
+        assert all((a["start_index"], a["end_index"]) == (0, len(block["text"])) for a in part["annotations"])
+        cited += len(want)
+    added = [event for event in events if event["type"] == "response.output_text.annotation.added"]
+    assert len(added) == cited == 9
+    # The JSON answer of the same request gives the very same output (one minter, one mapping).
+    assert message_to_response(message, SHELL)["output"] == response["output"]
+
+
+def test_a_web_search_that_failed_or_never_finished_says_so():
+    search = {"type": "server_tool_use", "id": "srvtoolu_1", "name": "web_search", "input": {"query": "q"}}
+    failed = {"type": "web_search_tool_result", "tool_use_id": "srvtoolu_1",
+              "content": {"type": "web_search_tool_result_error", "error_code": "max_uses_exceeded"}}  # fmt: skip
+    base = {"id": "msg_1", "type": "message", "role": "assistant", "model": "claude-x", "usage": {"input_tokens": 1}}
+    output = message_to_response({**base, "content": [search, failed], "stop_reason": "end_turn"}, SHELL)["output"]
+    assert [(item["type"], item["status"], item["action"]) for item in output] == [
+        ("web_search_call", "failed", {"type": "search", "query": "q"})
+    ]
+    cut = message_to_response({**base, "content": [search], "stop_reason": "max_tokens"}, SHELL)["output"]
+    assert [(item["type"], item["status"]) for item in cut] == [("web_search_call", "incomplete")]
