@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 import orjson
 
 from egress import accesslog, admission, http1, retries, surface
+from egress.batch_urls import BatchUrlFilter
 from egress.errors import EgressError, render_error
 from egress.hints import HINT_NAMES
 from egress.http1 import CHUNKED, NO_BODY, UNTIL_CLOSE
@@ -31,6 +32,7 @@ from egress.metrics import sse_events
 from egress.routes import body_models, check_model, has_model_policy, path_model
 from egress.stream_usage import InjectedUsageFilter, inject_include_usage
 from egress.usage import (
+    ANTHROPIC_BATCH,
     ANTHROPIC_BATCH_RESULTS,
     MISSING,
     MODEL_FIELD,
@@ -587,7 +589,12 @@ def upstream_request(exchange: Exchange) -> list[bytes]:
     body = exchange.body
     provider = route.provider
     headers = exchange.facts.forward_headers
-    if (
+    if route.api == ANTHROPIC_BATCH and provider.dialect == "anthropic" and exchange.method in (b"GET", b"POST"):
+        # A batch object (its POST, a GET, the list, a cancel): its results_url made relative, so
+        # the SDKs read the results through egress, metered and with egress's key (batch_urls.py).
+        exchange.body_filter = BatchUrlFilter(provider.origin)
+        headers = [header for header in headers if header[0] != b"accept-encoding"]  # JSON it can edit
+    elif (
         client.state.metering
         and provider.stream_usage == "include_usage"
         and provider.inject_stream_usage

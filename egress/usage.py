@@ -126,9 +126,10 @@ COMPLETE, PARTIAL, MISSING, UNPARSEABLE = "complete", "partial", "missing", "unp
 # The APIs a body can speak, as far as usage goes.
 OPENAI, ANTHROPIC, RESPONSES = "openai", "anthropic", "responses"
 BATCH, ANTHROPIC_BATCH, ANTHROPIC_BATCH_RESULTS = "batch", "anthropic_batch", "anthropic_batch_results"
-# The APIs whose GETs carry tokens no POST reported: a background response polled, a batch found
-# done, a batch's results read. Each is billed once per id (the report), however often it is read.
-READ_BACK = frozenset((RESPONSES, BATCH, ANTHROPIC_BATCH_RESULTS))
+# The APIs whose GETs are metered: those that carry tokens no POST reported (a background response
+# polled, a batch found done, a batch's results read), billed once per id (the report) however often
+# read, and an Anthropic batch object's, whose fact carries the batch's id and no tokens.
+READ_BACK = frozenset((RESPONSES, BATCH, ANTHROPIC_BATCH, ANTHROPIC_BATCH_RESULTS))
 # A batch whose tokens are all counted: its status then, on OpenAI's Batch object.
 _BATCH_DONE = frozenset(("completed", "failed", "expired", "cancelled"))
 

@@ -1111,7 +1111,7 @@ def test_an_anthropic_batch_is_billed_once_from_its_results(scripted_metered):
         (f["usage"], f["usage_reason"], f["input_tokens"], f["output_tokens"], f["model"], f["batch_id"]) for f in facts
     ] == [
         ("missing", "batch", None, None, None, "msgbatch_1"),
-        ("missing", "not_metered", None, None, None, None),
+        ("missing", "batch", None, None, None, "msgbatch_1"),  # a GET of it: its id, its tokens later
         ("complete", None, 21, 70, "claude-sonnet-4-5", "msgbatch_1"),
         ("complete", None, 21, 70, "claude-sonnet-4-5", "msgbatch_1"),
     ]
