@@ -354,46 +354,51 @@ _PLACE = ("city", "region", "country", "timezone")
 WEB_SEARCH = "web_search"  # the server tool's name, in its server_tool_use blocks too
 
 
-def web_search_tool(options: object, refuse: Callable[[str, str], None]) -> dict:
+def web_search_tool(options: object, refuse: Callable[[str, str], None], at: str = "web_search_options") -> dict:
     """Chat Completions' `web_search_options` as Anthropic's web search server tool
     (https://docs.anthropic.com/en/docs/agents-and-tools/tool-use/web-search-tool): the search runs
     at Anthropic, billed per search (usage.server_tool_use.web_search_requests), and the text built
     on it carries citations, which the answer gives back as `url_citation` annotations. Also the
-    Responses API's `web_search` tool, whose `filters.allowed_domains` rides along here."""
+    Responses API's `web_search` tool, whose `filters.allowed_domains` rides along here; `at` names
+    the field the options came from (`tools[2]` there), in every refusal."""
     if not isinstance(options, dict):
-        raise _invalid("web_search_options must be an object", "web_search_options")
+        raise _invalid(f"{at} must be an object", at)
     tool: dict = {"type": "web_search_20250305", "name": WEB_SEARCH}
     size = options.get("search_context_size")
     if size is not None:
         if size.__class__ is not str or size not in _SEARCH_USES:
-            param = "web_search_options.search_context_size"
-            raise _invalid("search_context_size must be low, medium or high", param)
+            raise _invalid(f"{at}.search_context_size must be low, medium or high", f"{at}.search_context_size")
         tool["max_uses"] = _SEARCH_USES[size]
     location = options.get("user_location")
     if location is not None:
         approximate = location.get("approximate") if isinstance(location, dict) else None
         if not isinstance(approximate, dict):
-            raise _invalid("user_location.approximate must be an object", "web_search_options.user_location")
+            raise _invalid(f"{at}.user_location.approximate must be an object", f"{at}.user_location")
         place = {"type": "approximate"}
         for name in _PLACE:
             value = approximate.get(name)
             if value is not None:
                 if not isinstance(value, str):
-                    raise _invalid(
-                        f"user_location.approximate.{name} must be a string", "web_search_options.user_location"
-                    )
+                    raise _invalid(f"{at}.user_location.approximate.{name} must be a string", f"{at}.user_location")
                 place[name] = value
         tool["user_location"] = place
     filters = options.get("filters")
     if filters is not None:
-        domains = filters.get("allowed_domains") if isinstance(filters, dict) else None
-        if not isinstance(domains, list) or not all(isinstance(domain, str) and domain for domain in domains):
-            raise _invalid("filters.allowed_domains must be a list of domains", "web_search_options.filters")
-        if domains:
-            tool["allowed_domains"] = domains
+        if not isinstance(filters, dict):
+            raise _invalid(f"{at}.filters must be an object", f"{at}.filters")
+        # null is no filter (openai-python types/responses/web_search_tool.py: Optional allowed_domains).
+        domains = filters.get("allowed_domains")
+        if domains is not None:
+            if not isinstance(domains, list) or not all(isinstance(domain, str) and domain for domain in domains):
+                raise _invalid(f"{at}.filters.allowed_domains must be a list of domains", f"{at}.filters")
+            if domains:
+                tool["allowed_domains"] = domains
+        for name in filters:
+            if name != "allowed_domains":
+                refuse(f"{at}.filters.{name}", "Anthropic's web search has no equivalent")
     for name in options:
         if name not in ("search_context_size", "user_location", "filters"):
-            refuse(f"web_search_options.{name}", "Anthropic's web search has no equivalent")
+            refuse(f"{at}.{name}", "Anthropic's web search has no equivalent")
     return tool
 
 

@@ -58,6 +58,7 @@ from egress.anthropic_codec import (
     _thinking_tokens,
     message_id,
     web_citations,
+    web_search_tool,
 )
 from egress.errors import EgressError
 from egress.usage import ANTHROPIC, Usage, reduce_usage
@@ -187,6 +188,9 @@ def _input(items: object, warnings: list[str]) -> list[dict]:
     # to a turn of its own would start with no thinking, which Anthropic refuses). Reasoning or
     # text after results opens the next turn.
     answered = False
+    # Items left out, by kind: one Warning each kind, however many (see _left_out).
+    foreign: list[str] = []  # reasoning items egress did not mint
+    searches: list[str] = []  # web_search_call items
 
     def turn() -> dict:
         nonlocal assistant, answered
@@ -254,7 +258,7 @@ def _input(items: object, warnings: list[str]) -> list[dict]:
         elif kind == "reasoning":
             blocks = _opened(item.get("encrypted_content"), at)
             if blocks is None:
-                warnings.append(f"{at}: a reasoning item egress did not mint was dropped")
+                foreign.append(at)
                 continue
             current = turn()
             if current.get("tool_calls") or current["content"] or answered:
@@ -264,12 +268,29 @@ def _input(items: object, warnings: list[str]) -> list[dict]:
         elif kind == "web_search_call":
             # A search run earlier in the conversation: its results (Anthropic's encrypted content)
             # are not in the item, so it can't be sent back; the answer built on it still is.
-            warnings.append(f"{at}: a web_search_call can't be sent back to Anthropic and was left out")
+            searches.append(at)
         elif kind == "item_reference":
             raise _invalid(f"{at}: item_reference is not supported: egress keeps no items; send the item itself", at)
         else:
             raise _unsupported(f"{at}: input items of type {kind!r} have no Anthropic equivalent", f"{at}.type")
+    if foreign:
+        many = "reasoning items egress did not mint were dropped"
+        warnings.append(_left_out(foreign, "a reasoning item egress did not mint was dropped", many))
+    if searches:
+        one = "a web_search_call can't be sent back to Anthropic and was left out"
+        many = "web_search_call items can't be sent back to Anthropic and were left out"
+        warnings.append(_left_out(searches, one, many))
     return messages
+
+
+def _left_out(positions: list[str], one: str, many: str) -> str:
+    """One Warning for every item of a kind left out: a Codex session sends its whole history each
+    turn, and a header per item (a search on each turn) outgrows what clients take: hyper, under
+    Codex's reqwest, refuses a response of over 100 headers, undici over 16 KiB of them."""
+    if len(positions) == 1:
+        return f"{positions[0]}: {one}"
+    named = ", ".join(positions[:3]) + (f" and {len(positions) - 3} more" if len(positions) > 3 else "")
+    return f"{named}: {len(positions)} {many}"
 
 
 def _content(content: object, at: str, convert: Callable[[object, str], object]) -> str | list:
@@ -360,20 +381,37 @@ _WEB_SEARCH_TOOLS = frozenset(
 
 
 def _web_search_options(tool: dict, at: str, refuse: _Refusals) -> dict:
+    """A Responses web search tool as chat's web_search_options, checked here under the names the
+    caller sent (`tools[2].user_location.city`), never under chat's, which it did not send."""
     options: dict = {}
     for name, value in tool.items():
         if name in ("type", "external_web_access") or value is None:
             continue
-        if name in ("search_context_size", "filters"):
+        if name == "search_context_size":
+            options[name] = value
+        elif name == "filters":
+            if isinstance(value, dict):
+                for key in value:
+                    if key != "allowed_domains":
+                        refuse(f"{at}.filters.{key} has no Anthropic equivalent", f"{at}.filters.{key}")
+                value = {"allowed_domains": value.get("allowed_domains")}
             options[name] = value
         elif name == "user_location":
             if not isinstance(value, dict):
                 raise _invalid(f"{at}.user_location must be an object", f"{at}.user_location")
             # The Responses tool's location is flat; chat's nests it under `approximate`.
-            place = {key: value[key] for key in ("city", "region", "country", "timezone") if key in value}
+            place = {}
+            for key in ("city", "region", "country", "timezone"):
+                if value.get(key) is not None:
+                    if not isinstance(value[key], str):
+                        where = f"{at}.user_location.{key}"
+                        raise _invalid(f"{where} must be a string", where)
+                    place[key] = value[key]
             options[name] = {"type": "approximate", "approximate": place}
         else:
             refuse(f"{at}.{name} has no Anthropic equivalent", f"{at}.{name}")
+    # Checked as chat_to_messages will, each malformed field named as the caller sent it.
+    web_search_tool(options, lambda name, why: refuse(f"{name}: {why}", name), at)
     return options
 
 
@@ -788,7 +826,9 @@ class ResponsesTranscoder(AnthropicEvents):
         self._names = names  # namespace tools' flattened names (namespaced())
         self._sequence = 0
         self._blocks: dict[object, _Item] = {}
-        self._done: list[dict] = []  # items done, in output_index order
+        # Items done, by output_index: a search is done when its result comes, which may be after an
+        # item that started later (parallel searches answered out of order); `output` is in index order.
+        self._done: dict[int, dict] = {}
         # Web searches whose server_tool_use block ended, by its id: done when their result comes.
         self._searching: dict[object, _Item] = {}
         # The last block stopped, its item's done held until the stop reason says whether
@@ -893,6 +933,9 @@ class ResponsesTranscoder(AnthropicEvents):
                 self._close(item, out, status)
         # Other server tools' blocks: not output items a function-tool client knows.
 
+    def _output(self) -> list[dict]:
+        return [self._done[index] for index in sorted(self._done)]
+
     def _at(self, item: _Item, **fields) -> dict:
         return {"item_id": item.id, "output_index": item.output_index, **fields}
 
@@ -989,7 +1032,7 @@ class ResponsesTranscoder(AnthropicEvents):
                 part = {"type": "summary_text", "text": joined}
                 self._emit("response.reasoning_summary_part.done", self._at(item, summary_index=0, part=part), out)
             done = _reasoning_item(item.id, block, joined if item.summary_open else None)
-        self._done.append(done)
+        self._done[item.output_index] = done
         self._emit("response.output_item.done", {"output_index": item.output_index, "item": done}, out)
 
     def _on_message_delta(self, event: dict, out: list[bytes]) -> None:
@@ -1013,7 +1056,7 @@ class ResponsesTranscoder(AnthropicEvents):
         self._blocks.clear()
         self._searching.clear()
         usage = _usage(self._usage, self._thinking_tokens)
-        response = _finished(self._shell, self._upstream_id, self._done, self._stop_reason, usage)
+        response = _finished(self._shell, self._upstream_id, self._output(), self._stop_reason, usage)
         self._emit(f"response.{response['status']}", {"response": response}, out)
         self.ended = True
 
@@ -1037,7 +1080,7 @@ class ResponsesTranscoder(AnthropicEvents):
                 self._close(item, out, "incomplete")
         self._blocks.clear()
         response = self._response("failed")
-        response["output"] = self._done
+        response["output"] = self._output()
         kind = detail["code"]
         response["error"] = {
             "code": _FAILURE_CODES.get(kind, "server_error"),

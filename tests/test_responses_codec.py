@@ -287,6 +287,66 @@ def test_a_web_search_call_sent_back_is_left_out_with_a_warning():
     assert warnings == ["input[1]: a web_search_call can't be sent back to Anthropic and was left out"]
 
 
+@pytest.mark.parametrize(
+    ("field", "value", "param"),
+    [
+        ("user_location", {"type": "approximate", "city": 7}, "tools[1].user_location.city"),
+        ("user_location", "Paris", "tools[1].user_location"),
+        ("search_context_size", "max", "tools[1].search_context_size"),
+        ("filters", {"allowed_domains": "example.com"}, "tools[1].filters"),
+        ("filters", ["example.com"], "tools[1].filters"),
+    ],
+)
+def test_a_malformed_web_search_tool_is_named_as_the_caller_sent_it(field, value, param):
+    """Checked under the Responses names (the module contract): chat's `web_search_options` (and
+    its `user_location.approximate`, a nesting the Responses tool doesn't have) was never sent."""
+    function = {"type": "function", "name": "f", "parameters": {"type": "object"}}
+    with pytest.raises(EgressError) as raised:
+        translate({"model": "m", "input": "x", "tools": [function, {"type": "web_search", field: value}]})
+    assert (raised.value.code, raised.value.param) == ("invalid_request", param)
+    assert raised.value.message.startswith(param) and "web_search_options" not in raised.value.message
+
+
+def test_a_web_search_tools_filters_as_openai_types_them():
+    """openai-python's Filters: `allowed_domains` Optional, null (or none at all) meaning no filter;
+    a key it doesn't have is refused by name, or dropped and named with drop_params."""
+    for filters in ({"allowed_domains": None}, {}):
+        body, _ = translate({"model": "m", "input": "x", "tools": [{"type": "web_search", "filters": filters}]})
+        assert body["tools"] == [{"type": "web_search_20250305", "name": "web_search"}]
+    tool = {"type": "web_search", "filters": {"allowed_domains": ["a.com"], "blocked_domains": ["b.com"]}}
+    with pytest.raises(EgressError) as raised:
+        responses_to_chat({"model": "m", "input": "x", "tools": [tool]})
+    assert (raised.value.code, raised.value.param) == ("unsupported_parameter", "tools[0].filters.blocked_domains")
+    dropped: list[str] = []
+    chat, _ = responses_to_chat({"model": "m", "input": "x", "tools": [tool]}, dropped=dropped)
+    body, chat_dropped = chat_to_messages(chat, default_max_tokens=4096, drop_params=True)
+    assert body["tools"] == [{"type": "web_search_20250305", "name": "web_search", "allowed_domains": ["a.com"]}]
+    assert (dropped, chat_dropped) == (["tools[0].filters.blocked_domains"], [])
+
+
+def test_items_left_out_are_one_warning_of_each_kind_however_many():
+    """Codex sends its whole history each turn: a Warning header per item left out (a search on
+    every turn) outgrew what clients take (hyper, under Codex's reqwest: 100 headers)."""
+    search = {"type": "web_search_call", "status": "completed", "action": {"type": "search", "query": "q"}}
+    foreign = {"type": "reasoning", "summary": [], "encrypted_content": "gAAAAABforeign"}
+    items: list = [{"role": "user", "content": "news?"}]
+    for turn in range(150):
+        items += [foreign, search, {"type": "message", "role": "assistant", "content": f"Answer {turn}."}]
+        items.append({"role": "user", "content": "more"})
+    body, warnings = translate({"model": "m", "input": items})
+    assert len(body["messages"]) == 301
+    assert warnings == [
+        "input[1], input[5], input[9] and 147 more: 150 reasoning items egress did not mint were dropped",
+        "input[2], input[6], input[10] and 147 more: 150 web_search_call items can't be sent back to Anthropic and "
+        "were left out",
+    ]
+    _, two = translate({"model": "m", "input": items[:9]})
+    assert two == [
+        "input[1], input[5]: 2 reasoning items egress did not mint were dropped",
+        "input[2], input[6]: 2 web_search_call items can't be sent back to Anthropic and were left out",
+    ]
+
+
 def test_drop_params_drops_what_cannot_be_honoured_and_names_it():
     web = {"type": "file_search", "vector_store_ids": ["vs_1"]}
     function = {"type": "function", "name": "f", "parameters": {"type": "object"}}
@@ -833,3 +893,66 @@ def test_a_web_search_that_failed_or_never_finished_says_so():
     ]
     cut = message_to_response({**base, "content": [search], "stop_reason": "max_tokens"}, SHELL)["output"]
     assert [(item["type"], item["status"]) for item in cut] == [("web_search_call", "incomplete")]
+
+
+def _search(index: int, search_id: str, query: str) -> list[dict]:
+    block = {"type": "server_tool_use", "id": search_id, "name": "web_search", "input": {}}
+    return [
+        {"type": "content_block_start", "index": index, "content_block": block},
+        args(index, orjson.dumps({"query": query}).decode()),
+        stop(index),
+    ]
+
+
+def _found(index: int, search_id: str, url: str) -> list[dict]:
+    page = {"type": "web_search_result", "url": url, "title": "T", "encrypted_content": "e"}
+    block = {"type": "web_search_tool_result", "tool_use_id": search_id, "content": [page]}
+    return [{"type": "content_block_start", "index": index, "content_block": block}, stop(index)]
+
+
+def test_searches_answered_out_of_order_keep_the_output_in_index_order():
+    """Two searches run before either's result, the second answered first: each item is done when
+    its result comes, and `output` (the terminal event's, as the JSON answer's) stays in output_index
+    order, not in the order the items finished."""
+    answer = [{"type": "content_block_start", "index": 4, "content_block": {"type": "text", "text": ""}}]
+    stream = sse(
+        start("msg_two"),
+        *_search(0, "srvtoolu_a", "first"),
+        *_search(1, "srvtoolu_b", "second"),
+        *_found(2, "srvtoolu_b", "https://b.example/"),
+        *_found(3, "srvtoolu_a", "https://a.example/"),
+        *answer,
+        text(4, "Both."),
+        stop(4),
+        end("end_turn", 9),
+        MESSAGE_STOP,
+    )
+    whole, _ = run([stream])
+    assert run([stream[i : i + 1] for i in range(len(stream))])[0] == whole
+    response = validate_stream(parse_sse(whole))
+    assert [(item["type"], item.get("action", {}).get("query")) for item in response["output"]] == [
+        ("web_search_call", "first"),
+        ("web_search_call", "second"),
+        ("message", None),
+    ]
+    assert response["output"][0]["action"]["sources"] == [{"type": "url", "url": "https://a.example/"}]
+    search = {"type": "server_tool_use", "name": "web_search"}
+    page = {"type": "web_search_result", "title": "T", "encrypted_content": "e"}
+    message = {
+        "id": "msg_two",
+        "type": "message",
+        "role": "assistant",
+        "model": "claude-x",
+        "content": [
+            {**search, "id": "srvtoolu_a", "input": {"query": "first"}},
+            {**search, "id": "srvtoolu_b", "input": {"query": "second"}},
+            {"type": "web_search_tool_result", "tool_use_id": "srvtoolu_b",
+             "content": [{**page, "url": "https://b.example/"}]},
+            {"type": "web_search_tool_result", "tool_use_id": "srvtoolu_a",
+             "content": [{**page, "url": "https://a.example/"}]},
+            {"type": "text", "text": "Both."},
+        ],
+        "stop_reason": "end_turn",
+        "usage": {"input_tokens": 25, "output_tokens": 9},
+    }  # fmt: skip
+    assert message_to_response(message, SHELL)["output"] == response["output"]

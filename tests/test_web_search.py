@@ -10,6 +10,7 @@ from pathlib import Path
 
 import openai
 import orjson
+import pytest
 
 from tests.support import ScriptedUpstream, wait_until, whole_lines
 
@@ -93,5 +94,61 @@ def test_chats_web_search_options_run_as_anthropics_web_search(start_egress, tmp
         assert text == _recorded_text() and chunks[-1].choices[0].finish_reason == "stop"
         fact = _fact(egress)
         assert (fact["usage"], fact["web_search_requests"], fact["surface"]) == ("complete", 2, "chat")
+    finally:
+        upstream.stop()
+
+
+def test_a_malformed_web_search_tool_is_a_400_naming_the_field_as_sent(start_egress, tmp_path):
+    """The Responses tool's fields are checked under the names the caller sent (its location is
+    flat: `tools[0].user_location.city`), never under chat's `web_search_options`, which it did not
+    send; `filters.allowed_domains: null` (openai-python's Filters: Optional) is no filter."""
+    upstream = ScriptedUpstream([STREAM_REPLY])
+    try:
+        egress = _egress(start_egress, tmp_path, upstream)
+        client = openai.OpenAI(base_url=egress.url + "/v1", api_key="sk-ant-byo", max_retries=0)
+        for tool, param in (
+            (
+                {"type": "web_search", "user_location": {"type": "approximate", "city": 7}},
+                "tools[0].user_location.city",
+            ),
+            ({"type": "web_search", "search_context_size": "max"}, "tools[0].search_context_size"),
+            ({"type": "web_search", "filters": {"allowed_domains": "a.com"}}, "tools[0].filters"),
+        ):
+            with pytest.raises(openai.BadRequestError) as raised:
+                client.responses.create(model="claude-sonnet-4-0", input="news?", tools=[tool])
+            assert raised.value.param == param and param in raised.value.message
+        assert upstream.requests == []
+        tool = {"type": "web_search", "filters": {"allowed_domains": None}}
+        with client.responses.stream(model="claude-sonnet-4-0", input="news?", tools=[tool]) as stream:
+            assert stream.get_final_response().output_text == _recorded_text()
+        assert _sent(upstream)["tools"] == [{"type": "web_search_20250305", "name": "web_search"}]
+    finally:
+        upstream.stop()
+
+
+def test_a_long_codex_history_of_searches_is_one_warning(start_egress, tmp_path):
+    """Codex sends its whole history each turn: a header per web_search_call left out went over
+    what its HTTP client (hyper: 100 headers) takes, after a hundred searches. One Warning says all."""
+    upstream = ScriptedUpstream([STREAM_REPLY])
+    try:
+        egress = _egress(start_egress, tmp_path, upstream)
+        client = openai.OpenAI(base_url=egress.url + "/v1", api_key="sk-ant-byo", max_retries=0)
+        search = {"type": "web_search_call", "status": "completed", "action": {"type": "search", "query": "news"}}
+        history: list = [{"role": "user", "content": "news?"}]
+        for turn in range(120):
+            history += [
+                search,
+                {"role": "assistant", "content": f"Answer {turn}."},
+                {"role": "user", "content": "more"},
+            ]
+        raw = client.responses.with_raw_response.create(
+            model="claude-sonnet-4-0", input=history, tools=[{"type": "web_search"}], stream=True
+        )
+        assert raw.headers.get_list("warning") == [
+            "299 egress \"input[1], input[4], input[7] and 117 more: 120 web_search_call items can't be sent back "
+            'to Anthropic and were left out"'
+        ]
+        raw.parse().close()
+        assert [turn["role"] for turn in _sent(upstream)["messages"]][:3] == ["user", "assistant", "user"]
     finally:
         upstream.stop()
