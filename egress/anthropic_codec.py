@@ -73,6 +73,7 @@ from collections.abc import Callable
 import orjson
 
 from egress.errors import EgressError
+from egress.schemas import for_anthropic
 from egress.usage import ANTHROPIC, Usage, reduce_usage
 
 # -- request ---------------------------------------------------------------------------------
@@ -149,10 +150,16 @@ class _Refusals:
         self.dropped.append(name)
 
 
-def chat_to_messages(body: dict, *, default_max_tokens: int, drop_params: bool = False) -> tuple[dict, list[str]]:
+def chat_to_messages(
+    body: dict, *, default_max_tokens: int, drop_params: bool = False, warnings: list[str] | None = None
+) -> tuple[dict, list[str]]:
+    """`warnings`, when given, receives what was honoured only in part (a structured-output schema's
+    constraints Anthropic does not enforce, schemas.py), for the caller's Warning header."""
     if not isinstance(body, dict):
         raise _invalid("the request body must be a JSON object")
     refuse = _Refusals(drop_params)
+    if warnings is None:
+        warnings = []
     for name, value in body.items():
         if value is None or name in _MAPPED or name in _CONSUMED:
             continue  # null means "not given" to OpenAI's API as well
@@ -199,7 +206,7 @@ def chat_to_messages(body: dict, *, default_max_tokens: int, drop_params: bool =
         if stream.__class__ is not bool:
             raise _invalid("stream must be a boolean", "stream")
         out["stream"] = stream
-    _tools(body, out, thinking=budget is not None, refuse=refuse)
+    _tools(body, out, thinking=budget is not None, refuse=refuse, warnings=warnings)
     return out, refuse.dropped
 
 
@@ -275,7 +282,7 @@ def _stop(stop: object, out: dict, refuse: _Refusals) -> None:
 # -- tools, tool_choice, response_format -------------------------------------------------------
 
 
-def _tools(body: dict, out: dict, *, thinking: bool, refuse: _Refusals) -> None:
+def _tools(body: dict, out: dict, *, thinking: bool, refuse: _Refusals, warnings: list[str]) -> None:
     if body.get("tools") is not None and not isinstance(body["tools"], list):
         raise _invalid("tools must be a list", "tools")
     tools = []
@@ -285,7 +292,7 @@ def _tools(body: dict, out: dict, *, thinking: bool, refuse: _Refusals) -> None:
         if tool.get("type") != "function":
             refuse(f"tools[{position}]", f"only function tools translate, not {tool.get('type')!r}")
             continue
-        tools.append(_tool(tool, position))
+        tools.append(_tool(tool, position, warnings))
 
     raw_choice = body.get("tool_choice")
     if isinstance(raw_choice, dict) and raw_choice.get("type") == "allowed_tools":
@@ -313,6 +320,7 @@ def _tools(body: dict, out: dict, *, thinking: bool, refuse: _Refusals) -> None:
                 )
             # Structured outputs: output_config.format constrains the text itself (GA; the beta's
             # top-level `output_format` is deprecated). Works with thinking, unlike a forced tool.
+            schema = _structured(schema, "response_format.json_schema.schema", warnings)
             out["output_config"] = {"format": {"type": "json_schema", "schema": schema}}
         else:
             kind = "json_object"  # a schema-less json_schema asks for any JSON object
@@ -414,7 +422,18 @@ def web_citations(block: dict) -> list[tuple[str, str]]:
     return found
 
 
-def _tool(tool: dict, position: int) -> dict:
+def _structured(schema: dict, at: str, warnings: list[str]) -> dict:
+    """A schema for Anthropic's constrained decoding (structured outputs, strict tools): what it
+    refuses (`minimum`, `maxLength`, …) written into descriptions instead, as Anthropic's own SDKs
+    do, and said in a Warning; refused, every pydantic model with a bound was a 400 on Claude."""
+    schema, moved = for_anthropic(schema)
+    if moved:
+        named = ", ".join(moved[:4]) + (f" and {len(moved) - 4} more" if len(moved) > 4 else "")
+        warnings.append(f"{at}: {named} not enforced by Anthropic's structured outputs; written into descriptions")
+    return schema
+
+
+def _tool(tool: dict, position: int, warnings: list[str]) -> dict:
     function = tool.get("function")
     if not isinstance(function, dict) or not isinstance(function.get("name"), str) or not function["name"]:
         raise _invalid(f"tools[{position}].function.name is required", f"tools[{position}].function.name")
@@ -439,6 +458,9 @@ def _tool(tool: dict, position: int) -> dict:
     description = function.get("description")
     if description:
         translated["description"] = description
+    if function.get("strict") is True:
+        # Strict tool use compiles input_schema as structured outputs do, with their limits.
+        parameters = _structured(parameters, f"tools[{position}].function.parameters", warnings)
     translated["input_schema"] = parameters
     if function.get("strict") is True:
         translated["strict"] = True  # strict tool use, structured-outputs docs

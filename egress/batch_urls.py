@@ -9,7 +9,8 @@ Contract:
       `Origin`) to the path after the base path: `https://api.anthropic.com/v1/messages/batches/{id}/results`
       becomes `/v1/messages/batches/{id}/results`. Every other byte is relayed as it came: the value
       is replaced in place, the document never serialised again. A body that is not JSON, has no
-      such value (`null` while the batch is processing), or names another host goes out untouched;
+      such value (`null` while the batch is processing), or names another host goes out untouched,
+      as does a value whose path would start `//` (a relative `//host/…` names another host);
       so does one over `MAX_BODY`, relayed as it comes from there on.
 Why: the Anthropic SDKs read a batch's results by retrieving the batch, then GETting its
 `results_url` (Python `messages.batches.results`, TS `batches.results`). An absolute URL bypasses
@@ -130,7 +131,13 @@ class BatchUrlFilter:
         base = origin.base_path.decode("ascii")
         if not path.startswith(base + "/"):
             return None
-        return path[len(base) :]
+        relative = path[len(base) :]
+        if relative[1:2] in ("/", "\\"):
+            # `//host/…` (WHATWG URL parsers read `/\host/…` alike) is a network-path reference (RFC
+            # 3986 §4.2): resolved as a URL, not joined as the SDKs join, it names another host, which
+            # would get the caller's key. Absolute, it names the provider's own.
+            return None
+        return relative
 
 
 def _same_host(authority: str, origin: Origin) -> bool:

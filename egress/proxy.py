@@ -593,7 +593,7 @@ def upstream_request(exchange: Exchange) -> list[bytes]:
         # A batch object (its POST, a GET, the list, a cancel): its results_url made relative, so
         # the SDKs read the results through egress, metered and with egress's key (batch_urls.py).
         exchange.body_filter = BatchUrlFilter(provider.origin)
-        headers = [header for header in headers if header[0] != b"accept-encoding"]  # JSON it can edit
+        headers = http1.identity_only(headers)  # JSON it can edit
     elif (
         client.state.metering
         and provider.stream_usage == "include_usage"
@@ -607,7 +607,7 @@ def upstream_request(exchange: Exchange) -> list[bytes]:
             exchange.body_filter = InjectedUsageFilter()
             # The filter edits the stream's bytes, which it can't do inside gzip: ask for identity
             # (always acceptable, RFC 9110 §12.5.3), so the caller gets the stream it asked for.
-            headers = [header for header in headers if header[0] != b"accept-encoding"]
+            headers = http1.identity_only(headers)
     send_length = len(body) if (body or exchange.method in (b"POST", b"PUT", b"PATCH")) else None
     head = http1.upstream_request_head(
         exchange.method, route.upstream_target, provider.origin.host_header, headers, send_length

@@ -24,7 +24,7 @@ from urllib.parse import unquote
 
 import orjson
 
-from egress import anthropic_codec, responses_codec
+from egress import anthropic_codec, http1, responses_codec
 from egress.errors import EgressError
 from egress.http1 import bearer_token
 from egress.providers import ANTHROPIC_VERSION, Provider, Route
@@ -243,9 +243,10 @@ def _translate(
     own translation dropped (listed first) and `rename` gives a chat field its Responses name, in
     an error's `param` and in the dropped names, so the client sees the names it sent."""
     provider = exchange.route.provider
+    warnings: list[str] = []
     try:
         body, dropped = anthropic_codec.chat_to_messages(
-            document, default_max_tokens=provider.default_max_tokens, drop_params=drop_params
+            document, default_max_tokens=provider.default_max_tokens, drop_params=drop_params, warnings=warnings
         )
     except EgressError as error:
         if rename is not None and error.param is not None:
@@ -262,8 +263,6 @@ def _translate(
         if name == b"authorization":
             byo = bearer_token(value)  # a BYO key moves to Anthropic's scheme (x-api-key)
             continue
-        if name == b"accept-encoding":
-            continue  # the filter rewrites the body: ask for identity (RFC 9110 §12.5.3)
         if name == b"anthropic-version":
             has_version = True
         headers.append((name, value))
@@ -271,12 +270,16 @@ def _translate(
         headers.append((b"x-api-key", byo))
     if not has_version:
         headers.append((b"anthropic-version", ANTHROPIC_VERSION))
-    facts.forward_headers = headers
+    facts.forward_headers = http1.identity_only(headers)  # the filter rewrites the body
     options = document.get("stream_options")
     include_usage = isinstance(options, dict) and options.get("include_usage") is True
     exchange.body_filter = TranslatedChat(
         requested, bool(document.get("stream")), include_usage, [name.encode() for name in dropped]
     )
+    for text in warnings:  # a field honoured in part (a schema's constraints), named as the caller sent it
+        field, _, said = text.partition(":")
+        text = f"{rename(field)}:{said}" if rename is not None else text
+        exchange.body_filter.extra_headers += ((b"warning", _warning(text)),)
 
 
 class _Translated:

@@ -904,6 +904,46 @@ _TOOL_NAME_PATTERN = re.compile(r"^[a-zA-Z0-9_-]{1,128}$")  # [TOOLS] tool names
 _SERVER_TOOL_TYPE = re.compile(r"^[a-z_]+_\d{8}$")  # [API] ToolUnionParam: versioned server tool types
 
 
+# [SO] https://platform.claude.com/docs/en/build-with-claude/structured-outputs, "JSON Schema
+# limitations": what constrained decoding refuses. The wording of the refusal is the API's own
+# ("output_format.schema: For 'integer' type, property 'minimum' is not supported": agentjido/req_llm
+# issue #302), under the GA parameter's name.
+_UNSUPPORTED_SCHEMA = {
+    "integer": ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf"),
+    "number": ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf"),
+    "string": ("minLength", "maxLength"),
+    "array": ("maxItems", "uniqueItems"),
+    "object": ("minProperties", "maxProperties"),
+}
+_SCHEMA_FORMATS = {"date-time", "time", "date", "duration", "email", "hostname", "uri", "ipv4", "ipv6", "uuid"}
+
+
+def _structured_schema(where: str, schema, depth: int = 0) -> None:
+    if not isinstance(schema, dict) or depth > 64:
+        return
+    kinds = schema.get("type") if isinstance(schema.get("type"), list) else [schema.get("type")]
+    for kind in kinds:
+        for name in _UNSUPPORTED_SCHEMA.get(kind, ()):
+            if name in schema:
+                _refuse(f"{where}: For '{kind}' type, property '{name}' is not supported")
+    if "array" in kinds and schema.get("minItems") not in (None, 0, 1):
+        _refuse(f"{where}: For 'array' type, property 'minItems' only supports values 0 or 1")
+    if "string" in kinds and "format" in schema and schema["format"] not in _SCHEMA_FORMATS:
+        _refuse(f"{where}: For 'string' type, format '{schema['format']}' is not supported")
+    if "object" in kinds and schema.get("additionalProperties") is not False:
+        _refuse(f"{where}: For 'object' type, 'additionalProperties' must be explicitly set to false")
+    if "oneOf" in schema:
+        _refuse(f"{where}: 'oneOf' is not supported")
+    for name in ("items", "not"):
+        _structured_schema(where, schema.get(name), depth + 1)
+    for name in ("anyOf", "allOf", "prefixItems"):
+        for item in schema.get(name) or ():
+            _structured_schema(where, item, depth + 1)
+    for name in ("properties", "$defs", "definitions"):
+        for item in (schema.get(name) or {}).values():
+            _structured_schema(where, item, depth + 1)
+
+
 def _refuse(message: str) -> NoReturn:
     raise AnthropicInvalidRequest(message)
 
@@ -1232,6 +1272,12 @@ def validate_anthropic_request(payload, recorded: RecordedRequest | None = None)
         if metadata.get("user_id") is not None and not isinstance(metadata["user_id"], str):
             _refuse("metadata.user_id: Input should be a valid string")
     names = _tools(payload["tools"]) if "tools" in payload else []
+    for index, tool in enumerate(payload.get("tools") or ()):
+        if tool.get("strict") is True:  # strict tool use compiles input_schema as structured outputs do
+            _structured_schema(f"tools.{index}.custom.input_schema", tool.get("input_schema"))
+    form = (payload.get("output_config") or {}).get("format")
+    if isinstance(form, dict) and form.get("type") == "json_schema":
+        _structured_schema("output_config.format.schema", form.get("schema"))
     choice = payload.get("tool_choice")
     if choice is not None:
         kind = choice.get("type") if isinstance(choice, dict) else None

@@ -54,6 +54,8 @@ TOOL_OUT = {
     "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}},
 }
 PNG = "iVBORw0KGgo="
+# An object's schema as Anthropic's constrained decoding takes it: closed (schemas.py).
+CLOSED = {"type": "object", "additionalProperties": False}
 
 
 def request(**fields) -> dict:
@@ -198,7 +200,17 @@ REQUESTS = [
     (
         "tool_cache_control_and_strict",
         request(tools=[{**TOOL, "cache_control": CACHE, "function": {**TOOL["function"], "strict": True}}]),
-        expected(tools=[{**TOOL_OUT, "strict": True, "cache_control": CACHE}]),
+        # Strict: its schema as constrained decoding takes it (every object closed, schemas.py).
+        expected(
+            tools=[
+                {
+                    **TOOL_OUT,
+                    "input_schema": {**TOOL_OUT["input_schema"], "additionalProperties": False},
+                    "strict": True,
+                    "cache_control": CACHE,
+                }
+            ]
+        ),
     ),
     (
         "tool_without_parameters",
@@ -343,7 +355,7 @@ REQUESTS = [
     (
         "response_format_json_schema",
         request(response_format={"type": "json_schema", "json_schema": {"name": "r", "schema": {"type": "object"}}}),
-        expected(output_config={"format": {"type": "json_schema", "schema": {"type": "object"}}}),
+        expected(output_config={"format": {"type": "json_schema", "schema": CLOSED}}),
     ),
     (
         "response_format_json_schema_with_thinking",
@@ -355,7 +367,7 @@ REQUESTS = [
         expected(
             max_tokens=4000,
             thinking={"type": "enabled", "budget_tokens": 2048},
-            output_config={"format": {"type": "json_schema", "schema": {"type": "object"}}},
+            output_config={"format": {"type": "json_schema", "schema": CLOSED}},
         ),
     ),
     (

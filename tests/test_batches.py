@@ -3,6 +3,9 @@ the official SDK, brings the results back through egress, metered and with egres
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import anthropic
 import orjson
 import pytest
@@ -11,7 +14,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from egress.batch_urls import MAX_BODY, BatchUrlFilter
 from egress.providers import BUILTIN_PROVIDERS, Origin
 from egress.vkeys import mint, public_key_text
-from tests.support import ScriptedUpstream, wait_until, whole_lines
+from tests.support import ScriptedUpstream, run_node_script, wait_until, whole_lines
 
 ISSUER = Ed25519PrivateKey.generate()
 ANTHROPIC = BUILTIN_PROVIDERS["anthropic"].origin
@@ -73,6 +76,12 @@ CASES = [
      _TRICKY.replace(b'"https:\\/\\/api.anthropic.com\\/v1\\/messages\\/batches\\/msgbatch_1\\/results"',
                      b'"/v1/messages/batches/msgbatch_1/results"')),
     ("not JSON", ANTHROPIC, b'{"results_url":"https://api.anthropic.com/v1/x"', None),
+    # Made relative, these would be network-path references: resolved as URLs are (`new URL(url, base)`,
+    # urljoin), `//files.example/x` names another host, which would get the caller's key.
+    ("a path starting //", ANTHROPIC, b'{"results_url":"https://api.anthropic.com//files.example/v1/x"}', None),
+    ("a path starting /\\", ANTHROPIC, b'{"results_url":"https://api.anthropic.com/\\\\files.example/v1/x"}', None),
+    ("// under the row's base path", Origin.from_url("http://10.0.0.7:8080/claude"),
+     b'{"results_url":"http://10.0.0.7:8080/claude//files.example/x"}', None),
 ]  # fmt: skip
 
 
@@ -206,7 +215,11 @@ def _assert_read_through_egress(egress, upstream, kid: str | None, mount: str) -
     ]
     assert {f["kid"] for f in facts} == {kid}
     # A batch object is asked for as JSON egress can read (its results are not filtered).
-    assert all(b"\r\naccept-encoding:" not in request.lower() for request in requests[:3])
+    # Asked for identity, not left without the header: with none, any coding is acceptable (RFC 9110
+    # §12.5.3), and a gzip body would go out unedited, its absolute results_url with it.
+    for request in requests[:3]:
+        head = request.split(b"\r\n\r\n", 1)[0].lower()
+        assert head.count(b"\r\naccept-encoding:") == 1 and b"\r\naccept-encoding: identity\r\n" in head + b"\r\n"
 
 
 @pytest.mark.parametrize("mount", ["/anthropic", ""], ids=["provider route", "drop-in /v1"])
@@ -252,3 +265,35 @@ def test_the_sdk_sees_relative_results_urls_in_a_list_and_a_cancel(batches):
     assert canceled.processing_status == "canceling" and canceled.results_url is None
     facts = _facts(egress, 2)
     assert [(f["usage_reason"], f["batch_id"]) for f in facts] == [("not_metered", None), ("batch", BATCH_ID)]
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(
+    "base", ["/anthropic", "/anthropic/", ""], ids=["no trailing slash", "trailing slash", "drop-in"]
+)
+def test_the_npm_sdk_reads_a_batchs_results_through_egress_with_a_virtual_key(batches, base):
+    """@anthropic-ai/sdk's `batches.results()` (tests/node/anthropic.mjs): `buildURL` joins the relative
+    results_url to its base URL, one `/` dropped when both have it."""
+    egress, upstream = batches
+    del upstream.replies[0]  # no create: the scenario retrieves, then reads the results
+    key, claims = mint(ISSUER, "node-batch-app")
+    env = {name: value for name, value in os.environ.items() if not name.startswith("ANTHROPIC_")}
+    env.update(EGRESS_API_KEY=key, BATCH_ID=BATCH_ID)
+    out = run_node_script(Path(__file__).parent / "node" / "anthropic.mjs", [egress.url + base, "batch-results"], env)
+    assert out["resultsURL"] == RESULTS_PATH
+    assert [r["custom_id"] for r in out["results"]] == ["my-first-request", "my-second-request"]
+    assert [request.split(b"\r\n", 1)[0] for request in upstream.requests] == [
+        b"GET /v1/messages/batches/%s HTTP/1.1" % BATCH_ID.encode(),
+        b"GET /v1/messages/batches/%s HTTP/1.1" % BATCH_ID.encode(),
+        b"GET /v1/messages/batches/%s/results HTTP/1.1" % BATCH_ID.encode(),
+    ]
+    assert all(
+        key.encode() not in request and b" sk-pool-test-0123456789\r\n" in request for request in upstream.requests
+    )
+    facts = _facts(egress, 3)
+    assert [(f["usage"], f["input_tokens"], f["output_tokens"], f["batch_id"]) for f in facts] == [
+        ("missing", None, None, BATCH_ID),
+        ("missing", None, None, BATCH_ID),
+        ("complete", 21, 70, BATCH_ID),
+    ]
+    assert {f["kid"] for f in facts} == {claims.kid}

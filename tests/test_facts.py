@@ -729,7 +729,9 @@ def test_asking_for_stream_usage_asks_for_an_uncompressed_stream(scripted_metere
     with RawClient(egress.port) as client:
         client.send(request_bytes("POST", "/openai/v1/chat/completions", {"Accept-Encoding": "gzip"}, body))
         response = client.read_response("POST")
-    assert b"accept-encoding" not in upstream.requests[0].lower()
+    # identity, asked for: without the header any coding would be acceptable (RFC 9110 §12.5.3)
+    head = upstream.requests[0].split(b"\r\n\r\n", 1)[0].lower()
+    assert head.count(b"accept-encoding") == 1 and b"\r\naccept-encoding: identity" in head
     assert b'"include_usage":true' in upstream.requests[0]
     assert response.body == b'data: {"model":"m","choices":[{"index":0,"delta":{"content":"hi"}}]}\n\ndata: [DONE]\n\n'
     assert facts_of(egress, 1)[0]["input_tokens"] == 3

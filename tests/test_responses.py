@@ -175,7 +175,10 @@ def test_json_schema_output(gateway, fake_provider):
     )
     assert response.output_text
     body = last_anthropic_body(fake_provider)
-    assert body["output_config"] == {"format": {"type": "json_schema", "schema": schema}}
+    # Closed, as Anthropic's constrained decoding requires (schemas.py); the fake refuses it open.
+    assert body["output_config"] == {
+        "format": {"type": "json_schema", "schema": {**schema, "additionalProperties": False}}
+    }
 
 
 @pytest.mark.parametrize(

@@ -197,9 +197,10 @@ def test_tools_tool_choice_and_json_schema():
             "text": {"format": {"type": "json_schema", "name": "out", "schema": schema, "strict": True}},
         }
     )
-    assert body["tools"] == [{"name": "f", "description": "d", "input_schema": {"type": "object"}, "strict": True}]
+    closed = {"type": "object", "additionalProperties": False}  # as constrained decoding takes it (schemas.py)
+    assert body["tools"] == [{"name": "f", "description": "d", "input_schema": closed, "strict": True}]
     assert body["tool_choice"] == {"type": "tool", "name": "f", "disable_parallel_tool_use": True}
-    assert body["output_config"] == {"format": {"type": "json_schema", "schema": schema}}
+    assert body["output_config"] == {"format": {"type": "json_schema", "schema": {**schema, **closed}}}
     assert body["temperature"] == 0.2
 
 

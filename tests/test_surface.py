@@ -292,7 +292,7 @@ def test_response_format_json_schema(surface, fake_provider):
         response_format={"type": "json_schema", "json_schema": {"name": "a", "schema": schema}},
     )
     body, _ = anthropic_request(fake_provider)
-    assert body["output_config"]["format"]["schema"] == schema
+    assert body["output_config"]["format"]["schema"] == {**schema, "additionalProperties": False}  # closed
 
 
 def test_errors_before_and_during_a_translated_stream(surface, fake_provider):

@@ -26,6 +26,15 @@ const SCENARIOS = {
       return { error: { class: error?.constructor?.name, status: error?.status ?? null, requestID: error?.requestID ?? null, message: String(error?.message ?? error) } };
     }
   },
+  // A Message Batch's results, read as the SDK reads them: the batch retrieved, then its results_url
+  // GET (relative through egress: joined to this client's base URL).
+  async 'batch-results'() {
+    const id = process.env.BATCH_ID;
+    const batch = await client.messages.batches.retrieve(id);
+    const results = [];
+    for await (const result of await client.messages.batches.results(id)) results.push(result);
+    return { resultsURL: batch.results_url, results };
+  },
 };
 
 const run = SCENARIOS[scenario];

@@ -1,0 +1,113 @@
+"""JSON Schemas as Anthropic's structured outputs take them (sans-IO: dicts in, dicts out).
+
+Contract: `for_anthropic(schema) -> (schema, moved)` returns a copy of a JSON Schema that Anthropic's
+constrained decoding accepts, and the keywords it had to move, by path. The caller's schema is
+never changed. What OpenAI's structured outputs and JSON Schema allow but Anthropic refuses with a
+400 ("output_format.schema: For 'integer' type, property 'minimum' is not supported") is handled
+as Anthropic's own SDKs handle it before sending: the constraint leaves the schema and is written
+into the field's description (`{minimum: 1, maximum: 10}`), so the model still reads it, though
+the decoder no longer enforces it; the caller is told which (`moved`, a Warning header).
+
+Anthropic's rules (https://platform.claude.com/docs/en/build-with-claude/structured-outputs, "JSON
+Schema limitations"):
+  - numeric constraints (minimum, maximum, exclusive bounds, multipleOf), string lengths
+    (minLength, maxLength), array bounds other than minItems 0 or 1 (minItems, maxItems,
+    uniqueItems) and object bounds (minProperties, maxProperties) are not supported: moved;
+  - every object has `additionalProperties: false` (anything else is refused): set, and a
+    schema or `true` it had is moved into the description;
+  - string formats: date-time, time, date, duration, email, hostname, uri, ipv4, ipv6, uuid;
+    another format is moved;
+  - `oneOf` is not supported, `anyOf` is: a oneOf of the structured outputs a caller asks for
+    (disjoint variants, as pydantic writes them) reads the same as an anyOf, so it becomes one.
+Recursive schemas, external `$ref`s and enums of objects have no such rewrite: they go as given,
+and Anthropic's 400 names them.
+"""
+
+from __future__ import annotations
+
+import json
+
+# Refused by Anthropic's decoder; kept for the model as text in the description.
+_MOVED = (
+    "minimum",
+    "maximum",
+    "exclusiveMinimum",
+    "exclusiveMaximum",
+    "multipleOf",
+    "minLength",
+    "maxLength",
+    "maxItems",
+    "uniqueItems",
+    "minProperties",
+    "maxProperties",
+    "minContains",
+    "maxContains",
+)
+_FORMATS = frozenset(("date-time", "time", "date", "duration", "email", "hostname", "uri", "ipv4", "ipv6", "uuid"))
+# Keywords whose value is one schema, or a list of schemas, or a map of name to schema.
+_ONE = ("items", "not", "contains", "if", "then", "else")
+_MANY = ("anyOf", "allOf", "oneOf", "prefixItems")
+_MAP = ("properties", "$defs", "definitions", "dependentSchemas")
+_DEPTH = 64  # deeper than any schema a caller writes: past it, a schema goes as given
+
+
+def for_anthropic(schema: dict) -> tuple[dict, list[str]]:
+    moved: list[str] = []
+    return _schema(schema, "", moved, 0), moved
+
+
+def _schema(schema: object, at: str, moved: list[str], depth: int) -> object:
+    if not isinstance(schema, dict) or depth > _DEPTH:
+        return schema
+    out = dict(schema)
+    notes: dict[str, object] = {}
+    for name in _MOVED:
+        if name in out:
+            notes[name] = out.pop(name)
+    if "minItems" in out and out["minItems"] not in (0, 1):
+        notes["minItems"] = out.pop("minItems")
+    form = out.get("format")
+    if isinstance(form, str) and form not in _FORMATS and _is_string(out):
+        notes["format"] = out.pop("format")
+    if _is_object(out):
+        extra = out.get("additionalProperties", False)
+        if extra is not False:
+            notes["additionalProperties"] = extra
+        out["additionalProperties"] = False
+    if "oneOf" in out and "anyOf" not in out:
+        out["anyOf"] = out.pop("oneOf")
+    for name in _ONE:
+        if name in out:
+            out[name] = _schema(out[name], f"{at}.{name}", moved, depth + 1)
+    for name in _MANY:
+        if isinstance(out.get(name), list):
+            out[name] = [_schema(item, f"{at}.{name}[{i}]", moved, depth + 1) for i, item in enumerate(out[name])]
+    for name in _MAP:
+        if isinstance(out.get(name), dict):
+            out[name] = {
+                key: _schema(value, f"{at}.{name}.{key}", moved, depth + 1) for key, value in out[name].items()
+            }
+    if notes:
+        moved.extend(f"{at}.{name}".lstrip(".") for name in notes)
+        # json, not orjson: a bound past 64 bits (valid JSON, refused by orjson) is written too.
+        text = "{" + ", ".join(f"{name}: {_text(value)}" for name, value in notes.items()) + "}"
+        description = out.get("description")
+        out["description"] = f"{description}\n\n{text}" if isinstance(description, str) and description else text
+    return out
+
+
+def _text(value: object) -> str:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+
+def _types(schema: dict) -> tuple:
+    kind = schema.get("type")
+    return tuple(kind) if isinstance(kind, list) else (kind,)
+
+
+def _is_object(schema: dict) -> bool:
+    return "object" in _types(schema) or ("properties" in schema and "type" not in schema)
+
+
+def _is_string(schema: dict) -> bool:
+    return "string" in _types(schema) or "type" not in schema

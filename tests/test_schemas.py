@@ -1,0 +1,157 @@
+"""JSON Schemas for Anthropic's structured outputs (egress/schemas.py)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from egress.schemas import for_anthropic
+
+# What pydantic writes for a model with bounds (Field(ge=0, le=150), constr(max_length=40),
+# conlist(min_length=2), an email, a nested model, a union): the schemas OpenAI clients send.
+PERSON = {
+    "title": "Person",
+    "type": "object",
+    "properties": {
+        "name": {"title": "Name", "type": "string", "maxLength": 40},
+        "age": {"title": "Age", "type": "integer", "minimum": 0, "maximum": 150, "description": "Years."},
+        "email": {"title": "Email", "type": "string", "format": "email"},
+        "site": {"type": "string", "format": "iri-reference"},
+        "tags": {"type": "array", "items": {"type": "string"}, "minItems": 2, "maxItems": 5},
+        "notes": {"type": "array", "items": {"type": "string"}, "minItems": 1},
+        "pet": {"$ref": "#/$defs/Pet"},
+        "id": {"oneOf": [{"type": "integer", "exclusiveMinimum": 0}, {"type": "string", "minLength": 1}]},
+        "extra": {"type": "object", "additionalProperties": {"type": "string"}},
+    },
+    "required": ["name", "age"],
+    "$defs": {"Pet": {"type": "object", "properties": {"legs": {"type": "integer", "multipleOf": 2}}}},
+}
+
+
+def test_unsupported_constraints_move_into_descriptions_and_objects_close():
+    original = copy.deepcopy(PERSON)
+    schema, moved = for_anthropic(PERSON)
+    assert original == PERSON  # the caller's schema is never changed
+    properties = schema["properties"]
+    assert properties["name"] == {"title": "Name", "type": "string", "description": "{maxLength: 40}"}
+    assert properties["age"] == {
+        "title": "Age",
+        "type": "integer",
+        "description": "Years.\n\n{minimum: 0, maximum: 150}",
+    }
+    assert properties["email"] == {"title": "Email", "type": "string", "format": "email"}  # a format Anthropic has
+    assert properties["site"] == {"type": "string", "description": '{format: "iri-reference"}'}
+    assert properties["tags"] == {
+        "type": "array",
+        "items": {"type": "string"},
+        "description": "{maxItems: 5, minItems: 2}",
+    }
+    assert properties["notes"]["minItems"] == 1  # 0 and 1 are supported
+    assert properties["id"] == {
+        "anyOf": [
+            {"type": "integer", "description": "{exclusiveMinimum: 0}"},
+            {"type": "string", "description": "{minLength: 1}"},
+        ]
+    }
+    assert properties["extra"] == {
+        "type": "object",
+        "additionalProperties": False,
+        "description": '{additionalProperties: {"type":"string"}}',
+    }
+    assert schema["additionalProperties"] is False
+    assert schema["$defs"]["Pet"] == {
+        "type": "object",
+        "properties": {"legs": {"type": "integer", "description": "{multipleOf: 2}"}},
+        "additionalProperties": False,
+    }
+    assert sorted(moved) == sorted(
+        [
+            "properties.name.maxLength",
+            "properties.age.minimum",
+            "properties.age.maximum",
+            "properties.site.format",
+            "properties.tags.maxItems",
+            "properties.tags.minItems",
+            "properties.id.anyOf[0].exclusiveMinimum",
+            "properties.id.anyOf[1].minLength",
+            "properties.extra.additionalProperties",
+            "$defs.Pet.properties.legs.multipleOf",
+        ]
+    )
+
+
+def test_a_schema_anthropic_takes_comes_back_the_same():
+    plain = {
+        "type": "object",
+        "properties": {"a": {"type": "string", "enum": ["x", "y"]}, "b": {"type": ["integer", "null"]}},
+        "required": ["a", "b"],
+        "additionalProperties": False,
+    }
+    assert for_anthropic(plain) == (plain, [])
+
+
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(max_size=5),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=20,
+)
+
+
+_KEYWORDS = ["type", "properties", "items", "anyOf", "oneOf", "minimum", "format", "additionalProperties", "$defs"]
+
+
+@given(st.dictionaries(st.sampled_from([*_KEYWORDS, "description", "minItems"]), _JSON))
+@settings(max_examples=300, deadline=None)
+def test_any_json_never_raises_and_a_second_pass_changes_nothing(schema):
+    once, _ = for_anthropic(schema)
+    assert for_anthropic(once) == (once, [])
+
+
+@pytest.mark.parametrize("depth", [10, 200])
+def test_a_deep_schema_is_bounded(depth):
+    schema: dict = {"type": "string", "maxLength": 3}
+    for _ in range(depth):
+        schema = {"type": "array", "items": schema}
+    for_anthropic(schema)  # no RecursionError
+
+
+# -- through the real egress, with the OpenAI SDK and a fake Anthropic as strict as the API ----------
+
+from tests.test_responses import gateway, last_anthropic_body  # noqa: E402, F401  (the fixture)
+
+
+def test_a_pydantic_schema_with_bounds_answers_on_claude_and_says_what_is_not_enforced(gateway, fake_provider):  # noqa: F811
+    """A pydantic model with `Field(ge=0, le=150)` and `max_length=40` (what OpenAI clients send as
+    strict structured outputs) was refused by Anthropic with a 400 ("For 'integer' type, property
+    'minimum' is not supported"). Now it answers: the bounds go into the descriptions, as Anthropic's
+    SDK sends them, and a Warning says they are not enforced."""
+    import openai
+
+    client = openai.OpenAI(base_url=gateway.url + "/v1", api_key="sk-ant-byo", max_retries=0)
+    schema = {
+        "type": "object",
+        "properties": {"name": {"type": "string", "maxLength": 40}, "age": {"type": "integer", "minimum": 0}},
+        "required": ["name", "age"],
+        "additionalProperties": False,
+    }
+    raw = client.chat.completions.with_raw_response.create(
+        model="claude-fake",
+        messages=[{"role": "user", "content": "a person"}],
+        response_format={"type": "json_schema", "json_schema": {"name": "person", "schema": schema, "strict": True}},
+    )
+    assert raw.http_response.status_code == 200
+    sent = last_anthropic_body(fake_provider)["output_config"]["format"]["schema"]
+    assert sent["properties"]["age"] == {"type": "integer", "description": "{minimum: 0}"}
+    assert sent["properties"]["name"] == {"type": "string", "description": "{maxLength: 40}"}
+    warning = raw.http_response.headers["warning"]
+    assert "properties.name.maxLength, properties.age.minimum not enforced" in warning
+    responses = client.responses.with_raw_response.create(
+        model="claude-fake",
+        input="a person",
+        text={"format": {"type": "json_schema", "name": "person", "schema": schema, "strict": True}},
+    )
+    assert responses.http_response.status_code == 200
+    assert responses.http_response.headers["warning"].startswith('299 egress "text.format:')
