@@ -18,7 +18,9 @@ Schema limitations"):
   - string formats: date-time, time, date, duration, email, hostname, uri, ipv4, ipv6, uuid;
     another format is moved;
   - `oneOf` is not supported, `anyOf` is: a oneOf of the structured outputs a caller asks for
-    (disjoint variants, as pydantic writes them) reads the same as an anyOf, so it becomes one.
+    (disjoint variants, as pydantic writes them) reads the same as an anyOf, so it becomes one;
+  - a `pattern` may not use lookahead or lookbehind, backreferences or word boundaries (\\b, \\B):
+    such a pattern is moved (pydantic writes a lookahead for every `Decimal`, zod 4 for `z.email()`).
 Recursive schemas, external `$ref`s and enums of objects have no such rewrite: they go as given,
 and Anthropic's 400 names them.
 """
@@ -26,6 +28,7 @@ and Anthropic's 400 names them.
 from __future__ import annotations
 
 import json
+import re
 
 # Refused by Anthropic's decoder; kept for the model as text in the description.
 _MOVED = (
@@ -49,6 +52,12 @@ _ONE = ("items", "not", "contains", "if", "then", "else")
 _MANY = ("anyOf", "allOf", "oneOf", "prefixItems")
 _MAP = ("properties", "$defs", "definitions", "dependentSchemas")
 _DEPTH = 64  # deeper than any schema a caller writes: past it, a schema goes as given
+# An escape (a backreference \1, \k<name>, a word boundary \b \B) or a lookaround group. Escapes
+# are matched whole so that `\\b` (a backslash, then b) is not read as a word boundary; a class's
+# `[\b]` (a backspace) is refused too, which only moves a pattern Anthropic might have taken.
+_REGEX_PARTS = re.compile(r"\\.|\(\?<?[=!]", re.DOTALL)
+_REFUSED_ESCAPES = frozenset("bBk123456789")
+_KEY = 60  # a name in `moved` (the caller's property name, in a Warning header) is cut past this
 
 
 def for_anthropic(schema: dict) -> tuple[dict, list[str]]:
@@ -66,6 +75,8 @@ def _schema(schema: object, at: str, moved: list[str], depth: int) -> object:
             notes[name] = out.pop(name)
     if "minItems" in out and out["minItems"] not in (0, 1):
         notes["minItems"] = out.pop("minItems")
+    if "pattern" in out and not _pattern_taken(out["pattern"]):
+        notes["pattern"] = out.pop("pattern")
     form = out.get("format")
     if isinstance(form, str) and form not in _FORMATS and _is_string(out):
         notes["format"] = out.pop("format")
@@ -74,18 +85,21 @@ def _schema(schema: object, at: str, moved: list[str], depth: int) -> object:
         if extra is not False:
             notes["additionalProperties"] = extra
         out["additionalProperties"] = False
-    if "oneOf" in out and "anyOf" not in out:
+    one_of = "oneOf" in out and "anyOf" not in out
+    if one_of:
         out["anyOf"] = out.pop("oneOf")
     for name in _ONE:
         if name in out:
             out[name] = _schema(out[name], f"{at}.{name}", moved, depth + 1)
     for name in _MANY:
         if isinstance(out.get(name), list):
-            out[name] = [_schema(item, f"{at}.{name}[{i}]", moved, depth + 1) for i, item in enumerate(out[name])]
+            said = "oneOf" if one_of and name == "anyOf" else name  # a path names what the caller sent
+            out[name] = [_schema(item, f"{at}.{said}[{i}]", moved, depth + 1) for i, item in enumerate(out[name])]
     for name in _MAP:
         if isinstance(out.get(name), dict):
             out[name] = {
-                key: _schema(value, f"{at}.{name}.{key}", moved, depth + 1) for key, value in out[name].items()
+                key: _schema(value, f"{at}.{name}.{_printable(key)}", moved, depth + 1)
+                for key, value in out[name].items()
             }
     if notes:
         moved.extend(f"{at}.{name}".lstrip(".") for name in notes)
@@ -94,6 +108,24 @@ def _schema(schema: object, at: str, moved: list[str], depth: int) -> object:
         description = out.get("description")
         out["description"] = f"{description}\n\n{text}" if isinstance(description, str) and description else text
     return out
+
+
+def _pattern_taken(pattern: object) -> bool:
+    if not isinstance(pattern, str):
+        return False
+    for part in _REGEX_PARTS.finditer(pattern):
+        text = part.group()
+        if text[0] == "(" or text[1] in _REFUSED_ESCAPES:
+            return False
+    return True
+
+
+def _printable(key: str) -> str:
+    """A property's name as a path names it: control characters escaped (`moved` becomes a header,
+    where a CR LF would start a header of the caller's choosing), a long name cut."""
+    if not key.isprintable():
+        key = "".join(char if char.isprintable() else char.encode("unicode_escape").decode() for char in key)
+    return key if len(key) <= _KEY else key[:_KEY] + "..."
 
 
 def _text(value: object) -> str:

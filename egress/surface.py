@@ -17,6 +17,7 @@ Errors are always in the OpenAI dialect, with the codes of errors.py.
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
@@ -419,7 +420,15 @@ def _openai_request_id(kept) -> tuple:
     return ((b"x-request-id", value),)
 
 
+_CONTROL = re.compile(rb"[\x00-\x1f\x7f]")
+_WARNING_CHARS = 1024  # a Warning's text at most this long (bounded names make it far shorter)
+
+
 def _warning(text: str) -> bytes:
-    """An RFC 9111 §5.5 style Warning value (299: a persistent warning) for something left out."""
-    quoted = text.encode("ascii", "replace").replace(b"\\", b"\\\\").replace(b'"', b'\\"')
+    """An RFC 9111 §5.5 style Warning value (299: a persistent warning) for something left out.
+
+    A warning may quote the caller's own names (a schema's property): a control byte becomes `?`,
+    never a line break that would end the header and start another, and the text is bounded."""
+    raw = _CONTROL.sub(b"?", text[:_WARNING_CHARS].encode("ascii", "replace"))  # cut before quoting
+    quoted = raw.replace(b"\\", b"\\\\").replace(b'"', b'\\"')
     return b'299 egress "' + quoted + b'"'

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 from hypothesis import given, settings
@@ -75,8 +76,8 @@ def test_unsupported_constraints_move_into_descriptions_and_objects_close():
             "properties.site.format",
             "properties.tags.maxItems",
             "properties.tags.minItems",
-            "properties.id.anyOf[0].exclusiveMinimum",
-            "properties.id.anyOf[1].minLength",
+            "properties.id.oneOf[0].exclusiveMinimum",  # named as the caller wrote it, sent as anyOf
+            "properties.id.oneOf[1].minLength",
             "properties.extra.additionalProperties",
             "$defs.Pet.properties.legs.multipleOf",
         ]
@@ -100,7 +101,9 @@ _JSON = st.recursive(
 )
 
 
-_KEYWORDS = ["type", "properties", "items", "anyOf", "oneOf", "minimum", "format", "additionalProperties", "$defs"]
+_KEYWORDS = [
+    *("type", "properties", "items", "anyOf", "oneOf", "minimum", "format", "additionalProperties", "$defs", "pattern")
+]
 
 
 @given(st.dictionaries(st.sampled_from([*_KEYWORDS, "description", "minItems"]), _JSON))
@@ -155,3 +158,86 @@ def test_a_pydantic_schema_with_bounds_answers_on_claude_and_says_what_is_not_en
     )
     assert responses.http_response.status_code == 200
     assert responses.http_response.headers["warning"].startswith('299 egress "text.format:')
+
+
+# What pydantic writes for a `Decimal` field and zod 4 for `z.email()`: a `pattern` with a lookahead,
+# which Anthropic's regex subset refuses (structured-outputs docs, "JSON Schema limitations": no
+# lookahead/lookbehind, backreferences or word boundaries).
+DECIMAL = {"anyOf": [{"type": "number"}, {"type": "string", "pattern": "^(?!^[-+.]*$)[+-]?0*\\d*\\.?\\d*$"}]}
+ZOD_EMAIL = {
+    "type": "string",
+    "format": "email",
+    "pattern": "^(?!\\.)(?!.*\\.\\.)([A-Za-z0-9_'+\\-\\.]*)[A-Za-z0-9_+-]@"
+    "([A-Za-z0-9][A-Za-z0-9\\-]*\\.)+[A-Za-z]{2,}$",
+}
+
+
+@pytest.mark.parametrize(
+    "pattern",
+    [
+        DECIMAL["anyOf"][1]["pattern"],
+        ZOD_EMAIL["pattern"],
+        "(?<=a)b",
+        "(?<!a)b",
+        "(?=x)",
+        "^(a)\\1$",
+        "\\bword\\b",
+        "\\Bx",
+        "(?<n>a)\\k<n>",
+    ],
+)
+def test_a_pattern_anthropic_refuses_moves_into_the_description(pattern):
+    schema, moved = for_anthropic({"type": "string", "pattern": pattern})
+    assert schema == {"type": "string", "description": "{pattern: " + json.dumps(pattern, ensure_ascii=False) + "}"}
+    assert moved == ["pattern"]
+
+
+@pytest.mark.parametrize("pattern", ["^[A-Z]{3}$", "^\\d+(\\.\\d+)?$", "a\\\\b", "^(?:ab)+$", "(?<x>a)", "\\(?=\\)"])
+def test_a_pattern_anthropic_takes_stays(pattern):
+    schema = {"type": "string", "pattern": pattern}
+    assert for_anthropic(schema) == (schema, [])
+
+
+@pytest.mark.parametrize("key", ["a\r\nx-injected: 1", "a\x00b", "k" * 10_000], ids=["crlf", "nul", "long"])
+def test_a_moved_name_is_printable_and_short(key):
+    """A property's name is the caller's text and ends up in a Warning header: a CR LF in it was a
+    header of egress's response, and a 10 kB name a 10 kB header line."""
+    _, moved = for_anthropic({"type": "object", "properties": {key: {"type": "string", "maxLength": 3}}})
+    (name,) = moved
+    assert name.isprintable() and len(name) < 200
+    assert name.startswith("properties.") and name.endswith(".maxLength")
+
+
+def test_a_property_name_with_crlf_starts_no_header_of_the_response(gateway):  # noqa: F811
+    """Through the real egress: the Warning header names the property, and its CR LF was written
+    into egress's response head as is, a header (`x-injected`) of the caller's choosing."""
+    import orjson
+
+    from tests.support import RawClient, request_bytes
+
+    schema = {"type": "object", "properties": {"a\r\nx-injected: yes": {"type": "string", "maxLength": 3}}}
+    body = orjson.dumps(
+        {
+            "model": "claude-fake",
+            "messages": [{"role": "user", "content": "hi"}],
+            "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}},
+        }
+    )
+    headers = {"authorization": "Bearer sk-ant-byo", "content-type": "application/json"}
+    with RawClient(gateway.port) as client:
+        client.send(request_bytes("POST", "/v1/chat/completions", headers, body))
+        response = client.read_response("POST")
+    assert response.status == 200
+    assert "x-injected" not in response.headers
+    assert "nx-injected: yes.maxLength not enforced" in response.headers["warning"]  # named, escaped
+
+
+def test_a_warning_value_never_breaks_its_header():
+    """Whatever text a warning quotes (a caller's names), its value is one quoted-string on one line,
+    bounded: a control byte is `?`, and the cut comes before quoting, so no escape is left half."""
+    from egress.surface import _warning
+
+    value = _warning('a\r\nx-injected: yes "q" \\ \x00\x7f')
+    assert value == b'299 egress "a??x-injected: yes \\"q\\" \\\\ ??"'
+    long = _warning("\\" * 5000)
+    assert long.startswith(b'299 egress "') and long.endswith(b'"') and long.count(b"\\") == 2048
