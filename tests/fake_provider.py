@@ -928,6 +928,10 @@ def _structured_schema(where: str, schema, depth: int = 0) -> None:
                 _refuse(f"{where}: For '{kind}' type, property '{name}' is not supported")
     if "array" in kinds and schema.get("minItems") not in (None, 0, 1):
         _refuse(f"{where}: For 'array' type, property 'minItems' only supports values 0 or 1")
+    pattern = schema.get("pattern")
+    if isinstance(pattern, str) and re.search(r"\(\?<?[=!]|(?<!\\)\\[bBk1-9]", pattern):
+        # [SO] regex support: no lookaround, backreferences or word boundaries
+        _refuse(f"{where}: For 'string' type, the pattern '{pattern}' uses an unsupported regex feature")
     if "string" in kinds and "format" in schema and schema["format"] not in _SCHEMA_FORMATS:
         _refuse(f"{where}: For 'string' type, format '{schema['format']}' is not supported")
     if "object" in kinds and schema.get("additionalProperties") is not False:

@@ -241,3 +241,22 @@ def test_a_warning_value_never_breaks_its_header():
     assert value == b'299 egress "a??x-injected: yes \\"q\\" \\\\ ??"'
     long = _warning("\\" * 5000)
     assert long.startswith(b'299 egress "') and long.endswith(b'"') and long.count(b"\\") == 2048
+
+
+def test_a_lookahead_pattern_answers_on_claude(gateway, fake_provider):  # noqa: F811
+    """pydantic writes a lookahead `pattern` for every Decimal field; Anthropic's decoder refuses
+    lookaround (the fake too): the pattern goes into the description, and the request answers."""
+    import openai
+
+    client = openai.OpenAI(base_url=gateway.url + "/v1", api_key="sk-ant-byo", max_retries=0)
+    decimal = {"anyOf": [{"type": "number"}, {"type": "string", "pattern": "^(?!^[-+.]*$)[+-]?0*\\d*\\.?\\d*$"}]}
+    schema = {"type": "object", "properties": {"price": decimal}, "required": ["price"], "additionalProperties": False}
+    raw = client.chat.completions.with_raw_response.create(
+        model="claude-fake",
+        messages=[{"role": "user", "content": "a price"}],
+        response_format={"type": "json_schema", "json_schema": {"name": "p", "schema": schema, "strict": True}},
+    )
+    assert raw.http_response.status_code == 200
+    sent = last_anthropic_body(fake_provider)["output_config"]["format"]["schema"]
+    assert "pattern" not in sent["properties"]["price"]["anyOf"][1]
+    assert "properties.price.anyOf[1].pattern" in raw.http_response.headers["warning"]
