@@ -140,7 +140,7 @@ def aggregate(
     # A background response's or a batch's id -> the fact its tokens are billed from, and that
     # fact's rank: its tokens come in the GET that finds it done (a batch's results, read), and
     # every later read repeats them (billed once).
-    deferred: dict[tuple[str, str], tuple[int, dict]] = {}
+    deferred: dict[tuple[str, str], tuple[tuple[int, int], dict]] = {}
 
     def add(path: str, line: bytes) -> None:
         if not line.strip():
@@ -153,22 +153,27 @@ def aggregate(
         if not _is_fact(fact, field):
             bad[path] += 1
             return
-        if fact["ts"] < cutoff or fact["request_id"] in seen:
+        if fact["request_id"] in seen:
+            return
+        state = fact.get("usage")
+        key = _deferred_key(fact)
+        if key is not None:
+            # Ranked over every fact the files hold, those before the window too: a batch whose
+            # results were read whole last week was billed then, and a read today repeats them.
+            # The first complete fact of the id; failing one, the partial one with the most tokens
+            # (of two reads cut short, the longer).
+            rank = (2, 0) if state == "complete" else (1, _tokens(fact)) if _counts(fact) else (0, 0)
+            if rank > deferred.get(key, ((0, 0), None))[0]:
+                deferred[key] = (rank, fact)
+        if fact["ts"] < cutoff:
             return
         seen.add(fact["request_id"])
         row = totals[fact.get(field) or "-"]
         row["requests"] += 1
-        state = fact.get("usage")
         if state in _STATES:
             row[state] += 1
-        key = _deferred_key(fact)
-        if key is not None:
-            # The first complete fact of the id; failing one, the first with any count (a stream cut).
-            rank = 2 if state == "complete" else 1 if _counts(fact) else 0
-            if rank > deferred.get(key, (0, None))[0]:
-                deferred[key] = (rank, fact)
-            return
-        _add_counts(row, fact)
+        if key is None:
+            _add_counts(row, fact)
 
     listing = list(paths)
     for _ in range(1000):  # bounded: each pass but the last reads something new
@@ -187,7 +192,8 @@ def aggregate(
     for path, tail in tails.values():
         add(path, tail)  # a torn last line counts as unreadable; a whole one (no newline yet) as a fact
     for _, fact in deferred.values():
-        _add_counts(totals[fact.get(field) or "-"], fact)
+        if fact["ts"] >= cutoff:  # billed in the window its tokens were first read whole in
+            _add_counts(totals[fact.get(field) or "-"], fact)
     if skipped is not None:
         skipped.update({path: count for path, count in bad.items() if count})
     return dict(sorted(totals.items()))
@@ -215,6 +221,10 @@ def _add_counts(row: dict[str, int | float], fact: dict) -> None:
 
 def _counts(fact: dict) -> bool:
     return any(fact.get(field_name) for field_name in _TOKEN_COLUMNS)
+
+
+def _tokens(fact: dict) -> int:
+    return sum(fact.get(name) or 0 for name in ("input_tokens", "output_tokens", "estimated_output_tokens"))
 
 
 # A report holds at most a chunk and a line in memory, however large the files: a usage file is

@@ -1154,3 +1154,30 @@ def test_an_anthropic_batchs_results_are_billed_however_their_path_is_spelled(sc
     assert report.returncode == 0, report.stderr
     totals = orjson.loads(report.stdout)["anthropic"]
     assert (totals["requests"], totals["input_tokens"], totals["output_tokens"]) == (4, 11, 36), totals
+
+
+def test_the_report_bills_a_batch_in_the_window_it_was_first_read_whole_and_never_again(tmp_path):
+    """A batch's results read whole last week (billed then) and read again today: a report of
+    today's window billed it again, since the earlier read was outside the window it looked at.
+    And of two reads cut short, the longer is billed, not the first."""
+    from egress.report import aggregate
+
+    now = time.time()
+    week_ago = now - 7 * 86400
+
+    def fact(ts: float, number: int, state: str, given: int | None, batch: str) -> dict:
+        return {"ts": ts, "request_id": f"r{number}", "provider": "anthropic", "usage": state,
+                "input_tokens": given, "output_tokens": given, "batch_id": batch}  # fmt: skip
+
+    path = tmp_path / "usage.jsonl"
+    facts = [
+        fact(week_ago, 1, "complete", 100, "msgbatch_old"),  # billed last week
+        fact(now, 2, "complete", 100, "msgbatch_old"),  # read again today: not again
+        fact(now, 3, "partial", 10, "msgbatch_cut"),  # two cut reads of another batch
+        fact(now, 4, "partial", 90, "msgbatch_cut"),
+    ]
+    path.write_bytes(b"".join(orjson.dumps(line) + b"\n" for line in facts))
+    today = aggregate([str(path)], now - 86400, "provider")["anthropic"]
+    assert (today["requests"], today["input_tokens"], today["output_tokens"]) == (3, 90, 90)
+    last_week = aggregate([str(path)], week_ago - 1, "provider")["anthropic"]
+    assert (last_week["requests"], last_week["input_tokens"]) == (4, 190)
