@@ -877,5 +877,9 @@ def emit_usage(
         # (about four bytes a token), or cutting streams would spend a token limit for free. The
         # fact says what is known, no estimate of input.
         tokens += len(exchange.body) >> 2
-    state.limiter.record_tokens(exchange, tokens, state.loop_time())
+    if not usage.batch:
+        # A batch's tokens were generated over hours at the provider, at its batch rate, and every
+        # read of them repeats them: charged to a per-minute limit at the read, a large batch shut
+        # its caller out for an hour after reading its own results.
+        state.limiter.record_tokens(exchange, tokens, state.loop_time())
     state.metrics.observe_usage(provider, usage)

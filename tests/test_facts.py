@@ -1181,3 +1181,24 @@ def test_the_report_bills_a_batch_in_the_window_it_was_first_read_whole_and_neve
     assert (today["requests"], today["input_tokens"], today["output_tokens"]) == (3, 90, 90)
     last_week = aggregate([str(path)], week_ago - 1, "provider")["anthropic"]
     assert (last_week["requests"], last_week["input_tokens"]) == (4, 190)
+
+
+def test_reading_a_batchs_tokens_does_not_spend_the_token_limit(scripted_metered):
+    """A batch's tokens were generated over hours at the batch rate, and every read repeats them:
+    charged to a per-minute limit when read, a batch of 1,500 tokens shut a caller with a limit of
+    100 out of its next request (429) right after it read its own batch. It is billed, not limited."""
+    batch = {"id": "batch_1", "object": "batch", "endpoint": "/v1/chat/completions", "model": "gpt-4o-mini"}
+    done = {**batch, "status": "completed", "usage": {"input_tokens": 1000, "output_tokens": 500}}
+    completion = {"id": "c", "object": "chat.completion", "model": "gpt-4o-mini", "choices": [],
+                  "usage": {"prompt_tokens": 5, "completion_tokens": 1}}  # fmt: skip
+    egress, _ = scripted_metered(
+        [_json_reply(done), _json_reply(completion)], extra="[limits]\ntokens_per_minute = 100\n"
+    )
+    with RawClient(egress.port) as client:
+        client.send(request_bytes("GET", "/openai/v1/batches/batch_1"))
+        assert client.read_response().status == 200
+    assert facts_of(egress, 1)[0]["input_tokens"] == 1000  # billed
+    body = b'{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}]}'
+    with RawClient(egress.port) as client:
+        client.send(request_bytes("POST", "/openai/v1/chat/completions", {"Content-Type": "application/json"}, body))
+        assert client.read_response("POST").status == 200
