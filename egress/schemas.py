@@ -10,9 +10,13 @@ the decoder no longer enforces it; the caller is told which (`moved`, a Warning 
 
 Anthropic's rules (https://platform.claude.com/docs/en/build-with-claude/structured-outputs, "JSON
 Schema limitations"):
-  - numeric constraints (minimum, maximum, exclusive bounds, multipleOf), string lengths
-    (minLength, maxLength), array bounds other than minItems 0 or 1 (minItems, maxItems,
-    uniqueItems) and object bounds (minProperties, maxProperties) are not supported: moved;
+  - the keywords it takes: type, description, title, enum (of primitives), const, default,
+    properties, required, additionalProperties, items, minItems (0 or 1), anyOf, allOf, $ref,
+    $defs, definitions, format, pattern. Any other is moved: numeric constraints (minimum,
+    maximum, exclusive bounds, multipleOf), string lengths (minLength, maxLength), other array and
+    object bounds (maxItems, uniqueItems, minProperties, …), and keywords the docs don't list
+    (discriminator, propertyNames, prefixItems and the tuple form of `items`, $schema, …), as
+    Anthropic's SDKs keep only what they know;
   - every object has `additionalProperties: false` (anything else is refused): set, and a
     schema or `true` it had is moved into the description;
   - string formats: date-time, time, date, duration, email, hostname, uri, ipv4, ipv6, uuid;
@@ -21,8 +25,8 @@ Schema limitations"):
     (disjoint variants, as pydantic writes them) reads the same as an anyOf, so it becomes one;
   - a `pattern` may not use lookahead or lookbehind, backreferences or word boundaries (\\b, \\B):
     such a pattern is moved (pydantic writes a lookahead for every `Decimal`, zod 4 for `z.email()`).
-Recursive schemas, external `$ref`s and enums of objects have no such rewrite: they go as given,
-and Anthropic's 400 names them.
+An enum of objects or lists is moved too. Recursive schemas and external `$ref`s have no such
+rewrite: they go as given, and Anthropic's 400 names them.
 """
 
 from __future__ import annotations
@@ -30,27 +34,37 @@ from __future__ import annotations
 import json
 import re
 
-# Refused by Anthropic's decoder; kept for the model as text in the description.
-_MOVED = (
-    "minimum",
-    "maximum",
-    "exclusiveMinimum",
-    "exclusiveMaximum",
-    "multipleOf",
-    "minLength",
-    "maxLength",
-    "maxItems",
-    "uniqueItems",
-    "minProperties",
-    "maxProperties",
-    "minContains",
-    "maxContains",
+# What Anthropic's decoder takes (the documented subset); any other keyword is kept for the model as
+# text in the description, as Anthropic's SDKs keep only what they know: a bound (`minimum`,
+# `maxLength`, …), and a keyword the docs don't list (`discriminator`, `propertyNames`,
+# `prefixItems`, `$schema`, …), which would otherwise be a 400 to find out one field at a time.
+_KEPT = frozenset(
+    (
+        "type",
+        "description",
+        "title",
+        "enum",
+        "const",
+        "default",
+        "properties",
+        "required",
+        "additionalProperties",
+        "items",
+        "minItems",
+        "anyOf",
+        "allOf",
+        "oneOf",
+        "$ref",
+        "$defs",
+        "definitions",
+        "format",
+        "pattern",
+    )
 )
 _FORMATS = frozenset(("date-time", "time", "date", "duration", "email", "hostname", "uri", "ipv4", "ipv6", "uuid"))
-# Keywords whose value is one schema, or a list of schemas, or a map of name to schema.
-_ONE = ("items", "not", "contains", "if", "then", "else")
-_MANY = ("anyOf", "allOf", "oneOf", "prefixItems")
-_MAP = ("properties", "$defs", "definitions", "dependentSchemas")
+# Kept keywords whose value is a list of schemas, or a map of name to schema.
+_MANY = ("anyOf", "allOf", "oneOf")
+_MAP = ("properties", "$defs", "definitions")
 _DEPTH = 64  # deeper than any schema a caller writes: past it, a schema goes as given
 # An escape (a backreference \1, \k<name>, a word boundary \b \B) or a lookaround group. Escapes
 # are matched whole so that `\\b` (a backslash, then b) is not read as a word boundary; a class's
@@ -70,9 +84,15 @@ def _schema(schema: object, at: str, moved: list[str], depth: int) -> object:
         return schema
     out = dict(schema)
     notes: dict[str, object] = {}
-    for name in _MOVED:
-        if name in out:
-            notes[name] = out.pop(name)
+    for name in [name for name in out if name not in _KEPT]:
+        notes[name] = out.pop(name)
+    if "items" in out and not isinstance(out["items"], dict):
+        notes["items"] = out.pop("items")  # the tuple form, a list: prefixItems's older spelling
+    enum = out.get("enum")
+    if isinstance(enum, list) and not all(
+        value is None or isinstance(value, str | int | float | bool) for value in enum
+    ):
+        notes["enum"] = out.pop("enum")  # of objects or lists: Anthropic takes primitives only
     if "minItems" in out and out["minItems"] not in (0, 1):
         notes["minItems"] = out.pop("minItems")
     if "pattern" in out and not _pattern_taken(out["pattern"]):
@@ -88,9 +108,8 @@ def _schema(schema: object, at: str, moved: list[str], depth: int) -> object:
     one_of = "oneOf" in out and "anyOf" not in out
     if one_of:
         out["anyOf"] = out.pop("oneOf")
-    for name in _ONE:
-        if name in out:
-            out[name] = _schema(out[name], f"{at}.{name}", moved, depth + 1)
+    if "items" in out:
+        out["items"] = _schema(out["items"], f"{at}.items", moved, depth + 1)
     for name in _MANY:
         if isinstance(out.get(name), list):
             said = "oneOf" if one_of and name == "anyOf" else name  # a path names what the caller sent

@@ -260,3 +260,39 @@ def test_a_lookahead_pattern_answers_on_claude(gateway, fake_provider):  # noqa:
     sent = last_anthropic_body(fake_provider)["output_config"]["format"]["schema"]
     assert "pattern" not in sent["properties"]["price"]["anyOf"][1]
     assert "properties.price.anyOf[1].pattern" in raw.http_response.headers["warning"]
+
+
+def test_keywords_anthropic_does_not_list_are_moved_as_its_sdks_keep_only_what_they_know():
+    """zod 4 writes `$schema` at the root and `propertyNames` for records, pydantic `discriminator`
+    for tagged unions, tuples as `prefixItems`: none is in Anthropic's documented subset, and each
+    was a 400 to find one at a time. The tuple form of `items` and an enum of objects likewise."""
+    schema = {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "type": "object",
+        "properties": {
+            "pet": {"oneOf": [{"type": "string"}, {"type": "integer"}], "discriminator": {"propertyName": "kind"}},
+            "pair": {"type": "array", "prefixItems": [{"type": "string"}, {"type": "integer"}]},
+            "old": {"type": "array", "items": [{"type": "string"}]},
+            "tags": {"type": "object", "propertyNames": {"pattern": "^[a-z]+$"}},
+            "shape": {"enum": [{"x": 1}, {"y": 2}]},
+            "color": {"enum": ["red", None, 3]},
+        },
+    }
+    shaped, moved = for_anthropic(schema)
+    assert "$schema" not in shaped and shaped["description"].startswith('{$schema: "https://')
+    properties = shaped["properties"]
+    assert properties["pet"] == {
+        "anyOf": [{"type": "string"}, {"type": "integer"}],
+        "description": '{discriminator: {"propertyName":"kind"}}',
+    }
+    assert "prefixItems" not in properties["pair"] and "items" not in properties["old"]
+    assert "propertyNames" not in properties["tags"] and properties["tags"]["additionalProperties"] is False
+    assert "enum" not in properties["shape"] and properties["color"]["enum"] == ["red", None, 3]
+    assert set(moved) == {
+        "$schema",
+        "properties.pet.discriminator",
+        "properties.pair.prefixItems",
+        "properties.old.items",
+        "properties.tags.propertyNames",
+        "properties.shape.enum",
+    }
