@@ -190,7 +190,9 @@ def test_response_format_json_schema(surface, fake_provider):
     assert "error" not in observed, observed.get("error")
     [request] = fake_provider.requests
     schema = {"type": "object", "properties": {"answer": {"type": "string"}}, "required": ["answer"]}
-    assert request.json()["output_config"]["format"] == {"type": "json_schema", "schema": schema}
+    # Closed, as Anthropic's constrained decoding requires (egress/schemas.py).
+    closed = {**schema, "additionalProperties": False}
+    assert request.json()["output_config"]["format"] == {"type": "json_schema", "schema": closed}
     sent = orjson.loads(fake_provider.sent_bodies[request.response_id])
     assert observed["completion"]["choices"][0]["message"]["content"] == sent["content"][0]["text"]
 
