@@ -831,9 +831,10 @@ def message_to_chat(message: dict, *, model: str, created: int) -> dict:
         kind = block.get("type") if isinstance(block, dict) else None
         if kind == "text":
             piece = block.get("text") or ""
-            for url, title in web_citations(block):
-                place = {"start_index": length, "end_index": length + len(piece), "url": url, "title": title}
-                annotations.append({"type": "url_citation", "url_citation": place})
+            if block.get("citations"):  # a web search's answer: most text blocks have none
+                for url, title in web_citations(block):
+                    place = {"start_index": length, "end_index": length + len(piece), "url": url, "title": title}
+                    annotations.append({"type": "url_citation", "url_citation": place})
             length += len(piece)
             text.append(piece)
         elif kind == "thinking":

@@ -408,11 +408,14 @@ def response_head(
 _ATTEMPTS = tuple(b"\r\nx-egress-attempts: %d\r\n" % count for count in range(10))
 
 
+IDENTITY = (b"accept-encoding", b"identity")
+
+
 def identity_only(headers: Headers) -> Headers:
     """`headers` asking for an uncompressed body, for a filter that edits it: the caller's
     Accept-Encoding replaced by `identity`. Dropped alone it asked for nothing: with no
     Accept-Encoding any coding is acceptable (RFC 9110 §12.5.3), and a gzip answer went unedited."""
-    return [header for header in headers if header[0] != b"accept-encoding"] + [(b"accept-encoding", b"identity")]
+    return [header for header in headers if header[0] != b"accept-encoding"] + [IDENTITY]
 
 
 def simple_response(

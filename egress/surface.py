@@ -264,6 +264,8 @@ def _translate(
         if name == b"authorization":
             byo = bearer_token(value)  # a BYO key moves to Anthropic's scheme (x-api-key)
             continue
+        if name == b"accept-encoding":
+            continue  # the filter rewrites the body: identity, asked for below (http1.identity_only)
         if name == b"anthropic-version":
             has_version = True
         headers.append((name, value))
@@ -271,7 +273,8 @@ def _translate(
         headers.append((b"x-api-key", byo))
     if not has_version:
         headers.append((b"anthropic-version", ANTHROPIC_VERSION))
-    facts.forward_headers = http1.identity_only(headers)  # the filter rewrites the body
+    headers.append(http1.IDENTITY)
+    facts.forward_headers = headers
     options = document.get("stream_options")
     include_usage = isinstance(options, dict) and options.get("include_usage") is True
     exchange.body_filter = TranslatedChat(
