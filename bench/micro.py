@@ -251,7 +251,12 @@ async def measure(
 
     for _ in range(100):  # warm-up: caches, the verification of a virtual key
         await one_round()
-    last = clients[0][1].writes[-1]
+    # The last warm-up response whole, however many writes it took (a translated stream's head goes
+    # before its first event): untrimmed for this one round.
+    trim, first = False, len(clients[0][1].writes)
+    await one_round()
+    trim = mode in TRANSLATED_MODES or sse
+    last = b"".join(clients[0][1].writes[first:])
     if not (last.startswith(b"HTTP/1.1 200 OK\r\n") and last.endswith(ends) and mark in last):
         raise SystemExit(f"micro: unexpected response {last[:200]!r}")
     if opcodes:
