@@ -410,6 +410,16 @@ def web_search_tool(options: object, refuse: Callable[[str, str], None], at: str
     return tool
 
 
+def _chat_citations(block: dict, start: int, end: int) -> list[dict]:
+    """A text block's web citations as a chat answer's `annotations`, spanning its text in the
+    content (start..end): how OpenAI's search models cite, in `message.annotations` and, streamed,
+    in the `delta` of the finish chunk."""
+    return [
+        {"type": "url_citation", "url_citation": {"start_index": start, "end_index": end, "url": url, "title": title}}
+        for url, title in web_citations(block)
+    ]
+
+
 def web_citations(block: dict) -> list[tuple[str, str]]:
     """The (url, title) of each web search result a text block cites (`web_search_result_location`)."""
     found = []
@@ -832,9 +842,7 @@ def message_to_chat(message: dict, *, model: str, created: int) -> dict:
         if kind == "text":
             piece = block.get("text") or ""
             if block.get("citations"):  # a web search's answer: most text blocks have none
-                for url, title in web_citations(block):
-                    place = {"start_index": length, "end_index": length + len(piece), "url": url, "title": title}
-                    annotations.append({"type": "url_citation", "url_citation": place})
+                annotations += _chat_citations(block, length, length + len(piece))
             length += len(piece)
             text.append(piece)
         elif kind == "thinking":
@@ -1070,11 +1078,14 @@ class StreamTranscoder(AnthropicEvents):
     """
 
     __slots__ = (
+        "_annotations",
         "_blocks",
+        "_cited",
         "_created",
         "_finished",
         "_head",
         "_include_usage",
+        "_length",
         "_model",
         "_no_input",
         "_raw_usage",
@@ -1098,6 +1109,11 @@ class StreamTranscoder(AnthropicEvents):
         self._thinking_tokens: int | None = None
         self._finished = False
         self._head = self._chunk_head("chatcmpl-")
+        # Web citations: the content's length so far, each cited text block's start and citations
+        # (by block index) till its stop, and the annotations they make, sent with the finish chunk.
+        self._length = 0
+        self._cited: dict[object, tuple[int, dict]] = {}
+        self._annotations: list[dict] = []
 
     def _chunk_head(self, chunk_id: str) -> bytes:
         return b"".join(
@@ -1146,8 +1162,11 @@ class StreamTranscoder(AnthropicEvents):
             function = {"name": block.get("name"), "arguments": arguments}
             call = {"index": tool_index, "id": block.get("id"), "type": "function", "function": function}
             self._emit({"tool_calls": [call]}, out)
-        elif kind == _TEXT and block.get("text"):
-            self._emit({"content": block["text"]}, out)
+        elif kind == _TEXT:
+            if block.get("citations") is not None:  # citations on: a web search's answer
+                self._cited[index] = (self._length, {"citations": list(block["citations"] or ())})
+            if block.get("text"):
+                self._content(block["text"], out)
         elif kind == _THINKING and (block.get("thinking") or block.get("signature")):
             # Anthropic starts a thinking block empty ("thinking": "", "signature": ""); a block
             # that comes whole is sent whole, in one chunk.
@@ -1161,7 +1180,11 @@ class StreamTranscoder(AnthropicEvents):
             # "Thinking redaction"): the client has it to hand back, and nothing to show.
             self._emit_thinking(index, {}, {"type": "redacted_thinking", "data": block.get("data")}, out)
         elif kind == _JSON and block.get("input"):
-            self._emit({"content": orjson.dumps(block["input"]).decode()}, out)
+            self._content(orjson.dumps(block["input"]).decode(), out)
+
+    def _content(self, text: str, out: list[bytes]) -> None:
+        self._length += len(text)
+        self._emit({"content": text}, out)
 
     def _emit_thinking(self, block_index: object, delta: dict, entry: dict, out: list[bytes]) -> None:
         # The thinking-block index is taken with the block's first chunk, not at its start: a block
@@ -1183,7 +1206,7 @@ class StreamTranscoder(AnthropicEvents):
         delta_type = delta.get("type")
         if delta_type == "text_delta" and kind == _TEXT:
             if delta.get("text"):
-                self._emit({"content": delta["text"]}, out)
+                self._content(delta["text"], out)
         elif delta_type == "thinking_delta" and kind == _THINKING:
             if delta.get("thinking"):
                 entry = {"type": "thinking", "thinking": delta["thinking"]}
@@ -1200,13 +1223,21 @@ class StreamTranscoder(AnthropicEvents):
                 call = {"index": tool_index, "function": {"arguments": delta["partial_json"]}}
                 self._emit({"tool_calls": [call]}, out)
             elif kind == _JSON:
-                self._emit({"content": delta["partial_json"]}, out)
-        # citations_delta: nothing an OpenAI client has a field for.
+                self._content(delta["partial_json"], out)
+        elif delta_type == "citations_delta" and kind == _TEXT:
+            cited = self._cited.get(event.get("index"))
+            if cited is None:
+                cited = self._cited[event.get("index")] = (self._length, {"citations": []})
+            cited[1]["citations"].append(delta.get("citation"))
 
     def _on_block_stop(self, event: dict, out: list[bytes]) -> None:
-        entry = self._no_input.pop(event.get("index"), None)
+        index = event.get("index")
+        entry = self._no_input.pop(index, None)
         if entry is not None:
             self._empty_input(*entry, out)
+        cited = self._cited.pop(index, None)
+        if cited is not None:
+            self._annotations += _chat_citations(cited[1], cited[0], self._length)
 
     def _empty_input(self, kind: int, tool_index: int, out: list[bytes]) -> None:
         # A tool without parameters: Anthropic starts it with input {} and sends one input_json_delta
@@ -1215,7 +1246,7 @@ class StreamTranscoder(AnthropicEvents):
         if kind == _TOOL:
             self._emit({"tool_calls": [{"index": tool_index, "function": {"arguments": "{}"}}]}, out)
         else:
-            self._emit({"content": "{}"}, out)
+            self._content("{}", out)
 
     def _on_message_delta(self, event: dict, out: list[bytes]) -> None:
         reduce_usage(self._usage, self._raw_usage, event, ANTHROPIC)  # cumulative: latest wins
@@ -1234,10 +1265,14 @@ class StreamTranscoder(AnthropicEvents):
         for entry in self._no_input.values():  # blocks never stopped: their input is whole by now
             self._empty_input(*entry, out)
         self._no_input.clear()
+        for start, block in self._cited.values():  # cited blocks never stopped: cited to here
+            self._annotations += _chat_citations(block, start, self._length)
+        self._cited.clear()
         self._finished = True
         choice = {
             "index": 0,
-            "delta": {},
+            # As OpenAI's search models stream them: the annotations in the finish chunk's delta.
+            "delta": {"annotations": self._annotations} if self._annotations else {},
             "finish_reason": _finish_reason(stop_reason, self._tool_calls > 0),
             "native_finish_reason": stop_reason,
         }

@@ -1454,3 +1454,30 @@ def test_garbage_never_raises(data):
     transcoder = StreamTranscoder(model=MODEL, created=CREATED, include_usage=True)
     output = transcoder.feed(data) + transcoder.finish()
     assert output == b"" or output.endswith(b"\n\n")
+
+
+@pytest.mark.parametrize("piece", [0, 1])
+def test_a_streamed_web_search_answer_cites_its_pages_in_the_finish_chunk(piece):
+    """As OpenAI's search models stream them (a gpt-4o-mini-search-preview chunk carries
+    `"delta": {"annotations": [...]}, "finish_reason": "stop"`): the url_citation annotations, their
+    spans into the streamed content, in the finish chunk; the same the JSON answer gives."""
+    from tests.test_responses_codec import _assembled
+
+    stream = STREAMS["anthropic__stream_web_search_server_tool"]
+    pieces = [stream] if not piece else [stream[i : i + 1] for i in range(len(stream))]
+    chunks = chunks_of(transcode(pieces)[0])
+    content = "".join(chunk["choices"][0]["delta"].get("content") or "" for chunk in chunks if chunk["choices"])
+    finish = next(chunk for chunk in chunks if chunk["choices"] and chunk["choices"][0]["finish_reason"])
+    annotations = finish["choices"][0]["delta"]["annotations"]
+    assert len(annotations) == 9
+    message = _assembled(stream)
+    reply = message_to_chat(message, model=MODEL, created=CREATED)["choices"][0]["message"]
+    assert reply["content"] == content and reply["annotations"] == annotations
+    cited = [block for block in message["content"] if block["type"] == "text" and block.get("citations")]
+    spans = {content[a["url_citation"]["start_index"] : a["url_citation"]["end_index"]] for a in annotations}
+    assert spans == {block["text"] for block in cited}
+    assert all(
+        not chunk["choices"][0]["delta"].get("annotations")
+        for chunk in chunks
+        if chunk is not finish and chunk["choices"]
+    )

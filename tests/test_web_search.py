@@ -92,6 +92,10 @@ def test_chats_web_search_options_run_as_anthropics_web_search(start_egress, tmp
         assert _sent(upstream)["tools"] == [{"type": "web_search_20250305", "name": "web_search", "max_uses": 5}]
         text = "".join(chunk.choices[0].delta.content or "" for chunk in chunks if chunk.choices)
         assert text == _recorded_text() and chunks[-1].choices[0].finish_reason == "stop"
+        # The pages cited, in the finish chunk's delta, as OpenAI's search models stream them.
+        finish = next(chunk for chunk in chunks if chunk.choices and chunk.choices[0].finish_reason)
+        annotations = (finish.choices[0].delta.model_extra or {}).get("annotations")
+        assert len(annotations) == 9 and all(a["url_citation"]["url"].startswith("http") for a in annotations)
         fact = _fact(egress)
         assert (fact["usage"], fact["web_search_requests"], fact["surface"]) == ("complete", 2, "chat")
     finally:
