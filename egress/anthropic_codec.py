@@ -1205,8 +1205,10 @@ class StreamTranscoder(AnthropicEvents):
             return
         delta_type = delta.get("type")
         if delta_type == "text_delta" and kind == _TEXT:
-            if delta.get("text"):
-                self._content(delta["text"], out)
+            text = delta.get("text")
+            if text:  # _content, written out: the event a stream is made of
+                self._length += len(text)
+                self._emit({"content": text}, out)
         elif delta_type == "thinking_delta" and kind == _THINKING:
             if delta.get("thinking"):
                 entry = {"type": "thinking", "thinking": delta["thinking"]}
