@@ -413,7 +413,9 @@ def web_search_tool(options: object, refuse: Callable[[str, str], None], at: str
 def _chat_citations(block: dict, start: int, end: int) -> list[dict]:
     """A text block's web citations as a chat answer's `annotations`, spanning its text in the
     content (start..end): how OpenAI's search models cite, in `message.annotations` and, streamed,
-    in the `delta` of the finish chunk."""
+    in the `delta` of the finish chunk. Citations that are no list (a provider's garbage) cite nothing."""
+    if block.get("citations").__class__ is not list:
+        return []
     return [
         {"type": "url_citation", "url_citation": {"start_index": start, "end_index": end, "url": url, "title": title}}
         for url, title in web_citations(block)
@@ -1163,8 +1165,10 @@ class StreamTranscoder(AnthropicEvents):
             call = {"index": tool_index, "id": block.get("id"), "type": "function", "function": function}
             self._emit({"tool_calls": [call]}, out)
         elif kind == _TEXT:
-            if block.get("citations") is not None:  # citations on: a web search's answer
-                self._cited[index] = (self._length, {"citations": list(block["citations"] or ())})
+            citations = block.get("citations")
+            if citations is not None:  # citations on: a web search's answer
+                cited = list(citations) if citations.__class__ is list else []  # anything else: none to read
+                self._cited[index] = (self._length, {"citations": cited})
             if block.get("text"):
                 self._content(block["text"], out)
         elif kind == _THINKING and (block.get("thinking") or block.get("signature")):
@@ -1182,7 +1186,9 @@ class StreamTranscoder(AnthropicEvents):
         elif kind == _JSON and block.get("input"):
             self._content(orjson.dumps(block["input"]).decode(), out)
 
-    def _content(self, text: str, out: list[bytes]) -> None:
+    def _content(self, text: object, out: list[bytes]) -> None:
+        if text.__class__ is not str:  # a provider's garbage (a number, a list): no content, no length
+            return
         self._length += len(text)
         self._emit({"content": text}, out)
 
@@ -1206,7 +1212,7 @@ class StreamTranscoder(AnthropicEvents):
         delta_type = delta.get("type")
         if delta_type == "text_delta" and kind == _TEXT:
             text = delta.get("text")
-            if text:  # _content, written out: the event a stream is made of
+            if text and text.__class__ is str:  # _content, written out: the event a stream is made of
                 self._length += len(text)
                 self._emit({"content": text}, out)
         elif delta_type == "thinking_delta" and kind == _THINKING:

@@ -140,7 +140,7 @@ def aggregate(
     # A background response's or a batch's id -> the fact its tokens are billed from, and that
     # fact's rank: its tokens come in the GET that finds it done (a batch's results, read), and
     # every later read repeats them (billed once).
-    deferred: dict[tuple[str, str], tuple[tuple[int, int], dict]] = {}
+    deferred: dict[tuple[str, str], tuple[tuple[int, float], dict]] = {}
 
     def add(path: str, line: bytes) -> None:
         if not line.strip():
@@ -160,9 +160,10 @@ def aggregate(
         if key is not None:
             # Ranked over every fact the files hold, those before the window too: a batch whose
             # results were read whole last week was billed then, and a read today repeats them.
-            # The first complete fact of the id; failing one, the partial one with the most tokens
-            # (of two reads cut short, the longer).
-            rank = (2, 0) if state == "complete" else (1, _tokens(fact)) if _counts(fact) else (0, 0)
+            # The earliest complete fact of the id by its time, not by the order the files are read
+            # in (worker by worker: worker 1's read last week comes after worker 0's today); failing
+            # one, the partial one with the most tokens (of two reads cut short, the longer).
+            rank = (2, -fact["ts"]) if state == "complete" else (1, _tokens(fact)) if _counts(fact) else (0, 0)
             if rank > deferred.get(key, ((0, 0), None))[0]:
                 deferred[key] = (rank, fact)
         if fact["ts"] < cutoff:

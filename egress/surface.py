@@ -280,6 +280,10 @@ def _translate(
     exchange.body_filter = TranslatedChat(
         requested, bool(document.get("stream")), include_usage, [name.encode() for name in dropped]
     )
+    if len(warnings) > _WARNINGS:  # one a strict schema: 128 tools' would outgrow a client's header limit
+        more = len(warnings) - _WARNINGS + 1
+        rest = f"{more} more schemas: bounds not enforced by Anthropic; in descriptions"
+        warnings = [*warnings[: _WARNINGS - 1], rest]
     for text in warnings:  # a field honoured in part (a schema's constraints), named as the caller sent it
         field, _, said = text.partition(":")
         text = f"{rename(field)}:{said}" if rename is not None else text
@@ -425,6 +429,8 @@ def _openai_request_id(kept) -> tuple:
 
 _CONTROL = re.compile(rb"[\x00-\x1f\x7f]")
 _WARNING_CHARS = 1024  # a Warning's text at most this long (bounded names make it far shorter)
+# Warning headers a translated answer carries at most (Node's and h11's header limit is 16 KiB in all).
+_WARNINGS = 8
 
 
 def _warning(text: str) -> bytes:

@@ -1481,3 +1481,46 @@ def test_a_streamed_web_search_answer_cites_its_pages_in_the_finish_chunk(piece)
         for chunk in chunks
         if chunk is not finish and chunk["choices"]
     )
+
+
+@pytest.mark.parametrize(
+    "content_block, sent",
+    [
+        ({"type": "text", "text": "", "citations": 5}, None),  # citations that are no list
+        ({"type": "text", "text": "", "citations": True}, None),
+        ({"type": "text", "text": ""}, {"type": "text_delta", "text": 5}),  # text that is no string
+        ({"type": "text", "text": 7}, None),
+        (
+            {"type": "tool_use", "id": "t", "name": JSON_TOOL, "input": {}},
+            {"type": "input_json_delta", "partial_json": 5},
+        ),
+    ],
+)
+def test_a_text_or_citations_of_the_wrong_type_are_no_content_and_never_raise(content_block, sent):
+    """Counting the content's length for citation spans raised TypeError on a text that is no string
+    (len(5)), and reading a block's citations on citations that are no list (list(5)): the stream was
+    cut. Such a block gives no content and no annotation; the stream ends as any other."""
+    events = [start(), block(0, content_block)]
+    if sent is not None:
+        events.append(delta(0, **sent))
+    stream = sse(*events, block(1, {"type": "text", "text": ""}), text(1, "ok"), end("end_turn", 2), MESSAGE_STOP)
+    output, transcoder = transcode([stream])
+    assert transcoder.ended
+    completion = accumulate(output)
+    assert completion.choices[0].message.content == "ok" and not completion.choices[0].message.annotations
+
+
+@pytest.mark.parametrize("citations", [5, True, "abc", {"url": "https://example.com"}])
+def test_a_json_answers_citations_of_the_wrong_type_cite_nothing_and_never_raise(citations):
+    """`citations` that is no list on a text block: iterating it raised TypeError (int, bool) and the
+    translated answer was lost; it cites nothing, and the text is the content."""
+    message = {
+        "id": "msg_1",
+        "type": "message",
+        "role": "assistant",
+        "content": [{"type": "text", "text": "hi", "citations": citations}],
+        "stop_reason": "end_turn",
+        "usage": {"input_tokens": 1, "output_tokens": 1},
+    }
+    reply = message_to_chat(message, model=MODEL, created=CREATED)["choices"][0]["message"]
+    assert reply["content"] == "hi" and not reply.get("annotations")

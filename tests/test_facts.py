@@ -1202,3 +1202,29 @@ def test_reading_a_batchs_tokens_does_not_spend_the_token_limit(scripted_metered
     with RawClient(egress.port) as client:
         client.send(request_bytes("POST", "/openai/v1/chat/completions", {"Content-Type": "application/json"}, body))
         assert client.read_response("POST").status == 200
+
+
+def test_the_report_bills_a_batch_in_the_window_of_its_earliest_whole_read_whatever_file_holds_it(tmp_path):
+    """Each worker writes its own file, and the report reads them worker by worker, not by time: a
+    batch read whole last week by worker 1 and again today by worker 0 was billed from today's read
+    (worker 0's file is read first), so today's report billed it a second time."""
+    from egress.report import aggregate, files_of
+
+    now = time.time()
+    week_ago = now - 7 * 86400
+
+    def fact(ts: float, number: int) -> bytes:
+        return orjson.dumps({"ts": ts, "request_id": f"r{number}", "provider": "openai", "usage": "complete",
+                             "input_tokens": 100, "output_tokens": 50, "batch_id": "batch_1"}) + b"\n"  # fmt: skip
+
+    (tmp_path / "usage-w1.jsonl").write_bytes(fact(week_ago, 1))  # billed last week
+    (tmp_path / "usage-w0.jsonl").write_bytes(fact(now, 2))  # read again today
+    paths = files_of(str(tmp_path / "usage.jsonl"))
+    assert [Path(path).name for path in paths] == ["usage-w0.jsonl", "usage-w1.jsonl"]
+    today = aggregate(paths, now - 86400, "provider")["openai"]
+    assert (today["requests"], today["input_tokens"], today["output_tokens"]) == (1, 0, 0), today
+    last_week = aggregate(paths, week_ago - 1, "provider")["openai"]
+    assert (last_week["requests"], last_week["input_tokens"]) == (2, 100), last_week
+    # Cut off exactly at the earliest read: that read is in the window, and billed in it.
+    assert aggregate(paths, week_ago, "provider")["openai"]["input_tokens"] == 100
+    assert aggregate(paths, week_ago + 1e-3, "provider")["openai"]["input_tokens"] == 0
