@@ -14,7 +14,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from egress.batch_urls import MAX_BODY, BatchUrlFilter
 from egress.providers import BUILTIN_PROVIDERS, Origin
 from egress.vkeys import mint, public_key_text
-from tests.support import ScriptedUpstream, run_node_script, wait_until, whole_lines
+from tests.support import ScriptedUpstream, run_node_script
+from tests.test_facts import facts_of
 
 ISSUER = Ed25519PrivateKey.generate()
 ANTHROPIC = BUILTIN_PROVIDERS["anthropic"].origin
@@ -170,16 +171,6 @@ jsonl = "{usage_file}"
     upstream.stop()
 
 
-def _facts(egress, count: int) -> list[dict]:
-    def read() -> list[dict]:
-        if not egress.usage_file.exists():
-            return []
-        return [orjson.loads(line) for line in whole_lines(egress.usage_file.read_bytes())]
-
-    assert wait_until(lambda: len(read()) >= count, timeout=3), read()
-    return read()
-
-
 def _create_retrieve_and_read(client: anthropic.Anthropic) -> tuple[str | None, list]:
     params = {"model": "claude-sonnet-4-5", "max_tokens": 1024, "messages": [{"role": "user", "content": "Hello"}]}
     created = client.messages.batches.create(
@@ -203,7 +194,7 @@ def _assert_read_through_egress(egress, upstream, kid: str | None, mount: str) -
         b"GET /v1/messages/batches/%s HTTP/1.1" % BATCH_ID.encode(),
         b"GET /v1/messages/batches/%s/results HTTP/1.1" % BATCH_ID.encode(),
     ]
-    facts = _facts(egress, 4)
+    facts = facts_of(egress, 4)
     assert [
         (f["path"], f["usage"], f["usage_reason"], f["input_tokens"], f["output_tokens"], f["model"], f["batch_id"])
         for f in facts
@@ -263,7 +254,7 @@ def test_the_sdk_sees_relative_results_urls_in_a_list_and_a_cancel(batches):
     assert [(batch.id, batch.results_url) for batch in page.data] == [(BATCH_ID, RESULTS_PATH), ("msgbatch_2", None)]
     canceled = client.messages.batches.cancel(BATCH_ID)
     assert canceled.processing_status == "canceling" and canceled.results_url is None
-    facts = _facts(egress, 2)
+    facts = facts_of(egress, 2)
     assert [(f["usage_reason"], f["batch_id"]) for f in facts] == [("not_metered", None), ("batch", BATCH_ID)]
 
 
@@ -290,7 +281,7 @@ def test_the_npm_sdk_reads_a_batchs_results_through_egress_with_a_virtual_key(ba
     assert all(
         key.encode() not in request and b" sk-pool-test-0123456789\r\n" in request for request in upstream.requests
     )
-    facts = _facts(egress, 3)
+    facts = facts_of(egress, 3)
     assert [(f["usage"], f["input_tokens"], f["output_tokens"], f["batch_id"]) for f in facts] == [
         ("missing", None, None, BATCH_ID),
         ("missing", None, None, BATCH_ID),

@@ -126,32 +126,40 @@ def test_a_deep_schema_is_bounded(depth):
 from tests.test_responses import gateway, last_anthropic_body  # noqa: E402, F401  (the fixture)
 
 
+def _client(gateway):  # noqa: F811
+    import openai
+
+    return openai.OpenAI(base_url=gateway.url + "/v1", api_key="sk-ant-byo", max_retries=0)
+
+
+def _structured(gateway, name: str, schema: dict):  # noqa: F811
+    """A strict json_schema chat request for a Claude model through egress: the raw response."""
+    return _client(gateway).chat.completions.with_raw_response.create(
+        model="claude-fake",
+        messages=[{"role": "user", "content": f"a {name}"}],
+        response_format={"type": "json_schema", "json_schema": {"name": name, "schema": schema, "strict": True}},
+    )
+
+
 def test_a_pydantic_schema_with_bounds_answers_on_claude_and_says_what_is_not_enforced(gateway, fake_provider):  # noqa: F811
     """A pydantic model with `Field(ge=0, le=150)` and `max_length=40` (what OpenAI clients send as
     strict structured outputs) was refused by Anthropic with a 400 ("For 'integer' type, property
     'minimum' is not supported"). Now it answers: the bounds go into the descriptions, as Anthropic's
     SDK sends them, and a Warning says they are not enforced."""
-    import openai
-
-    client = openai.OpenAI(base_url=gateway.url + "/v1", api_key="sk-ant-byo", max_retries=0)
     schema = {
         "type": "object",
         "properties": {"name": {"type": "string", "maxLength": 40}, "age": {"type": "integer", "minimum": 0}},
         "required": ["name", "age"],
         "additionalProperties": False,
     }
-    raw = client.chat.completions.with_raw_response.create(
-        model="claude-fake",
-        messages=[{"role": "user", "content": "a person"}],
-        response_format={"type": "json_schema", "json_schema": {"name": "person", "schema": schema, "strict": True}},
-    )
+    raw = _structured(gateway, "person", schema)
     assert raw.http_response.status_code == 200
     sent = last_anthropic_body(fake_provider)["output_config"]["format"]["schema"]
     assert sent["properties"]["age"] == {"type": "integer", "description": "{minimum: 0}"}
     assert sent["properties"]["name"] == {"type": "string", "description": "{maxLength: 40}"}
     warning = raw.http_response.headers["warning"]
     assert "properties.name.maxLength, properties.age.minimum not enforced" in warning
-    responses = client.responses.with_raw_response.create(
+    responses = _client(gateway).responses.with_raw_response.create(
         model="claude-fake",
         input="a person",
         text={"format": {"type": "json_schema", "name": "person", "schema": schema, "strict": True}},
@@ -246,16 +254,9 @@ def test_a_warning_value_never_breaks_its_header():
 def test_a_lookahead_pattern_answers_on_claude(gateway, fake_provider):  # noqa: F811
     """pydantic writes a lookahead `pattern` for every Decimal field; Anthropic's decoder refuses
     lookaround (the fake too): the pattern goes into the description, and the request answers."""
-    import openai
-
-    client = openai.OpenAI(base_url=gateway.url + "/v1", api_key="sk-ant-byo", max_retries=0)
     decimal = {"anyOf": [{"type": "number"}, {"type": "string", "pattern": "^(?!^[-+.]*$)[+-]?0*\\d*\\.?\\d*$"}]}
     schema = {"type": "object", "properties": {"price": decimal}, "required": ["price"], "additionalProperties": False}
-    raw = client.chat.completions.with_raw_response.create(
-        model="claude-fake",
-        messages=[{"role": "user", "content": "a price"}],
-        response_format={"type": "json_schema", "json_schema": {"name": "p", "schema": schema, "strict": True}},
-    )
+    raw = _structured(gateway, "price", schema)
     assert raw.http_response.status_code == 200
     sent = last_anthropic_body(fake_provider)["output_config"]["format"]["schema"]
     assert "pattern" not in sent["properties"]["price"]["anyOf"][1]
@@ -301,9 +302,7 @@ def test_keywords_anthropic_does_not_list_are_moved_as_its_sdks_keep_only_what_t
 def test_many_strict_tools_give_a_bounded_number_of_warnings(gateway, fake_provider):  # noqa: F811
     """A Warning a strict schema: 128 strict tools with bounds gave 128 headers, about 57 KB, past
     the 16 KiB Node's and h11's parsers take. At most eight now, the last counting the rest."""
-    import openai
-
-    client = openai.OpenAI(base_url=gateway.url + "/v1", api_key="sk-ant-byo", max_retries=0)
+    client = _client(gateway)
     parameters = {
         "type": "object",
         "properties": {"n": {"type": "integer", "minimum": 1}},

@@ -61,6 +61,16 @@ def pool_for(upstream: dict, getaddrinfo) -> tuple[UpstreamPool, object]:
     return pool, origin
 
 
+async def timed_connect(pool, origin) -> tuple[object, float]:
+    """A new upstream connection's peer and how long it took to make; the connection closed."""
+    started = time.monotonic()
+    conn = await pool.connect(origin)
+    took = time.monotonic() - started
+    peer = conn.transport.get_extra_info("peername")
+    conn.close()
+    return peer, took
+
+
 def answer(*sockaddrs):
     return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", sockaddr) for sockaddr in sockaddrs]
 
@@ -72,16 +82,9 @@ def test_an_address_that_drops_syns_leaves_time_for_the_next_one():
             return answer(dead, alive)
 
         pool, origin = pool_for({"connect_timeout": 5.0}, getaddrinfo)
-        started = time.monotonic()
-        first = await pool.connect(origin)
-        first_took = time.monotonic() - started
-        peer = first.transport.get_extra_info("peername")
-        first.close()
+        peer, first_took = await timed_connect(pool, origin)
         # The dead address went last: the next new connection does not wait for it again.
-        started = time.monotonic()
-        second = await pool.connect(origin)
-        second_took = time.monotonic() - started
-        second.close()
+        _, second_took = await timed_connect(pool, origin)
         return peer, first_took, second_took
 
     with dropping_syns() as dead, listening() as alive:
@@ -125,15 +128,10 @@ def test_a_resolver_that_hangs_on_refresh_gets_the_stale_answer(connect_timeout,
         pool, origin = pool_for({"connect_timeout": connect_timeout, "dns_ttl": 0.1}, getaddrinfo)
         (await pool.connect(origin)).close()
         await asyncio.sleep(0.2)  # the answer expired
-        started = time.monotonic()
-        conn = await pool.connect(origin)
-        took = time.monotonic() - started
-        peer = conn.transport.get_extra_info("peername")
-        conn.close()
+        peer, took = await timed_connect(pool, origin)
         # Within retry_after, the stale answer is served at once, with no second wait.
-        started = time.monotonic()
-        (await pool.connect(origin)).close()
-        return peer, took, time.monotonic() - started, len(calls)
+        _, again = await timed_connect(pool, origin)
+        return peer, took, again, len(calls)
 
     with listening() as alive:
         peer, took, again, calls = asyncio.run(scenario(alive))
