@@ -413,9 +413,7 @@ def web_search_tool(options: object, refuse: Callable[[str, str], None], at: str
 def _chat_citations(block: dict, start: int, end: int) -> list[dict]:
     """A text block's web citations as a chat answer's `annotations`, spanning its text in the
     content (start..end): how OpenAI's search models cite, in `message.annotations` and, streamed,
-    in the `delta` of the finish chunk. Citations that are no list (a provider's garbage) cite nothing."""
-    if block.get("citations").__class__ is not list:
-        return []
+    in the `delta` of the finish chunk."""
     return [
         {"type": "url_citation", "url_citation": {"start_index": start, "end_index": end, "url": url, "title": title}}
         for url, title in web_citations(block)
@@ -423,9 +421,13 @@ def _chat_citations(block: dict, start: int, end: int) -> list[dict]:
 
 
 def web_citations(block: dict) -> list[tuple[str, str]]:
-    """The (url, title) of each web search result a text block cites (`web_search_result_location`)."""
+    """The (url, title) of each web search result a text block cites (`web_search_result_location`).
+    Citations that are no list (a provider's garbage) cite nothing, on every path that reads them."""
     found = []
-    for citation in block.get("citations") or ():
+    citations = block.get("citations")
+    if citations.__class__ is not list:
+        return found
+    for citation in citations:
         if isinstance(citation, dict) and citation.get("type") == "web_search_result_location":
             url = citation.get("url")
             if isinstance(url, str):

@@ -957,3 +957,14 @@ def test_searches_answered_out_of_order_keep_the_output_in_index_order():
         "usage": {"input_tokens": 25, "output_tokens": 9},
     }  # fmt: skip
     assert message_to_response(message, SHELL)["output"] == response["output"]
+
+
+@pytest.mark.parametrize("citations", [5, True, "x", {"url": "u"}])
+def test_a_responses_answers_citations_of_the_wrong_type_cite_nothing_and_never_raise(citations):
+    # The chat path was guarded against these; the Responses JSON answer read them through the same
+    # web_citations and raised (TypeError), losing the answer. The guard is in web_citations now.
+    message = {"id": "msg_1", "type": "message", "role": "assistant", "model": "claude-x", "stop_reason": "end_turn",
+               "usage": {"input_tokens": 1, "output_tokens": 1},
+               "content": [{"type": "text", "text": "hi", "citations": citations}]}  # fmt: skip
+    (item,) = message_to_response(message, SHELL)["output"]
+    assert item["content"][0]["text"] == "hi" and item["content"][0]["annotations"] == []
