@@ -31,8 +31,11 @@ Contract:
   `begin(account)` / `end(account)` count requests in flight; `observe(account, hints, now)`
       records quota from any response, successes included; `cool(account, seconds, reason, now)`
       moves `until` only ever later (a shorter hint never shortens a longer cooldown: LiteLLM
-      #40130); `disable(account, reason)` lasts until a reload. A remaining count without its reset
-      is not recorded: a spent dimension with no reset adds nothing to wait for (hints.py).
+      #40130); `disable(account, reason)` lasts until a reload. `failed` / `succeeded` keep the
+      consecutive failures that lengthen the default cooldown; `relapsed(account)` puts back what
+      this process's last `succeeded` cleared, for a 200 stream whose first event was an error.
+      A remaining count without its reset is not recorded: a spent dimension with no reset adds
+      nothing to wait for (hints.py).
   `may_retry(now)`: the host-wide retry budget: retries at most `ratio` of requests over a
       sliding window (plus a floor, so a quiet host can still retry), which stops retry storms.
 
@@ -193,6 +196,7 @@ class Account:
 class AccountTable:
     __slots__ = (
         "_bound",
+        "_cleared",
         "_lines",
         "_lock",
         "_next",
@@ -221,6 +225,9 @@ class AccountTable:
         self._bound = False  # this process's first bind is a start; every later one, a reload
         # This process's tickets, by line: (live ones in the order given, the set of live ones).
         self._lines: dict[int, tuple[deque[float], set[float]]] = {}
+        # Consecutive failures this process's last success on a slot cleared (succeeded), in case
+        # that success turns out to be none (relapsed): at most one entry per slot.
+        self._cleared: dict[int, float] = {}
         self.ratio = 0.2
         self.floor = 3.0
         self.window = 10.0
@@ -322,6 +329,7 @@ class AccountTable:
             words[base + _AWAITING] += 1
             words[base + _REQUESTS] += 1
             if not retry:
+                self._roll(now)  # counted in the window it falls in, not in one long past
                 words[_B_REQ] += 1
             return account
 
@@ -565,8 +573,23 @@ class AccountTable:
 
     def succeeded(self, account: Account) -> None:
         words = self._words
-        if words[account.slot + _FAILURES]:
+        failures = words[account.slot + _FAILURES]
+        if failures:
             words[account.slot + _FAILURES] = 0.0
+            self._cleared[account.slot] = failures
+        elif self._cleared:
+            self._cleared.pop(account.slot, None)
+
+    def relapsed(self, account: Account) -> None:
+        """What `succeeded` last counted on `account` in this process was no success after all (a
+        200 stream whose first event is an error, judged after its head): the consecutive failures
+        it cleared count again, so the next cooldown is the next step, not the first."""
+        failures = self._cleared.pop(account.slot, 0.0)
+        if failures:
+            with self._lock:
+                words = self._words
+                if words[account.slot + _FAILURES] < failures:
+                    words[account.slot + _FAILURES] = failures
 
     def failures(self, account: Account) -> int:
         return int(self._words[account.slot + _FAILURES])
@@ -607,15 +630,7 @@ class AccountTable:
         """The host's retry budget: a retry is allowed (and counted, unless `count` is False) or refused."""
         words = self._words
         with self._lock:
-            start = words[_B_START]
-            if now - start >= self.window:
-                elapsed_windows = (now - start) // self.window
-                if elapsed_windows == 1:
-                    words[_B_REQ_PREV], words[_B_RETRY_PREV] = words[_B_REQ], words[_B_RETRY]
-                else:
-                    words[_B_REQ_PREV] = words[_B_RETRY_PREV] = 0.0
-                words[_B_REQ] = words[_B_RETRY] = 0.0
-                words[_B_START] = start = start + elapsed_windows * self.window if start else now
+            start = self._roll(now)
             weight = 1.0 - (now - start) / self.window
             requests = words[_B_REQ] + words[_B_REQ_PREV] * weight
             retries = words[_B_RETRY] + words[_B_RETRY_PREV] * weight
@@ -624,6 +639,24 @@ class AccountTable:
             if count:
                 words[_B_RETRY] += 1
             return True
+
+    def _roll(self, now: float) -> float:
+        """The lock held: the budget's current window is the one `now` falls in; its start.
+
+        Run wherever a count is added, requests as well as retries: rolled only by a retry, a
+        burst after a quiet spell was counted in a window long over, and the next retry zeroed it
+        (50 requests a second before a retry left it the floor alone, not the floor and 20 %)."""
+        words = self._words
+        start = words[_B_START]
+        if now - start >= self.window:
+            elapsed_windows = (now - start) // self.window
+            if elapsed_windows == 1:
+                words[_B_REQ_PREV], words[_B_RETRY_PREV] = words[_B_REQ], words[_B_RETRY]
+            else:
+                words[_B_REQ_PREV] = words[_B_RETRY_PREV] = 0.0
+            words[_B_REQ] = words[_B_RETRY] = 0.0
+            words[_B_START] = start = start + elapsed_windows * self.window if start else now
+        return start
 
     # -- reading, for /status and metrics --------------------------------------------------
     def snapshot(self, account: Account, now: float, wall: float) -> dict:

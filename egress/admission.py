@@ -51,13 +51,12 @@ def take(exchange: Exchange, now: float, retry: bool = False, ticket: float = 0.
     state = exchange.client.state
     table = state.accounts
     pool = exchange.lease
+    gate, cap = _gate(exchange)
     if pool is None:
-        gate, cap = state.auth.gates.get(exchange.route.provider.name, _NO_GATE)
         if gate and not table.enter(gate, cap, ticket):
             return BUSY
         exchange.gate = gate
         return OK
-    gate, cap = pool.gate
     account = table.take(pool.accounts, now, (), retry, gate, cap, ticket)
     if account is None or account is BUSY:
         return account
@@ -68,12 +67,25 @@ def take(exchange: Exchange, now: float, retry: bool = False, ticket: float = 0.
     return OK
 
 
+def _gate(exchange: Exchange) -> tuple[int, int]:
+    """The provider's slot (its line) and cap, as the config has them now.
+
+    Not the pool the request was given (`exchange.lease`), which is the one of the config at its
+    authentication: a request that waited from before a reload waited on under the cap the reload
+    raised or lifted, and every request behind it in the line with it. The slot is the provider's,
+    the same across reloads; a provider whose pool a reload removed keeps the lease's."""
+    auth = exchange.client.state.auth
+    name = exchange.route.provider.name
+    pool = exchange.lease
+    if pool is None:
+        return auth.gates.get(name, _NO_GATE)
+    current = auth.pools.get(name)
+    return (current if current is not None else pool).gate
+
+
 def _line(exchange: Exchange) -> int:
     """The provider's slot whose line this request waits in (0: none, it waits unordered)."""
-    pool = exchange.lease
-    if pool is not None:
-        return pool.gate[0]
-    return exchange.client.state.auth.gates.get(exchange.route.provider.name, _NO_GATE)[0]
+    return _gate(exchange)[0]
 
 
 def admit(exchange: Exchange) -> bool:

@@ -66,7 +66,7 @@ class BatchUrlFilter:
         """The filter seam's (proxy.Exchange.client_left): the body went out whole (at finish)."""
         return self._done
 
-    def head(self, status: int, content_type: bytes) -> bool:
+    def head(self, status: int, content_type: bytes, kept: tuple = ()) -> bool:
         """The response-filter seam (proxy.Exchange.upstream_head): stay on a 2xx JSON body only."""
         return 200 <= status < 300 and content_type[:16].lower() == b"application/json"
 

@@ -242,7 +242,7 @@ class Exchange:
         upstream_length = content_length
         body_filter = self.body_filter
         if body_filter is not None:
-            if body_filter.head(status, facts.content_type):
+            if body_filter.head(status, facts.content_type, facts.kept):
                 content_length = None  # the filter changes the body's length: reframe
                 if body_filter.extra_headers:
                     headers = headers + list(body_filter.extra_headers)

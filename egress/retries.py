@@ -356,6 +356,9 @@ def _stream_failed(exchange: Exchange) -> bool:
     table = state.accounts
     account = exchange.account
     now = time.monotonic()
+    # Its 200 head counted as a success (answered) and cleared the account's consecutive failures:
+    # they count again, or an account whose every stream began with an error never backed off.
+    table.relapsed(account)
     seconds = cooldown(529, RateHints(), table.failures(account), random.random())
     table.failed(account, "stream_error", time.time())
     table.cool(account, seconds, "stream_error", now)

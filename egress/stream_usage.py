@@ -65,7 +65,7 @@ class InjectedUsageFilter:
         (the usage chunk comes before [DONE], and the meter reads the provider's bytes)."""
         return self._done
 
-    def head(self, status: int, content_type: bytes) -> bool:
+    def head(self, status: int, content_type: bytes, kept: tuple = ()) -> bool:
         """The response-filter seam (proxy.Exchange.upstream_head): stay on a 2xx SSE stream only."""
         return 200 <= status < 300 and content_type.startswith(b"text/event-stream")
 

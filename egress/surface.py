@@ -147,9 +147,7 @@ def _aim(exchange: Exchange, document: dict, target: Target, requested: str, dro
         exchange.body_filter = TranslatedResponses(shell, names, headers, stream)
     elif translate:
         _translate(exchange, document, model, requested, drop_params)
-    if translate:
-        exchange.body_filter.exchange = exchange  # its head() reads the provider's id (x-request-id)
-    elif model != document.get("model"):
+    if not translate and model != document.get("model"):
         # `provider:model`, or a fallback: the provider's own name for the model goes upstream.
         document["model"] = model
         exchange.body = orjson.dumps(document)
@@ -299,7 +297,7 @@ class _Translated:
     upstream's retry headers (a 429 stays a 429).
     """
 
-    __slots__ = ("_held", "_status", "_stream", "_transcoder", "exchange", "extra_headers")
+    __slots__ = ("_base", "_held", "_status", "_stream", "_transcoder", "extra_headers")
 
     def __init__(self, extra_headers: tuple, stream: bool) -> None:
         self._transcoder = None
@@ -307,7 +305,7 @@ class _Translated:
         self._status = 0
         self._stream = stream
         self.extra_headers = extra_headers
-        self.exchange: Exchange | None = None  # set by _aim; let go of at head()
+        self._base: tuple | None = None  # extra_headers before any answer's id: set at the first head()
 
     @property
     def answered(self) -> bool:
@@ -317,11 +315,15 @@ class _Translated:
         transcoder = self._transcoder
         return transcoder is not None and transcoder.ended
 
-    def head(self, status: int, content_type: bytes) -> bool:
+    def head(self, status: int, content_type: bytes, kept: tuple = ()) -> bool:
         self._status = status
-        exchange, self.exchange = self.exchange, None
-        if exchange is not None:
-            self.extra_headers += _openai_request_id(exchange.upstream_kept)
+        base = self._base
+        if base is None:
+            base = self._base = self.extra_headers  # the translation's own, its warnings included
+        # This answer's id, not the first one's: an attempt dropped after its head (retries.py: a
+        # stream whose first event is an error, a 401 refusing the pool key) is followed by another
+        # answer, and its id went to the caller as the id of the one it got.
+        self.extra_headers = base + _openai_request_id(kept)
         if 200 <= status < 300 and content_type.startswith(b"text/event-stream"):
             self._transcoder = self._new_transcoder()
         return True
