@@ -453,8 +453,9 @@ class Exchange:
         self.sse_end = b""
         self.upstream_until_close = False
 
-    def settle(self, failure: EgressError | None) -> None:
-        """The upstream's part is over: return its connection, retry once, or answer; then log."""
+    def settle(self, failure: EgressError | None, unsent: bool = False) -> None:
+        """The upstream's part is over: return its connection, retry once, or answer; then log.
+        `unsent`: the failure came before this attempt's request was written (its connect)."""
         if self.settled:
             return
         upstream = self.upstream
@@ -476,7 +477,7 @@ class Exchange:
             # Once the provider sent a byte of its answer, it had the request: sent again, a POST
             # would be generated and billed twice (retries happen before the first byte only).
             and (upstream is None or not upstream.received_any)
-            and retries.failed(self, failure)
+            and retries.failed(self, failure, unsent)
         ):
             if self.sent_at:
                 self.provider_elapsed += time.monotonic() - self.sent_at  # the failed attempt's wait
@@ -630,7 +631,7 @@ async def _connect_then_send(exchange: Exchange, pool: UpstreamPool, origin: Ori
     try:
         upstream = await pool.connect(origin)
     except EgressError as error:
-        exchange.settle(error)
+        exchange.settle(error, unsent=True)
         return
     except Exception as exc:  # a bug must cost one request, not the process
         exchange.client.log_internal_error(exc)

@@ -99,18 +99,23 @@ def answered(exchange: Exchange, status: int, headers: list[tuple[bytes, bytes]]
     return _again(exchange, account, now)
 
 
-def failed(exchange: Exchange, error: EgressError) -> bool:
+def failed(exchange: Exchange, error: EgressError, unsent: bool = False) -> bool:
+    """An attempt failed with no answer: sent again (True) or not. `unsent`: it failed connecting,
+    so the provider never saw it, and a timeout there is retried like a refused connection (Envoy's
+    `connect-failure` covers a connect timeout): a provider that can't be reached goes to the next
+    account or fallback, not straight to a 504."""
     account = exchange.account
     if account is not None:
         exchange.client.state.accounts.heard(account)  # this attempt is over, with no answer
     code = error.code
-    if code not in ("upstream_connect_error", "upstream_protocol_error"):
-        return False  # a timeout: the provider may be generating, and a replay would bill twice
+    connecting = unsent or code == "upstream_connect_error"
+    if not connecting and code != "upstream_protocol_error":
+        return False  # a read timeout: the provider may be generating, and a replay would bill twice
     if account is None:
-        if code != "upstream_connect_error":
+        if not connecting:
             return False  # a BYO request may have reached the provider: never sent twice
     else:
-        reason = "connect_error" if code == "upstream_connect_error" else "reset"
+        reason = "connect_error" if connecting else "reset"
         exchange.client.state.accounts.failed(account, reason, time.time())
     return _again(exchange, account, time.monotonic())
 
