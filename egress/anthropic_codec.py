@@ -9,7 +9,8 @@ Contract
       field at fault as OpenAI spells it ("seed", "messages[0].content[1]"), when one field is.
       Nothing is dropped silently: every top-level field is mapped, consumed, neutral (accepted, its
       value changes nothing), or refused (`_NEUTRAL` and `_MAPPED` below are the whole policy).
-  message_to_chat(message, model=, created=) -> an OpenAI `chat.completion` dict.
+  message_to_chat(message, model=, created=) -> an OpenAI `chat.completion` dict; a message whose fields
+      are not of Anthropic's types raises EgressError("upstream_protocol_error") (`provider_answer`).
   StreamTranscoder(model=, created=, include_usage=): `feed(bytes) -> bytes` turns Anthropic SSE,
       cut anywhere, into OpenAI SSE chunks as soon as each event is whole; `finish()` at the end of
       the upstream body. One handler per upstream event type (`_EVENTS`); an unknown type is
@@ -66,6 +67,7 @@ writes about them; citations are dropped with their deltas.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import secrets
 from collections.abc import Callable
@@ -580,8 +582,11 @@ def _text_part(part: dict, where: str) -> dict | None:
     text = part.get("text")
     if not isinstance(text, str):
         raise _invalid(f"{where}.text must be a string", f"{where}.text")
-    if not text:
-        return None  # Anthropic refuses empty text blocks
+    if not text.strip():
+        # Anthropic refuses an empty text block, and one of whitespace alone ("text content blocks must
+        # contain non-whitespace text", anthropics/claude-code#23440), which Claude itself writes before a
+        # tool call ("\n\n") and a client sends back as the assistant's content: it carries nothing.
+        return None
     block = {"type": "text", "text": text}
     if part.get("cache_control") is not None:
         block["cache_control"] = part["cache_control"]
@@ -590,7 +595,7 @@ def _text_part(part: dict, where: str) -> dict | None:
 
 def _text_blocks(content: object, where: str) -> list:
     if isinstance(content, str):
-        return [{"type": "text", "text": content}] if content else []
+        return [{"type": "text", "text": content}] if content.strip() else []  # as _text_part, for a string
     if not isinstance(content, list):
         raise _invalid(f"{where}.content must be a string or a list of parts", f"{where}.content")
     blocks = []
@@ -607,7 +612,7 @@ def _text_blocks(content: object, where: str) -> list:
 
 def _user_blocks(content: object, where: str) -> list:
     if isinstance(content, str):
-        return [{"type": "text", "text": content}] if content else []
+        return [{"type": "text", "text": content}] if content.strip() else []  # as _text_part, for a string
     if not isinstance(content, list):
         raise _invalid(f"{where}.content must be a string or a list of parts", f"{where}.content")
     blocks = []
@@ -834,6 +839,30 @@ def _thinking_tokens(counts: object) -> int | None:
     return value if value.__class__ is int else None
 
 
+# What reading a field of another type than the one Anthropic documents raises (a list where a string
+# goes, an object as a block index): an Anthropic-compatible server's answer, never Anthropic's. Raised
+# out of a protocol callback, it left the exchange unended and the caller waiting for its own timeout.
+_MALFORMED = (TypeError, AttributeError, KeyError, ValueError)
+
+
+def provider_answer(translate: Callable) -> Callable:
+    """A whole answer's translation (message_to_chat, responses_codec.message_to_response) that fails
+    as the provider's broken answer, upstream_protocol_error (502, or a cut once the head went out, as
+    a body cut short), never with a TypeError."""
+
+    @functools.wraps(translate)
+    def total(*args, **kwargs):
+        try:
+            return translate(*args, **kwargs)
+        except _MALFORMED:
+            raise EgressError(
+                "upstream_protocol_error", "the provider's answer is not a message egress can read"
+            ) from None
+
+    return total
+
+
+@provider_answer
 def message_to_chat(message: dict, *, model: str, created: int) -> dict:
     text: list[str] = []
     reasoning: list[str] = []
@@ -844,13 +873,16 @@ def message_to_chat(message: dict, *, model: str, created: int) -> dict:
     for block in message.get("content") or ():
         kind = block.get("type") if isinstance(block, dict) else None
         if kind == "text":
-            piece = block.get("text") or ""
+            piece = block.get("text")
+            if piece.__class__ is not str:
+                piece = ""  # a provider's garbage (a number, a list): no content, as the stream has it
             if block.get("citations"):  # a web search's answer: most text blocks have none
                 annotations += _chat_citations(block, length, length + len(piece))
             length += len(piece)
             text.append(piece)
         elif kind == "thinking":
-            reasoning.append(block.get("thinking") or "")
+            thought = block.get("thinking")
+            reasoning.append(thought if thought.__class__ is str else "")  # as a text of the wrong type
             signed = {"type": kind, "thinking": block.get("thinking"), "signature": block.get("signature")}
             thinking_blocks.append(signed)  # verbatim: the signature is checked when it comes back
         elif kind == "redacted_thinking":
@@ -984,7 +1016,8 @@ _ROLE = orjson.dumps({"index": 0, "delta": {"role": "assistant", "content": ""},
 class AnthropicEvents:
     """Anthropic SSE, cut anywhere, read event by event: each whole event's JSON goes to the handler
     its type names in the subclass's `HANDLERS` (an unknown type is ignored, as Anthropic asks);
-    a payload that is not JSON goes to `_on_error`. `feed(bytes) -> bytes` returns what the
+    a payload that is not JSON, or an event whose fields are not of Anthropic's types, goes to
+    `_on_error`. `feed(bytes) -> bytes` returns what the
     handlers wrote for the events completed by those bytes; `finish()` ends a last event without
     its blank line; nothing is read once `ended`."""
 
@@ -1065,7 +1098,14 @@ class AnthropicEvents:
             return
         handler = self.HANDLERS.get(event.get("type"))
         if handler is not None:
-            handler(self, event, out)
+            try:
+                handler(self, event, out)
+            except _MALFORMED:
+                # Its fields are not of the types Anthropic documents (an object as a block index, a
+                # list as a stop reason): an error the client reads, as for a payload that is not JSON.
+                # Try/except costs nothing until it raises (zero-cost exceptions, Python 3.11).
+                error = {"type": "api_error", "message": "egress could not read an event from the upstream stream"}
+                self._on_error({"error": error}, out)
 
     def _on_error(self, event: dict, out: list[bytes]) -> None:
         raise NotImplementedError

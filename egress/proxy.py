@@ -381,6 +381,10 @@ class Exchange:
             except EgressError as error:  # the filter found the body cut short: so is the client's
                 self.upstream_failed(error)
                 return
+            except Exception as exc:  # a bug must cost this response, never leave its caller waiting
+                self.client.log_internal_error(exc)
+                self.upstream_failed(EgressError("internal_error", f"internal error ({type(exc).__name__})"))
+                return
             if rest:
                 self._emit(rest)
         if self.framing == CHUNKED:

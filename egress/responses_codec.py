@@ -17,7 +17,8 @@ Contract
       name appended, as chat_to_messages does; `responses_param` gives that codec's names (in its
       refusals and dropped names) their Responses spelling.
   response_shell(body, model, created) -> the response object's request echo (id and output unset).
-  message_to_response(message, shell) -> the Responses `response` object for an Anthropic message.
+  message_to_response(message, shell) -> the Responses `response` object for an Anthropic message (one
+      whose fields are not of Anthropic's types: EgressError("upstream_protocol_error"), as on chat).
   ResponsesTranscoder(shell): `feed(bytes) -> bytes` turns Anthropic SSE, cut anywhere, into the
       Responses event stream as each event is whole; `finish()` at the end of the upstream body;
       `ended` once the terminal event went out.
@@ -57,6 +58,7 @@ from egress.anthropic_codec import (
     _openai_error,
     _thinking_tokens,
     message_id,
+    provider_answer,
     web_citations,
     web_search_tool,
 )
@@ -226,9 +228,9 @@ def _input(items: object, warnings: list[str]) -> list[dict]:
                 continue
             assistant = None
             if role in ("system", "developer"):
-                messages.append({"role": role, "content": _text_parts(item.get("content"), at)})
+                messages.append(_marked(item, {"role": role, "content": _text_parts(item.get("content"), at)}))
             elif role == "user":
-                messages.append({"role": "user", "content": _user_parts(item.get("content"), at)})
+                messages.append(_marked(item, {"role": "user", "content": _user_parts(item.get("content"), at)}))
             else:
                 raise _invalid(f"{at}.role must be user, assistant, system or developer", f"{at}.role")
         elif kind == "function_call":
@@ -254,7 +256,8 @@ def _input(items: object, warnings: list[str]) -> list[dict]:
             call_id = item.get("call_id")
             if not isinstance(call_id, str) or not call_id:
                 raise _invalid(f"{at}.call_id is required", f"{at}.call_id")
-            messages.append({"role": "tool", "tool_call_id": call_id, "content": _output(item.get("output"), at)})
+            result = {"role": "tool", "tool_call_id": call_id, "content": _output(item.get("output"), at)}
+            messages.append(_marked(item, result))
         elif kind == "reasoning":
             blocks = _opened(item.get("encrypted_content"), at)
             if blocks is None:
@@ -309,7 +312,15 @@ def _kind(part: object) -> object:
 def _text_part(part: object, where: str) -> dict:
     if _kind(part) not in ("input_text", "output_text", "text"):
         raise _unsupported(f"{where} must be a text part, not {_kind(part)!r}", where)
-    return {"type": "text", "text": _string(part, "text", where)}
+    return _marked(part, {"type": "text", "text": _string(part, "text", where)})
+
+
+def _marked(given: dict, translated: dict) -> dict:
+    """`translated` with the `cache_control` mark `given` carries (Anthropic's prompt caching, which the
+    chat translation keeps on a part or a message): copied, never dropped, as on a function tool."""
+    if given.get("cache_control") is not None:
+        translated["cache_control"] = given["cache_control"]
+    return translated
 
 
 def _string(part: dict, field: str, where: str) -> str:
@@ -340,19 +351,19 @@ def _assistant_text(content: object, at: str) -> str:
 def _user_part(part: object, where: str) -> dict:
     kind = _kind(part)
     if kind in ("input_text", "text"):
-        return {"type": "text", "text": _string(part, "text", where)}
+        return _marked(part, {"type": "text", "text": _string(part, "text", where)})
     if kind == "input_image":
         url = part.get("image_url")
         if not isinstance(url, str):
             raise _unsupported(f"{where}: only image_url images translate, not file_id", where)
-        return {"type": "image_url", "image_url": {"url": url}}
+        return _marked(part, {"type": "image_url", "image_url": {"url": url}})
     if kind == "input_file":
         data = part.get("file_data")
         if not isinstance(data, str):
             raise _unsupported(f"{where}: only inline file_data translates, not file_id or file_url", where)
         if not data.startswith("data:"):
             data = "data:application/pdf;base64," + data  # the SDKs send bare base64 of a PDF
-        return {"type": "file", "file": {"file_data": data, "filename": part.get("filename")}}
+        return _marked(part, {"type": "file", "file": {"file_data": data, "filename": part.get("filename")}})
     raise _unsupported(f"{where}: content of type {kind!r} has no Anthropic equivalent", where)
 
 
@@ -581,6 +592,14 @@ def _opened(content: object, at: str) -> list[dict] | None:
 # -- response ------------------------------------------------------------------------------------
 
 
+def _given(body: dict, name: str, default: object) -> object:
+    """A parameter as the request gave it, or its default when it is absent or null: null is "not given"
+    to the API (every translation here skips it), and its echo is typed as the value (`parallel_tool_calls`
+    a bool, `tool_choice` a choice: openai-python types/responses/response.py)."""
+    value = body.get(name)
+    return default if value is None else value
+
+
 def response_shell(body: dict, model: str, created: int) -> dict:
     """What every response object of this request repeats of it (OpenAI echoes the parameters)."""
     tools = body.get("tools") or []
@@ -598,16 +617,16 @@ def response_shell(body: dict, model: str, created: int) -> dict:
         "max_output_tokens": body.get("max_output_tokens"),
         "model": model,
         "output": [],
-        "parallel_tool_calls": body.get("parallel_tool_calls", True),
+        "parallel_tool_calls": _given(body, "parallel_tool_calls", True),
         "previous_response_id": None,
         "reasoning": {"effort": reasoning.get("effort"), "summary": reasoning.get("summary")},
         "service_tier": "default",
         "store": False,
-        "temperature": body.get("temperature", 1.0),
+        "temperature": _given(body, "temperature", 1.0),
         "text": {"format": text.get("format") or {"type": "text"}},
-        "tool_choice": body.get("tool_choice", "auto"),
+        "tool_choice": _given(body, "tool_choice", "auto"),
         "tools": tools,
-        "top_p": body.get("top_p", 1.0),
+        "top_p": _given(body, "top_p", 1.0),
         "truncation": "disabled",
         "usage": None,
         "user": body.get("user"),
@@ -720,6 +739,7 @@ def _item_status(stop_reason: object) -> str:
     return _ENDINGS.get(stop_reason, _COMPLETED)[0]
 
 
+@provider_answer
 def message_to_response(message: dict, shell: dict, names: dict | None = None) -> dict:
     upstream_id = message_id(message)
     output = []
@@ -730,7 +750,9 @@ def message_to_response(message: dict, shell: dict, names: dict | None = None) -
         last = None
         kind = block.get("type") if isinstance(block, dict) else None
         if kind == "text":
-            text = block.get("text") or ""
+            text = block.get("text")
+            if text.__class__ is not str:
+                text = ""  # a provider's garbage (a number, a list): no content, as on chat
             annotations = _url_annotations(web_citations(block), text)
             last = _message_item(mint_id("msg", upstream_id, index), text, annotations=annotations)
             output.append(last)
@@ -744,6 +766,8 @@ def message_to_response(message: dict, shell: dict, names: dict | None = None) -
             output.append(last)
         elif kind in ("thinking", "redacted_thinking"):
             summary = block.get("thinking") if kind == "thinking" else None
+            if summary.__class__ is not str:
+                summary = None  # as a text of the wrong type: no summary
             output.append(_reasoning_item(mint_id("rs", upstream_id, index), block, summary))
         elif kind == "server_tool_use" and block.get("name") == WEB_SEARCH:
             # Without its result (the answer cut at max_tokens right after it), incomplete.
@@ -940,14 +964,20 @@ class ResponsesTranscoder(AnthropicEvents):
         return {"item_id": item.id, "output_index": item.output_index, **fields}
 
     def _output_text(self, item: _Item, text: str, out: list[bytes]) -> None:
+        if text.__class__ is not str:
+            return  # a provider's garbage (a number, an object): no content, as on chat
         item.parts.append(text)
         self._emit("response.output_text.delta", self._at(item, content_index=0, delta=text, logprobs=[]), out)
 
     def _arguments(self, item: _Item, piece: str, out: list[bytes]) -> None:
+        if piece.__class__ is not str:
+            return  # arguments are JSON text; anything else is no piece of them
         item.parts.append(piece)
         self._emit("response.function_call_arguments.delta", self._at(item, delta=piece), out)
 
     def _thinking(self, item: _Item, text: str, out: list[bytes]) -> None:
+        if text.__class__ is not str:
+            return  # as _output_text
         if not item.summary_open:
             item.summary_open = True
             part = {"type": "summary_text", "text": ""}

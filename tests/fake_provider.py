@@ -998,6 +998,12 @@ def _text_block(where: str, block: dict) -> None:
         )
     if not block["text"]:
         _refuse("messages: text content blocks must be non-empty")  # [SEEN]
+    if not block["text"].strip():
+        # [SEEN] a block of whitespace alone (" ", "\n\n"), in the system prompt or a message, tool results'
+        # included: "messages: text content blocks must contain non-whitespace text" (anthropics/claude-code#23440,
+        # anomalyco/opencode#31259), "system: ..." for the system prompt (BoltAI/BoltAI#165)
+        field = "system" if where.startswith("system") else "messages"
+        _refuse(f"{field}: text content blocks must contain non-whitespace text")
 
 
 def _image_block(where: str, block: dict) -> None:
