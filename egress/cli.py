@@ -7,7 +7,7 @@ import os
 import sys
 
 from egress import doctor, keys_cli, report
-from egress.config import ConfigError, load_config, render_config, with_overrides
+from egress.config import MAX_WORKERS, ConfigError, load_config, parse_listen, render_config, with_overrides
 from egress.errors import StartupError
 from egress.secrets import SecretSourceError
 
@@ -57,6 +57,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _serve(path: str | None, listen: str | None, admin_listen: str | None, workers: int | None) -> int:
+    if workers is not None and not 0 <= workers <= MAX_WORKERS:
+        raise ConfigError(f"--workers takes 0..{MAX_WORKERS} (0: [server] workers, else one per CPU), not {workers}")
     config = load_config(path)
     flags = {"listen": listen, "admin_listen": admin_listen}
     # Checked as the file's own addresses are: `--listen` on the file's admin port used to start,
@@ -65,11 +67,16 @@ def _serve(path: str | None, listen: str | None, admin_listen: str | None, worke
     doctor.preflight(config)  # what config check refuses, serve refuses, in the same words
     _raise_open_file_limit()
     workers = workers or config.server.workers or os.cpu_count() or 1
-    if workers < 1:
-        raise ConfigError("--workers must be at least 1")
     if workers == 1:
         from egress.serve import serve  # uvloop is imported only when serving
+        from egress.workers import ensure_free
 
+        # Both ports before either is bound, as the supervisor probes them: a taken main port used
+        # to be said after an `admin_listening` line, of an admin listener about to close.
+        for setting in ("listen", "admin_listen"):
+            address = getattr(config.server, setting)
+            if address != "off" and parse_listen(address)[1] != 0:
+                ensure_free(setting, address)
         return serve(config, path)
     from egress.workers import supervise
 

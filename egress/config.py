@@ -620,8 +620,11 @@ _AT_LEAST_ONE = frozenset(
         "usage.keep_files",  # 0 deleted every fact at each rotation
     }
 )
-# And at most: a transport's buffer limits are C ints (a larger one made every connection hang).
-_AT_MOST = {"server.write_buffer_high": 1 << 30, "server.write_buffer_low": 1 << 30}
+# And at most: a transport's buffer limits are C ints (a larger one made every connection hang);
+# workers, each a process with a slab of shared memory mapped before the fork (a count past what a
+# mapping can hold ended the supervisor in a traceback, or "Cannot allocate memory" naming nothing).
+MAX_WORKERS = 1024
+_AT_MOST = {"server.write_buffer_high": 1 << 30, "server.write_buffer_low": 1 << 30, "server.workers": MAX_WORKERS}
 # Paths and names that can't be empty: "" would open nothing, and the error would name no key.
 _NON_EMPTY = frozenset({"server.access_log", "usage.jsonl", "keys.deny_file", "nats.snapshot", "upstream.ca_file"})
 

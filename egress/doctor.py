@@ -16,6 +16,12 @@ Checks, by id:
   ca_file       [upstream] ca_file exists and holds PEM certificates
   byo_hash_key  [limits] byo_hash_key loads
   open_relay    a listen address off loopback, while any non-`bai_` key passes through (auth.py)
+  callers       who can be served at all: with keys.allow_byo = false, no trusted issuer and no
+                allow_anonymous provider every request is refused; trusted issuers but no pool keys
+                anywhere refuse every virtual key (403 no_pool_key). Both start and pass all else
+  relative_paths  a path in the config that is relative: it resolves against the working directory of
+                whoever runs egress (`/` under systemd), not the config file's, so doctor and serve
+                may read two different files
   ports         the listen and admin addresses can be bound (in use: egress may already be running)
   accounts      --check only: GET {api_root}/models with each account's key; 200 ok, 401/403 fail,
                 429 warn, no answer within 5 s fail
@@ -120,7 +126,7 @@ def diagnose(path: str | None, network: bool = False) -> list[Finding]:
     except ConfigError as exc:
         return [Finding("config", "fail", str(exc))]
     findings = [Finding("config", "ok", f"{path or 'the built-in config'} parses and validates")]
-    for check in (*_STARTUP_CHECKS, check_open_relay, check_ports):
+    for check in (*_STARTUP_CHECKS, check_open_relay, check_callers, check_relative_paths, check_ports):
         findings += check(config)
     if network:
         failed = frozenset(f.details["provider"] for f in findings if f.check == "pool_keys" and f.level == "fail")
@@ -430,6 +436,65 @@ def check_open_relay(config: Config) -> list[Finding]:
     if anonymous:
         message += f"; {', '.join(anonymous)} also take requests with no key at all (allow_anonymous)"
     return [Finding("open_relay", "warn", message, details)]
+
+
+def check_callers(config: Config) -> list[Finding]:
+    """Whether any request can be served (auth.Authenticator.authenticate's three ways in): a
+    config that refuses them all starts, listens and passes every other check, and its first sign
+    is every caller's 401 (deploy/egress.toml turns BYO keys off and trusts no issuer until edited)."""
+    keys = config.keys
+    issuers = len(keys.trusted_issuers)
+    pooled = sorted(p.name for p in config.providers.values() if p.pool_keys)
+    anonymous = sorted(p.name for p in config.providers.values() if p.allow_anonymous)
+    details = {"allow_byo": keys.allow_byo, "trusted_issuers": issuers, "pooled_providers": pooled}
+    if not keys.allow_byo and not issuers and not anonymous:
+        message = (
+            "every request is refused: keys.allow_byo = false turns callers' own keys away (401 byo_not_allowed)"
+            " and keys.trusted_issuers is empty, so no virtual key verifies (401 invalid_key); add the public key"
+            " `egress keys issuer-new` prints"
+        )
+        return [Finding("callers", "warn", message, details)]
+    if issuers and not pooled:
+        message = (
+            f"keys.trusted_issuers has {issuers} issuer{'s' if issuers > 1 else ''}, but no provider has pool_keys:"
+            " every virtual key is refused (403 no_pool_key); give [providers.NAME] pool_keys"
+        )
+        return [Finding("callers", "warn", message, details)]
+    ways = []
+    if keys.allow_byo:
+        ways.append("callers' own provider keys pass through")
+    if issuers:
+        ways.append(f"virtual keys for {', '.join(pooled)}")
+    if anonymous:
+        ways.append(f"no key at all for {', '.join(anonymous)}")
+    return [Finding("callers", "ok", "; ".join(ways), details)]
+
+
+def check_relative_paths(config: Config) -> list[Finding]:
+    paths = [
+        ("upstream.ca_file", config.upstream.ca_file),
+        ("keys.deny_file", config.keys.deny_file),
+        ("nats.snapshot", config.nats.snapshot),
+        ("usage.jsonl", config.usage.jsonl),
+    ]
+    if config.server.access_log not in ("stdout", "stderr", "off"):
+        paths.append(("server.access_log", config.server.access_log))
+    sources = [("limits.byo_hash_key", config.limits.byo_hash_key)]
+    for provider in config.providers.values():
+        sources += [(f"providers.{provider.name}.pool_keys[{i}]", key) for i, key in enumerate(provider.pool_keys)]
+    paths += [(setting, source[len("file:") :]) for setting, source in sources if source and source.startswith("file:")]
+    findings = [
+        Finding(
+            "relative_paths",
+            "warn",
+            f"{setting} {path} is relative: it is taken from the directory egress starts in ({os.getcwd()} now,"
+            " / under systemd), not the config file's; give the whole path",
+            {"setting": setting, "path": path},
+        )
+        for setting, path in paths
+        if path is not None and not os.path.isabs(path)
+    ]
+    return findings or [Finding("relative_paths", "ok", "every path in the config is absolute")]
 
 
 def _is_loopback(host: str) -> bool:

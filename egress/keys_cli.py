@@ -187,7 +187,10 @@ def _revoke(args: argparse.Namespace) -> int:
     if config.keys.deny_file is None and config.nats.url is None:
         raise ConfigError("the config names neither keys.deny_file nor nats.url: nowhere to revoke to")
     if config.keys.deny_file is not None:
+        created = not os.path.lexists(config.keys.deny_file)
         append_deny_file(config.keys.deny_file, kid)
+        if created:
+            _give_to_directory_owner(config.keys.deny_file)
         print(f"revoked {kid} in {config.keys.deny_file}")
     if config.nats.url is not None:
         from egress.revocations import describe_failure, public_url, publish_revocation
@@ -201,6 +204,21 @@ def _revoke(args: argparse.Namespace) -> int:
             return 1
         print(f"revoked {kid} on {config.nats.stream} (sequence {sequence})")
     return 0
+
+
+def _give_to_directory_owner(path: str) -> None:
+    """A deny file root has just created goes to whoever owns its directory: the service's user,
+    which must read it (under deploy/egress.service, the DynamicUser owning /var/lib/egress). Left
+    root's, mode 0600, the running egress could not read it (`deny_file_unreadable`: the kid stayed
+    usable though `revoke` said "revoked"), and its next start refused the file."""
+    if os.geteuid() != 0:
+        return  # only root gives a file away; anyone else's stays its own
+    directory = os.stat(os.path.dirname(os.path.realpath(path)))
+    if directory.st_uid != 0:
+        try:
+            os.chown(path, directory.st_uid, directory.st_gid)
+        except OSError as exc:  # the kid is written: said, not a failed revoke
+            print(f"egress: {path} stays root's ({exc.strerror}): chown it to uid {directory.st_uid}", file=sys.stderr)
 
 
 def _kid_to_revoke(argument: str) -> str:

@@ -8,6 +8,7 @@ counts each request id once, so a fact written twice is billed once.
 from __future__ import annotations
 
 import argparse
+import errno
 import glob
 import os
 import re
@@ -77,8 +78,13 @@ def run(args: argparse.Namespace) -> int:
     if match is None:
         raise ConfigError(f"--since takes a number and one of s, m, h, d (like 24h), not {args.since!r}")
     cutoff = time.time() - int(match.group(1)) * _SECONDS[match.group(2)]
+    files = files_of(path)
+    if not files:
+        # egress creates its usage file when it starts: none at all is a wrong path, which an empty
+        # table (every total 0, exit 0) would have billed as a quiet day.
+        raise FileNotFoundError(errno.ENOENT, "no usage file there, nor a rotation or a worker's file of it", path)
     skipped: dict[str, int] = {}
-    totals = aggregate(files_of(path), cutoff, _GROUPS[args.by], skipped, relist=lambda: files_of(path))
+    totals = aggregate(files, cutoff, _GROUPS[args.by], skipped, relist=lambda: files_of(path))
     for name, count in skipped.items():
         print(f"egress: skipped {count} unreadable lines in {name}", file=sys.stderr)
     if args.json:

@@ -51,7 +51,8 @@ def status_document(state: ServerState, slabs: list[Slab] = ()) -> dict:
         "config_hash": config_digest(state.config),
         "uptime_s": round(now - _STARTED, 3),
         "pid": os.getpid(),
-        "worker": accesslog.WORKER,
+        # As `workers` and the metrics' `worker` label name it: a lone worker is worker 0 there too.
+        "worker": accesslog.WORKER if accesslog.WORKER is not None else 0,
         "draining": state.draining,
         "open_connections": len(state.connections),
         "waiting": len(state.waiting),

@@ -123,7 +123,7 @@ def supervise(config: Config, config_path: str | None, workers: int) -> int:
         if address == "off":
             continue
         if parse_listen(address)[1] != 0:
-            _ensure_free(setting, address)
+            ensure_free(setting, address)
             continue
         # Bound, never listening: it fixes the port for the workers and receives no connection.
         placeholder, address = _fix_port(address)
@@ -268,7 +268,7 @@ def _fix_port(address: str) -> tuple[socket.socket, str]:
     return placeholder, f"{shown}:{placeholder.getsockname()[1]}"
 
 
-def _ensure_free(setting: str, address: str) -> None:
+def ensure_free(setting: str, address: str) -> None:
     """Raise StartupError if something already listens on `address`. The workers bind with
     SO_REUSEPORT, which would let them join another process's listeners on the port (a second
     egress of the same user): the kernel would then split connections between the two. A bind

@@ -304,7 +304,11 @@ def test_non_loopback_listen_warns_of_an_open_relay(tmp_path: Path) -> None:
 
 
 def test_allow_byo_false_closes_the_open_relay(tmp_path: Path) -> None:
-    result = doctor(tmp_path, '[server]\nlisten = "0.0.0.0:0"\nadmin_listen = "off"\n[keys]\nallow_byo = false\n')
+    # With an issuer and a pool key, so that virtual keys are served (else `callers` warns: nothing is).
+    config = '[server]\nlisten = "0.0.0.0:0"\nadmin_listen = "off"\n[keys]\nallow_byo = false\n'
+    config += 'trusted_issuers = ["JFW7T2YSO9KvMLmV_JrNVZP4S1Z2303oRzD_YajQKAs"]\n'
+    config += '[providers.openai]\npool_keys = ["env:DOCTOR_TEST_KEY"]\n'
+    result = doctor(tmp_path, config, env={**os.environ, "DOCTOR_TEST_KEY": FAKE_KEY})
     assert result.returncode == 0, result.stdout + result.stderr
     (line,) = [line for line in result.stdout.splitlines() if "open_relay" in line]
     assert line.startswith("ok  open_relay") and "allow_byo = false" in line
