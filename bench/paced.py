@@ -571,17 +571,23 @@ def render(results: list[dict], seconds: float) -> str:
     return "\n".join(lines) + "\n"
 
 
+_ALIASES = {"egress-full": "egress, full"}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--peers", action="store_true", help="also Portkey's gateway and LiteLLM (run.py's installs)")
     parser.add_argument("--full", action="store_true", help="also egress with the `full` config (virtual key, meter)")
     parser.add_argument("--spread", choices=("interval", "stream", "both"), default="interval")
-    parser.add_argument("--targets", default="", help="comma-separated subset, e.g. egress,nginx-proxy")
+    parser.add_argument(
+        "--targets", default="", help="comma-separated subset, e.g. egress,egress-full,nginx-proxy,portkey,litellm"
+    )
     parser.add_argument("--egress-tree", type=Path, default=ROOT, help="run `python3 -m egress` from this tree")
     parser.add_argument("--levels", default="", help="levels for egress and nginx, e.g. 64,128 (default: 64 ... 4096)")
     args = parser.parse_args()
     spreads = ("interval", "stream") if args.spread == "both" else (args.spread,)
-    only = tuple(name.strip() for name in args.targets.split(",") if name.strip())
+    # `egress-full` names the row "egress, full", whose comma the list can't carry.
+    only = tuple(_ALIASES.get(name.strip(), name.strip()) for name in args.targets.split(",") if name.strip())
     levels = tuple(int(level) for level in args.levels.split(",") if level) or LEVELS
     report = paced_section(args.peers, args.full or "egress, full" in only, spreads, only, args.egress_tree, levels)
     print(report)
