@@ -101,9 +101,9 @@ def answered(exchange: Exchange, status: int, headers: list[tuple[bytes, bytes]]
 
 def failed(exchange: Exchange, error: EgressError, unsent: bool = False) -> bool:
     """An attempt failed with no answer: sent again (True) or not. `unsent`: it failed connecting,
-    so the provider never saw it, and a timeout there is retried like a refused connection (Envoy's
-    `connect-failure` covers a connect timeout): a provider that can't be reached goes to the next
-    account or fallback, not straight to a 504."""
+    so the provider never saw it. A connect that timed out is a connect failure (Envoy's
+    `connect-failure` covers it) but goes only elsewhere, to a fallback: the provider's other
+    accounts share its host, and they, or the same one again, would wait as long."""
     account = exchange.account
     if account is not None:
         exchange.client.state.accounts.heard(account)  # this attempt is over, with no answer
@@ -111,16 +111,19 @@ def failed(exchange: Exchange, error: EgressError, unsent: bool = False) -> bool
     connecting = unsent or code == "upstream_connect_error"
     if not connecting and code != "upstream_protocol_error":
         return False  # a read timeout: the provider may be generating, and a replay would bill twice
+    elsewhere = unsent and code == "upstream_timeout"
     if account is None:
-        if not connecting:
+        if not connecting or elsewhere:
             return False  # a BYO request may have reached the provider: never sent twice
     else:
         reason = "connect_error" if connecting else "reset"
         exchange.client.state.accounts.failed(account, reason, time.time())
-    return _again(exchange, account, time.monotonic())
+    return _again(exchange, account, time.monotonic(), elsewhere)
 
 
-def _again(exchange: Exchange, account: Account | None, now: float) -> bool:
+def _again(exchange: Exchange, account: Account | None, now: float, elsewhere: bool = False) -> bool:
+    """Send the request again: to another account, the next fallback, or (unless `elsewhere`) the
+    same account after a back-off. False when it can't be (attempts, budget, nowhere to go)."""
     state = exchange.client.state
     table = state.accounts
     config = state.config.accounts
@@ -137,7 +140,7 @@ def _again(exchange: Exchange, account: Account | None, now: float) -> bool:
     if account is not None:
         # Another account of the provider, within its caps; else the route's next fallback.
         pool = exchange.lease
-        following = table.take(pool.accounts, now, exclude=(account,), retry=True, gate=0)
+        following = None if elsewhere else table.take(pool.accounts, now, exclude=(account,), retry=True, gate=0)
         if following is not None and following is not BUSY:
             table.end(account)  # the provider's gate place stays with the request
             state.waiting.released()  # the account's place: a waiter here takes it now, not at its next poll
@@ -149,7 +152,7 @@ def _again(exchange: Exchange, account: Account | None, now: float) -> bool:
             moved = True
         elif admission.fall_back(exchange, retry=True):
             moved = True
-        elif table.state_of(account, now) != HEALTHY:
+        elif elsewhere or table.state_of(account, now) != HEALTHY:
             state.metrics.tally.add(("attempts", *label, "retry_exhausted"))
             return False  # every account is cooling or spent: the provider's own answer goes back
     table.may_retry(now)  # counted now that it is sure (checked above, before anything moved)

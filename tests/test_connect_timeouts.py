@@ -1,0 +1,74 @@
+"""A connect that times out sent nothing: it goes to a fallback, never again to the same host."""
+
+from __future__ import annotations
+
+import time
+
+import openai
+import pytest
+
+from egress.vkeys import public_key_text
+from tests.test_fallbacks import ISSUER, sdk
+from tests.test_upstream_review import dropping_syns
+
+
+@pytest.mark.parametrize("keys", [1, 2])
+def test_a_connect_timeout_with_no_fallback_waits_once(start_egress, ca_file, tmp_path, keys):
+    # Another account of the provider shares its host: sent there, or to the same one after a
+    # back-off, the request waited connect_timeout again for each of max_attempts.
+    for index in range(keys):
+        (tmp_path / f"dead{index}.key").write_text(f"sk-dead-pool-key-{index}-0123456789\n")
+    pool_keys = ", ".join(f'"file:{tmp_path / f"dead{index}.key"}"' for index in range(keys))
+    with dropping_syns() as (host, port):
+        egress = start_egress(
+            f"""
+[upstream]
+ca_file = "{ca_file}"
+connect_timeout = 1.0
+
+[accounts]
+max_attempts = 3
+
+[providers.dead]
+base_url = "https://{host}:{port}"
+pool_keys = [{pool_keys}]
+
+[keys]
+trusted_issuers = ["{public_key_text(ISSUER.public_key())}"]
+
+[[routes]]
+match = "gpt-dead"
+provider = "dead"
+"""
+        )
+        started = time.monotonic()
+        with pytest.raises(openai.APIStatusError) as raised:
+            sdk(egress).chat.completions.create(model="gpt-dead", messages=[{"role": "user", "content": "hi"}])
+        took = time.monotonic() - started
+    assert raised.value.status_code == 504
+    assert raised.value.body["code"] == "upstream_timeout"
+    assert 0.9 <= took < 1.8  # one connect_timeout, not one per attempt
+
+
+def test_a_byo_connect_timeout_is_answered_after_one_wait(start_egress, tmp_path):
+    with dropping_syns() as (host, port):
+        egress = start_egress(
+            f"""
+[upstream]
+connect_timeout = 1.0
+
+[providers.dead]
+base_url = "http://{host}:{port}"
+
+[[routes]]
+match = "gpt-dead"
+provider = "dead"
+"""
+        )
+        client = openai.OpenAI(base_url=egress.url + "/v1", api_key="sk-callers-own-key", max_retries=0)
+        started = time.monotonic()
+        with pytest.raises(openai.APIStatusError) as raised:
+            client.chat.completions.create(model="gpt-dead", messages=[{"role": "user", "content": "hi"}])
+        took = time.monotonic() - started
+    assert raised.value.status_code == 504
+    assert 0.9 <= took < 1.8
