@@ -367,6 +367,9 @@ def check_state_paths(config: Config) -> list[Finding]:
         # serve can't start without the files it writes at once; a deny file or snapshot may come later.
         level = "fail" if setting in ("usage.jsonl", "server.access_log") else "warn"
         fault = _file_fault(path, writes=level == "fail")
+        stream = _STANDARD_STREAMS.get(path) if setting == "server.access_log" else None
+        if fault is not None and stream is not None:
+            fault += f'; write server.access_log = "{stream}" for the process\'s own {stream}'
         if fault is not None:
             # The file itself is there but can't be used: serve stops on it (a deny file it can't
             # read would leave revoked keys live), except on a snapshot, which it replays the stream for.
@@ -382,6 +385,16 @@ def check_state_paths(config: Config) -> list[Finding]:
     if not findings:
         findings.append(Finding("state_paths", "ok", "no deny file, snapshot, usage or access log file is set"))
     return findings
+
+
+# What an operator writes for the process's own output, as nginx's `access_log /dev/stdout` has it:
+# a pipe or a terminal there (systemd's journal, a container's log) is no regular file, and
+# `"stdout"` is the setting that writes to it, each line whole however many workers share it.
+_STANDARD_STREAMS = {
+    name: stream
+    for stream, fd in (("stdout", 1), ("stderr", 2))
+    for name in (f"/dev/{stream}", f"/dev/fd/{fd}", f"/proc/self/fd/{fd}")
+}
 
 
 def _file_fault(path: str, writes: bool) -> str | None:

@@ -22,7 +22,7 @@ import time
 
 import uvloop
 
-from egress import accesslog, doctor
+from egress import accesslog, doctor, status
 from egress.accesslog import AccessLog, log_event
 from egress.accounts import AccountTable
 from egress.admin import start_admin
@@ -85,25 +85,33 @@ def _usage_path(config: Config, worker: WorkerContext | None) -> str | None:
     return worker_path(path, worker.index)
 
 
-def reload_config(state: ServerState, config_path: str | None, box: ConfigBox | None = None) -> None:
+# What a SIGHUP of an egress started without --config says: there is no file to read again (the
+# supervisor says it once for its workers). Silence made `systemctl reload` look like it worked.
+NO_CONFIG_FILE = "started without --config: the built-in config has no file to read again; restart with --config FILE"
+
+
+def reload_config(state: ServerState, config_path: str | None, box: ConfigBox | None = None) -> bool:
     """SIGHUP: providers, pool keys, trusted issuers, limits and upstream settings, no connection dropped.
 
     Under a supervisor (`box`), the file's bytes as the supervisor read them for this signal, so
-    that every worker reloads the same file; without one, the file itself.
+    that every worker reloads the same file; without one, the file itself. True if the new config
+    took.
     """
     if config_path is None:
-        return
+        if box is None:
+            log_event("reload_skipped", reason=NO_CONFIG_FILE)
+        return False
     raw = None
     if box is not None:
         taken = box.take()
         if taken is None:  # the supervisor is writing the next reload's bytes: its signal follows
             log_event("reload_deferred", reason="a newer reload is on its way")
-            return
+            return False
         raw, error = taken
         if error:
             log_event("reload_failed", error=raw.decode("utf-8", "replace"))
             config_loaded(state.metrics.tally, ok=False)
-            return
+            return False
     old = state.config
     try:
         written, new, pools = reloaded(old, config_path, raw)
@@ -117,11 +125,11 @@ def reload_config(state: ServerState, config_path: str | None, box: ConfigBox | 
     except (ConfigError, SecretSourceError) as exc:
         log_event("reload_failed", error=str(exc))  # the running configuration stays
         config_loaded(state.metrics.tally, ok=False)
-        return
+        return False
     except Exception as exc:  # a bug, or a library's refusal: the running configuration stays too
         log_event("reload_failed", error=f"{type(exc).__name__} while loading {config_path}")
         config_loaded(state.metrics.tally, ok=False)
-        return
+        return False
     ignored = ignored_on_reload(old, written)
     if ignored:
         log_event("reload_ignored", settings=ignored, reason="these change only on restart")
@@ -143,6 +151,7 @@ def reload_config(state: ServerState, config_path: str | None, box: ConfigBox | 
         config_digest=config_digest(new),
     )
     config_loaded(state.metrics.tally, ok=True, config=new)
+    return True
 
 
 def reloaded(running: Config, config_path: str, raw: bytes | None = None) -> tuple[Config, Config, dict]:
@@ -298,6 +307,7 @@ async def _serve(config: Config, config_path: str | None, worker: WorkerContext 
     else:
         slabs, workers = memoryview(bytearray(slab_bytes())), 1
         tally = Tally(slabs, os.getpid())
+    status.started(tally)  # before anything else: a restarted worker's slab still says its predecessor's
     denyset = load_denyset(config, tally)
     accounts = (
         AccountTable(worker.accounts, worker.accounts_lock, worker.index) if worker is not None else AccountTable()
@@ -365,7 +375,8 @@ async def _serve(config: Config, config_path: str | None, worker: WorkerContext 
         deny_set_size=len(denyset),
         pooled_providers=sorted(auth.pools),
     )
-    if worker is None or worker.index == 0:
+    says_for_host = worker is None or worker.index == 0  # the host's warnings, once, not once a worker
+    if says_for_host:
         _warn_if_open_relay(config, state.limiter.enabled)
 
     state.catalog.start(state)
@@ -405,7 +416,8 @@ async def _serve(config: Config, config_path: str | None, worker: WorkerContext 
         log_event("logs_reopened", access_log=access_log, usage=usage)
 
     def on_hangup() -> None:
-        reload_config(state, config_path, worker.config_box if worker is not None else None)
+        if reload_config(state, config_path, worker.config_box if worker is not None else None) and says_for_host:
+            _warn_if_open_relay(state.config, state.limiter.enabled)  # as at start: a reload may open it
         reload_deny_file.set()
         on_reopen()
 
@@ -473,7 +485,8 @@ async def _publish_gauges(state: ServerState) -> None:
 
 
 def _warn_if_open_relay(config, limited: bool) -> None:
-    """A reachable listener that passes BYO keys with no limits: said once at start (doctor.py's rule)."""
+    """A reachable listener that passes BYO keys with no limits (doctor.py's rule): said at start,
+    and at each reload that leaves it so (`keys.allow_byo` turned on, the limits taken off)."""
     from egress.doctor import check_open_relay
 
     for finding in check_open_relay(config):

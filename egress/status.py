@@ -1,13 +1,13 @@
 """`GET /status` on the admin listener: what an operator asks first, from memory only.
 
-Contract: `status_document(state, slabs)` -> a JSON-ready dict: build, config hash, uptime, the worker
-that answered, every worker of the host (pid, running, its open connections, waiters, draining, its
-config's hash, its usage file's drops: from the host's tally, `slabs`, tally.py), and per provider
-with pool keys its accounts (state, until, reason, quota and reset, in flight, last error class and
-age: accounts.AccountTable.snapshot, the host's shared view), the deny-set and its NATS feed, the
-usage sinks' queues (this worker's) and drops (the host's), and the model lists. It never calls a
-provider, and never holds a secret: accounts appear by id or operator name, NATS by whether it is
-configured.
+Contract: `status_document(state, slabs)` -> a JSON-ready dict: build, config hash, the host's
+uptime, the worker that answered, every worker of the host (pid, running, its own uptime, its open
+connections, waiters, draining, its config's hash, its usage file's drops: from the host's tally,
+`slabs`, tally.py), and per provider with pool keys its accounts (state, until, reason, quota and
+reset, in flight, last error class and age: accounts.AccountTable.snapshot, the host's shared view),
+the deny-set and its NATS feed, the usage sinks' queues (this worker's) and drops (the host's), and
+the model lists. It never calls a provider, and never holds a secret: accounts appear by id or
+operator name, NATS by whether it is configured.
 """
 
 from __future__ import annotations
@@ -23,9 +23,18 @@ from egress.metrics import alive, worker_digest
 
 if TYPE_CHECKING:
     from egress.server import ServerState
-    from egress.tally import Slab
+    from egress.tally import Slab, Tally
 
+# When egress started: the supervisor imports this module before it forks (workers.supervise), so
+# the top-level `uptime_s` is the host's, whichever worker answers. Each worker's own start is in
+# its slab (`started`), and its `uptime_s` under `workers` says when it was last restarted.
 _STARTED = time.monotonic()
+_WORKER_STARTED = ("worker_started",)  # a gauge of its slab: time.monotonic() at its start, one clock for the host
+
+
+def started(tally: Tally) -> None:
+    """This worker starts (or starts again, in its predecessor's slab): its uptime counts from now."""
+    tally.set_gauge(_WORKER_STARTED, time.monotonic())
 
 
 def status_document(state: ServerState, slabs: list[Slab] = ()) -> dict:
@@ -49,14 +58,14 @@ def status_document(state: ServerState, slabs: list[Slab] = ()) -> dict:
         "build": {"version": __version__, "python": sys.version.split()[0]},
         # Of the effective configuration as `egress config check` prints it (sources, never keys).
         "config_hash": config_digest(state.config),
-        "uptime_s": round(now - _STARTED, 3),
+        "uptime_s": round(now - _STARTED, 3),  # the host's, since egress started: each worker's is under `workers`
         "pid": os.getpid(),
         # As `workers` and the metrics' `worker` label name it: a lone worker is worker 0 there too.
         "worker": accesslog.WORKER if accesslog.WORKER is not None else 0,
         "draining": state.draining,
         "open_connections": len(state.connections),
         "waiting": len(state.waiting),
-        "workers": [_worker(index, slab) for index, slab in enumerate(slabs)],
+        "workers": [_worker(index, slab, now) for index, slab in enumerate(slabs)],
         "providers": providers,
         "deny_set": {
             "size": len(denyset),
@@ -90,15 +99,18 @@ def _host_total(slabs: list[Slab], key: tuple) -> int:
     return sum(_count(slab, key) for slab in slabs)
 
 
-def _worker(index: int, slab: Slab) -> dict:
+def _worker(index: int, slab: Slab, now: float) -> dict:
     """One worker as its slab tells it: its gauges are at most a second old (metrics.publish_gauges)."""
     if not alive(slab.pid):
         return {"worker": index, "running": False}
     gauges = slab.gauges
+    since = gauges.get(_WORKER_STARTED)
     return {
         "worker": index,
         "running": True,
         "pid": slab.pid,
+        # Its own, since its last (re)start: the top-level uptime_s is the host's.
+        "uptime_s": round(now - since, 3) if since is not None else None,
         "open_connections": int(gauges.get(("open_connections",), 0)),
         "waiting": int(gauges.get(("requests_waiting",), 0)),
         "draining": bool(gauges.get(("draining",), 0)),

@@ -214,8 +214,13 @@ def supervise(config: Config, config_path: str | None, workers: int) -> int:
             if signum == signal.SIGHUP:
                 # The file is read once, here, before any worker is told: they all parse these bytes.
                 raw = config_box.read_file(config_path) if config_path is not None else None
-                _signal_all(children, signal.SIGHUP)
-                log_event("supervisor_reload", workers=len(children))
+                _signal_all(children, signal.SIGHUP)  # they reopen their logs even so
+                if config_path is None:
+                    from egress.serve import NO_CONFIG_FILE  # imported before the fork (supervise)
+
+                    log_event("reload_skipped", reason=NO_CONFIG_FILE)  # once for the host, not once a worker
+                else:
+                    log_event("supervisor_reload", workers=len(children))
                 # What a worker restarted from now on starts with: the config the others reloaded.
                 config = _reload(config, config_path, raw)
             elif signum == signal.SIGUSR1:

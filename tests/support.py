@@ -65,16 +65,17 @@ class EgressProcess:
         self.admin_port = 0
         self.process: subprocess.Popen | None = None
 
+    def serve_args(self) -> list[str]:
+        """What follows `egress serve` besides the admin address and the worker count."""
+        return ["--config", str(self.config_path), "--listen", "127.0.0.1:0"]
+
     def start(self, timeout: float = 15.0) -> EgressProcess:
         with open(self.stdout_path, "wb") as out, open(self.stderr_path, "wb") as err:
             self.process = subprocess.Popen(
                 [
                     *egress_command(),
                     "serve",
-                    "--config",
-                    str(self.config_path),
-                    "--listen",
-                    "127.0.0.1:0",
+                    *self.serve_args(),
                     "--admin-listen",
                     "127.0.0.1:0",
                     "--workers",
@@ -88,11 +89,11 @@ class EgressProcess:
         give_up_at = time.monotonic() + timeout
         while time.monotonic() < give_up_at:
             logged = self.stderr_path.read_bytes()
-            match = re.search(rb'"event":"listening","address":"127\.0\.0\.1:(\d+)"', logged)
+            match = re.search(rb'"event":"listening","address":"[^"]*:(\d+)"', logged)
             ready = self.workers == 1 or b'"event":"supervisor_ready"' in logged
             if match and ready:
                 self.port = int(match.group(1))
-                admin = re.search(rb'"event":"admin_listening","address":"127\.0\.0\.1:(\d+)"', logged)
+                admin = re.search(rb'"event":"admin_listening","address":"[^"]*:(\d+)"', logged)
                 self.admin_port = int(admin.group(1))
                 return self
             if self.process.poll() is not None:
