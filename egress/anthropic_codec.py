@@ -8,7 +8,10 @@ Contract
       unless `drop_params`, when it is left out and its name returned. Either error's `param` is the
       field at fault as OpenAI spells it ("seed", "messages[0].content[1]"), when one field is.
       Nothing is dropped silently: every top-level field is mapped, consumed, neutral (accepted, its
-      value changes nothing), or refused (`_NEUTRAL` and `_MAPPED` below are the whole policy).
+      value changes nothing), left out with a Warning (`left_out`: leaving it out breaks nothing), or
+      refused (`_NEUTRAL`, `_LEFT_OUT` and `_MAPPED` below are the whole policy); within a message, an
+      image's `detail` Anthropic does not apply is said too (`image_detail`). `warnings` receives
+      those, for the caller's Warning header; the Responses codec calls the same two functions.
   message_to_chat(message, model=, created=) -> an OpenAI `chat.completion` dict; a message whose fields
       are not of Anthropic's types raises EgressError("upstream_protocol_error") (`provider_answer`).
   StreamTranscoder(model=, created=, include_usage=): `feed(bytes) -> bytes` turns Anthropic SSE,
@@ -69,6 +72,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import re
 import secrets
 from collections.abc import Callable
 
@@ -102,9 +106,8 @@ def _number(value: object) -> bool:
 
 
 # Fields accepted only with a value that changes nothing; any other value is refused. Not sent.
-#   store / metadata: OpenAI keeps the completion (and its tags) for its dashboard; with store
-#     off there is nothing to keep, and the tags never change the answer. Anthropic's `metadata`
-#     takes only user_id, so OpenAI's tags can't go there.
+#   store: OpenAI keeps the completion for its distillation and evals products; off, nothing is kept.
+#   metadata, verbosity: see left_out; `{}` tags nothing, medium is the default.
 #   prompt_cache_key: a routing hint for OpenAI's automatic cache; Anthropic's cache is keyed by
 #     the `cache_control` marks, which pass through.
 #   service_tier auto/default: the provider's ordinary capacity, which is what Anthropic gives.
@@ -117,10 +120,43 @@ _NEUTRAL: dict[str, Callable[[object], bool]] = {
     "logit_bias": lambda v: v == {},
     "modalities": lambda v: v == ["text"],
     "store": lambda v: v is False,
-    "metadata": lambda v: isinstance(v, dict),
+    "metadata": lambda v: v == {},
+    "verbosity": lambda v: v == "medium",
     "prompt_cache_key": lambda v: isinstance(v, str),
     "service_tier": lambda v: v in ("auto", "default"),
 }
+
+
+def left_out(name: str, value: object, warnings: list[str]) -> None:
+    """A field whose other values ask for what Anthropic does not do, though leaving it out breaks
+    nothing: accepted, not sent, and said in a Warning naming it (`name`: as the caller spelled it,
+    `text.verbosity` on the Responses API). Its neutral value (`_NEUTRAL`) is accepted silently; a
+    value of the wrong type is an invalid request. The one rule for both surfaces.
+      verbosity: low, medium (the default) or high, how long an answer to write (openai-python
+        types/chat/completion_create_params.py, types/responses/response_text_config_param.py);
+        Claude has no such setting, and an answer of another length is still the answer.
+      metadata: up to 16 tags kept with a stored completion for OpenAI's dashboard, allowed only with
+        `store: true` (OpenAI refuses them otherwise: "The 'metadata' parameter is only allowed when
+        'store' is enabled", tmc/langchaingo#1484), which chat refuses here. Anthropic's `metadata`
+        takes only `user_id`, which comes from safety_identifier or user, as LiteLLM maps it
+        (litellm/llms/anthropic/chat/transformation.py: `user` -> metadata.user_id; OpenAI's tags go
+        nowhere)."""
+    if value is None or _NEUTRAL[name.rpartition(".")[2]](value):
+        return
+    if name.endswith("verbosity"):
+        if value not in ("low", "high"):
+            raise _invalid(f"{name} must be low, medium or high", name)
+        warnings.append(f"{name} has no Anthropic equivalent and was not applied")
+    elif not isinstance(value, dict):
+        raise _invalid(f"{name} must be an object of string tags", name)
+    else:
+        warnings.append(
+            f"{name}: OpenAI's stored-completion tags have no Anthropic equivalent and were left out "
+            "(an end user's id goes as safety_identifier)"
+        )
+
+
+_LEFT_OUT = frozenset(("verbosity", "metadata"))
 # Read by the caller or by this module's steps, never sent as is.
 _CONSUMED = frozenset({"model", "stream_options"})
 # Translated below, one step each. `top_k` is Anthropic's own sampling field, sent as given.
@@ -155,8 +191,9 @@ class _Refusals:
 def chat_to_messages(
     body: dict, *, default_max_tokens: int, drop_params: bool = False, warnings: list[str] | None = None
 ) -> tuple[dict, list[str]]:
-    """`warnings`, when given, receives what was honoured only in part (a structured-output schema's
-    constraints Anthropic does not enforce, schemas.py), for the caller's Warning header."""
+    """`warnings`, when given, receives what was honoured only in part or left out (a structured-output
+    schema's constraints Anthropic does not enforce, schemas.py; `verbosity`, `metadata` tags, an
+    image's `detail`, prompt_cache_breakpoint past Anthropic's four), for the caller's Warning header."""
     if not isinstance(body, dict):
         raise _invalid("the request body must be a JSON object")
     refuse = _Refusals(drop_params)
@@ -165,6 +202,9 @@ def chat_to_messages(
     for name, value in body.items():
         if value is None or name in _MAPPED or name in _CONSUMED:
             continue  # null means "not given" to OpenAI's API as well
+        if name in _LEFT_OUT:
+            left_out(name, value, warnings)
+            continue
         neutral = _NEUTRAL.get(name)
         if neutral is None:
             refuse(name, "Anthropic's Messages API has no equivalent")
@@ -172,10 +212,11 @@ def chat_to_messages(
             refuse(name, f"only the neutral value is accepted, got {orjson.dumps(value).decode()[:100]}")
 
     out: dict = {}
-    system, messages = _messages(body.get("messages"), refuse)
+    system, messages = _messages(body.get("messages"), refuse, warnings)
     if system:
         out["system"] = system
     out["messages"] = messages
+    _breakpoints(system, messages, warnings)
 
     max_tokens = body.get("max_completion_tokens")
     if max_tokens is None:
@@ -202,7 +243,7 @@ def chat_to_messages(
         if not isinstance(user, str):
             raise _invalid("user must be a string", "safety_identifier" if body.get("safety_identifier") else "user")
         if user:
-            out["metadata"] = {"user_id": user}
+            out["metadata"] = {"user_id": _user_id(user)}
     stream = body.get("stream")
     if stream is not None:
         if stream.__class__ is not bool:
@@ -210,6 +251,27 @@ def chat_to_messages(
         out["stream"] = stream
     _tools(body, out, thinking=budget is not None, refuse=refuse, warnings=warnings)
     return out, refuse.dropped
+
+
+# An email address anywhere in the id, or an id that is a phone number, as LiteLLM's _valid_user_id
+# (litellm/llms/anthropic/chat/transformation.py) takes them; a phone here is written as one (a
+# leading + or a separator), so a plain numeric account id goes as it is.
+_EMAIL = re.compile(r"[^\s@]+@[^\s@]+\.[^\s@]+")
+_PHONE = re.compile(r"\+[\d\s().-]{7,}|(?=.*[\s().-])[\d\s().-]{7,}")
+
+
+def _user_id(user: str) -> str:
+    """The caller's end-user id as Anthropic's metadata.user_id, "a uuid, hash value, or other opaque
+    identifier ... Do not include any identifying information such as name, email address, or phone
+    number" (https://docs.anthropic.com/en/api/messages, metadata.user_id). Anthropic refuses an
+    email there (400 "metadata.user_id: user_id appears to contain an email address. Please send a
+    uuid or hash value", BerriAI/litellm#10106), where OpenAI takes one in `user`. Such an id goes as
+    a digest of itself, what OpenAI asks callers to send ("We recommend hashing their username or
+    email address", openai-python safety_identifier): the same person is the same id, so per-user
+    abuse detection still works, and nothing identifying leaves. LiteLLM drops it instead."""
+    if _EMAIL.search(user) is None and _PHONE.fullmatch(user.strip()) is None:
+        return user
+    return "user-" + hashlib.blake2b(user.encode(), digest_size=16).hexdigest()
 
 
 def _thinking_budget(effort: object) -> int | None:
@@ -320,6 +382,12 @@ def _tools(body: dict, out: dict, *, thinking: bool, refuse: _Refusals, warnings
                 raise _invalid(
                     "response_format.json_schema.schema must be an object", "response_format.json_schema.schema"
                 )
+            description = spec.get("description")
+            if isinstance(description, str) and description.strip() and "description" not in schema:
+                # "A description of what the response format is for, used by the model to determine
+                # how to respond in the format" (openai-python shared_params/response_format_json_schema.py):
+                # output_config.format has the schema alone, whose own description the model reads.
+                schema = {**schema, "description": description}
             # Structured outputs: output_config.format constrains the text itself (GA; the beta's
             # top-level `output_format` is deprecated). Works with thinking, unlike a forced tool.
             schema = _structured(schema, "response_format.json_schema.schema", warnings)
@@ -533,7 +601,7 @@ def _tool_choice(choice: object, tools: list) -> dict | None:
 # -- messages ------------------------------------------------------------------------------------
 
 
-def _messages(messages: object, refuse: _Refusals) -> tuple[list, list]:
+def _messages(messages: object, refuse: _Refusals, warnings: list[str]) -> tuple[list, list]:
     if not isinstance(messages, list) or not messages:
         raise _invalid("messages must be a non-empty list", "messages")
     system: list = []
@@ -553,11 +621,11 @@ def _messages(messages: object, refuse: _Refusals) -> tuple[list, list]:
             blocks = _text_blocks(message.get("content"), where)
             role = None
         elif role == "user":
-            blocks = _user_blocks(message.get("content"), where)
+            blocks = _user_blocks(message.get("content"), where, warnings)
         elif role == "assistant":
             blocks = _assistant_blocks(message, where, refuse)
         elif role == "tool":
-            blocks = [_tool_result(message, where)]
+            blocks = [_tool_result(message, where, warnings)]
             role = "user"  # tool results travel in a user turn, first in it (tool-use docs)
         else:
             raise _invalid(f"{where}.role must be system, developer, user, assistant or tool", f"{where}.role")
@@ -587,10 +655,68 @@ def _text_part(part: dict, where: str) -> dict | None:
         # contain non-whitespace text", anthropics/claude-code#23440), which Claude itself writes before a
         # tool call ("\n\n") and a client sends back as the assistant's content: it carries nothing.
         return None
-    block = {"type": "text", "text": text}
+    return _marked(part, {"type": "text", "text": text}, where)
+
+
+# OpenAI's explicit prompt-cache mark on a content part (`prompt_cache_breakpoint: {mode: explicit,
+# ttl?: 30m | 12h}`, openai-python types/chat/chat_completion_content_part_text_param.py and the
+# Responses input parts): "the exact end of a reusable prompt prefix", what Anthropic's cache_control
+# mark is. Its ttl is a minimum lifetime, 30m unless given (PromptCacheOptions); Anthropic keeps a
+# cache 5m or 1h (https://docs.anthropic.com/en/docs/build-with-claude/prompt-caching, "1-hour cache
+# duration"), so 1h, the shortest that lasts as long (its writes cost 2x the input price, 5m's 1.25x).
+# Each is one of these two objects until _breakpoints() copies it: that is how it is told apart from
+# a cache_control the caller gave, which goes as given.
+_BREAKPOINT = {"type": "ephemeral", "ttl": "1h"}
+_BREAKPOINT_12H = {"type": "ephemeral", "ttl": "1h"}  # asked for 12h, longer than Anthropic keeps one
+# "A maximum of 4 blocks with cache_control may be provided. Found 5." (Anthropic's 400, quoted in
+# tghamm/Anthropic.SDK#50); OpenAI writes the latest four of a request's breakpoints and reads up to
+# 80 of a conversation's (PromptCacheOptions), so a history can carry more.
+_MAX_MARKS = 4
+
+
+def _marked(part: dict, block: dict, where: str) -> dict:
+    """`block` with the cache mark `part` carries: its cache_control as given, else its
+    prompt_cache_breakpoint as one (see _BREAKPOINT); a malformed breakpoint is a 400 naming it."""
     if part.get("cache_control") is not None:
         block["cache_control"] = part["cache_control"]
+        return block
+    mark = part.get("prompt_cache_breakpoint")
+    if mark is None:
+        return block
+    at = f"{where}.prompt_cache_breakpoint"
+    if not isinstance(mark, dict) or mark.get("mode") != "explicit" or mark.get("ttl") not in (None, "30m", "12h"):
+        raise _invalid(f"{at} must be {{mode: explicit, ttl?: 30m or 12h}}", at)
+    block["cache_control"] = _BREAKPOINT_12H if mark.get("ttl") == "12h" else _BREAKPOINT
     return block
+
+
+def _breakpoints(system: list, messages: list, warnings: list[str]) -> None:
+    """The cache marks made from prompt_cache_breakpoint, in prompt order (system, then each
+    message's blocks and a tool result's own): the latest four kept, as OpenAI writes them; each its
+    own copy."""
+    blocks = list(system)
+    for message in messages:
+        for block in message["content"]:
+            blocks.append(block)
+            inner = block.get("content") if block.get("type") == "tool_result" else None
+            blocks += inner if isinstance(inner, list) else ()
+    found = [block for block in blocks if block.get("cache_control") is _BREAKPOINT or _is_12h(block)]
+    if len(found) > _MAX_MARKS:
+        for block in found[:-_MAX_MARKS]:
+            del block["cache_control"]
+        warnings.append(
+            f"prompt_cache_breakpoint: {len(found)} given, Anthropic takes {_MAX_MARKS} cache marks at most; "
+            f"the latest {_MAX_MARKS} were kept"
+        )
+        found = found[-_MAX_MARKS:]
+    if any(_is_12h(block) for block in found):
+        warnings.append("prompt_cache_breakpoint: a ttl of 12h is longer than Anthropic keeps a cache; marked for 1h")
+    for block in found:
+        block["cache_control"] = dict(block["cache_control"])
+
+
+def _is_12h(block: dict) -> bool:
+    return block.get("cache_control") is _BREAKPOINT_12H
 
 
 def _text_blocks(content: object, where: str) -> list:
@@ -603,14 +729,14 @@ def _text_blocks(content: object, where: str) -> list:
         if not isinstance(part, dict) or part.get("type") not in ("text", "refusal"):
             raise _invalid(f"{where}.content[{index}] must be a text part", f"{where}.content[{index}]")
         if part["type"] == "refusal":  # an assistant's earlier refusal, shown as what it said
-            part = {"text": part.get("refusal"), "cache_control": part.get("cache_control")}
+            part = {**part, "text": part.get("refusal")}
         block = _text_part(part, f"{where}.content[{index}]")
         if block is not None:
             blocks.append(block)
     return blocks
 
 
-def _user_blocks(content: object, where: str) -> list:
+def _user_blocks(content: object, where: str, warnings: list[str]) -> list:
     if isinstance(content, str):
         return [{"type": "text", "text": content}] if content.strip() else []  # as _text_part, for a string
     if not isinstance(content, list):
@@ -622,7 +748,7 @@ def _user_blocks(content: object, where: str) -> list:
         if kind == "text":
             block = _text_part(part, at)
         elif kind == "image_url":
-            block = _image(part, at)
+            block = _image(part, at, warnings)
         elif kind == "file":
             block = _file(part, at)
         else:
@@ -642,7 +768,22 @@ def _data_uri(url: str, at: str) -> tuple[str, str]:
     return media_type.lower(), data
 
 
-def _image(part: dict, at: str) -> dict:
+def image_detail(detail: object, at: str, warnings: list[str]) -> None:
+    """OpenAI's image `detail` (auto, low, high, original: openai-python types/chat/
+    chat_completion_content_part_image_param.py, types/responses/image_detail.py), one rule for
+    both surfaces (`at`: the field as the caller named it). Anthropic has no such choice: it scales
+    an image itself, to at most 1568 px on its long edge (vision docs, "Evaluate image size"),
+    about what OpenAI's high gives (2048 px square, then 768 px on the short side), so auto and high
+    are what Anthropic does. low (512 px, a fixed small cost) and original (no scaling at all) are
+    not: the image goes all the same, and a Warning says so."""
+    if detail is None or detail in ("auto", "high"):
+        return
+    if detail not in ("low", "original"):
+        raise _invalid(f"{at} must be auto, low, high or original", at)
+    warnings.append(f"{at}: {detail!r} has no Anthropic equivalent; the image went at Anthropic's own scale")
+
+
+def _image(part: dict, at: str, warnings: list[str]) -> dict:
     image = part.get("image_url")
     url = image.get("url") if isinstance(image, dict) else image
     if not isinstance(url, str):
@@ -659,11 +800,9 @@ def _image(part: dict, at: str) -> dict:
         source = {"type": "url", "url": url}  # Anthropic fetches it; egress never downloads
     else:
         raise _invalid(f"{at}.image_url.url must be an http(s) or data: URL", f"{at}.image_url.url")
-    # `detail` has no Anthropic counterpart: Anthropic sizes images itself (vision docs).
-    block = {"type": "image", "source": source}
-    if part.get("cache_control") is not None:
-        block["cache_control"] = part["cache_control"]
-    return block
+    if isinstance(image, dict):
+        image_detail(image.get("detail"), f"{at}.image_url.detail", warnings)
+    return _marked(part, {"type": "image", "source": source}, at)
 
 
 def _file(part: dict, at: str) -> dict:
@@ -677,9 +816,16 @@ def _file(part: dict, at: str) -> dict:
         )
     media_type, payload = _data_uri(data, at)
     block = {"type": "document", "source": {"type": "base64", "media_type": media_type, "data": payload}}
-    if part.get("cache_control") is not None:
-        block["cache_control"] = part["cache_control"]
-    return block
+    name = file.get("filename")
+    if name is not None:
+        # "The name of the file, used when passing the file to the model" (openai-python types/chat/
+        # chat_completion_content_part_param.py, FileFile.filename): Anthropic's document `title`, which
+        # the model is given too (citations docs, "Document parameters").
+        if not isinstance(name, str):
+            raise _invalid(f"{at}.file.filename must be a string", f"{at}.file.filename")
+        if name.strip():
+            block["title"] = name
+    return _marked(part, block, at)
 
 
 # The fields of each thinking block (Messages API, ThinkingBlockParam / RedactedThinkingBlockParam);
@@ -774,19 +920,25 @@ def _tool_id(tool_id: str) -> str:
     return f"{kept}_{hashlib.blake2b(tool_id.encode(), digest_size=6).hexdigest()}"
 
 
-def _tool_result(message: dict, where: str) -> dict:
+def _tool_result(message: dict, where: str, warnings: list[str]) -> dict:
     tool_call_id = message.get("tool_call_id")
     if not isinstance(tool_call_id, str) or not tool_call_id:
         raise _invalid(f"{where}.tool_call_id is required", f"{where}.tool_call_id")
     content = message.get("content")
     block: dict = {"type": "tool_result", "tool_use_id": _tool_id(tool_call_id)}
     if isinstance(content, str):
-        if content:
+        # Empty or whitespace alone ("\r\n" from a shell): Anthropic reads a string as one text block
+        # and refuses a blank one ("text content blocks must contain non-whitespace text", for a
+        # tool_result's string too: NousResearch/hermes-agent#97641), and the tool loop broke at the
+        # next turn. It carries nothing, as a blank text part, which _text_part leaves out: no content.
+        if content.strip():
             block["content"] = content
     elif content is not None:
         # Text, and images and documents: a tool_result's content takes all three
         # (https://docs.anthropic.com/en/docs/agents-and-tools/tool-use/implement-tool-use, tool results).
-        block["content"] = _user_blocks(content, where)
+        blocks = _user_blocks(content, where, warnings)
+        if blocks:
+            block["content"] = blocks
     return block
 
 

@@ -12,7 +12,8 @@ Contract
       it, never a silent rewrite; a malformed field it maps is a 400 under its Responses name
       (`max_output_tokens`, `reasoning.effort`, `input[3].arguments`, `tools[0].name`), never
       under a chat field the caller did not send. `warnings` name what was left out and why (a reasoning item
-      egress did not mint, `text.verbosity`): they go back in a `Warning` header. Given a `dropped`
+      egress did not mint, `text.verbosity`, an image's `detail`: the last two by chat's own rules,
+      anthropic_codec.left_out and image_detail): they go back in a `Warning` header. Given a `dropped`
       list (the route's drop_params), a parameter or tool Anthropic can't honour is left out and its
       name appended, as chat_to_messages does; `responses_param` gives that codec's names (in its
       refusals and dropped names) their Responses spelling.
@@ -57,6 +58,8 @@ from egress.anthropic_codec import (
     AnthropicEvents,
     _openai_error,
     _thinking_tokens,
+    image_detail,
+    left_out,
     message_id,
     provider_answer,
     web_citations,
@@ -230,7 +233,8 @@ def _input(items: object, warnings: list[str]) -> list[dict]:
             if role in ("system", "developer"):
                 messages.append(_marked(item, {"role": role, "content": _text_parts(item.get("content"), at)}))
             elif role == "user":
-                messages.append(_marked(item, {"role": "user", "content": _user_parts(item.get("content"), at)}))
+                content = _user_parts(item.get("content"), at, warnings)
+                messages.append(_marked(item, {"role": "user", "content": content}))
             else:
                 raise _invalid(f"{at}.role must be user, assistant, system or developer", f"{at}.role")
         elif kind == "function_call":
@@ -256,7 +260,7 @@ def _input(items: object, warnings: list[str]) -> list[dict]:
             call_id = item.get("call_id")
             if not isinstance(call_id, str) or not call_id:
                 raise _invalid(f"{at}.call_id is required", f"{at}.call_id")
-            result = {"role": "tool", "tool_call_id": call_id, "content": _output(item.get("output"), at)}
+            result = {"role": "tool", "tool_call_id": call_id, "content": _output(item.get("output"), at, warnings)}
             messages.append(_marked(item, result))
         elif kind == "reasoning":
             blocks = _opened(item.get("encrypted_content"), at)
@@ -312,7 +316,15 @@ def _kind(part: object) -> object:
 def _text_part(part: object, where: str) -> dict:
     if _kind(part) not in ("input_text", "output_text", "text"):
         raise _unsupported(f"{where} must be a text part, not {_kind(part)!r}", where)
-    return _marked(part, {"type": "text", "text": _string(part, "text", where)})
+    return _part(part, {"type": "text", "text": _string(part, "text", where)})
+
+
+def _part(given: dict, translated: dict) -> dict:
+    """A content part with its cache marks: `cache_control`, and OpenAI's own `prompt_cache_breakpoint`,
+    which the chat translation makes a cache_control by its one rule (anthropic_codec._marked)."""
+    if given.get("prompt_cache_breakpoint") is not None:
+        translated["prompt_cache_breakpoint"] = given["prompt_cache_breakpoint"]
+    return _marked(given, translated)
 
 
 def _marked(given: dict, translated: dict) -> dict:
@@ -348,39 +360,40 @@ def _assistant_text(content: object, at: str) -> str:
     return pieces if isinstance(pieces, str) else "".join(pieces)
 
 
-def _user_part(part: object, where: str) -> dict:
+def _user_part(part: object, where: str, warnings: list[str]) -> dict:
     kind = _kind(part)
     if kind in ("input_text", "text"):
-        return _marked(part, {"type": "text", "text": _string(part, "text", where)})
+        return _part(part, {"type": "text", "text": _string(part, "text", where)})
     if kind == "input_image":
         url = part.get("image_url")
         if not isinstance(url, str):
             raise _unsupported(f"{where}: only image_url images translate, not file_id", where)
-        return _marked(part, {"type": "image_url", "image_url": {"url": url}})
+        image_detail(part.get("detail"), f"{where}.detail", warnings)  # chat's rule, under the name sent
+        return _part(part, {"type": "image_url", "image_url": {"url": url}})
     if kind == "input_file":
         data = part.get("file_data")
         if not isinstance(data, str):
             raise _unsupported(f"{where}: only inline file_data translates, not file_id or file_url", where)
         if not data.startswith("data:"):
             data = "data:application/pdf;base64," + data  # the SDKs send bare base64 of a PDF
-        return _marked(part, {"type": "file", "file": {"file_data": data, "filename": part.get("filename")}})
+        return _part(part, {"type": "file", "file": {"file_data": data, "filename": part.get("filename")}})
     raise _unsupported(f"{where}: content of type {kind!r} has no Anthropic equivalent", where)
 
 
-def _user_parts(content: object, at: str) -> str | list:
-    return _content(content, f"{at}.content", _user_part)
+def _user_parts(content: object, at: str, warnings: list[str]) -> str | list:
+    return _content(content, f"{at}.content", lambda part, where: _user_part(part, where, warnings))
 
 
-def _output_part(part: object, where: str) -> dict:
+def _output_part(part: object, where: str, warnings: list[str]) -> dict:
     """A function_call_output's part: text, or an image or file the tool returned (Codex's view_image,
     an MCP tool's image), which Anthropic takes in a tool_result's content."""
     if _kind(part) in ("input_image", "input_file"):
-        return _user_part(part, where)
+        return _user_part(part, where, warnings)
     return _text_part(part, where)
 
 
-def _output(output: object, at: str) -> str | list:
-    return _content(output, f"{at}.output", _output_part)
+def _output(output: object, at: str, warnings: list[str]) -> str | list:
+    return _content(output, f"{at}.output", lambda part, where: _output_part(part, where, warnings))
 
 
 # The Responses API's web search tool, by each name it has had (openai-python types/responses/
@@ -549,8 +562,7 @@ def _text(text: object, chat: dict, warnings: list[str]) -> None:
         return
     if not isinstance(text, dict):
         raise _invalid("text must be an object", "text")
-    if text.get("verbosity") not in (None, "medium"):
-        warnings.append("text.verbosity has no Anthropic equivalent and was not applied")
+    left_out("text.verbosity", text.get("verbosity"), warnings)  # as chat's `verbosity`
     form = text.get("format")
     if form is None:
         return
@@ -560,8 +572,9 @@ def _text(text: object, chat: dict, warnings: list[str]) -> None:
         if not isinstance(schema, dict):
             raise _invalid("text.format.schema must be an object", "text.format.schema")
         spec = {"name": form.get("name") or "response", "schema": schema}
-        if form.get("strict") is not None:
-            spec["strict"] = form["strict"]
+        for name in ("strict", "description"):  # chat's json_schema has both, read by chat's rule
+            if form.get(name) is not None:
+                spec[name] = form[name]
         chat["response_format"] = {"type": "json_schema", "json_schema": spec}
     elif kind == "json_object":
         chat["response_format"] = {"type": "json_object"}

@@ -899,6 +899,7 @@ _IMAGE_MEDIA = {  # [API] base64_image_source_param.py; the magic numbers the se
     "image/gif": (b"GIF87a", b"GIF89a"),
     "image/webp": (b"RIFF",),
 }
+_EMAIL = re.compile(r"[^\s@]+@[^\s@]+\.[^\s@]+")  # an email address anywhere in a metadata.user_id
 _ID_PATTERN = re.compile(r"^[a-zA-Z0-9_-]+$")  # tool_use ids, [SEEN] "String should match pattern"
 _TOOL_NAME_PATTERN = re.compile(r"^[a-zA-Z0-9_-]{1,128}$")  # [TOOLS] tool names
 _SERVER_TOOL_TYPE = re.compile(r"^[a-z_]+_\d{8}$")  # [API] ToolUnionParam: versioned server tool types
@@ -1083,6 +1084,11 @@ def _content_block(where: str, block, role: str, inside_tool_result: bool = Fals
                 _content_block(f"{where}.tool_result.content.{number}", inner, role, inside_tool_result=True)
         elif not isinstance(content, str):
             _refuse(f"{where}.tool_result.content: Input should be a valid string or list")
+        elif content and not content.strip():
+            # [SEEN] a string is read as one text block, and one of whitespace alone ("\n", "   " from a
+            # shell tool) is refused as any other: "text content blocks must contain non-whitespace
+            # text" (NousResearch/hermes-agent#97641, scalar tool_result content on Anthropic and Bedrock)
+            _refuse("messages: text content blocks must contain non-whitespace text")
         if "is_error" in block and not isinstance(block["is_error"], bool):
             _refuse(f"{where}.tool_result.is_error: Input should be a valid boolean")
         if role != "user":
@@ -1281,6 +1287,11 @@ def validate_anthropic_request(payload, recorded: RecordedRequest | None = None)
         _extra("metadata", metadata, {"user_id"})  # [API] metadata_param.py: user_id only
         if metadata.get("user_id") is not None and not isinstance(metadata["user_id"], str):
             _refuse("metadata.user_id: Input should be a valid string")
+        if isinstance(metadata.get("user_id"), str) and _EMAIL.search(metadata["user_id"]):
+            # [SEEN] "metadata.user_id: user_id appears to contain an email address. Please send a uuid or
+            # hash value in ..." (BerriAI/litellm#10106); [API] asks for "a uuid, hash value, or other
+            # opaque identifier"
+            _refuse("metadata.user_id: user_id appears to contain an email address. Please send a uuid or hash value")
     names = _tools(payload["tools"]) if "tools" in payload else []
     for index, tool in enumerate(payload.get("tools") or ()):
         if tool.get("strict") is True:  # strict tool use compiles input_schema as structured outputs do
@@ -1347,6 +1358,23 @@ def validate_anthropic_request(payload, recorded: RecordedRequest | None = None)
             _thinking_first(payload["messages"])
     if payload.get("cache_control") is not None:
         _cache_control("", {"cache_control": payload["cache_control"]})
+    marks = _cache_marks(payload)
+    if marks > 4:
+        # [SEEN] {"type":"invalid_request_error","message":"A maximum of 4 blocks with cache_control may be
+        # provided. Found 5."} (tghamm/Anthropic.SDK#50); "You can define up to 4 cache breakpoints"
+        # (https://docs.anthropic.com/en/docs/build-with-claude/prompt-caching)
+        _refuse(f"A maximum of 4 blocks with cache_control may be provided. Found {marks}.")
+
+
+def _cache_marks(payload: dict) -> int:
+    """The blocks with a cache_control mark: tools, system blocks, message blocks and a tool result's own."""
+    blocks = [*(payload.get("tools") or ()), *(payload["system"] if isinstance(payload.get("system"), list) else ())]
+    for message in payload["messages"]:
+        for block in message["content"] if isinstance(message["content"], list) else ():
+            blocks.append(block)
+            inner = block.get("content") if block.get("type") == "tool_result" else None
+            blocks += inner if isinstance(inner, list) else ()
+    return sum(1 for block in blocks if isinstance(block, dict) and block.get("cache_control") is not None)
 
 
 def _numbered_events(count: int, anthropic: bool) -> list[bytes]:
