@@ -31,9 +31,11 @@ Contract:
   `begin(account)` / `end(account)` count requests in flight; `observe(account, hints, now)`
       records quota from any response, successes included; `cool(account, seconds, reason, now)`
       moves `until` only ever later (a shorter hint never shortens a longer cooldown: LiteLLM
-      #40130); `disable(account, reason)` lasts until a reload. `failed` / `succeeded` keep the
-      consecutive failures that lengthen the default cooldown; `relapsed(account)` puts back what
-      this process's last `succeeded` cleared, for a 200 stream whose first event was an error.
+      #40130); `disable(account, reason)` lasts until a reload; `limit_cooldowns(accounts, now,
+      bound)` (a reload) ends every cooldown and spent quota's wait by `now + bound`. `failed` /
+      `succeeded` keep the consecutive failures that lengthen the default cooldown;
+      `relapsed(account)` puts back what this process's last `succeeded` cleared, for a 200
+      stream whose first event was an error.
       A remaining count without its reset is not recorded: a spent dimension with no reset adds
       nothing to wait for (hints.py).
   `may_retry(now)`: the host-wide retry budget: retries at most `ratio` of requests over a
@@ -76,6 +78,7 @@ REASONS = (
     "payment_required",  # 402
     "forbidden",  # 403
     "quota_spent",  # remaining 0 on some dimension
+    "billing_spent",  # the account's credit or spend limit is used up (retries.billing_spent)
 )
 _REASON_CODE = {name: code for code, name in enumerate(REASONS)}
 # take(): only accounts at their concurrency cap are left (the request may wait for one).
@@ -551,8 +554,10 @@ class AccountTable:
         with self._lock:
             self._words[account.slot + _AWAITING] += 1
 
-    def observe(self, account: Account, hints: RateHints, now: float, wall: float) -> None:
-        """Quota from a response: single-word writes, no lock (the last response wins).
+    def observe(self, account: Account, hints: RateHints, now: float, wall: float, bound: float = math.inf) -> None:
+        """Quota from a response: single-word writes, no lock (the last response wins). A reset
+        further than `bound` (`[accounts] max_cooldown`) counts as `bound` away: a spent quota
+        whose reset a bad header put a year away benched the key as a year's cooldown did.
 
         A remaining count is kept only with its reset: with none, nothing says when the account
         could be used again, and a count at 0 (or at the requests in flight) would lock it out for a
@@ -564,6 +569,8 @@ class AccountTable:
         for name, remaining in hints.remaining.items():
             seconds = reset.get(name)
             if seconds is not None:
+                if seconds > bound:
+                    seconds = bound
                 dim = _DIMENSION[name]
                 words[base + _REMAINING + dim] = float(remaining)
                 words[base + _RESET_AT + dim] = now + seconds
@@ -625,6 +632,22 @@ class AccountTable:
             words[base + _STATE] = DISABLED
             words[base + _REASON] = _REASON_CODE[reason]
             return True
+
+    def limit_cooldowns(self, accounts: list[Account], now: float, bound: float) -> None:
+        """No account waits past `now + bound` (a reload's `[accounts] max_cooldown`): a cooldown, or
+        a spent quota's reset, set further away under an older bound (or none) ends then. Each
+        cooldown is bounded as it is set (hints.cooldown); this is for those set before, which a
+        reload lowering the bound would otherwise leave for as long as the old one allowed."""
+        latest = now + bound
+        words = self._words
+        with self._lock:
+            for account in accounts:
+                base = account.slot
+                if words[base + _STATE] == COOLING and words[base + _UNTIL] > latest:
+                    words[base + _UNTIL] = latest
+                for dim in range(4):
+                    if words[base + _RESET_AT + dim] > latest:
+                        words[base + _RESET_AT + dim] = latest
 
     def may_retry(self, now: float, count: bool = True) -> bool:
         """The host's retry budget: a retry is allowed (and counted, unless `count` is False) or refused."""

@@ -187,7 +187,11 @@ class Authenticator:
         table.ratio = config.accounts.retry_budget
         table.floor = float(config.accounts.retry_floor)
         table.window = config.accounts.retry_window
-        table.bind([account for pool in pools.values() for account in pool.accounts])
+        pooled = [account for pool in pools.values() for account in pool.accounts]
+        table.bind(pooled)
+        # Every new cooldown is bounded as it is set (retries: hints.cooldown); one set under a
+        # longer bound, or before there was one, ends by the bound a reload brings, from now.
+        table.limit_cooldowns(pooled, time.monotonic(), config.accounts.max_cooldown)
         # Provider name -> (its gate's slot, cap), for providers with a max_concurrent.
         self.gates = {
             provider.name: (table.bind_gate(provider.name), provider.max_concurrent)

@@ -99,6 +99,10 @@ class AccountsConfig:
     retry_window: float = 10.0
     # A pooled 2xx stream is held until its first event (an error there is retried); at most this.
     first_event_timeout: float = 2.0
+    # The longest an account rests on a provider's word (retry-after, a spent quota's reset): one
+    # bad header of up to a year (hints.MAX_WAIT) benched the key until a restart. A reload ends
+    # longer rests at the new bound. Between 1 s and a year.
+    max_cooldown: float = 3600.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -284,6 +288,8 @@ def parse_config(table: dict[str, Any]) -> Config:
     accounts = _build(AccountsConfig, table.get("accounts", {}), "accounts")
     if accounts.max_attempts < 1:
         raise ConfigError("accounts.max_attempts must be at least 1")
+    if not 1.0 <= accounts.max_cooldown <= 365 * 24 * 3600.0:  # hints.MAX_WAIT: no wait is read longer
+        raise ConfigError("accounts.max_cooldown must be 1 to 31536000 seconds (a year)")
     nats = _build(NatsConfig, table.get("nats", {}), "nats")
     for index, text in enumerate(keys.trusted_issuers):
         try:

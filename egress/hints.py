@@ -8,7 +8,8 @@ Contract (sans-IO: no I/O, no clock, no randomness; `now` and `rand` come from t
       ignored as if the header were absent; nothing here raises on what a provider sends. A
       repeated header: its last valid value counts. Names are matched as HTTP field names are,
       case-insensitively (RFC 9110 §5.1).
-  `cooldown(status, hints, failures, rand)` is how long an account rests after a response;
+  `cooldown(status, hints, failures, rand, bound)` is how long an account rests after a response
+      (at most `bound`, the operator's `[accounts] max_cooldown`);
   `exhausted_until(hints)` how long until every spent dimension has refilled (to skip an account
       before it earns a 429).
   `should_retry(headers)` the provider's `x-should-retry` (True, False, or None: the status decides).
@@ -54,6 +55,7 @@ more precise of two answers to the same question.
 from __future__ import annotations
 
 import email.utils
+import math
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -225,27 +227,33 @@ def parse_rfc3339(text: str) -> float | None:
     return _rfc3339(raw)
 
 
-def cooldown(status: int, hints: RateHints, failures: int, rand: float) -> float | None:
+def cooldown(status: int, hints: RateHints, failures: int, rand: float, bound: float = math.inf) -> float | None:
     """Seconds an account cools after a response with `status`, or None when it need not cool.
 
-    429, 503 and 529: the provider's own word when it gives one, honoured exactly, shorter or longer
-    than the default (an hour-long reset is an hour): retry_after first; else, for a 429, the latest
-    reset among the dimensions at 0 remaining (else the latest reset given at all). Without any hint:
-    1 s doubling per earlier consecutive failure (`failures`, 0 for the first), capped at 60 s, with
-    full jitter over 50-100 % of that step from the caller's `rand` in [0, 1).
-    Any other status cools only if it is a 5xx that carries a retry-after.
+    429, 503 and 529: the provider's own word when it gives one, honoured exactly up to `bound`
+    (`[accounts] max_cooldown`), shorter or longer than the default (an hour-long reset is an hour):
+    retry_after first; else, for a 429, the latest reset among the dimensions at 0 remaining (else
+    the latest reset given at all). Without any hint: 1 s doubling per earlier consecutive failure
+    (`failures`, 0 for the first), capped at 60 s, with full jitter over 50-100 % of that step from
+    the caller's `rand` in [0, 1). Any other status cools only if it is a 5xx that carries a
+    retry-after. Never longer than `bound`: a year's retry-after is a valid header (MAX_WAIT lets it
+    through), and obeyed exactly it benched the key until a restart, since a cooldown is never
+    shortened (accounts.AccountTable.cool).
     """
     if status in _COOLING_STATUSES:
         if hints.retry_after is not None:
-            return hints.retry_after
-        if status == 429 and hints.reset:
+            seconds = hints.retry_after
+        elif status == 429 and hints.reset:
             remaining = hints.remaining
             spent = [seconds for dim, seconds in hints.reset.items() if remaining.get(dim) == 0]
-            return max(spent) if spent else max(hints.reset.values())
-        return backoff(failures, rand)
-    if 500 <= status <= 599:
-        return hints.retry_after
-    return None
+            seconds = max(spent) if spent else max(hints.reset.values())
+        else:
+            seconds = backoff(failures, rand)
+    elif 500 <= status <= 599 and hints.retry_after is not None:
+        seconds = hints.retry_after
+    else:
+        return None
+    return seconds if seconds <= bound else bound
 
 
 def backoff(failures: int, rand: float) -> float:

@@ -3,12 +3,14 @@
 Contract, for the proxy phases:
   `answered(exchange, status, headers) -> bool` runs first in the upstream-response phase of a
       request that carries a pool key (`exchange.account`). It records the response's quota hints on
-      the account (successes too), cools it on 429/503/529 (the provider's hint, else a jittered
-      default: hints.cooldown), disables it on a 402 (a 401 is judged on its body: `refused`), and
-      returns True when this response is dropped and the request sent again: to the account with the
-      most headroom at once, or to the same account after a jittered back-off when no other one is
-      usable and this one is not cooling (a 500, 502, 504). Nothing has reached the caller then, so
-      nothing is replayed twice. The provider's `x-should-retry` on an error overrules the status,
+      the account (successes too), cools it on 429/503/529 (the provider's hint up to `[accounts]
+      max_cooldown`, else a jittered default: hints.cooldown), disables it on a 402 (a 401 is
+      judged on its body: `refused`; so are a 429 and a 400, which may say the account's billing
+      is spent: `billing_spent`, and are cooled or retried only then), and returns True when this
+      response is dropped and the request sent again: to the account with the most headroom at
+      once, or to the same account after a jittered back-off when no other one is usable and this
+      one is not cooling (a 500, 502, 504). Nothing has reached the caller then, so nothing is
+      replayed twice. The provider's `x-should-retry` on an error overrules the status,
       as in the SDKs: `false`, the answer goes to the caller (the account still cools or is
       disabled); `true`, it is retried.
   `failed(exchange, error) -> bool` runs when the upstream failed before any response byte: a
@@ -18,8 +20,8 @@ Contract, for the proxy phases:
 Limits: `[accounts] max_attempts` counts every attempt of one request, and the host-wide budget
 (`AccountTable.may_retry`) stops storms. When either runs out, the last upstream response goes to
 the caller unchanged: status, body and the provider's retry headers (a 429 stays a 429); but a
-refusal of the pool key itself (a 402, a 401 about the key) is egress's own 502 `pool_key_refused`:
-the provider's body is about egress's key, and OpenAI's quotes it.
+refusal of the pool key itself (a 402, a 401 about the key, a spent billing) is egress's own 502
+`pool_key_refused`: the provider's body is about egress's key, and OpenAI's 401 quotes it.
 """
 
 from __future__ import annotations
@@ -53,6 +55,10 @@ RETRY_STATUSES = {
 # one endpoint is a 401 too, and disabling every account for it would let any caller take the
 # provider down. A 403 is about what was asked (a model the project can't use, a region): relayed.
 DISABLE_STATUSES = {402: "payment_required"}
+# Answers whose body is judged before anything is done with them (hold_stream, refused): a 401 may
+# refuse the key itself or only this request (key_refused); a 429 or a 400 may say the account's
+# billing is spent (billing_spent), which no cooldown mends.
+_JUDGED = frozenset((400, 401, 429))
 _BACKOFF_BASE = 0.1
 _BACKOFF_CAP = 2.0
 
@@ -65,11 +71,21 @@ def answered(exchange: Exchange, status: int, headers: list[tuple[bytes, bytes]]
     wall = time.time()
     hints = read_hints(headers, wall)  # the head's hint headers alone (http1.inspect_response keeps them)
     if hints.remaining or hints.limit:
-        table.observe(account, hints, time.monotonic(), wall)
+        table.observe(account, hints, time.monotonic(), wall, state.config.accounts.max_cooldown)
     if status < 400:
         table.succeeded(account)
         state.metrics.tally.add(("attempts", account.provider, account.id, "success"))
         return False
+    if status != 401 and status in _JUDGED and not exchange.head_request:
+        return False  # held (hold_stream) and judged at its end (refused): cooled and retried only then
+    return _error(exchange, account, status, headers, hints)
+
+
+def _error(exchange: Exchange, account: Account, status: int, headers, hints: RateHints) -> bool:
+    """An error answer on `account`: cool it, disable it, send the request again (True), or not."""
+    state = exchange.client.state
+    table = state.accounts
+    wall = time.time()
     # egress stands in for the SDKs, which obey the provider's x-should-retry before the status:
     # openai-python src/openai/_base_client.py:932-941 and anthropic-sdk-python
     # src/anthropic/_base_client.py:940-949, `_should_retry` ("If the server explicitly says whether
@@ -85,11 +101,10 @@ def answered(exchange: Exchange, status: int, headers: list[tuple[bytes, bytes]]
                 state.metrics.tally.add(("attempts", account.provider, account.id, "not_retryable"))
                 return False
         else:
-            if table.disable(account, reason):
-                log_event("account_disabled", provider=account.provider, account=account.id, status=status)
-            table.failed(account, reason, wall)
+            _disable(exchange, account, reason, status)
     else:
-        seconds = cooldown(status, hints, table.failures(account), random.random())
+        bound = state.config.accounts.max_cooldown
+        seconds = cooldown(status, hints, table.failures(account), random.random(), bound)
         table.failed(account, reason, wall)
         if seconds is not None:
             table.cool(account, seconds, reason, now)
@@ -195,12 +210,16 @@ _HOLD_LIMIT = 64 * 1024
 
 
 class Refusal(bytearray):
-    """A held 401's body (`exchange.held`), read whole before the key is judged (refused)."""
+    """A held error's body (`exchange.held`), read whole before the key is judged (refused): a 401's
+    (never relayed before it is judged: it may quote the key), a 429's or a 400's."""
+
+    __slots__ = ("status",)
 
 
 def hold_stream(exchange: Exchange, status: int) -> None:
-    if status == 401:
-        exchange.held = Refusal()  # never relayed before it is judged: it may quote the key
+    if status in _JUDGED:
+        held = exchange.held = Refusal()
+        held.status = status
         return
     if not (200 <= status < 300 and exchange.streamed):
         return
@@ -214,6 +233,15 @@ def held_body(exchange: Exchange, data: bytes) -> None:
     if held.__class__ is Refusal:
         if len(held) + len(data) <= _HOLD_LIMIT:
             held += data
+            return
+        if held.status != 401:
+            # No spent billing is told at this length: an answer about the request, or a rate. It
+            # does what its status says (answered_late), else goes to the caller as it comes.
+            if answered_late(exchange):
+                return
+            release(exchange)
+            exchange.upstream_body(data)
+            exchange.upstream_read_done()
             return
         # No provider's 401 is this long: not relayed (a part of it would misframe the body, the
         # whole might quote the key), and the key not judged on it.
@@ -247,20 +275,28 @@ def held_body(exchange: Exchange, data: bytes) -> None:
 
 
 def refused(exchange: Exchange) -> bool:
-    """At the end of a held 401 (proxy.Exchange.upstream_end): True when the body says the key
-    itself is refused; the account is disabled, and the request goes to another account or is
-    answered `pool_key_refused` (its body, which may quote the key, never relayed). False for any
-    other hold, and for a 401 about this request alone (a restricted key's missing scope), which is
-    then relayed as it came, the account untouched."""
+    """At the end of a held error (proxy.Exchange.upstream_end): True when the body says the key
+    itself is refused (a 401: key_refused) or its account's billing is spent (a 429 or a 400:
+    billing_spent); the account is disabled, and the request goes to another account or is
+    answered `pool_key_refused` (its body, which may quote the key, never relayed). A 429 or a
+    400 that says neither does what its status says (answered_late): True when it is retried.
+    False for any other hold, for a 401 about this request alone (a restricted key's missing
+    scope), and for an error not retried: relayed as it came (the account untouched, or cooled)."""
     held = exchange.held
-    if held.__class__ is not Refusal or not key_refused(held):
+    if held.__class__ is not Refusal:
         return False
+    status = held.status
+    if status == 401:
+        if not key_refused(held):
+            return False
+        reason = "unauthorized"
+    elif billing_spent(held):
+        reason = "billing_spent"
+    else:
+        return answered_late(exchange)
     state = exchange.client.state
-    table = state.accounts
     account = exchange.account
-    if table.disable(account, "unauthorized"):
-        log_event("account_disabled", provider=account.provider, account=account.id, status=401)
-    table.failed(account, "unauthorized", time.time())
+    _disable(exchange, account, reason, status)
     told = should_retry(exchange.upstream_kept)  # the provider's x-should-retry, as in answered
     exchange.forget_response()
     if told is not False and _again(exchange, account, time.monotonic()):
@@ -275,9 +311,64 @@ def refused(exchange: Exchange) -> bool:
         proxy.finish(exchange)
     else:
         name = exchange.route.provider.name
-        error = EgressError("pool_key_refused", f"{name} refused egress's key for it (401); the operator is told")
+        why = "401" if status == 401 else f"{status}: its billing is spent"
+        error = EgressError("pool_key_refused", f"{name} refused egress's key for it ({why}); the operator is told")
         proxy.respond_error(exchange, error)
     return True
+
+
+def answered_late(exchange: Exchange) -> bool:
+    """A held 429 or 400 that spends no billing: what `answered` does at a head, done at its end
+    (cooled, retried). True when the request went again: this answer is dropped."""
+    kept = exchange.upstream_kept
+    if not _error(exchange, exchange.account, exchange.held.status, kept, read_hints(kept, time.time())):
+        return False
+    exchange.forget_response()
+    return True
+
+
+def _disable(exchange: Exchange, account: Account, reason: str, status: int) -> None:
+    """The provider refused `account` itself (its key, its billing): out until a reload."""
+    state = exchange.client.state
+    if state.accounts.disable(account, reason):
+        log_event("account_disabled", provider=account.provider, account=account.id, status=status, reason=reason)
+    state.accounts.failed(account, reason, time.time())
+    state.metrics.tally.add(("attempts", account.provider, account.id, "account_disabled"))
+
+
+# OpenAI: a 429 whose code (or, in older answers, type) is insufficient_quota, "You exceeded your
+# current quota, please check your plan and billing details": "you have hit your maximum monthly
+# spend (hard limit)" or used up the credits (https://help.openai.com/en/articles/6891831; the body:
+# plexpt/chatgpt-java#249). Anthropic: a 400 invalid_request_error, "Your credit balance is too
+# low to access the Anthropic API. Please go to Plans & Billing to upgrade or purchase credits."
+# (anthropics/claude-code#4208, #66314), or, for a workspace's spend limit, "You have reached your
+# specified API usage limits. You will regain access on 2026-04-01 at 00:00 UTC."
+# (anthropics/claude-code#2127); https://docs.anthropic.com/en/api/errors lists a 402
+# billing_error too, disabled by its status alone. Either way only the operator mends it.
+_SPENT_CODE = "insufficient_quota"
+_SPENT_MESSAGES = ("your credit balance is too low", "you have reached your specified api usage limits")
+
+
+def billing_spent(body: bytes | bytearray) -> bool:
+    """Whether an error's body says the account's billing is spent (sans-IO): never for a body egress
+    can't read, which may be any proxy's rate limit page."""
+    try:
+        document = orjson.loads(bytes(body))  # orjson takes no subclass of bytearray (Refusal)
+    except orjson.JSONDecodeError:
+        return False
+    error = document.get("error") if isinstance(document, dict) else None
+    if not isinstance(error, dict):
+        return False
+    if error.get("code") == _SPENT_CODE or error.get("type") == _SPENT_CODE:
+        return True
+    # Anthropic's, by its message's start: some providers' 400 messages quote what the caller sent,
+    # but after their own words, so no caller can word a request into disabling the pool's keys.
+    message = error.get("message")
+    return (
+        error.get("type") == "invalid_request_error"
+        and isinstance(message, str)
+        and message.lower().startswith(_SPENT_MESSAGES)
+    )
 
 
 def key_refused(body: bytes | bytearray) -> bool:
@@ -340,12 +431,20 @@ def first_event(buffer: bytes | bytearray) -> str | None:
             continue  # comments (": ping", ": OPENROUTER PROCESSING") say nothing yet
         if any(line.strip() in (b"event: error", b"event:error") for line in lines):
             return "error"
+        # Anthropic: "Event streams may also include any number of ping events"
+        # (https://docs.anthropic.com/en/docs/build-with-claude/streaming): one before message_start
+        # says nothing of the answer, and judged "ok" it let the error after it reach the caller.
+        if any(line.strip() in (b"event: ping", b"event:ping") for line in lines):
+            continue
         try:
             document = orjson.loads(b"\n".join(data))
         except orjson.JSONDecodeError:
             return "ok"
-        if isinstance(document, dict) and ("error" in document or document.get("type") == "error"):
-            return "error"
+        if isinstance(document, dict):
+            if "error" in document or document.get("type") == "error":
+                return "error"
+            if document.get("type") == "ping":
+                continue
         return "ok"
 
 
@@ -367,7 +466,8 @@ def _stream_failed(exchange: Exchange) -> bool:
     # Its 200 head counted as a success (answered) and cleared the account's consecutive failures:
     # they count again, or an account whose every stream began with an error never backed off.
     table.relapsed(account)
-    seconds = cooldown(529, RateHints(), table.failures(account), random.random())
+    bound = state.config.accounts.max_cooldown
+    seconds = cooldown(529, RateHints(), table.failures(account), random.random(), bound)
     table.failed(account, "stream_error", time.time())
     table.cool(account, seconds, "stream_error", now)
     if not _again(exchange, account, now):
