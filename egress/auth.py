@@ -15,8 +15,9 @@ token is the caller's own provider key and passes through untouched, with everyt
 
 The cost of a forged key is bounded: structure, canonical encoding and a trusted issuer id are
 checked before the signature (microseconds); a token that failed is remembered, so repeating it
-costs a dict look-up; and each client address may fail at most `invalid_key_burst` verifications,
-refilled at `invalid_key_rate` per second, after which its unknown keys are refused unverified.
+costs a dict look-up; and each client address (an IPv6 one by its /64, `client_of`) may fail at
+most `invalid_key_burst` verifications, refilled at `invalid_key_rate` per second, after which its
+unknown keys are refused unverified.
 That allowance is each worker process's own (the buckets are a plain dict): the kernel spreads an
 address's connections over the workers (SO_REUSEPORT), so a host of N workers lets one address
 fail up to N x burst at once, refilled at N x rate. Still bounded, and a verification is only
@@ -31,6 +32,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import socket
 import time
 import weakref
 from collections import OrderedDict
@@ -150,6 +152,22 @@ def check_claims(claims: Claims, now: float, revoked: set[str], provider: str | 
         raise EgressError("provider_not_permitted", f"virtual key {claims.kid} may not use {provider}")
 
 
+def client_of(peer: str | None) -> str:
+    """Whose invalid-key allowance a connection from `peer` ("host:port") spends: an IPv4 address,
+    or an IPv6 address's /64. An IPv6 host is routinely given a whole /64 and may take any address
+    in it as its source (RFC 8981 temporary addresses), so per address its allowance had no end:
+    each new source address came with a fresh burst. A /64 is what one host or one LAN holds
+    (RFC 6177); the same grouping IPv6 rate limits commonly use."""
+    address = peer.rpartition(":")[0] if peer else ""
+    if ":" in address and "." not in address:  # IPv6, not an IPv4-mapped one (::ffff:1.2.3.4)
+        try:
+            packed = socket.inet_pton(socket.AF_INET6, address.partition("%")[0])  # without a zone (%eth0)
+        except OSError:
+            return address
+        return packed[:8].hex() + "/64"
+    return address
+
+
 class Authenticator:
     __slots__ = (
         "_allow_byo",
@@ -263,8 +281,7 @@ class Authenticator:
             raise failed.with_traceback(None)  # raised again and again: its traceback must not grow
         if len(token) > _MAX_TOKEN:
             raise EgressError("invalid_key", "malformed virtual key")
-        address = peer.rpartition(":")[0] if peer else ""
-        bucket = self._bucket(address)
+        bucket = self._bucket(client_of(peer))
         if bucket[0] < 1.0:
             wait = max(1, math.ceil((1.0 - bucket[0]) / self._rate))
             raise EgressError(

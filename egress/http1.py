@@ -162,9 +162,10 @@ def inspect_request(headers: Headers, http_version: str) -> RequestFacts:
         elif role == _HOST:
             host_count += 1
         elif role == _CONTENT_LENGTH:
-            if facts.content_length is not None or not value.strip().isdigit():
+            length = content_length_of(value)
+            if facts.content_length is not None or length is None:
                 raise EgressError("bad_request", "invalid Content-Length")  # llhttp refuses these first
-            facts.content_length = int(value)
+            facts.content_length = length
         elif role == _TRANSFER_ENCODING:
             # Only "chunked" is valid for a request body egress reads (RFC 9112 §6.1); anything else
             # ("gzip, chunked", ",chunked", repeated headers) is a smuggling vector, not a feature.
@@ -205,6 +206,23 @@ def inspect_request(headers: Headers, http_version: str) -> RequestFacts:
             # Headers the client named in Connection are hop-by-hop too (RFC 9110 §7.6.1).
             facts.forward_headers = [header for header in forward if header[0] not in connection_tokens]
     return facts
+
+
+def content_length_of(value: bytes) -> int | None:
+    """A Content-Length value as a number (RFC 9110 §8.6: 1*DIGIT, leading zeros allowed), or None.
+
+    llhttp takes any number of leading zeros (it checks only that the value fits 64 bits), and int()
+    refuses a string past 4,300 digits with a ValueError: `Content-Length: 000…02` used to be a 500
+    internal_error. A value that still has more than 20 digits without its zeros is past any length
+    (2^64 has 20): it reads as one past the largest a client can frame, refused by the callers' bounds.
+    """
+    if len(value) < 20:  # every real value: one check and int()
+        return int(value) if value.strip().isdigit() else None
+    digits = value.strip()
+    if not digits.isdigit():
+        return None
+    digits = digits.lstrip(b"0") or b"0"
+    return int(digits) if len(digits) <= 20 else _MAX_CONTENT_LENGTH + 1
 
 
 def grow(held: bytes | bytearray, piece: bytes) -> bytes | bytearray:
@@ -315,9 +333,9 @@ def inspect_response(headers: Headers, keep: frozenset[bytes] = _KEEP_NONE) -> R
                 kept.append((lower, value))
             relayed.append((name, value))
         elif lower == b"content-length":
-            if not value.strip().isdigit():
+            content_length = content_length_of(value)
+            if content_length is None:
                 raise EgressError("upstream_protocol_error", "upstream sent an invalid Content-Length")
-            content_length = int(value)
             if content_length > _MAX_CONTENT_LENGTH:
                 # llhttp takes up to 2^64-1; clients parsing a signed 64-bit length refuse the rest.
                 raise EgressError("upstream_protocol_error", "upstream sent a Content-Length out of range")

@@ -276,7 +276,7 @@ def _translate(
     options = document.get("stream_options")
     include_usage = isinstance(options, dict) and options.get("include_usage") is True
     exchange.body_filter = TranslatedChat(
-        requested, bool(document.get("stream")), include_usage, [name.encode() for name in dropped]
+        requested, bool(document.get("stream")), include_usage, _dropped_names(dropped)
     )
     if len(warnings) > _WARNINGS:  # one a strict schema: 128 tools' would outgrow a client's header limit
         more = len(warnings) - _WARNINGS + 1
@@ -433,6 +433,23 @@ _CONTROL = re.compile(rb"[\x00-\x1f\x7f]")
 _WARNING_CHARS = 1024  # a Warning's text at most this long (bounded names make it far shorter)
 # Warning headers a translated answer carries at most (Node's and h11's header limit is 16 KiB in all).
 _WARNINGS = 8
+
+
+def _dropped_names(dropped: Sequence[str]) -> list[bytes]:
+    """The dropped parameters' names for `x-egress-dropped-params`: header-safe and bounded.
+
+    A name is any JSON key of the caller's body. One may hold CR and LF (`"x\\r\\nset-cookie: a=b"`):
+    sent as it was, it ended egress's header block early and added headers, or a whole second
+    response, to the caller's answer. And a body of ten thousand unknown keys made one header of
+    megabytes: at most _DROPPED_SHOWN names, each at most _DROPPED_CHARS, then how many more."""
+    names = [_CONTROL.sub(b"?", name[:_DROPPED_CHARS].encode("ascii", "replace")) for name in dropped[:_DROPPED_SHOWN]]
+    if len(dropped) > _DROPPED_SHOWN:
+        names.append(b"(%d more)" % (len(dropped) - _DROPPED_SHOWN))
+    return names
+
+
+_DROPPED_SHOWN = 32
+_DROPPED_CHARS = 128
 
 
 def _warning(text: str) -> bytes:
