@@ -47,7 +47,7 @@ provider = "dead"
         took = time.monotonic() - started
     assert raised.value.status_code == 504
     assert raised.value.body["code"] == "upstream_timeout"
-    assert 0.9 <= took < 1.8  # one connect_timeout, not one per attempt
+    assert 0.9 <= took < 1.9  # one connect_timeout, not one per attempt (two: 2 s and more)
 
 
 def test_a_byo_connect_timeout_is_answered_after_one_wait(start_egress, tmp_path):
@@ -71,4 +71,4 @@ provider = "dead"
             client.chat.completions.create(model="gpt-dead", messages=[{"role": "user", "content": "hi"}])
         took = time.monotonic() - started
     assert raised.value.status_code == 504
-    assert 0.9 <= took < 1.8
+    assert 0.9 <= took < 1.9
