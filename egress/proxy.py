@@ -396,10 +396,14 @@ class Exchange:
     def upstream_failed(self, error: EgressError) -> None:
         held = self.held
         if held is not None:
-            if held.__class__ is retries.Refusal:
-                self.forget_response()  # a 401 cut before it could be judged: never relayed
-            else:
+            if held.__class__ is not retries.Refusal:
                 retries.release(self)
+            elif held.status == 401:
+                self.forget_response()  # a 401 cut before it could be judged: never relayed
+            elif retries.answered_late(self):
+                return  # a 429's or a 400's body cut: its head said what it was (sent again, as then)
+            else:
+                retries.release(self)  # relayed as far as it came, then cut, as an error never held
         if self.head_sent:
             # Mid-response: the client must see a truncated body, never a clean end.
             self.flush()

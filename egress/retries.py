@@ -6,7 +6,8 @@ Contract, for the proxy phases:
       the account (successes too), cools it on 429/503/529 (the provider's hint up to `[accounts]
       max_cooldown`, else a jittered default: hints.cooldown), disables it on a 402 (a 401 is
       judged on its body: `refused`; so are a 429 and a 400, which may say the account's billing
-      is spent: `billing_spent`, and are cooled or retried only then), and returns True when this
+      is spent: `billing_spent`, and are cooled or retried only then, or as their status says once
+      their body is too long, cut, or not whole within `first_event_timeout`), and returns True when this
       response is dropped and the request sent again: to the account with the most headroom at
       once, or to the same account after a jittered back-off when no other one is usable and this
       one is not cooling (a 500, 502, 504). Nothing has reached the caller then, so nothing is
@@ -101,17 +102,19 @@ def _error(exchange: Exchange, account: Account, status: int, headers, hints: Ra
                 state.metrics.tally.add(("attempts", account.provider, account.id, "not_retryable"))
                 return False
         else:
-            _disable(exchange, account, reason, status)
+            _disable(exchange, account, reason, status)  # the attempt's outcome: counted there
     else:
         bound = state.config.accounts.max_cooldown
         seconds = cooldown(status, hints, table.failures(account), random.random(), bound)
         table.failed(account, reason, wall)
         if seconds is not None:
             table.cool(account, seconds, reason, now)
+    disabled = status in DISABLE_STATUSES
     if told is False:
-        state.metrics.tally.add(("attempts", account.provider, account.id, "not_retryable"))
+        if not disabled:
+            state.metrics.tally.add(("attempts", account.provider, account.id, "not_retryable"))
         return False
-    return _again(exchange, account, now)
+    return _again(exchange, account, now, counted=disabled)
 
 
 def failed(exchange: Exchange, error: EgressError, unsent: bool = False) -> bool:
@@ -136,18 +139,23 @@ def failed(exchange: Exchange, error: EgressError, unsent: bool = False) -> bool
     return _again(exchange, account, time.monotonic(), elsewhere)
 
 
-def _again(exchange: Exchange, account: Account | None, now: float, elsewhere: bool = False) -> bool:
+def _again(
+    exchange: Exchange, account: Account | None, now: float, elsewhere: bool = False, counted: bool = False
+) -> bool:
     """Send the request again: to another account, the next fallback, or (unless `elsewhere`) the
-    same account after a back-off. False when it can't be (attempts, budget, nowhere to go)."""
+    same account after a back-off. False when it can't be (attempts, budget, nowhere to go).
+    `counted`: the attempt's outcome is tallied already (account_disabled), and not again here: each
+    attempt counts once in egress_upstream_attempts_total, whose outcomes add up to the attempts."""
     state = exchange.client.state
     table = state.accounts
     config = state.config.accounts
     label = (exchange.route.provider.name, account.id if account is not None else "byo")
+    tally = _no_tally if counted else state.metrics.tally.add
     if exchange.tries >= config.max_attempts or exchange.client_gone:
-        state.metrics.tally.add(("attempts", *label, "retry_exhausted"))
+        tally(("attempts", *label, "retry_exhausted"))
         return False
     if not table.may_retry(now, count=False):
-        state.metrics.tally.add(("attempts", *label, "retry_exhausted"))
+        tally(("attempts", *label, "retry_exhausted"))
         state.metrics.tally.add(("retry_budget_exhausted",))
         return False
     delay = 0.0
@@ -168,14 +176,14 @@ def _again(exchange: Exchange, account: Account | None, now: float, elsewhere: b
         elif admission.fall_back(exchange, retry=True):
             moved = True
         elif elsewhere or table.state_of(account, now) != HEALTHY:
-            state.metrics.tally.add(("attempts", *label, "retry_exhausted"))
+            tally(("attempts", *label, "retry_exhausted"))
             return False  # every account is cooling or spent: the provider's own answer goes back
     table.may_retry(now)  # counted now that it is sure (checked above, before anything moved)
     if not moved and account is not None:
         table.resend(account)  # sent to it again: awaiting an answer once more
     if not moved:
         delay = random.uniform(0.5, 1.0) * min(_BACKOFF_CAP, _BACKOFF_BASE * 2 ** (exchange.tries - 1))
-    state.metrics.tally.add(("attempts", *label, "retry_scheduled"))
+    tally(("attempts", *label, "retry_scheduled"))
     upstream = exchange.upstream
     exchange.upstream = None
     if upstream is not None:
@@ -193,6 +201,10 @@ def _again(exchange: Exchange, account: Account | None, now: float, elsewhere: b
     else:
         loop.call_soon(_send_again, exchange)
     return True
+
+
+def _no_tally(key: tuple) -> None:
+    pass
 
 
 def _send_again(exchange: Exchange) -> None:
@@ -220,10 +232,15 @@ def hold_stream(exchange: Exchange, status: int) -> None:
     if status in _JUDGED:
         held = exchange.held = Refusal()
         held.status = status
+        if status == 401:
+            return  # never relayed unjudged: its deadline is the read's own
+        # A 429's or a 400's body slower than a first event: judged by its status (_hold_expired), as
+        # one too long to judge is. Unbounded, a body that never ended held the caller for the read
+        # idle timeout (300 s) and a 504, where its head had sent the request to the next account.
+    elif not (200 <= status < 300 and exchange.streamed):
         return
-    if not (200 <= status < 300 and exchange.streamed):
-        return
-    exchange.held = bytearray()
+    else:
+        exchange.held = bytearray()
     timeout = exchange.client.state.config.accounts.first_event_timeout
     exchange.hold_timer = exchange.client.loop.call_later(timeout, _hold_expired, exchange, exchange.tries)
 
@@ -299,7 +316,7 @@ def refused(exchange: Exchange) -> bool:
     _disable(exchange, account, reason, status)
     told = should_retry(exchange.upstream_kept)  # the provider's x-should-retry, as in answered
     exchange.forget_response()
-    if told is not False and _again(exchange, account, time.monotonic()):
+    if told is not False and _again(exchange, account, time.monotonic(), counted=True):
         return True
     upstream = exchange.upstream  # whole and well framed: back to the pool
     exchange.upstream = None
@@ -318,8 +335,9 @@ def refused(exchange: Exchange) -> bool:
 
 
 def answered_late(exchange: Exchange) -> bool:
-    """A held 429 or 400 that spends no billing: what `answered` does at a head, done at its end
-    (cooled, retried). True when the request went again: this answer is dropped."""
+    """A held 429 or 400 that spends no billing, or whose body is not whole (too long, too slow, cut):
+    what `answered` does at a head, done now (cooled, retried). True when the request went again:
+    this answer is dropped. Safe after any part of its body: the status says nothing was generated."""
     kept = exchange.upstream_kept
     if not _error(exchange, exchange.account, exchange.held.status, kept, read_hints(kept, time.time())):
         return False
@@ -411,7 +429,10 @@ def unhold(exchange: Exchange) -> None:
 
 
 def _hold_expired(exchange: Exchange, tries: int) -> None:
-    if exchange.held is None or exchange.settled or exchange.tries != tries:
+    held = exchange.held
+    if held is None or exchange.settled or exchange.tries != tries:
+        return
+    if held.__class__ is Refusal and answered_late(exchange):
         return
     release(exchange)
     exchange.upstream_read_done()
