@@ -162,11 +162,12 @@ def inspect_request(headers: Headers, http_version: str) -> RequestFacts:
         elif role == _HOST:
             host_count += 1
         elif role == _CONTENT_LENGTH:
-            # The common case inline (a call a request): a value past 19 bytes goes to content_length_of.
-            length = int(value) if len(value) < 20 and value.strip().isdigit() else content_length_of(value)
-            if facts.content_length is not None or length is None:
+            if facts.content_length is not None or not value.strip().isdigit():
                 raise EgressError("bad_request", "invalid Content-Length")  # llhttp refuses these first
-            facts.content_length = length
+            try:
+                facts.content_length = int(value)
+            except ValueError:  # past int()'s 4,300 digits: leading zeros (content_length_of)
+                facts.content_length = content_length_of(value)
         elif role == _TRANSFER_ENCODING:
             # Only "chunked" is valid for a request body egress reads (RFC 9112 §6.1); anything else
             # ("gzip, chunked", ",chunked", repeated headers) is a smuggling vector, not a feature.
@@ -334,9 +335,12 @@ def inspect_response(headers: Headers, keep: frozenset[bytes] = _KEEP_NONE) -> R
                 kept.append((lower, value))
             relayed.append((name, value))
         elif lower == b"content-length":
-            content_length = int(value) if len(value) < 20 and value.strip().isdigit() else content_length_of(value)
-            if content_length is None:
+            if not value.strip().isdigit():
                 raise EgressError("upstream_protocol_error", "upstream sent an invalid Content-Length")
+            try:
+                content_length = int(value)
+            except ValueError:  # past int()'s 4,300 digits: leading zeros (content_length_of)
+                content_length = content_length_of(value)
             if content_length > _MAX_CONTENT_LENGTH:
                 # llhttp takes up to 2^64-1; clients parsing a signed 64-bit length refuse the rest.
                 raise EgressError("upstream_protocol_error", "upstream sent a Content-Length out of range")
