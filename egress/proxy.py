@@ -435,6 +435,7 @@ class Exchange:
         self.client_gone = True
         self.outcome = "client_gone"
         if self.held is not None:  # its head was held (retries.hold_stream): the caller got nothing
+            retries.abandoned(self)  # a 429 still cools its account, by its head's hints
             self.head_sent = False
             retries.unhold(self)
             self.status = 0

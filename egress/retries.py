@@ -7,7 +7,8 @@ Contract, for the proxy phases:
       max_cooldown`, else a jittered default: hints.cooldown), disables it on a 402 (a 401 is
       judged on its body: `refused`; so are a 429 and a 400, which may say the account's billing
       is spent: `billing_spent`, and are cooled or retried only then, or as their status says once
-      their body is too long, cut, or not whole within `first_event_timeout`), and returns True when this
+      their body is too long, cut, or not whole within `first_event_timeout`, or its caller left:
+      `abandoned`, cooled then but never sent again), and returns True when this
       response is dropped and the request sent again: to the account with the most headroom at
       once, or to the same account after a jittered back-off when no other one is usable and this
       one is not cooling (a 500, 502, 504). Nothing has reached the caller then, so nothing is
@@ -190,8 +191,10 @@ def _again(
         upstream.exchange = None  # what it still reads belongs to an answer nobody will see
         upstream.abort()
     exchange.client.backpressure.detach()
-    if moved:
-        exchange.request = proxy.upstream_request(exchange)
+    # Made again for every attempt, the same account's too: with it the response filter the request
+    # is owed (the injected usage's, a batch's results_url), which the dropped answer's head turned
+    # off when it was no 2xx (Exchange.upstream_head), and fresh for an answer that starts anew.
+    exchange.request = proxy.upstream_request(exchange)
     exchange.tries += 1
     exchange.attempt = 1
     loop = exchange.client.loop
@@ -343,6 +346,18 @@ def answered_late(exchange: Exchange) -> bool:
         return False
     exchange.forget_response()
     return True
+
+
+def abandoned(exchange: Exchange) -> None:
+    """The caller left while a 429's or a 400's body was held (proxy.Exchange.client_left): what its
+    head says of the account is done now, as `answered` does at a head (a 429 cools it, for the
+    provider's retry-after); left to the body's judgment, it was lost, and the next request met the
+    provider's 429 again. Nothing is sent again (`_again` sends nothing for a caller gone), and a
+    spent billing, told only by the whole body, is not judged. A held 401 is judged whole or not at all."""
+    held = exchange.held
+    if held.__class__ is Refusal and held.status != 401:
+        kept = exchange.upstream_kept
+        _error(exchange, exchange.account, held.status, kept, read_hints(kept, time.time()))
 
 
 def _disable(exchange: Exchange, account: Account, reason: str, status: int) -> None:
