@@ -194,7 +194,8 @@ def chat_to_messages(
 ) -> tuple[dict, list[str]]:
     """`warnings`, when given, receives what was honoured only in part or left out (a structured-output
     schema's constraints Anthropic does not enforce, schemas.py; `verbosity`, `metadata` tags, an
-    image's `detail`, prompt_cache_breakpoint past Anthropic's four), for the caller's Warning header."""
+    image's `detail`, prompt_cache_breakpoint past Anthropic's four marks or after a 5m one: _breakpoints),
+    for the caller's Warning header."""
     if not isinstance(body, dict):
         raise _invalid("the request body must be a JSON object")
     refuse = _Refusals(drop_params)
@@ -217,7 +218,6 @@ def chat_to_messages(
     if system:
         out["system"] = system
     out["messages"] = messages
-    _breakpoints(system, messages, warnings)
 
     max_tokens = body.get("max_completion_tokens")
     if max_tokens is None:
@@ -251,6 +251,7 @@ def chat_to_messages(
             raise _invalid("stream must be a boolean", "stream")
         out["stream"] = stream
     _tools(body, out, thinking=budget is not None, refuse=refuse, warnings=warnings)
+    _breakpoints(out.get("tools") or [], system, messages, warnings)
     return out, refuse.dropped
 
 
@@ -620,6 +621,7 @@ def _messages(messages: object, refuse: _Refusals, warnings: list[str]) -> tuple
     system: list = []
     turns: list[list] = []  # [role, blocks], consecutive same roles merged (Anthropic alternates)
     blank = ""  # the first user or assistant message left out for having no content
+    unanswered = ""  # the first user message left out since the last message kept
     for position, message in enumerate(messages):
         if not isinstance(message, dict):
             raise _invalid(f"messages[{position}] must be an object", f"messages[{position}]")
@@ -651,11 +653,24 @@ def _messages(messages: object, refuse: _Refusals, warnings: list[str]) -> tuple
             system.extend(blocks)
         elif not blocks:
             blank = blank or where  # the first: named if nothing else is left
+            if message.get("role") == "user":
+                unanswered = unanswered or where
             continue  # an empty message (Anthropic refuses empty content) must not break a merge
         elif turns and turns[-1][0] == role:
             turns[-1][1].extend(blocks)
+            unanswered = ""
         else:
             turns.append([role, blocks])
+            unanswered = ""
+    if unanswered and turns and turns[-1][0] == "assistant":
+        # Left out, the caller's last turn would be gone and the assistant's message before it last:
+        # Anthropic continues a last assistant message as a prefill ("Prefill Claude's response",
+        # messages docs), so the request would quietly ask for something else than an answer to it.
+        raise _invalid(
+            "the last user message is empty or whitespace alone, which Anthropic refuses (blank text); left "
+            "out, the assistant's message before it would be continued instead of answered",
+            f"{unanswered}.content",
+        )
     if not turns:
         if blank:
             # Said as what it is: "must include a user message" of a request that has one read as a bug.
@@ -712,33 +727,80 @@ def _marked(part: dict, block: dict, where: str) -> dict:
     return block
 
 
-def _breakpoints(system: list, messages: list, warnings: list[str]) -> None:
-    """The cache marks made from prompt_cache_breakpoint, in prompt order (system, then each
-    message's blocks and a tool result's own): the latest four kept, as OpenAI writes them; each its
-    own copy."""
-    blocks = list(system)
+def _breakpoints(tools: list, system: list, messages: list, warnings: list[str]) -> None:
+    """Every cache mark of the request, as Anthropic takes them. Anthropic reads them in prompt order,
+    `tools`, `system`, then `messages` ("Cache prefixes are created in the following order: tools,
+    system, then messages", prompt-caching docs), and refuses two things of them: more than four in
+    all (_MAX_MARKS), and a 1h mark after a 5m one ("Cache entries with longer TTL must appear before
+    shorter TTLs", prompt-caching docs, "Mixing different TTLs"; 400 "a ttl='1h' cache_control block
+    must not come after a ttl='5m' cache_control block", kristianvast/hermes-claude-auth#31).
+    The caller's own cache_control marks go as given, and so they take their places first: marks that
+    break a rule by themselves are a 400 naming cache_control, as Anthropic would refuse them. The
+    marks made from prompt_cache_breakpoint fill what is left, the latest kept, as OpenAI writes
+    them; one after a 5m mark of the caller's is marked for 5m, the longest Anthropic takes there.
+    Each kept one its own copy."""
+    blocks = [*tools, *system]
     for message in messages:
         for block in message["content"]:
-            blocks.append(block)
             inner = block.get("content") if block.get("type") == "tool_result" else None
-            blocks += inner if isinstance(inner, list) else ()
-    found = [block for block in blocks if block.get("cache_control") is _BREAKPOINT or _is_12h(block)]
-    if len(found) > _MAX_MARKS:
-        for block in found[:-_MAX_MARKS]:
-            del block["cache_control"]
-        warnings.append(
-            f"prompt_cache_breakpoint: {len(found)} given, Anthropic takes {_MAX_MARKS} cache marks at most; "
-            f"the latest {_MAX_MARKS} were kept"
+            blocks += inner if isinstance(inner, list) else ()  # inside the result, so before its own mark
+            blocks.append(block)
+    marked = [block for block in blocks if block.get("cache_control") is not None]
+    found = [block for block in marked if _is_breakpoint(block)]
+    given = len(marked) - len(found)
+    if given > _MAX_MARKS:
+        raise _invalid(
+            f"cache_control: {given} blocks carry one (tools, messages and content parts), Anthropic takes "
+            f"{_MAX_MARKS} at most",
+            "cache_control",
         )
-        found = found[-_MAX_MARKS:]
-    if any(_is_12h(block) for block in found):
+    room = _MAX_MARKS - given
+    if len(found) > room:
+        for block in found[: len(found) - room]:
+            del block["cache_control"]
+        besides = f" besides {given} cache_control marks" if given else ""
+        warnings.append(
+            f"prompt_cache_breakpoint: {len(found)} given{besides}, Anthropic takes {_MAX_MARKS} cache marks at "
+            + (f"most; the latest {room} were kept" if room else "most; none was kept")
+        )
+    shorter = False  # a 5m mark of the caller's came already
+    shortened = twelve = 0
+    for block in marked:
+        control = block.get("cache_control")
+        if control is None:  # a breakpoint left out above
+            continue
+        if not _is_breakpoint(block):
+            if _ttl(control) == "1h" and shorter:
+                raise _invalid(
+                    "cache_control: a ttl of 1h comes after a cache_control of 5m; Anthropic takes a longer ttl "
+                    "only before a shorter one, in the order tools, system, messages",
+                    "cache_control",
+                )
+            shorter = shorter or _ttl(control) != "1h"
+        elif shorter:
+            block["cache_control"] = {"type": "ephemeral", "ttl": "5m"}
+            shortened += 1
+        else:
+            twelve += control is _BREAKPOINT_12H
+            block["cache_control"] = dict(control)
+    if twelve:
         warnings.append("prompt_cache_breakpoint: a ttl of 12h is longer than Anthropic keeps a cache; marked for 1h")
-    for block in found:
-        block["cache_control"] = dict(block["cache_control"])
+    if shortened:
+        warnings.append(
+            f"prompt_cache_breakpoint: {shortened} after a cache_control of 5m marked for 5m, not 1h: Anthropic "
+            "takes a longer ttl only before a shorter one"
+        )
 
 
-def _is_12h(block: dict) -> bool:
-    return block.get("cache_control") is _BREAKPOINT_12H
+def _is_breakpoint(block: dict) -> bool:
+    control = block.get("cache_control")
+    return control is _BREAKPOINT or control is _BREAKPOINT_12H
+
+
+def _ttl(control: object) -> object:
+    """A cache_control's ttl, 5m unless given ("ttl": "5m" | "1h", prompt-caching docs); a mark that is
+    not an object, which Anthropic refuses wherever it is, is no 1h one."""
+    return control.get("ttl", "5m") if isinstance(control, dict) else control
 
 
 def _text_blocks(content: object, where: str) -> list:

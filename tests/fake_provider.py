@@ -825,6 +825,8 @@ def _block_events(index: int, block: dict) -> list[bytes]:
 #   [ERR]    https://docs.anthropic.com/en/api/errors: 400 invalid_request_error, the error shape
 #   [THINK]  https://docs.anthropic.com/en/docs/build-with-claude/extended-thinking
 #   [TOOLS]  https://docs.anthropic.com/en/docs/agents-and-tools/tool-use/implement-tool-use
+#   [CACHE]  https://docs.anthropic.com/en/docs/build-with-claude/prompt-caching: "Cache prefixes are created
+#            in the following order: tools, system, then messages"; "Mixing different TTLs"
 #   [SEEN]   messages the real API answered with, quoted in public issue threads:
 #            "Extra inputs are not permitted": anthropics/claude-code#4378, amrit110/oli#7
 #            tool_use without tool_result: anthropics/claude-code#5989 (and #1237, #2697)
@@ -1359,22 +1361,44 @@ def validate_anthropic_request(payload, recorded: RecordedRequest | None = None)
     if payload.get("cache_control") is not None:
         _cache_control("", {"cache_control": payload["cache_control"]})
     marks = _cache_marks(payload)
-    if marks > 4:
+    if len(marks) > 4:
         # [SEEN] {"type":"invalid_request_error","message":"A maximum of 4 blocks with cache_control may be
         # provided. Found 5."} (tghamm/Anthropic.SDK#50); "You can define up to 4 cache breakpoints"
         # (https://docs.anthropic.com/en/docs/build-with-claude/prompt-caching)
-        _refuse(f"A maximum of 4 blocks with cache_control may be provided. Found {marks}.")
+        _refuse(f"A maximum of 4 blocks with cache_control may be provided. Found {len(marks)}.")
+    shorter = False
+    for where, control in marks:
+        # [CACHE] "Mixing different TTLs": "Cache entries with longer TTL must appear before shorter TTLs
+        # (i.e., a 1-hour cache entry must appear before any 5-minute cache entries)", a ttl left out
+        # being 5m; [SEEN] the wording: kristianvast/hermes-claude-auth#31, Kocoro-lab/Shannon#169
+        ttl = control.get("ttl", "5m") if isinstance(control, dict) else None
+        if ttl == "1h" and shorter:
+            _refuse(
+                f"{where}.cache_control.ttl: a ttl='1h' cache_control block must not come after a ttl='5m' "
+                "cache_control block. Note that blocks are processed in the following order: `tools`, `system`, "
+                "`messages`."
+            )
+        shorter = shorter or ttl == "5m"
 
 
-def _cache_marks(payload: dict) -> int:
-    """The blocks with a cache_control mark: tools, system blocks, message blocks and a tool result's own."""
-    blocks = [*(payload.get("tools") or ()), *(payload["system"] if isinstance(payload.get("system"), list) else ())]
-    for message in payload["messages"]:
-        for block in message["content"] if isinstance(message["content"], list) else ():
-            blocks.append(block)
-            inner = block.get("content") if block.get("type") == "tool_result" else None
-            blocks += inner if isinstance(inner, list) else ()
-    return sum(1 for block in blocks if isinstance(block, dict) and block.get("cache_control") is not None)
+def _cache_marks(payload: dict) -> list[tuple[str, object]]:
+    """(where, cache_control) of every block that has one, in [CACHE]'s prompt order: tools, system
+    blocks, then message blocks, a tool result's own content before the result's mark."""
+    blocks = [(f"tools.{index}", tool) for index, tool in enumerate(payload.get("tools") or ())]
+    system = payload.get("system")
+    blocks += [(f"system.{index}", block) for index, block in enumerate(system if isinstance(system, list) else ())]
+    for number, message in enumerate(payload["messages"]):
+        for index, block in enumerate(message["content"] if isinstance(message["content"], list) else ()):
+            where = f"messages.{number}.content.{index}"
+            inner = block.get("content") if isinstance(block, dict) and block.get("type") == "tool_result" else None
+            for place, part in enumerate(inner if isinstance(inner, list) else ()):
+                blocks.append((f"{where}.content.{place}", part))
+            blocks.append((where, block))
+    return [
+        (where, block["cache_control"])
+        for where, block in blocks
+        if isinstance(block, dict) and block.get("cache_control") is not None
+    ]
 
 
 def _numbered_events(count: int, anthropic: bool) -> list[bytes]:
