@@ -40,8 +40,8 @@ from typing import TYPE_CHECKING
 
 from egress.accounts import Account, AccountTable, account_id
 from egress.errors import EgressError
-from egress.http1 import POOL_KEY_DROPPED_HEADERS, bearer_token
-from egress.providers import without_query_credential
+from egress.http1 import CREDENTIAL_HEADERS, POOL_KEY_DROPPED_HEADERS, bearer_token
+from egress.providers import KeyFormats, query_credentials, without_query_credential
 from egress.secrets import Secret, load_secrets
 from egress.vkeys import PREFIX, Claims, Verifier, parse_public_key
 
@@ -139,6 +139,30 @@ def no_account_error(table: AccountTable, accounts: list[Account], now: float) -
     )
 
 
+# The credential headers the head phase does not read itself (http1.RequestFacts holds Authorization
+# and x-api-key): Gemini's x-goog-api-key and Azure OpenAI's api-key.
+_OTHER_CREDENTIAL_HEADERS = tuple(name for name in CREDENTIAL_HEADERS if name not in (b"authorization", b"x-api-key"))
+
+
+def other_credentials(exchange: Exchange) -> list[bytes]:
+    """The caller's credentials besides Authorization and x-api-key: the values of the other
+    credential headers, and of a `key=` query parameter (Google's). Each would go upstream as sent."""
+    facts = exchange.facts
+    found = (
+        [value.strip() for name, value in facts.forward_headers if name in _OTHER_CREDENTIAL_HEADERS]
+        if facts.other_credential  # noted by the head's one pass (http1.inspect_request): most send none
+        else []
+    )
+    target = exchange.route.upstream_target
+    if b"?" in target:  # rare: most SDKs send no query
+        found += query_credentials(target)
+    return found
+
+
+def _any_byo(credentials: list[bytes]) -> bool:
+    return any(value and not value.startswith(PREFIX) for value in credentials)
+
+
 def check_claims(claims: Claims, now: float, revoked: set[str], provider: str | None, clock_skew: float = 60.0) -> None:
     """The per-request checks of a verified key, never cached: validity period, revocation, allowlist."""
     if claims.exp is not None and claims.exp <= now:
@@ -177,6 +201,7 @@ class Authenticator:
         "_cache_size",
         "_clock_skew",
         "_failed",
+        "_key_formats",
         "_rate",
         "_verifier",
         "accounts",
@@ -198,6 +223,7 @@ class Authenticator:
         self._rate = keys.invalid_key_rate
         self._burst = float(keys.invalid_key_burst)
         self._allow_byo = keys.allow_byo
+        self._key_formats = KeyFormats(config.providers.values())
         self.denyset = denyset
         self.pools = pools
         self.accounts = accounts if accounts is not None else AccountTable()
@@ -243,9 +269,17 @@ class Authenticator:
         elif bearer or api_key:
             if not self._allow_byo:
                 raise EgressError("byo_not_allowed", "only virtual keys (bai_…) are accepted here")
+            if provider is not None and provider.key_prefixes:
+                self._check_byo(exchange, provider, bearer, api_key)
             return None  # BYO: the caller's own provider key, untouched
         elif provider is not None and provider.allow_anonymous:
-            return None  # a provider that takes requests with no key (a local model server)
+            # A provider that takes requests with no key (a local model server). A key in a header
+            # egress does not read (Gemini's, Azure's) or in `?key=` is still the caller's own.
+            if not self._allow_byo and _any_byo(other_credentials(exchange)):
+                raise EgressError("byo_not_allowed", "only virtual keys (bai_…) are accepted here")
+            if provider.key_prefixes:
+                self._check_byo(exchange, provider, None, None)
+            return None
         else:
             raise EgressError("missing_key", "no API key: send a virtual key or your provider key")
         claims = self.claims_for(token, exchange.client.peer)
@@ -267,6 +301,24 @@ class Authenticator:
             exchange.route = without_query_credential(exchange.route)
         exchange.lease = pool  # keeps the key's bytes alive (unwiped) as long as this exchange
         return claims
+
+    def _check_byo(self, exchange: Exchange, provider: Provider, bearer: bytes | None, api_key: bytes | None) -> None:
+        """Refuse a caller's own key that is another provider's (providers.KeyFormats): routed by a
+        model or a path to `provider`, it would hand that provider a secret it has no business
+        seeing (and fail there). Every credential the request carries is looked at: each would be
+        sent. The message names where the request was routed, never the key."""
+        formats = self._key_formats
+        for key in (bearer, api_key, *other_credentials(exchange)):
+            if not key:
+                continue
+            owners = formats.foreign_owners(key, provider)
+            if owners:
+                raise EgressError(
+                    "byo_key_wrong_provider",
+                    f"this request is routed to {provider.name}, and the API key sent with it is a key of "
+                    f"{' or '.join(owners)}: it was not sent. Use a {provider.name} key, a virtual key, "
+                    "or a model that routes to the key's provider",
+                )
 
     def claims_for(self, token: bytes, peer: str | None = None) -> Claims:
         """Verified claims, from the cache when this token was verified before."""

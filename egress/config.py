@@ -410,6 +410,7 @@ _PROVIDER_KEYS = {
     "account_max_concurrent",
     "queue_timeout",
     "responses_api",
+    "key_prefixes",
 }
 _ROUTE_KEYS = {"match", "provider", "drop_params", "fallbacks"}
 
@@ -514,6 +515,12 @@ def _build_provider(name: str, row: Any, builtin: Provider | None) -> Provider:
     if not 0 <= queue_timeout <= 600:
         raise ConfigError(f"{where}.queue_timeout must be 0 to 600 seconds")
     allow_anonymous = _coerce(row.get("allow_anonymous", False), "bool", f"{where}.allow_anonymous")
+    # A built-in row keeps its providers' key prefixes when pointed elsewhere (a mock, a regional
+    # host, a relay): `key_prefixes = []` says the host behind base_url takes keys of any form.
+    inherited = list(builtin.key_prefixes) if builtin else []
+    key_prefixes = _coerce(row.get("key_prefixes", inherited), "tuple[str, ...]", f"{where}.key_prefixes")
+    if not all(prefix and _is_visible_ascii(prefix) for prefix in key_prefixes):
+        raise ConfigError(f'{where}.key_prefixes are how its keys begin, like "sk-ant-": ASCII, no spaces, not empty')
     allow_models = (
         _coerce(row["allow_models"], "tuple[str, ...]", f"{where}.allow_models")
         if "allow_models" in row
@@ -587,6 +594,7 @@ def _build_provider(name: str, row: Any, builtin: Provider | None) -> Provider:
         pool_key_caps=pool_key_caps,
         queue_timeout=queue_timeout,
         responses_api=responses_api,
+        key_prefixes=key_prefixes,
         **caps,
     )
 
@@ -813,6 +821,7 @@ def render_config(config: Config) -> str:
         lines.append(f"account_max_concurrent = {provider.account_max_concurrent}")
         lines.append(f"queue_timeout = {provider.queue_timeout!r}")
         lines.append(f"responses_api = {_toml_value(provider.responses_api)}")
+        lines.append(f"key_prefixes = {_toml_value(provider.key_prefixes)}")
         lines.append("")
     for route in config.routes:
         lines.append("[[routes]]")

@@ -16,6 +16,8 @@ Checks, by id:
   ca_file       [upstream] ca_file exists and holds PEM certificates
   byo_hash_key  [limits] byo_hash_key loads
   open_relay    a listen address off loopback, while any non-`bai_` key passes through (auth.py)
+  cleartext_pool_keys  a provider with pool keys whose base_url is http:// to a host that is not
+                loopback: every request carries a pool key across the network unencrypted
   callers       who can be served at all: with keys.allow_byo = false, no trusted issuer and no
                 allow_anonymous provider every request is refused; trusted issuers but no pool keys
                 anywhere refuse every virtual key (403 no_pool_key). Both start and pass all else
@@ -126,7 +128,14 @@ def diagnose(path: str | None, network: bool = False) -> list[Finding]:
     except ConfigError as exc:
         return [Finding("config", "fail", str(exc))]
     findings = [Finding("config", "ok", f"{path or 'the built-in config'} parses and validates")]
-    for check in (*_STARTUP_CHECKS, check_open_relay, check_callers, check_relative_paths, check_ports):
+    for check in (
+        *_STARTUP_CHECKS,
+        check_cleartext_pool_keys,
+        check_open_relay,
+        check_callers,
+        check_relative_paths,
+        check_ports,
+    ):
         findings += check(config)
     if network:
         failed = frozenset(f.details["provider"] for f in findings if f.check == "pool_keys" and f.level == "fail")
@@ -422,6 +431,25 @@ def check_ca_file(config: Config) -> list[Finding]:
     except OSError as exc:
         return [Finding("ca_file", "fail", f"upstream.ca_file {path}: {exc.strerror or exc}", details)]
     return [Finding("ca_file", "ok", f"upstream.ca_file {path} holds PEM certificates", details)]
+
+
+def check_cleartext_pool_keys(config: Config) -> list[Finding]:
+    """A pool key sent over plain http leaves the host readable by anyone on the path (and a
+    provider's key is good anywhere); on loopback it never leaves. A local model server on the LAN
+    is the usual case: TLS in front of it, or no pool key for it (allow_anonymous), mends it."""
+    findings = []
+    for provider in config.providers.values():
+        origin = provider.origin
+        if not provider.pool_keys or origin.tls or _is_loopback(origin.host):
+            continue
+        message = (
+            f"providers.{provider.name}.base_url is http:// to {origin.host}, not loopback: its pool keys cross"
+            " the network in clear text (use https://, or a provider that needs no pool key)"
+        )
+        findings.append(Finding("cleartext_pool_keys", "warn", message, {"provider": provider.name}))
+    if not findings:
+        findings.append(Finding("cleartext_pool_keys", "ok", "every pool key goes over https or stays on loopback"))
+    return findings
 
 
 # --- listeners ----------------------------------------------------------------------------------

@@ -50,6 +50,8 @@ ERROR_KINDS: dict[str, ErrorKind] = {
     "key_revoked": ErrorKind(401, "authentication_error", "authentication_error", closes=False),
     "key_not_yet_valid": ErrorKind(401, "authentication_error", "authentication_error", closes=False),
     "byo_not_allowed": ErrorKind(401, "authentication_error", "authentication_error", closes=False),
+    # A caller's own key that is another provider's (providers.KeyFormats): refused, never sent.
+    "byo_key_wrong_provider": ErrorKind(401, "authentication_error", "authentication_error", closes=False),
     "provider_not_permitted": ErrorKind(403, "permission_error", "permission_error", closes=False),
     "no_pool_key": ErrorKind(403, "permission_error", "permission_error", closes=False),
     # The unified surface (/v1/chat/completions routed by model): always in the OpenAI dialect.

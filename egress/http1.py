@@ -61,7 +61,7 @@ POOL_KEY_DROPPED_HEADERS = (*CREDENTIAL_HEADERS, b"openai-organization", b"opena
 
 # What a request header means to egress; a header not listed is forwarded as it is.
 _HOP, _HOST, _CONTENT_LENGTH, _TRANSFER_ENCODING, _CONNECTION, _EXPECT = range(6)
-_AUTHORIZATION, _API_KEY, _ANTHROPIC_VERSION, _ACCEPT_ENCODING, _REQUEST_ID = range(6, 11)
+_AUTHORIZATION, _API_KEY, _ANTHROPIC_VERSION, _ACCEPT_ENCODING, _REQUEST_ID, _OTHER_CREDENTIAL = range(6, 12)
 _REQUEST_ROLES = {
     **dict.fromkeys(_HOP_BY_HOP, _HOP),
     b"host": _HOST,  # regenerated for the upstream
@@ -74,6 +74,9 @@ _REQUEST_ROLES = {
     b"anthropic-version": _ANTHROPIC_VERSION,
     b"accept-encoding": _ACCEPT_ENCODING,  # narrowed to what the usage meter can decode
     b"x-request-id": _REQUEST_ID,  # the caller's own id: forwarded, and logged beside egress's
+    # Gemini's and Azure's credential headers: forwarded, and noted (auth.other_credentials reads them).
+    b"x-goog-api-key": _OTHER_CREDENTIAL,
+    b"api-key": _OTHER_CREDENTIAL,
 }
 
 # The provider's id for a response, by the name each sends it under (OpenAI and Groq
@@ -125,6 +128,7 @@ class RequestFacts:
         "expect_continue",
         "forward_headers",
         "has_anthropic_headers",
+        "other_credential",
         "request_id",
     )
 
@@ -137,6 +141,7 @@ class RequestFacts:
         self.authorization: bytes | None = None
         self.api_key: bytes | None = None
         self.request_id: bytes | None = None  # the caller's X-Request-Id, if it sent one
+        self.other_credential = False  # an x-goog-api-key or api-key header came (forwarded as sent)
         self.forward_headers: Headers = []
 
 
@@ -197,6 +202,9 @@ def inspect_request(headers: Headers, http_version: str) -> RequestFacts:
                 forward.append((lower, narrowed))
         elif role == _REQUEST_ID:
             facts.request_id = value
+            forward.append((lower, value))
+        elif role == _OTHER_CREDENTIAL:
+            facts.other_credential = True
             forward.append((lower, value))
         # _HOP: consumed here, never forwarded
     if host_count > 1 or (host_count == 0 and http_version == "1.1"):

@@ -65,6 +65,7 @@ _AUTH_CODES = frozenset(
         "key_not_yet_valid",
         "key_revoked",
         "byo_not_allowed",
+        "byo_key_wrong_provider",
         "too_many_invalid_keys",
         "provider_not_permitted",
         "no_pool_key",

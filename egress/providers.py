@@ -5,11 +5,13 @@ Contract: `Router.resolve(target)` maps a raw request-target (bytes, origin-form
 The path after the provider segment goes upstream verbatim: no decoding, no normalisation, no
 per-provider rewriting, so any endpoint a provider adds tomorrow works today. The one exception is
 `without_query_credential(route)`, for a request that sends a pool key: the caller's own `key=`
-query parameter is dropped, every other byte of the target kept.
+query parameter is dropped, every other byte of the target kept. `KeyFormats.foreign_owners(key,
+provider)` says whose a caller's own key is when it is not `provider`'s (the rows' `key_prefixes`).
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field, replace
 from urllib.parse import unquote_to_bytes, urlsplit
 
@@ -65,6 +67,10 @@ class Provider:
     responses_api: bool = False
     pool_key_caps: tuple[int, ...] = ()
     queue_timeout: float = 10.0
+    # How its API keys begin, as its docs and SDKs show them (BUILTIN_PROVIDERS); () for a provider
+    # whose keys have no known form, which takes any key. A caller's own key that begins as another
+    # provider's key does is refused before it is sent here (KeyFormats.foreign_owners).
+    key_prefixes: tuple[str, ...] = ()
     origin: Origin = field(init=False, compare=False, repr=False)
     # Whether a passthrough request must be read for its model (routes.model_permitted).
     model_policy: bool = field(init=False, compare=False, repr=False)
@@ -148,26 +154,109 @@ class Origin:
 #   fireworks   unknown        likewise (https://docs.fireworks.ai/faq-new/models-inference/how-to-get-performance-metrics-for-streaming-responses)
 #   xai         unknown        none unless asked, and the asked-for shape is observed, not documented
 #                              (https://docs.x.ai/docs/api-reference)
+#
+# key_prefixes, how each provider's API keys begin (what a caller's own key is recognised by), as the
+# providers' pages and the secret scanners' rules for their keys show them:
+#   openai      sk-proj- (project), sk-svcacct- (service account), sk-admin- (admin: `redacted_value`
+#               "sk-admin...", developers.openai.com/api/reference/resources/organization/subresources/
+#               admin_api_keys), sk- (legacy user keys, still valid)
+#   anthropic   sk-ant- (sk-ant-api03- API keys, sk-ant-admin01- Admin API keys, sk-ant-api01- compliance
+#               keys: platform.claude.com/docs/manage-claude/compliance-api-access)
+#   openrouter  sk-or- (openrouter.ai/keys: "sk-or-v1-…")
+#   groq        gsk_ (console.groq.com/keys; noseyparker np.groq.1, kingfisher.groq.1)
+#   deepseek    sk- (platform.deepseek.com's keys, as its docs' DEEPSEEK_API_KEY examples): OpenAI's legacy form
+#   cerebras    csk- and csk_ (cloud.cerebras.ai's keys)
+#   xai         xai- (console.x.ai's keys)
+#   fireworks   fw_ (app.fireworks.ai's current keys; older ones have no prefix and match no one's)
+#   together, mistral: no documented form: they take any key.
+# Prefixes overlap (sk- is OpenAI's and DeepSeek's, and begins sk-ant-, sk-or-, sk-proj-): a key is
+# the providers' whose matching prefix is the longest (KeyFormats.foreign_owners).
 BUILTIN_PROVIDERS: dict[str, Provider] = {
     row.name: row
     for row in (
         # responses_api: each provider's own docs list POST /responses
         # (platform.openai.com/docs/api-reference/responses, openrouter.ai/docs/api-reference/responses-api,
         # console.groq.com/docs/responses-api, docs.x.ai/docs/guides/responses-api).
-        Provider("openai", "https://api.openai.com", responses_api=True),
         Provider(
-            "anthropic", "https://api.anthropic.com", auth="x-api-key", dialect="anthropic", stream_usage="always"
+            "openai",
+            "https://api.openai.com",
+            responses_api=True,
+            key_prefixes=("sk-proj-", "sk-svcacct-", "sk-admin-", "sk-"),
         ),
-        Provider("openrouter", "https://openrouter.ai", stream_usage="always", api_root="/api/v1", responses_api=True),
-        Provider("fireworks", "https://api.fireworks.ai", stream_usage="unknown", api_root="/inference/v1"),
-        Provider("groq", "https://api.groq.com", stream_usage="always", api_root="/openai/v1", responses_api=True),
-        Provider("deepseek", "https://api.deepseek.com", stream_usage="always"),
+        Provider(
+            "anthropic",
+            "https://api.anthropic.com",
+            auth="x-api-key",
+            dialect="anthropic",
+            stream_usage="always",
+            key_prefixes=("sk-ant-",),
+        ),
+        Provider(
+            "openrouter",
+            "https://openrouter.ai",
+            stream_usage="always",
+            api_root="/api/v1",
+            responses_api=True,
+            key_prefixes=("sk-or-",),
+        ),
+        Provider(
+            "fireworks",
+            "https://api.fireworks.ai",
+            stream_usage="unknown",
+            api_root="/inference/v1",
+            key_prefixes=("fw_",),
+        ),
+        Provider(
+            "groq",
+            "https://api.groq.com",
+            stream_usage="always",
+            api_root="/openai/v1",
+            responses_api=True,
+            key_prefixes=("gsk_",),
+        ),
+        Provider("deepseek", "https://api.deepseek.com", stream_usage="always", key_prefixes=("sk-",)),
         Provider("together", "https://api.together.xyz", stream_usage="unknown"),
-        Provider("cerebras", "https://api.cerebras.ai", stream_usage="always"),
+        Provider("cerebras", "https://api.cerebras.ai", stream_usage="always", key_prefixes=("csk-", "csk_")),
         Provider("mistral", "https://api.mistral.ai", stream_usage="always"),
-        Provider("xai", "https://api.x.ai", stream_usage="unknown", responses_api=True),
+        Provider("xai", "https://api.x.ai", stream_usage="unknown", responses_api=True, key_prefixes=("xai-",)),
     )
 }
+
+
+class KeyFormats:
+    """Whose key a caller's own key is, by the key_prefixes of every configured provider row.
+
+    The rule: a key is its provider's when it begins with one of that provider's prefixes and no
+    other provider's longer prefix. `sk-proj-…` is OpenAI's (its sk-proj- beats DeepSeek's sk-),
+    `sk-ant-…` Anthropic's, a bare `sk-…` OpenAI's or DeepSeek's alike (both take it), and a key
+    that begins with no known prefix is no one's in particular. A row with no prefixes takes any key:
+    a local model server or a gateway of the operator's choosing whose keys egress can't know.
+    One regular expression of every prefix, longest first, finds a key's longest in one C call.
+    """
+
+    __slots__ = ("_owners", "_pattern")
+
+    def __init__(self, providers) -> None:
+        owners: dict[bytes, set[str]] = {}
+        for row in providers:
+            for prefix in row.key_prefixes:
+                owners.setdefault(prefix.encode(), set()).add(row.name)
+        # Alternatives are tried in order: longest first, the first that matches is the longest.
+        ordered = sorted(owners, key=lambda prefix: (-len(prefix), prefix))
+        self._pattern = re.compile(b"|".join(map(re.escape, ordered))) if ordered else None
+        self._owners = {prefix: tuple(sorted(names)) for prefix, names in owners.items()}
+
+    def foreign_owners(self, key: bytes, provider: Provider) -> tuple[str, ...]:
+        """The providers `key` belongs to when `provider` is not one of them, else (): sent to
+        `provider`, it would hand one provider's secret to another."""
+        if not provider.key_prefixes or self._pattern is None:
+            return ()
+        found = self._pattern.match(key)
+        if found is None:
+            return ()
+        owners = self._owners[found.group()]
+        return () if provider.name in owners else owners
+
 
 HEALTH_PATH = b"/healthz"
 # First path segments egress keeps for itself: "/v1/..." is the drop-in default route.
@@ -271,6 +360,18 @@ def without_query_credential(route: Route) -> Route:
     if len(kept) == query.count(b"&") + 1:
         return route
     return replace(route, upstream_target=path + b"?" + b"&".join(kept) if kept else path)
+
+
+def query_credentials(target: bytes) -> list[bytes]:
+    """The values of the `key` parameters in a target's query, decoded (`%2D` is `-` to the
+    provider): the caller's own keys there, as `without_query_credential` finds them."""
+    query = target.partition(b"?")[2]
+    found = []
+    for part in query.split(b"&"):
+        if _parameter_name(part) == _QUERY_CREDENTIAL:
+            value = part.partition(b"=")[2]
+            found.append(unquote_to_bytes(value.replace(b"+", b" ")) if b"%" in value or b"+" in value else value)
+    return found
 
 
 def _parameter_name(part: bytes) -> bytes:

@@ -232,7 +232,8 @@ def _raw(response, body: bytearray, complete: bool, informational: list[int]) ->
     return RawResponse(response.status_code, dict(header_list), bytes(body), complete, informational, header_list)
 
 
-BYO_TEST_KEY = "sk-byo-raw-test-key"
+# Of no provider's known key form (providers.KeyFormats): every route takes it as the caller's own.
+BYO_TEST_KEY = "byo-raw-test-key"
 
 
 def request_bytes(

@@ -37,7 +37,7 @@ base_url = "{fake_provider.base_url}"
 
 
 def client(egress) -> openai.OpenAI:
-    return openai.OpenAI(base_url=egress.url + "/v1", api_key="sk-byo-review", max_retries=0)
+    return openai.OpenAI(base_url=egress.url + "/v1", api_key="byo-review", max_retries=0)
 
 
 def sent(fake_provider) -> dict:

@@ -18,7 +18,7 @@ pytestmark = pytest.mark.timeout(60)
 
 NODE_DIR = Path(__file__).parent / "node"
 SCRIPT = NODE_DIR / "review.mjs"
-KEY = "sk-byo-node-review"
+KEY = "byo-node-review"  # of no provider's key form: it goes to openai and anthropic alike
 
 
 def run_node(egress, scenario: str, base: str = "/v1", **env_extra: str) -> dict:

@@ -62,6 +62,9 @@ def fact_for(egress: EgressProcess, request_id: str) -> dict | None:
     return None
 
 
+_KEY_FORMS = {"groq": "gsk_", "openrouter": "sk-or-", "xai": "xai-", "cerebras": "csk-", "fireworks": "fw_"}
+
+
 def send(egress: EgressProcess, recording: Recording, piece: int):
     request = recording.meta["request"]
     headers = {"Content-Type": "application/json", "x-replay-case": recording.name}
@@ -69,7 +72,8 @@ def send(egress: EgressProcess, recording: Recording, piece: int):
         headers["x-api-key"] = "sk-ant-test"
         headers["anthropic-version"] = "2023-06-01"
     else:
-        headers["Authorization"] = "Bearer sk-test"
+        # A key of the provider's own form: egress refuses one of another provider's (auth.py).
+        headers["Authorization"] = f"Bearer {_KEY_FORMS.get(recording.provider, 'sk-')}test"
     if piece:
         headers["x-replay-piece"] = str(piece)
     target = f"/{recording.provider}{request['path']}"

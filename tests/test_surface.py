@@ -63,7 +63,9 @@ jsonl = "{usage_file}"
     return egress
 
 
-def client(egress, key: str = "sk-byo-surface") -> openai.OpenAI:
+# The caller's own key, of no provider's known form: it may go to OpenAI and to Anthropic alike
+# (an `sk-` key is refused for a claude model: tests/test_byo_keys.py).
+def client(egress, key: str = "byo-surface") -> openai.OpenAI:
     return openai.OpenAI(base_url=egress.url + "/v1", api_key=key, max_retries=0)
 
 
@@ -82,7 +84,7 @@ def test_a_gpt_model_is_routed_to_openai_and_the_model_stays_the_callers(surface
     assert completion.choices[0].message.content
     seen = fake_provider.requests[-1]
     assert seen.target == "/v1/chat/completions" and orjson.loads(seen.body)["model"] == "gpt-fake"
-    assert seen.header("authorization") == "Bearer sk-byo-surface"
+    assert seen.header("authorization") == "Bearer byo-surface"
     fact = facts(surface, 1)[0]
     assert (fact["surface"], fact["provider"], fact["requested_model"]) == ("chat", "openai", "gpt-fake")
 
@@ -225,7 +227,7 @@ def test_a_claude_model_through_the_openai_sdk_is_translated(surface, fake_provi
         {"role": "user", "content": "hi"}
     ]
     assert body["max_tokens"] == 4096 and body["model"] == "claude-fake"
-    assert headers["x-api-key"] == "sk-byo-surface" and "authorization" not in headers
+    assert headers["x-api-key"] == "byo-surface" and "authorization" not in headers
     assert headers["anthropic-version"]
     fact = facts(surface, 1)[0]
     assert (fact["surface"], fact["provider"], fact["usage"]) == ("chat", "anthropic", "complete")

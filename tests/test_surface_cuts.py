@@ -41,7 +41,7 @@ def test_a_json_answer_cut_mid_body_cuts_the_caller(surface):
 
 
 def test_a_json_answer_cut_mid_body_is_an_error_in_the_sdk(surface):
-    client = openai.OpenAI(base_url=surface.url + "/v1", api_key="sk-byo-surface", max_retries=0)
+    client = openai.OpenAI(base_url=surface.url + "/v1", api_key="byo-surface", max_retries=0)
     with pytest.raises(openai.APIError):
         client.chat.completions.create(
             model="claude-fake",

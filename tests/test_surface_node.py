@@ -26,7 +26,7 @@ pytestmark = pytest.mark.timeout(60)  # egress start plus one node run (itself c
 NODE_DIR = Path(__file__).parent / "node"
 SCRIPT = NODE_DIR / "surface.mjs"
 NODE_TIMEOUT = 30
-KEY = "sk-byo-node-surface"
+KEY = "byo-node-surface"  # of no provider's key form: it goes to openai and anthropic alike
 SYSTEM = ["You are terse.", "Answer in English."]  # surface.mjs sends these as system, then developer
 
 

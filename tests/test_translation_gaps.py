@@ -39,7 +39,7 @@ provider = "anthropic"
 
 
 def client(egress) -> openai.OpenAI:
-    return openai.OpenAI(base_url=egress.url + "/v1", api_key="sk-byo-gaps", max_retries=0, timeout=20)
+    return openai.OpenAI(base_url=egress.url + "/v1", api_key="byo-gaps", max_retries=0, timeout=20)
 
 
 def sent(fake_provider) -> dict:
