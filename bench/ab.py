@@ -49,10 +49,10 @@ def main() -> int:
     issuer, virtual_key = bench._bench_issuer()
     if args.sse:
         (workdir / "stream.txt").write_text(bench.sse_body())
-        (workdir / "byo.lua").write_text('wrk.headers["Authorization"] = "Bearer sk-bench-byo"\n')
+        (workdir / "byo.lua").write_text('wrk.headers["Authorization"] = "Bearer bench-byo-key"\n')
         (workdir / "virtual.lua").write_text(f'wrk.headers["Authorization"] = "Bearer {virtual_key}"\n')
     else:
-        (workdir / "byo.lua").write_text(bench.POST_LUA % "sk-bench-byo")
+        (workdir / "byo.lua").write_text(bench.POST_LUA % "bench-byo-key")
         (workdir / "virtual.lua").write_text(bench.POST_LUA % virtual_key)
     path = "/v1/stream" if args.sse else "/v1/chat/completions"
     (workdir / "pool.keys").write_text("sk-bench-pool-key\n")

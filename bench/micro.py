@@ -137,7 +137,7 @@ def make_state(mode: str, workdir: Path) -> tuple[ServerState, bytes]:
         raw["routes"] = rows["routes"]
     raw["server"] = {"access_log": str(workdir / "access.log") if "full" in layers else "off"}
     raw["usage"] = {"jsonl": str(workdir / "usage.jsonl")} if "meter" in layers else {"enabled": False}
-    token = "sk-bench-byo"
+    token = "bench-byo-key"
     if "key" in layers:
         issuer, token = bench._bench_issuer()
         keys = 4 if mode == "accounts" else 1

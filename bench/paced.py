@@ -93,7 +93,7 @@ SPREADS = {"interval": INTERVAL_MS, "stream": STREAM_S * 1000}
 GATEWAY_CPU = "0"
 LOAD_CPUS = "1"
 STALL_S = 10.0
-BYO_KEY = "sk-bench-byo"
+BYO_KEY = "bench-byo-key"
 BODY = json.dumps(
     {"model": "gpt-bench", "messages": [{"role": "user", "content": "hi"}], "stream": True}, separators=(",", ":")
 )

@@ -570,7 +570,7 @@ def main() -> int:
     workdir.chmod(0o755)  # nginx workers run unprivileged and must read the SSE body
     (workdir / "stream.txt").write_text(sse_body())
     (workdir / "anthropic-stream.txt").write_text(anthropic_bodies.stream_body())
-    (workdir / "post.lua").write_text(POST_LUA % "sk-bench-byo")
+    (workdir / "post.lua").write_text(POST_LUA % "bench-byo-key")
     issuer, virtual_key = _bench_issuer()
     (workdir / "post-virtual.lua").write_text(POST_LUA % virtual_key)
     (workdir / "pool.keys").write_text("sk-bench-pool-key\n")
@@ -653,10 +653,10 @@ def main() -> int:
             TRANSLATED_RESPONSES: RESPONSES_STREAM_REQUEST,
         }
         for scenario, body in bodies.items():
-            (workdir / f"{scenario}.lua").write_text(POST_BODY_LUA % (body, "sk-bench-byo"))
+            (workdir / f"{scenario}.lua").write_text(POST_BODY_LUA % (body, "bench-byo-key"))
             (workdir / f"{scenario}-peer.lua").write_text(POST_BODY_LUA % (body, PEER_MASTER_KEY))
             for target, url in scenarios[scenario].items():
-                token = PEER_MASTER_KEY if target == "litellm" else "sk-bench-byo"
+                token = PEER_MASTER_KEY if target == "litellm" else "bench-byo-key"
                 check_translated(scenario, target, url, body, token)
         results: dict[str, dict[str, list[dict]]] = {name: {t: [] for t in urls} for name, urls in scenarios.items()}
         egress_cpu: dict[tuple[str, str], list[float]] = {}
@@ -666,7 +666,7 @@ def main() -> int:
             else:
                 lua = workdir / "post.lua" if scenario == "small JSON" else workdir / "get.lua"
                 if not lua.exists():
-                    lua.write_text('wrk.headers["Authorization"] = "Bearer sk-bench-byo"\n')
+                    lua.write_text('wrk.headers["Authorization"] = "Bearer bench-byo-key"\n')
                 virtual = workdir / "post-virtual.lua" if scenario == "small JSON" else workdir / "get-virtual.lua"
                 if not virtual.exists():
                     virtual.write_text(f'wrk.headers["Authorization"] = "Bearer {virtual_key}"\n')
@@ -678,7 +678,7 @@ def main() -> int:
             if "portkey" in urls:
                 scripts["portkey"] = workdir / "post-portkey.lua"
                 scripts["portkey"].write_text(
-                    (POST_LUA % "sk-bench-byo")
+                    (POST_LUA % "bench-byo-key")
                     + 'wrk.headers["x-portkey-provider"] = "openai"\n'
                     + f'wrk.headers["x-portkey-custom-host"] = "http://127.0.0.1:{upstream_port}/v1"\n'
                 )
@@ -717,7 +717,7 @@ def main() -> int:
                         open_loop_latency(
                             scenarios["small JSON"][target],
                             body,
-                            {"Authorization": "Bearer sk-bench-byo", "Content-Type": "application/json"},
+                            {"Authorization": "Bearer bench-byo-key", "Content-Type": "application/json"},
                             rate,
                             args.duration,
                             workdir / f"h2load-{arrivals}-{target}-{index}",
@@ -872,9 +872,9 @@ class FirstTokenClient:
 def first_token_targets(upstream_port: int, egress_port: int) -> dict[str, tuple[int, str, str, str, int]]:
     """The translated stream, direct from the upstream and through egress as chat and as Responses."""
     return {
-        "direct": (upstream_port, "/stream/v1/messages", MESSAGES_STREAM_REQUEST, "sk-bench-byo", TTFT_REQUESTS),
-        "egress": (egress_port, "/v1/chat/completions", STREAM_REQUEST, "sk-bench-byo", TTFT_REQUESTS),
-        "egress, responses": (egress_port, "/v1/responses", RESPONSES_STREAM_REQUEST, "sk-bench-byo", TTFT_REQUESTS),
+        "direct": (upstream_port, "/stream/v1/messages", MESSAGES_STREAM_REQUEST, "bench-byo-key", TTFT_REQUESTS),
+        "egress": (egress_port, "/v1/chat/completions", STREAM_REQUEST, "bench-byo-key", TTFT_REQUESTS),
+        "egress, responses": (egress_port, "/v1/responses", RESPONSES_STREAM_REQUEST, "bench-byo-key", TTFT_REQUESTS),
     }
 
 

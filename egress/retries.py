@@ -460,18 +460,21 @@ def first_event(buffer: bytes | bytearray) -> str | None:
         end = _event_end(buffer, start)
         if end is None:
             return None
-        lines = bytes(buffer[start:end]).splitlines()
+        event = bytes(buffer[start:end])
+        lines = event.splitlines()
         start = end
         data = [line[5:].strip() for line in lines if line.startswith(b"data:")]
         if not data:
             continue  # comments (": ping", ": OPENROUTER PROCESSING") say nothing yet
-        if any(line.strip() in (b"event: error", b"event:error") for line in lines):
-            return "error"
-        # Anthropic: "Event streams may also include any number of ping events"
-        # (https://docs.anthropic.com/en/docs/build-with-claude/streaming): one before message_start
-        # says nothing of the answer, and judged "ok" it let the error after it reach the caller.
-        if any(line.strip() in (b"event: ping", b"event:ping") for line in lines):
-            continue
+        if b"event:" in event:  # a named event (Anthropic's); OpenAI's streams name none
+            names = [line[6:].strip() for line in lines if line.startswith(b"event:")]
+            if b"error" in names:
+                return "error"
+            # Anthropic: "Event streams may also include any number of ping events"
+            # (https://docs.anthropic.com/en/docs/build-with-claude/streaming): one before message_start
+            # says nothing of the answer, and judged "ok" it let the error after it reach the caller.
+            if b"ping" in names:
+                continue
         try:
             document = orjson.loads(b"\n".join(data))
         except orjson.JSONDecodeError:
