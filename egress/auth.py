@@ -280,6 +280,15 @@ class Authenticator:
             if provider.key_prefixes:
                 self._check_byo(exchange, provider, None, None)
             return None
+        elif _any_byo(other_credentials(exchange)):
+            # The caller's own key in the header its provider reads (Azure OpenAI's api-key, Gemini's
+            # x-goog-api-key) or in `?key=`: a BYO key like one in Authorization, forwarded as sent. It
+            # was a 401 missing_key, so such a provider's callers could not bring their own key.
+            if not self._allow_byo:
+                raise EgressError("byo_not_allowed", "only virtual keys (bai_…) are accepted here")
+            if provider is not None and provider.key_prefixes:
+                self._check_byo(exchange, provider, None, None)
+            return None
         else:
             raise EgressError("missing_key", "no API key: send a virtual key or your provider key")
         claims = self.claims_for(token, exchange.client.peer)

@@ -279,3 +279,26 @@ def test_allow_byo_false_refuses_a_callers_key_in_any_credential_header(start_eg
     # The anonymous provider still takes a request with no key at all.
     assert _send(egress, "POST", "/local/v1/chat/completions", {}).status == 200
     assert len(upstream.requests) == 1
+
+
+@pytest.mark.parametrize(
+    ("target", "headers", "sent"),
+    [
+        ("/azure/openai/deployments/d/chat/completions", {"api-key": "azureKEY0123"}, b"api-key: azureKEY0123"),
+        ("/azure/v1/models", {"x-goog-api-key": "AIzaGoogleKEY0123"}, b"x-goog-api-key: AIzaGoogleKEY0123"),
+        ("/azure/v1/models?key=AIzaQueryKEY0123", {}, b"key=AIzaQueryKEY0123"),
+    ],
+)
+def test_a_callers_own_key_in_its_providers_own_header_is_brought(start_egress, upstreams, target, headers, sent):
+    # Azure OpenAI reads `api-key`, Gemini `x-goog-api-key` or `?key=`: a caller's key there was a 401
+    # missing_key, though egress forwards those headers as they come. It is a BYO key like any other.
+    upstream = upstreams([OK])
+    egress = start_egress(f'[providers.azure]\nbase_url = "{upstream.base_url}"\n')
+    response = _send(egress, "POST", target, headers)
+    assert response.status == 200, response.body
+    assert len(upstream.requests) == 1 and sent in upstream.requests[0]
+    closed_config = f'[keys]\nallow_byo = false\n[providers.azure]\nbase_url = "{upstream.base_url}"\n'
+    closed = start_egress(closed_config, name="closed")
+    refused = _send(closed, "POST", target, headers)
+    assert refused.status == 401 and refused.error_code == "byo_not_allowed", refused.body
+    assert len(upstream.requests) == 1
