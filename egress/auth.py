@@ -40,12 +40,14 @@ from typing import TYPE_CHECKING
 
 from egress.accounts import Account, AccountTable, account_id
 from egress.errors import EgressError
-from egress.http1 import CREDENTIAL_HEADERS, POOL_KEY_DROPPED_HEADERS, bearer_token
+from egress.http1 import OTHER_CREDENTIAL_HEADERS, POOL_KEY_DROPPED_HEADERS, bearer_token
 from egress.providers import KeyFormats, query_credentials, without_query_credential
 from egress.secrets import Secret, load_secrets
 from egress.vkeys import PREFIX, Claims, Verifier, parse_public_key
 
 if TYPE_CHECKING:
+    from collections.abc import Iterable
+
     from egress.config import Config
     from egress.denyset import DenySet
     from egress.providers import Provider
@@ -139,17 +141,12 @@ def no_account_error(table: AccountTable, accounts: list[Account], now: float) -
     )
 
 
-# The credential headers the head phase does not read itself (http1.RequestFacts holds Authorization
-# and x-api-key): Gemini's x-goog-api-key and Azure OpenAI's api-key.
-_OTHER_CREDENTIAL_HEADERS = tuple(name for name in CREDENTIAL_HEADERS if name not in (b"authorization", b"x-api-key"))
-
-
 def other_credentials(exchange: Exchange) -> list[bytes]:
     """The caller's credentials besides Authorization and x-api-key: the values of the other
     credential headers, and of a `key=` query parameter (Google's). Each would go upstream as sent."""
     facts = exchange.facts
     found = (
-        [value.strip() for name, value in facts.forward_headers if name in _OTHER_CREDENTIAL_HEADERS]
+        [value.strip() for name, value in facts.forward_headers if name in OTHER_CREDENTIAL_HEADERS]
         if facts.other_credential  # noted by the head's one pass (http1.inspect_request): most send none
         else []
     )
@@ -157,6 +154,9 @@ def other_credentials(exchange: Exchange) -> list[bytes]:
     if b"?" in target:  # rare: most SDKs send no query
         found += query_credentials(target)
     return found
+
+
+_BYO_NOT_ALLOWED = "only virtual keys (bai_…) are accepted here"
 
 
 def _any_byo(credentials: list[bytes]) -> bool:
@@ -268,29 +268,23 @@ class Authenticator:
             token = api_key
         elif bearer or api_key:
             if not self._allow_byo:
-                raise EgressError("byo_not_allowed", "only virtual keys (bai_…) are accepted here")
+                raise EgressError("byo_not_allowed", _BYO_NOT_ALLOWED)
             if provider is not None and provider.key_prefixes:
-                self._check_byo(exchange, provider, bearer, api_key)
+                self._check_byo(provider, (bearer, api_key, *other_credentials(exchange)))
             return None  # BYO: the caller's own provider key, untouched
-        elif provider is not None and provider.allow_anonymous:
-            # A provider that takes requests with no key (a local model server). A key in a header
-            # egress does not read (Gemini's, Azure's) or in `?key=` is still the caller's own.
-            if not self._allow_byo and _any_byo(other_credentials(exchange)):
-                raise EgressError("byo_not_allowed", "only virtual keys (bai_…) are accepted here")
-            if provider.key_prefixes:
-                self._check_byo(exchange, provider, None, None)
-            return None
-        elif _any_byo(other_credentials(exchange)):
-            # The caller's own key in the header its provider reads (Azure OpenAI's api-key, Gemini's
-            # x-goog-api-key) or in `?key=`: a BYO key like one in Authorization, forwarded as sent. It
-            # was a 401 missing_key, so such a provider's callers could not bring their own key.
-            if not self._allow_byo:
-                raise EgressError("byo_not_allowed", "only virtual keys (bai_…) are accepted here")
-            if provider is not None and provider.key_prefixes:
-                self._check_byo(exchange, provider, None, None)
-            return None
         else:
-            raise EgressError("missing_key", "no API key: send a virtual key or your provider key")
+            # A key in the header its provider reads (Azure OpenAI's api-key, Gemini's x-goog-api-key)
+            # or in `?key=` is the caller's own, as one in Authorization, forwarded as sent; none at all
+            # passes only to a provider that takes requests with no key (a local model server).
+            others = other_credentials(exchange)
+            byo = _any_byo(others)
+            if not byo and (provider is None or not provider.allow_anonymous):
+                raise EgressError("missing_key", "no API key: send a virtual key or your provider key")
+            if byo and not self._allow_byo:
+                raise EgressError("byo_not_allowed", _BYO_NOT_ALLOWED)
+            if provider is not None and provider.key_prefixes:
+                self._check_byo(provider, others)
+            return None
         claims = self.claims_for(token, exchange.client.peer)
         exchange.claims = claims
         if provider is None:
@@ -311,13 +305,13 @@ class Authenticator:
         exchange.lease = pool  # keeps the key's bytes alive (unwiped) as long as this exchange
         return claims
 
-    def _check_byo(self, exchange: Exchange, provider: Provider, bearer: bytes | None, api_key: bytes | None) -> None:
+    def _check_byo(self, provider: Provider, keys: Iterable[bytes | None]) -> None:
         """Refuse a caller's own key that is another provider's (providers.KeyFormats): routed by a
         model or a path to `provider`, it would hand that provider a secret it has no business
-        seeing (and fail there). Every credential the request carries is looked at: each would be
-        sent. The message names where the request was routed, never the key."""
+        seeing (and fail there). `keys`: every credential the request carries, each of which would
+        be sent. The message names where the request was routed, never the key."""
         formats = self._key_formats
-        for key in (bearer, api_key, *other_credentials(exchange)):
+        for key in keys:
             if not key:
                 continue
             owners = formats.foreign_owners(key, provider)

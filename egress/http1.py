@@ -53,7 +53,10 @@ _HOP_BY_HOP_TOKENS = _HOP_BY_HOP | {b"close", b""}
 # OpenAI's api-key (learn.microsoft.com/azure/ai-services/openai/reference#authentication). When
 # egress sends a pool key in a virtual key's place, all of them go (auth.py): a second credential
 # beside the pool key would reach a provider that reads it.
-CREDENTIAL_HEADERS = (b"authorization", b"x-api-key", b"x-goog-api-key", b"api-key")
+# The last two are not read by the head phase (RequestFacts holds Authorization and x-api-key), only
+# noted (`other_credential`) for auth.other_credentials.
+OTHER_CREDENTIAL_HEADERS = (b"x-goog-api-key", b"api-key")
+CREDENTIAL_HEADERS = (b"authorization", b"x-api-key", *OTHER_CREDENTIAL_HEADERS)
 # And the headers that pick which of a key's organizations or projects is billed: with the pool
 # key, that is the operator's choice (the key's own scope), never the caller's.
 # https://platform.openai.com/docs/api-reference/authentication (OpenAI-Organization, OpenAI-Project)
@@ -75,8 +78,7 @@ _REQUEST_ROLES = {
     b"accept-encoding": _ACCEPT_ENCODING,  # narrowed to what the usage meter can decode
     b"x-request-id": _REQUEST_ID,  # the caller's own id: forwarded, and logged beside egress's
     # Gemini's and Azure's credential headers: forwarded, and noted (auth.other_credentials reads them).
-    b"x-goog-api-key": _OTHER_CREDENTIAL,
-    b"api-key": _OTHER_CREDENTIAL,
+    **dict.fromkeys(OTHER_CREDENTIAL_HEADERS, _OTHER_CREDENTIAL),
 }
 
 # The provider's id for a response, by the name each sends it under (OpenAI and Groq
