@@ -85,21 +85,27 @@ def virtual_key_config(fake: FakeProvider, ca_file: Path, workdir: Path, issuer_
 
 
 @pytest.fixture
-def start_egress(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Callable[..., EgressProcess]]:
+def egress_processes(request: pytest.FixtureRequest) -> Iterator[list[EgressProcess]]:
+    """The egress processes a test starts: each stopped at its end, whatever the outcome, and their
+    logs printed when it failed. Append a process before starting it."""
     started: list[EgressProcess] = []
-
-    def start(config_text: str, name: str = "egress", workers: int = 1) -> EgressProcess:
-        process = EgressProcess(tmp_path, config_text, name=name, workers=workers)
-        started.append(process)
-        return process.start()
-
-    yield start
+    yield started
     for process in started:
         process.stop()
     failed = getattr(request.node, "rep_call", None)
     if failed is not None and failed.failed:
         for process in started:
             print(process.logs())
+
+
+@pytest.fixture
+def start_egress(tmp_path: Path, egress_processes: list[EgressProcess]) -> Callable[..., EgressProcess]:
+    def start(config_text: str, name: str = "egress", workers: int = 1) -> EgressProcess:
+        process = EgressProcess(tmp_path, config_text, name=name, workers=workers)
+        egress_processes.append(process)
+        return process.start()
+
+    return start
 
 
 @pytest.fixture

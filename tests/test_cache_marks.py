@@ -11,7 +11,6 @@ the end-to-end ones run the openai SDK against the real egress process and the f
 from __future__ import annotations
 
 import openai
-import orjson
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -20,6 +19,7 @@ from egress.anthropic_codec import chat_to_messages
 from egress.errors import EgressError
 from egress.responses_codec import responses_param, responses_to_chat
 from tests.fake_provider import AnthropicInvalidRequest, validate_anthropic_request
+from tests.test_translation_gaps import client, sent, surface  # noqa: F401  (surface: the fixture)
 
 MODEL = "claude-sonnet-4-0"
 BREAKPOINT = {"mode": "explicit"}
@@ -27,31 +27,6 @@ HOUR = {"type": "ephemeral", "ttl": "1h"}
 FIVE = {"type": "ephemeral", "ttl": "5m"}
 OWN = {"type": "ephemeral"}  # the caller's own mark, 5m as Anthropic reads a ttl left out
 TOOL = {"type": "function", "function": {"name": "lookup", "parameters": {"type": "object"}}}
-
-
-@pytest.fixture
-def surface(start_egress, fake_provider, ca_file):
-    return start_egress(
-        f"""
-[upstream]
-ca_file = "{ca_file}"
-
-[providers.anthropic]
-base_url = "{fake_provider.base_url}"
-
-[[routes]]
-match = "claude-*"
-provider = "anthropic"
-"""
-    )
-
-
-def client(egress) -> openai.OpenAI:
-    return openai.OpenAI(base_url=egress.url + "/v1", api_key="sk-ant-byo-marks", max_retries=0, timeout=20)
-
-
-def sent(fake_provider) -> dict:
-    return orjson.loads(fake_provider.requests[-1].body)
 
 
 def warnings_of(raw) -> list[str]:
@@ -224,7 +199,7 @@ def test_a_request_is_refused_by_egress_or_taken_by_anthropic_never_refused_ther
     assert len(marked(body)) == len(own) + min(breakpoints, 4 - len(own))
 
 
-def test_both_surfaces_send_a_breakpoint_after_a_callers_mark_that_anthropic_takes(surface, fake_provider):
+def test_both_surfaces_send_a_breakpoint_after_a_callers_mark_that_anthropic_takes(surface, fake_provider):  # noqa: F811
     """End to end: the fake Anthropic refused the 1h mark after the caller's 5m one with a 400, which
     reached the caller; now the request is answered and the Warning says what changed."""
     api = client(surface)
@@ -302,7 +277,7 @@ def test_a_blank_message_before_the_callers_last_is_still_left_out(rest):
     assert body["messages"][-1]["content"][-1]["text"] == last["content"]
 
 
-def test_a_blank_last_turn_never_reaches_anthropic_on_either_surface(surface, fake_provider):
+def test_a_blank_last_turn_never_reaches_anthropic_on_either_surface(surface, fake_provider):  # noqa: F811
     api = client(surface)
     before = len(fake_provider.requests)
     history = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Hello!"}]

@@ -46,21 +46,13 @@ class CommandLineEgress(EgressProcess):
 
 
 @pytest.fixture
-def launch(tmp_path: Path, request: pytest.FixtureRequest):
-    started: list[CommandLineEgress] = []
-
+def launch(tmp_path: Path, egress_processes: list):
     def start(config_text: str | None, args: list[str], workers: int = 1) -> CommandLineEgress:
         process = CommandLineEgress(tmp_path, config_text, args, workers)
-        started.append(process)
+        egress_processes.append(process)
         return process.start()
 
-    yield start
-    for process in started:
-        process.stop()
-    failed = getattr(request.node, "rep_call", None)
-    if failed is not None and failed.failed:
-        for process in started:
-            print(process.logs())
+    return start
 
 
 # --- 1. SIGHUP with the built-in config --------------------------------------------------------
